@@ -1,0 +1,17 @@
+"""edgequant: make trained PyTorch models ready for fixed-point (int8/int4/int16) hardware."""
+
+from edgequant.config import ConfigError, HardwareConfig
+from edgequant.quantization import CalibrationError, Encoding, Quantizer
+from edgequant.sim import QuantSim, register_module
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError",
+    "ConfigError",
+    "Encoding",
+    "HardwareConfig",
+    "QuantSim",
+    "Quantizer",
+    "register_module",
+]

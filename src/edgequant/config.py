@@ -1,0 +1,437 @@
+"""Hardware configuration: which tensors get quantized, and how, on the target device.
+
+The file format is AIMET's quantsim config JSON, so that users can bring the files they already have for
+their hardware. Only the fields edgequant acts on are interpreted; everything is validated up front so that a
+typo in a config fails loudly at load time instead of silently producing a different simulation.
+
+Resolution order for a tensor (later wins), as in AIMET::
+
+    defaults  <  params[name]  <  op_type[X]  <  op_type[X].params[name]
+
+``op_type[X]`` contributes to parameter rules only through ``per_channel_quantization`` and
+``supported_kernels``; its ``is_symmetric`` / ``is_input_quantized`` / ``is_output_quantized`` describe the
+op's activations.
+
+``supported_kernels`` semantics (edgequant's reading of the AIMET field): when ``op_type[X]`` lists supported
+kernels, the FIRST entry fixes that op's activation bitwidth (inputs and outputs) and its parameter
+bitwidth. Without op-level kernels the sim-wide defaults apply, which a resolved rule expresses as
+``bitwidth=None`` ("use the sim's output_bw / param_bw"). Kernels listed under ``defaults`` are validated but
+do not override the sim-wide bitwidths. Float kernels (``"dtype": "float"``) are accepted when they are not
+the first entry of an op's list; as the first entry they are rejected, because edgequant simulates integer
+quantization only and silently treating them as integers would misrepresent the hardware.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "HardwareConfig", "TensorRule"]
+
+_PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+_TOP_KEYS = (
+    "defaults",
+    "params",
+    "op_type",
+    "supergroups",
+    "supergroup_pass_list",
+    "model_input",
+    "model_output",
+)
+_DEFAULTS_KEYS = (
+    "ops",
+    "params",
+    "strict_symmetric",
+    "unsigned_symmetric",
+    "per_channel_quantization",
+    "hw_version",
+    "supported_kernels",
+)
+_OPS_KEYS = ("is_output_quantized", "is_input_quantized", "is_symmetric")
+_PARAM_KEYS = ("is_quantized", "is_symmetric")
+_OP_TYPE_KEYS = (
+    "is_output_quantized",
+    "is_input_quantized",
+    "is_symmetric",
+    "per_channel_quantization",
+    "params",
+    "encoding_constraints",
+    "supported_kernels",
+)
+_CONSTRAINT_KEYS = ("min", "max")
+_KERNEL_KEYS = ("activation", "param")
+_KERNEL_TENSOR_KEYS = ("bitwidth", "dtype")
+_KERNEL_DTYPES = ("int", "float")
+_MIN_BITWIDTH = 2
+_MAX_BITWIDTH = 32
+
+
+class ConfigError(ValueError):
+    """A hardware config that cannot be used; the message says where, what, and what is allowed."""
+
+    def __init__(self, source: str, key_path: str, message: str) -> None:
+        self.source = source
+        self.key_path = key_path
+        where = f"{source}: {key_path}: " if key_path else f"{source}: "
+        super().__init__(where + message)
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """How one tensor (a parameter, or an op's input/output activation) is to be quantized."""
+
+    quantized: bool
+    symmetric: bool
+    per_channel: bool  # always False for activations
+    bitwidth: int | None  # None -> sim default (param_bw / output_bw)
+    min_constraint: float | None = None  # from encoding_constraints (activations only)
+    max_constraint: float | None = None
+
+
+@dataclass(frozen=True)
+class _OpSettings:
+    """Validated content of one ``op_type`` entry; None means "not set here, fall back"."""
+
+    output_quantized: bool | None
+    input_quantized: bool | None
+    symmetric: bool | None
+    per_channel: bool | None
+    params: dict[str, dict[str, bool]]
+    min_constraint: float | None
+    max_constraint: float | None
+    activation_bitwidth: int | None
+    param_bitwidth: int | None
+
+
+def _show(value: Any) -> str:
+    """Render a bad value the way it appears in the JSON file, so users can grep for it."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+class _Validator:
+    """Walks the parsed JSON once, producing normalized values and path-qualified errors."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(self.source, path, f"got {_show(value)}; expected {expected}")
+
+    def obj(self, value: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(path, value, "a JSON object")
+        for key in value:
+            if key not in allowed:
+                allowed_txt = ", ".join(f'"{k}"' for k in allowed)
+                raise ConfigError(
+                    self.source,
+                    f"{path}.{key}" if path else key,
+                    f"unknown key {_show(key)}; allowed keys here: {allowed_txt}",
+                )
+        return value
+
+    def mapping(self, value: Any, path: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(path, value, "a JSON object")
+        return value
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if isinstance(value, bool):
+            return value
+        if value == "True":
+            return True
+        if value == "False":
+            return False
+        raise self.fail(path, value, '"True" or "False"')
+
+    def opt_bool(self, entry: dict[str, Any], key: str, path: str) -> bool | None:
+        return self.boolean(entry[key], f"{path}.{key}") if key in entry else None
+
+    def number(self, value: Any, path: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(path, value, "a finite number")
+        return float(value)
+
+    def bitwidth(self, value: Any, path: str) -> int:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not _MIN_BITWIDTH <= value <= _MAX_BITWIDTH
+        ):
+            raise self.fail(path, value, f"an integer bitwidth in {_MIN_BITWIDTH}..{_MAX_BITWIDTH}")
+        return value
+
+    def string_list(self, value: Any, path: str, min_len: int = 0) -> list[str]:
+        what = "a list of strings" if min_len == 0 else f"a list of at least {min_len} op type strings"
+        if not isinstance(value, list) or len(value) < min_len:
+            raise self.fail(path, value, what)
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                raise self.fail(f"{path}[{i}]", item, "a non-empty string")
+        return list(value)
+
+    def param_entry(self, value: Any, path: str) -> dict[str, bool]:
+        entry = self.obj(value, path, _PARAM_KEYS)
+        return {k: self.boolean(entry[k], f"{path}.{k}") for k in _PARAM_KEYS if k in entry}
+
+    def param_table(self, value: Any, path: str) -> dict[str, dict[str, bool]]:
+        table = self.mapping(value, path)
+        return {name: self.param_entry(entry, f"{path}.{name}") for name, entry in table.items()}
+
+    def constraints(self, value: Any, path: str) -> tuple[float | None, float | None]:
+        entry = self.obj(value, path, _CONSTRAINT_KEYS)
+        lo = self.number(entry["min"], f"{path}.min") if "min" in entry else None
+        hi = self.number(entry["max"], f"{path}.max") if "max" in entry else None
+        if lo is not None and hi is not None and lo >= hi:
+            raise self.fail(path, entry, "min < max")
+        return lo, hi
+
+    def kernels(self, value: Any, path: str) -> list[dict[str, tuple[int, str]]]:
+        """Validate a supported_kernels list; returns [{"activation": (bw, dtype), "param": (bw, dtype)}]."""
+        if not isinstance(value, list) or not value:
+            raise self.fail(path, value, 'a non-empty list of {"activation": {...}, "param": {...}} objects')
+        out = []
+        for i, kernel in enumerate(value):
+            kpath = f"{path}[{i}]"
+            kernel = self.obj(kernel, kpath, _KERNEL_KEYS)
+            parsed = {}
+            for role in _KERNEL_KEYS:
+                if role not in kernel:
+                    raise ConfigError(
+                        self.source, f"{kpath}.{role}", 'missing; expected {"bitwidth": int, "dtype": ...}'
+                    )
+                tpath = f"{kpath}.{role}"
+                spec = self.obj(kernel[role], tpath, _KERNEL_TENSOR_KEYS)
+                if "bitwidth" not in spec:
+                    raise ConfigError(
+                        self.source, f"{tpath}.bitwidth", "missing; expected an integer bitwidth"
+                    )
+                bw = self.bitwidth(spec["bitwidth"], f"{tpath}.bitwidth")
+                dtype = spec.get("dtype", "int")
+                if dtype not in _KERNEL_DTYPES:
+                    raise self.fail(f"{tpath}.dtype", dtype, '"int" or "float"')
+                parsed[role] = (bw, dtype)
+            out.append(parsed)
+        return out
+
+    def op_settings(self, value: Any, path: str) -> _OpSettings:
+        entry = self.obj(value, path, _OP_TYPE_KEYS)
+        lo = hi = None
+        if "encoding_constraints" in entry:
+            lo, hi = self.constraints(entry["encoding_constraints"], f"{path}.encoding_constraints")
+        act_bw = param_bw = None
+        if "supported_kernels" in entry:
+            kpath = f"{path}.supported_kernels"
+            first = self.kernels(entry["supported_kernels"], kpath)[0]
+            for role in _KERNEL_KEYS:
+                if first[role][1] != "int":
+                    raise self.fail(
+                        f"{kpath}[0].{role}.dtype",
+                        first[role][1],
+                        '"int" in the first kernel (edgequant simulates integer kernels only; '
+                        "list an int kernel first)",
+                    )
+            act_bw, param_bw = first["activation"][0], first["param"][0]
+        params = self.param_table(entry["params"], f"{path}.params") if "params" in entry else {}
+        return _OpSettings(
+            output_quantized=self.opt_bool(entry, "is_output_quantized", path),
+            input_quantized=self.opt_bool(entry, "is_input_quantized", path),
+            symmetric=self.opt_bool(entry, "is_symmetric", path),
+            per_channel=self.opt_bool(entry, "per_channel_quantization", path),
+            params=params,
+            min_constraint=lo,
+            max_constraint=hi,
+            activation_bitwidth=act_bw,
+            param_bitwidth=param_bw,
+        )
+
+    def supergroups(self, value: Any, path: str) -> list[tuple[str, ...]]:
+        if not isinstance(value, list):
+            raise self.fail(path, value, 'a list of {"op_list": [...]} objects')
+        groups = []
+        for i, group in enumerate(value):
+            gpath = f"{path}[{i}]"
+            group = self.obj(group, gpath, ("op_list",))
+            if "op_list" not in group:
+                raise ConfigError(
+                    self.source, f"{gpath}.op_list", "missing; expected a list of op type strings"
+                )
+            groups.append(tuple(self.string_list(group["op_list"], f"{gpath}.op_list", min_len=2)))
+        return groups
+
+
+class HardwareConfig:
+    """A validated hardware config that answers "how is this tensor quantized?" for the simulator.
+
+    Construct with :meth:`load` (preset name, JSON path, dict, or an existing config) or :meth:`from_dict`.
+    """
+
+    source: str
+    strict_symmetric: bool
+    unsigned_symmetric: bool
+    model_input_quantized: bool
+    model_output_quantized: bool
+    supergroups: list[tuple[str, ...]]
+    supergroup_pass_list: list[str]
+    raw: dict
+
+    def __init__(self) -> None:
+        # Private: the public way in is load()/from_dict(), which validate.
+        self._default_ops: dict[str, bool] = {}
+        self._default_params: dict[str, bool] = {}
+        self._default_per_channel = False
+        self._params: dict[str, dict[str, bool]] = {}
+        self._op_types: dict[str, _OpSettings] = {}
+
+    # ------------------------------------------------------------------ construction
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        """Names accepted by :meth:`load` besides file paths (the JSON files shipped in edgequant/configs)."""
+        return sorted(p.stem for p in _PRESET_DIR.glob("*.json"))
+
+    @classmethod
+    def load(cls, config: str | os.PathLike | dict | HardwareConfig) -> HardwareConfig:
+        """Accept what users naturally pass: a preset name, a JSON file path, a parsed dict, or a config."""
+        if isinstance(config, HardwareConfig):
+            return config
+        if isinstance(config, dict):
+            return cls.from_dict(config)
+        if isinstance(config, str) and config in cls.preset_names():
+            return cls._from_file(_PRESET_DIR / f"{config}.json", source=f"preset {config!r}")
+        if isinstance(config, (str, os.PathLike)):
+            return cls._from_file(Path(config), source=os.fspath(config))
+        raise TypeError(
+            f"hardware config must be a preset name, a path to a .json file, a dict or a HardwareConfig; "
+            f"got {type(config).__name__}"
+        )
+
+    @classmethod
+    def _from_file(cls, path: Path, source: str) -> HardwareConfig:
+        if not path.is_file():
+            presets = ", ".join(cls.preset_names())
+            reason = "is a directory, not a JSON file" if path.is_dir() else "does not exist"
+            raise ConfigError(
+                source,
+                "",
+                f"hardware config file {str(path)!r} {reason}; give a path to a quantsim config .json file "
+                f"or one of the presets: {presets}",
+            )
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(source, "", f"cannot read hardware config file: {exc}") from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                source, "", f"not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+            ) from exc
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>") -> HardwareConfig:
+        """Validate an already-parsed quantsim config; ``source`` only labels error messages."""
+        v = _Validator(source)
+        top = v.obj(data, "", _TOP_KEYS)
+        if "defaults" not in top:
+            raise ConfigError(source, "defaults", 'missing; a quantsim config needs a "defaults" section')
+
+        cfg = cls()
+        cfg.source = source
+        cfg.raw = copy.deepcopy(data)
+
+        defaults = v.obj(top["defaults"], "defaults", _DEFAULTS_KEYS)
+        if "ops" in defaults:
+            ops = v.obj(defaults["ops"], "defaults.ops", _OPS_KEYS)
+            cfg._default_ops = {k: v.boolean(ops[k], f"defaults.ops.{k}") for k in _OPS_KEYS if k in ops}
+        if "params" in defaults:
+            cfg._default_params = v.param_entry(defaults["params"], "defaults.params")
+        cfg._default_per_channel = bool(v.opt_bool(defaults, "per_channel_quantization", "defaults"))
+        cfg.strict_symmetric = bool(v.opt_bool(defaults, "strict_symmetric", "defaults"))
+        cfg.unsigned_symmetric = bool(v.opt_bool(defaults, "unsigned_symmetric", "defaults"))
+        if "hw_version" in defaults and not isinstance(defaults["hw_version"], str):
+            raise v.fail("defaults.hw_version", defaults["hw_version"], 'a string such as "V73"')
+        if "supported_kernels" in defaults:
+            v.kernels(defaults["supported_kernels"], "defaults.supported_kernels")
+
+        if "params" in top:
+            cfg._params = v.param_table(top["params"], "params")
+
+        if "op_type" in top:
+            table = v.mapping(top["op_type"], "op_type")
+            cfg._op_types = {name: v.op_settings(entry, f"op_type.{name}") for name, entry in table.items()}
+
+        cfg.supergroups = v.supergroups(top["supergroups"], "supergroups") if "supergroups" in top else []
+        cfg.supergroup_pass_list = (
+            v.string_list(top["supergroup_pass_list"], "supergroup_pass_list")
+            if "supergroup_pass_list" in top
+            else []
+        )
+
+        model_input = v.obj(top.get("model_input", {}), "model_input", ("is_input_quantized",))
+        cfg.model_input_quantized = bool(v.opt_bool(model_input, "is_input_quantized", "model_input"))
+        model_output = v.obj(top.get("model_output", {}), "model_output", ("is_output_quantized",))
+        cfg.model_output_quantized = bool(v.opt_bool(model_output, "is_output_quantized", "model_output"))
+        return cfg
+
+    # ------------------------------------------------------------------ resolution
+
+    def param_rule(self, op_type: str, param_name: str) -> TensorRule:
+        """Rule for parameter ``param_name`` (e.g. "weight", "bias") of an op of ONNX type ``op_type``."""
+        merged = {"is_quantized": True, "is_symmetric": True}
+        merged.update(self._default_params)
+        merged.update(self._params.get(param_name, {}))
+        op = self._op_types.get(op_type)
+        per_channel = self._default_per_channel
+        bitwidth = None
+        if op is not None:
+            merged.update(op.params.get(param_name, {}))
+            if op.per_channel is not None:
+                per_channel = op.per_channel
+            bitwidth = op.param_bitwidth
+        return TensorRule(
+            quantized=merged["is_quantized"],
+            symmetric=merged["is_symmetric"],
+            per_channel=per_channel,
+            bitwidth=bitwidth,
+        )
+
+    def _activation_rule(self, op_type: str, key: str, with_constraints: bool) -> TensorRule:
+        op = self._op_types.get(op_type)
+        quantized = self._default_ops.get(key, False)
+        symmetric = self._default_ops.get("is_symmetric", False)
+        if op is None:
+            return TensorRule(quantized=quantized, symmetric=symmetric, per_channel=False, bitwidth=None)
+        op_quantized = op.output_quantized if key == "is_output_quantized" else op.input_quantized
+        return TensorRule(
+            quantized=quantized if op_quantized is None else op_quantized,
+            symmetric=symmetric if op.symmetric is None else op.symmetric,
+            per_channel=False,
+            bitwidth=op.activation_bitwidth,
+            min_constraint=op.min_constraint if with_constraints else None,
+            max_constraint=op.max_constraint if with_constraints else None,
+        )
+
+    def output_rule(self, op_type: str) -> TensorRule:
+        """Rule for the output activation of an op; carries the op's encoding_constraints (output range)."""
+        return self._activation_rule(op_type, "is_output_quantized", with_constraints=True)
+
+    def input_rule(self, op_type: str) -> TensorRule:
+        """Rule for an op's input activations (off unless asked for); constraints describe outputs only."""
+        return self._activation_rule(op_type, "is_input_quantized", with_constraints=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"HardwareConfig(source={self.source!r}, op_types={len(self._op_types)}, "
+            f"supergroups={len(self.supergroups)})"
+        )

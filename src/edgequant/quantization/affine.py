@@ -1,0 +1,73 @@
+"""Affine quantize-dequantize on the grid described in :mod:`edgequant.quantization.encoding`.
+
+`x / scale` is a true division (not a multiplication by ``1/scale``) and `torch.round` rounds half to even:
+that is what ONNX ``QuantizeLinear`` and ONNX Runtime do, so the simulation and an exported model agree bit
+for bit.
+
+Gradients: the straight-through estimator for the input (passed where the value lies on the grid's range,
+zero where it was clipped), and the LSQ gradients (Esser et al., 2020) for scale and offset, so that the
+same function serves plain simulation, QAT and QAT with range learning.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int) -> torch.Tensor:
+    """Integers on the unsigned grid ``[0, 2**bitwidth - 1]`` (returned in x's float dtype)."""
+    return torch.clamp(torch.round(x / scale) - offset, 0, 2**bitwidth - 1)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    return (q + offset) * scale
+
+
+class _QuantDequant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, offset, num_steps):  # noqa: ANN001 - autograd signature
+        scaled = x / scale
+        rounded = torch.round(scaled)
+        low, high = offset, offset + num_steps
+        clamped = torch.clamp(rounded, low, high)
+        ctx.save_for_backward(scaled, clamped, scale, offset)
+        return clamped * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001
+        scaled, clamped, scale, offset = ctx.saved_tensors
+        in_range = (scaled.round() == clamped).to(grad_out.dtype)
+        grad_x = grad_out * in_range if ctx.needs_input_grad[0] else None
+        grad_scale = grad_offset = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = _reduce_to(grad_out * (clamped - scaled * in_range), scale)
+        if ctx.needs_input_grad[2]:
+            grad_offset = _reduce_to(grad_out * (1 - in_range) * scale, offset)
+        return grad_x, grad_scale, grad_offset, None
+
+
+def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a broadcast gradient back to the shape of the (per-tensor or per-channel) parameter."""
+    padded = (1,) * (grad.dim() - like.dim()) + tuple(like.shape)
+    dims = [d for d, size in enumerate(padded) if size == 1 and grad.shape[d] != 1]
+    reduced = grad.sum(dim=dims, keepdim=True) if dims else grad
+    return reduced.reshape(like.shape)
+
+
+def quantize_dequantize(
+    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int
+) -> torch.Tensor:
+    """Fake-quantize ``x``; ``scale``/``offset`` must already broadcast against ``x``.
+
+    Without autograd (evaluation, calibration) it runs four in-place passes and allocates one tensor.
+    """
+    num_steps = 2**bitwidth - 1
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or offset.requires_grad)
+    if needs_grad:
+        if offset.requires_grad:  # a learned offset stays an integer (rounded with a straight-through grad)
+            offset = offset + (offset.round() - offset).detach()
+        return _QuantDequant.apply(x, scale, offset, num_steps)
+    out = torch.div(x, scale)
+    out.round_()
+    out.clamp_(offset, offset + num_steps)
+    return out.mul_(scale)

@@ -1,0 +1,281 @@
+"""Encoding analyzers: how a quantizer turns observed tensors into a range (the calibration method).
+
+Every analyzer keeps statistics of fixed size (min/max, or a histogram of ``num_bins`` bins per channel), so
+calibrating on 10x more batches costs 10x the time but not 10x the memory.
+
+Non-finite values (NaN, +-inf) are left out of the statistics and counted in ``num_nonfinite``; the
+simulation warns about them. An analyzer that saw no finite value at all raises `CalibrationError`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgequant.quantization.encoding import MIN_RANGE
+
+
+class CalibrationError(RuntimeError):
+    """Calibration could not produce an encoding (no data, or only non-finite data)."""
+
+
+def _channels_first(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """View ``x`` as (channels, values); per-tensor statistics are one channel."""
+    if axis is None:
+        return x.reshape(1, -1)
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+class EncodingAnalyzer:
+    """Base class: tracks the running min/max per channel and the count of non-finite values."""
+
+    def __init__(self, axis: int | None = None) -> None:
+        self.axis = axis
+        self.reset()
+
+    def reset(self) -> None:
+        self.min: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
+        self.num_nonfinite = 0
+
+    @property
+    def observed(self) -> bool:
+        return self.min is not None
+
+    def observe(self, x: torch.Tensor) -> None:
+        values = _channels_first(x.detach().float(), self.axis)
+        batch_min, batch_max = torch.aminmax(values, dim=1)
+        if not (torch.isfinite(batch_min).all() and torch.isfinite(batch_max).all()):
+            finite = torch.isfinite(values)
+            self.num_nonfinite += int((~finite).sum())
+            if not finite.any(dim=1).all():
+                return  # a channel with no finite value contributes nothing
+            batch_min = torch.where(finite, values, torch.inf).amin(dim=1)
+            batch_max = torch.where(finite, values, -torch.inf).amax(dim=1)
+            values = torch.where(finite, values, batch_min[:, None])
+        self._update(values, batch_min, batch_max)
+
+    def _update(self, values: torch.Tensor, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
+        self._merge_min_max(batch_min, batch_max)
+
+    def _merge_min_max(self, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
+        if self.min is None:
+            self.min, self.max = batch_min, batch_max
+        else:
+            self.min = torch.minimum(self.min, batch_min)
+            self.max = torch.maximum(self.max, batch_max)
+
+    def compute_range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (min, max) the encoding should cover."""
+        self._require_data()
+        return self.min, self.max
+
+    def _require_data(self) -> None:
+        if self.min is None:
+            detail = f" ({self.num_nonfinite} non-finite values were ignored)" if self.num_nonfinite else ""
+            raise CalibrationError("no finite data was observed" + detail)
+
+
+class MinMaxAnalyzer(EncodingAnalyzer):
+    """The observed extremes (AIMET's ``tf`` / ``min_max``)."""
+
+
+class HistogramAnalyzer(EncodingAnalyzer):
+    """Keeps a ``num_bins`` histogram per channel whose range grows to cover every observed value.
+
+    When a batch falls outside the current range the old counts are moved to the bins of the widened
+    range (each old bin lands whole in the new bin holding its centre), so memory stays fixed.
+    """
+
+    def __init__(self, axis: int | None = None, num_bins: int = 512) -> None:
+        self.num_bins = num_bins
+        super().__init__(axis)
+
+    def reset(self) -> None:
+        super().reset()
+        self.hist: torch.Tensor | None = None
+        self.hist_min: torch.Tensor | None = None
+        self.hist_max: torch.Tensor | None = None
+
+    def _update(self, values: torch.Tensor, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
+        self._merge_min_max(batch_min, batch_max)
+        if self.hist is None:
+            self.hist_min = self.min.clone()
+            self.hist_max = torch.maximum(self.max, self.min + MIN_RANGE)
+            self.hist = torch.zeros(values.shape[0], self.num_bins, dtype=torch.float64, device=values.device)
+        elif (self.min < self.hist_min).any() or (self.max > self.hist_max).any():
+            self._widen(torch.minimum(self.min, self.hist_min), torch.maximum(self.max, self.hist_max))
+        self.hist += self._histogram(values, self.hist_min, self.hist_max)
+
+    def _histogram(self, values: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        if values.shape[0] == 1:
+            counts = torch.histc(values, self.num_bins, float(low), float(high))
+            return counts.to(torch.float64)[None]
+        width = (high - low) / self.num_bins
+        index = ((values - low[:, None]) / width[:, None]).long().clamp_(0, self.num_bins - 1)
+        index += torch.arange(values.shape[0], device=values.device)[:, None] * self.num_bins
+        counts = torch.bincount(index.flatten(), minlength=values.shape[0] * self.num_bins)
+        return counts.view(values.shape[0], self.num_bins).to(torch.float64)
+
+    def _widen(self, new_min: torch.Tensor, new_max: torch.Tensor) -> None:
+        centres = self.bin_centres()
+        width = (new_max - new_min) / self.num_bins
+        index = ((centres - new_min[:, None]) / width[:, None]).long().clamp_(0, self.num_bins - 1)
+        widened = torch.zeros_like(self.hist)
+        widened.scatter_add_(1, index, self.hist)
+        self.hist, self.hist_min, self.hist_max = widened, new_min, new_max
+
+    def bin_centres(self) -> torch.Tensor:
+        width = (self.hist_max - self.hist_min) / self.num_bins
+        steps = torch.arange(self.num_bins, device=width.device, dtype=torch.float32) + 0.5
+        return self.hist_min[:, None] + steps[None] * width[:, None]
+
+
+class PercentileAnalyzer(HistogramAnalyzer):
+    """Clips the ``(100 - percentile)`` and ``percentile`` tails of the observed distribution."""
+
+    def __init__(self, axis: int | None = None, num_bins: int = 2048, percentile: float = 99.99) -> None:
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        self.percentile = percentile
+        super().__init__(axis, num_bins)
+
+    def compute_range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        self._require_data()
+        cdf = self.hist.cumsum(dim=1)
+        total = cdf[:, -1:]
+        tail = (100.0 - self.percentile) / 100.0
+        low_bin = torch.searchsorted(cdf, total * tail, right=True).clamp(max=self.num_bins - 1)
+        high_bin = torch.searchsorted(cdf, total * (1.0 - tail)).clamp(max=self.num_bins - 1)
+        width = (self.hist_max - self.hist_min) / self.num_bins
+        low = self.hist_min + low_bin.squeeze(1) * width
+        high = self.hist_min + (high_bin.squeeze(1) + 1) * width
+        return torch.maximum(low, self.min), torch.minimum(high, self.max)
+
+
+class SqnrAnalyzer(HistogramAnalyzer):
+    """Grid search for the encoding with the least expected quantization noise (AIMET's ``tf_enhanced``).
+
+    Noise of a candidate grid, from the histogram: values inside the grid cost the rounding noise
+    ``scale**2 / 12``; clipped values cost their squared clipping error weighted by ``gamma``
+    (``gamma = 1`` is a plain MSE search).
+    """
+
+    def __init__(
+        self,
+        axis: int | None = None,
+        num_bins: int = 512,
+        gamma: float = 3.0,
+        num_scales: int = 100,
+        num_offsets: int = 21,
+    ) -> None:
+        self.gamma = gamma
+        self.num_scales = num_scales
+        self.num_offsets = num_offsets
+        super().__init__(axis, num_bins)
+
+    def compute_range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        self._require_data()
+        num_steps = 2**bitwidth - 1
+        low = torch.minimum(self.min, torch.zeros_like(self.min))
+        high = torch.maximum(self.max, torch.zeros_like(self.max))
+        fractions = torch.arange(1, self.num_scales + 1, device=low.device) / self.num_scales
+        if symmetric:
+            abs_max = torch.maximum(-low, high).clamp_min(MIN_RANGE)
+            scales = abs_max[:, None] * fractions[None] / (num_steps // 2)  # (C, S)
+            offsets = torch.full_like(scales, -float(2 ** (bitwidth - 1)))[..., None]  # (C, S, 1)
+        else:
+            scales = (high - low).clamp_min(MIN_RANGE)[:, None] * fractions[None] / num_steps
+            spread = torch.linspace(-num_steps, 0, self.num_offsets, device=low.device).round()
+            offsets = torch.cat(
+                [spread.expand(*scales.shape, -1), torch.round(low[:, None] / scales)[..., None]], dim=-1
+            ).clamp(-num_steps, 0)  # (C, S, O)
+        best_scale = torch.empty_like(low)
+        best_offset = torch.empty_like(low)
+        chunk = max(1, 2**22 // (scales.shape[1] * offsets.shape[2] * self.num_bins))
+        centres = self.bin_centres()
+        for start in range(0, low.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            noise = self._expected_noise(centres[rows], self.hist[rows], scales[rows], offsets[rows], num_steps)
+            flat = noise.flatten(1).argmin(dim=1)
+            scale_idx, offset_idx = flat // offsets.shape[2], flat % offsets.shape[2]
+            picked = torch.arange(flat.shape[0], device=flat.device)
+            best_scale[rows] = scales[rows][picked, scale_idx]
+            best_offset[rows] = offsets[rows][picked, scale_idx, offset_idx]
+        return best_offset * best_scale, (best_offset + num_steps) * best_scale
+
+    def _expected_noise(
+        self,
+        centres: torch.Tensor,
+        counts: torch.Tensor,
+        scales: torch.Tensor,
+        offsets: torch.Tensor,
+        num_steps: int,
+    ) -> torch.Tensor:
+        grid_min = (offsets * scales[..., None])[..., None]  # (c, S, O, 1)
+        grid_max = ((offsets + num_steps) * scales[..., None])[..., None]
+        values = centres[:, None, None, :]  # (c, 1, 1, B)
+        clipped = values.clamp(grid_min, grid_max)
+        clip_error = (values - clipped).square() * self.gamma
+        rounding_error = (scales.square() / 12.0)[..., None, None]
+        error = torch.where(values == clipped, rounding_error, clip_error)
+        return (error * counts[:, None, None, :].float()).sum(dim=-1)
+
+
+class MseAnalyzer(EncodingAnalyzer):
+    """Per-channel search over clipping ratios that minimises the exact quantization MSE of the tensor.
+
+    It keeps the observed values, so it is meant for weights (observed once); the simulation gives
+    activations a histogram-based search instead (`SqnrAnalyzer` with ``gamma=1``).
+    """
+
+    def __init__(self, axis: int | None = None, num_candidates: int = 100, min_ratio: float = 0.2) -> None:
+        self.num_candidates = num_candidates
+        self.min_ratio = min_ratio
+        super().__init__(axis)
+
+    def reset(self) -> None:
+        super().reset()
+        self.values: torch.Tensor | None = None
+
+    def _update(self, values: torch.Tensor, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
+        self._merge_min_max(batch_min, batch_max)
+        self.values = values if self.values is None else torch.cat([self.values, values], dim=1)
+
+    def compute_range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        from edgequant.quantization.affine import quantize_dequantize
+        from edgequant.quantization.encoding import Encoding
+
+        self._require_data()
+        best_error = torch.full_like(self.min, torch.inf)
+        best_min, best_max = self.min.clone(), self.max.clone()
+        for ratio in torch.linspace(self.min_ratio, 1.0, self.num_candidates).tolist():
+            encoding = Encoding.from_range(self.min * ratio, self.max * ratio, bitwidth, symmetric, axis=0)
+            shape = encoding.broadcast_shape(2)
+            approx = quantize_dequantize(
+                self.values, encoding.scale.view(shape), encoding.offset.view(shape), bitwidth
+            )
+            error = (approx - self.values).square().mean(dim=1)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_min = torch.where(better, self.min * ratio, best_min)
+            best_max = torch.where(better, self.max * ratio, best_max)
+        return best_min, best_max
+
+
+def make_analyzer(scheme: str, axis: int | None, for_params: bool) -> EncodingAnalyzer:
+    """Analyzer for a ``quant_scheme`` name (AIMET's names are accepted as aliases)."""
+    key = SCHEME_ALIASES.get(scheme, scheme)
+    if key == "minmax":
+        return MinMaxAnalyzer(axis)
+    if key == "sqnr":
+        return SqnrAnalyzer(axis)
+    if key == "percentile":
+        return MinMaxAnalyzer(axis) if for_params else PercentileAnalyzer(axis)
+    if key == "mse":
+        return MseAnalyzer(axis) if for_params else SqnrAnalyzer(axis, gamma=1.0)
+    raise ValueError(f"unknown quant_scheme {scheme!r}; choose one of {', '.join(QUANT_SCHEMES)}")
+
+
+QUANT_SCHEMES = ("minmax", "sqnr", "percentile", "mse")
+SCHEME_ALIASES = {"tf": "minmax", "min_max": "minmax", "tf_enhanced": "sqnr", "post_training_tf_enhanced": "sqnr",
+                  "post_training_tf": "minmax", "post_training_percentile": "percentile"}

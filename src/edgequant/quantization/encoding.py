@@ -1,0 +1,133 @@
+"""The `Encoding` value type: what a quantizer knows about its integer grid.
+
+Convention (the same as AIMET's and, up to a sign, ONNX's):
+
+* a tensor is quantized onto the unsigned grid ``q in [0, 2**bitwidth - 1]``::
+
+      q = clamp(round(x / scale) - offset, 0, 2**bitwidth - 1)      # round half to even
+      x_hat = (q + offset) * scale
+
+* ``offset`` is an integer ``<= 0`` (AIMET: ``offset = round(min / scale)``); the representable range is
+  ``[offset * scale, (offset + 2**bitwidth - 1) * scale]``.
+* ONNX ``QuantizeLinear`` with ``uint`` output uses ``zero_point = -offset``. A symmetric encoding has
+  ``offset = -2**(bitwidth - 1)`` and maps to a *signed* ONNX type with ``zero_point = 0``: the signed
+  integer is ``q + offset``. Both views give the same dequantized values bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Encoding:
+    """Scale/offset of one quantizer; per-tensor when ``axis`` is None, else one value per channel."""
+
+    scale: torch.Tensor
+    offset: torch.Tensor
+    bitwidth: int
+    symmetric: bool
+    axis: int | None = None
+
+    def __post_init__(self) -> None:
+        self.scale = torch.as_tensor(self.scale, dtype=torch.float32).detach()
+        self.offset = torch.as_tensor(self.offset, dtype=torch.float32).detach().round()
+        if self.scale.shape != self.offset.shape:
+            raise ValueError(f"scale shape {tuple(self.scale.shape)} != offset shape {tuple(self.offset.shape)}")
+        if not 2 <= self.bitwidth <= 32:
+            raise ValueError(f"bitwidth {self.bitwidth} is outside the supported range 2..32")
+        if not torch.isfinite(self.scale).all() or (self.scale <= 0).any():
+            raise ValueError("encoding scale must be finite and > 0, got " + str(self.scale.tolist()))
+
+    @property
+    def num_steps(self) -> int:
+        return 2**self.bitwidth - 1
+
+    @property
+    def min(self) -> torch.Tensor:
+        return self.offset * self.scale
+
+    @property
+    def max(self) -> torch.Tensor:
+        return (self.offset + self.num_steps) * self.scale
+
+    @property
+    def onnx_zero_point(self) -> torch.Tensor:
+        """Zero point in the ONNX type this encoding exports to (signed when symmetric)."""
+        if self.symmetric:
+            return self.offset + 2 ** (self.bitwidth - 1)
+        return -self.offset
+
+    @classmethod
+    def from_range(
+        cls,
+        min_val: torch.Tensor | float,
+        max_val: torch.Tensor | float,
+        bitwidth: int,
+        symmetric: bool,
+        axis: int | None = None,
+    ) -> Encoding:
+        """Encoding covering ``[min_val, max_val]`` (made to include 0 so that zero is exact).
+
+        A range narrower than ``MIN_RANGE`` (constant or all-zero tensors) is widened to ``MIN_RANGE``
+        so that the scale is never zero; non-finite bounds are rejected by the analyzers before this.
+        """
+        min_val = torch.as_tensor(min_val, dtype=torch.float32)
+        max_val = torch.as_tensor(max_val, dtype=torch.float32)
+        min_val = torch.minimum(min_val, torch.zeros_like(min_val))
+        max_val = torch.maximum(max_val, torch.zeros_like(max_val))
+        num_steps = 2**bitwidth - 1
+        if symmetric:
+            abs_max = torch.maximum(-min_val, max_val).clamp_min(MIN_RANGE)
+            scale = abs_max / (num_steps // 2)
+            offset = torch.full_like(scale, -float(2 ** (bitwidth - 1)))
+        else:
+            max_val = torch.maximum(max_val, min_val + MIN_RANGE)
+            scale = (max_val - min_val) / num_steps
+            offset = torch.round(min_val / scale)
+        return cls(scale, offset, bitwidth, symmetric, axis)
+
+    def broadcast_shape(self, ndim: int) -> tuple[int, ...]:
+        """Shape that makes per-channel scale/offset broadcast against a tensor of rank ``ndim``."""
+        if self.axis is None:
+            return ()
+        shape = [1] * ndim
+        shape[self.axis] = -1
+        return tuple(shape)
+
+    def to(self, device: torch.device | str) -> Encoding:
+        return Encoding(self.scale.to(device), self.offset.to(device), self.bitwidth, self.symmetric, self.axis)
+
+    def equals(self, other: Encoding) -> bool:
+        return (
+            self.bitwidth == other.bitwidth
+            and self.symmetric == other.symmetric
+            and self.axis == other.axis
+            and torch.equal(self.scale.cpu(), other.scale.cpu())
+            and torch.equal(self.offset.cpu(), other.offset.cpu())
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "scale": self.scale.cpu().tolist(),
+            "offset": self.offset.cpu().tolist(),
+            "bitwidth": self.bitwidth,
+            "symmetric": self.symmetric,
+            "axis": self.axis,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Encoding:
+        return cls(
+            torch.tensor(data["scale"]),
+            torch.tensor(data["offset"]),
+            int(data["bitwidth"]),
+            bool(data["symmetric"]),
+            data.get("axis"),
+        )
+
+
+MIN_RANGE = 1e-5
+"""Smallest range an encoding may cover; constant or all-zero tensors get ``[0, MIN_RANGE]``-wide grids."""

@@ -1,0 +1,221 @@
+"""Graph capture: turn functional ops into modules so that they can be quantized like layers.
+
+Why torch.fx and not torch.export: fx rewrites the *eager* module in place and keeps every parameter,
+buffer and submodule under its original name, so ``conv1.weight`` stays ``conv1.weight`` in state dicts,
+optimizers, DDP and AIMET-style encodings files, and the result trains like any ``nn.Module``.
+torch.export produces a functionalised ATen graph with lifted parameters, made for deployment, not for
+further training.
+
+fx cannot follow data-dependent control flow. We therefore trace the whole model first and, where that
+fails, each child separately (recursively). A traced graph is only kept if it reproduces the recorded
+output of the dummy input exactly; a module that cannot be traced keeps its layers quantized (they are
+leaves) and the functional ops it calls itself are reported as float in the coverage report.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from edgequant.sim.ops import (
+    function_name,
+    function_op_type,
+    is_data_movement,
+    is_pass_through,
+    module_op_type,
+)
+from edgequant.sim.quantized_module import FunctionalOp, is_float_tensor
+
+
+@dataclass
+class CallRecord:
+    """What one module saw on its first call with the dummy input."""
+
+    args: tuple
+    kwargs: dict
+    output: Any = None
+    float_inputs: list[int] = field(default_factory=list)
+    num_float_outputs: int = 0
+    float_ops: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class CoverageNote:
+    """A tensor that gets no quantizer of its own, and why."""
+
+    tensor: str
+    op: str
+    reason: str
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """Leaves are the layers we quantize as a whole (and fx must not trace into)."""
+    return (
+        module_op_type(module) is not None
+        or isinstance(module, FunctionalOp)
+        or is_pass_through(module)
+        or not any(True for _ in module.children())
+    )
+
+
+class _OpRecorder(TorchFunctionMode):
+    """Counts the functional math ops each module calls directly (not inside its children)."""
+
+    def __init__(self, stack: list[str], records: dict[str, CallRecord]) -> None:
+        super().__init__()
+        self.stack = stack
+        self.records = records
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if self.stack and function_op_type(func) is not None:
+            record = self.records.get(self.stack[-1])
+            if record is not None:
+                record.float_ops[function_name(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach(v) for v in value) if not hasattr(value, "_fields") else value
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+def record_calls(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, CallRecord], Any]:
+    """Run the dummy input once, recording each module's first call; returns (records, model output)."""
+    records: dict[str, CallRecord] = {}
+    stack: list[str] = []
+    handles = []
+
+    def before(name: str):
+        def hook(module: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
+            stack.append(name)
+            if name not in records:
+                keep = not is_leaf(module)
+                records[name] = CallRecord(
+                    _detach(call_args) if keep else (),
+                    _detach(call_kwargs) if keep else {},
+                    float_inputs=[i for i, a in enumerate(call_args) if is_float_tensor(a)],
+                )
+
+        return hook
+
+    def after(name: str):
+        def hook(module: nn.Module, call_args: tuple, call_kwargs: dict, output: Any) -> None:
+            stack.pop()
+            record = records[name]
+            if record.output is None:
+                record.output = _detach(output) if not is_leaf(module) else True
+                record.num_float_outputs = sum(is_float_tensor(v) for v in tree_flatten(output)[0])
+
+        return hook
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(before(name), with_kwargs=True))
+        handles.append(module.register_forward_hook(after(name), with_kwargs=True))
+    try:
+        with torch.no_grad(), _OpRecorder(stack, records):
+            output = model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records, output
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
+        return is_leaf(module) or super().is_leaf_module(module, qualname)
+
+
+def _same_output(actual: Any, expected: Any) -> bool:
+    actual_leaves, actual_spec = tree_flatten(actual)
+    expected_leaves, expected_spec = tree_flatten(expected)
+    if len(actual_leaves) != len(expected_leaves):
+        return False
+    for got, want in zip(actual_leaves, expected_leaves, strict=True):
+        if isinstance(want, torch.Tensor):
+            if not (isinstance(got, torch.Tensor) and got.shape == want.shape and torch.equal(got, want)):
+                return False
+    return True
+
+
+def try_trace(module: nn.Module, record: CallRecord) -> tuple[fx.GraphModule | None, str]:
+    """Trace ``module`` with non-tensor arguments fixed to their recorded values; (None, reason) on failure."""
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*record.args, **record.kwargs)
+        concrete = {}
+        for name, param in signature.parameters.items():
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                if bound.arguments.get(name):
+                    return None, f"forward takes *{name} which fx cannot trace"
+                continue
+            value = bound.arguments.get(name, param.default)
+            if not isinstance(value, torch.Tensor):
+                concrete[name] = value
+        graph = _LeafTracer().trace(module, concrete_args=concrete)
+        traced = fx.GraphModule(module, graph, class_name=type(module).__name__)
+        with torch.no_grad():
+            output = traced(*record.args, **record.kwargs)
+    except Exception as error:  # fx raises many kinds of errors on untraceable code
+        first_line = (str(error).strip().splitlines() or [""])[0][:160]
+        return None, f"{type(error).__name__}: {first_line}"
+    if not _same_output(output, record.output):
+        return None, "traced graph does not reproduce the module's output"
+    return traced, ""
+
+
+def functionalize_graph(traced: fx.GraphModule, prefix: str) -> list[CoverageNote]:
+    """Replace quantizable functional nodes with `FunctionalOp` modules; give shared stateless modules
+    one copy per call site (each call needs its own output encoding). Returns notes for float nodes."""
+    notes: list[CoverageNote] = []
+    seen_targets: set[str] = set()
+    for node in list(traced.graph.nodes):
+        if node.op == "call_module":
+            module = traced.get_submodule(node.target)
+            if node.target in seen_targets and not any(True for _ in module.parameters()):
+                node.target = _add_submodule(traced, node.target.replace(".", "_"), copy.deepcopy(module))
+            seen_targets.add(node.target)
+        elif node.op in ("call_function", "call_method"):
+            op_type = function_op_type(node.target)
+            tensor_name = f"{prefix}{node.name}"
+            if op_type is not None:
+                name = _add_submodule(traced, node.name, FunctionalOp(node.target, op_type))
+                with traced.graph.inserting_before(node):
+                    replacement = traced.graph.call_module(name, node.args, node.kwargs)
+                node.replace_all_uses_with(replacement)
+                traced.graph.erase_node(node)
+            elif is_data_movement(node.target):
+                notes.append(CoverageNote(tensor_name, function_name(node.target), "data movement: keeps its input's values and encoding"))
+            else:
+                notes.append(
+                    CoverageNote(
+                        tensor_name,
+                        function_name(node.target),
+                        "no quantization rule for this function: stays in float "
+                        "(edgequant.sim.ops.FUNCTION_OP_TYPES lists the known ones)",
+                    )
+                )
+    traced.graph.lint()
+    traced.recompile()
+    return notes
+
+
+def _add_submodule(traced: fx.GraphModule, name: str, module: nn.Module) -> str:
+    candidate, index = name, 1
+    while hasattr(traced, candidate):
+        candidate, index = f"{name}_{index}", index + 1
+    traced.add_submodule(candidate, module)
+    return candidate

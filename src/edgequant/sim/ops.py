@@ -1,0 +1,165 @@
+"""Which torch modules and functions the simulation quantizes, and their ONNX op type names.
+
+The hardware config speaks ONNX op types (``Conv``, ``Gemm``, ``Softmax``...), as AIMET's does, so every
+quantizable op needs one. Users add their own leaf modules with `register_module`.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODULE_OP_TYPES: dict[type[nn.Module], str] = {
+    nn.Conv1d: "Conv",
+    nn.Conv2d: "Conv",
+    nn.Conv3d: "Conv",
+    nn.ConvTranspose1d: "ConvTranspose",
+    nn.ConvTranspose2d: "ConvTranspose",
+    nn.ConvTranspose3d: "ConvTranspose",
+    nn.Linear: "Gemm",
+    nn.BatchNorm1d: "BatchNormalization",
+    nn.BatchNorm2d: "BatchNormalization",
+    nn.BatchNorm3d: "BatchNormalization",
+    nn.LayerNorm: "LayerNormalization",
+    nn.GroupNorm: "GroupNormalization",
+    nn.InstanceNorm1d: "InstanceNormalization",
+    nn.InstanceNorm2d: "InstanceNormalization",
+    nn.Embedding: "Gather",
+    nn.ReLU: "Relu",
+    nn.ReLU6: "Clip",
+    nn.LeakyReLU: "LeakyRelu",
+    nn.PReLU: "PRelu",
+    nn.ELU: "Elu",
+    nn.GELU: "Gelu",
+    nn.SiLU: "Silu",
+    nn.Mish: "Mish",
+    nn.Sigmoid: "Sigmoid",
+    nn.Tanh: "Tanh",
+    nn.Hardswish: "HardSwish",
+    nn.Hardsigmoid: "HardSigmoid",
+    nn.Softmax: "Softmax",
+    nn.LogSoftmax: "LogSoftmax",
+    nn.MaxPool1d: "MaxPool",
+    nn.MaxPool2d: "MaxPool",
+    nn.MaxPool3d: "MaxPool",
+    nn.AvgPool1d: "AveragePool",
+    nn.AvgPool2d: "AveragePool",
+    nn.AvgPool3d: "AveragePool",
+    nn.AdaptiveAvgPool1d: "GlobalAveragePool",
+    nn.AdaptiveAvgPool2d: "GlobalAveragePool",
+    nn.AdaptiveAvgPool3d: "GlobalAveragePool",
+    nn.AdaptiveMaxPool2d: "GlobalMaxPool",
+    nn.Upsample: "Resize",
+    nn.UpsamplingNearest2d: "Resize",
+    nn.UpsamplingBilinear2d: "Resize",
+    nn.PixelShuffle: "DepthToSpace",
+}
+
+PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Flatten,
+    nn.Unflatten,
+)
+"""Modules whose output holds values of their input: they need no quantizer of their own."""
+
+PASS_THROUGH_NAMES = {"StochasticDepth", "DropPath"}
+
+MODULE_NAME_OP_TYPES = {
+    "GELUActivation": "Gelu", "NewGELUActivation": "Gelu", "FastGELUActivation": "Gelu",
+    "QuickGELUActivation": "Gelu", "GELUTanh": "Gelu", "SiLUActivation": "Silu",
+}
+"""Activation modules of Hugging Face transformers, matched by class name (no import needed)."""
+"""Third-party identity-at-inference modules (torchvision, timm), matched by class name."""
+
+
+def is_pass_through(module: nn.Module) -> bool:
+    return isinstance(module, PASS_THROUGH_MODULES) or type(module).__name__ in PASS_THROUGH_NAMES
+
+FUNCTION_OP_TYPES: dict[object, str] = {
+    operator.add: "Add", operator.iadd: "Add", torch.add: "Add", "add": "Add", "add_": "Add",
+    operator.sub: "Sub", operator.isub: "Sub", torch.sub: "Sub", "sub": "Sub", operator.neg: "Neg",
+    torch.neg: "Neg", "neg": "Neg", operator.mul: "Mul", operator.imul: "Mul", torch.mul: "Mul",
+    "mul": "Mul", "mul_": "Mul", operator.truediv: "Div", operator.itruediv: "Div", torch.div: "Div",
+    "div": "Div", operator.matmul: "MatMul", torch.matmul: "MatMul", "matmul": "MatMul", torch.bmm: "MatMul",
+    "bmm": "MatMul", torch.baddbmm: "MatMul", torch.addmm: "Gemm", F.linear: "Gemm", torch.einsum: "Einsum",
+    torch.cat: "Concat", torch.concat: "Concat", torch.stack: "Concat",
+    F.relu: "Relu", torch.relu: "Relu", "relu": "Relu", F.relu6: "Clip", F.hardtanh: "Clip",
+    torch.clamp: "Clip", "clamp": "Clip", torch.clip: "Clip", F.gelu: "Gelu", F.silu: "Silu",
+    F.leaky_relu: "LeakyRelu", F.hardswish: "HardSwish", F.hardsigmoid: "HardSigmoid", F.mish: "Mish",
+    torch.sigmoid: "Sigmoid", F.sigmoid: "Sigmoid", "sigmoid": "Sigmoid", torch.tanh: "Tanh",
+    F.tanh: "Tanh", "tanh": "Tanh", F.softmax: "Softmax", torch.softmax: "Softmax", "softmax": "Softmax",
+    F.log_softmax: "LogSoftmax", F.layer_norm: "LayerNormalization", F.group_norm: "GroupNormalization",
+    F.batch_norm: "BatchNormalization", F.conv1d: "Conv", F.conv2d: "Conv", F.conv3d: "Conv",
+    F.max_pool2d: "MaxPool", F.avg_pool2d: "AveragePool", F.adaptive_avg_pool2d: "GlobalAveragePool",
+    F.interpolate: "Resize", torch.mean: "ReduceMean", "mean": "ReduceMean", torch.sum: "ReduceSum",
+    "sum": "ReduceSum", torch.pow: "Pow", "pow": "Pow", operator.pow: "Pow", torch.sqrt: "Sqrt",
+    "sqrt": "Sqrt", torch.rsqrt: "Sqrt", "rsqrt": "Sqrt", torch.exp: "Exp", "exp": "Exp", torch.erf: "Erf",
+    torch.abs: "Abs", "abs": "Abs", "radd": "Add", "rmul": "Mul", "rsub": "Sub", "rtruediv": "Div", "truediv": "Div", torch.where: "Where", "masked_fill": "Where",
+    F.scaled_dot_product_attention: "Attention", F.pad: "Pad",
+}
+"""Functional ops (callables, or tensor method names) that compute new values and so get a quantizer."""
+
+DATA_MOVEMENT = {
+    "view", "reshape", "permute", "transpose", "flatten", "squeeze", "unsqueeze", "contiguous", "expand",
+    "expand_as", "repeat", "split", "chunk", "narrow", "select", "size", "dim", "to", "type", "float",
+    "half", "detach", "clone", "unbind", "getitem", "getattr", "flip", "roll", "t", "view_as",
+    "reshape_as", "unflatten", "dropout", "identity", "max_pool_indices",
+}
+"""Ops that only move or select values (or compute shapes): they share their input's encoding."""
+
+_CUSTOM_MODULES: dict[type[nn.Module], str] = {}
+
+
+def register_module(module_type: type[nn.Module], onnx_op_type: str | None = None) -> None:
+    """Treat ``module_type`` as a leaf: its parameters and outputs get quantizers like a built-in layer.
+
+    ``onnx_op_type`` names the op for the hardware config (defaults to the class name).
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_module expects an nn.Module subclass, got {module_type!r}")
+    _CUSTOM_MODULES[module_type] = onnx_op_type or module_type.__name__
+
+
+def module_op_type(module: nn.Module) -> str | None:
+    """ONNX op type of a quantizable leaf module, or None when the module is not a known leaf."""
+    for registry in (_CUSTOM_MODULES, MODULE_OP_TYPES):
+        for module_type, op_type in registry.items():
+            if type(module) is module_type:
+                return op_type
+    for registry in (_CUSTOM_MODULES, MODULE_OP_TYPES):
+        for module_type, op_type in registry.items():
+            if isinstance(module, module_type):
+                return op_type
+    return MODULE_NAME_OP_TYPES.get(type(module).__name__)
+
+
+def function_name(target: object) -> str:
+    """Readable name of an FX call target (function or tensor method name)."""
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__name__", repr(target))
+
+
+def function_op_type(target: object) -> str | None:
+    """ONNX op type for a functional call target, None for data movement or unknown ops."""
+    try:
+        op_type = FUNCTION_OP_TYPES.get(target)
+    except TypeError:  # unhashable target
+        return None
+    if op_type is None and not isinstance(target, str) and hasattr(target, "__name__"):
+        # tensor methods seen by __torch_function__: Tensor.__add__, Tensor.__radd__, Tensor.softmax
+        name = target.__name__.strip("_")
+        op_type = FUNCTION_OP_TYPES.get(name) or FUNCTION_OP_TYPES.get(name[1:] if name.startswith("r") else name)
+    return op_type
+
+
+def is_data_movement(target: object) -> bool:
+    return function_name(target).strip("_") in DATA_MOVEMENT
