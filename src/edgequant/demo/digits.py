@@ -60,7 +60,12 @@ def load_digits_tensors(split: str = "test", seed: int = 0) -> tuple[torch.Tenso
 
 
 def _conv_bn(
-    cin: int, cout: int, act: nn.Module, kernel: int = 3, stride: int = 1, groups: int = 1
+    cin: int,
+    cout: int,
+    act: nn.Module,
+    kernel: int = 3,
+    stride: int = 1,
+    groups: int = 1,
 ) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
@@ -160,7 +165,10 @@ def load_pretrained(name: str = "digits_cnn") -> nn.Module:
 
 @torch.no_grad()
 def evaluate_accuracy(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 256,
 ) -> float:
     """Top-1 accuracy in [0, 1], batched on whatever device the model's parameters live on.
 

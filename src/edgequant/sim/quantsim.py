@@ -96,6 +96,7 @@ class QuantSim:
         self.param_bw, self.output_bw, self.quant_scheme = param_bw, output_bw, scheme
         self.config = HardwareConfig.load(config)
         self._dummy_args, self._dummy_kwargs = _as_call(dummy_input)
+        self._in_place = in_place
         self.model = model if in_place else copy.deepcopy(model)
         self._notes: list[CoverageNote] = []
         self._supergroup_members: dict[str, str] = {}
@@ -112,7 +113,11 @@ class QuantSim:
                 f"the model does not run on dummy_input ({type(error).__name__}: {error}); pass an input with "
                 "the shape, dtype and device the model expects (a tuple for several inputs, a dict for kwargs)"
             ) from None
-        self.model = self._capture(self.model, "", records)
+        captured = self._capture(self.model, "", records)
+        if captured is not self.model and self._in_place:  # keep the user's object: it becomes the traced graph
+            self.model.__class__, self.model.__dict__ = captured.__class__, captured.__dict__
+        else:
+            self.model = captured
         records, _ = record_calls(self.model, self._dummy_args, self._dummy_kwargs)
         for name, module in list(self.model.named_modules()):
             self._wrap(name, module, records)
@@ -152,11 +157,16 @@ class QuantSim:
             module = traced.get_submodule(node.target)
             return module.onnx_op_type_name if isinstance(module, FunctionalOp) else module_op_type(module)
 
+        def is_pass_through_node(node: fx.Node) -> bool:
+            return node.op == "call_module" and is_pass_through(traced.get_submodule(node.target))
+
         for node in traced.graph.nodes:
             for pattern in self.config.supergroups:
                 chain = [node]
                 while len(chain) < len(pattern) and op_type(chain[-1]) == pattern[len(chain) - 1]:
                     users = list(chain[-1].users)
+                    while len(users) == 1 and is_pass_through_node(users[0]):  # Dropout/Identity between fused ops
+                        users = list(users[0].users)
                     if len(users) != 1:
                         break
                     chain.append(users[0])
@@ -237,7 +247,9 @@ class QuantSim:
         for key, value in self._dummy_kwargs.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 quantizers[key] = self._activation_quantizer(rule, f"model_input_quantizers.{key}")
-        if quantizers:
+        if quantizers and isinstance(self.model, nn.Sequential):  # a child would join the Sequential's pipeline
+            self._notes.append(CoverageNote("<model input>", "input", "untraceable nn.Sequential root: not quantized"))
+        elif quantizers:
             self.model.model_input_quantizers = quantizers
             self.model.register_forward_pre_hook(_quantize_model_inputs, with_kwargs=True)
 
@@ -448,3 +460,21 @@ class QuantSim:
             quantizer.bitwidth, quantizer.symmetric, quantizer.axis = saved["bitwidth"], saved["symmetric"], saved["axis"]
             encoding = saved["encoding"]
             quantizer.set_encoding(Encoding.from_dict(encoding).to(device) if encoding is not None else None)
+
+    # -- export (implemented in edgequant.export) ------------------------------------------------------
+    @property
+    def dummy_input(self) -> Any:
+        """The example input the sim was built with (a dict for keyword inputs, else a tuple)."""
+        return dict(self._dummy_kwargs) if self._dummy_kwargs else self._dummy_args
+
+    def export(self, out_dir: str | Path, dummy_input: Any = None, name: str = "model", **options: Any) -> Any:
+        """Write the float ONNX model, AIMET encodings and the QDQ model; see `edgequant.export.export_onnx`."""
+        from edgequant.export.onnx_export import export_onnx
+
+        return export_onnx(self, out_dir, dummy_input, name, **options)
+
+    def load_encodings(self, path: str | Path, **options: Any) -> Any:
+        """Load an AIMET encodings file (0.6.1/1.0.0/2.0.0); see `edgequant.export.load_encodings`."""
+        from edgequant.export.load import load_encodings
+
+        return load_encodings(self, path, **options)

@@ -1,0 +1,119 @@
+"""Encoding analyzers against brute-force references."""
+
+import numpy as np
+import pytest
+import torch
+
+from edgequant.quantization import (
+    CalibrationError,
+    Encoding,
+    MinMaxAnalyzer,
+    MseAnalyzer,
+    PercentileAnalyzer,
+    SqnrAnalyzer,
+    quantize_dequantize,
+)
+
+
+def test_minmax_accumulates_over_batches_and_channels():
+    analyzer = MinMaxAnalyzer(axis=1)
+    analyzer.observe(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+    analyzer.observe(torch.tensor([[-4.0, 7.0]]))
+    low, high = analyzer.compute_range(8, False)
+    assert low.tolist() == [-4.0, -2.0]
+    assert high.tolist() == [3.0, 7.0]
+
+
+def test_percentile_matches_numpy_within_a_bin():
+    torch.manual_seed(0)
+    batches = [torch.randn(10_000) * (1 + i) for i in range(5)]  # range grows: histogram is widened
+    analyzer = PercentileAnalyzer(percentile=99.0)
+    for batch in batches:
+        analyzer.observe(batch)
+    low, high = analyzer.compute_range(8, False)
+    values = torch.cat(batches).numpy()
+    bin_width = (values.max() - values.min()) / analyzer.num_bins
+    assert high.item() == pytest.approx(np.percentile(values, 99.0), abs=3 * bin_width)
+    assert low.item() == pytest.approx(np.percentile(values, 1.0), abs=3 * bin_width)
+
+
+def _expected_noise(values: torch.Tensor, encoding: Encoding, gamma: float) -> float:
+    """Brute-force version of the SQNR objective on the raw values."""
+    clipped = values.clamp(encoding.min.item(), encoding.max.item())
+    inside = clipped == values
+    rounding = inside.sum() * encoding.scale.item() ** 2 / 12
+    clipping = gamma * (values - clipped)[~inside].square().sum()
+    return float(rounding + clipping)
+
+
+def test_sqnr_beats_every_other_symmetric_candidate_on_a_heavy_tailed_tensor():
+    torch.manual_seed(1)
+    values = torch.distributions.Laplace(0.0, 1.0).sample((20_000,))
+    analyzer = SqnrAnalyzer(num_bins=2048)
+    analyzer.observe(values)
+    low, high = analyzer.compute_range(4, symmetric=True)
+    chosen_noise = _expected_noise(values, Encoding.from_range(low, high, 4, True), analyzer.gamma)
+    abs_max = values.abs().max().item()
+    for fraction in np.linspace(0.02, 1.0, 60):
+        candidate = Encoding.from_range(-abs_max * fraction, abs_max * fraction, 4, True)
+        assert chosen_noise <= _expected_noise(values, candidate, analyzer.gamma) * 1.05
+    minmax = Encoding.from_range(values.min(), values.max(), 4, True)
+    assert chosen_noise < 0.7 * _expected_noise(values, minmax, analyzer.gamma)  # clipping the tails pays off
+
+
+def test_sqnr_asymmetric_search_beats_brute_force_grid():
+    torch.manual_seed(3)
+    values = torch.distributions.Exponential(1.0).sample((20_000,)) - 0.3
+    analyzer = SqnrAnalyzer(num_bins=2048)
+    analyzer.observe(values)
+    low, high = analyzer.compute_range(4, symmetric=False)
+    assert low.item() <= 0.0 < high.item() < values.max().item()
+    chosen_noise = _expected_noise(values, Encoding.from_range(low, high, 4, False), analyzer.gamma)
+    for top in np.linspace(0.5, values.max().item(), 40):
+        candidate = Encoding.from_range(values.min(), top, 4, False)
+        assert chosen_noise <= _expected_noise(values, candidate, analyzer.gamma) * 1.05
+
+
+def test_mse_per_channel_is_the_brute_force_optimum():
+    torch.manual_seed(2)
+    weight = torch.randn(4, 256) * torch.tensor([[0.1], [1.0], [5.0], [0.01]])
+    weight[1, 0] = 12.0  # an outlier worth clipping in channel 1
+    analyzer = MseAnalyzer(axis=0)
+    analyzer.observe(weight)
+    low, high = analyzer.compute_range(4, symmetric=True)
+    chosen = Encoding.from_range(low, high, 4, True, axis=0)
+
+    def mse(encoding: Encoding) -> torch.Tensor:
+        approx = quantize_dequantize(weight, encoding.scale[:, None], encoding.offset[:, None], 4)
+        return (approx - weight).square().mean(dim=1)
+
+    chosen_error = mse(chosen)
+    abs_max = weight.abs().amax(dim=1)
+    for ratio in np.linspace(0.2, 1.0, 33):
+        candidate = Encoding.from_range(-abs_max * ratio, abs_max * ratio, 4, True, axis=0)
+        assert (chosen_error <= mse(candidate) * 1.001 + 1e-12).all()
+    minmax = Encoding.from_range(weight.amin(1), weight.amax(1), 4, True, axis=0)
+    assert chosen_error[1] < 0.8 * mse(minmax)[1]
+
+
+def test_histogram_memory_is_bounded():
+    analyzer = SqnrAnalyzer(num_bins=512)
+    for i in range(50):
+        analyzer.observe(torch.randn(4096) * (i + 1))
+    assert analyzer.hist.shape == (1, 512)
+    assert analyzer.hist.sum().item() == 50 * 4096  # no count lost while widening
+
+
+def test_non_finite_values_are_ignored_and_counted():
+    analyzer = MinMaxAnalyzer()
+    analyzer.observe(torch.tensor([1.0, float("nan"), -2.0, float("inf")]))
+    low, high = analyzer.compute_range(8, False)
+    assert (low.item(), high.item()) == (-2.0, 1.0)
+    assert analyzer.num_nonfinite == 2
+
+
+def test_no_data_is_a_clear_error():
+    analyzer = PercentileAnalyzer()
+    analyzer.observe(torch.tensor([float("nan")]))
+    with pytest.raises(CalibrationError, match="no finite data"):
+        analyzer.compute_range(8, False)

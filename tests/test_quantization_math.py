@@ -1,0 +1,130 @@
+"""Quantizer math against hand-computed values and against ONNX Runtime's QuantizeLinear/DequantizeLinear."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from edgequant.quantization import Encoding, Quantizer, quantize, quantize_dequantize
+
+ONNX_TYPES = {(8, True): TensorProto.INT8, (8, False): TensorProto.UINT8,
+              (16, True): TensorProto.INT16, (16, False): TensorProto.UINT16,
+              (4, True): TensorProto.INT4, (4, False): TensorProto.UINT4}
+
+
+def ort_qdq(x: torch.Tensor, encoding: Encoding) -> np.ndarray:
+    attrs = {"axis": encoding.axis} if encoding.axis is not None else {}
+    zero_point = encoding.onnx_zero_point.to(torch.int64).flatten().tolist()
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **attrs),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **attrs)],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))],
+        initializer=[
+            helper.make_tensor("s", TensorProto.FLOAT, list(encoding.scale.shape), encoding.scale.flatten().tolist()),
+            helper.make_tensor("z", ONNX_TYPES[(encoding.bitwidth, encoding.symmetric)],
+                               list(encoding.scale.shape), zero_point),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x.numpy()})[0]
+
+
+def test_hand_computed_asymmetric_grid():
+    encoding = Encoding.from_range(-1.0, 3.0, bitwidth=2, symmetric=False)
+    # range 4 over 3 steps: scale 4/3, offset round(-1 / (4/3)) = round(-0.75) = -1
+    assert encoding.scale.item() == pytest.approx(4 / 3)
+    assert encoding.offset.item() == -1
+    x = torch.tensor([-5.0, -0.7, 0.0, 0.66, 0.67, 2.0, 9.0])
+    expected_q = torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0, 3.0, 3.0])  # round(x/s) - offset, clamped to [0, 3]
+    assert torch.equal(quantize(x, encoding.scale, encoding.offset, 2), expected_q)
+    assert torch.allclose(quantize_dequantize(x, encoding.scale, encoding.offset, 2), (expected_q - 1) * 4 / 3)
+
+
+def test_round_half_to_even_and_saturation():
+    encoding = Encoding(torch.tensor(1.0), torch.tensor(-128.0), 8, True)
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 126.5, 127.5, 300.0, -300.0])
+    expected = torch.tensor([0.0, 2.0, 2.0, -0.0, -2.0, 126.0, 127.0, 127.0, -128.0])
+    assert torch.equal(quantize_dequantize(x, encoding.scale, encoding.offset, 8), expected)
+
+
+def test_symmetric_encoding_matches_aimet_convention():
+    # AIMET: scale = max|x| / 127, offset = -128 for 8-bit symmetric (see shared fixtures)
+    encoding = Encoding.from_range(-0.5, 1.27, bitwidth=8, symmetric=True)
+    assert encoding.scale.item() == pytest.approx(0.01)
+    assert encoding.offset.item() == -128
+    assert encoding.onnx_zero_point.item() == 0
+    assert encoding.min.item() == pytest.approx(-1.28)
+    assert encoding.max.item() == pytest.approx(1.27)
+
+
+def test_zero_range_never_gives_zero_scale():
+    for symmetric in (True, False):
+        encoding = Encoding.from_range(0.0, 0.0, 8, symmetric)
+        assert encoding.scale.item() > 0
+        out = quantize_dequantize(torch.zeros(4), encoding.scale, encoding.offset, 8)
+        assert torch.equal(out, torch.zeros(4))
+
+
+@pytest.mark.parametrize("bitwidth", [4, 8, 16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_tensor_bit_exact_with_onnxruntime(bitwidth, symmetric):
+    torch.manual_seed(bitwidth + symmetric)
+    x = torch.randn(32, 16, 7, 7) * 4 + 1
+    encoding = Encoding.from_range(x.min() * 0.8, x.max() * 0.8, bitwidth, symmetric)
+    ours = quantize_dequantize(x, encoding.scale, encoding.offset, bitwidth)
+    np.testing.assert_array_equal(ours.numpy(), ort_qdq(x, encoding))
+
+
+@pytest.mark.parametrize("axis", [0, 1, 3])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_channel_bit_exact_with_onnxruntime(axis, symmetric):
+    torch.manual_seed(axis)
+    x = torch.randn(6, 5, 4, 3) * torch.linspace(0.1, 10, 3)
+    dims = [d for d in range(4) if d != axis]
+    encoding = Encoding.from_range(x.amin(dims), x.amax(dims), 8, symmetric, axis=axis)
+    shape = encoding.broadcast_shape(4)
+    ours = quantize_dequantize(x, encoding.scale.view(shape), encoding.offset.view(shape), 8)
+    np.testing.assert_array_equal(ours.numpy(), ort_qdq(x, encoding))
+
+
+def test_straight_through_gradient_is_masked_outside_range():
+    quantizer = Quantizer(bitwidth=8, symmetric=False)
+    quantizer.set_encoding(Encoding.from_range(-1.0, 1.0, 8, False))
+    x = torch.tensor([-2.0, -0.5, 0.3, 0.99, 1.5], requires_grad=True)
+    quantizer(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_range_learning_gradients_follow_lsq():
+    quantizer = Quantizer(bitwidth=4, symmetric=False)
+    quantizer.set_encoding(Encoding(torch.tensor(0.5), torch.tensor(-4.0), 4, False))
+    quantizer.enable_range_learning()
+    x = torch.tensor([0.3, -3.0, 9.0])  # inside, clipped low (q_min=-2.0), clipped high (q_max=5.5)
+    quantizer(x).sum().backward()
+    # d/ds: inside round(x/s) - x/s = 1 - 0.6; low: offset = -4; high: offset + 15 = 11
+    assert quantizer.scale.grad.item() == pytest.approx((1 - 0.6) - 4 + 11)
+    # d/d offset: s for each clipped element
+    assert quantizer.offset.grad.item() == pytest.approx(1.0)
+
+
+def test_per_channel_quantizer_gradient_shapes():
+    quantizer = Quantizer(bitwidth=8, symmetric=True, axis=0)
+    weight = torch.randn(4, 3, 3, 3)
+    quantizer.set_encoding(Encoding.from_range(weight.amin((1, 2, 3)), weight.amax((1, 2, 3)), 8, True, axis=0))
+    quantizer.enable_range_learning()
+    quantizer(weight.requires_grad_()).square().sum().backward()
+    assert quantizer.scale.grad.shape == (4,)
+    assert weight.grad.shape == weight.shape
+
+
+def test_quantizer_without_encoding_explains_what_to_do():
+    quantizer = Quantizer(name="conv1.output_quantizers.0")
+    with pytest.raises(RuntimeError, match="conv1.output_quantizers.0.*compute_encodings"):
+        quantizer(torch.ones(2))
