@@ -15,6 +15,7 @@ leaves) and the functional ops it calls itself are reported as float in the cove
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections import Counter
 from dataclasses import dataclass, field
@@ -138,6 +139,24 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
         return is_leaf(module) or super().is_leaf_module(module, qualname)
 
+    def _proxy_placeholder(self, name, concrete_args, sig, fn_for_analysis):  # noqa: ANN001, ANN202
+        # non-tensor values passed through **kwargs (Hugging Face passes cache=None, position_ids=None...)
+        # are baked into the graph like other concrete arguments; fx itself cannot specialise them
+        if name.startswith("*") and concrete_args is not None and name in concrete_args:
+            return concrete_args[name]
+        return super()._proxy_placeholder(name, concrete_args, sig, fn_for_analysis)
+
+
+def _drop_folded_kwargs(folded: dict, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Pre-hook of a traced module: remove the **kwargs that tracing baked in, after checking they still hold."""
+    for key, value in folded.items():
+        if key in kwargs and kwargs[key] is not value and kwargs[key] != value:
+            raise RuntimeError(
+                f"{type(module).__name__} was traced with {key}={value!r} but is now called with {key}="
+                f"{kwargs[key]!r}; build the QuantSim with a dummy_input that uses the same settings"
+            )
+    return args, {k: v for k, v in kwargs.items() if k not in folded}
+
 
 def _same_output(actual: Any, expected: Any) -> bool:
     actual_leaves, actual_spec = tree_flatten(actual)
@@ -153,22 +172,43 @@ def _same_output(actual: Any, expected: Any) -> bool:
     return True
 
 
+def _trace_unwrapped(module: nn.Module, concrete: dict[str, Any]) -> fx.Graph:
+    """Trace the undecorated ``forward``: fx mis-binds arguments through ``functools.wraps`` decorators
+    (transformers wraps many forwards to rename deprecated kwargs)."""
+    cls = type(module)
+    forward = inspect.unwrap(cls.forward)
+    if forward is cls.forward:
+        return _LeafTracer().trace(module, concrete_args=concrete)
+    module.__class__ = type(cls.__name__, (cls,), {"forward": forward})
+    try:
+        return _LeafTracer().trace(module, concrete_args=concrete)
+    finally:
+        module.__class__ = cls
+
+
 def try_trace(module: nn.Module, record: CallRecord) -> tuple[fx.GraphModule | None, str]:
     """Trace ``module`` with non-tensor arguments fixed to their recorded values; (None, reason) on failure."""
     try:
         signature = inspect.signature(module.forward)
         bound = signature.bind(*record.args, **record.kwargs)
-        concrete = {}
+        concrete: dict[str, Any] = {}
+        folded: dict[str, Any] = {}
         for name, param in signature.parameters.items():
-            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                if bound.arguments.get(name):
-                    return None, f"forward takes *{name} which fx cannot trace"
-                continue
             value = bound.arguments.get(name, param.default)
-            if not isinstance(value, torch.Tensor):
+            if param.kind == param.VAR_POSITIONAL:
+                if value:
+                    return None, f"forward takes *{name} which fx cannot trace"
+            elif param.kind == param.VAR_KEYWORD:
+                folded = dict(value) if value is not param.default else {}
+                if any(isinstance(v, torch.Tensor) for v in tree_flatten(folded)[0]):
+                    return None, f"tensors passed through **{name} cannot be traced"
+                concrete[f"**{name}"] = folded
+            elif not isinstance(value, torch.Tensor):
                 concrete[name] = value
-        graph = _LeafTracer().trace(module, concrete_args=concrete)
+        graph = _trace_unwrapped(module, concrete)
         traced = fx.GraphModule(module, graph, class_name=type(module).__name__)
+        if folded:
+            traced.register_forward_pre_hook(functools.partial(_drop_folded_kwargs, folded), with_kwargs=True)
         with torch.no_grad():
             output = traced(*record.args, **record.kwargs)
     except Exception as error:  # fx raises many kinds of errors on untraceable code
