@@ -240,7 +240,11 @@ def functionalize_graph(traced: fx.GraphModule, prefix: str) -> list[CoverageNot
                 node.replace_all_uses_with(replacement)
                 traced.graph.erase_node(node)
             elif is_data_movement(node.target):
-                notes.append(CoverageNote(tensor_name, function_name(node.target), "data movement: keeps its input's values and encoding"))
+                notes.append(
+                    CoverageNote(
+                        tensor_name, function_name(node.target), "data movement: keeps its input's values and encoding"
+                    )
+                )
             else:
                 notes.append(
                     CoverageNote(

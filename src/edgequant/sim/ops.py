@@ -101,9 +101,11 @@ FUNCTION_OP_TYPES: dict[object, str] = {
     F.max_pool2d: "MaxPool", F.avg_pool2d: "AveragePool", F.adaptive_avg_pool2d: "GlobalAveragePool",
     F.interpolate: "Resize", torch.mean: "ReduceMean", "mean": "ReduceMean", torch.sum: "ReduceSum",
     "sum": "ReduceSum", torch.amax: "ReduceMax", "amax": "ReduceMax", torch.amin: "ReduceMin", "amin": "ReduceMin",
-    torch.max: "ReduceMax", "max": "ReduceMax", torch.min: "ReduceMin", "min": "ReduceMin", torch.pow: "Pow", "pow": "Pow", operator.pow: "Pow", torch.sqrt: "Sqrt",
+    torch.max: "ReduceMax", "max": "ReduceMax", torch.min: "ReduceMin", "min": "ReduceMin", torch.pow: "Pow",
+    "pow": "Pow", operator.pow: "Pow", torch.sqrt: "Sqrt",
     "sqrt": "Sqrt", torch.rsqrt: "Sqrt", "rsqrt": "Sqrt", torch.exp: "Exp", "exp": "Exp", torch.erf: "Erf",
-    torch.abs: "Abs", "abs": "Abs", "radd": "Add", "rmul": "Mul", "rsub": "Sub", "rtruediv": "Div", "truediv": "Div", torch.where: "Where", "masked_fill": "Where",
+    torch.abs: "Abs", "abs": "Abs", "radd": "Add", "rmul": "Mul", "rsub": "Sub", "rtruediv": "Div", "truediv": "Div",
+    torch.where: "Where", "masked_fill": "Where",
     F.scaled_dot_product_attention: "Attention", F.pad: "Pad",
 }
 """Functional ops (callables, or tensor method names) that compute new values and so get a quantizer."""

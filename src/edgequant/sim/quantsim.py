@@ -457,7 +457,8 @@ class QuantSim:
         for name, saved in state["quantizers"].items():
             quantizer = quantizers[name]
             quantizer.enabled, quantizer.frozen = saved["enabled"], saved["frozen"]
-            quantizer.bitwidth, quantizer.symmetric, quantizer.axis = saved["bitwidth"], saved["symmetric"], saved["axis"]
+            quantizer.bitwidth, quantizer.symmetric = saved["bitwidth"], saved["symmetric"]
+            quantizer.axis = saved["axis"]
             encoding = saved["encoding"]
             quantizer.set_encoding(Encoding.from_dict(encoding).to(device) if encoding is not None else None)
 
