@@ -117,3 +117,12 @@ def test_no_data_is_a_clear_error():
     analyzer.observe(torch.tensor([float("nan")]))
     with pytest.raises(CalibrationError, match="no finite data"):
         analyzer.compute_range(8, False)
+
+
+def test_attention_mask_sentinels_do_not_stretch_the_grid():
+    scores = torch.tensor([-3.0, 0.5, 2.0, torch.finfo(torch.float32).min])
+    for analyzer in (MinMaxAnalyzer(), SqnrAnalyzer(), PercentileAnalyzer(percentile=100.0)):
+        analyzer.observe(scores)
+        low, high = analyzer.compute_range(8, False)
+        assert -3.1 <= low.item() <= -2.9 and high.item() <= 2.01
+        assert analyzer.num_sentinels == 1 and analyzer.num_nonfinite == 0

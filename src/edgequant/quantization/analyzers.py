@@ -4,7 +4,10 @@ Every analyzer keeps statistics of fixed size (min/max, or a histogram of ``num_
 calibrating on 10x more batches costs 10x the time but not 10x the memory.
 
 Non-finite values (NaN, +-inf) are left out of the statistics and counted in ``num_nonfinite``; the
-simulation warns about them. An analyzer that saw no finite value at all raises `CalibrationError`.
+simulation warns about them. Magnitudes of at least ``SENTINEL_MAGNITUDE`` (``torch.finfo(float32).min`` in
+attention masks) are sentinels, not data: they are left out as well (counted in ``num_sentinels``, no
+warning) so that they do not stretch the grid; at run time they saturate to the grid's ends, as on the device.
+An analyzer that saw no usable value at all raises `CalibrationError`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import torch
 
 from edgequant.quantization.encoding import MIN_RANGE
+
+SENTINEL_MAGNITUDE = 1e30
 
 
 class CalibrationError(RuntimeError):
@@ -36,6 +41,7 @@ class EncodingAnalyzer:
         self.min: torch.Tensor | None = None
         self.max: torch.Tensor | None = None
         self.num_nonfinite = 0
+        self.num_sentinels = 0
 
     @property
     def observed(self) -> bool:
@@ -44,14 +50,19 @@ class EncodingAnalyzer:
     def observe(self, x: torch.Tensor) -> None:
         values = _channels_first(x.detach().float(), self.axis)
         batch_min, batch_max = torch.aminmax(values, dim=1)
-        if not (torch.isfinite(batch_min).all() and torch.isfinite(batch_max).all()):
-            finite = torch.isfinite(values)
-            self.num_nonfinite += int((~finite).sum())
+        if batch_min.min() <= -SENTINEL_MAGNITUDE or batch_max.max() >= SENTINEL_MAGNITUDE or batch_min.isnan().any():
+            finite = values.abs() < SENTINEL_MAGNITUDE
+            nonfinite = int((~torch.isfinite(values)).sum())
+            self.num_nonfinite += nonfinite
+            self.num_sentinels += int((~finite).sum()) - nonfinite
             if not finite.any(dim=1).all():
                 return  # a channel with no finite value contributes nothing
             batch_min = torch.where(finite, values, torch.inf).amin(dim=1)
             batch_max = torch.where(finite, values, -torch.inf).amax(dim=1)
-            values = torch.where(finite, values, batch_min[:, None])
+            if values.shape[0] == 1:
+                values = values[finite][None]
+            else:  # per-channel: keep the shape; the excluded entries count as the channel minimum
+                values = torch.where(finite, values, batch_min[:, None])
         self._update(values, batch_min, batch_max)
 
     def _update(self, values: torch.Tensor, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +45,7 @@ class CallRecord:
     output: Any = None
     float_inputs: list[int] = field(default_factory=list)
     num_float_outputs: int = 0
-    float_ops: Counter = field(default_factory=Counter)
+    float_ops: list = field(default_factory=list)  # math functions called by forward itself, in order
 
 
 @dataclass
@@ -79,8 +78,8 @@ class _OpRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if self.stack and function_op_type(func) is not None:
             record = self.records.get(self.stack[-1])
-            if record is not None:
-                record.float_ops[function_name(func)] += 1
+            if record is not None and record.output is None:  # first call only
+                record.float_ops.append(func)
         return func(*args, **(kwargs or {}))
 
 

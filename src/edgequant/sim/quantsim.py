@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from edgequant.sim.capture import (
     record_calls,
     try_trace,
 )
-from edgequant.sim.ops import is_pass_through, module_op_type
+from edgequant.sim.interception import intercept_functional_ops
+from edgequant.sim.ops import function_name, is_pass_through, module_op_type
 from edgequant.sim.quantized_module import FunctionalOp, QuantizedModule, make_quantized
 
 STATE_FORMAT = "edgequant-sim-state"
@@ -136,13 +138,17 @@ class QuantSim:
             self._notes.extend(functionalize_graph(traced, prefix))
             self._find_supergroups(traced, prefix)
             return traced
-        for op_name, count in sorted(record.float_ops.items() if record is not None else ()):
-            self._notes.append(
-                CoverageNote(
-                    f"{name or '<model>'}:{op_name}", op_name,
-                    f"called {count}x in forward of a module that could not be traced ({reason}): stays in float",
+        own_ops = record.float_ops if record is not None else []
+        if own_ops and not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            intercept_functional_ops(module, own_ops)
+        else:
+            for op_name, count in sorted(Counter(function_name(op) for op in own_ops).items()):
+                self._notes.append(
+                    CoverageNote(
+                        f"{name or '<model>'}:{op_name}", op_name,
+                        f"called {count}x by a container that could not be traced ({reason}): stays in float",
+                    )
                 )
-            )
         for child_name, child in list(module.named_children()):
             replacement = self._capture(child, f"{prefix}{child_name}.", records)
             if replacement is not child:

@@ -1,0 +1,127 @@
+"""AdaRound: the rounding stays on the floor/ceil grid, beats nearest rounding, spills, honours overrides."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgequant import QuantSim
+from edgequant.ptq.adaround import adaround, weight_grid
+from edgequant.quantization import quantize_dequantize
+
+
+class SmallNet(nn.Module):
+    """Conv -> ReLU (a fused activation AdaRound must include) -> depthwise conv -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dw(self.relu(self.conv(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+class TransposeNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1d = nn.Conv1d(4, 6, 3)
+        self.up = nn.ConvTranspose2d(6, 3, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1d(x))
+        return self.up(y.unsqueeze(-1))
+
+
+def _calibrated_sim(model: nn.Module, batches: list[torch.Tensor]) -> QuantSim:
+    sim = QuantSim(model, batches[0][:2], param_bw=4, output_bw=8, config="per_channel")
+    sim.calibrate(batches, progress=False)
+    return sim
+
+
+@pytest.fixture(scope="module")
+def small_setup() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    # Smooth, channel-correlated images: with white-noise inputs nearest rounding is already optimal (the
+    # layer's Hessian is diagonal), AdaRound gains come from correlated inputs as in real data.
+    smooth = nn.functional.interpolate(torch.randn(128, 3, 3, 3), size=6, mode="bilinear")
+    images = smooth + 0.5 * smooth.mean(1, keepdim=True) + 0.05 * torch.randn(128, 3, 6, 6)
+    return SmallNet().eval(), list(images.split(32))
+
+
+def _assert_on_floor_or_ceil(sim: QuantSim, name: str, float_weight: torch.Tensor) -> None:
+    """Exact check: every rounded weight is s * clamp(floor(w/s)) or s * clamp(ceil(w/s))."""
+    quantizer = sim.model.get_submodule(name).param_quantizers["weight"]
+    rounded = sim.model.get_submodule(name).weight.detach()
+    scale, low, high = weight_grid(quantizer.encoding, float_weight)
+    down = torch.clamp(torch.floor(float_weight / scale), low, high) * scale
+    up = torch.clamp(torch.ceil(float_weight / scale), low, high) * scale
+    assert bool(((rounded == down) | (rounded == up)).all()), name
+    assert torch.equal(quantize_dequantize(rounded, scale, low, quantizer.bitwidth), rounded)
+    assert quantizer.frozen
+
+
+def test_adaround_rounds_to_floor_or_ceil_and_beats_nearest(small_setup) -> None:
+    model, batches = small_setup
+    sim = _calibrated_sim(model, batches)
+    result = adaround(sim, batches, num_iterations=200, learning_rate=2e-2, progress=False)
+    assert [layer.name for layer in result.layers] == ["conv", "dw", "fc"]
+    for name in ("conv", "dw", "fc"):
+        _assert_on_floor_or_ceil(sim, name, model.get_submodule(name).weight.detach())
+    for layer in result.layers:
+        assert layer.adaround_mse < layer.nearest_mse, layer
+        assert 0.0 < layer.flipped_fraction < 0.5
+
+    # Independent check on the first layer: reconstruction of ReLU(conv(x_q)) against the FP32 output.
+    quantizer = sim.model.conv.param_quantizers["weight"]
+    x = torch.cat(batches)
+    x_q = sim.model.model_input_quantizers["0"](x)
+    scale, low, _ = weight_grid(quantizer.encoding, model.conv.weight)
+    nearest = quantize_dequantize(model.conv.weight.detach(), scale, low, quantizer.bitwidth)
+    target = torch.relu(model.conv(x)).detach()
+
+    def error(weight: torch.Tensor) -> float:
+        out = torch.relu(nn.functional.conv2d(x_q, weight, model.conv.bias.detach(), padding=1))
+        return float((out - target).square().sum(1).mean())
+
+    assert error(sim.model.conv.weight.detach()) < 0.95 * error(nearest)
+    assert result.layers[0].adaround_mse == pytest.approx(error(sim.model.conv.weight.detach()), rel=1e-4)
+
+
+def test_spill_to_disk_gives_the_same_rounding(small_setup) -> None:
+    model, batches = small_setup
+    in_memory, spilled = _calibrated_sim(model, batches), _calibrated_sim(model, batches)
+    kwargs = {"num_iterations": 10, "progress": False, "seed": 3}
+    memory_result = adaround(in_memory, batches, memory_budget_mb=64, **kwargs)
+    spill_result = adaround(spilled, batches, memory_budget_mb=0, **kwargs)
+    assert memory_result.bytes_spilled == 0
+    assert spill_result.bytes_spilled > 0
+    for name in ("conv", "dw", "fc"):
+        assert torch.equal(in_memory.model.get_submodule(name).weight, spilled.model.get_submodule(name).weight)
+
+
+def test_per_layer_iterations_are_honoured(small_setup) -> None:
+    model, batches = small_setup
+    sim = _calibrated_sim(model, batches)
+    result = adaround(sim, batches, num_iterations=20, per_layer_iterations={"dw": 0, "fc": 7}, progress=False)
+    assert {layer.name: layer.iterations for layer in result.layers} == {"conv": 20, "fc": 7}
+    assert torch.equal(sim.model.dw.weight, model.dw.weight)  # skipped: float weight, encoding not frozen
+    assert not sim.model.dw.param_quantizers["weight"].frozen
+    with pytest.raises(ValueError, match="not a layer AdaRound rounds"):
+        adaround(_calibrated_sim(model, batches), batches, per_layer_iterations={"nope": 3}, progress=False)
+
+
+def test_conv1d_and_conv_transpose_with_one_pass_inputs() -> None:
+    torch.manual_seed(1)
+    model = TransposeNet().eval()
+    batches = [torch.randn(16, 4, 10) for _ in range(2)]
+    sim = _calibrated_sim(model, batches)
+    result = adaround(sim, batches, num_iterations=50, refresh_inputs=False, progress=False)
+    assert [layer.name for layer in result.layers] == ["conv1d", "up"]
+    assert sim.model.up.param_quantizers["weight"].axis == 1  # transposed conv: output channels on axis 1
+    for name in ("conv1d", "up"):
+        _assert_on_floor_or_ceil(sim, name, model.get_submodule(name).weight.detach())

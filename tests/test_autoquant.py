@@ -1,0 +1,78 @@
+"""AutoQuant on the bundled digits CNN: the ladder runs, reports, recommends, and a rerun resumes from cache."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
+from edgequant.ptq.autoquant import autoquant
+from edgequant.ptq.cli_commands import autoquant as autoquant_command
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple:
+    train_images, _ = load_digits_tensors("train")
+    test_images, test_labels = load_digits_tensors("test")
+    return load_pretrained("digits_cnn"), train_images, list(train_images[:256].split(64)), test_images, test_labels
+
+
+def test_full_ladder_reports_recommends_and_resumes(digits, tmp_path) -> None:
+    model, train_images, batches, test_images, test_labels = digits
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def accuracy(m: torch.nn.Module) -> float:
+        return evaluate_accuracy(m, test_images, test_labels)
+
+    # 3-bit weights per tensor with no allowed drop: no step can meet the target, so every step runs.
+    kwargs = {"allowed_accuracy_drop": 0.0, "param_bw": 3, "results_dir": tmp_path, "adaround_iterations": 10,
+              "schemes": ("minmax", "sqnr"), "progress": False}
+    started = time.perf_counter()
+    first = autoquant(model, train_images[:2], batches, accuracy, **kwargs)
+    first_seconds = time.perf_counter() - started
+
+    names = [step.name for step in first.steps]
+    assert names[:6] == ["fp32", "calibration:minmax", "calibration:sqnr", "w32", "a32", "bn_fold"]
+    assert names[-1] == "adaround"
+    assert first.fp32_metric == pytest.approx(accuracy(model))
+    assert not first.target_met and first.best_metric < first.target_metric
+    best_candidate = max((s for s in first.steps if not s.diagnostic and s.metric is not None), key=lambda s: s.metric)
+    assert first.best_step == best_candidate.name
+    assert accuracy(first.sim.model) == pytest.approx(first.best_metric)  # the returned sim is the best one
+    assert first.recommendation and "Quantization-aware training" in first.recommendation
+    assert "Weights are the problem" in first.recommendation  # W32 meets the target at 3-bit weights
+    assert first.sensitivity and first.sensitivity[0][1] >= first.sensitivity[-1][1]
+    html = first.report_path.read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<script" not in html and "http" not in html
+    for name in ("calibration:sqnr", "bn_fold", "adaround", "Per-layer sensitivity"):
+        assert name in html
+    assert first.encodings_path.exists()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in reference.items())  # user's model untouched
+
+    started = time.perf_counter()
+    second = autoquant(model, train_images[:2], batches, accuracy, **kwargs)
+    assert time.perf_counter() - started < first_seconds / 2
+    assert all(step.cached for step in second.steps)
+    assert (second.best_step, second.best_metric) == (first.best_step, first.best_metric)
+    with torch.no_grad():
+        assert torch.equal(second.sim.model(test_images), first.sim.model(test_images))
+
+
+def test_stops_at_calibration_when_target_met(digits, tmp_path) -> None:
+    model, train_images, batches, test_images, test_labels = digits
+    result = autoquant(model, train_images[:2], batches, lambda m: evaluate_accuracy(m, test_images, test_labels),
+                       allowed_accuracy_drop=0.01, results_dir=tmp_path, schemes=("minmax",), progress=False)
+    assert result.target_met and result.recommendation is None
+    assert result.best_step.startswith("calibration:")
+    assert "bn_fold" not in [step.name for step in result.steps]
+
+
+def test_cli_runs_the_digits_demo(tmp_path) -> None:
+    outcome = CliRunner().invoke(autoquant_command, ["--results-dir", str(tmp_path), "--quiet", "--num-batches", "2",
+                                                     "--schemes", "minmax"])
+    assert outcome.exit_code == 0, outcome.output
+    assert "target met" in outcome.output and "report:" in outcome.output
+    assert list(tmp_path.rglob("autoquant_report.html"))
