@@ -55,11 +55,12 @@ def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_dequantize(
-    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int
+    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int, inplace: bool = False
 ) -> torch.Tensor:
     """Fake-quantize ``x``; ``scale``/``offset`` must already broadcast against ``x``.
 
-    Without autograd (evaluation, calibration) it runs four in-place passes and allocates one tensor.
+    Without autograd (evaluation, calibration) it runs four in-place passes; with ``inplace=True`` it also
+    reuses ``x``'s memory (for op outputs that nothing else holds), which saves an allocation per tensor.
     """
     num_steps = 2**bitwidth - 1
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or offset.requires_grad)
@@ -67,7 +68,7 @@ def quantize_dequantize(
         if offset.requires_grad:  # a learned offset stays an integer (rounded with a straight-through grad)
             offset = offset + (offset.round() - offset).detach()
         return _QuantDequant.apply(x, scale, offset, num_steps)
-    out = torch.div(x, scale)
+    out = x.div_(scale) if inplace else torch.div(x, scale)
     out.round_()
     out.clamp_(offset, offset + num_steps)
     return out.mul_(scale)

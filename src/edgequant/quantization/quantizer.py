@@ -43,6 +43,7 @@ class Quantizer(nn.Module):
         self.name = name
         self.enabled = True
         self.frozen = False
+        self.reuse_input_memory = False  # set by the sim for op outputs, which nothing else holds
         self.calibrating = False
         self.analyzer: EncodingAnalyzer = make_analyzer(scheme, axis, for_params)
         self.register_buffer("scale", None)
@@ -118,8 +119,11 @@ class Quantizer(nn.Module):
                 f"quantizer '{self.name}' has no encoding: call sim.compute_encodings(...) or sim.calibrate(...) "
                 "first, or disable it."
             )
+        inplace = self.reuse_input_memory and not torch.is_grad_enabled() and (
+            torch.is_inference_mode_enabled() or not x.is_inference()
+        )
         if self.axis is None:
-            return quantize_dequantize(x, self.scale, self.offset, self.bitwidth)
+            return quantize_dequantize(x, self.scale, self.offset, self.bitwidth, inplace)
         shape = [1] * x.dim()
         shape[self.axis] = -1
-        return quantize_dequantize(x, self.scale.view(shape), self.offset.view(shape), self.bitwidth)
+        return quantize_dequantize(x, self.scale.view(shape), self.offset.view(shape), self.bitwidth, inplace)

@@ -131,6 +131,11 @@ def register_module(module_type: type[nn.Module], onnx_op_type: str | None = Non
     _CUSTOM_MODULES[module_type] = onnx_op_type or module_type.__name__
 
 
+def is_custom_module(module: nn.Module) -> bool:
+    """Registered by the user with `register_module` (we know nothing of what its forward returns)."""
+    return any(isinstance(module, module_type) for module_type in _CUSTOM_MODULES)
+
+
 def module_op_type(module: nn.Module) -> str | None:
     """ONNX op type of a quantizable leaf module, or None when the module is not a known leaf."""
     for registry in (_CUSTOM_MODULES, MODULE_OP_TYPES):

@@ -28,7 +28,7 @@ from edgequant.sim.capture import (
     try_trace,
 )
 from edgequant.sim.interception import intercept_functional_ops
-from edgequant.sim.ops import function_name, is_pass_through, module_op_type
+from edgequant.sim.ops import function_name, is_custom_module, is_pass_through, module_op_type
 from edgequant.sim.quantized_module import FunctionalOp, QuantizedModule, make_quantized
 
 STATE_FORMAT = "edgequant-sim-state"
@@ -226,9 +226,10 @@ class QuantSim:
             elif not output_rule.quantized:
                 self._notes.append(CoverageNote(tensor, op_type, f"the config does not quantize {op_type} outputs"))
             else:
-                module.output_quantizers[str(index)] = self._activation_quantizer(
-                    output_rule, f"{name}.output_quantizers.{index}"
-                )
+                quantizer = self._activation_quantizer(output_rule, f"{name}.output_quantizers.{index}")
+                # built-in ops return fresh tensors; a user's module might return its input unchanged
+                quantizer.reuse_input_memory = not is_custom_module(module)
+                module.output_quantizers[str(index)] = quantizer
 
     def _activation_quantizer(self, rule: Any, name: str) -> Quantizer:
         return Quantizer(
