@@ -1,0 +1,102 @@
+"""The same workflows on every available device: results on a GPU must match the CPU's.
+
+On a machine without CUDA only the CPU cases run; the GPU cases run wherever CUDA is available.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import edgequant as eq
+from edgequant.demo.digits import load_digits_tensors, load_pretrained
+from edgequant.ptq.adaround import adaround
+from edgequant.quantization import MseAnalyzer, PercentileAnalyzer, SqnrAnalyzer
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def digits_sim(device: str, **kwargs) -> tuple[eq.QuantSim, torch.Tensor]:
+    images, _ = load_digits_tensors("train")
+    model = load_pretrained("digits_cnn").to(device)
+    sim = eq.QuantSim(model, images[:2].to(device), **kwargs)
+    sim.calibrate([images[i : i + 64].to(device) for i in range(0, 256, 64)], progress=False)
+    return sim, images[:64]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scheme", ["minmax", "sqnr", "percentile", "mse"])
+def test_calibration_matches_cpu(device, scheme):
+    cpu_sim, images = digits_sim("cpu", quant_scheme=scheme, config="per_channel")
+    sim, _ = digits_sim(device, quant_scheme=scheme, config="per_channel")
+    for name, quantizer in sim.quantizers().items():
+        reference = cpu_sim.quantizers()[name].encoding
+        assert quantizer.scale.device.type == device
+        assert torch.allclose(quantizer.encoding.scale.cpu(), reference.scale, rtol=1e-3), name
+    with torch.no_grad():
+        out = sim.model(images.to(device)).cpu()
+        expected = cpu_sim.model(images)
+    step = cpu_sim.quantizers()["fc.output_quantizers.0"].encoding.scale
+    assert ((out - expected).abs() <= step * 1.01).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_analyzers_on_device(device):
+    torch.manual_seed(0)
+    values = torch.randn(8, 4096) * torch.arange(1, 9)[:, None]
+    for analyzer_type in (SqnrAnalyzer, PercentileAnalyzer, MseAnalyzer):
+        on_cpu, on_device = analyzer_type(axis=0), analyzer_type(axis=0)
+        on_cpu.observe(values)
+        on_device.observe(values.to(device))
+        low, high = on_device.compute_range(8, symmetric=False)
+        expected_low, expected_high = on_cpu.compute_range(8, symmetric=False)
+        assert low.device.type == device
+        assert torch.allclose(low.cpu(), expected_low, rtol=1e-3, atol=1e-4)
+        assert torch.allclose(high.cpu(), expected_high, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_range_learning_trains_on_device(device):
+    sim, images = digits_sim(device)
+    for quantizer in sim.quantizers().values():
+        quantizer.enable_range_learning()
+    scales = [q.scale for q in sim.quantizers().values()]
+    optimizer = torch.optim.SGD(scales, lr=1e-4)
+    loss = sim.model(images.to(device)).square().mean()
+    loss.backward()
+    optimizer.step()
+    assert all(s.grad is not None and s.grad.device.type == device for s in scales)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adaround_on_device(device):
+    images, _ = load_digits_tensors("train")
+    model = load_pretrained("digits_cnn").to(device)
+    sim = eq.QuantSim(model, images[:2].to(device), param_bw=4, config="per_channel")
+    batches = [images[i : i + 32].to(device) for i in range(0, 64, 32)]
+    sim.calibrate(batches, progress=False)
+    adaround(sim, batches, num_iterations=20, progress=False)
+    layer = sim.quantized_modules()["fc"]
+    encoding = layer.param_quantizers["weight"].encoding
+    steps = layer.weight / encoding.scale.view(-1, 1)
+    assert layer.weight.device.type == device
+    assert torch.allclose(steps, steps.round(), atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_save_on_gpu_load_on_cpu(device, tmp_path):
+    sim, images = digits_sim(device)
+    sim.save(tmp_path / "sim.pt")
+    fresh = eq.QuantSim(load_pretrained("digits_cnn"), images[:2])
+    fresh.load(tmp_path / "sim.pt")
+    with torch.no_grad():
+        assert torch.allclose(fresh.model(images), sim.model(images.to(device)).cpu(), atol=1e-4)
+
+
+def test_sim_follows_model_to(tmp_path):
+    sim, images = digits_sim("cpu")
+    target = DEVICES[-1]
+    sim.model.to(target)
+    assert all(q.scale.device.type == target for q in sim.quantizers().values())
+    with torch.no_grad():
+        assert sim.model(images.to(target)).shape == (64, 10)
+    assert isinstance(sim.model, nn.Module)
