@@ -112,7 +112,7 @@ class Quantizer(nn.Module):
         if self.calibrating:
             self.analyzer.observe(x)
             return x
-        if not self.enabled:
+        if not self.enabled or not x.is_floating_point():  # integer tensors (indices, masks) are not data
             return x
         if self.scale is None:
             raise RuntimeError(

@@ -1,0 +1,119 @@
+"""Int32 bias with scale = input scale × weight scale, as integer kernels (ORT's QLinearConv, HTP, TFLite) add it.
+
+An integer convolution accumulates ``Σ q_x·q_w`` in int32 at scale ``s_x·s_w``; the bias must be on that grid to be
+added. ONNX Runtime fuses ``DQ → Conv → Q`` into QLinearConv only when the bias is an int32 DequantizeLinear, and
+it then *assumes* the bias scale is ``s_x·s_w``. `quantize_bias_int32` makes the sim round the bias the same way,
+so that simulation and runtime agree; export refuses int32 bias encodings that no longer match ``s_x·s_w``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from edgequant.export.graph_map import DATA_MOVEMENT_OPS, MARKER_OP, TracedSim, consumers, node_by_output, trace_sim
+from edgequant.export.graph_map import marker_quantizer as _marker_quantizer
+from edgequant.quantization import Encoding, Quantizer
+
+if TYPE_CHECKING:
+    from edgequant.sim.quantsim import QuantSim
+
+BIAS_BITWIDTH = 32
+ACCUMULATING_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+"""Ops that sum products in an int32 accumulator; only their bias lives on the s_x·s_w grid."""
+
+
+def layer_input_quantizers(traced: TracedSim) -> dict[str, str]:
+    """Layer name (owner of a weight quantizer) -> name of the quantizer that quantizes the layer's data input."""
+    producers = node_by_output(traced.marked)
+    users = consumers(traced.marked)
+    found = {}
+    for site in traced.sites:
+        if not site.quantizer.endswith(".param_quantizers.weight"):
+            continue
+        compute = _first_compute_user(site.marker_output, users)
+        if compute is None or compute.op_type not in ACCUMULATING_OPS:
+            continue
+        source = _quantizer_upstream(compute.input[0], producers)
+        if source is not None:
+            found[site.quantizer.rsplit(".param_quantizers.", 1)[0]] = source
+    return found
+
+
+def _first_compute_user(tensor: str, users: dict) -> Any:
+    for node in users.get(tensor, []):
+        if node.op_type in DATA_MOVEMENT_OPS:
+            return _first_compute_user(node.output[0], users)
+        return node
+    return None
+
+
+def _quantizer_upstream(tensor: str, producers: dict) -> str | None:
+    node = producers.get(tensor)
+    while node is not None and node.op_type in DATA_MOVEMENT_OPS:
+        node = producers.get(node.input[0])
+    if node is not None and node.op_type == MARKER_OP:
+        return _marker_quantizer(node)
+    return None
+
+
+def derived_bias_encoding(input_encoding: Encoding, weight_encoding: Encoding) -> Encoding:
+    """Symmetric int32 encoding with scale ``s_x·s_w`` (per output channel when the weight is per-channel)."""
+    scale = input_encoding.scale.to(weight_encoding.scale.device) * weight_encoding.scale
+    per_channel = weight_encoding.axis is not None
+    offset = torch.full_like(scale, -float(2 ** (BIAS_BITWIDTH - 1)))
+    return Encoding(scale, offset, BIAS_BITWIDTH, True, 0 if per_channel else None)
+
+
+def derived_bias_encodings(traced: TracedSim, encodings: dict[str, Encoding], sim: QuantSim) -> dict[str, Encoding]:
+    """``layer.bias`` -> derived int32 encoding, for layers with a bias, a weight encoding and a quantized input."""
+    derived = {}
+    for layer, input_quantizer in layer_input_quantizers(traced).items():
+        module = sim.model.get_submodule(layer)
+        weight_quantizer = f"{layer}.param_quantizers.weight"
+        if module._parameters.get("bias") is None or weight_quantizer not in encodings:
+            continue
+        derived[f"{layer}.bias"] = derived_bias_encoding(encodings[input_quantizer], encodings[weight_quantizer])
+    return derived
+
+
+def quantize_bias_int32(sim: QuantSim, dummy_input: Any = None) -> list[str]:
+    """Give every layer with a bias, a quantized weight and a quantized input an int32 bias quantizer with
+    scale = input scale × weight scale (frozen), as integer runtimes do. Call it after calibration, and again
+    after anything that changes those encodings. Returns the biases it quantized."""
+    traced = trace_sim(sim, sim.dummy_input if dummy_input is None else dummy_input)
+    encodings = {name: q.encoding for name, q in sim.quantizers().items() if q.enabled and q.encoding is not None}
+    derived = derived_bias_encodings(traced, encodings, sim)
+    for bias_name, encoding in derived.items():
+        layer = bias_name.rsplit(".", 1)[0]
+        install_bias_quantizer(sim, layer, encoding)
+    return sorted(derived)
+
+
+def install_bias_quantizer(sim: QuantSim, layer: str, encoding: Encoding) -> None:
+    """Put a frozen int32 bias quantizer with ``encoding`` on ``layer`` (replacing any bias quantizer)."""
+    module = sim.model.get_submodule(layer)
+    if not hasattr(module, "param_quantizers") or module._parameters.get("bias") is None:
+        raise ValueError(f"layer '{layer}' is not a quantized layer with a bias; cannot quantize its bias")
+    name = f"{layer}.param_quantizers.bias"
+    # Quantizer's constructor caps calibrated bitwidths at 16; a 32-bit grid is only ever set, never calibrated.
+    quantizer = Quantizer(16, True, encoding.axis, for_params=True, name=name)
+    quantizer.set_encoding(encoding)
+    quantizer.frozen = True
+    module.param_quantizers["bias"] = quantizer
+
+
+def check_bias_encodings(traced: TracedSim, encodings: dict[str, Encoding], sim: QuantSim) -> None:
+    """Int32 bias encodings must equal s_x·s_w, or integer runtimes compute something else than the QDQ graph."""
+    derived = derived_bias_encodings(traced, encodings, sim)
+    for quantizer, encoding in encodings.items():
+        if not quantizer.endswith(".param_quantizers.bias") or encoding.bitwidth != BIAS_BITWIDTH:
+            continue
+        bias_name = quantizer.replace(".param_quantizers.", ".")
+        expected = derived.get(bias_name)
+        if expected is None or not torch.equal(expected.scale.cpu(), encoding.scale.cpu()):
+            raise ValueError(
+                f"the int32 encoding of '{bias_name}' does not equal input scale × weight scale (the encodings "
+                "changed since it was set); call edgequant.export.quantize_bias_int32(sim) again before exporting"
+            )

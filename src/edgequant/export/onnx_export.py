@@ -1,0 +1,121 @@
+"""`export_onnx`: the float ONNX model, its AIMET encodings file and the QDQ model of a calibrated sim."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx
+
+from edgequant.export.bias import check_bias_encodings, derived_bias_encodings
+from edgequant.export.encodings_io import TensorEncoding, write_encodings
+from edgequant.export.graph_map import TracedSim, trace_sim
+from edgequant.export.qdq import build_qdq_model
+from edgequant.quantization import Encoding
+
+if TYPE_CHECKING:
+    from edgequant.sim.quantsim import QuantSim
+
+AIMET_SCHEME_NAMES = {"minmax": "min_max", "sqnr": "tf_enhanced"}
+
+
+@dataclass
+class ExportResult:
+    """Paths of what `export_onnx` wrote, and what the encodings file holds."""
+
+    float_model: Path
+    qdq_model: Path
+    encodings: Path
+    encoding_version: str
+    opset: int
+    num_param_encodings: int
+    num_activation_encodings: int
+
+    def summary(self) -> str:
+        return (
+            f"wrote {self.float_model}, {self.qdq_model} (opset {self.opset}) and {self.encodings} "
+            f"(AIMET {self.encoding_version}: {self.num_param_encodings} param + {self.num_activation_encodings} "
+            "activation encodings)"
+        )
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def tensor_encoding_entries(
+    traced: TracedSim, encodings: dict[str, Encoding], sim: QuantSim, with_derived_bias: bool
+) -> list[TensorEncoding]:
+    """One entry per quantized ONNX tensor, in graph order; ``with_derived_bias`` adds the int32 bias
+    encodings (s_x·s_w) of layers whose bias the sim leaves in float, as AIMET's 2.0.0 files do."""
+    by_tensor = traced.tensor_encodings(encodings)
+    derived = derived_bias_encodings(traced, encodings, sim) if with_derived_bias else {}
+    entries: list[TensorEncoding] = []
+    seen: set[str] = set()
+    for site in traced.sites:
+        if site.tensor in seen:
+            continue
+        seen.add(site.tensor)
+        entries.append(TensorEncoding(site.tensor, by_tensor[site.tensor], site.is_param))
+        bias = site.quantizer.replace(".param_quantizers.weight", ".bias")
+        if bias in derived and site.quantizer.replace(".weight", ".bias") not in encodings:
+            seen.add(bias)
+            entries.append(TensorEncoding(bias, derived[bias], True))
+    entries += [TensorEncoding(t, by_tensor[t], False) for t in traced.propagated if t not in seen]
+    return entries
+
+
+def _quantizer_args(sim: QuantSim) -> dict[str, Any]:
+    params = [q for name, q in sim.quantizers().items() if ".param_quantizers." in name]
+    return {
+        "quant_scheme": AIMET_SCHEME_NAMES.get(sim.quant_scheme, sim.quant_scheme),
+        "param_bitwidth": sim.param_bw,
+        "activation_bitwidth": sim.output_bw,
+        "dtype": "int",
+        "is_symmetric": all(q.symmetric for q in params),
+        "per_channel_quantization": any(q.axis is not None for q in params),
+    }
+
+
+def export_onnx(
+    sim: QuantSim,
+    out_dir: str | Path,
+    dummy_input: Any = None,
+    name: str = "model",
+    encoding_version: str = "1.0.0",
+    opset: int | None = None,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+    dynamic_batch: bool = True,
+) -> ExportResult:
+    """Write ``{name}.onnx`` (float), ``{name}.encodings`` (AIMET ``encoding_version``) and ``{name}_qdq.onnx``.
+
+    ``dummy_input`` defaults to the sim's; the single input is named ``input`` and a single output ``output``
+    (AIMET's convention) unless ``input_names``/``output_names`` say otherwise. ``opset`` defaults to 17, or 21
+    where int4/int16 tensors need it.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    missing = [n for n, q in sim.quantizers().items() if q.enabled and q.encoding is None]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} enabled quantizers have no encoding (e.g. {', '.join(missing[:3])}); calibrate the sim "
+            "(sim.compute_encodings / sim.calibrate / sim.load_encodings) or disable them before exporting"
+        )
+    traced = trace_sim(
+        sim, sim.dummy_input if dummy_input is None else dummy_input, input_names, output_names, opset, dynamic_batch
+    )
+    encodings = {n: q.encoding for n, q in sim.quantizers().items() if q.enabled}
+    check_bias_encodings(traced, encodings, sim)
+    opset_used = model_opset(traced.float_model)
+    qdq_model = build_qdq_model(traced, encodings, opset_used)
+    entries = tensor_encoding_entries(traced, encodings, sim, with_derived_bias=encoding_version == "2.0.0")
+    float_path, qdq_path = out_dir / f"{name}.onnx", out_dir / f"{name}_qdq.onnx"
+    onnx.save(traced.float_model, float_path)
+    onnx.save(qdq_model, qdq_path)
+    encodings_path = write_encodings(entries, out_dir / f"{name}.encodings", encoding_version, _quantizer_args(sim))
+    return ExportResult(
+        float_path, qdq_path, encodings_path, encoding_version, opset_used,
+        sum(bool(e.is_param) for e in entries), sum(not e.is_param for e in entries),
+    )

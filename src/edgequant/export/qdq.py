@@ -1,0 +1,213 @@
+"""The QDQ model: every quantizer marker becomes a QuantizeLinear/DequantizeLinear pair.
+
+Replacing each marker by Q→DQ keeps exactly the sim's semantics (an input quantizer only affects the consumer
+that owns it, chained quantizers stay chained). Quantized parameters are stored as integer initializers followed by
+DequantizeLinear (the form ORT and QNN expect), computed with the sim's own rounding. Tensors that inherit an
+encoding through data movement (Flatten, Reshape...) get a Q/DQ pair too, so that the QDQ model carries a Q/DQ
+for every entry of the encodings file.
+
+ONNX types: symmetric encodings use signed types with zero point 0, asymmetric ones unsigned types. 4-bit uses
+(u)int4 (opset ≥ 21), 16-bit (u)int16 (opset ≥ 21), 32-bit (biases only) int32. Other bitwidths use the next wider
+type and a Clip to the encoding's range before QuantizeLinear, which rounds and clamps exactly as the sim.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from edgequant.export.graph_map import INT4_INT16_OPSET, MARKER_DOMAIN, TracedSim, marker_quantizer, node_by_output
+from edgequant.quantization import Encoding
+
+QDQ_METADATA_KEY = "edgequant.qdq"
+"""metadata_props key: JSON ``{quantized tensor in the QDQ model: {"tensor": encodings name, "quantizers": [...]}}``."""
+
+
+def container_bits(bitwidth: int, opset: int) -> int:
+    """Bitwidth of the ONNX integer type that holds ``bitwidth``-bit values."""
+    if bitwidth == 4 and opset >= INT4_INT16_OPSET:
+        return 4
+    for bits in (8, 16, 32):
+        if bitwidth <= bits:
+            return bits
+    raise ValueError(f"{bitwidth}-bit encodings cannot be exported to ONNX")
+
+
+_TYPES = {
+    (4, True): TensorProto.INT4, (4, False): TensorProto.UINT4, (8, True): TensorProto.INT8,
+    (8, False): TensorProto.UINT8, (16, True): TensorProto.INT16, (16, False): TensorProto.UINT16,
+    (32, True): TensorProto.INT32,
+}
+
+
+def onnx_type(encoding: Encoding, opset: int) -> int:
+    bits = container_bits(encoding.bitwidth, opset)
+    if (bits, encoding.symmetric) not in _TYPES:
+        raise ValueError(f"asymmetric {encoding.bitwidth}-bit encodings have no ONNX type; use a symmetric encoding")
+    return _TYPES[(bits, encoding.symmetric)]
+
+
+def integer_values(tensor: torch.Tensor, encoding: Encoding) -> torch.Tensor:
+    """``tensor`` on ``encoding``'s grid in the ONNX type's values, rounded exactly as the sim rounds.
+
+    Works on the signed index ``round(x / scale)`` (as `quantize_dequantize` does) rather than the unsigned grid,
+    whose ``- offset`` would lose precision in float32 for 32-bit biases.
+    """
+    shape = encoding.broadcast_shape(tensor.dim())
+    scale = encoding.scale.view(shape).to(tensor.device)
+    offset = encoding.offset.view(shape).to(tensor.device)
+    index = torch.round(tensor.float() / scale).long()
+    lowest = offset.long()
+    zero_point = encoding.onnx_zero_point.view(shape).to(tensor.device).long()
+    return torch.maximum(torch.minimum(index, lowest + encoding.num_steps), lowest) + zero_point
+
+
+class _QdqBuilder:
+    def __init__(self, traced: TracedSim, opset: int) -> None:
+        self.model = copy.deepcopy(traced.marked)
+        self.opset = opset
+        self.initializers = {init.name: init for init in self.model.graph.initializer}
+        self.graph_outputs = {o.name for o in self.model.graph.output}
+        self.new_initializers: list[onnx.TensorProto] = []
+        self.used_names: set[str] = {t for n in self.model.graph.node for t in (*n.input, *n.output)}
+        self.used_names |= set(self.initializers)
+        self.metadata: dict[str, dict] = {}
+        self.producers = node_by_output(self.model)
+
+    def unique(self, name: str) -> str:
+        candidate, index = name, 1
+        while candidate in self.used_names:
+            candidate, index = f"{name}_{index}", index + 1
+        self.used_names.add(candidate)
+        return candidate
+
+    def constant(self, name: str, values: np.ndarray | torch.Tensor, data_type: int) -> str:
+        name = self.unique(name)
+        array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+        if data_type in (TensorProto.INT4, TensorProto.UINT4):  # packed two per byte by make_tensor
+            tensor = helper.make_tensor(name, data_type, list(array.shape), array.reshape(-1).tolist())
+        else:
+            tensor = numpy_helper.from_array(array.astype(helper.tensor_dtype_to_np_dtype(data_type)), name)
+        self.new_initializers.append(tensor)
+        return name
+
+    def scale_and_zero_point(self, tensor: str, encoding: Encoding) -> tuple[str, str]:
+        scale = self.constant(f"{tensor}_scale", encoding.scale.float(), TensorProto.FLOAT)
+        zero_point = self.constant(f"{tensor}_zero_point", encoding.onnx_zero_point, onnx_type(encoding, self.opset))
+        return scale, zero_point
+
+    def axis_attrs(self, encoding: Encoding) -> dict:
+        return {} if encoding.axis is None else {"axis": encoding.axis}
+
+    def constant_source(self, tensor: str) -> str | None:
+        """The initializer holding ``tensor`` (the exporter turns duplicate initializers into Identity nodes)."""
+        while tensor not in self.initializers:
+            producer = self.producers.get(tensor)
+            if producer is None or producer.op_type != "Identity":
+                return None
+            tensor = producer.input[0]
+        return tensor
+
+    def param_nodes(self, tensor: str, source: str, output: str, encoding: Encoding) -> list[onnx.NodeProto]:
+        """Integer initializer + DequantizeLinear for a quantized parameter."""
+        weight = torch.from_numpy(numpy_helper.to_array(self.initializers[source]).copy())
+        values = integer_values(weight, encoding)
+        quantized = self.constant(f"{tensor}_quantized", values, onnx_type(encoding, self.opset))
+        scale, zero_point = self.scale_and_zero_point(tensor, encoding)
+        return [helper.make_node(
+            "DequantizeLinear", [quantized, scale, zero_point], [output],
+            name=self.unique(f"{tensor}_DequantizeLinear"),
+            **self.axis_attrs(encoding),
+        )]
+
+    def activation_nodes(
+        self, tensor: str, source: str, output: str, encoding: Encoding, quantizers: list[str]
+    ) -> list[onnx.NodeProto]:
+        """(Clip →) QuantizeLinear → DequantizeLinear on an activation."""
+        if encoding.bitwidth > 16:
+            raise ValueError(f"tensor '{tensor}': 32-bit activations cannot be expressed with ONNX QuantizeLinear")
+        nodes = []
+        scale, zero_point = self.scale_and_zero_point(tensor, encoding)
+        if container_bits(encoding.bitwidth, self.opset) != encoding.bitwidth:
+            low = self.constant(f"{tensor}_clip_min", encoding.min.float().reshape(()), TensorProto.FLOAT)
+            high = self.constant(f"{tensor}_clip_max", encoding.max.float().reshape(()), TensorProto.FLOAT)
+            clipped = self.unique(f"{tensor}_clipped")
+            nodes.append(helper.make_node("Clip", [source, low, high], [clipped], name=self.unique(f"{tensor}_Clip")))
+            source = clipped
+        quantized = self.unique(f"{tensor}_quantized")
+        nodes.append(helper.make_node(
+            "QuantizeLinear", [source, scale, zero_point], [quantized], name=self.unique(f"{tensor}_QuantizeLinear"),
+            **self.axis_attrs(encoding),
+        ))
+        nodes.append(helper.make_node(
+            "DequantizeLinear", [quantized, scale, zero_point], [output],
+            name=self.unique(f"{tensor}_DequantizeLinear"), **self.axis_attrs(encoding),
+        ))
+        self.metadata[quantized] = {"tensor": tensor, "quantizers": quantizers}
+        return nodes
+
+    def build(self, traced: TracedSim, encodings: dict[str, Encoding]) -> onnx.ModelProto:
+        sites = {site.marker_output: site for site in traced.sites}
+        rename: dict[str, str] = {}
+        nodes = []
+        for node in self.model.graph.node:
+            node.input[:] = [rename.get(i, i) for i in node.input]
+            if node.domain != MARKER_DOMAIN:
+                nodes.append(node)
+                continue
+            site = sites[node.output[0]]
+            encoding = encodings[marker_quantizer(node)]
+            output = node.output[0]
+            if output not in self.graph_outputs:
+                rename[node.output[0]] = output = self.unique(f"{site.tensor}_dequantized")
+            constant = self.constant_source(node.input[0]) if site.is_param else None
+            if constant is not None:
+                nodes += self.param_nodes(site.tensor, constant, output, encoding)
+            else:
+                nodes += self.activation_nodes(site.tensor, node.input[0], output, encoding, [site.quantizer])
+        nodes = self.propagate(nodes, traced, encodings)
+        del self.model.graph.node[:]
+        self.model.graph.node.extend(nodes)
+        self.model.graph.initializer.extend(self.new_initializers)
+        self.drop_unused_initializers()
+        opsets = [o for o in self.model.opset_import if o.domain != MARKER_DOMAIN]
+        for entry in opsets:
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = max(entry.version, self.opset)
+        del self.model.opset_import[:]
+        self.model.opset_import.extend(opsets)
+        helper.set_model_props(self.model, {QDQ_METADATA_KEY: json.dumps(self.metadata)})
+        onnx.checker.check_model(self.model)
+        return self.model
+
+    def drop_unused_initializers(self) -> None:
+        """The float weights are replaced by their integer versions; keep only what nodes read."""
+        used = {name for node in self.model.graph.node for name in node.input}
+        kept = [init for init in self.model.graph.initializer if init.name in used]
+        del self.model.graph.initializer[:]
+        self.model.graph.initializer.extend(kept)
+
+    def propagate(
+        self, nodes: list[onnx.NodeProto], traced: TracedSim, encodings: dict[str, Encoding]
+    ) -> list[onnx.NodeProto]:
+        """Q/DQ after data-movement outputs that inherit an encoding (see `TracedSim.propagated`)."""
+        tensor_encodings = traced.tensor_encodings(encodings)
+        result, rename = [], {}
+        for node in nodes:
+            node.input[:] = [rename.get(i, i) for i in node.input]
+            result.append(node)
+            for output in node.output:
+                if output in traced.propagated and output not in self.graph_outputs:
+                    dequantized = rename[output] = self.unique(f"{output}_dequantized")
+                    result += self.activation_nodes(output, output, dequantized, tensor_encodings[output], [])
+        return result
+
+
+def build_qdq_model(traced: TracedSim, encodings: dict[str, Encoding], opset: int) -> onnx.ModelProto:
+    """QDQ model of the traced sim; ``encodings`` maps every enabled quantizer's name to its encoding."""
+    return _QdqBuilder(traced, opset).build(traced, encodings)
