@@ -1,6 +1,7 @@
 """edgequant: make trained PyTorch models ready for fixed-point (int8/int4/int16) hardware."""
 
 from edgequant.config import ConfigError, HardwareConfig
+from edgequant.ptq.autoquant import autoquant
 from edgequant.quantization import CalibrationError, Encoding, Quantizer
 from edgequant.sim import QuantSim, register_module
 
@@ -13,5 +14,6 @@ __all__ = [
     "HardwareConfig",
     "QuantSim",
     "Quantizer",
+    "autoquant",
     "register_module",
 ]

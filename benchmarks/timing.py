@@ -1,0 +1,26 @@
+"""Timing helpers shared by the benchmarks: interleaved medians, so that load from other processes on a
+shared machine hits both sides of a ratio alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int = 5,
+                        warmup: int = 1) -> dict[str, float]:
+    """Median wall time (s) of each function, running them round-robin ``repeats`` times after warmup."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for function in functions.values():
+                function()
+        for _ in range(repeats):
+            for name, function in functions.items():
+                started = time.perf_counter()
+                function()
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}

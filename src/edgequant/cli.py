@@ -1,0 +1,295 @@
+"""The ``edgequant`` command line: ``quantize`` (the main job), ``demo``, and the export / PTQ commands.
+
+``edgequant quantize`` with no arguments runs the bundled digits demo, so a fresh install can be checked
+with one command and no data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Sized
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from torch import nn
+
+from edgequant import __version__
+from edgequant.cli_inputs import dummy_from_batch, load_batches, load_model, load_object, parse_shape, peek
+from edgequant.cli_support import ErrorHandlingGroup, debug_option
+from edgequant.config import HardwareConfig
+from edgequant.export.cli_commands import export, verify
+from edgequant.ptq.cli_commands import autoquant
+from edgequant.quantization import QUANT_SCHEMES
+from edgequant.sim import QuantSim
+
+DEMO_MODEL = "digits_cnn"
+MAX_PRINTED_COVERAGE_LINES = 30
+
+
+@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgequant")
+@debug_option
+def main() -> None:
+    """edgequant: simulate, calibrate and export fixed-point (int8/int16/int4) versions of PyTorch models."""
+
+
+@dataclass
+class SimSettings:
+    """The quantization choices shared by ``quantize`` and ``demo``."""
+
+    param_bw: int
+    output_bw: int
+    scheme: str
+    config: str
+
+    @property
+    def label(self) -> str:
+        return f"W{self.param_bw}A{self.output_bw}"
+
+
+@dataclass
+class Job:
+    """Everything one quantization run needs, however the user described it."""
+
+    model: nn.Module
+    model_name: str
+    data_name: str
+    batches: Iterable[Any]
+    dummy_input: Any
+    num_batches: int | None
+    evaluate: Callable[[nn.Module], float] | None
+    metric_name: str
+    load_s: float
+
+
+def _settings_options(command: Callable) -> Callable:
+    """Options every quantizing command takes (bit widths, scheme, config, output, verbosity)."""
+    options = [
+        click.option("--param-bw", type=click.IntRange(2, 16), default=8, show_default=True,
+                     help="Bit width of weights and other parameters."),
+        click.option("--output-bw", type=click.IntRange(2, 16), default=8, show_default=True,
+                     help="Bit width of activations (layer outputs and model inputs)."),
+        click.option("--scheme", type=click.Choice(QUANT_SCHEMES), default="minmax", show_default=True,
+                     help="Calibration method (encoding analyzer)."),
+        click.option("--config", default="default", show_default=True,
+                     help=f"Hardware config: a preset ({', '.join(HardwareConfig.preset_names())}) or a JSON "
+                          "file in AIMET's quantsim-config format."),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+                     default=Path("edgequant_out"), show_default=True, help="Output folder."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+        debug_option,
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.command()
+@click.option("--model", "-m", "model_spec", metavar="SPEC",
+              help="'package.module:factory', 'file.py:factory', a torch.export .pt2 file or a TorchScript file.")
+@click.option("--data", "-d", "data_spec", metavar="SPEC",
+              help="Calibration data: a folder of images, a .pt/.npy tensor file, or 'module:function' "
+                   "returning an iterable of batches.")
+@click.option("--input-shape", metavar="N,C,H,W",
+              help="Shape of the dummy input (and of images read from a folder); default: the first batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Batch size when splitting a tensor file or an image folder.")
+@click.option("--num-batches", type=click.IntRange(min=1), help="Calibrate on at most this many batches.")
+@click.option("--mean", default="0", show_default=True, help="Per-channel mean subtracted from images in [0, 1].")
+@click.option("--std", default="1", show_default=True, help="Per-channel std dividing images in [0, 1].")
+@click.option("--eval", "eval_spec", metavar="SPEC",
+              help="'module:function' called as function(model) -> float, on the FP32 model and the sim.")
+@click.option("--device", default="auto", show_default=True, help="'cpu', 'cuda', 'cuda:1'... ('auto': GPU if any).")
+@_settings_options
+def quantize(
+    model_spec: str | None, data_spec: str | None, input_shape: str | None, batch_size: int,
+    num_batches: int | None, mean: str, std: str, eval_spec: str | None, device: str,
+    param_bw: int, output_bw: int, scheme: str, config: str, out_dir: Path, quiet: bool,
+) -> None:
+    """Build a quantization simulation of a model, calibrate it and write its encodings.
+
+    With no --model and no --data, runs the bundled digits demo.
+    """
+    settings = SimSettings(param_bw, output_bw, scheme, config)
+    if model_spec is None and data_spec is None:
+        _run(_demo_job(), settings, out_dir, quiet)
+        return
+    if model_spec is None or data_spec is None:
+        missing = "--model" if model_spec is None else "--data"
+        raise click.UsageError(f"{missing} is required (run 'edgequant quantize' with no arguments for the demo)")
+    target = _device(device)
+    shape = parse_shape(input_shape) if input_shape else None
+    started = time.perf_counter()
+    batches = load_batches(data_spec, batch_size, shape, _floats(mean, "--mean"), _floats(std, "--std"))
+    first, batches = peek(batches)
+    dummy = torch.zeros(shape) if shape is not None else dummy_from_batch(first)
+    dummy = _to_device(dummy, target)
+    model = load_model(model_spec, lambda: dummy if isinstance(dummy, tuple) else (dummy,)).to(target)
+    evaluate = _evaluation(eval_spec) if eval_spec else None
+    job = Job(model, model_spec, data_spec, batches, dummy, num_batches, evaluate, "metric",
+              time.perf_counter() - started)
+    _run(job, settings, out_dir, quiet)
+
+
+@main.command()
+@_settings_options
+def demo(param_bw: int, output_bw: int, scheme: str, config: str, out_dir: Path, quiet: bool) -> None:
+    """Quantize the bundled digits CNN and print FP32 vs quantized accuracy (no data or download needed)."""
+    _run(_demo_job(), SimSettings(param_bw, output_bw, scheme, config), out_dir, quiet)
+
+
+def _demo_job() -> Job:
+    from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
+
+    started = time.perf_counter()
+    model = load_pretrained(DEMO_MODEL)
+    train_images, _ = load_digits_tensors("train")
+    test_images, test_labels = load_digits_tensors("test")
+    return Job(
+        model=model, model_name=f"edgequant.demo.digits:{DEMO_MODEL} (bundled)",
+        data_name="sklearn digits, train split", batches=list(train_images.split(64)),
+        dummy_input=train_images[:1], num_batches=None,
+        evaluate=lambda m: evaluate_accuracy(m, test_images, test_labels), metric_name="accuracy",
+        load_s=time.perf_counter() - started,
+    )
+
+
+def _run(job: Job, settings: SimSettings, out_dir: Path, quiet: bool) -> dict[str, Any]:
+    """Build the sim, calibrate, evaluate, write the output folder and print what happened."""
+    timings = {"load_s": job.load_s}
+    click.echo(f"model: {job.model_name}  |  {settings.label}, scheme {settings.scheme}, config {settings.config}")
+
+    started = time.perf_counter()
+    sim = QuantSim(job.model, job.dummy_input, param_bw=settings.param_bw, output_bw=settings.output_bw,
+                   quant_scheme=settings.scheme, config=settings.config)
+    timings["build_sim_s"] = time.perf_counter() - started
+
+    limit = job.num_batches
+    if limit is None and isinstance(job.batches, Sized):
+        limit = len(job.batches)
+    yielded = 0
+
+    def counted() -> Iterable[Any]:
+        nonlocal yielded
+        for batch in job.batches:
+            yielded += 1
+            yield batch
+
+    started = time.perf_counter()
+    sim.calibrate(counted(), num_batches=limit, progress=not quiet)
+    timings["calibrate_s"] = time.perf_counter() - started
+    num_calibrated = min(yielded, limit) if limit is not None else yielded
+    click.echo(f"calibrated on {num_calibrated} batches of {job.data_name} in {timings['calibrate_s']:.2f} s")
+
+    metric = None
+    if job.evaluate is not None:
+        metric = {"name": job.metric_name}
+        for key, model in (("fp32", job.model), ("quantized", sim.model)):
+            started = time.perf_counter()
+            metric[key] = _metric_value(job.evaluate(model))
+            timings[f"evaluate_{key}_s"] = time.perf_counter() - started
+        metric["delta"] = metric["quantized"] - metric["fp32"]
+
+    click.echo(_coverage_text(sim))
+    if metric is not None:
+        click.echo(_metric_line("FP32", metric["fp32"], job.metric_name))
+        click.echo(_metric_line(settings.label, metric["quantized"], job.metric_name))
+    summary = _summary(job, settings, sim, metric, timings, num_calibrated)
+    files = _write_outputs(sim, summary, out_dir)
+    click.echo(f"wrote {', '.join(str(f) for f in files)}")
+    return summary
+
+
+def _summary(job: Job, settings: SimSettings, sim: QuantSim, metric: dict | None, timings: dict,
+             num_calibrated: int) -> dict[str, Any]:
+    coverage = sim.coverage()
+    return {
+        "edgequant_version": __version__,
+        "model": job.model_name,
+        "calibration_data": job.data_name,
+        "num_calibration_batches": num_calibrated,
+        "settings": asdict(settings),
+        "quantized": {
+            "tensors": len(coverage),
+            "tensors_quantized": sum(entry.quantized for entry in coverage),
+            "quantizers_enabled": sum(q.enabled for q in sim.quantizers().values()),
+            "modules": {name: module.onnx_op_type for name, module in sim.quantized_modules().items()},
+        },
+        "coverage": [asdict(entry) for entry in coverage],
+        "timings": timings,
+        "metric": metric,
+    }
+
+
+def _write_outputs(sim: QuantSim, summary: dict[str, Any], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path, encodings_path, summary_path = (out_dir / name for name in
+                                                ("sim_state.pt", "encodings.json", "summary.json"))
+    sim.save(state_path)
+    # keyed by quantizer name; AIMET-format files keyed by ONNX tensor names come from `edgequant export`
+    encodings_path.write_text(json.dumps(sim.state()["quantizers"], indent=1))
+    summary_path.write_text(json.dumps(summary, indent=1))
+    return [state_path, encodings_path, summary_path]
+
+
+def _coverage_text(sim: QuantSim) -> str:
+    lines = sim.coverage_summary().splitlines()
+    if len(lines) > MAX_PRINTED_COVERAGE_LINES + 1:
+        hidden = len(lines) - MAX_PRINTED_COVERAGE_LINES - 1
+        lines = lines[: MAX_PRINTED_COVERAGE_LINES + 1] + [f"  ... {hidden} more in summary.json"]
+    return "\n".join(lines)
+
+
+def _metric_line(label: str, value: float, name: str) -> str:
+    shown = f"{100 * value:.2f}%" if name == "accuracy" else f"{value:.6g}"
+    return f"{label} {name}: {shown}"
+
+
+def _metric_value(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"the evaluation function returned {type(value).__name__}; it must return a number") from None
+
+
+def _evaluation(spec: str) -> Callable[[nn.Module], float]:
+    function = load_object(spec, "evaluation function")
+    if not callable(function):
+        raise ValueError(f"evaluation function {spec!r} is a {type(function).__name__}, not callable")
+    return function
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected comma-separated numbers such as 0.485,0.456,0.406") from None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device name such as cpu, cuda or cuda:1") from None
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return tuple(_to_device(item, device) for item in value)
+    return value
+
+
+# Commands contributed by the export (issue 3) and PTQ (issue 4) packages.
+main.add_command(export)
+main.add_command(verify)
+main.add_command(autoquant)
