@@ -241,11 +241,13 @@ class SqnrAnalyzer(HistogramAnalyzer):
 class MseAnalyzer(EncodingAnalyzer):
     """Per-channel search over clipping ratios that minimises the exact quantization MSE of the tensor.
 
+    Coarse to fine: ``num_candidates`` ratios over ``[min_ratio, 1]``, then as many again within one coarse
+    step around each channel's best, so the search costs 2 x ``num_candidates`` passes over the values.
     It keeps the observed values, so it is meant for weights (observed once); the simulation gives
     activations a histogram-based search instead (`SqnrAnalyzer` with ``gamma=1``).
     """
 
-    def __init__(self, axis: int | None = None, num_candidates: int = 100, min_ratio: float = 0.2) -> None:
+    def __init__(self, axis: int | None = None, num_candidates: int = 24, min_ratio: float = 0.2) -> None:
         self.num_candidates = num_candidates
         self.min_ratio = min_ratio
         super().__init__(axis)
@@ -259,24 +261,31 @@ class MseAnalyzer(EncodingAnalyzer):
         self.values = values if self.values is None else torch.cat([self.values, values], dim=1)
 
     def compute_range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        self._require_data()
+        coarse = torch.linspace(self.min_ratio, 1.0, self.num_candidates, device=self.min.device)
+        step = float(coarse[1] - coarse[0]) if self.num_candidates > 1 else 0.0
+        best_ratio, best_error = self._search(coarse[:, None].expand(-1, self.min.shape[0]), bitwidth, symmetric)
+        offsets = torch.linspace(-step, step, self.num_candidates, device=self.min.device)
+        fine = (best_ratio[None] + offsets[:, None]).clamp(1e-3, 1.0)
+        fine_ratio, fine_error = self._search(fine, bitwidth, symmetric)
+        ratio = torch.where(fine_error < best_error, fine_ratio, best_ratio)
+        return self.min * ratio, self.max * ratio
+
+    def _search(self, ratios: torch.Tensor, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best of ``ratios`` (candidates x channels) per channel, and its error."""
         from edgequant.quantization.affine import quantize_dequantize
         from edgequant.quantization.encoding import Encoding
 
-        self._require_data()
         best_error = torch.full_like(self.min, torch.inf)
-        best_min, best_max = self.min.clone(), self.max.clone()
-        for ratio in torch.linspace(self.min_ratio, 1.0, self.num_candidates).tolist():
+        best_ratio = torch.ones_like(self.min)
+        for ratio in ratios:
             encoding = Encoding.from_range(self.min * ratio, self.max * ratio, bitwidth, symmetric, axis=0)
-            shape = encoding.broadcast_shape(2)
-            approx = quantize_dequantize(
-                self.values, encoding.scale.view(shape), encoding.offset.view(shape), bitwidth
-            )
-            error = (approx - self.values).square().mean(dim=1)
+            scale, offset = encoding.scale[:, None], encoding.offset[:, None]
+            error = (quantize_dequantize(self.values, scale, offset, bitwidth) - self.values).square().mean(dim=1)
             better = error < best_error
             best_error = torch.where(better, error, best_error)
-            best_min = torch.where(better, self.min * ratio, best_min)
-            best_max = torch.where(better, self.max * ratio, best_max)
-        return best_min, best_max
+            best_ratio = torch.where(better, ratio, best_ratio)
+        return best_ratio, best_error
 
 
 def make_analyzer(scheme: str, axis: int | None, for_params: bool) -> EncodingAnalyzer:
