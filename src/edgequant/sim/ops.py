@@ -105,7 +105,6 @@ FUNCTION_OP_TYPES: dict[object, str] = {
     "pow": "Pow", operator.pow: "Pow", torch.sqrt: "Sqrt",
     "sqrt": "Sqrt", torch.rsqrt: "Sqrt", "rsqrt": "Sqrt", torch.exp: "Exp", "exp": "Exp", torch.erf: "Erf",
     torch.abs: "Abs", "abs": "Abs", "radd": "Add", "rmul": "Mul", "rsub": "Sub", "rtruediv": "Div", "truediv": "Div",
-    torch.where: "Where", "masked_fill": "Where",
     F.scaled_dot_product_attention: "Attention", F.pad: "Pad",
 }
 """Functional ops (callables, or tensor method names) that compute new values and so get a quantizer."""
@@ -114,7 +113,7 @@ DATA_MOVEMENT = {
     "view", "reshape", "permute", "transpose", "flatten", "squeeze", "unsqueeze", "contiguous", "expand",
     "expand_as", "repeat", "split", "chunk", "narrow", "select", "size", "dim", "to", "type", "float",
     "half", "detach", "clone", "unbind", "getitem", "getattr", "flip", "roll", "t", "view_as",
-    "reshape_as", "unflatten", "dropout", "identity", "max_pool_indices",
+    "reshape_as", "unflatten", "dropout", "identity", "max_pool_indices", "where", "masked_fill",
 }
 """Ops that only move or select values (or compute shapes): they share their input's encoding."""
 
