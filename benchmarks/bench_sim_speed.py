@@ -21,13 +21,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    batch = torch.randn(args.batch_size, 3, 224, 224)
-    print(f"batch {args.batch_size}x3x224x224, {torch.get_num_threads()} threads, median of {args.repeats}")
+    batch = torch.randn(args.batch_size, 3, 224, 224, device=args.device)
+    print(f"batch {args.batch_size}x3x224x224 on {args.device}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}")
     for name in ("resnet18", "mobilenet_v2"):
-        model = getattr(torchvision.models, name)(weights=None).eval()
+        model = getattr(torchvision.models, name)(weights=None).eval().to(args.device)
         sim = QuantSim(model, batch[:1])
         sim.calibrate([batch[:8]], progress=False)
         medians = interleaved_medians({"fp32": lambda m=model: m(batch), "sim": lambda m=sim.model: m(batch)},

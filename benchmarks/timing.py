@@ -20,7 +20,15 @@ def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int
                 function()
         for _ in range(repeats):
             for name, function in functions.items():
+                _synchronize()
                 started = time.perf_counter()
                 function()
+                _synchronize()
                 times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that a CUDA forward is timed whole."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
