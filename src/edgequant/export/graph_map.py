@@ -26,6 +26,7 @@ import onnx
 import torch
 
 from edgequant.quantization import Encoding, Quantizer
+from edgequant.sim.quantsim import split_model_input
 
 if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim
@@ -117,14 +118,6 @@ def _quantizers_as_markers(sim: QuantSim, include_disabled: bool) -> Iterator[No
             del quantizer.forward
 
 
-def _as_export_args(dummy_input: Any) -> tuple[tuple, dict]:
-    if isinstance(dummy_input, dict):
-        return (), dict(dummy_input)
-    if isinstance(dummy_input, (tuple, list)):
-        return tuple(dummy_input), {}
-    return (dummy_input,), {}
-
-
 @contextmanager
 def _keyword_inputs_as_positional(model: torch.nn.Module, num_args: int, kwargs: dict) -> Iterator[None]:
     """The TorchScript exporter mis-binds keyword inputs (HF models); let forward take them positionally for a
@@ -187,7 +180,7 @@ def trace_sim(
     """Export ``sim.model`` with quantizer markers and derive the float model and the quantizer mapping.
 
     Disabled quantizers get markers too when ``include_disabled`` (to map names for loading encodings)."""
-    args, kwargs = _as_export_args(dummy_input)
+    args, kwargs = split_model_input(dummy_input)
     model = sim.model
     input_names = input_names or default_input_names(model, args, kwargs)
     opset = required_opset(sim.quantizers(), opset)

@@ -27,7 +27,7 @@ from edgequant.quantization import Quantizer
 from edgequant.sim.capture import _add_submodule, _LeafTracer, is_leaf, record_calls, try_trace
 from edgequant.sim.ops import function_name, is_pass_through
 from edgequant.sim.quantized_module import FunctionalOp
-from edgequant.sim.quantsim import _as_call
+from edgequant.sim.quantsim import split_model_input
 
 BATCH_NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 POOL_TYPES = (
@@ -147,7 +147,7 @@ def _record_calls_and_leaves(model: nn.Module, args: tuple, kwargs: dict) -> tup
 
 def build_graph(model: nn.Module, dummy_input: Any) -> ModelGraph:
     """Dataflow graph of ``model``'s leaf calls on ``dummy_input`` (quantizers, if any, are bypassed)."""
-    args, kwargs = _as_call(dummy_input)
+    args, kwargs = split_model_input(dummy_input)
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
@@ -419,7 +419,7 @@ def untie_calls(model: nn.Module, module_name: str, dummy_input: Any) -> str | N
     replaced caller, or None when the calls come from the root's own forward (which cannot be replaced in
     place) or from code fx cannot trace.
     """
-    args, kwargs = _as_call(dummy_input)
+    args, kwargs = split_model_input(dummy_input)
     target = model.get_submodule(module_name)
     with quantizers_disabled(model):
         records, _ = record_calls(model, args, kwargs)

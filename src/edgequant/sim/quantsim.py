@@ -45,7 +45,8 @@ class CoverageEntry:
     reason: str
 
 
-def _as_call(dummy_input: Any) -> tuple[tuple, dict]:
+def split_model_input(dummy_input: Any) -> tuple[tuple, dict]:
+    """A model input as (args, kwargs): a dict is keyword inputs, a tuple/list positional ones, else one input."""
     if isinstance(dummy_input, dict):
         return (), dict(dummy_input)
     if isinstance(dummy_input, (tuple, list)):
@@ -97,7 +98,7 @@ class QuantSim:
                 raise ValueError(f"{label}={bits!r} is not supported; use an integer between 2 and 16")
         self.param_bw, self.output_bw, self.quant_scheme = param_bw, output_bw, scheme
         self.config = HardwareConfig.load(config)
-        self._dummy_args, self._dummy_kwargs = _as_call(dummy_input)
+        self._dummy_args, self._dummy_kwargs = split_model_input(dummy_input)
         self._in_place = in_place
         self.model = model if in_place else copy.deepcopy(model)
         self._notes: list[CoverageNote] = []
