@@ -241,6 +241,12 @@ def test_nan_calibration_input_names_the_batch():
         sim.calibrate([torch.randn(2, 4), bad], progress=False)
 
 
+def test_calibration_batch_of_the_wrong_shape_is_named():
+    sim = eq.QuantSim(nn.Sequential(nn.Linear(4, 2)), torch.randn(2, 4))
+    with pytest.raises(CalibrationError, match="batch 1 does not run through the model"):
+        sim.calibrate([torch.randn(2, 4), torch.randn(2, 5)], progress=False)
+
+
 def test_all_zero_weights_get_a_valid_encoding():
     model = nn.Sequential(nn.Linear(4, 2))
     nn.init.zeros_(model[0].weight)

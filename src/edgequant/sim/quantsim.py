@@ -352,7 +352,13 @@ class QuantSim:
                 if num_batches is not None and index >= num_batches:
                     break
                 args, kwargs = self._batch_to_call(batch, index)
-                model(*args, **kwargs)
+                try:
+                    model(*args, **kwargs)
+                except Exception as error:
+                    raise CalibrationError(
+                        f"calibration batch {index} does not run through the model ({type(error).__name__}: "
+                        f"{error}); batches must have the structure, shape and dtype of dummy_input"
+                    ) from error
                 seen += 1
             if seen == 0:
                 raise CalibrationError("the calibration data yielded no batch; pass at least one batch")
