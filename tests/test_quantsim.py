@@ -273,3 +273,35 @@ def test_bad_arguments():
         eq.QuantSim(nn.Linear(2, 2), torch.randn(1, 2), param_bw=1)
     with pytest.raises(eq.ConfigError, match="missing.json"):
         eq.QuantSim(nn.Linear(2, 2), torch.randn(1, 2), config="missing.json")
+
+
+class DataDependent(nn.Module):
+    """fx cannot trace ``if x.sum() > 0``: its own ops are intercepted at run time instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if x.sum() > 0:
+            return torch.sigmoid(y) * 2.0
+        return torch.tanh(y)
+
+
+def test_untraceable_module_ops_are_intercepted_and_quantized():
+    torch.manual_seed(0)
+    model = nn.Sequential(DataDependent(), nn.Linear(4, 2))
+    positive = torch.rand(8, 4) + 0.1
+    sim = eq.QuantSim(model, positive)
+    sim.calibrate([positive], progress=False)
+    quantizers = sim.quantizers()
+    assert {"0.sigmoid.output_quantizers.0", "0.mul.output_quantizers.0"} <= set(quantizers)
+    assert "stays in float" not in sim.coverage_summary()
+    encoding = quantizers["0.mul.output_quantizers.0"].encoding
+    with torch.no_grad():
+        inner = sim.model.get_submodule("0")(positive)
+    steps = inner / encoding.scale
+    assert torch.allclose(steps, steps.round(), atol=1e-3)  # the intercepted multiply is on its grid
+    with pytest.warns(UserWarning, match="not the recorded"), torch.no_grad():
+        sim.model(-positive)  # the other branch: its ops run in float, and we say so
