@@ -53,7 +53,7 @@ class EncodingAnalyzer:
             batch_min, batch_max = (bound.reshape(1) for bound in torch.aminmax(values))
         else:
             batch_min, batch_max = torch.aminmax(values, dim=1)
-        if batch_min.min() <= -SENTINEL_MAGNITUDE or batch_max.max() >= SENTINEL_MAGNITUDE or batch_min.isnan().any():
+        if not ((batch_min > -SENTINEL_MAGNITUDE).all() and (batch_max < SENTINEL_MAGNITUDE).all()):  # NaN fails too
             finite = values.abs() < SENTINEL_MAGNITUDE
             nonfinite = int((~torch.isfinite(values)).sum())
             self.num_nonfinite += nonfinite
