@@ -246,7 +246,7 @@ class _Run:
         except ImportError:
             return None, "bias correction is not available in this build", [], None
         sim, description, _, _ = self.calibrated(stage, scheme, "calibrated")
-        report = correct_bias(sim, self.data)
+        report = correct_bias(sim, self.data, progress=self.progress)
         return sim, f"{description}; empirical bias correction", _layer_names(report), self.evaluate(sim.model)
 
     def adarounded(self, stage: str, scheme: str, iterations: int, kwargs: dict) -> tuple:
