@@ -305,3 +305,22 @@ def test_untraceable_module_ops_are_intercepted_and_quantized():
     assert torch.allclose(steps, steps.round(), atol=1e-3)  # the intercepted multiply is on its grid
     with pytest.warns(UserWarning, match="not the recorded"), torch.no_grad():
         sim.model(-positive)  # the other branch: its ops run in float, and we say so
+
+
+def test_torch_export_graph_gets_its_layers_back():
+    from edgequant.demo.digits import load_digits_tensors, load_pretrained
+
+    images, labels = load_digits_tensors("test")
+    model = load_pretrained("digits_cnn")
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(model, (images[:2],), dynamic_shapes={"x": {0: batch}}).module()
+    sim = eq.QuantSim(exported, images[:2])
+    eager = eq.QuantSim(model, images[:2])
+    for each in (sim, eager):
+        each.calibrate(images[:256].split(64), progress=False)
+    # aten.conv2d / aten.linear calls on parameters become layers again, with the eager model's names
+    assert {"conv1.0.param_quantizers.weight", "fc.param_quantizers.weight"} <= set(sim.quantizers())
+    assert "stays in float" not in sim.coverage_summary()
+    with torch.no_grad():
+        agreement = (sim.model(images).argmax(1) == eager.model(images).argmax(1)).float().mean()
+    assert agreement > 0.97

@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from edgequant.sim.aten_layers import lift_aten_layers
 from edgequant.sim.ops import (
     function_name,
     function_op_type,
@@ -223,6 +224,7 @@ def functionalize_graph(traced: fx.GraphModule, prefix: str) -> list[CoverageNot
     one copy per call site (each call needs its own output encoding). Returns notes for float nodes."""
     notes: list[CoverageNote] = []
     seen_targets: set[str] = set()
+    lift_aten_layers(traced)
     for node in list(traced.graph.nodes):
         if node.op == "call_module":
             module = traced.get_submodule(node.target)

@@ -106,6 +106,11 @@ FUNCTION_OP_TYPES: dict[object, str] = {
     "sqrt": "Sqrt", torch.rsqrt: "Sqrt", "rsqrt": "Sqrt", torch.exp: "Exp", "exp": "Exp", torch.erf: "Erf",
     torch.abs: "Abs", "abs": "Abs", "radd": "Add", "rmul": "Mul", "rsub": "Sub", "rtruediv": "Div", "truediv": "Div",
     F.scaled_dot_product_attention: "Attention", F.pad: "Pad",
+    # names of ATen ops (torch.export graphs), matched through function_name
+    "conv2d": "Conv", "conv1d": "Conv", "convolution": "Conv", "linear": "Gemm", "batch_norm": "BatchNormalization",
+    "layer_norm": "LayerNormalization", "hardtanh": "Clip", "gelu": "Gelu", "silu": "Silu", "hardswish": "HardSwish",
+    "max_pool2d": "MaxPool", "avg_pool2d": "AveragePool", "adaptive_avg_pool2d": "GlobalAveragePool",
+    "cat": "Concat",
 }
 """Functional ops (callables, or tensor method names) that compute new values and so get a quantizer."""
 
@@ -149,9 +154,11 @@ def module_op_type(module: nn.Module) -> str | None:
 
 
 def function_name(target: object) -> str:
-    """Readable name of an FX call target (function or tensor method name)."""
+    """Readable name of an FX call target (function, tensor method name, or ATen op without its overload)."""
     if isinstance(target, str):
         return target
+    if isinstance(target, torch._ops.OpOverload):  # torch.export graphs: aten.relu.default -> "relu"
+        return target._opname
     return getattr(target, "__name__", repr(target))
 
 
@@ -162,8 +169,9 @@ def function_op_type(target: object) -> str | None:
     except TypeError:  # unhashable target
         return None
     if op_type is None and not isinstance(target, str) and hasattr(target, "__name__"):
-        # tensor methods seen by __torch_function__: Tensor.__add__, Tensor.__radd__, Tensor.softmax
-        name = target.__name__.strip("_")
+        # tensor methods seen by __torch_function__ (Tensor.__add__, Tensor.__radd__, Tensor.softmax) and
+        # ATen ops of torch.export graphs (aten.add.Tensor)
+        name = function_name(target).strip("_")
         op_type = FUNCTION_OP_TYPES.get(name) or FUNCTION_OP_TYPES.get(name[1:] if name.startswith("r") else name)
     return op_type
 

@@ -184,6 +184,8 @@ class QuantSim:
     def _wrap(self, name: str, module: nn.Module, records: dict[str, CallRecord]) -> None:
         if isinstance(module, QuantizedModule) or not is_leaf(module) or not name:
             return
+        if type(module) is nn.Module or type(module).__name__ == "GuardsFn":
+            return  # parameter holders and input-shape guards of torch.export graphs compute nothing to quantize
         record = records.get(name)
         if is_pass_through(module):
             self._notes.append(CoverageNote(name, type(module).__name__, "pass-through: output holds input values"))
