@@ -100,3 +100,21 @@ def test_sim_follows_model_to(tmp_path):
     with torch.no_grad():
         assert sim.model(images.to(target)).shape == (64, 10)
     assert isinstance(sim.model, nn.Module)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_cuda_quantize_dequantize_is_bit_identical_to_the_cpu():
+    from edgequant.quantization import Encoding, fused_cuda, quantize_dequantize
+
+    torch.manual_seed(0)
+    encoding = Encoding.from_range(-3.0, 5.0, 8, symmetric=False)
+    ties = (torch.arange(-300, 300).float() + 0.5) * encoding.scale
+    x = torch.cat([torch.randn(1_000_000) * 3, ties, torch.tensor([1e6, -1e6])])
+    expected = quantize_dequantize(x, encoding.scale, encoding.offset, 8)
+    on_gpu = x.cuda()
+    assert fused_cuda.can_fuse(on_gpu, encoding.scale.cuda())
+    result = quantize_dequantize(on_gpu, encoding.scale.cuda(), encoding.offset.cuda(), 8)
+    assert torch.equal(result.cpu(), expected)
+    in_place = on_gpu.clone()
+    quantize_dequantize(in_place, encoding.scale.cuda(), encoding.offset.cuda(), 8, inplace=True)
+    assert torch.equal(in_place.cpu(), expected)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from edgequant.quantization import fused_cuda
+
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int) -> torch.Tensor:
     """Integers on the unsigned grid ``[0, 2**bitwidth - 1]`` (returned in x's float dtype)."""
@@ -68,6 +70,8 @@ def quantize_dequantize(
         if offset.requires_grad:  # a learned offset stays an integer (rounded with a straight-through grad)
             offset = offset + (offset.round() - offset).detach()
         return _QuantDequant.apply(x, scale, offset, num_steps)
+    if x.is_cuda and fused_cuda.can_fuse(x, scale):
+        return fused_cuda.quantize_dequantize_fused(x, scale, offset, num_steps, inplace)
     out = x.div_(scale) if inplace else torch.div(x, scale)
     out.round_()
     if offset.dim() == 0 and offset.device.type == "cpu":
