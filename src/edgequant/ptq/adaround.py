@@ -239,7 +239,7 @@ def _chain_step(graph_module: fx.GraphModule, user: fx.Node, source: fx.Node) ->
     if any(isinstance(value, fx.Node) for value in constants):
         return None
     is_activation = isinstance(module, _CHAIN_ACTIVATIONS) or (
-        isinstance(module, FunctionalOp) and module.onnx_op_type_name in _CHAIN_ACTIVATION_OPS
+        isinstance(module, FunctionalOp) and module.onnx_op_type in _CHAIN_ACTIVATION_OPS
     )
     if not (is_activation or isinstance(module, _CHAIN_NORMS)):
         return None

@@ -138,7 +138,7 @@ def _record_calls_and_leaves(model: nn.Module, args: tuple, kwargs: dict) -> tup
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n and is_leaf(m)]
     try:
-        records, _ = record_calls(model, args, kwargs)
+        records = record_calls(model, args, kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -422,7 +422,7 @@ def untie_calls(model: nn.Module, module_name: str, dummy_input: Any) -> str | N
     args, kwargs = split_model_input(dummy_input)
     target = model.get_submodule(module_name)
     with quantizers_disabled(model):
-        records, _ = record_calls(model, args, kwargs)
+        records = record_calls(model, args, kwargs)
     parts = module_name.split(".")
     for depth in range(len(parts) - 1, 0, -1):
         caller_name = ".".join(parts[:depth])

@@ -41,9 +41,10 @@ from edgequant.sim.quantized_module import FunctionalOp, is_float_tensor
 class CallRecord:
     """What one module saw on its first call with the dummy input."""
 
-    args: tuple
+    args: tuple  # kept (with output) only for modules that may be traced; leaves record shapes of calls only
     kwargs: dict
     output: Any = None
+    finished: bool = False  # the first call returned (later calls record nothing)
     float_inputs: list[int] = field(default_factory=list)
     num_float_outputs: int = 0
     float_ops: list = field(default_factory=list)  # math functions called by forward itself, in order
@@ -62,7 +63,6 @@ def is_leaf(module: nn.Module) -> bool:
     """Leaves are the layers we quantize as a whole (and fx must not trace into)."""
     return (
         module_op_type(module) is not None
-        or isinstance(module, FunctionalOp)
         or is_pass_through(module)
         or not any(True for _ in module.children())
     )
@@ -79,7 +79,7 @@ class _OpRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if self.stack and function_op_type(func) is not None:
             record = self.records.get(self.stack[-1])
-            if record is not None and record.output is None:  # first call only
+            if record is not None and not record.finished:  # first call only
                 record.float_ops.append(func)
         return func(*args, **(kwargs or {}))
 
@@ -94,8 +94,8 @@ def _detach(value: Any) -> Any:
     return value
 
 
-def record_calls(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, CallRecord], Any]:
-    """Run the dummy input once, recording each module's first call; returns (records, model output)."""
+def record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, CallRecord]:
+    """Run the dummy input once, recording each module's first call, by module name."""
     records: dict[str, CallRecord] = {}
     stack: list[str] = []
     handles = []
@@ -117,8 +117,9 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str,
         def hook(module: nn.Module, call_args: tuple, call_kwargs: dict, output: Any) -> None:
             stack.pop()
             record = records[name]
-            if record.output is None:
-                record.output = _detach(output) if not is_leaf(module) else True
+            if not record.finished:
+                record.finished = True
+                record.output = _detach(output) if not is_leaf(module) else None
                 record.num_float_outputs = sum(is_float_tensor(v) for v in tree_flatten(output)[0])
 
         return hook
@@ -128,11 +129,11 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str,
         handles.append(module.register_forward_hook(after(name), with_kwargs=True))
     try:
         with torch.no_grad(), _OpRecorder(stack, records):
-            output = model(*args, **kwargs)
+            model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    return records, output
+    return records
 
 
 class _LeafTracer(fx.Tracer):

@@ -142,6 +142,9 @@ def is_custom_module(module: nn.Module) -> bool:
 
 def module_op_type(module: nn.Module) -> str | None:
     """ONNX op type of a quantizable leaf module, or None when the module is not a known leaf."""
+    declared = module.__dict__.get("onnx_op_type")  # FunctionalOp, or a module the sim already quantized
+    if declared is not None:
+        return declared
     for registry in (_CUSTOM_MODULES, MODULE_OP_TYPES):
         for module_type, op_type in registry.items():
             if type(module) is module_type:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from edgequant.quantization import Quantizer
+from edgequant.sim.ops import function_name
 
 
 class QuantizedModule(nn.Module):
@@ -41,6 +42,8 @@ class QuantizedModule(nn.Module):
             self._parameters.update(original)
         if not self.output_quantizers:
             return output
+        if isinstance(output, torch.Tensor):  # the common case, without a pytree round trip per forward
+            return self.output_quantizers["0"](output) if "0" in self.output_quantizers else output
         leaves, spec = tree_flatten(output)
         leaves = [
             self.output_quantizers[str(i)](leaf) if str(i) in self.output_quantizers else leaf
@@ -93,11 +96,10 @@ class FunctionalOp(nn.Module):
     def __init__(self, target: object, onnx_op_type: str) -> None:
         super().__init__()
         self.target = target
-        self.onnx_op_type_name = onnx_op_type
+        self.onnx_op_type = onnx_op_type
 
     def extra_repr(self) -> str:
-        name = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", self.target)
-        return f"{name}"
+        return function_name(self.target)
 
     def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003
         if isinstance(self.target, str):  # a tensor method: x.softmax(-1)

@@ -29,7 +29,7 @@ from edgequant.sim.capture import (
 )
 from edgequant.sim.interception import intercept_functional_ops
 from edgequant.sim.ops import function_name, is_custom_module, is_pass_through, module_op_type
-from edgequant.sim.quantized_module import FunctionalOp, QuantizedModule, make_quantized
+from edgequant.sim.quantized_module import QuantizedModule, make_quantized
 
 STATE_FORMAT = "edgequant-sim-state"
 
@@ -110,7 +110,7 @@ class QuantSim:
         training = {name: m.training for name, m in self.model.named_modules()}
         self.model.eval()
         try:
-            records, _ = record_calls(self.model, self._dummy_args, self._dummy_kwargs)
+            records = record_calls(self.model, self._dummy_args, self._dummy_kwargs)
         except Exception as error:
             raise ValueError(
                 f"the model does not run on dummy_input ({type(error).__name__}: {error}); pass an input with "
@@ -121,12 +121,12 @@ class QuantSim:
             self.model.__class__, self.model.__dict__ = captured.__class__, captured.__dict__
         else:
             self.model = captured
-        records, _ = record_calls(self.model, self._dummy_args, self._dummy_kwargs)
+        records = record_calls(self.model, self._dummy_args, self._dummy_kwargs)
         for name, module in list(self.model.named_modules()):
             self._wrap(name, module, records)
         self._add_model_input_quantizers(records.get(""))
-        for name, module in self.model.named_modules():
-            module.train(training.get(name, self.model.training if name else training[""]))
+        for name, module in self.model.named_modules():  # modules the capture added follow the root
+            module.training = training.get(name, training[""])
 
     def _capture(self, module: nn.Module, prefix: str, records: dict[str, CallRecord]) -> nn.Module:
         """Trace ``module`` (or, failing that, its children); returns the module to put in its place."""
@@ -161,8 +161,7 @@ class QuantSim:
         def op_type(node: fx.Node) -> str | None:
             if node.op != "call_module":
                 return None
-            module = traced.get_submodule(node.target)
-            return module.onnx_op_type_name if isinstance(module, FunctionalOp) else module_op_type(module)
+            return module_op_type(traced.get_submodule(node.target))
 
         def is_pass_through_node(node: fx.Node) -> bool:
             return node.op == "call_module" and is_pass_through(traced.get_submodule(node.target))
@@ -190,7 +189,7 @@ class QuantSim:
         if is_pass_through(module):
             self._notes.append(CoverageNote(name, type(module).__name__, "pass-through: output holds input values"))
             return
-        op_type = module.onnx_op_type_name if isinstance(module, FunctionalOp) else module_op_type(module)
+        op_type = module_op_type(module)
         if op_type is None:
             self._notes.append(
                 CoverageNote(
