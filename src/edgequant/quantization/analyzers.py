@@ -43,10 +43,6 @@ class EncodingAnalyzer:
         self.num_nonfinite = 0
         self.num_sentinels = 0
 
-    @property
-    def observed(self) -> bool:
-        return self.min is not None
-
     def observe(self, x: torch.Tensor) -> None:
         values = _channels_first(x.detach().float(), self.axis)
         if self.axis is None:  # a full reduction is ~20x faster than aminmax over dim 1 of a (1, N) view

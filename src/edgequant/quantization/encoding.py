@@ -91,11 +91,7 @@ class Encoding:
 
     def broadcast_shape(self, ndim: int) -> tuple[int, ...]:
         """Shape that makes per-channel scale/offset broadcast against a tensor of rank ``ndim``."""
-        if self.axis is None:
-            return ()
-        shape = [1] * ndim
-        shape[self.axis] = -1
-        return tuple(shape)
+        return broadcast_shape(ndim, self.axis)
 
     def to(self, device: torch.device | str) -> Encoding:
         return Encoding(self.scale.to(device), self.offset.to(device), self.bitwidth, self.symmetric, self.axis)
@@ -127,6 +123,15 @@ class Encoding:
             bool(data["symmetric"]),
             data.get("axis"),
         )
+
+
+def broadcast_shape(ndim: int, axis: int | None) -> tuple[int, ...]:
+    """``()`` per tensor; ``(1, .., -1, .., 1)`` with the channels on ``axis`` per channel."""
+    if axis is None:
+        return ()
+    shape = [1] * ndim
+    shape[axis] = -1
+    return tuple(shape)
 
 
 MIN_RANGE = 1e-5

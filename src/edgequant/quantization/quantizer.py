@@ -17,7 +17,7 @@ from torch import nn
 
 from edgequant.quantization.affine import quantize_dequantize
 from edgequant.quantization.analyzers import CalibrationError, EncodingAnalyzer, make_analyzer
-from edgequant.quantization.encoding import Encoding
+from edgequant.quantization.encoding import Encoding, broadcast_shape
 
 
 class Quantizer(nn.Module):
@@ -124,6 +124,5 @@ class Quantizer(nn.Module):
         )
         if self.axis is None:
             return quantize_dequantize(x, self.scale, self.offset, self.bitwidth, inplace)
-        shape = [1] * x.dim()
-        shape[self.axis] = -1
+        shape = broadcast_shape(x.dim(), self.axis)
         return quantize_dequantize(x, self.scale.view(shape), self.offset.view(shape), self.bitwidth, inplace)
