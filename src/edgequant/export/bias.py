@@ -12,8 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from edgequant.export.graph_map import DATA_MOVEMENT_OPS, MARKER_OP, TracedSim, consumers, node_by_output, trace_sim
-from edgequant.export.graph_map import marker_quantizer as _marker_quantizer
+from edgequant.export.graph_map import (
+    DATA_MOVEMENT_OPS,
+    MARKER_OP,
+    TracedSim,
+    consumers,
+    marker_quantizer,
+    node_by_output,
+    trace_sim,
+)
 from edgequant.quantization import Encoding, Quantizer
 
 if TYPE_CHECKING:
@@ -54,7 +61,7 @@ def _quantizer_upstream(tensor: str, producers: dict) -> str | None:
     while node is not None and node.op_type in DATA_MOVEMENT_OPS:
         node = producers.get(node.input[0])
     if node is not None and node.op_type == MARKER_OP:
-        return _marker_quantizer(node)
+        return marker_quantizer(node)
     return None
 
 
@@ -104,9 +111,9 @@ def install_bias_quantizer(sim: QuantSim, layer: str, encoding: Encoding) -> Non
     module.param_quantizers["bias"] = quantizer
 
 
-def check_bias_encodings(traced: TracedSim, encodings: dict[str, Encoding], sim: QuantSim) -> None:
-    """Int32 bias encodings must equal s_x·s_w, or integer runtimes compute something else than the QDQ graph."""
-    derived = derived_bias_encodings(traced, encodings, sim)
+def check_bias_encodings(encodings: dict[str, Encoding], derived: dict[str, Encoding]) -> None:
+    """Int32 bias encodings must equal s_x·s_w (``derived``: `derived_bias_encodings`), or integer runtimes
+    compute something else than the QDQ graph."""
     for quantizer, encoding in encodings.items():
         if not quantizer.endswith(".param_quantizers.bias") or encoding.bitwidth != BIAS_BITWIDTH:
             continue

@@ -6,6 +6,7 @@ the config, bitwidths and encodings), so no calibration is repeated.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import click
@@ -83,5 +84,5 @@ def verify(
     sim = _sim_from_state(model_spec, sim_state, input_shape) if model_spec and sim_state else None
     batches = load_batches(data_spec, batch_size, parse_shape(input_shape))
     _, batches = peek(batches)
-    inputs = (dummy_from_batch(b) for i, b in enumerate(batches) if num_batches is None or i < num_batches)
+    inputs = (dummy_from_batch(b) for b in itertools.islice(batches, num_batches))  # stop reading after num_batches
     click.echo(verify_parity(out_dir, sim, inputs, name=name, batch_size=batch_size, progress=not quiet).summary())

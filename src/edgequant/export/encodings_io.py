@@ -224,7 +224,7 @@ class _Reader:
         # ONNX: x = (v - zp) * s with v signed or unsigned; edgequant: x = (q + offset) * s with q unsigned
         offsets = [-(zp + 2 ** (bitwidth - 1)) if signed else -zp for zp in zero_points]
         symmetric = signed and not any(zero_points)
-        axis = int(entry["axis"]) if per_channel and "axis" in entry else (0 if per_channel else None)
+        axis = int(entry["axis"]) if per_channel and "axis" in entry else None  # `encoding` defaults it to 0
         encoding = self.encoding(name, scales, offsets, bitwidth, symmetric, per_channel, axis)
         return TensorEncoding(name, encoding, None)
 

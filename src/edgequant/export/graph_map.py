@@ -229,16 +229,17 @@ def marker_quantizer(node: onnx.NodeProto) -> str:
     return next(a.s.decode() for a in node.attribute if a.name == "name")
 
 
-def _read_sites(marked: onnx.ModelProto) -> list[QuantSite]:
-    markers = _marker_nodes(marked)
-    source = {node.output[0]: node.input[0] for node in markers}
+def _marker_sources(marked: onnx.ModelProto) -> tuple[dict[str, str], dict[str, str]]:
+    """(marker output -> marker input, real tensor -> graph output name it takes where a marker produced one)."""
+    source = {node.output[0]: node.input[0] for node in _marker_nodes(marked)}
     graph_outputs = {o.name for o in marked.graph.output}
-    renamed = {}  # a real tensor whose (marked) value is a graph output takes the output's name
-    for out_name, in_name in source.items():
-        if out_name in graph_outputs:
-            renamed[_real(in_name, source)] = out_name
+    return source, {_real(name, source): name for name in source if name in graph_outputs}
+
+
+def _read_sites(marked: onnx.ModelProto) -> list[QuantSite]:
+    source, renamed = _marker_sources(marked)
     sites = []
-    for node in markers:
+    for node in _marker_nodes(marked):
         quantizer = marker_quantizer(node)
         real = _real(node.input[0], source)
         sites.append(
@@ -259,9 +260,7 @@ def _strip_markers(marked: onnx.ModelProto) -> onnx.ModelProto:
     where a marker produced one)."""
     model = copy.deepcopy(marked)
     markers = _marker_nodes(model)
-    source = {node.output[0]: node.input[0] for node in markers}
-    graph_outputs = {o.name for o in model.graph.output}
-    output_rename = {_real(name, source): name for name in source if name in graph_outputs}
+    source, output_rename = _marker_sources(model)
 
     def resolve(tensor: str) -> str:
         real = _real(tensor, source)

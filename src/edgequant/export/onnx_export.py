@@ -12,7 +12,7 @@ from edgequant.export.bias import check_bias_encodings, derived_bias_encodings
 from edgequant.export.encodings_io import TensorEncoding, write_encodings
 from edgequant.export.graph_map import TracedSim, trace_sim
 from edgequant.export.qdq import build_qdq_model
-from edgequant.quantization import Encoding
+from edgequant.quantization import Encoding, Quantizer
 
 if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim
@@ -45,12 +45,11 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 
 def tensor_encoding_entries(
-    traced: TracedSim, encodings: dict[str, Encoding], sim: QuantSim, with_derived_bias: bool
+    traced: TracedSim, by_tensor: dict[str, Encoding], float_bias: dict[str, Encoding]
 ) -> list[TensorEncoding]:
-    """One entry per quantized ONNX tensor, in graph order; ``with_derived_bias`` adds the int32 bias
-    encodings (s_x·s_w) of layers whose bias the sim leaves in float, as AIMET's 2.0.0 files do."""
-    by_tensor = traced.tensor_encodings(encodings)
-    derived = derived_bias_encodings(traced, encodings, sim) if with_derived_bias else {}
+    """One entry per quantized ONNX tensor (``by_tensor``: `TracedSim.tensor_encodings`), in graph order; each
+    weight is followed by its layer's ``float_bias`` entry (``layer.bias`` -> int32 s_x·s_w encoding of a bias
+    the sim leaves in float, as AIMET's 2.0.0 files list them)."""
     entries: list[TensorEncoding] = []
     seen: set[str] = set()
     for site in traced.sites:
@@ -59,15 +58,15 @@ def tensor_encoding_entries(
         seen.add(site.tensor)
         entries.append(TensorEncoding(site.tensor, by_tensor[site.tensor], site.is_param))
         bias = site.quantizer.replace(".param_quantizers.weight", ".bias")
-        if bias in derived and site.quantizer.replace(".weight", ".bias") not in encodings:
+        if bias in float_bias:
             seen.add(bias)
-            entries.append(TensorEncoding(bias, derived[bias], True))
+            entries.append(TensorEncoding(bias, float_bias[bias], True))
     entries += [TensorEncoding(t, by_tensor[t], False) for t in traced.propagated if t not in seen]
     return entries
 
 
-def _quantizer_args(sim: QuantSim) -> dict[str, Any]:
-    params = [q for name, q in sim.quantizers().items() if ".param_quantizers." in name]
+def _quantizer_args(sim: QuantSim, quantizers: dict[str, Quantizer]) -> dict[str, Any]:
+    params = [q for name, q in quantizers.items() if ".param_quantizers." in name]
     return {
         "quant_scheme": AIMET_SCHEME_NAMES.get(sim.quant_scheme, sim.quant_scheme),
         "param_bitwidth": sim.param_bw,
@@ -97,7 +96,8 @@ def export_onnx(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    missing = [n for n, q in sim.quantizers().items() if q.enabled and q.encoding is None]
+    quantizers = sim.quantizers()
+    missing = [n for n, q in quantizers.items() if q.enabled and q.encoding is None]
     if missing:
         raise RuntimeError(
             f"{len(missing)} enabled quantizers have no encoding (e.g. {', '.join(missing[:3])}); calibrate the sim "
@@ -106,15 +106,23 @@ def export_onnx(
     traced = trace_sim(
         sim, sim.dummy_input if dummy_input is None else dummy_input, input_names, output_names, opset, dynamic_batch
     )
-    encodings = {n: q.encoding for n, q in sim.quantizers().items() if q.enabled}
-    check_bias_encodings(traced, encodings, sim)
+    encodings = {n: q.encoding for n, q in quantizers.items() if q.enabled}
+    derived_bias = derived_bias_encodings(traced, encodings, sim)
+    check_bias_encodings(encodings, derived_bias)
+    by_tensor = traced.tensor_encodings(encodings)
     opset_used = model_opset(traced.float_model)
-    qdq_model = build_qdq_model(traced, encodings, opset_used)
-    entries = tensor_encoding_entries(traced, encodings, sim, with_derived_bias=encoding_version == "2.0.0")
+    qdq_model = build_qdq_model(traced, encodings, by_tensor, opset_used)
+    float_bias = {
+        bias: encoding for bias, encoding in derived_bias.items()
+        if encoding_version == "2.0.0" and f"{bias.removesuffix('.bias')}.param_quantizers.bias" not in encodings
+    }
+    entries = tensor_encoding_entries(traced, by_tensor, float_bias)
     float_path, qdq_path = out_dir / f"{name}.onnx", out_dir / f"{name}_qdq.onnx"
     onnx.save(traced.float_model, float_path)
     onnx.save(qdq_model, qdq_path)
-    encodings_path = write_encodings(entries, out_dir / f"{name}.encodings", encoding_version, _quantizer_args(sim))
+    encodings_path = write_encodings(
+        entries, out_dir / f"{name}.encodings", encoding_version, _quantizer_args(sim, quantizers)
+    )
     return ExportResult(
         float_path, qdq_path, encodings_path, encoding_version, opset_used,
         sum(bool(e.is_param) for e in entries), sum(not e.is_param for e in entries),

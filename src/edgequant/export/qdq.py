@@ -151,7 +151,9 @@ class _QdqBuilder:
         self.metadata[quantized] = {"tensor": tensor, "quantizers": quantizers}
         return nodes
 
-    def build(self, traced: TracedSim, encodings: dict[str, Encoding]) -> onnx.ModelProto:
+    def build(
+        self, traced: TracedSim, encodings: dict[str, Encoding], tensor_encodings: dict[str, Encoding]
+    ) -> onnx.ModelProto:
         sites = {site.marker_output: site for site in traced.sites}
         rename: dict[str, str] = {}
         nodes = []
@@ -170,7 +172,7 @@ class _QdqBuilder:
                 nodes += self.param_nodes(site.tensor, constant, output, encoding)
             else:
                 nodes += self.activation_nodes(site.tensor, node.input[0], output, encoding, [site.quantizer])
-        nodes = self.propagate(nodes, traced, encodings)
+        nodes = self.propagate(nodes, traced, tensor_encodings)
         del self.model.graph.node[:]
         self.model.graph.node.extend(nodes)
         self.model.graph.initializer.extend(self.new_initializers)
@@ -193,10 +195,9 @@ class _QdqBuilder:
         self.model.graph.initializer.extend(kept)
 
     def propagate(
-        self, nodes: list[onnx.NodeProto], traced: TracedSim, encodings: dict[str, Encoding]
+        self, nodes: list[onnx.NodeProto], traced: TracedSim, tensor_encodings: dict[str, Encoding]
     ) -> list[onnx.NodeProto]:
         """Q/DQ after data-movement outputs that inherit an encoding (see `TracedSim.propagated`)."""
-        tensor_encodings = traced.tensor_encodings(encodings)
         result, rename = [], {}
         for node in nodes:
             node.input[:] = [rename.get(i, i) for i in node.input]
@@ -208,6 +209,9 @@ class _QdqBuilder:
         return result
 
 
-def build_qdq_model(traced: TracedSim, encodings: dict[str, Encoding], opset: int) -> onnx.ModelProto:
-    """QDQ model of the traced sim; ``encodings`` maps every enabled quantizer's name to its encoding."""
-    return _QdqBuilder(traced, opset).build(traced, encodings)
+def build_qdq_model(
+    traced: TracedSim, encodings: dict[str, Encoding], tensor_encodings: dict[str, Encoding], opset: int
+) -> onnx.ModelProto:
+    """QDQ model of the traced sim; ``encodings`` maps every enabled quantizer's name to its encoding,
+    ``tensor_encodings`` is ``traced.tensor_encodings(encodings)``."""
+    return _QdqBuilder(traced, opset).build(traced, encodings, tensor_encodings)

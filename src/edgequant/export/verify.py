@@ -218,15 +218,17 @@ def verify(
     model = onnx.load(path)
     metadata = {p.key: p.value for p in model.metadata_props}
     sites: dict[str, dict] = json.loads(metadata.get(QDQ_METADATA_KEY, "{}"))
-    grids = _quantized_grids(model)
-    output_grids = _output_grids(model)
+    initializers = _initializer_values(model)
+    grids = _quantized_grids(model, initializers)
+    output_grids = _output_grids(model, initializers)
     with tempfile.TemporaryDirectory() as tmp:
         optimized_path = Path(tmp) / "optimized.onnx"
         runtime = _session(model, optimized=True, save_to=optimized_path)
         integer_kernels, float_kernels = _kernel_counts(optimized_path)
     tensors = [t for t in sites if sites[t]["quantizers"] or sim is None] if intermediate else []
-    probe = _session(_with_quantized_outputs(model, tensors), optimized=True) if tensors else None
-    reference_session = _session(_with_quantized_outputs(model, tensors), optimized=False) if sim is None else None
+    instrumented = _with_quantized_outputs(model, tensors) if tensors else model
+    probe = _session(instrumented, optimized=True) if tensors else None
+    reference_session = _session(instrumented, optimized=False) if sim is None else None
     input_names = [i.name for i in runtime.get_inputs()]
     output_names = [o.name for o in runtime.get_outputs()]
     report = ParityReport("the sim" if sim is not None else "the QDQ graph run in float (no sim given)")
@@ -272,9 +274,8 @@ def _initializer_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
 
 
-def _quantized_grids(model: onnx.ModelProto) -> dict[str, tuple[float, int]]:
-    """QuantizeLinear output -> (scale, zero point) of its per-tensor grid."""
-    values = _initializer_values(model)
+def _quantized_grids(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> dict[str, tuple[float, int]]:
+    """QuantizeLinear output -> (scale, zero point) of its per-tensor grid (``values``: the initializers)."""
     grids = {}
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear" and node.input[1] in values:
@@ -283,9 +284,8 @@ def _quantized_grids(model: onnx.ModelProto) -> dict[str, tuple[float, int]]:
     return grids
 
 
-def _output_grids(model: onnx.ModelProto) -> dict[str, float]:
-    """Graph output -> the scale of the DequantizeLinear producing it (its LSB)."""
-    values = _initializer_values(model)
+def _output_grids(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> dict[str, float]:
+    """Graph output -> the scale of the DequantizeLinear producing it (its LSB; ``values``: the initializers)."""
     outputs = {o.name for o in model.graph.output}
     return {
         node.output[0]: float(values[node.input[1]].reshape(-1)[0])
