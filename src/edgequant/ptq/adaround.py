@@ -35,7 +35,9 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
+from edgequant.ptq.graph_patterns import quantizers_disabled
 from edgequant.ptq.layer_cache import LayerCache
+from edgequant.ptq.sim_helpers import StopForward, encode_from, param_quantizer, run_until_stopped
 from edgequant.quantization import Encoding, Quantizer, quantize_dequantize
 from edgequant.sim import FunctionalOp, QuantizedModule, QuantSim
 
@@ -76,10 +78,6 @@ class AdaRoundResult:
             )
         lines.append(f"data collection {self.collect_seconds:.2f} s, optimisation {self.optimize_seconds:.2f} s")
         return "\n".join(lines)
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the layer of interest has its input: the rest of the model need not run."""
 
 
 @dataclass
@@ -129,9 +127,7 @@ def adaround(
         return result
     for target in targets:
         if target.quantizer.encoding is None:
-            target.quantizer.analyzer.reset()
-            target.quantizer.analyzer.observe(target.layer.weight.detach())
-            target.quantizer.compute_encoding()
+            encode_from(target.quantizer, target.layer.weight)
     uncalibrated = [name for name, q in sim.quantizers().items() if q.enabled and q.encoding is None]
     if uncalibrated:
         warnings.warn(
@@ -197,7 +193,7 @@ def _find_targets(sim: QuantSim) -> list[_Target]:
     chains = _activation_chains(sim.model)
     targets = []
     for name, module in sim.quantized_modules().items():
-        quantizer = module.param_quantizers["weight"] if "weight" in module.param_quantizers else None
+        quantizer = param_quantizer(module)
         if isinstance(module, ADAROUND_LAYER_TYPES) and quantizer is not None and quantizer.enabled:
             targets.append(_Target(name, module, quantizer, chains.get(name, [])))
     return targets
@@ -291,12 +287,12 @@ def _apply_chain(target: _Target, out: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def _quantizer_states(sim: QuantSim, fp32: bool) -> Iterator[None]:
-    """All quantizers off (``fp32``), or on as configured except those that have no encoding yet."""
+def _encoded_quantizers_only(sim: QuantSim) -> Iterator[None]:
+    """Quantizers on as configured, except those that have no encoding yet."""
     quantizers = list(sim.quantizers().values())
     saved = [q.enabled for q in quantizers]
     for quantizer in quantizers:
-        quantizer.enabled = quantizer.enabled and not fp32 and quantizer.encoding is not None
+        quantizer.enabled = quantizer.enabled and quantizer.encoding is not None
     try:
         yield
     finally:
@@ -359,11 +355,11 @@ def _collect(
             for args, kwargs in _batches(sim, data, num_batches, "adaround: caching layer data", progress):
                 calls.clear()
                 recording["fp32"] = True
-                with _quantizer_states(sim, fp32=True):
+                with quantizers_disabled(sim.model):
                     sim.model(*args, **kwargs)
                 recording["fp32"] = False
                 if collect_inputs:
-                    with _quantizer_states(sim, fp32=False):
+                    with _encoded_quantizers_only(sim):
                         sim.model(*args, **kwargs)
     finally:
         for handle in handles:
@@ -385,16 +381,12 @@ def _collect_inputs_up_to(
 
     def hook(module: nn.Module, args: tuple) -> None:
         cache.add((target.name, "input"), _layer_input(module, args))
-        raise _StopForward
+        raise StopForward
 
     handle = target.layer.register_forward_pre_hook(hook)
     try:
-        with torch.no_grad(), _quantizer_states(sim, fp32=False):
-            for args, kwargs in _batches(sim, data, num_batches, f"adaround: inputs of {target.name}", False):
-                try:
-                    sim.model(*args, **kwargs)
-                except _StopForward:
-                    pass
+        with torch.no_grad(), _encoded_quantizers_only(sim):
+            run_until_stopped(sim.model, _batches(sim, data, num_batches, f"adaround: inputs of {target.name}", False))
     finally:
         handle.remove()
 

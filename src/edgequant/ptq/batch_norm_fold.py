@@ -20,6 +20,7 @@ from torch import nn
 
 from edgequant.ptq.graph_patterns import ModelGraph, build_graph, find_batch_norm_folds, set_submodule
 from edgequant.ptq.layer_channels import add_to_bias, scale_input_channels, scale_output_channels, weights_times_input
+from edgequant.ptq.sim_helpers import param_quantizer
 from edgequant.sim.quantized_module import QuantizedModule
 from edgequant.sim.quantsim import QuantSim
 
@@ -115,8 +116,7 @@ def fold_batch_norms_to_scale(sim: QuantSim) -> list[tuple[str, str]]:
     folds = find_batch_norm_folds(build_graph(sim.model, sim_dummy_input(sim)), allow_following=False)
     for fold in folds:
         layer, bn = sim.model.get_submodule(fold.layer), sim.model.get_submodule(fold.bn)
-        quantizer = layer.param_quantizers["weight"] if isinstance(layer, QuantizedModule) and (
-            "weight" in layer.param_quantizers) else None
+        quantizer = param_quantizer(layer)
         if quantizer is not None and quantizer.frozen and quantizer.encoding is not None:
             encoding = quantizer.encoding
             output_axis = 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
@@ -129,16 +129,15 @@ def fold_batch_norms_to_scale(sim: QuantSim) -> list[tuple[str, str]]:
         for fold in folds:
             layer, bn = sim.model.get_submodule(fold.layer), sim.model.get_submodule(fold.bn)
             factor = fold_into_preceding(layer, bn)
-            if isinstance(layer, QuantizedModule):
-                quantizer = layer.param_quantizers["weight"] if "weight" in layer.param_quantizers else None
-                if quantizer is not None and quantizer.frozen and quantizer.encoding is not None:
-                    encoding = quantizer.encoding
-                    encoding.scale = (encoding.scale.double() * factor.abs().to(encoding.scale.device)).float()
-                    quantizer.set_encoding(encoding)
-                if isinstance(bn, QuantizedModule):
-                    layer.output_quantizers = bn.output_quantizers
-                    for key, moved in layer.output_quantizers.items():
-                        moved.name = f"{fold.layer}.output_quantizers.{key}"
+            quantizer = param_quantizer(layer)
+            if quantizer is not None and quantizer.frozen and quantizer.encoding is not None:
+                encoding = quantizer.encoding
+                encoding.scale = (encoding.scale.double() * factor.abs().to(encoding.scale.device)).float()
+                quantizer.set_encoding(encoding)
+            if isinstance(layer, QuantizedModule) and isinstance(bn, QuantizedModule):
+                layer.output_quantizers = bn.output_quantizers
+                for key, moved in layer.output_quantizers.items():
+                    moved.name = f"{fold.layer}.output_quantizers.{key}"
             set_submodule(sim.model, fold.bn, nn.Identity())
     sim.compute_param_encodings()
     return [(fold.layer, fold.bn) for fold in folds]

@@ -23,7 +23,7 @@ from edgequant.ptq.batch_norm_fold import sim_dummy_input
 from edgequant.ptq.channel_clamp import ChannelClamp
 from edgequant.ptq.graph_patterns import BATCH_NORM_TYPES, GraphNode, ModelGraph, build_graph, quantizers_disabled
 from edgequant.ptq.layer_channels import add_to_bias, is_weight_layer, output_channel_dim, weights_times_input
-from edgequant.sim.quantized_module import QuantizedModule
+from edgequant.ptq.sim_helpers import StopForward, encode_from, param_quantizer, run_until_stopped
 from edgequant.sim.quantsim import QuantSim
 
 
@@ -56,7 +56,7 @@ def correct_bias(
         if data is None:
             _correct_analytically(sim, graph, targets, layer_output_stats or {}, report)
         else:
-            _correct_empirically(sim, graph, targets, data, num_batches, report, progress)
+            _correct_empirically(sim, targets, data, num_batches, report, progress)
     return report
 
 
@@ -67,8 +67,7 @@ def _targets(sim: QuantSim, graph: ModelGraph, layers: list[str] | None) -> tupl
         module = sim.model.get_submodule(name)
         if not is_weight_layer(module) or (layers is not None and name not in layers):
             continue
-        quantizer = module.param_quantizers["weight"] if isinstance(module, QuantizedModule) and (
-            "weight" in module.param_quantizers) else None
+        quantizer = param_quantizer(module)
         if quantizer is None or not quantizer.enabled:
             report.skipped[name] = "weights are not quantized"
         elif graph.calls(name) != 1:
@@ -81,22 +80,14 @@ def _targets(sim: QuantSim, graph: ModelGraph, layers: list[str] | None) -> tupl
 def _apply(sim: QuantSim, name: str, delta: torch.Tensor, report: BiasCorrectionReport) -> None:
     module = sim.model.get_submodule(name)
     add_to_bias(module, delta)
-    bias_quantizer = module.param_quantizers["bias"] if "bias" in module.param_quantizers else None
+    bias_quantizer = param_quantizer(module, "bias")
     if bias_quantizer is not None and not bias_quantizer.frozen:  # keep its grid covering the new bias
-        bias_quantizer.analyzer.reset()
-        bias_quantizer.analyzer.observe(module.bias.detach())
-        bias_quantizer.compute_encoding()
+        encode_from(bias_quantizer, module.bias)
     report.corrected[name] = delta.float()
 
 
 # -- empirical ---------------------------------------------------------------------------------------------
-class _StopForward(Exception):
-    """Raised by the hook on the last layer of interest: nothing after it needs to run."""
-
-
-def _channel_means(
-    sim: QuantSim, graph: ModelGraph, names: list[str], batches: list[tuple[tuple, dict]]
-) -> dict[str, torch.Tensor]:
+def _channel_means(sim: QuantSim, names: list[str], batches: list[tuple[tuple, dict]]) -> dict[str, torch.Tensor]:
     """Mean of each named layer's output per output channel over all batches (stops after the last one)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(names, 0)
@@ -110,17 +101,13 @@ def _channel_means(
             sums[name] = sums[name] + total if name in sums else total
             counts[name] += output.numel() // output.shape[dim]
             if name == last:
-                raise _StopForward
+                raise StopForward
 
         return record
 
     handles = [sim.model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
-        for args, kwargs in batches:
-            try:
-                sim.model(*args, **kwargs)
-            except _StopForward:
-                pass
+        run_until_stopped(sim.model, batches)
     finally:
         for handle in handles:
             handle.remove()
@@ -129,7 +116,6 @@ def _channel_means(
 
 def _correct_empirically(
     sim: QuantSim,
-    graph: ModelGraph,
     targets: list[str],
     data: Iterable[Any],
     num_batches: int | None,
@@ -149,9 +135,9 @@ def _correct_empirically(
     sim.model.eval()
     try:
         with quantizers_disabled(sim.model):
-            float_means = _channel_means(sim, graph, targets, batches)
+            float_means = _channel_means(sim, targets, batches)
         for name in tqdm(targets, desc="bias correction", disable=not progress):
-            quantized_mean = _channel_means(sim, graph, [name], batches)[name]
+            quantized_mean = _channel_means(sim, [name], batches)[name]
             _apply(sim, name, float_means[name] - quantized_mean, report)
     finally:
         sim.model.train(training)

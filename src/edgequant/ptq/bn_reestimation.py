@@ -42,8 +42,9 @@ def reestimate_bn(
     Conv/ConvTranspose/Linear into it and its weight quantizer. Modes and momenta are restored. The sim
     must be calibrated.
     """
-    norms = {name: m for name, m in sim.model.named_modules() if isinstance(m, BATCH_NORM_TYPES)}
-    norms = {name: m for name, m in norms.items() if m.track_running_stats}
+    norms = {
+        name: m for name, m in sim.model.named_modules() if isinstance(m, BATCH_NORM_TYPES) and m.track_running_stats
+    }
     result = BatchNormReestimation(reestimated=list(norms))
     if not norms:
         return result

@@ -35,6 +35,7 @@ from edgequant.ptq.batch_norm_fold import FoldedBatchNorm, fold_batch_norm_recor
 from edgequant.ptq.channel_clamp import ChannelClamp
 from edgequant.ptq.graph_patterns import (
     EqualizationCandidate,
+    GraphNode,
     ModelGraph,
     build_graph,
     find_equalization_candidates,
@@ -260,7 +261,7 @@ def _activation_ranges(
         if node.name in pair.clamps:
             clamp = model.get_submodule(node.name)
             lower, upper = torch.maximum(lower, clamp.lower.to(mean)), torch.minimum(upper, clamp.upper.to(mean))
-        elif (node.kind == "module" and type(node.module) is nn.ReLU) or node.op_name in ("relu", "relu_"):
+        elif _is_relu(node):
             lower = lower.clamp_min(0)
     extremes = torch.stack([mean - 3 * std, mean + 3 * std]).clamp(lower, upper).abs()
     return extremes.amax(dim=0).clamp_min(1e-12)
@@ -316,8 +317,12 @@ def _absorbing_activation(
     node = activations[0]
     if node.kind == "module" and node.name in pair.clamps:
         return True, model.get_submodule(node.name)
-    is_relu = (node.kind == "module" and type(node.module) is nn.ReLU) or node.op_name in ("relu", "relu_")
-    return is_relu, None
+    return _is_relu(node), None
+
+
+def _is_relu(node: GraphNode) -> bool:
+    """A plain ReLU, as a module or a function (also when wrapped in a sim's `FunctionalOp`)."""
+    return (node.kind == "module" and type(node.module) is nn.ReLU) or node.op_name in ("relu", "relu_")
 
 
 def _absorb_high_biases(

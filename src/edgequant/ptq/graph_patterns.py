@@ -22,7 +22,12 @@ import torch.fx as fx
 from torch import nn
 
 from edgequant.ptq.channel_clamp import ChannelClamp
-from edgequant.ptq.layer_channels import is_weight_layer, responds_to_constants_exactly
+from edgequant.ptq.layer_channels import (
+    input_channel_dim,
+    is_weight_layer,
+    output_channel_dim,
+    responds_to_constants_exactly,
+)
 from edgequant.quantization import Quantizer
 from edgequant.sim.capture import _add_submodule, _LeafTracer, is_leaf, record_calls, try_trace
 from edgequant.sim.ops import function_name, is_pass_through
@@ -375,8 +380,8 @@ def _check_pair(graph: ModelGraph, candidate: EqualizationCandidate, first: Grap
         candidate.blocker = f"{second.name} takes {len(second.inputs)} inputs"
         return
     out_ndim = graph.leaf_calls[first.name].output_ndim
-    first_dim = out_ndim - 1 if isinstance(first.module, nn.Linear) else 1
-    second_dim = out_ndim - 1 if isinstance(second.module, nn.Linear) else 1
+    first_dim = output_channel_dim(first.module, out_ndim)
+    second_dim = input_channel_dim(second.module, out_ndim)
     if first_dim != second_dim:
         candidate.blocker = f"channel axes differ ({first.name}: dim {first_dim}, {second.name}: dim {second_dim})"
 
