@@ -10,7 +10,7 @@ import tempfile
 import time
 
 from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
-from edgequant.ptq.autoquant import autoquant
+from edgequant.workflows import autoquant
 
 
 def main(param_bw: int, iterations: int) -> None:

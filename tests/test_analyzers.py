@@ -32,7 +32,7 @@ def test_percentile_matches_numpy_within_a_bin():
         analyzer.observe(batch)
     low, high = analyzer.compute_range(8, False)
     values = torch.cat(batches).numpy()
-    bin_width = (values.max() - values.min()) / analyzer.num_bins
+    bin_width = float(values.max() - values.min()) / analyzer.num_bins
     assert high.item() == pytest.approx(np.percentile(values, 99.0), abs=3 * bin_width)
     assert low.item() == pytest.approx(np.percentile(values, 1.0), abs=3 * bin_width)
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from edgequant.cli.autoquant_command import autoquant as autoquant_command
 from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
-from edgequant.ptq.autoquant import autoquant
-from edgequant.ptq.cli_commands import autoquant as autoquant_command
+from edgequant.workflows import autoquant
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_full_ladder_reports_recommends_and_resumes(digits, tmp_path) -> None:
     assert html.startswith("<!DOCTYPE html>") and "<script" not in html and "http" not in html
     for name in ("calibration:sqnr", "bn_fold", "adaround", "Per-layer sensitivity"):
         assert name in html
-    assert first.encodings_path.exists()
+    assert first.sim_state_path.exists()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in reference.items())  # user's model untouched
 
     started = time.perf_counter()

@@ -65,7 +65,7 @@ def test_quantize_tensor_file_and_factory_writes_loadable_outputs(runner: CliRun
     assert {"build_sim_s", "calibrate_s"} <= set(summary["timings"])
     assert all({"tensor", "quantized", "reason"} <= set(entry) for entry in summary["coverage"])
 
-    encodings = json.loads((out / "encodings.json").read_text())
+    encodings = json.loads((out / "quantizer_encodings.json").read_text())
     weight = encodings["conv1.0.param_quantizers.weight"]
     assert weight["bitwidth"] == 4 and weight["axis"] == 0  # per-channel preset, --param-bw 4
 

@@ -125,6 +125,6 @@ def test_per_channel_quantizer_gradient_shapes():
 
 
 def test_quantizer_without_encoding_explains_what_to_do():
-    quantizer = Quantizer(name="conv1.output_quantizers.0")
+    quantizer = Quantizer(role="output", owner="conv1", key="0")
     with pytest.raises(RuntimeError, match="conv1.output_quantizers.0.*compute_encodings"):
         quantizer(torch.ones(2))

@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 
 import edgequant as eq
+from edgequant.cli.export_commands import export as export_command
+from edgequant.cli.export_commands import verify as verify_command
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
 from edgequant.export import export_onnx, quantize_bias_int32
-from edgequant.export.cli_commands import export as export_command
-from edgequant.export.cli_commands import verify as verify_command
 from edgequant.export.verify import verify
 
 

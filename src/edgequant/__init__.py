@@ -1,9 +1,10 @@
 """edgequant: make trained PyTorch models ready for fixed-point (int8/int4/int16) hardware."""
 
+from edgequant import export  # noqa: F401 - registers sim.export / sim.load_encodings
 from edgequant.config import ConfigError, HardwareConfig
-from edgequant.ptq.autoquant import autoquant
 from edgequant.quantization import CalibrationError, Encoding, Quantizer
 from edgequant.sim import QuantSim, register_module
+from edgequant.workflows import autoquant
 
 __version__ = "0.1.0"
 

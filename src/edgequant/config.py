@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgequant.quantization.encoding import MAX_BITWIDTH, MIN_BITWIDTH, check_bitwidth
+
 __all__ = ["ConfigError", "HardwareConfig", "TensorRule"]
 
 _PRESET_DIR = Path(__file__).resolve().parent / "configs"
@@ -68,8 +70,6 @@ _CONSTRAINT_KEYS = ("min", "max")
 _KERNEL_KEYS = ("activation", "param")
 _KERNEL_TENSOR_KEYS = ("bitwidth", "dtype")
 _KERNEL_DTYPES = ("int", "float")
-_MIN_BITWIDTH = 2
-_MAX_BITWIDTH = 32
 
 
 class ConfigError(ValueError):
@@ -162,12 +162,10 @@ class _Validator:
         return float(value)
 
     def bitwidth(self, value: Any, path: str) -> int:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or not _MIN_BITWIDTH <= value <= _MAX_BITWIDTH
-        ):
-            raise self.fail(path, value, f"an integer bitwidth in {_MIN_BITWIDTH}..{_MAX_BITWIDTH}")
+        try:
+            check_bitwidth(value, "bitwidth")
+        except ValueError:
+            raise self.fail(path, value, f"an integer bitwidth in {MIN_BITWIDTH}..{MAX_BITWIDTH}") from None
         return value
 
     def string_list(self, value: Any, path: str, min_len: int = 0) -> list[str]:

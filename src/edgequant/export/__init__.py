@@ -4,6 +4,7 @@ from edgequant.export.bias import quantize_bias_int32
 from edgequant.export.encodings_io import EncodingsFileError, TensorEncoding, read_encodings, write_encodings
 from edgequant.export.load import LoadReport, load_encodings
 from edgequant.export.onnx_export import ExportResult, export_onnx
+from edgequant.sim.services import register_service
 
 __all__ = [
     "EncodingsFileError",
@@ -16,3 +17,6 @@ __all__ = [
     "read_encodings",
     "write_encodings",
 ]
+
+register_service("export", export_onnx)
+register_service("load_encodings", load_encodings)

@@ -22,6 +22,7 @@ from edgequant.export.graph_map import (
     trace_sim,
 )
 from edgequant.quantization import Encoding, Quantizer
+from edgequant.sim.quantized_module import param_quantizer
 
 if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim
@@ -37,14 +38,14 @@ def layer_input_quantizers(traced: TracedSim) -> dict[str, str]:
     users = consumers(traced.marked)
     found = {}
     for site in traced.sites:
-        if not site.quantizer.endswith(".param_quantizers.weight"):
+        if not (site.is_param and site.key == "weight"):
             continue
         compute = _first_compute_user(site.marker_output, users)
         if compute is None or compute.op_type not in ACCUMULATING_OPS:
             continue
         source = _quantizer_upstream(compute.input[0], producers)
         if source is not None:
-            found[site.quantizer.rsplit(".param_quantizers.", 1)[0]] = source
+            found[site.owner] = source
     return found
 
 
@@ -78,10 +79,10 @@ def derived_bias_encodings(traced: TracedSim, encodings: dict[str, Encoding], si
     derived = {}
     for layer, input_quantizer in layer_input_quantizers(traced).items():
         module = sim.model.get_submodule(layer)
-        weight_quantizer = f"{layer}.param_quantizers.weight"
-        if module._parameters.get("bias") is None or weight_quantizer not in encodings:
+        weight_quantizer = param_quantizer(module, "weight")
+        if module._parameters.get("bias") is None or weight_quantizer is None or weight_quantizer.name not in encodings:
             continue
-        derived[f"{layer}.bias"] = derived_bias_encoding(encodings[input_quantizer], encodings[weight_quantizer])
+        derived[f"{layer}.bias"] = derived_bias_encoding(encodings[input_quantizer], encodings[weight_quantizer.name])
     return derived
 
 
@@ -103,21 +104,21 @@ def install_bias_quantizer(sim: QuantSim, layer: str, encoding: Encoding) -> Non
     module = sim.model.get_submodule(layer)
     if not hasattr(module, "param_quantizers") or module._parameters.get("bias") is None:
         raise ValueError(f"layer '{layer}' is not a quantized layer with a bias; cannot quantize its bias")
-    name = f"{layer}.param_quantizers.bias"
-    # Quantizer's constructor caps calibrated bitwidths at 16; a 32-bit grid is only ever set, never calibrated.
-    quantizer = Quantizer(16, True, encoding.axis, for_params=True, name=name)
+    quantizer = Quantizer(BIAS_BITWIDTH, True, encoding.axis, role="param", owner=layer, key="bias")
     quantizer.set_encoding(encoding)
     quantizer.frozen = True
     module.param_quantizers["bias"] = quantizer
 
 
-def check_bias_encodings(encodings: dict[str, Encoding], derived: dict[str, Encoding]) -> None:
+def check_bias_encodings(quantizers: dict[str, Quantizer], derived: dict[str, Encoding]) -> None:
     """Int32 bias encodings must equal s_x·s_w (``derived``: `derived_bias_encodings`), or integer runtimes
     compute something else than the QDQ graph."""
-    for quantizer, encoding in encodings.items():
-        if not quantizer.endswith(".param_quantizers.bias") or encoding.bitwidth != BIAS_BITWIDTH:
+    for quantizer in quantizers.values():
+        encoding = quantizer.encoding
+        is_bias = quantizer.role == "param" and quantizer.key == "bias"
+        if not (quantizer.enabled and is_bias and encoding is not None and encoding.bitwidth == BIAS_BITWIDTH):
             continue
-        bias_name = quantizer.replace(".param_quantizers.", ".")
+        bias_name = f"{quantizer.owner}.bias"
         expected = derived.get(bias_name)
         if expected is None or not torch.equal(expected.scale.cpu(), encoding.scale.cpu()):
             raise ValueError(

@@ -26,7 +26,8 @@ import onnx
 import torch
 
 from edgequant.quantization import Encoding, Quantizer
-from edgequant.sim.quantsim import split_model_input
+from edgequant.sim.batches import split_model_input
+from edgequant.sim.modes import training_mode
 
 if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim
@@ -49,9 +50,15 @@ class QuantSite:
 
     quantizer: str
     tensor: str
-    is_param: bool
+    role: str  # the quantizer's role and owning layer (see `Quantizer`)
+    owner: str
+    key: str
     marker_input: str  # tensor names in the marked graph
     marker_output: str
+
+    @property
+    def is_param(self) -> bool:
+        return self.role == "param"
 
 
 @dataclass
@@ -155,7 +162,7 @@ def required_opset(quantizers: dict[str, Quantizer], opset: int | None) -> int:
     """Opset to export with: int16 (and 9..15-bit) tensors need opset 21, which the user may not rule out."""
     needs_21 = [
         name for name, q in quantizers.items()
-        if q.enabled and 8 < q.bitwidth <= 16 and ".param_quantizers." not in name
+        if q.enabled and 8 < q.bitwidth <= 16 and q.role != "param"
     ]
     if opset is None:
         wants_int4 = any(q.enabled and q.bitwidth <= 4 for q in quantizers.values())
@@ -184,11 +191,9 @@ def trace_sim(
     model = sim.model
     input_names = input_names or default_input_names(model, args, kwargs)
     opset = required_opset(sim.quantizers(), opset)
-    training = {name: m.training for name, m in model.named_modules()}
-    model.eval()
     buffer = io.BytesIO()
     try:
-        with torch.no_grad(), _quantizers_as_markers(sim, include_disabled):
+        with training_mode(model, False), torch.no_grad(), _quantizers_as_markers(sim, include_disabled):
             outputs = model(*args, **kwargs)
         flat_outputs = [o for o in torch.utils._pytree.tree_leaves(outputs) if isinstance(o, torch.Tensor)]
         output_names = output_names or (
@@ -196,8 +201,8 @@ def trace_sim(
         )
         dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]} if dynamic_batch else None
         tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-        with _quantizers_as_markers(sim, include_disabled), _keyword_inputs_as_positional(model, len(args), kwargs), \
-                warnings.catch_warnings():
+        with training_mode(model, False), _quantizers_as_markers(sim, include_disabled), \
+                _keyword_inputs_as_positional(model, len(args), kwargs), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             torch.onnx.export(
                 model, args + tuple(tensor_kwargs.values()), buffer, dynamo=False, opset_version=opset,
@@ -209,11 +214,8 @@ def trace_sim(
             f"ONNX export of the sim failed ({type(error).__name__}: {str(error).splitlines()[0][:300]}); "
             "check that the model runs on dummy_input and uses ops torch.onnx supports"
         ) from None
-    finally:
-        for name, module in model.named_modules():
-            module.train(training.get(name, False))
     marked = onnx.load_from_string(buffer.getvalue())
-    sites = _read_sites(marked)
+    sites = _read_sites(marked, sim.quantizers())
     float_model = _strip_markers(marked)
     return TracedSim(
         marked, float_model, sites, _propagation(float_model, {s.tensor for s in sites if not s.is_param}),
@@ -236,16 +238,15 @@ def _marker_sources(marked: onnx.ModelProto) -> tuple[dict[str, str], dict[str, 
     return source, {_real(name, source): name for name in source if name in graph_outputs}
 
 
-def _read_sites(marked: onnx.ModelProto) -> list[QuantSite]:
+def _read_sites(marked: onnx.ModelProto, quantizers: dict[str, Quantizer]) -> list[QuantSite]:
     source, renamed = _marker_sources(marked)
     sites = []
     for node in _marker_nodes(marked):
-        quantizer = marker_quantizer(node)
+        name = marker_quantizer(node)
+        quantizer = quantizers[name]
         real = _real(node.input[0], source)
-        sites.append(
-            QuantSite(quantizer, renamed.get(real, real), ".param_quantizers." in quantizer, node.input[0],
-                      node.output[0])
-        )
+        sites.append(QuantSite(name, renamed.get(real, real), quantizer.role, quantizer.owner, quantizer.key,
+                               node.input[0], node.output[0]))
     return sites
 
 

@@ -16,6 +16,7 @@ from edgequant.export.bias import BIAS_BITWIDTH, install_bias_quantizer
 from edgequant.export.encodings_io import TensorEncoding, read_encodings
 from edgequant.export.graph_map import trace_sim
 from edgequant.quantization import Encoding, Quantizer
+from edgequant.sim.ops import weight_output_axis
 
 if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim
@@ -48,7 +49,7 @@ def _fit_to_quantizer(
 ) -> Encoding:
     """Check the entry's shape against the tensor and give per-channel entries the quantizer's channel axis."""
     encoding = entry.encoding
-    is_param = ".param_quantizers." in quantizer_name
+    is_param = quantizer.role == "param"
     if encoding.axis is None:
         return encoding
     if not is_param:
@@ -56,17 +57,14 @@ def _fit_to_quantizer(
             f"{path}: '{entry.name}' has a per-channel encoding but '{quantizer_name}' quantizes an activation, "
             "which edgequant quantizes per tensor; re-export the encodings with per-tensor activations"
         )
-    owner, _, param_name = quantizer_name.partition(".param_quantizers.")
-    module = sim.model.get_submodule(owner)
-    param = module._parameters[param_name]
+    module = sim.layer_of(quantizer)
+    param = module._parameters[quantizer.key]
     if quantizer.axis is not None:
         axis = quantizer.axis
     elif entry.is_param is None:  # 2.0.0 files state the axis
         axis = encoding.axis
     else:  # 0.6.1 / 1.0.0 do not: the layer's output-channel axis, as the sim would choose it
-        from edgequant.sim.quantsim import QuantSim
-
-        axis = QuantSim._channel_axis(module, param) or 0
+        axis = weight_output_axis(module, param) or 0
     if param.dim() <= axis or param.shape[axis] != encoding.scale.numel():
         raise ValueError(
             f"{path}: '{entry.name}' has {encoding.scale.numel()} per-channel encodings but the parameter has shape "
@@ -96,7 +94,7 @@ def load_encodings(
         sim, sim.dummy_input if dummy_input is None else dummy_input, input_names, output_names, include_disabled=True,
     )
     quantizers = sim.quantizers()
-    device = next((p.device for p in sim.model.parameters()), None)
+    device = sim.device
     report = LoadReport(version)
     unknown = []
     for entry in entries:

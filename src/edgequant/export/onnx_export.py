@@ -13,6 +13,7 @@ from edgequant.export.encodings_io import TensorEncoding, write_encodings
 from edgequant.export.graph_map import TracedSim, trace_sim
 from edgequant.export.qdq import build_qdq_model
 from edgequant.quantization import Encoding, Quantizer
+from edgequant.sim.quantized_module import param_quantizer
 
 if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim
@@ -57,8 +58,8 @@ def tensor_encoding_entries(
             continue
         seen.add(site.tensor)
         entries.append(TensorEncoding(site.tensor, by_tensor[site.tensor], site.is_param))
-        bias = site.quantizer.replace(".param_quantizers.weight", ".bias")
-        if bias in float_bias:
+        bias = f"{site.owner}.bias"
+        if site.is_param and site.key == "weight" and bias in float_bias:
             seen.add(bias)
             entries.append(TensorEncoding(bias, float_bias[bias], True))
     entries += [TensorEncoding(t, by_tensor[t], False) for t in traced.propagated if t not in seen]
@@ -66,7 +67,7 @@ def tensor_encoding_entries(
 
 
 def _quantizer_args(sim: QuantSim, quantizers: dict[str, Quantizer]) -> dict[str, Any]:
-    params = [q for name, q in quantizers.items() if ".param_quantizers." in name]
+    params = [q for q in quantizers.values() if q.role == "param"]
     return {
         "quant_scheme": AIMET_SCHEME_NAMES.get(sim.quant_scheme, sim.quant_scheme),
         "param_bitwidth": sim.param_bw,
@@ -108,13 +109,14 @@ def export_onnx(
     )
     encodings = {n: q.encoding for n, q in quantizers.items() if q.enabled}
     derived_bias = derived_bias_encodings(traced, encodings, sim)
-    check_bias_encodings(encodings, derived_bias)
+    check_bias_encodings(quantizers, derived_bias)
     by_tensor = traced.tensor_encodings(encodings)
     opset_used = model_opset(traced.float_model)
     qdq_model = build_qdq_model(traced, encodings, by_tensor, opset_used)
     float_bias = {
         bias: encoding for bias, encoding in derived_bias.items()
-        if encoding_version == "2.0.0" and f"{bias.removesuffix('.bias')}.param_quantizers.bias" not in encodings
+        if encoding_version == "2.0.0" and param_quantizer(sim.model.get_submodule(bias.removesuffix(".bias")), "bias")
+        is None
     }
     entries = tensor_encoding_entries(traced, by_tensor, float_bias)
     float_path, qdq_path = out_dir / f"{name}.onnx", out_dir / f"{name}_qdq.onnx"

@@ -25,8 +25,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,11 +34,12 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from edgequant.ptq.graph_patterns import quantizers_disabled
 from edgequant.ptq.layer_cache import LayerCache
-from edgequant.ptq.sim_helpers import StopForward, encode_from, param_quantizer, run_until_stopped
+from edgequant.ptq.sim_helpers import StopForward, run_until_stopped
 from edgequant.quantization import Encoding, Quantizer, quantize_dequantize
 from edgequant.sim import FunctionalOp, QuantizedModule, QuantSim
+from edgequant.sim.modes import quantizers_disabled, training_mode
+from edgequant.sim.quantized_module import param_quantizer
 
 ZETA, GAMMA = 1.1, -0.1
 """Stretch of the rectified sigmoid (the paper's values): h reaches exactly 0 and 1 with a finite V."""
@@ -127,7 +127,7 @@ def adaround(
         return result
     for target in targets:
         if target.quantizer.encoding is None:
-            encode_from(target.quantizer, target.layer.weight)
+            target.quantizer.encode_from(target.layer.weight)
     uncalibrated = [name for name, q in sim.quantizers().items() if q.enabled and q.encoding is None]
     if uncalibrated:
         warnings.warn(
@@ -135,14 +135,11 @@ def adaround(
             f"inputs (e.g. {uncalibrated[0]}); calibrate the sim first to include activation quantization",
             stacklevel=2,
         )
-    generator = torch.Generator(device=_device_of(sim)).manual_seed(seed)
-    training = sim.model.training
-    sim.model.eval()  # BatchNorm must use its running statistics, in the passes and in the activation chains
-    try:
+    generator = torch.Generator(device=sim.device).manual_seed(seed)
+    # BatchNorm must use its running statistics, in the passes and in the activation chains
+    with training_mode(sim.model, False):
         _run(sim, data, targets, iterations, result, generator, num_batches, memory_budget_mb, refresh_inputs,
              (reg_param, beta_range, warm_start, batch_size, learning_rate), progress)
-    finally:
-        sim.model.train(training)
     return result
 
 
@@ -161,8 +158,8 @@ def _run(sim: QuantSim, data: Iterable[Any], targets: list[_Target], iterations:
                 _collect_inputs_up_to(sim, target, data, num_batches, cache)
                 result.collect_seconds += time.perf_counter() - start
             start = time.perf_counter()
-            inputs = cache.get((target.name, "input"), _device_of(sim))
-            outputs = cache.get((target.name, "target"), _device_of(sim))
+            inputs = cache.get((target.name, "input"), sim.device)
+            outputs = cache.get((target.name, "target"), sim.device)
             cache.drop((target.name, "input"))
             cache.drop((target.name, "target"))
             layer_result = _round_layer(target, inputs, outputs, iterations[target.name], *loss_settings,
@@ -182,10 +179,6 @@ def _check_arguments(num_iterations: int, warm_start: float, batch_size: int, be
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(beta_range) != 2 or min(beta_range) <= 0:
         raise ValueError(f"beta_range must be (start, end) with positive values, got {beta_range}")
-
-
-def _device_of(sim: QuantSim) -> torch.device:
-    return next((p.device for p in sim.model.parameters()), torch.device("cpu"))
 
 
 # -- which layers, and what follows them ------------------------------------------------------------------
@@ -286,18 +279,9 @@ def _apply_chain(target: _Target, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@contextmanager
-def _encoded_quantizers_only(sim: QuantSim) -> Iterator[None]:
+def _encoded_quantizers_only(sim: QuantSim):  # noqa: ANN202 - a context manager
     """Quantizers on as configured, except those that have no encoding yet."""
-    quantizers = list(sim.quantizers().values())
-    saved = [q.enabled for q in quantizers]
-    for quantizer in quantizers:
-        quantizer.enabled = quantizer.enabled and quantizer.encoding is not None
-    try:
-        yield
-    finally:
-        for quantizer, enabled in zip(quantizers, saved, strict=True):
-            quantizer.enabled = enabled
+    return sim.quantizers_enabled(False, [q for q in sim.quantizers().values() if q.encoding is None])
 
 
 def _layer_input(layer: QuantizedModule, args: tuple) -> torch.Tensor:
@@ -305,19 +289,6 @@ def _layer_input(layer: QuantizedModule, args: tuple) -> torch.Tensor:
         raise ValueError(f"adaround: layer {type(layer).__name__} was called without a tensor input")
     quantizer = layer.input_quantizers["0"] if "0" in layer.input_quantizers else None
     return quantizer(args[0]) if quantizer is not None else args[0]
-
-
-def _batches(sim: QuantSim, data: Iterable[Any], num_batches: int | None, desc: str,
-             progress: bool) -> Iterator[tuple[tuple, dict]]:
-    total = num_batches if num_batches is not None else (len(data) if hasattr(data, "__len__") else None)
-    count = 0
-    for index, batch in enumerate(tqdm(data, total=total, desc=desc, disable=not progress, leave=False)):
-        if num_batches is not None and index >= num_batches:
-            break
-        count += 1
-        yield sim._batch_to_call(batch, index)
-    if count == 0:
-        raise ValueError("adaround: the calibration data yielded no batch; pass at least one batch")
 
 
 # -- data collection -------------------------------------------------------------------------------------
@@ -352,7 +323,7 @@ def _collect(
         handles.append(target.layer.register_forward_hook(on_output(target)))
     try:
         with torch.no_grad():
-            for args, kwargs in _batches(sim, data, num_batches, "adaround: caching layer data", progress):
+            for args, kwargs in sim.batches(data, num_batches, progress=progress, desc="adaround: caching layer data"):
                 calls.clear()
                 recording["fp32"] = True
                 with quantizers_disabled(sim.model):
@@ -386,7 +357,7 @@ def _collect_inputs_up_to(
     handle = target.layer.register_forward_pre_hook(hook)
     try:
         with torch.no_grad(), _encoded_quantizers_only(sim):
-            run_until_stopped(sim.model, _batches(sim, data, num_batches, f"adaround: inputs of {target.name}", False))
+            run_until_stopped(sim.model, sim.batches(data, num_batches, desc=f"adaround: inputs of {target.name}"))
     finally:
         handle.remove()
 

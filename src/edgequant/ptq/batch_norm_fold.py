@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgequant.ptq.graph_patterns import ModelGraph, build_graph, find_batch_norm_folds, set_submodule
+from edgequant.ptq.graph_patterns import find_batch_norm_folds, set_submodule
 from edgequant.ptq.layer_channels import add_to_bias, scale_input_channels, scale_output_channels, weights_times_input
-from edgequant.ptq.sim_helpers import param_quantizer
-from edgequant.sim.quantized_module import QuantizedModule
+from edgequant.sim.graph import ModelGraph, build_graph
+from edgequant.sim.ops import weight_output_axis
+from edgequant.sim.quantized_module import QuantizedModule, param_quantizer
 from edgequant.sim.quantsim import QuantSim
 
 
@@ -99,11 +100,6 @@ def fold_batch_norms(model: nn.Module, dummy_input: Any) -> list[tuple[nn.Module
     return [(record.layer_module, record.bn_module) for record in fold_batch_norm_records(model, dummy_input)]
 
 
-def sim_dummy_input(sim: QuantSim) -> Any:
-    """The dummy input a sim was built with, in the form `build_graph` accepts."""
-    return dict(sim._dummy_kwargs) if sim._dummy_kwargs else tuple(sim._dummy_args)
-
-
 def fold_batch_norms_to_scale(sim: QuantSim) -> list[tuple[str, str]]:
     """Fold the BatchNorms left in a sim into the preceding layers and their weight quantizers (for QAT
     after BN re-estimation), in place on ``sim.model``.
@@ -113,14 +109,13 @@ def fold_batch_norms_to_scale(sim: QuantSim) -> list[tuple[str, str]]:
     ``f < 0`` map the grid's lowest value -2^(b-1) to 2^(b-1)-1). Other weight encodings are recomputed from
     the folded weights. The BN's output quantizers become the layer's. Returns (layer, bn) names.
     """
-    folds = find_batch_norm_folds(build_graph(sim.model, sim_dummy_input(sim)), allow_following=False)
+    folds = find_batch_norm_folds(sim.graph(), allow_following=False)
     for fold in folds:
         layer, bn = sim.model.get_submodule(fold.layer), sim.model.get_submodule(fold.bn)
         quantizer = param_quantizer(layer)
         if quantizer is not None and quantizer.frozen and quantizer.encoding is not None:
             encoding = quantizer.encoding
-            output_axis = 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
-            if encoding.axis != output_axis or not encoding.symmetric:
+            if encoding.axis != weight_output_axis(layer, layer.weight) or not encoding.symmetric:
                 raise ValueError(
                     f"cannot fold {fold.bn} into the frozen weight encoding of {fold.layer}: it must be per-channel "
                     "(axis of the output channels) and symmetric; unfreeze it or use the per_channel config"
@@ -136,8 +131,8 @@ def fold_batch_norms_to_scale(sim: QuantSim) -> list[tuple[str, str]]:
                 quantizer.set_encoding(encoding)
             if isinstance(layer, QuantizedModule) and isinstance(bn, QuantizedModule):
                 layer.output_quantizers = bn.output_quantizers
-                for key, moved in layer.output_quantizers.items():
-                    moved.name = f"{fold.layer}.output_quantizers.{key}"
+                for moved in layer.output_quantizers.values():
+                    moved.owner = fold.layer
             set_submodule(sim.model, fold.bn, nn.Identity())
     sim.compute_param_encodings()
     return [(fold.layer, fold.bn) for fold in folds]

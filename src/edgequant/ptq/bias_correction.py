@@ -19,11 +19,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from edgequant.ptq.batch_norm_fold import sim_dummy_input
 from edgequant.ptq.channel_clamp import ChannelClamp
-from edgequant.ptq.graph_patterns import BATCH_NORM_TYPES, GraphNode, ModelGraph, build_graph, quantizers_disabled
+from edgequant.ptq.graph_patterns import BATCH_NORM_TYPES
 from edgequant.ptq.layer_channels import add_to_bias, is_weight_layer, output_channel_dim, weights_times_input
-from edgequant.ptq.sim_helpers import StopForward, encode_from, param_quantizer, run_until_stopped
+from edgequant.ptq.sim_helpers import StopForward, run_until_stopped
+from edgequant.sim.graph import GraphNode, ModelGraph
+from edgequant.sim.modes import quantizers_disabled, training_mode
+from edgequant.sim.quantized_module import param_quantizer
 from edgequant.sim.quantsim import QuantSim
 
 
@@ -50,7 +52,7 @@ def correct_bias(
     empirical, otherwise analytical. The sim must be calibrated. A layer without bias gets one. ``layers``
     restricts the correction to those names.
     """
-    graph = build_graph(sim.model, sim_dummy_input(sim))
+    graph = sim.graph()
     targets, report = _targets(sim, graph, layers)
     with torch.no_grad():
         if data is None:
@@ -82,7 +84,7 @@ def _apply(sim: QuantSim, name: str, delta: torch.Tensor, report: BiasCorrection
     add_to_bias(module, delta)
     bias_quantizer = param_quantizer(module, "bias")
     if bias_quantizer is not None and not bias_quantizer.frozen:  # keep its grid covering the new bias
-        encode_from(bias_quantizer, module.bias)
+        bias_quantizer.encode_from(module.bias)
     report.corrected[name] = delta.float()
 
 
@@ -122,25 +124,15 @@ def _correct_empirically(
     report: BiasCorrectionReport,
     progress: bool,
 ) -> None:
-    batches = []
-    for index, batch in enumerate(data):
-        if num_batches is not None and index >= num_batches:
-            break
-        batches.append(sim._batch_to_call(batch, index))
-    if not batches:
-        raise ValueError("correct_bias: the data yielded no batch; pass at least one batch or data=None")
+    batches = list(sim.batches(data, num_batches, desc="correct_bias (or pass data=None)"))
     if not targets:
         return
-    training = sim.model.training
-    sim.model.eval()
-    try:
+    with training_mode(sim.model, False):
         with quantizers_disabled(sim.model):
             float_means = _channel_means(sim, targets, batches)
         for name in tqdm(targets, desc="bias correction", disable=not progress):
             quantized_mean = _channel_means(sim, [name], batches)[name]
             _apply(sim, name, float_means[name] - quantized_mean, report)
-    finally:
-        sim.model.train(training)
 
 
 # -- analytical --------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from edgequant.ptq.batch_norm_fold import fold_batch_norms_to_scale
 from edgequant.ptq.graph_patterns import BATCH_NORM_TYPES
+from edgequant.sim.modes import training_mode
 from edgequant.sim.quantsim import QuantSim
 
 
@@ -48,36 +48,26 @@ def reestimate_bn(
     result = BatchNormReestimation(reestimated=list(norms))
     if not norms:
         return result
-    modes = {name: m.training for name, m in sim.model.named_modules()}
     momenta = {name: m.momentum for name, m in norms.items()}
     saved = {name: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
              for name, m in norms.items()}
     seen = 0
     try:
-        sim.model.eval()
-        for module in norms.values():
-            module.reset_running_stats()
-            module.momentum = None
-            module.train()
-        total = min(num_batches, len(data)) if hasattr(data, "__len__") else num_batches
-        with torch.no_grad():
-            for index, batch in enumerate(tqdm(data, total=total, desc="BN re-estimation", disable=not progress)):
-                if index >= num_batches:
-                    break
-                args, kwargs = sim._batch_to_call(batch, index)
+        with training_mode(sim.model, False), torch.no_grad():
+            for module in norms.values():
+                module.reset_running_stats()
+                module.momentum = None
+                module.train()
+            for args, kwargs in sim.batches(data, num_batches, progress=progress, desc="reestimate_bn"):
                 sim.model(*args, **kwargs)
                 seen += 1
     finally:
-        for name, module in sim.model.named_modules():
-            module.train(modes.get(name, False))
         for name, module in norms.items():
             module.momentum = momenta[name]
             if seen == 0:  # nothing ran (error or empty data): keep the old statistics
                 module.running_mean.copy_(saved[name][0])
                 module.running_var.copy_(saved[name][1])
                 module.num_batches_tracked.copy_(saved[name][2])
-    if seen == 0:
-        raise ValueError("reestimate_bn: the data yielded no batch; pass at least one batch")
     if fold_to_scale:
         result.folded = fold_batch_norms_to_scale(sim)
     return result

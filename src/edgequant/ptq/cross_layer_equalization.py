@@ -35,9 +35,6 @@ from edgequant.ptq.batch_norm_fold import FoldedBatchNorm, fold_batch_norm_recor
 from edgequant.ptq.channel_clamp import ChannelClamp
 from edgequant.ptq.graph_patterns import (
     EqualizationCandidate,
-    GraphNode,
-    ModelGraph,
-    build_graph,
     find_equalization_candidates,
     move_into_slots,
     set_submodule,
@@ -53,6 +50,7 @@ from edgequant.ptq.layer_channels import (
     scale_output_channels,
     weights_times_input,
 )
+from edgequant.sim.graph import GraphNode, ModelGraph, build_graph
 
 
 @dataclass

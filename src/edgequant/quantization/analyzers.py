@@ -74,6 +74,24 @@ class EncodingAnalyzer:
             self.min = torch.minimum(self.min, batch_min)
             self.max = torch.maximum(self.max, batch_max)
 
+    def merge(self, other: EncodingAnalyzer) -> None:
+        """Add ``other``'s statistics to these, as if this analyzer had also seen ``other``'s tensors.
+
+        This is the seam for distributed calibration: each process observes its shard, then the statistics of
+        all processes are merged in rank order, so every process computes the same encoding."""
+        if type(other) is not type(self) or other.axis != self.axis:
+            raise TypeError(f"cannot merge a {type(other).__name__} into a {type(self).__name__}")
+        self.num_nonfinite += other.num_nonfinite
+        self.num_sentinels += other.num_sentinels
+        if other.min is not None:
+            self._merge_statistics(other)
+
+    def _merge_statistics(self, other: EncodingAnalyzer) -> None:
+        self._merge_min_max(other.min.to(self._device(other)), other.max.to(self._device(other)))
+
+    def _device(self, other: EncodingAnalyzer) -> torch.device:
+        return self.min.device if self.min is not None else other.min.device
+
     def compute_range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (min, max) the encoding should cover."""
         self._require_data()
@@ -116,6 +134,25 @@ class HistogramAnalyzer(EncodingAnalyzer):
             self._widen(torch.minimum(self.min, self.hist_min), torch.maximum(self.max, self.hist_max))
         self.hist += self._histogram(values, self.hist_min, self.hist_max)
 
+    def _merge_statistics(self, other: EncodingAnalyzer) -> None:
+        device = self._device(other)
+        if self.hist is None:
+            self.min, self.max = other.min.to(device), other.max.to(device)
+            self.hist = other.hist.to(device).clone()
+            self.hist_min, self.hist_max = other.hist_min.to(device), other.hist_max.to(device)
+            return
+        other_min, other_max = other.hist_min.to(device), other.hist_max.to(device)
+        super()._merge_statistics(other)
+        if (other_min < self.hist_min).any() or (other_max > self.hist_max).any():
+            self._widen(torch.minimum(other_min, self.hist_min), torch.maximum(other_max, self.hist_max))
+        self.hist += self._rebinned(other.hist.to(device), other.bin_centres().to(device))
+
+    def _rebinned(self, counts: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """``counts`` at bin ``centres`` moved whole into this histogram's bins (the rule `_widen` follows)."""
+        width = (self.hist_max - self.hist_min) / self.num_bins
+        index = ((centres - self.hist_min[:, None]) / width[:, None]).long().clamp_(0, self.num_bins - 1)
+        return torch.zeros_like(self.hist).scatter_add_(1, index, counts)
+
     def _histogram(self, values: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         if values.shape[0] == 1:
             counts = torch.histc(values, self.num_bins, float(low), float(high))
@@ -127,12 +164,9 @@ class HistogramAnalyzer(EncodingAnalyzer):
         return counts.view(values.shape[0], self.num_bins).to(torch.float64)
 
     def _widen(self, new_min: torch.Tensor, new_max: torch.Tensor) -> None:
-        centres = self.bin_centres()
-        width = (new_max - new_min) / self.num_bins
-        index = ((centres - new_min[:, None]) / width[:, None]).long().clamp_(0, self.num_bins - 1)
-        widened = torch.zeros_like(self.hist)
-        widened.scatter_add_(1, index, self.hist)
-        self.hist, self.hist_min, self.hist_max = widened, new_min, new_max
+        counts, centres = self.hist, self.bin_centres()
+        self.hist_min, self.hist_max = new_min, new_max
+        self.hist = self._rebinned(counts, centres)
 
     def bin_centres(self) -> torch.Tensor:
         width = (self.hist_max - self.hist_min) / self.num_bins
@@ -257,6 +291,11 @@ class MseAnalyzer(EncodingAnalyzer):
 
     def _update(self, values: torch.Tensor, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
         self._merge_min_max(batch_min, batch_max)
+        self.values = values if self.values is None else torch.cat([self.values, values], dim=1)
+
+    def _merge_statistics(self, other: EncodingAnalyzer) -> None:
+        super()._merge_statistics(other)
+        values = other.values.to(self.min.device)
         self.values = values if self.values is None else torch.cat([self.values, values], dim=1)
 
     def compute_range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,8 +36,7 @@ class Encoding:
         self.offset = torch.as_tensor(self.offset, dtype=torch.float32).detach().round()
         if self.scale.shape != self.offset.shape:
             raise ValueError(f"scale shape {tuple(self.scale.shape)} != offset shape {tuple(self.offset.shape)}")
-        if not 2 <= self.bitwidth <= 32:
-            raise ValueError(f"bitwidth {self.bitwidth} is outside the supported range 2..32")
+        check_bitwidth(self.bitwidth, "encoding bitwidth")
         if not torch.isfinite(self.scale).all() or (self.scale <= 0).any():
             raise ValueError("encoding scale must be finite and > 0, got " + str(self.scale.tolist()))
 
@@ -133,6 +132,15 @@ def broadcast_shape(ndim: int, axis: int | None) -> tuple[int, ...]:
     shape[axis] = -1
     return tuple(shape)
 
+
+def check_bitwidth(bitwidth: object, what: str) -> None:
+    """One rule for every bitwidth the package accepts (sim defaults, config kernels, quantizers, encodings)."""
+    if isinstance(bitwidth, bool) or not isinstance(bitwidth, int) or not MIN_BITWIDTH <= bitwidth <= MAX_BITWIDTH:
+        raise ValueError(f"{what}={bitwidth!r} is not supported; use an integer from {MIN_BITWIDTH} to {MAX_BITWIDTH}")
+
+
+MIN_BITWIDTH, MAX_BITWIDTH = 2, 32
+"""Supported integer widths: 2-16 for weights and activations, up to 32 for int32 biases."""
 
 MIN_RANGE = 1e-5
 """Smallest range an encoding may cover; constant or all-zero tensors get ``[0, MIN_RANGE]``-wide grids."""

@@ -6,18 +6,31 @@ It has three modes, chosen by plain attributes so other features plug in without
 * ``enabled`` with an encoding: fake-quantize (STE/LSQ gradients, see `affine`);
 * disabled: identity (used by analysis to isolate one layer, or for ops the config leaves in float).
 
+A quantizer knows what it quantizes: ``role`` (one of `ROLES`), ``owner`` (the sim layer's name, ``""`` for
+the model's own inputs) and ``key`` (input/output position or parameter name), so no code parses names.
+
 ``scale``/``offset`` are buffers; `enable_range_learning` turns them into parameters for QAT with range
-learning. ``frozen`` encodings are not recomputed by calibration (AdaRound, loaded or edited encodings).
+learning. A new encoding is copied into them in place, so an optimizer built earlier keeps training the live
+tensors. ``frozen`` encodings are not recomputed by calibration (AdaRound, loaded or edited encodings).
+Everything that defines the quantizer (encoding, bitwidth, symmetry, axis, flags) is in its ``state_dict``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 from edgequant.quantization.affine import quantize_dequantize
 from edgequant.quantization.analyzers import CalibrationError, EncodingAnalyzer, make_analyzer
-from edgequant.quantization.encoding import Encoding, broadcast_shape
+from edgequant.quantization.encoding import Encoding, broadcast_shape, check_bitwidth
+
+ROLES = ("model_input", "input", "param", "output")
+"""What a quantizer quantizes: a model input, a layer's input, a layer's parameter, or a layer's output."""
+
+_GROUP_OF_ROLE = {"model_input": "model_input_quantizers", "input": "input_quantizers",
+                  "param": "param_quantizers", "output": "output_quantizers"}
 
 
 class Quantizer(nn.Module):
@@ -27,32 +40,40 @@ class Quantizer(nn.Module):
         symmetric: bool = False,
         axis: int | None = None,
         scheme: str = "minmax",
-        for_params: bool = False,
+        role: str = "output",
+        owner: str = "",
+        key: str = "0",
         min_constraint: float | None = None,
         max_constraint: float | None = None,
-        name: str = "",
     ) -> None:
         super().__init__()
-        if not 2 <= bitwidth <= 16:
-            raise ValueError(f"quantizer {name or '?'}: bitwidth {bitwidth} is outside the supported range 2..16")
+        if role not in ROLES:
+            raise ValueError(f"quantizer role {role!r} is not one of {', '.join(ROLES)}")
+        self.role, self.owner, self.key = role, owner, key
+        check_bitwidth(bitwidth, f"quantizer {self.name} bitwidth")
         self.bitwidth = bitwidth
         self.symmetric = symmetric
         self.axis = axis
         self.min_constraint = min_constraint
         self.max_constraint = max_constraint
-        self.name = name
         self.enabled = True
         self.frozen = False
         self.reuse_input_memory = False  # set by the sim for op outputs, which nothing else holds
         self.calibrating = False
-        self.analyzer: EncodingAnalyzer = make_analyzer(scheme, axis, for_params)
+        self.analyzer: EncodingAnalyzer = make_analyzer(scheme, axis, role == "param")
         self.register_buffer("scale", None)
         self.register_buffer("offset", None)
+
+    @property
+    def name(self) -> str:
+        """Full name in the sim, e.g. ``layer1.0.conv1.param_quantizers.weight``."""
+        group = f"{_GROUP_OF_ROLE[self.role]}.{self.key}"
+        return f"{self.owner}.{group}" if self.owner else group
 
     def extra_repr(self) -> str:
         granularity = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
         state = "enabled" if self.enabled else "disabled"
-        return f"bw={self.bitwidth}, {'sym' if self.symmetric else 'asym'}, {granularity}, {state}"
+        return f"{self.role}, bw={self.bitwidth}, {'sym' if self.symmetric else 'asym'}, {granularity}, {state}"
 
     # -- encodings ---------------------------------------------------------------------------------------
     @property
@@ -61,20 +82,34 @@ class Quantizer(nn.Module):
             return None
         return Encoding(self.scale, self.offset, self.bitwidth, self.symmetric, self.axis)
 
+    @property
+    def range_learning(self) -> bool:
+        return isinstance(self.scale, nn.Parameter)
+
     def set_encoding(self, encoding: Encoding | None) -> None:
-        """Install an encoding (its bitwidth/symmetry/axis become this quantizer's)."""
+        """Install an encoding (its bitwidth/symmetry/axis become this quantizer's).
+
+        The values are copied into the existing scale/offset tensors when the shapes agree, so trainable
+        (range-learning) parameters stay the same objects."""
         if encoding is None:
+            if self.range_learning:
+                raise RuntimeError(f"quantizer '{self.name}' learns its range; it cannot drop its encoding")
             self.scale = self.offset = None
             return
         self.bitwidth, self.symmetric, self.axis = encoding.bitwidth, encoding.symmetric, encoding.axis
         device = self.scale.device if self.scale is not None else encoding.scale.device
         scale, offset = encoding.scale.to(device), encoding.offset.to(device)
-        if isinstance(self.scale, nn.Parameter):
+        if self.scale is not None and self.scale.shape == scale.shape:
             with torch.no_grad():
-                self.scale = nn.Parameter(scale)
-                self.offset = nn.Parameter(offset)
+                self.scale.copy_(scale)
+                self.offset.copy_(offset)
+        elif self.range_learning:
+            raise RuntimeError(
+                f"quantizer '{self.name}' learns its range with shape {tuple(self.scale.shape)}; an encoding of "
+                f"shape {tuple(scale.shape)} would orphan the optimizer's tensors"
+            )
         else:
-            self.scale, self.offset = scale, offset
+            self.scale, self.offset = scale.clone(), offset.clone()
 
     def compute_encoding(self) -> Encoding:
         """Turn the analyzer's statistics into an encoding, honouring the config's range constraints."""
@@ -98,6 +133,12 @@ class Quantizer(nn.Module):
         self.set_encoding(encoding)
         return encoding
 
+    def encode_from(self, tensor: torch.Tensor) -> Encoding:
+        """(Re)compute the encoding from ``tensor`` alone (a weight, or a tensor chosen by a technique)."""
+        self.analyzer.reset()
+        self.analyzer.observe(tensor.detach())
+        return self.compute_encoding()
+
     def enable_range_learning(self) -> None:
         """Make scale and offset trainable (QAT with range learning, LSQ gradients)."""
         if self.scale is None:
@@ -106,6 +147,36 @@ class Quantizer(nn.Module):
         del self.scale, self.offset
         self.scale = nn.Parameter(scale)
         self.offset = nn.Parameter(offset)
+
+    # -- state_dict --------------------------------------------------------------------------------------
+    def get_extra_state(self) -> torch.Tensor:
+        """Flags and grid as one small integer tensor (every state_dict value stays a tensor, which
+        TorchScript tracing, ONNX export and ``torch.load(weights_only=True)`` expect)."""
+        axis = -1 if self.axis is None else self.axis
+        return torch.tensor([self.enabled, self.frozen, self.bitwidth, self.symmetric, axis], dtype=torch.int64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        enabled, frozen, bitwidth, symmetric, axis = (int(v) for v in state.tolist())
+        self.enabled, self.frozen, self.symmetric = bool(enabled), bool(frozen), bool(symmetric)
+        self.bitwidth = bitwidth
+        self.axis = None if axis < 0 else axis
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Make room for a saved encoding (an uncalibrated quantizer has no scale/offset tensors yet), or
+        drop ours when the saved quantizer had none; the base class then copies values and extra state."""
+        saved_scale, saved_offset = state_dict.get(prefix + "scale"), state_dict.get(prefix + "offset")
+        if saved_scale is not None and saved_offset is not None:
+            if self.scale is None or self.scale.shape != saved_scale.shape:
+                device = self.scale.device if self.scale is not None else saved_scale.device
+                if self.range_learning:
+                    self.scale = nn.Parameter(torch.empty_like(saved_scale, device=device))
+                    self.offset = nn.Parameter(torch.empty_like(saved_offset, device=device))
+                else:
+                    self.scale = torch.empty_like(saved_scale, device=device)
+                    self.offset = torch.empty_like(saved_offset, device=device)
+        elif saved_scale is None and not self.range_learning:
+            self.scale = self.offset = None
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

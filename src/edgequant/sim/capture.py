@@ -136,7 +136,7 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, CallR
     return records
 
 
-class _LeafTracer(fx.Tracer):
+class LeafTracer(fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
         return is_leaf(module) or super().is_leaf_module(module, qualname)
 
@@ -179,10 +179,10 @@ def _trace_unwrapped(module: nn.Module, concrete: dict[str, Any]) -> fx.Graph:
     cls = type(module)
     forward = inspect.unwrap(cls.forward)
     if forward is cls.forward:
-        return _LeafTracer().trace(module, concrete_args=concrete)
+        return LeafTracer().trace(module, concrete_args=concrete)
     module.__class__ = type(cls.__name__, (cls,), {"forward": forward})
     try:
-        return _LeafTracer().trace(module, concrete_args=concrete)
+        return LeafTracer().trace(module, concrete_args=concrete)
     finally:
         module.__class__ = cls
 
@@ -230,13 +230,13 @@ def functionalize_graph(traced: fx.GraphModule, prefix: str) -> list[CoverageNot
         if node.op == "call_module":
             module = traced.get_submodule(node.target)
             if node.target in seen_targets and not any(True for _ in module.parameters()):
-                node.target = _add_submodule(traced, node.target.replace(".", "_"), copy.deepcopy(module))
+                node.target = add_submodule(traced, node.target.replace(".", "_"), copy.deepcopy(module))
             seen_targets.add(node.target)
         elif node.op in ("call_function", "call_method"):
             op_type = function_op_type(node.target)
             tensor_name = f"{prefix}{node.name}"
             if op_type is not None:
-                name = _add_submodule(traced, node.name, FunctionalOp(node.target, op_type))
+                name = add_submodule(traced, node.name, FunctionalOp(node.target, op_type))
                 with traced.graph.inserting_before(node):
                     replacement = traced.graph.call_module(name, node.args, node.kwargs)
                 node.replace_all_uses_with(replacement)
@@ -261,7 +261,7 @@ def functionalize_graph(traced: fx.GraphModule, prefix: str) -> list[CoverageNot
     return notes
 
 
-def _add_submodule(traced: fx.GraphModule, name: str, module: nn.Module) -> str:
+def add_submodule(traced: fx.GraphModule, name: str, module: nn.Module) -> str:
     candidate, index = name, 1
     while hasattr(traced, candidate):
         candidate, index = f"{name}_{index}", index + 1

@@ -181,3 +181,11 @@ def function_op_type(target: object) -> str | None:
 
 def is_data_movement(target: object) -> bool:
     return function_name(target).strip("_") in DATA_MOVEMENT
+
+
+def weight_output_axis(module: nn.Module, param: torch.Tensor) -> int | None:
+    """Axis of a weight that holds the layer's output channels (1 for transposed convs); None for 1-D params,
+    which stay per-tensor. The one place that knows this: per-channel quantizers, encodings import, folding."""
+    if param.dim() < 2:
+        return None
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0

@@ -107,5 +107,12 @@ class FunctionalOp(nn.Module):
         return self.target(*args, **kwargs)
 
 
+def param_quantizer(module: nn.Module, name: str = "weight") -> Quantizer | None:
+    """The quantizer of parameter ``name`` of a sim layer, or None (not a sim layer, or not quantized)."""
+    if not isinstance(module, QuantizedModule) or name not in module.param_quantizers:
+        return None
+    return module.param_quantizers[name]
+
+
 def is_float_tensor(value: object) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()

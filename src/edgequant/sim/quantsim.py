@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import hashlib
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,11 +16,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from tqdm.auto import tqdm
 
 from edgequant.config import HardwareConfig
 from edgequant.quantization import QUANT_SCHEMES, CalibrationError, Encoding, Quantizer
 from edgequant.quantization.analyzers import SCHEME_ALIASES
+from edgequant.quantization.encoding import check_bitwidth
+from edgequant.quantization.quantizer import ROLES
+from edgequant.sim.batches import ModelInput, iterate_batches, model_device
 from edgequant.sim.capture import (
     CallRecord,
     CoverageNote,
@@ -27,11 +31,16 @@ from edgequant.sim.capture import (
     record_calls,
     try_trace,
 )
+from edgequant.sim.distributed import synchronize_statistics
+from edgequant.sim.graph import ModelGraph, build_graph
 from edgequant.sim.interception import intercept_functional_ops
-from edgequant.sim.ops import function_name, is_custom_module, is_pass_through, module_op_type
+from edgequant.sim.modes import quantizers_enabled
+from edgequant.sim.ops import function_name, is_custom_module, is_pass_through, module_op_type, weight_output_axis
 from edgequant.sim.quantized_module import QuantizedModule, make_quantized
+from edgequant.sim.services import service
 
 STATE_FORMAT = "edgequant-sim-state"
+STATE_VERSION = 2
 
 
 @dataclass
@@ -45,15 +54,6 @@ class CoverageEntry:
     reason: str
 
 
-def split_model_input(dummy_input: Any) -> tuple[tuple, dict]:
-    """A model input as (args, kwargs): a dict is keyword inputs, a tuple/list positional ones, else one input."""
-    if isinstance(dummy_input, dict):
-        return (), dict(dummy_input)
-    if isinstance(dummy_input, (tuple, list)):
-        return tuple(dummy_input), {}
-    return (dummy_input,), {}
-
-
 def _quantize_model_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Forward pre-hook of the root: quantize the model's float inputs (config ``model_input``)."""
     quantizers = module.model_input_quantizers
@@ -62,11 +62,14 @@ def _quantize_model_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tupl
     return args, kwargs
 
 
-def _split_quantizer_name(name: str) -> tuple[str, str, str]:
-    """``a.b.param_quantizers.weight`` -> (``a.b``, ``param_quantizers``, ``weight``); root owner is ``""``."""
-    head, key = name.rsplit(".", 1)
-    owner, _, group = head.rpartition(".")
-    return owner, group, key
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of ``tensors``, in name order (detects corrupted files)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 class QuantSim:
@@ -93,12 +96,11 @@ class QuantSim:
         scheme = SCHEME_ALIASES.get(quant_scheme, quant_scheme)
         if scheme not in QUANT_SCHEMES:
             raise ValueError(f"unknown quant_scheme {quant_scheme!r}; choose one of {', '.join(QUANT_SCHEMES)}")
-        for label, bits in (("param_bw", param_bw), ("output_bw", output_bw)):
-            if not isinstance(bits, int) or not 2 <= bits <= 16:
-                raise ValueError(f"{label}={bits!r} is not supported; use an integer between 2 and 16")
+        check_bitwidth(param_bw, "param_bw")
+        check_bitwidth(output_bw, "output_bw")
         self.param_bw, self.output_bw, self.quant_scheme = param_bw, output_bw, scheme
         self.config = HardwareConfig.load(config)
-        self._dummy_args, self._dummy_kwargs = split_model_input(dummy_input)
+        self.model_input = ModelInput.of(dummy_input)
         self._in_place = in_place
         self.model = model if in_place else copy.deepcopy(model)
         self._notes: list[CoverageNote] = []
@@ -110,7 +112,7 @@ class QuantSim:
         training = {name: m.training for name, m in self.model.named_modules()}
         self.model.eval()
         try:
-            records = record_calls(self.model, self._dummy_args, self._dummy_kwargs)
+            records = record_calls(self.model, self.model_input.args, self.model_input.kwargs)
         except Exception as error:
             raise ValueError(
                 f"the model does not run on dummy_input ({type(error).__name__}: {error}); pass an input with "
@@ -121,7 +123,7 @@ class QuantSim:
             self.model.__class__, self.model.__dict__ = captured.__class__, captured.__dict__
         else:
             self.model = captured
-        records = record_calls(self.model, self._dummy_args, self._dummy_kwargs)
+        records = record_calls(self.model, self.model_input.args, self.model_input.kwargs)
         for name, module in list(self.model.named_modules()):
             self._wrap(name, module, records)
         self._add_model_input_quantizers(records.get(""))
@@ -208,17 +210,15 @@ class QuantSim:
             if not rule.quantized:
                 self._notes.append(CoverageNote(f"{name}.{param_name}", op_type, "not quantized by the config"))
                 continue
-            axis = self._channel_axis(module, param) if rule.per_channel else None
+            axis = weight_output_axis(module, param) if rule.per_channel else None
             module.param_quantizers[param_name] = Quantizer(
-                rule.bitwidth or self.param_bw, rule.symmetric, axis, self.quant_scheme, for_params=True,
-                name=f"{name}.param_quantizers.{param_name}",
+                rule.bitwidth or self.param_bw, rule.symmetric, axis, self.quant_scheme, role="param",
+                owner=name, key=param_name,
             )
         input_rule = self.config.input_rule(op_type)
         if input_rule.quantized:
             for index in record.float_inputs:
-                module.input_quantizers[str(index)] = self._activation_quantizer(
-                    input_rule, f"{name}.input_quantizers.{index}"
-                )
+                module.input_quantizers[str(index)] = self._activation_quantizer(input_rule, "input", name, index)
         output_rule = self.config.output_rule(op_type)
         fused_into = self._supergroup_members.get(name)
         for index in range(record.num_float_outputs):
@@ -228,23 +228,16 @@ class QuantSim:
             elif not output_rule.quantized:
                 self._notes.append(CoverageNote(tensor, op_type, f"the config does not quantize {op_type} outputs"))
             else:
-                quantizer = self._activation_quantizer(output_rule, f"{name}.output_quantizers.{index}")
+                quantizer = self._activation_quantizer(output_rule, "output", name, index)
                 # built-in ops return fresh tensors; a user's module might return its input unchanged
                 quantizer.reuse_input_memory = not is_custom_module(module)
                 module.output_quantizers[str(index)] = quantizer
 
-    def _activation_quantizer(self, rule: Any, name: str) -> Quantizer:
+    def _activation_quantizer(self, rule: Any, role: str, owner: str, key: int | str) -> Quantizer:
         return Quantizer(
-            rule.bitwidth or self.output_bw, rule.symmetric, None, self.quant_scheme,
-            min_constraint=rule.min_constraint, max_constraint=rule.max_constraint, name=name,
+            rule.bitwidth or self.output_bw, rule.symmetric, None, self.quant_scheme, role=role, owner=owner,
+            key=str(key), min_constraint=rule.min_constraint, max_constraint=rule.max_constraint,
         )
-
-    @staticmethod
-    def _channel_axis(module: nn.Module, param: torch.Tensor) -> int | None:
-        """Output-channel axis of a weight (1 for transposed convs); 1-D params stay per-tensor."""
-        if param.dim() < 2:
-            return None
-        return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
 
     def _add_model_input_quantizers(self, record: CallRecord | None) -> None:
         if not self.config.model_input_quantized or record is None:
@@ -252,10 +245,10 @@ class QuantSim:
         quantizers = nn.ModuleDict()
         rule = self.config.output_rule("__model_input__")
         for index in record.float_inputs:
-            quantizers[str(index)] = self._activation_quantizer(rule, f"model_input_quantizers.{index}")
-        for key, value in self._dummy_kwargs.items():
+            quantizers[str(index)] = self._activation_quantizer(rule, "model_input", "", index)
+        for key, value in self.model_input.kwargs.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
-                quantizers[key] = self._activation_quantizer(rule, f"model_input_quantizers.{key}")
+                quantizers[key] = self._activation_quantizer(rule, "model_input", "", key)
         if quantizers and isinstance(self.model, nn.Sequential):  # a child would join the Sequential's pipeline
             self._notes.append(CoverageNote("<model input>", "input", "untraceable nn.Sequential root: not quantized"))
         elif quantizers:
@@ -263,19 +256,40 @@ class QuantSim:
             self.model.register_forward_pre_hook(_quantize_model_inputs, with_kwargs=True)
 
     # -- inspection ------------------------------------------------------------------------------------
-    def quantizers(self) -> dict[str, Quantizer]:
-        """Every quantizer by its full name, e.g. ``layer1.0.conv1.param_quantizers.weight``."""
-        return {name: m for name, m in self.model.named_modules() if isinstance(m, Quantizer)}
+    def quantizers(self, role: str | Iterable[str] | None = None) -> dict[str, Quantizer]:
+        """Quantizers by full name (e.g. ``layer1.0.conv1.param_quantizers.weight``), optionally only those of
+        ``role`` (``"model_input"``, ``"input"``, ``"param"``, ``"output"``, or several)."""
+        roles = _roles(role)
+        return {
+            name: m for name, m in self.model.named_modules() if isinstance(m, Quantizer) and m.role in roles
+        }
 
     def quantized_modules(self) -> dict[str, QuantizedModule]:
         return {name: m for name, m in self.model.named_modules() if isinstance(m, QuantizedModule)}
+
+    def layer_of(self, quantizer: Quantizer) -> nn.Module:
+        """The module a quantizer belongs to (the root model for model-input quantizers)."""
+        return self.model.get_submodule(quantizer.owner) if quantizer.owner else self.model
+
+    def graph(self) -> ModelGraph:
+        """Who feeds whom in ``sim.model`` (run on the dummy input, quantizers bypassed)."""
+        return build_graph(self.model, self.dummy_input)
+
+    @property
+    def dummy_input(self) -> Any:
+        """The example input the sim was built with (a dict for keyword inputs, else a tuple)."""
+        return self.model_input.example
+
+    @property
+    def device(self) -> torch.device:
+        """Where ``sim.model`` lives (batches are moved there)."""
+        return model_device(self.model)
 
     def coverage(self) -> list[CoverageEntry]:
         """Every tensor of the captured model: quantized or not, and why not."""
         entries = []
         for name, quantizer in self.quantizers().items():
-            owner, _, _ = _split_quantizer_name(name)
-            op = getattr(self.model.get_submodule(owner), "onnx_op_type", "model input") if owner else "model input"
+            op = getattr(self.layer_of(quantizer), "onnx_op_type", "model input") if quantizer.owner else "model input"
             reason = "" if quantizer.enabled else "quantizer disabled"
             entries.append(CoverageEntry(name, op, quantizer.enabled, name, reason))
         entries += [CoverageEntry(n.tensor, n.op, False, None, n.reason) for n in self._notes]
@@ -289,10 +303,28 @@ class QuantSim:
         lines += [f"  {e.tensor:<50} {e.op:<20} {e.reason}" for e in entries if not e.quantized]
         return "\n".join(lines)
 
+    # -- batches ---------------------------------------------------------------------------------------
+    def batches(
+        self, data: Iterable[Any], num_batches: int | None = None, *, progress: bool = False, desc: str = "batches",
+        error: type[Exception] = ValueError,
+    ) -> Iterator[tuple[tuple, dict]]:
+        """Up to ``num_batches`` batches of ``data`` as ``(args, kwargs)`` for ``sim.model``, on its device.
+
+        Batches are tensors, tuples whose leading items are the model inputs (labels are ignored), or dicts of
+        keyword inputs. No batch at all, or one with NaN/inf inputs, raises ``error`` naming the batch."""
+        return iterate_batches(data, self.model_input, self.device, num_batches=num_batches, progress=progress,
+                               desc=desc, error=error)
+
     # -- calibration -----------------------------------------------------------------------------------
-    def compute_encodings(self, forward_fn: Callable[..., Any], *forward_args: Any) -> None:
-        """Calibrate: ``forward_fn(sim.model, *forward_args)`` runs representative data (AIMET-style)."""
-        activation_quantizers = self._activation_quantizers_to_calibrate()
+    @contextmanager
+    def calibrating(self) -> Iterator[None]:
+        """Observe what the model computes inside the block, then compute the encodings on exit.
+
+        ``with sim.calibrating(): my_loop(sim.model)`` — the model runs in float (quantizers only observe)
+        and without gradients. Frozen encodings are kept. In an initialised ``torch.distributed`` process
+        group the statistics of all ranks are merged, so every rank ends with the same encodings."""
+        activation_quantizers = [q for q in self.quantizers(role=("model_input", "input", "output")).values()
+                                 if not q.frozen]
         observing = [q for q in self.quantizers().values() if not q.frozen]
         for quantizer in activation_quantizers:
             quantizer.analyzer.reset()
@@ -300,10 +332,11 @@ class QuantSim:
             quantizer.calibrating = True
         try:
             with torch.no_grad():
-                forward_fn(self.model, *forward_args)
+                yield
         finally:
             for quantizer in observing:
                 quantizer.calibrating = False
+        synchronize_statistics(activation_quantizers)
         self.compute_param_encodings()
         failures = []
         for quantizer in activation_quantizers:
@@ -315,101 +348,77 @@ class QuantSim:
                 warnings.warn(
                     f"quantizer '{quantizer.name}' ignored {quantizer.analyzer.num_nonfinite} non-finite values "
                     "(NaN/inf) during calibration",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
         if failures:
             raise CalibrationError("calibration failed for:\n  " + "\n  ".join(failures))
 
-    def compute_param_encodings(self) -> None:
-        """(Re)compute the encodings of all non-frozen parameter quantizers from the current weights."""
-        for module in self.quantized_modules().values():
-            for param_name, quantizer in module.param_quantizers.items():
-                if quantizer.frozen:
-                    continue
-                param = module._parameters[param_name]
-                if not torch.isfinite(param).all():
-                    raise CalibrationError(
-                        f"parameter '{quantizer.name.replace('.param_quantizers', '')}' contains NaN/inf values; "
-                        "fix the model's weights before quantizing"
-                    )
-                quantizer.analyzer.reset()
-                quantizer.analyzer.observe(param.detach())
-                quantizer.compute_encoding()
-
-    def _activation_quantizers_to_calibrate(self) -> list[Quantizer]:
-        return [
-            q for name, q in self.quantizers().items()
-            if ".param_quantizers." not in name and not q.frozen
-        ]
+    def compute_encodings(self, forward_fn: Callable[..., Any], *forward_args: Any) -> None:
+        """Calibrate: ``forward_fn(sim.model, *forward_args)`` runs representative data (AIMET-style)."""
+        with self.calibrating():
+            forward_fn(self.model, *forward_args)
 
     def calibrate(self, data: Iterable[Any], num_batches: int | None = None, progress: bool = True) -> None:
-        """Calibrate on an iterable of batches (tensors, tuples whose leading items are the model inputs
-        — labels are ignored — or dicts of keyword inputs)."""
-
-        def run(model: nn.Module) -> None:
-            seen = 0
-            total = num_batches if num_batches is not None else (len(data) if hasattr(data, "__len__") else None)
-            for index, batch in enumerate(tqdm(data, total=total, desc="calibrating", disable=not progress)):
-                if num_batches is not None and index >= num_batches:
-                    break
-                args, kwargs = self._batch_to_call(batch, index)
+        """Calibrate on an iterable of batches (see `batches`)."""
+        with self.calibrating():
+            batches = self.batches(data, num_batches, progress=progress, desc="calibrating", error=CalibrationError)
+            for index, (args, kwargs) in enumerate(batches):
                 try:
-                    model(*args, **kwargs)
+                    self.model(*args, **kwargs)
                 except Exception as error:
                     raise CalibrationError(
                         f"calibration batch {index} does not run through the model ({type(error).__name__}: "
                         f"{error}); batches must have the structure, shape and dtype of dummy_input"
                     ) from error
-                seen += 1
-            if seen == 0:
-                raise CalibrationError("the calibration data yielded no batch; pass at least one batch")
 
-        self.compute_encodings(run)
-
-    def _batch_to_call(self, batch: Any, index: int) -> tuple[tuple, dict]:
-        device = next((t.device for t in self._dummy_args if isinstance(t, torch.Tensor)), None)
-        if isinstance(batch, dict):
-            kwargs = {k: batch[k] for k in self._dummy_kwargs} if self._dummy_kwargs else dict(batch)
-            args: tuple = ()
-        elif isinstance(batch, (tuple, list)):
-            args, kwargs = tuple(batch[: max(1, len(self._dummy_args))]), {}
-        else:
-            args, kwargs = (batch,), {}
-        for value in (*args, *kwargs.values()):
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+    def compute_param_encodings(self) -> None:
+        """(Re)compute the encodings of all non-frozen parameter quantizers from the current weights."""
+        for quantizer in self.quantizers(role="param").values():
+            if quantizer.frozen:
+                continue
+            param = getattr(self.layer_of(quantizer), quantizer.key)
+            if not torch.isfinite(param).all():
                 raise CalibrationError(
-                    f"calibration batch {index} contains NaN or inf values; clean the data before calibrating"
+                    f"parameter '{quantizer.owner}.{quantizer.key}' contains NaN/inf values; "
+                    "fix the model's weights before quantizing"
                 )
-        if device is not None:
-            args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-            kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        return args, kwargs
+            quantizer.encode_from(param)
 
     # -- editing ---------------------------------------------------------------------------------------
     def select(self, pattern: str = "*", kinds: Iterable[str] = ("input", "param", "output"),
                module_types: tuple[type, ...] | None = None) -> dict[str, Quantizer]:
-        """Quantizers whose owning module name matches the glob ``pattern`` (and optional module types)."""
-        groups = {f"{kind}_quantizers" for kind in kinds}
+        """Quantizers whose owning layer name matches the glob ``pattern``, of the roles ``kinds`` (``"input"``
+        includes the model's inputs) and optional module types. Matching nothing is an error."""
+        kinds = tuple(kinds)
+        roles = set(_roles(kinds)) | ({"model_input"} if "input" in kinds else set())
         selected = {}
-        for name, quantizer in self.quantizers().items():
-            owner, group, _ = _split_quantizer_name(name)
-            kind = "input_quantizers" if group == "model_input_quantizers" else group
-            if kind not in groups or not fnmatch.fnmatchcase(owner, pattern):
+        for name, quantizer in self.quantizers(role=roles).items():
+            if not fnmatch.fnmatchcase(quantizer.owner, pattern):
                 continue
-            if module_types is not None:
-                owner_module = self.model.get_submodule(owner) if owner else self.model
-                if not isinstance(owner_module, module_types):
-                    continue
+            if module_types is not None and not isinstance(self.layer_of(quantizer), module_types):
+                continue
             selected[name] = quantizer
+        if not selected:
+            layers = sorted({q.owner for q in self.quantizers().values() if q.owner})
+            close = [n for n in layers if pattern.strip("*").split(".")[0] in n][:5] or layers[:5]
+            raise KeyError(
+                f"no quantizer of kinds {list(kinds)} belongs to a layer matching {pattern!r}"
+                + (f" of type {[t.__name__ for t in module_types]}" if module_types else "")
+                + f"; layers are named like: {', '.join(close)}"
+            )
         return selected
 
     def set_enabled(self, enabled: bool, pattern: str = "*", kinds: Iterable[str] = ("input", "param", "output"),
                     module_types: tuple[type, ...] | None = None) -> int:
-        """Enable or disable quantizers by module name glob / kind / module type; returns how many changed."""
+        """Enable or disable quantizers by layer name glob / kind / module type; returns how many were selected."""
         selected = self.select(pattern, kinds, module_types)
         for quantizer in selected.values():
             quantizer.enabled = enabled
         return len(selected)
+
+    def quantizers_enabled(self, enabled: bool, quantizers: Iterable[Quantizer] | None = None):  # noqa: ANN201
+        """Context manager: ``quantizers`` (default: all) on or off inside the block, restored after."""
+        return quantizers_enabled(self.quantizers().values() if quantizers is None else quantizers, enabled)
 
     def freeze_encodings(self, pattern: str = "*") -> None:
         """Keep the selected encodings fixed through later calibration."""
@@ -417,11 +426,12 @@ class QuantSim:
             quantizer.frozen = True
 
     def set_encoding(self, quantizer_name: str, encoding: Encoding, freeze: bool = True) -> None:
-        quantizer = self._quantizer(quantizer_name)
+        quantizer = self.quantizer(quantizer_name)
         quantizer.set_encoding(encoding)
         quantizer.frozen = freeze
 
-    def _quantizer(self, name: str) -> Quantizer:
+    def quantizer(self, name: str) -> Quantizer:
+        """One quantizer by full name; an unknown name raises a KeyError listing similar names."""
         quantizers = self.quantizers()
         if name not in quantizers:
             close = [n for n in quantizers if name.split(".")[0] in n][:5]
@@ -429,68 +439,66 @@ class QuantSim:
         return quantizers[name]
 
     # -- persistence -----------------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        quantizer_states = {}
-        for name, q in self.quantizers().items():
-            encoding = q.encoding
-            quantizer_states[name] = {
-                "enabled": q.enabled, "frozen": q.frozen, "bitwidth": q.bitwidth, "symmetric": q.symmetric,
-                "axis": q.axis, "encoding": encoding.to_dict() if encoding is not None else None,
-            }
-        quantizer_names = set(quantizer_states)
-        weights = {
-            k: v for k, v in self.model.state_dict().items()
-            if not any(k.startswith(q + ".") for q in quantizer_names)
-        }
-        return {
-            "format": STATE_FORMAT, "version": 1, "config": self.config.raw, "param_bw": self.param_bw,
-            "output_bw": self.output_bw, "quant_scheme": self.quant_scheme, "quantizers": quantizer_states,
-            "model_state": weights,
-        }
-
     def save(self, path: str | Path) -> None:
-        """Save encodings, config, which quantizers are on, and the (possibly AdaRounded) weights."""
-        torch.save(self.state(), path)
+        """Save the settings and ``sim.model.state_dict()`` (weights, encodings, quantizer flags), with a
+        checksum of its tensors."""
+        state_dict = self.model.state_dict()
+        torch.save({
+            "format": STATE_FORMAT, "version": STATE_VERSION, "config": self.config.raw, "param_bw": self.param_bw,
+            "output_bw": self.output_bw, "quant_scheme": self.quant_scheme, "state_dict": state_dict,
+            "checksum": tensors_checksum({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}),
+        }, path)
 
     def load(self, path: str | Path) -> None:
         """Restore a state written by `save` into this sim (built from the same model architecture)."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError) as error:
-            raise ValueError(f"cannot read sim state from {path}: {error}") from None
+        except FileNotFoundError:
+            raise ValueError(f"sim state file {path} does not exist") from None
+        except Exception as error:  # torch raises many kinds for truncated or foreign files
+            raise ValueError(
+                f"{path} is not a readable sim state ({type(error).__name__}: {str(error)[:120]}); the file is "
+                "truncated or not written by QuantSim.save — rerun `edgequant quantize` to write it again"
+            ) from None
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"{path} is not an edgequant sim state (written by QuantSim.save)")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"{path} has sim-state format version {state.get('version')}; this edgequant reads version "
+                f"{STATE_VERSION}: rerun `edgequant quantize` (or QuantSim.save) with this version"
+            )
+        state_dict = state["state_dict"]
+        tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+        if tensors_checksum(tensors) != state.get("checksum"):
+            raise ValueError(f"{path} is corrupted: its tensors do not match the checksum written with them")
         quantizers = self.quantizers()
-        missing, unexpected = set(quantizers) - set(state["quantizers"]), set(state["quantizers"]) - set(quantizers)
+        saved = {k.removesuffix("._extra_state") for k in state_dict if k.endswith("._extra_state")}
+        missing, unexpected = set(quantizers) - saved, saved - set(quantizers)
         if missing or unexpected:
             raise ValueError(
                 f"{path} was saved from a different model: quantizers missing in the file: {sorted(missing)[:5]}, "
                 f"unknown to this sim: {sorted(unexpected)[:5]}"
             )
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        self.model.load_state_dict(state["model_state"], strict=False)
-        for name, saved in state["quantizers"].items():
-            quantizer = quantizers[name]
-            quantizer.enabled, quantizer.frozen = saved["enabled"], saved["frozen"]
-            quantizer.bitwidth, quantizer.symmetric = saved["bitwidth"], saved["symmetric"]
-            quantizer.axis = saved["axis"]
-            encoding = saved["encoding"]
-            quantizer.set_encoding(Encoding.from_dict(encoding).to(device) if encoding is not None else None)
+        result = self.model.load_state_dict(state_dict, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"{path} does not fit this model: missing {result.missing_keys[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
 
-    # -- export (implemented in edgequant.export) ------------------------------------------------------
-    @property
-    def dummy_input(self) -> Any:
-        """The example input the sim was built with (a dict for keyword inputs, else a tuple)."""
-        return dict(self._dummy_kwargs) if self._dummy_kwargs else self._dummy_args
-
+    # -- services of higher layers (registered by edgequant.export) -------------------------------------
     def export(self, out_dir: str | Path, dummy_input: Any = None, name: str = "model", **options: Any) -> Any:
         """Write the float ONNX model, AIMET encodings and the QDQ model; see `edgequant.export.export_onnx`."""
-        from edgequant.export.onnx_export import export_onnx
-
-        return export_onnx(self, out_dir, dummy_input, name, **options)
+        return service("export", "edgequant.export")(self, out_dir, dummy_input, name, **options)
 
     def load_encodings(self, path: str | Path, **options: Any) -> Any:
         """Load an AIMET encodings file (0.6.1/1.0.0/2.0.0); see `edgequant.export.load_encodings`."""
-        from edgequant.export.load import load_encodings
+        return service("load_encodings", "edgequant.export")(self, path, **options)
 
-        return load_encodings(self, path, **options)
+
+def _roles(role: str | Iterable[str] | None) -> tuple[str, ...]:
+    roles = ROLES if role is None else ((role,) if isinstance(role, str) else tuple(role))
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise ValueError(f"unknown quantizer role(s) {unknown}; roles are {', '.join(ROLES)}")
+    return roles

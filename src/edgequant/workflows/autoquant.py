@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,45 +27,12 @@ from tqdm.auto import tqdm
 
 from edgequant.config import HardwareConfig
 from edgequant.ptq.adaround import adaround
-from edgequant.ptq.report_html import write_report
 from edgequant.sim import QuantSim
+from edgequant.workflows.autoquant_report import write_report
+from edgequant.workflows.autoquant_result import AutoQuantResult, StepRecord
 
 DEFAULT_SCHEMES = ("minmax", "sqnr", "percentile")
 LOG_NAME = "autoquant_log.json"
-
-
-@dataclass
-class StepRecord:
-    """One evaluated configuration (or diagnostic) in the order AutoQuant ran it."""
-
-    name: str
-    description: str
-    metric: float | None
-    seconds: float
-    layers: list[str] = field(default_factory=list)
-    state_file: str | None = None  # sim state of a candidate, relative to the run directory
-    stage: str = "original"  # float model it was built from: original, bn_fold or cle
-    scheme: str = ""
-    meets_target: bool = False
-    diagnostic: bool = False
-    cached: bool = False
-
-
-@dataclass
-class AutoQuantResult:
-    """Best sim found, where its state lies, the step log, the HTML report and, if needed, what to try next."""
-
-    sim: QuantSim
-    fp32_metric: float
-    target_metric: float
-    best_step: str
-    best_metric: float
-    target_met: bool
-    encodings_path: Path
-    report_path: Path
-    steps: list[StepRecord]
-    sensitivity: list[tuple[str, float]] = field(default_factory=list)
-    recommendation: str | None = None
 
 
 def autoquant(
@@ -284,13 +251,8 @@ class _Run:
             ]
             for name in tqdm(layers, desc="autoquant: layer sensitivity", disable=not self.progress):
                 quantizers = sim.model.get_submodule(name).quantizers().values()
-                saved = [q.enabled for q in quantizers]
-                for quantizer in quantizers:
-                    quantizer.enabled = False
-                with torch.no_grad():
+                with sim.quantizers_enabled(False, quantizers), torch.no_grad():
                     scores[name] = float(eval_fn(sim.model))
-                for quantizer, enabled in zip(quantizers, saved, strict=True):
-                    quantizer.enabled = enabled
             self._log[key] = sorted(scores.items(), key=lambda item: -item[1])
             self._save_log()
         return [(name, metric) for name, metric in self._log[key]]
@@ -316,7 +278,7 @@ def _recommend(result: AutoQuantResult, param_bw: int, output_bw: int) -> str:
         listed = ", ".join(f"{n} ({m - result.best_metric:+.4f})" for n, m in helpful)
         lines.append(f"Keep the most sensitive layers at a higher bitwidth (e.g. 16-bit): {listed}.")
     lines.append("Quantization-aware training (fine-tune the best sim's model, encodings saved at "
-                 f"{result.encodings_path}) usually recovers the rest.")
+                 f"{result.sim_state_path}) usually recovers the rest.")
     return "\n".join(lines)
 
 

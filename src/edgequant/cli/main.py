@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from edgequant import __version__
-from edgequant.cli_inputs import dummy_from_batch, load_batches, load_model, load_object, parse_shape, peek
-from edgequant.cli_support import ErrorHandlingGroup, debug_option
+from edgequant.cli.autoquant_command import autoquant
+from edgequant.cli.errors import ErrorHandlingGroup, debug_option
+from edgequant.cli.export_commands import export, verify
+from edgequant.cli.inputs import dummy_from_batch, load_batches, load_model, load_object, parse_shape, peek
 from edgequant.config import HardwareConfig
-from edgequant.export.cli_commands import export, verify
-from edgequant.ptq.cli_commands import autoquant
 from edgequant.quantization import QUANT_SCHEMES
 from edgequant.sim import QuantSim
+from edgequant.sim.batches import move_to
 
 DEMO_MODEL = "digits_cnn"
 MAX_PRINTED_COVERAGE_LINES = 30
@@ -127,7 +128,7 @@ def quantize(
     batches = load_batches(data_spec, batch_size, shape, _floats(mean, "--mean"), _floats(std, "--std"))
     first, batches = peek(batches)
     dummy = torch.zeros(shape) if shape is not None else dummy_from_batch(first)
-    dummy = _to_device(dummy, target)
+    dummy = move_to(dummy, target)
     model = load_model(model_spec, lambda: dummy if isinstance(dummy, tuple) else (dummy,)).to(target)
     evaluate = _evaluation(eval_spec) if eval_spec else None
     job = Job(model, model_spec, data_spec, batches, dummy, num_batches, evaluate, "metric",
@@ -228,10 +229,15 @@ def _summary(job: Job, settings: SimSettings, sim: QuantSim, metric: dict | None
 def _write_outputs(sim: QuantSim, summary: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path, encodings_path, summary_path = (out_dir / name for name in
-                                                ("sim_state.pt", "encodings.json", "summary.json"))
+                                                ("sim_state.pt", "quantizer_encodings.json", "summary.json"))
     sim.save(state_path)
-    # keyed by quantizer name; AIMET-format files keyed by ONNX tensor names come from `edgequant export`
-    encodings_path.write_text(json.dumps(sim.state()["quantizers"], indent=1))
+    # keyed by quantizer name, for reading; AIMET encodings files (ONNX tensor names) come from `edgequant export`
+    encodings = {
+        name: {"role": q.role, "layer": q.owner, "enabled": q.enabled,
+               **(q.encoding.to_dict() if q.encoding is not None else {"bitwidth": q.bitwidth})}
+        for name, q in sim.quantizers().items()
+    }
+    encodings_path.write_text(json.dumps(encodings, indent=1))
     summary_path.write_text(json.dumps(summary, indent=1))
     return [state_path, encodings_path, summary_path]
 
@@ -277,16 +283,6 @@ def _device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a torch device name such as cpu, cuda or cuda:1") from None
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return tuple(_to_device(item, device) for item in value)
-    return value
 
 
 # Commands contributed by the export (issue 3) and PTQ (issue 4) packages.

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import torch
 
-from edgequant.cli_inputs import dummy_from_batch, load_batches, load_model, load_object, parse_shape, peek
+from edgequant.cli.inputs import dummy_from_batch, load_batches, load_model, load_object, parse_shape, peek
 from edgequant.config import HardwareConfig
 
 
@@ -41,7 +41,7 @@ def autoquant(
     adaround_iterations: int, results_dir: Path, device: str, quiet: bool,
 ) -> None:
     """Find the cheapest PTQ recipe meeting FP32 - allowed drop; writes the best sim and an HTML report."""
-    from edgequant.ptq.autoquant import autoquant as run_autoquant
+    from edgequant.workflows import autoquant as run_autoquant
 
     target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
@@ -76,7 +76,7 @@ def autoquant(
                f"target {result.target_metric:.4f})")
     if result.recommendation:
         click.echo(result.recommendation)
-    click.echo(f"sim state: {result.encodings_path}\nreport:    {result.report_path}")
+    click.echo(f"sim state: {result.sim_state_path}\nreport:    {result.report_path}")
 
 
 def _digits_job(batch_size: int) -> tuple:

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import torch
 
-from edgequant.cli_inputs import dummy_from_batch, load_batches, load_model, parse_shape, peek
+from edgequant.cli.inputs import dummy_from_batch, load_batches, load_model, parse_shape, peek
 from edgequant.export.encodings_io import SUPPORTED_VERSIONS
 from edgequant.export.onnx_export import export_onnx
 from edgequant.export.verify import verify as verify_parity
