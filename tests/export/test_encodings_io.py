@@ -16,7 +16,7 @@ import edgequant as eq
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
 from edgequant.export import EncodingsFileError, quantize_bias_int32, read_encodings
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/aimet-2.42"
+FIXTURES = Path(__file__).resolve().parents[3] / "shared/fixtures/aimet-2.42"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="AIMET fixtures not present")
 
 
