@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from edgequant import QuantSim
 from edgequant.cli import main
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
+from edgequant.ptq import fold_batch_norms
 
 
 @pytest.fixture
@@ -70,11 +71,15 @@ def test_quantize_tensor_file_and_factory_writes_loadable_outputs(runner: CliRun
     assert weight["bitwidth"] == 4 and weight["axis"] == 0  # per-channel preset, --param-bw 4
 
     # the saved state reproduces the CLI's simulation bit for bit in a fresh sim
-    fresh = QuantSim(load_pretrained("digits_cnn"), images[:1], param_bw=4, quant_scheme="percentile",
-                     config="per_channel")
+    spec = json.loads((out / "input_spec.json").read_text())
+    assert spec["shape"] == [1, 1, 8, 8] and spec["batch_size"] == 32 and spec["fold_bn"] is True
+    fresh_model = load_pretrained("digits_cnn")
+    fold_batch_norms(fresh_model, images[:1])
+    fresh = QuantSim(fresh_model, images[:1], param_bw=4, quant_scheme="percentile", config="per_channel")
     fresh.load(out / "sim_state.pt")
-    reference = QuantSim(load_pretrained("digits_cnn"), images[:1], param_bw=4, quant_scheme="percentile",
-                         config="per_channel")
+    folded = load_pretrained("digits_cnn")
+    assert fold_batch_norms(folded, images[:1])  # quantize folds BatchNorm by default, as deployment does
+    reference = QuantSim(folded, images[:1], param_bw=4, quant_scheme="percentile", config="per_channel")
     reference.calibrate(images[:100].split(32), progress=False)
     with torch.no_grad():
         assert torch.equal(fresh.model(images[:50]), reference.model(images[:50]))

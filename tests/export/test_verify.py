@@ -50,10 +50,18 @@ def test_cli_export_and_verify(tmp_path: Path) -> None:
     runner = CliRunner()
     common = ["--model", "edgequant.demo.digits:load_pretrained", "--sim-state", str(tmp_path / "sim_state.pt"),
               "--input-shape", "1,1,8,8"]
-    result = runner.invoke(export_command, [*common, str(tmp_path / "out")])
+    result = runner.invoke(export_command, [*common, "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out/model_qdq.onnx").is_file()
     result = runner.invoke(verify_command, [*common, "--data", str(tmp_path / "data.pt"), "--quiet",
-                                            str(tmp_path / "out")])
+                                            "--export-dir", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
+    strict = runner.invoke(verify_command, [*common, "--data", str(tmp_path / "data.pt"), "--quiet",
+                                            "--export-dir", str(tmp_path / "out"), "--max-lsb", "0",
+                                            "--min-identical", "100"])
+    identical = float(strict.output.split(" identical")[0].rsplit(" ", 1)[-1].rstrip("%"))
+    if identical < 100:  # the gate fails exactly when the report says the sim and the runtime differ
+        assert strict.exit_code == 1 and "FAILED" in strict.output
+    else:
+        assert strict.exit_code == 0
     assert "within 1 LSB" in result.output

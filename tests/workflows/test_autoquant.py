@@ -71,8 +71,8 @@ def test_stops_at_calibration_when_target_met(digits, tmp_path) -> None:
 
 
 def test_cli_runs_the_digits_demo(tmp_path) -> None:
-    outcome = CliRunner().invoke(autoquant_command, ["--results-dir", str(tmp_path), "--quiet", "--num-batches", "2",
-                                                     "--schemes", "minmax"])
+    outcome = CliRunner().invoke(autoquant_command, ["--out", str(tmp_path), "--quiet", "--num-batches", "2",
+                                                     "--scheme", "minmax"])
     assert outcome.exit_code == 0, outcome.output
     assert "target met" in outcome.output and "report:" in outcome.output
     assert list(tmp_path.rglob("autoquant_report.html"))

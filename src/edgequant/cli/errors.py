@@ -8,6 +8,8 @@ command into ``Error: <message>`` (exit code 1) unless ``--debug`` was given, ei
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import click
@@ -42,6 +44,9 @@ class ErrorHandlingGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except BrokenPipeError:  # `edgequant ... | head`: the reader left; stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(0)
         except Exception as error:
             if ctx.meta.get(DEBUG_KEY):
                 raise

@@ -1,88 +1,82 @@
 """``edgequant export`` and ``edgequant verify`` (click commands; the CLI registers them on its group).
 
-Both rebuild the sim from the model and the ``sim_state.pt`` that ``edgequant quantize`` writes (the state holds
-the config, bitwidths and encodings), so no calibration is repeated.
+Both rebuild the sim from the model and the ``sim_state.pt`` that ``edgequant quantize`` writes (with the
+``input_spec.json`` beside it: input shape, preprocessing, BN folding), so nothing is repeated or re-typed.
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 from pathlib import Path
 
 import click
-import torch
 
-from edgequant.cli.inputs import dummy_from_batch, load_batches, load_model, parse_shape, peek
+from edgequant.cli.data import InputSpec, data_options, quiet_option, resolve_data
+from edgequant.cli.errors import debug_option
+from edgequant.cli.inputs import dummy_from_batch
+from edgequant.cli.sim_state import sim_from_state
 from edgequant.export.encodings_io import SUPPORTED_VERSIONS
 from edgequant.export.onnx_export import export_onnx
 from edgequant.export.verify import verify as verify_parity
-from edgequant.sim import QuantSim
 
-
-def _sim_from_state(model_spec: str, state_path: Path, input_shape: str) -> QuantSim:
-    """The sim ``edgequant quantize`` saved: same config and bitwidths, encodings restored."""
-    dummy = torch.randn(parse_shape(input_shape))
-    model = load_model(model_spec, lambda: (dummy,))
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "config" not in state:
-        raise click.BadParameter(
-            f"{state_path} is not a sim state written by 'edgequant quantize'", param_hint="--sim-state"
-        )
-    sim = QuantSim(
-        model, dummy, param_bw=state["param_bw"], output_bw=state["output_bw"], quant_scheme=state["quant_scheme"],
-        config=state["config"],
-    )
-    sim.load(state_path)
-    return sim
-
-
-_model_option = click.option("--model", "-m", "model_spec", metavar="SPEC", help="The float model (as for quantize).")
+_model_option = click.option("--model", "-m", "model_spec", metavar="SPEC",
+                             help="The float model, as given to quantize.")
 _state_option = click.option(
-    "--sim-state", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="sim_state.pt from quantize."
+    "--sim-state", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="sim_state.pt written by quantize (its input_spec.json beside it gives shape and preprocessing).",
 )
-_shape_option = click.option("--input-shape", default="1,3,224,224", show_default=True, metavar="N,C,H,W")
+_name_option = click.option("--name", default="model", show_default=True, help="File name stem of the exported files.")
 
 
 @click.command()
 @_model_option
 @_state_option
-@_shape_option
-@click.option("--name", default="model", show_default=True, help="File name stem of the exported files.")
-@click.option("--encoding-version", type=click.Choice(SUPPORTED_VERSIONS), default="1.0.0", show_default=True)
+@click.option("--input-shape", metavar="N,C,H,W", help="Export input shape [default: the recorded spec].")
+@_name_option
+@click.option("--encoding-version", type=click.Choice(SUPPORTED_VERSIONS), default="1.0.0", show_default=True,
+              help="AIMET encodings file format version.")
 @click.option("--opset", type=int, help="ONNX opset (default 17, or 21 where int4/int16 tensors need it).")
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-def export(
-    model_spec: str, sim_state: Path, input_shape: str, name: str, encoding_version: str, opset: int | None,
-    out_dir: Path,
-) -> None:
-    """Write OUT_DIR/{name}.onnx, {name}.encodings (AIMET format) and {name}_qdq.onnx for a quantized model."""
-    if not model_spec or sim_state is None:
-        raise click.UsageError(
-            "export needs --model and --sim-state (the sim_state.pt written by 'edgequant quantize')"
-        )
-    sim = _sim_from_state(model_spec, sim_state, input_shape)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder [default: the sim state's folder].")
+@quiet_option
+@debug_option
+def export(model_spec: str | None, sim_state: Path | None, input_shape: str | None, name: str,
+           encoding_version: str, opset: int | None, out_dir: Path | None, quiet: bool) -> None:
+    """Write {name}.onnx, {name}.encodings (AIMET format) and {name}_qdq.onnx for a quantized model."""
+    sim, _ = sim_from_state(model_spec, sim_state, input_shape)
+    out_dir = out_dir or sim_state.parent
     click.echo(export_onnx(sim, out_dir, name=name, encoding_version=encoding_version, opset=opset).summary())
 
 
 @click.command()
-@click.option("--data", "-d", "data_spec", required=True, metavar="SPEC",
-              help="Inputs to compare on: an image folder, a tensor file (.pt/.npy) or module:function.")
 @_model_option
 @_state_option
-@_shape_option
-@click.option("--name", default="model", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--num-batches", type=click.IntRange(min=1), help="Compare on at most this many batches.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.argument("out_dir", type=click.Path(exists=True, path_type=Path))
-def verify(
-    data_spec: str, model_spec: str | None, sim_state: Path | None, input_shape: str, name: str, batch_size: int,
-    num_batches: int | None, quiet: bool, out_dir: Path,
-) -> None:
-    """Run OUT_DIR's QDQ model in ONNX Runtime's integer kernels and compare it with the sim (given --model and
-    --sim-state) or with the QDQ graph computed in float."""
-    sim = _sim_from_state(model_spec, sim_state, input_shape) if model_spec and sim_state else None
-    batches = load_batches(data_spec, batch_size, parse_shape(input_shape))
-    _, batches = peek(batches)
-    inputs = (dummy_from_batch(b) for b in itertools.islice(batches, num_batches))  # stop reading after num_batches
-    click.echo(verify_parity(out_dir, sim, inputs, name=name, batch_size=batch_size, progress=not quiet).summary())
+@data_options
+@click.option("--export-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder holding {name}_qdq.onnx from export [default: the sim state's folder].")
+@_name_option
+@click.option("--max-lsb", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Fail (exit 1) when an output differs from the sim by more than this many LSBs.")
+@click.option("--min-identical", type=click.FloatRange(0, 100), default=0.0, show_default=True,
+              help="Fail (exit 1) when fewer than this percentage of outputs are identical to the sim.")
+@quiet_option
+@debug_option
+def verify(model_spec: str | None, sim_state: Path | None, data_spec: str | None, input_shape: str | None,
+           batch_size: int | None, num_batches: int | None, mean: str | None, std: str | None,
+           export_dir: Path | None, name: str, max_lsb: int, min_identical: float, quiet: bool) -> None:
+    """Run the exported QDQ model in ONNX Runtime's integer kernels and compare it with the sim (given --model and
+    --sim-state) or with the QDQ graph computed in float; exits 1 when the thresholds are missed."""
+    sim, spec = sim_from_state(model_spec, sim_state, input_shape) if model_spec or sim_state else (None, None)
+    export_dir = export_dir or (sim_state.parent if sim_state is not None else None)
+    if export_dir is None:
+        raise click.UsageError("verify needs --export-dir (or --sim-state, whose folder holds the export)")
+    recorded = spec or InputSpec.beside(sim_state)
+    data = resolve_data(data_spec, input_shape, batch_size, num_batches, mean, std, recorded)
+    inputs = (dummy_from_batch(b) for b in itertools.islice(data.batches, num_batches))  # stop reading early
+    report = verify_parity(export_dir, sim, inputs, name=name, batch_size=data.spec.batch_size, progress=not quiet)
+    click.echo(report.summary())
+    failures = report.threshold_failures(max_lsb, min_identical)
+    if failures:
+        click.echo("FAILED: " + "; ".join(failures), err=True)
+        sys.exit(1)

@@ -6,7 +6,9 @@ with one command and no data.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import asdict, dataclass
@@ -14,15 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 from torch import nn
 
 from edgequant import __version__
 from edgequant.cli.autoquant_command import autoquant
+from edgequant.cli.data import InputSpec, data_options, device_option, quiet_option, resolve_data, resolve_device
 from edgequant.cli.errors import ErrorHandlingGroup, debug_option
 from edgequant.cli.export_commands import export, verify
-from edgequant.cli.inputs import dummy_from_batch, load_batches, load_model, load_object, parse_shape, peek
+from edgequant.cli.inputs import load_model, load_object
 from edgequant.config import HardwareConfig
+from edgequant.ptq import fold_batch_norms
 from edgequant.quantization import QUANT_SCHEMES
 from edgequant.sim import QuantSim
 from edgequant.sim.batches import move_to
@@ -65,6 +68,7 @@ class Job:
     evaluate: Callable[[nn.Module], float] | None
     metric_name: str
     load_s: float
+    spec: InputSpec
 
 
 def _settings_options(command: Callable) -> Callable:
@@ -79,9 +83,11 @@ def _settings_options(command: Callable) -> Callable:
         click.option("--config", default="default", show_default=True,
                      help=f"Hardware config: a preset ({', '.join(HardwareConfig.preset_names())}) or a JSON "
                           "file in AIMET's quantsim-config format."),
+        click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
+                     help="Fold BatchNorm into the preceding Conv/Linear first, as deployment toolchains do."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
                      default=Path("edgequant_out"), show_default=True, help="Output folder."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
+        quiet_option,
         debug_option,
     ]
     for option in reversed(options):
@@ -92,24 +98,15 @@ def _settings_options(command: Callable) -> Callable:
 @main.command()
 @click.option("--model", "-m", "model_spec", metavar="SPEC",
               help="'package.module:factory', 'file.py:factory', a torch.export .pt2 file or a TorchScript file.")
-@click.option("--data", "-d", "data_spec", metavar="SPEC",
-              help="Calibration data: a folder of images, a .pt/.npy tensor file, or 'module:function' "
-                   "returning an iterable of batches.")
-@click.option("--input-shape", metavar="N,C,H,W",
-              help="Shape of the dummy input (and of images read from a folder); default: the first batch.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Batch size when splitting a tensor file or an image folder.")
-@click.option("--num-batches", type=click.IntRange(min=1), help="Calibrate on at most this many batches.")
-@click.option("--mean", default="0", show_default=True, help="Per-channel mean subtracted from images in [0, 1].")
-@click.option("--std", default="1", show_default=True, help="Per-channel std dividing images in [0, 1].")
+@data_options
 @click.option("--eval", "eval_spec", metavar="SPEC",
               help="'module:function' called as function(model) -> float, on the FP32 model and the sim.")
-@click.option("--device", default="auto", show_default=True, help="'cpu', 'cuda', 'cuda:1'... ('auto': GPU if any).")
+@device_option
 @_settings_options
 def quantize(
-    model_spec: str | None, data_spec: str | None, input_shape: str | None, batch_size: int,
-    num_batches: int | None, mean: str, std: str, eval_spec: str | None, device: str,
-    param_bw: int, output_bw: int, scheme: str, config: str, out_dir: Path, quiet: bool,
+    model_spec: str | None, data_spec: str | None, input_shape: str | None, batch_size: int | None,
+    num_batches: int | None, mean: str | None, std: str | None, eval_spec: str | None, device: str,
+    param_bw: int, output_bw: int, scheme: str, config: str, fold_bn: bool, out_dir: Path, quiet: bool,
 ) -> None:
     """Build a quantization simulation of a model, calibrate it and write its encodings.
 
@@ -117,33 +114,30 @@ def quantize(
     """
     settings = SimSettings(param_bw, output_bw, scheme, config)
     if model_spec is None and data_spec is None:
-        _run(_demo_job(), settings, out_dir, quiet)
+        _run(_demo_job(fold_bn), settings, out_dir, quiet)
         return
     if model_spec is None or data_spec is None:
         missing = "--model" if model_spec is None else "--data"
         raise click.UsageError(f"{missing} is required (run 'edgequant quantize' with no arguments for the demo)")
-    target = _device(device)
-    shape = parse_shape(input_shape) if input_shape else None
+    target = resolve_device(device)
     started = time.perf_counter()
-    batches = load_batches(data_spec, batch_size, shape, _floats(mean, "--mean"), _floats(std, "--std"))
-    first, batches = peek(batches)
-    dummy = torch.zeros(shape) if shape is not None else dummy_from_batch(first)
-    dummy = move_to(dummy, target)
+    data = resolve_data(data_spec, input_shape, batch_size, num_batches, mean, std, fold_bn=fold_bn)
+    dummy = move_to(data.dummy_input, target)
     model = load_model(model_spec, lambda: dummy if isinstance(dummy, tuple) else (dummy,)).to(target)
     evaluate = _evaluation(eval_spec) if eval_spec else None
-    job = Job(model, model_spec, data_spec, batches, dummy, num_batches, evaluate, "metric",
-              time.perf_counter() - started)
+    job = Job(model, model_spec, data_spec, data.batches, dummy, num_batches, evaluate, "metric",
+              time.perf_counter() - started, data.spec)
     _run(job, settings, out_dir, quiet)
 
 
 @main.command()
 @_settings_options
-def demo(param_bw: int, output_bw: int, scheme: str, config: str, out_dir: Path, quiet: bool) -> None:
+def demo(param_bw: int, output_bw: int, scheme: str, config: str, fold_bn: bool, out_dir: Path, quiet: bool) -> None:
     """Quantize the bundled digits CNN and print FP32 vs quantized accuracy (no data or download needed)."""
-    _run(_demo_job(), SimSettings(param_bw, output_bw, scheme, config), out_dir, quiet)
+    _run(_demo_job(fold_bn), SimSettings(param_bw, output_bw, scheme, config), out_dir, quiet)
 
 
-def _demo_job() -> Job:
+def _demo_job(fold_bn: bool) -> Job:
     from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
 
     started = time.perf_counter()
@@ -151,11 +145,12 @@ def _demo_job() -> Job:
     train_images, _ = load_digits_tensors("train")
     test_images, test_labels = load_digits_tensors("test")
     return Job(
-        model=model, model_name=f"edgequant.demo.digits:{DEMO_MODEL} (bundled)",
+        model=model, model_name=f"edgequant.demo.digits:load_pretrained (bundled {DEMO_MODEL})",
         data_name="sklearn digits, train split", batches=list(train_images.split(64)),
         dummy_input=train_images[:1], num_batches=None,
         evaluate=lambda m: evaluate_accuracy(m, test_images, test_labels), metric_name="accuracy",
         load_s=time.perf_counter() - started,
+        spec=InputSpec(shape=[1, 1, 8, 8], batch_size=64, fold_bn=fold_bn),
     )
 
 
@@ -165,7 +160,12 @@ def _run(job: Job, settings: SimSettings, out_dir: Path, quiet: bool) -> dict[st
     click.echo(f"model: {job.model_name}  |  {settings.label}, scheme {settings.scheme}, config {settings.config}")
 
     started = time.perf_counter()
-    sim = QuantSim(job.model, job.dummy_input, param_bw=settings.param_bw, output_bw=settings.output_bw,
+    float_model = job.model
+    if job.spec.fold_bn:  # what the deployed network computes: BN folded into the preceding layer
+        float_model = copy.deepcopy(job.model)
+        folded = fold_batch_norms(float_model, job.dummy_input)
+        click.echo(f"folded {len(folded)} BatchNorm layers (--no-fold-bn keeps them)")
+    sim = QuantSim(float_model, job.dummy_input, param_bw=settings.param_bw, output_bw=settings.output_bw,
                    quant_scheme=settings.scheme, config=settings.config)
     timings["build_sim_s"] = time.perf_counter() - started
 
@@ -200,7 +200,7 @@ def _run(job: Job, settings: SimSettings, out_dir: Path, quiet: bool) -> dict[st
         click.echo(_metric_line("FP32", metric["fp32"], job.metric_name))
         click.echo(_metric_line(settings.label, metric["quantized"], job.metric_name))
     summary = _summary(job, settings, sim, metric, timings, num_calibrated)
-    files = _write_outputs(sim, summary, out_dir)
+    files = _write_outputs(sim, summary, job.spec, out_dir)
     click.echo(f"wrote {', '.join(str(f) for f in files)}")
     return summary
 
@@ -214,6 +214,7 @@ def _summary(job: Job, settings: SimSettings, sim: QuantSim, metric: dict | None
         "calibration_data": job.data_name,
         "num_calibration_batches": num_calibrated,
         "settings": asdict(settings),
+        "input_spec": asdict(job.spec),
         "quantized": {
             "tensors": len(coverage),
             "tensors_quantized": sum(entry.quantized for entry in coverage),
@@ -226,7 +227,7 @@ def _summary(job: Job, settings: SimSettings, sim: QuantSim, metric: dict | None
     }
 
 
-def _write_outputs(sim: QuantSim, summary: dict[str, Any], out_dir: Path) -> list[Path]:
+def _write_outputs(sim: QuantSim, summary: dict[str, Any], spec: InputSpec, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path, encodings_path, summary_path = (out_dir / name for name in
                                                 ("sim_state.pt", "quantizer_encodings.json", "summary.json"))
@@ -239,7 +240,7 @@ def _write_outputs(sim: QuantSim, summary: dict[str, Any], out_dir: Path) -> lis
     }
     encodings_path.write_text(json.dumps(encodings, indent=1))
     summary_path.write_text(json.dumps(summary, indent=1))
-    return [state_path, encodings_path, summary_path]
+    return [state_path, encodings_path, summary_path, spec.save(out_dir)]
 
 
 def _coverage_text(sim: QuantSim) -> str:
@@ -257,9 +258,12 @@ def _metric_line(label: str, value: float, name: str) -> str:
 
 def _metric_value(value: Any) -> float:
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"the evaluation function returned {type(value).__name__}; it must return a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"the evaluation function returned {number}; check it on the FP32 model first")
+    return number
 
 
 def _evaluation(spec: str) -> Callable[[nn.Module], float]:
@@ -267,22 +271,6 @@ def _evaluation(spec: str) -> Callable[[nn.Module], float]:
     if not callable(function):
         raise ValueError(f"evaluation function {spec!r} is a {type(function).__name__}, not callable")
     return function
-
-
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise ValueError(f"{option} {text!r}: expected comma-separated numbers such as 0.485,0.456,0.406") from None
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a torch device name such as cpu, cuda or cuda:1") from None
 
 
 # Commands contributed by the export (issue 3) and PTQ (issue 4) packages.

@@ -98,6 +98,17 @@ class ParityReport:
         """First tensor (topological order) where runtime and reference differ by more than one step."""
         return next((t for t in self.tensors if t.max_lsb_diff > 1), None)
 
+    def threshold_failures(self, max_lsb: float, min_identical_percent: float) -> list[str]:
+        """What misses the gate: an output more than ``max_lsb`` LSBs off, or fewer identical values than asked."""
+        failures = []
+        for out in self.outputs:
+            if out.max_lsb_diff > max_lsb:
+                failures.append(f"output {out.name} differs by {out.max_lsb_diff:g} LSB (> --max-lsb {max_lsb})")
+            if 100 * out.share_identical < min_identical_percent:
+                failures.append(f"output {out.name}: {out.share_identical:.2%} identical (< --min-identical "
+                                f"{min_identical_percent:g}%)")
+        return failures
+
     def summary(self) -> str:
         lines = [f"ONNX Runtime (CPU, integer kernels) vs {self.reference} on {self.num_samples} samples"]
         kernels = ", ".join(f"{op}×{n}" for op, n in sorted(self.integer_kernels.items())) or "none"

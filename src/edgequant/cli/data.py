@@ -1,0 +1,149 @@
+"""The one set of data options every command that reads data takes, and the input spec that ``quantize``
+records so that ``export``, ``verify``, ``autoquant`` (and later commands) preprocess exactly the same way."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from edgequant.cli.inputs import dummy_from_batch, load_batches, parse_shape, peek
+
+SPEC_FILE = "input_spec.json"
+
+
+@dataclass
+class InputSpec:
+    """How the model's input is made from the user's data (recorded in ``input_spec.json``)."""
+
+    shape: list[int] | None = None
+    dtype: str = "float32"
+    layout: str = "NCHW"
+    mean: list[float] = field(default_factory=lambda: [0.0])
+    std: list[float] = field(default_factory=lambda: [1.0])
+    batch_size: int = 32
+    fold_bn: bool = True
+
+    def save(self, folder: Path) -> Path:
+        path = folder / SPEC_FILE
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def beside(cls, sim_state: Path | None) -> InputSpec | None:
+        """The spec recorded next to a ``sim_state.pt`` (None for a state written without one)."""
+        path = sim_state.parent / SPEC_FILE if sim_state is not None else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path} is not an input spec written by 'edgequant quantize' ({error})") from None
+
+
+def data_options(command: Callable) -> Callable:
+    """--data, --input-shape, --batch-size, --num-batches, --mean, --std (defaults: the recorded spec)."""
+    options = [
+        click.option("--data", "-d", "data_spec", metavar="SPEC",
+                     help="Data: a folder of images, a .pt/.npy tensor file, or 'module:function' returning an "
+                          "iterable of batches."),
+        click.option("--input-shape", metavar="N,C,H,W",
+                     help="Model input shape (images are resized to H,W). Default: the recorded spec, else the "
+                          "first batch; required for image folders."),
+        click.option("--batch-size", type=click.IntRange(min=1),
+                     help="Batch size for tensor files and image folders [default: recorded, else 32]."),
+        click.option("--num-batches", type=click.IntRange(min=1), help="Use at most this many batches."),
+        click.option("--mean", metavar="M[,M...]",
+                     help="Per-channel mean subtracted from images scaled to [0, 1] [default: recorded, else 0]."),
+        click.option("--std", metavar="S[,S...]",
+                     help="Per-channel std dividing images scaled to [0, 1] [default: recorded, else 1]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected comma-separated numbers such as 0.485,0.456,0.406") from None
+    if option == "--std" and any(v == 0 for v in values):
+        raise ValueError(f"--std {text!r}: a standard deviation of 0 divides by zero; use the data's std (e.g. 0.229)")
+    return values
+
+
+@dataclass
+class Data:
+    """Batches ready for the model, one example input, and the spec they were made with."""
+
+    batches: Iterable[Any]
+    dummy_input: Any
+    spec: InputSpec
+    num_batches: int | None
+
+
+def resolve_data(
+    data_spec: str | None, input_shape: str | None, batch_size: int | None, num_batches: int | None,
+    mean: str | None, std: str | None, recorded: InputSpec | None = None, fold_bn: bool = True,
+) -> Data:
+    """Load the data the options describe; options not given fall back to ``recorded`` (the quantize run's)."""
+    if data_spec is None:
+        raise click.UsageError("--data is required: a folder of images, a .pt/.npy tensor file or 'module:function'")
+    base = recorded or InputSpec()
+    shape = parse_shape(input_shape) if input_shape else (tuple(base.shape) if base.shape else None)
+    spec = InputSpec(
+        shape=list(shape) if shape else None, mean=_floats(mean, "--mean") if mean else base.mean,
+        std=_floats(std, "--std") if std else base.std, batch_size=batch_size or base.batch_size,
+        fold_bn=fold_bn if recorded is None else recorded.fold_bn,
+    )
+    if Path(data_spec).is_dir():
+        if shape is None:
+            raise ValueError(
+                f"--data {data_spec}: images are resized to the model's input size; pass --input-shape N,C,H,W "
+                "(e.g. 1,3,224,224)"
+            )
+        for name, values in (("--mean", spec.mean), ("--std", spec.std)):
+            if len(values) not in (1, shape[-3]):
+                raise ValueError(
+                    f"{name} has {len(values)} values but the input has {shape[-3]} channels; give 1 or {shape[-3]}"
+                )
+    batches = load_batches(data_spec, spec.batch_size, shape, tuple(spec.mean), tuple(spec.std))
+    first, batches = peek(batches)
+    example = dummy_from_batch(first)
+    if isinstance(example, torch.Tensor):
+        if not torch.isfinite(example).all():
+            raise ValueError(f"--data {data_spec}: the first batch contains NaN or inf values; clean the data")
+        spec.dtype = str(example.dtype).removeprefix("torch.")
+        if spec.shape is None:
+            spec.shape = [1, *example.shape[1:]]
+    dummy = torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype)) if spec.shape else example
+    return Data(batches, dummy, spec, num_batches)
+
+
+def device_option(command: Callable) -> Callable:
+    return click.option("--device", default="auto", show_default=True,
+                        help="'cpu', 'cuda', 'cuda:1'... ('auto': a GPU when there is one).")(command)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> a GPU when available; a CUDA device without a GPU is one clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device name such as cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                         "use --device cpu, or install a CUDA build of torch")
+    return device
+
+
+def quiet_option(command: Callable) -> Callable:
+    return click.option("--quiet", is_flag=True, help="No progress bars.")(command)
