@@ -168,3 +168,16 @@ def test_layering_rules_hold() -> None:
         pytest.skip(f"the layering checker is not beside the checkout ({checker})")
     result = subprocess.run([sys.executable, str(checker)], cwd=root, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout
+
+
+def test_coverage_lists_gaps_before_float_by_design() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Hardshrink())  # no rule: a gap
+    sim = QuantSim(model, torch.randn(1, 1, 8, 8))
+    categories = {e.tensor: e.category for e in sim.coverage()}
+    assert categories["3"] == "left in float"
+    assert categories["0"] == "by design" and categories["0.bias"] == "by design"  # fused; float bias
+    assert categories["2.output_quantizers.0"] == "quantized"
+    lines = sim.coverage_summary().splitlines()
+    assert "1 left in float" in lines[0]
+    assert lines.index("left in float (gaps):") < lines.index("float by design:")
+    assert lines[lines.index("left in float (gaps):") + 1].split()[0] == "3"

@@ -57,6 +57,7 @@ class CoverageNote:
     tensor: str
     op: str
     reason: str
+    by_design: bool = False  # the hardware never quantizes it either (fused, kept float by the config, data movement)
 
 
 def is_leaf(module: nn.Module) -> bool:
@@ -244,7 +245,8 @@ def functionalize_graph(traced: fx.GraphModule, prefix: str) -> list[CoverageNot
             elif is_data_movement(node.target):
                 notes.append(
                     CoverageNote(
-                        tensor_name, function_name(node.target), "data movement: keeps its input's values and encoding"
+                        tensor_name, function_name(node.target), "data movement: keeps its input's values and encoding",
+                        by_design=True,
                     )
                 )
             else:

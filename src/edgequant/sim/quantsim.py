@@ -52,6 +52,7 @@ class CoverageEntry:
     quantized: bool
     quantizer: str | None
     reason: str
+    category: str  # "quantized", "by design" (the hardware keeps it so too) or "left in float" (a gap)
 
 
 def _quantize_model_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -189,7 +190,7 @@ class QuantSim:
             return  # parameter holders and input-shape guards of torch.export graphs compute nothing to quantize
         record = records.get(name)
         if is_pass_through(module):
-            self._notes.append(CoverageNote(name, type(module).__name__, "pass-through: output holds input values"))
+            self._notes.append(CoverageNote(name, type(module).__name__, "pass-through: output holds input values", True))
             return
         op_type = module_op_type(module)
         if op_type is None:
@@ -208,7 +209,7 @@ class QuantSim:
         for param_name, param in list(module.named_parameters(recurse=False)):
             rule = self.config.param_rule(op_type, param_name)
             if not rule.quantized:
-                self._notes.append(CoverageNote(f"{name}.{param_name}", op_type, "not quantized by the config"))
+                self._notes.append(CoverageNote(f"{name}.{param_name}", op_type, "not quantized by the config", True))
                 continue
             axis = weight_output_axis(module, param) if rule.per_channel else None
             module.param_quantizers[param_name] = Quantizer(
@@ -224,9 +225,9 @@ class QuantSim:
         for index in range(record.num_float_outputs):
             tensor = f"{name}.output[{index}]" if record.num_float_outputs > 1 else name
             if fused_into:
-                self._notes.append(CoverageNote(tensor, op_type, f"fused with the next op (supergroup {fused_into})"))
+                self._notes.append(CoverageNote(tensor, op_type, f"fused with the next op (supergroup {fused_into})", True))
             elif not output_rule.quantized:
-                self._notes.append(CoverageNote(tensor, op_type, f"the config does not quantize {op_type} outputs"))
+                self._notes.append(CoverageNote(tensor, op_type, f"the config does not quantize {op_type} outputs", True))
             else:
                 quantizer = self._activation_quantizer(output_rule, "output", name, index)
                 # built-in ops return fresh tensors; a user's module might return its input unchanged
@@ -291,16 +292,26 @@ class QuantSim:
         for name, quantizer in self.quantizers().items():
             op = getattr(self.layer_of(quantizer), "onnx_op_type", "model input") if quantizer.owner else "model input"
             reason = "" if quantizer.enabled else "quantizer disabled"
-            entries.append(CoverageEntry(name, op, quantizer.enabled, name, reason))
-        entries += [CoverageEntry(n.tensor, n.op, False, None, n.reason) for n in self._notes]
+            category = "quantized" if quantizer.enabled else "left in float"
+            entries.append(CoverageEntry(name, op, quantizer.enabled, name, reason, category))
+        entries += [
+            CoverageEntry(n.tensor, n.op, False, None, n.reason, "by design" if n.by_design else "left in float")
+            for n in self._notes
+        ]
         return entries
 
     def coverage_summary(self) -> str:
-        """Human-readable coverage report: counts, then every tensor left in float with its reason."""
+        """Human-readable coverage report: counts, the gaps (left in float) first, then what is float by design."""
         entries = self.coverage()
-        quantized = sum(e.quantized for e in entries)
-        lines = [f"{quantized} of {len(entries)} tensors quantized; not quantized:"]
-        lines += [f"  {e.tensor:<50} {e.op:<20} {e.reason}" for e in entries if not e.quantized]
+        gaps = [e for e in entries if e.category == "left in float"]
+        by_design = [e for e in entries if e.category == "by design"]
+        quantized = len(entries) - len(gaps) - len(by_design)
+        lines = [f"{quantized} of {len(entries)} tensors quantized, {len(by_design)} float by design, "
+                 f"{len(gaps)} left in float"]
+        for title, group in (("left in float (gaps):", gaps), ("float by design:", by_design)):
+            if group:
+                lines.append(title)
+                lines += [f"  {e.tensor:<50} {e.op:<20} {e.reason}" for e in group]
         return "\n".join(lines)
 
     # -- batches ---------------------------------------------------------------------------------------
