@@ -70,6 +70,10 @@ def _param_quantizer_name(tensor: str) -> str:
     return f"{owner}.param_quantizers.{param}"
 
 
+def _is_int32_bias(entry: TensorEncoding) -> bool:
+    return entry.name.endswith(".bias") and entry.encoding.bitwidth == BIAS_BITWIDTH and entry.is_param is not False
+
+
 def _fit_to_quantizer(
     entry: TensorEncoding, quantizer_name: str, quantizer: Quantizer, sim: QuantSim, path: Path
 ) -> Encoding:
@@ -176,7 +180,7 @@ class _Placer:
                 self.skipped[entry.name] = (
                     f"inherits the encoding of '{self.traced.propagated[entry.name]}' (data movement)"
                 )
-            elif entry.name.endswith(".bias") and entry.encoding.bitwidth == BIAS_BITWIDTH and entry.is_param is not False:
+            elif _is_int32_bias(entry):
                 bias_entry(entry)
             elif probes:
                 probe_only.append((entry, probes, by_graph))
