@@ -6,7 +6,8 @@ When the names differ, the two graphs still compute the same function of the sam
 structurally, by value numbering (hash-consing) over both graphs at once:
 
 * graph inputs match by position;
-* weights match by initializer name, else by content (AIMET exports the float weights);
+* weights match by initializer name, else as quantized copies (AIMET's ONNX holds quantize-dequantize(weight)
+  under the file's encoding), else by content;
 * small constants (Clip bounds, axes, shapes) match by value, wherever they live (Constant node or initializer);
 * an op output's number is (canonical op type, numbers of its inputs) — inputs sorted for commutative ops;
 * data-movement ops (Flatten/Reshape, Expand/Tile, Identity, Dropout) are transparent: their output is numbered
@@ -26,6 +27,8 @@ import onnx
 from onnx import numpy_helper
 
 from edgequant.export.graph_map import DATA_MOVEMENT_OPS
+from edgequant.quantization import Encoding
+from edgequant.quantization.encoding import broadcast_shape
 
 TRANSPARENT_OPS = DATA_MOVEMENT_OPS | {"Dropout"}
 """Ops whose output holds values of their first input (matched as the same tensor)."""
@@ -122,37 +125,73 @@ def _number_graph(
     return numbers
 
 
-def _weight_keys(reference: onnx.ModelProto, ours: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """Keys of the initializers of both graphs: small ones by value, weights by our initializer they match
-    (by name, else by content)."""
+def _quantized_match(values: np.ndarray, encoding: Encoding, candidates: list[tuple[str, np.ndarray]]) -> str | None:
+    """The candidate weight that ``values`` is a quantized copy of (AIMET's ONNX export writes each quantized
+    weight as quantize-dequantize(weight)): within half a step of the encoding everywhere, the closest one."""
+    scale = encoding.scale.double().numpy()
+    if encoding.axis is not None:
+        if values.ndim <= encoding.axis or values.shape[encoding.axis] != scale.size:
+            return None
+        scale = scale.reshape(broadcast_shape(values.ndim, encoding.axis))
+    best, best_error = None, np.inf
+    for name, ours in candidates:
+        error = np.abs(values.astype(np.float64) - ours) / scale
+        worst = float(error.max()) if error.size else 0.0
+        if worst <= 0.5 + 1e-4 and worst < best_error:
+            best, best_error = name, worst
+    return best
+
+
+def _weight_keys(
+    reference: onnx.ModelProto, ours: onnx.ModelProto, our_params: set[str], weight_encodings: dict[str, Encoding]
+) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Keys of the initializers of both graphs: small constants by value; weights (our parameters and large
+    tensors) by the initializer of ours they are (same name, else a quantized copy under the file's encoding,
+    else the same content)."""
     our_keys: dict[str, tuple] = {}
     by_digest: dict[str, str] = {}
+    by_shape: dict[tuple, list[tuple[str, np.ndarray]]] = {}
     for tensor in ours.graph.initializer:
         values = _values(tensor)
-        if values is not None and values.size <= SMALL_CONSTANT:
+        if values is not None and values.size <= SMALL_CONSTANT and tensor.name not in our_params:
             our_keys[tensor.name] = _constant_key(values)
-        else:
-            our_keys[tensor.name] = ("weight", tensor.name)
-            if values is not None:
-                by_digest.setdefault(_digest(values), tensor.name)
+            continue
+        our_keys[tensor.name] = ("weight", tensor.name)
+        if values is not None:
+            by_digest.setdefault(_digest(values), tensor.name)
+            by_shape.setdefault(values.shape, []).append((tensor.name, values.astype(np.float64)))
     reference_keys: dict[str, tuple] = {}
     for tensor in reference.graph.initializer:
         values = _values(tensor)
-        if values is not None and values.size <= SMALL_CONSTANT:
-            reference_keys[tensor.name] = _constant_key(values)
-        elif our_keys.get(tensor.name, ("",))[0] == "weight":
+        if our_keys.get(tensor.name, ("",))[0] == "weight":
             reference_keys[tensor.name] = our_keys[tensor.name]
-        elif values is not None and _digest(values) in by_digest:
-            reference_keys[tensor.name] = ("weight", by_digest[_digest(values)])
+            continue
+        match = None
+        if values is not None and tensor.name in weight_encodings:
+            match = _quantized_match(values, weight_encodings[tensor.name], by_shape.get(values.shape, []))
+        if match is None and values is not None:
+            match = by_digest.get(_digest(values))
+        if match is not None:
+            reference_keys[tensor.name] = ("weight", match)
+        elif values is not None and values.size <= SMALL_CONSTANT:
+            reference_keys[tensor.name] = _constant_key(values)
         else:
             reference_keys[tensor.name] = ("reference weight", tensor.name)
     return reference_keys, our_keys
 
 
-def align_tensors(reference: onnx.ModelProto, ours: onnx.ModelProto) -> dict[str, list[str]]:
-    """Reference tensor name -> our tensors that hold the same values (empty list: none does)."""
+def align_tensors(
+    reference: onnx.ModelProto,
+    ours: onnx.ModelProto,
+    our_params: set[str] | None = None,
+    weight_encodings: dict[str, Encoding] | None = None,
+) -> dict[str, list[str]]:
+    """Reference tensor name -> our tensors that hold the same values (empty list: none does).
+
+    ``our_params``: our initializers that are parameters (matched as weights however small);
+    ``weight_encodings``: the file's encodings of reference weights, to recognise quantized copies of ours."""
     numbering = _Numbering()
-    reference_keys, our_keys = _weight_keys(reference, ours)
+    reference_keys, our_keys = _weight_keys(reference, ours, our_params or set(), weight_encodings or {})
     our_numbers = _number_graph(ours, numbering, our_keys)
     reference_numbers = _number_graph(reference, numbering, reference_keys)
     by_number: dict[int, list[str]] = {}

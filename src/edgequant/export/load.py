@@ -18,6 +18,7 @@ that cannot be placed are reported with the reason. Loaded encodings are frozen 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,12 +138,16 @@ class _Placer:
     """Decides which quantizers each file entry goes to (see the module docstring)."""
 
     def __init__(
-        self, traced: TracedSim, quantizers: dict[str, Quantizer], probes: set[str],
+        self, entries: list[TensorEncoding], traced: TracedSim, quantizers: dict[str, Quantizer], probes: set[str],
         reference: onnx.ModelProto | None, reference_path: Path | None,
     ) -> None:
         self.traced, self.quantizers, self.probes = traced, quantizers, probes
         self.reference, self.reference_path = reference, reference_path
-        self.aligned = align_tensors(reference, traced.float_model) if reference is not None else None
+        self.aligned = None
+        if reference is not None:
+            params = {site.tensor for site in traced.sites if site.is_param}
+            weights = {e.name: e.encoding for e in entries if e.is_param is not False}
+            self.aligned = align_tensors(reference, traced.float_model, params, weights)
         self.reference_producers = node_by_output(reference) if reference is not None else {}
         self.reference_consumers = consumers(reference) if reference is not None else {}
         self.placed: dict[str, list[str]] = {}
@@ -168,7 +173,7 @@ class _Placer:
         producer = self.reference_producers.get(name)
         return producer is not None and producer.op_type in TRANSPARENT_OPS
 
-    def place(self, entries: list[TensorEncoding], bias_entry: Any) -> None:
+    def place(self, entries: list[TensorEncoding], bias_entry: Callable[[TensorEncoding], None]) -> None:
         # tensors made by data movement last: their encoding repeats the one of the tensor they copy
         ordered = sorted(entries, key=lambda e: self.is_transparent_output(e.name))
         probe_only = []
@@ -294,7 +299,7 @@ def load_encodings(
         quantizers = sim.quantizers()
         device = next((p.device for p in sim.model.parameters()), None)
         report = LoadReport(version)
-        placer = _Placer(traced, quantizers, set(probes), reference, reference_path)
+        placer = _Placer(entries, traced, quantizers, set(probes), reference, reference_path)
         placer.place(entries, lambda entry: _load_int32_bias(sim, entry, version, device, report))
         if placer.unplaced:
             listed = "; ".join(f"'{name}': {why}" for name, why in list(placer.unplaced.items())[:8])
