@@ -3,6 +3,7 @@ tensors AIMET pickled, the float models they were written for, and AIMET's ONNX 
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import types
 from pathlib import Path
@@ -102,11 +103,11 @@ def aimet_onnx_graph(folder: str) -> onnx.ModelProto:
 
 
 def initializer_digest(model: onnx.ModelProto) -> str:
-    """sha256 over the names and values of all initializers, in graph order."""
-    import hashlib
-
+    """sha256 over the names and values of all initializers, in graph order; values as numbers (-0.0 as 0.0:
+    AIMET's quantize-dequantize writes +0.0 where edgequant's keeps the sign of a weight that rounds to zero)."""
     digest = hashlib.sha256()
     for tensor in model.graph.initializer:
+        values = numpy_helper.to_array(tensor)
         digest.update(tensor.name.encode())
-        digest.update(numpy_helper.to_array(tensor).tobytes())
+        digest.update((values + 0 if values.dtype.kind == "f" else values).tobytes())
     return digest.hexdigest()

@@ -163,8 +163,8 @@ def _weight_keys(
     reference_keys: dict[str, tuple] = {}
     for tensor in reference.graph.initializer:
         values = _values(tensor)
-        if our_keys.get(tensor.name, ("",))[0] == "weight":
-            reference_keys[tensor.name] = our_keys[tensor.name]
+        if tensor.name in our_keys and (values is None or our_keys[tensor.name][0] == "weight"):
+            reference_keys[tensor.name] = our_keys[tensor.name]  # same name (the values may be quantized copies)
             continue
         match = None
         if values is not None and tensor.name in weight_encodings:

@@ -241,8 +241,13 @@ class _Placer:
         if name not in self.aligned:
             return f"not a tensor of the exporter's ONNX graph {self.reference_path}"
         producer = self.reference_producers.get(name)
-        what = f"{producer.op_type} node '{producer.name}'" if producer is not None else "a graph input/initializer"
         ours = self.aligned[name]
+        if producer is None and not ours:
+            return (
+                "matches no parameter of this sim: not by name, nor by its values in the exporter's ONNX graph "
+                "(absent from the file, or of another model)"
+            )
+        what = f"{producer.op_type} node '{producer.name}'" if producer is not None else "graph input"
         if not ours:
             return f"no tensor of this sim computes the values of the exporter's {what}: the models differ there"
         return (
