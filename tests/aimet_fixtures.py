@@ -3,6 +3,7 @@ tensors AIMET pickled, the float models they were written for, and AIMET's ONNX 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import pickle
 import types
@@ -91,9 +92,11 @@ def stored_without_weights(model: onnx.ModelProto, weights: dict[str, torch.Tens
     return model
 
 
+@functools.cache
 def aimet_onnx_graph(folder: str) -> onnx.ModelProto:
     """AIMET's ONNX export in mobilenet_v2_digits/<folder> as AIMET wrote it: the stored copy's weights (removed
-    to keep the repository small, PROVENANCE.md) are put back from the float weights and the encodings."""
+    to keep the repository small, PROVENANCE.md) are put back from the float weights and the encodings.
+    Cached: callers must not modify it."""
     model = onnx.load(str(MOBILENET / folder / "model.onnx"))
     weights = aimet_onnx_weights(MOBILENET / folder / "model.encodings", mobilenet_float_state())
     for tensor in model.graph.initializer:

@@ -130,7 +130,7 @@ def test_unplaceable_entries_are_reported_with_the_reason(tmp_path: Path, images
     with pytest.raises(ValueError, match=r"81 encodings could not be placed.*pass onnx_model="):
         sim.load_encodings(encodings)
     with pytest.warns(UserWarning, match="81 encodings could not be placed"):
-        report = eq.QuantSim(mobilenet(), images[:1]).load_encodings(encodings, strict=False)
+        report = sim.load_encodings(encodings, strict=False)  # the failed load left the sim as it was
     assert len(report.placed) == 53 and len(report.skipped) == 81  # the weights match by name
 
     renamed = eq.QuantSim(renamed_mobilenet(), images[:1])  # weights of other names, graph without weights
