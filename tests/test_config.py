@@ -10,10 +10,7 @@ import pytest
 
 from edgequant.config import ConfigError, HardwareConfig, TensorRule
 
-AIMET_CONFIGS = Path(__file__).resolve().parents[2] / "shared/fixtures/aimet-2.42/configs"
-needs_aimet = pytest.mark.skipif(
-    not AIMET_CONFIGS.is_dir(), reason=f"AIMET fixture configs not found at {AIMET_CONFIGS}"
-)
+AIMET_CONFIGS = Path(__file__).resolve().parent / "fixtures/aimet-2.42/configs"
 
 MINIMAL = {
     "defaults": {
@@ -44,7 +41,6 @@ def _error(data: dict) -> str:
 # ---------------------------------------------------------------------------------------------- AIMET files
 
 
-@needs_aimet
 @pytest.mark.parametrize(
     "name", ["default_config.json", "default_config_per_channel.json", "htp_quantsim_config_v73.json"]
 )
@@ -63,7 +59,6 @@ def test_aimet_configs_load(name: str) -> None:
     assert HardwareConfig.load(json.loads(path.read_text())).supergroups == cfg.supergroups
 
 
-@needs_aimet
 def test_aimet_default_rules() -> None:
     cfg = HardwareConfig.load(AIMET_CONFIGS / "default_config.json")
     assert cfg.param_rule("Conv", "weight") == TensorRule(True, True, False, None)
@@ -79,7 +74,6 @@ def test_aimet_default_rules() -> None:
     assert len(cfg.supergroups) == 5
 
 
-@needs_aimet
 def test_aimet_per_channel_rules() -> None:
     cfg = HardwareConfig.load(AIMET_CONFIGS / "default_config_per_channel.json")
     for op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "PRelu"):
@@ -88,7 +82,6 @@ def test_aimet_per_channel_rules() -> None:
     assert cfg.output_rule("Conv").per_channel is False
 
 
-@needs_aimet
 def test_aimet_htp_v73_rules() -> None:
     cfg = HardwareConfig.load(AIMET_CONFIGS / "htp_quantsim_config_v73.json")
     assert cfg.raw["defaults"]["hw_version"] == "V73"

@@ -4,20 +4,17 @@
 from __future__ import annotations
 
 import json
-import pickle
-import types
 from pathlib import Path
 
+import aimet_fixtures
 import pytest
 import torch
+from aimet_fixtures import FIXTURES
 from torch import nn
 
 import edgequant as eq
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
 from edgequant.export import EncodingsFileError, quantize_bias_int32, read_encodings
-
-FIXTURES = Path(__file__).resolve().parents[3] / "shared/fixtures/aimet-2.42"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="AIMET fixtures not present")
 
 
 class FixtureModel(nn.Module):
@@ -31,26 +28,8 @@ class FixtureModel(nn.Module):
         return self.fc(torch.flatten(self.relu(self.conv(x)), 1))
 
 
-class _AimetStub:
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def __setstate__(self, state: object) -> None:
-        self.__dict__.update(state if isinstance(state, dict) else {})
-
-
-class _AimetFreeUnpickler(pickle.Unpickler):
-    """AIMET saved its outputs as its DequantizedTensor subclass; read them as plain tensors without aimet."""
-
-    def find_class(self, module: str, name: str) -> object:
-        if module.startswith("aimet_torch"):
-            return torch.Tensor if name.endswith("Tensor") else _AimetStub
-        return super().find_class(module, name)
-
-
 def load_fixture_tensor(name: str) -> torch.Tensor:
-    pickle_module = types.SimpleNamespace(Unpickler=_AimetFreeUnpickler, load=pickle.load, __name__="pickle")
-    return torch.load(FIXTURES / name, pickle_module=pickle_module, weights_only=False).as_subclass(torch.Tensor)
+    return aimet_fixtures.load_fixture_tensor(FIXTURES / name)
 
 
 def fixture_model() -> nn.Module:
@@ -59,7 +38,6 @@ def fixture_model() -> nn.Module:
     return model.eval()
 
 
-@needs_fixtures
 @pytest.mark.parametrize("config, folder", [("per_channel", "default"), ("htp", "htp_v73")])
 @pytest.mark.parametrize("version", ["0.6.1", "1.0.0", "2.0.0"])
 def test_aimet_encodings_reproduce_aimet_simulation(config: str, folder: str, version: str) -> None:
@@ -72,7 +50,6 @@ def test_aimet_encodings_reproduce_aimet_simulation(config: str, folder: str, ve
         assert torch.equal(sim.model(inputs), expected)
 
 
-@needs_fixtures
 @pytest.mark.parametrize("version", ["0.6.1", "1.0.0", "2.0.0"])
 def test_our_encodings_files_match_aimets(tmp_path: Path, version: str) -> None:
     inputs = load_fixture_tensor("input.pt")

@@ -190,7 +190,8 @@ class QuantSim:
             return  # parameter holders and input-shape guards of torch.export graphs compute nothing to quantize
         record = records.get(name)
         if is_pass_through(module):
-            self._notes.append(CoverageNote(name, type(module).__name__, "pass-through: output holds input values", True))
+            note = CoverageNote(name, type(module).__name__, "pass-through: output holds input values", True)
+            self._notes.append(note)
             return
         op_type = module_op_type(module)
         if op_type is None:
@@ -225,9 +226,11 @@ class QuantSim:
         for index in range(record.num_float_outputs):
             tensor = f"{name}.output[{index}]" if record.num_float_outputs > 1 else name
             if fused_into:
-                self._notes.append(CoverageNote(tensor, op_type, f"fused with the next op (supergroup {fused_into})", True))
+                reason = f"fused with the next op (supergroup {fused_into})"
+                self._notes.append(CoverageNote(tensor, op_type, reason, True))
             elif not output_rule.quantized:
-                self._notes.append(CoverageNote(tensor, op_type, f"the config does not quantize {op_type} outputs", True))
+                reason = f"the config does not quantize {op_type} outputs"
+                self._notes.append(CoverageNote(tensor, op_type, reason, True))
             else:
                 quantizer = self._activation_quantizer(output_rule, "output", name, index)
                 # built-in ops return fresh tensors; a user's module might return its input unchanged
