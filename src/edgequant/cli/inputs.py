@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -69,7 +70,10 @@ def load_model(spec: str, example_inputs: Callable[[], tuple]) -> nn.Module:
     """Model in eval mode from a spec; ``example_inputs`` is only called for TorchScript conversion."""
     if is_object_spec(spec):
         obj = load_object(spec, "model")
-        model = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else obj
+        try:
+            model = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else obj
+        except Exception as error:  # the user's factory: say that it is the factory that failed
+            raise ValueError(f"model factory {spec!r} raised {type(error).__name__}: {one_line_of(error)}") from None
         if not isinstance(model, nn.Module):
             raise ValueError(f"model {spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
         return model.eval()
@@ -81,11 +85,26 @@ def load_model(spec: str, example_inputs: Callable[[], tuple]) -> nn.Module:
     if path.suffix in EXPORTED_PROGRAM_SUFFIXES:
         return torch.export.load(path).module()
     if path.suffix in TORCHSCRIPT_SUFFIXES:
+        _refuse_state_dict(path)
         return _load_torchscript(path, example_inputs)
     raise ValueError(
         f"model file {spec!r}: unknown suffix {path.suffix!r}; expected .pt2 (torch.export.save) or "
         f"TorchScript ({', '.join(TORCHSCRIPT_SUFFIXES)})"
     )
+
+
+def _refuse_state_dict(path: Path) -> None:
+    """A saved ``state_dict`` (weights without the architecture) is the commonest wrong ``--model`` file."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a plain tensor file (TorchScript archives fail here): let the TorchScript loader judge
+        return
+    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(
+            f"model file {path} holds a state_dict ({len(data)} tensors), i.e. weights without the architecture; "
+            "pass --model package.module:factory where the factory builds the model and loads these weights"
+        )
+    raise ValueError(f"model file {path} holds a {type(data).__name__}, not a TorchScript or torch.export model")
 
 
 def _load_torchscript(path: Path, example_inputs: Callable[[], tuple]) -> nn.Module:
@@ -114,7 +133,7 @@ def one_line_of(error: BaseException) -> str:
 def parse_shape(text: str) -> tuple[int, ...]:
     """``1,3,224,224`` (or ``1x3x224x224``) -> (1, 3, 224, 224)."""
     try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+        shape = tuple(int(part) for part in re.split(r"[,x]", text.strip()))
     except ValueError:
         raise ValueError(f"--input-shape {text!r}: expected comma-separated integers such as 1,3,224,224") from None
     if not shape or any(size <= 0 for size in shape):
@@ -163,7 +182,10 @@ class ImageFolderBatches:
 
 def _tensor_from_file(path: Path) -> torch.Tensor:
     if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False))
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        except (ValueError, OSError) as error:
+            raise ValueError(f"calibration file {path}: not a numeric .npy array ({one_line_of(error)})") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises pickle/runtime errors of many types

@@ -119,7 +119,13 @@ def build_graph(model: nn.Module, dummy_input: Any) -> ModelGraph:
     """Dataflow graph of ``model``'s leaf calls on ``dummy_input`` (quantizers, if any, are bypassed)."""
     args, kwargs = split_model_input(dummy_input)
     with training_mode(model, False), quantizers_disabled(model):
-        records, leaf_calls = _record_calls_and_leaves(model, args, kwargs)
+        try:
+            records, leaf_calls = _record_calls_and_leaves(model, args, kwargs)
+        except Exception as error:  # any error of the user's forward: the input does not fit the model
+            raise ValueError(
+                f"the model does not run on dummy_input ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                "pass an input with the shape, dtype and device the model expects"
+            ) from None
         graph = ModelGraph(model, leaf_calls)
         outputs = _add_module(graph, model, "", records, None)
     for output in outputs:
