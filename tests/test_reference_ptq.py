@@ -178,7 +178,7 @@ def test_absorbed_bias_is_max_0_beta_minus_3_gamma(activation: nn.Module, upper:
 
 
 # -- AdaRound -------------------------------------------------------------------------------------------------
-def _grid_from_encoding(encoding: Encoding, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def grid_from_encoding(encoding: Encoding, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale, lowest and highest integer of a weight encoding, shaped by hand from its axis."""
     shape = [1] * weight.dim()
     if encoding.axis is not None:
@@ -224,7 +224,7 @@ def test_adaround_under_clipping_mse_grids_stays_on_the_grid_and_on_floor_or_flo
     clipped_weights = 0
     for name, weight in float_weights.items():
         quantizer = sim.model.get_submodule(name).param_quantizers["weight"]
-        scale, low, high = _grid_from_encoding(quantizer.encoding, weight)
+        scale, low, high = grid_from_encoding(quantizer.encoding, weight)
         rounded = sim.model.get_submodule(name).weight.detach()
         clipped_weights += int(((weight / scale < low) | (weight / scale > high)).sum())
         steps = torch.round(rounded / scale)
