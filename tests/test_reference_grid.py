@@ -220,3 +220,48 @@ def test_broadcast_shape() -> None:
     assert broadcast_shape(4, 0) == (-1, 1, 1, 1)
     assert broadcast_shape(4, 1) == (1, -1, 1, 1)
     assert broadcast_shape(2, -1) == (1, -1)
+
+
+def test_elementwise_scale_gradient_keeps_its_shape() -> None:
+    x = torch.tensor([0.3, 5.0, -0.6], requires_grad=True)
+    scale = torch.tensor([1.0, 2.0, 0.5], requires_grad=True)  # one scale per element: nothing to reduce
+    quantize_dequantize(x, scale, torch.tensor(-2.0), 2).sum().backward()
+    # x / s = [0.3, 2.5, -1.2] -> rounded [0, 2, -1]; grid [-2, 1]: 2 clips to 1
+    assert scale.grad.tolist() == pytest.approx([0 - 0.3, 1.0, -1 + 1.2])
+
+
+def test_only_the_scale_learned_takes_the_autograd_path() -> None:
+    x = torch.tensor([0.3, 9.0, -0.6])
+    scale = torch.tensor(0.5, requires_grad=True)
+    out = quantize_dequantize(x, scale, torch.tensor(-4.0), 3)  # offset is a plain buffer
+    assert out.grad_fn is not None
+    out.sum().backward()
+    # x / s = [0.6, 18, -1.2] -> [1, 18 -> clipped at offset + 7 = 3, -1]
+    assert scale.grad.item() == pytest.approx((1 - 0.6) + 3 + (-1 + 1.2))
+
+
+def test_in_place_without_no_grad_when_nothing_needs_a_gradient() -> None:
+    x = ties(0.25, -20, 20)
+    expected = numpy_qdq(x, 0.25, -100.0, 8)
+    buffer = x.clone()
+    result = quantize_dequantize(buffer, torch.tensor(0.25), torch.tensor(-100.0), 8, inplace=True)
+    assert torch.is_grad_enabled() and result.data_ptr() == buffer.data_ptr()
+    np.testing.assert_array_equal(buffer.numpy(), expected)
+
+
+def test_encoding_stores_float32_whatever_it_is_given() -> None:
+    encoding = Encoding(torch.tensor(0.1, dtype=torch.float64), torch.tensor(-3), 8, False)
+    assert encoding.scale.dtype == torch.float32 and encoding.offset.dtype == torch.float32
+    assert encoding.scale.item() == F32(0.1) and encoding.offset.item() == -3.0
+    # float64 bounds are rounded to float32 first, so the grid does not depend on the caller's dtype
+    low, high = torch.tensor(-1.1, dtype=torch.float64), torch.tensor(2.3, dtype=torch.float64)
+    from_double = Encoding.from_range(low, high, 8, False)
+    assert from_double.equals(Encoding.from_range(low.float(), high.float(), 8, False))
+    assert from_double.scale.item() == F32((F32(2.3) - F32(-1.1)) / F32(255))
+
+
+def test_messages_are_exact() -> None:
+    with pytest.raises(ValueError, match=r"^encoding scale must be finite and > 0, got \[0.0, 1.0\]$"):
+        Encoding(torch.tensor([0.0, 1.0]), torch.zeros(2), 8, False)
+    symmetric = Encoding(torch.tensor(0.5), torch.tensor(-128.0), 8, True)
+    assert Encoding.from_dict(symmetric.to_dict()).equals(symmetric)
