@@ -57,8 +57,73 @@ PACKAGES: dict[str, dict[str, list[str]]] = {
 
 DETECTED = {"killed", "timeout", "segfault", "caught by type check"}
 
+DEVICE = "device placement only: the same on the CPU; tests/test_devices.py covers it on a GPU (run_on_gpu.sh)"
+CUDA = "fused CUDA kernel branch: unreachable on the CPU; bit-exactness is tested on a GPU (test_devices.py)"
+SPEED = "scalar-bounds fast path: both branches compute the same clamp (a speed choice)"
+NEVER_READ = "attribute reset to another falsy placeholder; it is always assigned before it is read"
+INACTIVE_CLAMP = "clamp that never binds: the clamped index or offset is provably inside the bounds already"
+TIES = "changes only which of two candidates with exactly equal error is kept"
+Q, A = "edgequant.quantization.affine.", "edgequant.quantization.analyzers."
 ACCEPTED: dict[str, str] = {
-    # filled from the reviewed survivors; the reasons are in benchmarks/README.md
+    # quantization/affine.py
+    Q + "x__reduce_to__mutmut_20": "keepdim=False then reshape to the parameter's shape: same values, same order",
+    Q + "x__reduce_to__mutmut_21": "keepdim=False then reshape to the parameter's shape: same values, same order",
+    **{f"{Q}x_quantize_dequantize__mutmut_{n}": CUDA for n in range(22, 37)},
+    **{f"{Q}x_quantize_dequantize__mutmut_{n}": SPEED for n in (47, 48, 49, 50)},
+    Q + "xǁ_QuantDequantǁbackward__mutmut_7": "a gradient returned for an input that needs none is discarded by "
+    "autograd",
+    # quantization/analyzers.py
+    A + "xǁEncodingAnalyzerǁobserve__mutmut_20": "always takes the slow (sentinel-aware) path, which gives the same "
+    "statistics for clean data",
+    A + "xǁEncodingAnalyzerǁreset__mutmut_2": NEVER_READ,
+    A + "xǁHistogramAnalyzerǁreset__mutmut_2": NEVER_READ,
+    A + "xǁHistogramAnalyzerǁreset__mutmut_3": NEVER_READ,
+    A + "xǁHistogramAnalyzerǁ_histogram__mutmut_15": "counts stay float32 before the += into the float64 histogram",
+    A + "xǁHistogramAnalyzerǁ_histogram__mutmut_44": "counts stay int64 before the += into the float64 histogram",
+    A + "xǁHistogramAnalyzerǁ_histogram__mutmut_20": INACTIVE_CLAMP + " (hist_min <= every observed value)",
+    A + "xǁHistogramAnalyzerǁ_histogram__mutmut_33": DEVICE,
+    A + "xǁHistogramAnalyzerǁ_histogram__mutmut_35": DEVICE,
+    A + "xǁHistogramAnalyzerǁ_update__mutmut_16": "accepted: a float32 histogram counts exactly up to 2**24 values "
+    "per bin; catching it needs a 16.7M-value test",
+    A + "xǁHistogramAnalyzerǁ_update__mutmut_20": "accepted: same as _update__mutmut_16 (default dtype float32)",
+    A + "xǁHistogramAnalyzerǁ_update__mutmut_17": DEVICE,
+    A + "xǁHistogramAnalyzerǁ_update__mutmut_21": DEVICE,
+    A + "xǁHistogramAnalyzerǁ_update__mutmut_24": "widening onto the same range maps every bin onto itself",
+    A + "xǁHistogramAnalyzerǁ_update__mutmut_25": "widening onto the same range maps every bin onto itself",
+    **{f"{A}xǁHistogramAnalyzerǁ_widen__mutmut_{n}": INACTIVE_CLAMP + " (old bin centres lie inside the new range)"
+       for n in (6, 7, 9, 13)},
+    A + "xǁHistogramAnalyzerǁbin_centres__mutmut_7": DEVICE,
+    A + "xǁHistogramAnalyzerǁbin_centres__mutmut_10": DEVICE,
+    A + "xǁHistogramAnalyzerǁbin_centres__mutmut_8": "int64 steps + 0.5 promote to the same float32 values",
+    A + "xǁHistogramAnalyzerǁbin_centres__mutmut_11": "int64 steps + 0.5 promote to the same float32 values",
+    **{f"{A}xǁMseAnalyzerǁ_search__mutmut_{n}": "the candidate encoding's axis is never read (scale and offset "
+       "are broadcast by hand)" for n in (13, 18, 21)},
+    A + "xǁMseAnalyzerǁ_search__mutmut_36": TIES,
+    **{f"{A}xǁMseAnalyzerǁcompute_range__mutmut_{n}": DEVICE for n in (5, 9, 39, 43)},
+    A + "xǁMseAnalyzerǁcompute_range__mutmut_67": TIES,
+    A + "xǁMseAnalyzerǁcompute_range__mutmut_50": "the fine window is symmetric: the same candidates in reverse "
+    "order, so only ties differ",
+    A + "xǁMseAnalyzerǁcompute_range__mutmut_46": "accepted: the lower clamp binds only when min_ratio is below "
+    "one coarse step (not with the defaults)",
+    **{f"{A}xǁMseAnalyzerǁcompute_range__mutmut_{n}": "accepted: fine ratios above 1 only coarsen the grid "
+       "without reducing clipping; they win only by chance alignment" for n in (47, 49, 52)},
+    **{f"{A}xǁMseAnalyzerǁcompute_range__mutmut_{n}": "accepted: changes the fine window's width; the tests bound "
+       "the result's optimality (brute force), not the exact candidate set" for n in (16, 19)},
+    A + "xǁMseAnalyzerǁcompute_range__mutmut_20": "accepted: with one candidate the fine window adds ratio 1e-3, "
+    "below min_ratio, which loses to it unless the optimum lies below min_ratio",
+    **{f"{A}xǁPercentileAnalyzerǁcompute_range__mutmut_{n}": INACTIVE_CLAMP + " (searchsorted stays below "
+       "num_bins: the last cdf entry is the total)" for n in (22, 33)},
+    **{f"{A}xǁSqnrAnalyzerǁ__init____mutmut_{n}": "accepted: a default hyper-parameter (bins, scales, offsets); "
+       "any value is a valid search" for n in (1, 3, 4)},
+    A + "xǁSqnrAnalyzerǁ_expected_noise__mutmut_17": "computes an extra prefix sum that is never used",
+    **{f"{A}xǁSqnrAnalyzerǁcompute_range__mutmut_{n}": DEVICE for n in (22, 25, 61, 65, 107, 109)},
+    A + "xǁSqnrAnalyzerǁcompute_range__mutmut_28": "accepted: adds a 101 % candidate; it can win only where the "
+    "100 % asymmetric grids all clip by rounding their offset",
+    **{f"{A}xǁSqnrAnalyzerǁcompute_range__mutmut_{n}": INACTIVE_CLAMP + " (every offset candidate is <= 0)"
+       for n in (70, 72, 87)},
+    # quantization/encoding.py
+    "edgequant.quantization.encoding.xǁEncodingǁto__mutmut_11": DEVICE,
+    "edgequant.quantization.encoding.xǁEncodingǁto__mutmut_12": DEVICE,
 }
 
 

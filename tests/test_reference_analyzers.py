@@ -294,3 +294,11 @@ def test_sqnr_extreme_gammas_pick_the_extreme_candidates() -> None:
     no_clipping.observe(values)
     low, high = no_clipping.compute_range(8, True)
     assert high.item() == pytest.approx(3.0, rel=4 * FLOAT32_EPS) and low.item() == -high.item()
+
+
+def test_percentile_low_end_can_reach_the_last_bin() -> None:
+    values = torch.cat([torch.zeros(1), torch.full((999,), 10.0)])  # 0.1 % at 0: inside the 1 % tail
+    analyzer = PercentileAnalyzer(num_bins=10, percentile=99.0)
+    analyzer.observe(values)
+    low, high = analyzer.compute_range(8, False)
+    assert (low.item(), high.item()) == (9.0, 10.0)  # the lower edge of the last bin, and the maximum
