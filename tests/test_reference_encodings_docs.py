@@ -223,3 +223,55 @@ def test_unreadable_files(tmp_path: Path) -> None:
         read_encodings(path)
     with pytest.raises(EncodingsFileError, match="cannot read encodings file"):
         read_encodings(tmp_path / "missing.encodings")
+
+
+def _entry_0_6_1(**fields: object) -> dict:
+    channel = {"min": -1.0, "max": 1.0, "scale": 0.5, "offset": -2, "bitwidth": 2, "dtype": "int",
+               "is_symmetric": "True"}
+    channel.update(fields)
+    return {"version": "0.6.1", "activation_encodings": {"act": [{k: v for k, v in channel.items() if v is not None}]}}
+
+
+def _entry_1_0_0(**fields: object) -> dict:
+    entry = {"name": "act", "dtype": "INT", "bw": 2, "is_sym": True, "scale": [0.5], "offset": [-2]}
+    entry.update(fields)
+    return {"version": "1.0.0", "param_encodings": [{k: v for k, v in entry.items() if v is not None}]}
+
+
+def _entry_2_0_0(**fields: object) -> dict:
+    entry = {"name": "act", "output_dtype": "int2", "y_scale": 0.5}
+    entry.update(fields)
+    return {"version": "2.0.0", "encodings": [{k: v for k, v in entry.items() if v is not None}]}
+
+
+@pytest.mark.parametrize("document, message", [
+    *[(_entry_0_6_1(**{key: None}), f"missing field '{key}'") for key in
+      ("dtype", "bitwidth", "is_symmetric", "scale", "offset")],
+    (_entry_0_6_1(scale=0.0), "encoding scale must be finite and > 0"),
+    *[(_entry_1_0_0(**{key: None}), f"missing field '{key}'") for key in ("dtype", "bw", "is_sym", "scale")],
+    (_entry_1_0_0(offset=-2), "'scale' and 'offset' must be non-empty lists of the same length"),
+    *[(_entry_2_0_0(**{key: None}), f"missing field '{key}'") for key in ("output_dtype", "y_scale")],
+    (_entry_2_0_0(y_scale=-0.5), "encoding scale must be finite and > 0"),
+])
+def test_every_field_error_names_the_entry(tmp_path: Path, document: dict, message: str) -> None:
+    path = tmp_path / "bad.encodings"
+    path.write_text(json.dumps(document))
+    with pytest.raises(EncodingsFileError, match=f"^{path}: entry 'act': {message}"):
+        read_encodings(path)
+
+
+def test_unnamed_2_0_0_entry_and_unsupported_version_messages(tmp_path: Path) -> None:
+    path = tmp_path / "bad.encodings"
+    path.write_text(json.dumps({"version": "2.0.0", "encodings": [{"output_dtype": "int8", "y_scale": 1.0}]}))
+    with pytest.raises(EncodingsFileError, match=f"^{path}: entry '\\?': missing field 'name'$"):
+        read_encodings(path)
+    path.write_text(json.dumps({"version": "0.5"}))
+    with pytest.raises(EncodingsFileError, match=f"^{path}: encodings version '0.5' is not supported "
+                       r"\(supported: 0.6.1, 1.0.0, 2.0.0\)$"):
+        read_encodings(path)
+
+
+def test_write_encodings_defaults_to_1_0_0(tmp_path: Path) -> None:
+    path = write_encodings(ENTRIES, tmp_path / "default.encodings")
+    assert json.loads(path.read_text())["version"] == "1.0.0"
+    assert json.loads(path.read_text())["quantizer_args"] == {}
