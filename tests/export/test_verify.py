@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from click.testing import CliRunner
 
@@ -14,12 +13,12 @@ from edgequant.cli.export_commands import verify as verify_command
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
 from edgequant.export import export_onnx, quantize_bias_int32
 from edgequant.export.verify import verify
+from edgequant.ptq import fold_batch_norms
 
 
 def _folded_digits() -> torch.nn.Module:
     model = load_pretrained("digits_cnn")
-    fold = pytest.importorskip("edgequant.ptq.batch_norm_fold")
-    fold.fold_batch_norms(model, torch.randn(1, 1, 8, 8))
+    fold_batch_norms(model, torch.randn(1, 1, 8, 8))
     return model
 
 
@@ -35,7 +34,10 @@ def test_digits_w8a8_parity_with_integer_kernels(tmp_path: Path) -> None:
     assert report.num_samples == len(images)
     assert output.share_within_1_lsb >= 0.99 and output.top1_agreement >= 0.995
     assert all(t.sqnr_db > 30 for t in report.tensors)
-    assert "top-1 agreement" in report.summary()
+    summary = report.summary()  # the measured figures, not just the labels
+    assert f"on {len(images)} samples" in summary and "QLinearConv×3" in summary
+    assert f"top-1 agreement {output.top1_agreement:.2%}" in summary
+    assert f"{output.share_within_1_lsb:.2%} within 1 LSB" in summary
     # without a sim the reference is the QDQ graph computed in float: the same figures up to float op order
     float_reference = verify(tmp_path, None, images[:64], progress=False)
     assert float_reference.outputs[0].share_within_1_lsb >= 0.99
@@ -64,4 +66,4 @@ def test_cli_export_and_verify(tmp_path: Path) -> None:
         assert strict.exit_code == 1 and "FAILED" in strict.output
     else:
         assert strict.exit_code == 0
-    assert "within 1 LSB" in result.output
+    assert "on 64 samples" in result.output and "within 1 LSB" in result.output

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from references import grid_from_encoding
 from torch import nn
 
 from edgequant import QuantSim
-from edgequant.ptq.adaround import adaround, weight_grid
-from edgequant.quantization import quantize_dequantize
+from edgequant.ptq.adaround import adaround
 
 
 class SmallNet(nn.Module):
@@ -54,14 +54,15 @@ def small_setup() -> tuple[nn.Module, list[torch.Tensor]]:
 
 
 def _assert_on_floor_or_ceil(sim: QuantSim, name: str, float_weight: torch.Tensor) -> None:
-    """Exact check: every rounded weight is s * clamp(floor(w/s)) or s * clamp(ceil(w/s))."""
+    """Exact check: every rounded weight is s * clamp(floor(w/s)) or s * clamp(ceil(w/s)), on the grid."""
     quantizer = sim.model.get_submodule(name).param_quantizers["weight"]
     rounded = sim.model.get_submodule(name).weight.detach()
-    scale, low, high = weight_grid(quantizer.encoding, float_weight)
+    scale, low, high = grid_from_encoding(quantizer.encoding, float_weight)
     down = torch.clamp(torch.floor(float_weight / scale), low, high) * scale
     up = torch.clamp(torch.ceil(float_weight / scale), low, high) * scale
     assert bool(((rounded == down) | (rounded == up)).all()), name
-    assert torch.equal(quantize_dequantize(rounded, scale, low, quantizer.bitwidth), rounded)
+    steps = torch.round(rounded / scale)
+    assert torch.equal(steps * scale, rounded) and bool(((steps >= low) & (steps <= high)).all()), name
     assert quantizer.frozen
 
 
@@ -80,8 +81,8 @@ def test_adaround_rounds_to_floor_or_ceil_and_beats_nearest(small_setup) -> None
     quantizer = sim.model.conv.param_quantizers["weight"]
     x = torch.cat(batches)
     x_q = sim.model.model_input_quantizers["0"](x)
-    scale, low, _ = weight_grid(quantizer.encoding, model.conv.weight)
-    nearest = quantize_dequantize(model.conv.weight.detach(), scale, low, quantizer.bitwidth)
+    scale, low, high = grid_from_encoding(quantizer.encoding, model.conv.weight)
+    nearest = torch.clamp(torch.round(model.conv.weight.detach() / scale), low, high) * scale
     target = torch.relu(model.conv(x)).detach()
 
     def error(weight: torch.Tensor) -> float:

@@ -1,6 +1,7 @@
-"""The same workflows on every available device: results on a GPU must match the CPU's.
+"""The same workflows on a GPU: results there must match the CPU's.
 
-On a machine without CUDA only the CPU cases run; the GPU cases run wherever CUDA is available.
+Without CUDA the whole module skips (comparing the CPU with itself would test nothing); where a GPU is
+available, benchmarks/run_on_gpu.sh runs it.
 """
 
 import pytest
@@ -12,7 +13,10 @@ from edgequant.demo.digits import load_digits_tensors, load_pretrained
 from edgequant.ptq.adaround import adaround
 from edgequant.quantization import MseAnalyzer, PercentileAnalyzer, SqnrAnalyzer
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: compares the GPU with the CPU (run benchmarks/run_on_gpu.sh)"
+)
+DEVICES = ["cuda"]
 
 
 def digits_sim(device: str, **kwargs) -> tuple[eq.QuantSim, torch.Tensor]:
@@ -94,11 +98,15 @@ def test_save_on_gpu_load_on_cpu(device, tmp_path):
 
 def test_sim_follows_model_to(tmp_path):
     sim, images = digits_sim("cpu")
+    with torch.no_grad():
+        on_cpu = sim.model(images)
     target = DEVICES[-1]
     sim.model.to(target)
     assert all(q.scale.device.type == target for q in sim.quantizers().values())
     with torch.no_grad():
-        assert sim.model(images.to(target)).shape == (64, 10)
+        moved = sim.model(images.to(target)).cpu()
+    step = sim.quantizers()["fc.output_quantizers.0"].encoding.scale.cpu()
+    assert ((moved - on_cpu).abs() <= step * 1.01).float().mean() > 0.98  # float op order may flip a rounding
     assert isinstance(sim.model, nn.Module)
 
 

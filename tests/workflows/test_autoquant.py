@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from click.testing import CliRunner
@@ -30,9 +28,7 @@ def test_full_ladder_reports_recommends_and_resumes(digits, tmp_path) -> None:
     # 3-bit weights per tensor with no allowed drop: no step can meet the target, so every step runs.
     kwargs = {"allowed_accuracy_drop": 0.0, "param_bw": 3, "results_dir": tmp_path, "adaround_iterations": 10,
               "schemes": ("minmax", "sqnr"), "progress": False}
-    started = time.perf_counter()
     first = autoquant(model, train_images[:2], batches, accuracy, **kwargs)
-    first_seconds = time.perf_counter() - started
 
     names = [step.name for step in first.steps]
     assert names[:6] == ["fp32", "calibration:minmax", "calibration:sqnr", "w32", "a32", "bn_fold"]
@@ -52,9 +48,7 @@ def test_full_ladder_reports_recommends_and_resumes(digits, tmp_path) -> None:
     assert first.sim_state_path.exists()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in reference.items())  # user's model untouched
 
-    started = time.perf_counter()
     second = autoquant(model, train_images[:2], batches, accuracy, **kwargs)
-    assert time.perf_counter() - started < first_seconds / 2
     assert all(step.cached for step in second.steps)
     assert (second.best_step, second.best_metric) == (first.best_step, first.best_metric)
     with torch.no_grad():
