@@ -17,6 +17,7 @@ that cannot be placed are reported with the reason. Loaded encodings are frozen 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -143,11 +144,7 @@ class _Placer:
     ) -> None:
         self.traced, self.quantizers, self.probes = traced, quantizers, probes
         self.reference, self.reference_path = reference, reference_path
-        self.aligned = None
-        if reference is not None:
-            params = {site.tensor for site in traced.sites if site.is_param}
-            weights = {e.name: e.encoding for e in entries if e.is_param is not False}
-            self.aligned = align_tensors(reference, traced.float_model, params, weights)
+        self.weight_encodings = {e.name: e.encoding for e in entries if e.is_param is not False}
         self.reference_producers = node_by_output(reference) if reference is not None else {}
         self.reference_consumers = consumers(reference) if reference is not None else {}
         self.placed: dict[str, list[str]] = {}
@@ -155,6 +152,15 @@ class _Placer:
         self.skipped: dict[str, str] = {}
         self.unplaced: dict[str, str] = {}
         self.taken: dict[str, TensorEncoding] = {}  # quantizer -> entry whose encoding it takes
+
+    @functools.cached_property
+    def aligned(self) -> dict[str, list[str]] | None:
+        """Exporter's tensor -> our tensors holding its values (None without the exporter's graph); computed
+        only when some name is not ours."""
+        if self.reference is None:
+            return None
+        params = {site.tensor for site in self.traced.sites if site.is_param}
+        return align_tensors(self.reference, self.traced.float_model, params, self.weight_encodings)
 
     def candidates(self, entry: TensorEncoding) -> tuple[list[str], list[str], bool]:
         """(real quantizers, probes, found through the graph) acting on the entry's tensor."""
@@ -239,7 +245,7 @@ class _Placer:
                 "beside the file to match it through (pass onnx_model=...)"
             )
         if name not in self.aligned:
-            return f"not a tensor of the exporter's ONNX graph {self.reference_path}"
+            return f"not a tensor of the exporter's ONNX graph {self.reference_path or '(onnx_model)'}"
         producer = self.reference_producers.get(name)
         ours = self.aligned[name]
         if producer is None and not ours:
