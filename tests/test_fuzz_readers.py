@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,12 @@ from edgequant.config import ConfigError, HardwareConfig
 from edgequant.export import EncodingsFileError, read_encodings
 from edgequant.quantization import Encoding
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("EDGEQUANT_FUZZ_EXAMPLES", 150)), deadline=None, database=None,
+    derandomize="EDGEQUANT_FUZZ_EXAMPLES" not in os.environ,  # the suite: the same examples every run
+    suppress_health_check=[HealthCheck.too_slow],
+)
+"""150 fixed examples per property in the suite; EDGEQUANT_FUZZ_EXAMPLES=5000 for a longer, random hunt."""
 
 scalars = (
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True)
