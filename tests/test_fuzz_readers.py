@@ -18,6 +18,7 @@ from aimet_fixtures import FIXTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import edgequant as eq
 from edgequant.config import ConfigError, HardwareConfig
 from edgequant.export import EncodingsFileError, read_encodings
 from edgequant.quantization import Encoding
@@ -124,6 +125,16 @@ def test_unknown_op_type_names_it_and_suggests() -> None:
         HardwareConfig.load({"defaults": {}, "supergroups": [{"op_list": ["Conv", "relu"]}]})
     for document in CONFIG_DOCUMENTS:  # AIMET's own configs use AIMET-only names too (ChannelShuffle)
         HardwareConfig.load(document)
+
+    class Scale(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * x
+
+    config = {"defaults": {}, "op_type": {"FuzzScale": {"is_output_quantized": "False"}}}
+    with pytest.raises(ConfigError, match="FuzzScale"):
+        HardwareConfig.load(config)
+    eq.register_module(Scale, "FuzzScale")  # a registered module's op type becomes valid
+    assert not HardwareConfig.load(config).output_rule("FuzzScale").quantized
 
 
 # -- encodings files -----------------------------------------------------------------------------------------------

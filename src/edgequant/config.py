@@ -72,8 +72,12 @@ _KERNEL_TENSOR_KEYS = ("bitwidth", "dtype")
 _KERNEL_DTYPES = ("int", "float")
 _MIN_BITWIDTH = 2
 _MAX_BITWIDTH = 32
-_AIMET_OP_TYPES = frozenset({"ChannelShuffle"})
-"""Op types AIMET's shipped configs name that ONNX does not define."""
+_AIMET_OP_TYPES = frozenset({
+    "BatchPermutation", "BatchToSpace", "ChannelShuffle", "CropAndResize", "SpaceToBatch",  # not ONNX ops
+    "RMSNormalization",  # ONNX from opset 23 only
+    "defaults",  # backend-aware configs: an ``op_type.defaults`` section (read as an op type no op has)
+})
+"""Op type names AIMET's shipped configs (2.x, htp/backend-aware/lpai/eai) use that ONNX does not define."""
 _registered_op_types: set[str] = set()
 
 
