@@ -72,8 +72,6 @@ def _param_quantizer_name(tensor: str) -> str:
     return f"{owner}.param_quantizers.{param}"
 
 
-def _is_int32_bias(entry: TensorEncoding) -> bool:
-    return entry.name.endswith(".bias") and entry.encoding.bitwidth == BIAS_BITWIDTH and entry.is_param is not False
 
 
 def _fit_to_quantizer(
@@ -179,7 +177,14 @@ class _Placer:
         producer = self.reference_producers.get(name)
         return producer is not None and producer.op_type in TRANSPARENT_OPS
 
-    def place(self, entries: list[TensorEncoding], bias_entry: Callable[[TensorEncoding], None]) -> None:
+    def int32_bias_name(self, entry: TensorEncoding) -> str | None:
+        """Our name of the bias an int32 entry encodes (its own name, or the bias it matches in the graph)."""
+        if entry.encoding.bitwidth != BIAS_BITWIDTH or entry.is_param is False:
+            return None
+        names = [entry.name] if self.aligned is None else [entry.name, *self.aligned.get(entry.name, [])]
+        return next((name for name in names if name.endswith(".bias")), None)
+
+    def place(self, entries: list[TensorEncoding], bias_entry: Callable[[TensorEncoding, str], None]) -> None:
         # tensors made by data movement last: their encoding repeats the one of the tensor they copy
         ordered = sorted(entries, key=lambda e: self.is_transparent_output(e.name))
         probe_only = []
@@ -191,8 +196,8 @@ class _Placer:
                 self.skipped[entry.name] = (
                     f"inherits the encoding of '{self.traced.propagated[entry.name]}' (data movement)"
                 )
-            elif _is_int32_bias(entry):
-                bias_entry(entry)
+            elif self.int32_bias_name(entry) is not None:
+                bias_entry(entry, self.int32_bias_name(entry))
             elif probes:
                 probe_only.append((entry, probes, by_graph))
             else:
@@ -253,7 +258,7 @@ class _Placer:
                 "matches no parameter of this sim: not by name, nor by its values in the exporter's ONNX graph "
                 "(absent from the file, or of another model)"
             )
-        what = f"{producer.op_type} node '{producer.name}'" if producer is not None else "graph input"
+        what = f"{producer.op_type} node '{producer.name}'" if producer is not None else "input or weight"
         if not ours:
             return f"no tensor of this sim computes the values of the exporter's {what}: the models differ there"
         return (
@@ -311,7 +316,7 @@ def load_encodings(
         device = next((p.device for p in sim.model.parameters()), None)
         report = LoadReport(version)
         placer = _Placer(entries, traced, quantizers, set(probes), reference, reference_path)
-        placer.place(entries, lambda entry: _load_int32_bias(sim, entry, version, device, report))
+        placer.place(entries, lambda entry, bias: _load_int32_bias(sim, entry, bias, version, device, report))
         if placer.unplaced:
             listed = "; ".join(f"'{name}': {why}" for name, why in list(placer.unplaced.items())[:8])
             message = (
@@ -351,13 +356,15 @@ def load_encodings(
     return report
 
 
-def _load_int32_bias(sim: QuantSim, entry: TensorEncoding, version: str, device: Any, report: LoadReport) -> None:
+def _load_int32_bias(
+    sim: QuantSim, entry: TensorEncoding, bias: str, version: str, device: Any, report: LoadReport
+) -> None:
     """AIMET 2.0.0 files list the int32 bias grid of every layer (informational for a float bias); 0.6.1/1.0.0
-    files only list biases the exporting sim quantized, so the bias gets an int32 quantizer."""
+    files only list biases the exporting sim quantized, so the bias (``bias``: our name) gets an int32 quantizer."""
     if version == "2.0.0":
-        report.skipped[entry.name] = "int32 bias grid (s_x·s_w) of a bias this sim keeps in float"
+        report.skipped[entry.name] = f"int32 bias grid (s_x·s_w) of a bias this sim keeps in float ({bias})"
         return
-    layer = entry.name.rsplit(".", 1)[0]
+    layer = bias.rsplit(".", 1)[0]
     try:
         sim.model.get_submodule(layer)
     except AttributeError:
