@@ -353,6 +353,14 @@ def load_encodings(
         if not partial:
             quantizer.enabled = False
             report.disabled.append(name)
+    uncalibrated = [name for name in report.without_encoding if partial and sim.quantizers()[name].encoding is None]
+    if uncalibrated:
+        warnings.warn(
+            f"{path}: {len(uncalibrated)} quantizers of this sim have no encoding, in the file or of their own "
+            f"({', '.join(uncalibrated[:3])}...): pass partial=False to take the file as the whole truth (they are "
+            "disabled), or calibrate them",
+            stacklevel=2,
+        )
     return report
 
 
