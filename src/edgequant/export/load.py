@@ -355,10 +355,11 @@ def load_encodings(
             report.disabled.append(name)
     uncalibrated = [name for name in report.without_encoding if partial and sim.quantizers()[name].encoding is None]
     if uncalibrated:
+        listed = ", ".join(uncalibrated[:3]) + (", ..." if len(uncalibrated) > 3 else "")
         warnings.warn(
             f"{path}: {len(uncalibrated)} quantizers of this sim have no encoding, in the file or of their own "
-            f"({', '.join(uncalibrated[:3])}...): pass partial=False to take the file as the whole truth (they are "
-            "disabled), or calibrate them",
+            f"({listed}): pass partial=False to take the file as the whole truth (they are disabled), or "
+            "calibrate them",
             stacklevel=2,
         )
     return report
