@@ -24,6 +24,8 @@ quantization only and silently treating them as integers would misrepresent the 
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
 import json
 import math
 import os
@@ -33,7 +35,7 @@ from typing import Any
 
 from edgequant.quantization.encoding import MAX_BITWIDTH, MIN_BITWIDTH, check_bitwidth
 
-__all__ = ["ConfigError", "HardwareConfig", "TensorRule"]
+__all__ = ["ConfigError", "HardwareConfig", "TensorRule", "known_op_types", "register_op_types"]
 
 _PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -70,6 +72,37 @@ _CONSTRAINT_KEYS = ("min", "max")
 _KERNEL_KEYS = ("activation", "param")
 _KERNEL_TENSOR_KEYS = ("bitwidth", "dtype")
 _KERNEL_DTYPES = ("int", "float")
+_AIMET_OP_TYPES = frozenset({
+    "BatchPermutation", "BatchToSpace", "ChannelShuffle", "CropAndResize", "SpaceToBatch",  # not ONNX ops
+    "RMSNormalization",  # ONNX from opset 23 only
+    "defaults",  # backend-aware configs: an ``op_type.defaults`` section (read as an op type no op has)
+})
+"""Op type names AIMET's shipped configs (2.x, htp/backend-aware/lpai/eai) use that ONNX does not define."""
+_registered_op_types: set[str] = set()
+
+
+def register_op_types(*names: str) -> None:
+    """Accept ``names`` as op types in configs besides ONNX's (the sim's own names, and the names given to
+    `edgequant.register_module`)."""
+    _registered_op_types.update(names)
+
+
+@functools.cache
+def _onnx_op_types() -> frozenset[str]:
+    import onnx  # only needed to validate op type names
+
+    return frozenset(s.name for s in onnx.defs.get_all_schemas_with_history() if s.domain in ("", "ai.onnx"))
+
+
+def known_op_types() -> frozenset[str]:
+    """Op type names a config may use: ONNX operators, AIMET's extra names, and registered ones."""
+    return _onnx_op_types() | _AIMET_OP_TYPES | frozenset(_registered_op_types)
+
+
+def _key_path(path: str, key: str) -> str:
+    """``path.key``, the key JSON-quoted when it holds characters that would break the message's line."""
+    shown = key if key.isprintable() else json.dumps(key)
+    return f"{path}.{shown}" if path else shown
 
 
 class ConfigError(ValueError):
@@ -134,7 +167,7 @@ class _Validator:
                 allowed_txt = ", ".join(f'"{k}"' for k in allowed)
                 raise ConfigError(
                     self.source,
-                    f"{path}.{key}" if path else key,
+                    _key_path(path, key),
                     f"unknown key {_show(key)}; allowed keys here: {allowed_txt}",
                 )
         return value
@@ -183,7 +216,24 @@ class _Validator:
 
     def param_table(self, value: Any, path: str) -> dict[str, dict[str, bool]]:
         table = self.mapping(value, path)
-        return {name: self.param_entry(entry, f"{path}.{name}") for name, entry in table.items()}
+        return {name: self.param_entry(entry, _key_path(path, name)) for name, entry in table.items()}
+
+    def op_type(self, name: str, path: str) -> str:
+        """``name`` if it is a known op type, else an error that lists the closest valid names."""
+        known = known_op_types()
+        if name in known:
+            return name
+        close = [k for k in sorted(known) if k.lower() == name.lower()]
+        close += [k for k in difflib.get_close_matches(name, sorted(known), n=4, cutoff=0.6) if k not in close]
+        hint = (
+            f"did you mean {', '.join(_show(k) for k in close)}?" if close
+            else 'op types are ONNX operator names such as "Conv", "Gemm", "Relu", "Add"'
+        )
+        raise ConfigError(
+            self.source, path,
+            f"unknown op type {_show(name)}; {hint} (a module registered with edgequant.register_module(cls, "
+            "op_type) adds its op type)",
+        )
 
     def constraints(self, value: Any, path: str) -> tuple[float | None, float | None]:
         entry = self.obj(value, path, _CONSTRAINT_KEYS)
@@ -263,7 +313,8 @@ class _Validator:
                 raise ConfigError(
                     self.source, f"{gpath}.op_list", "missing; expected a list of op type strings"
                 )
-            groups.append(tuple(self.string_list(group["op_list"], f"{gpath}.op_list", min_len=2)))
+            op_list = self.string_list(group["op_list"], f"{gpath}.op_list", min_len=2)
+            groups.append(tuple(self.op_type(op, f"{gpath}.op_list[{j}]") for j, op in enumerate(op_list)))
         return groups
 
 
@@ -367,7 +418,10 @@ class HardwareConfig:
 
         if "op_type" in top:
             table = v.mapping(top["op_type"], "op_type")
-            cfg._op_types = {name: v.op_settings(entry, f"op_type.{name}") for name, entry in table.items()}
+            cfg._op_types = {
+                v.op_type(name, _key_path("op_type", name)): v.op_settings(entry, _key_path("op_type", name))
+                for name, entry in table.items()
+            }
 
         cfg.supergroups = v.supergroups(top["supergroups"], "supergroups") if "supergroups" in top else []
         cfg.supergroup_pass_list = (

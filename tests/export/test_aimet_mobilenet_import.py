@@ -129,13 +129,17 @@ def test_unplaceable_entries_are_reported_with_the_reason(tmp_path: Path, images
     sim = eq.QuantSim(mobilenet(), images[:1])
     with pytest.raises(ValueError, match=r"81 encodings could not be placed.*pass onnx_model="):
         sim.load_encodings(encodings)
-    with pytest.warns(UserWarning, match="81 encodings could not be placed"):
+    with pytest.warns(UserWarning) as warned:
         report = sim.load_encodings(encodings, strict=False)  # the failed load left the sim as it was
     assert len(report.placed) == 53 and len(report.skipped) == 81  # the weights match by name
+    messages = [str(w.message) for w in warned]
+    assert any("81 encodings could not be placed" in m for m in messages)
+    assert any("134 quantizers of this sim have no encoding" in m and "partial=False" in m for m in messages)
 
     renamed = eq.QuantSim(renamed_mobilenet(), images[:1])  # weights of other names, graph without weights
-    with pytest.warns(UserWarning, match="134 encodings could not be placed"):
+    with pytest.warns(UserWarning) as warned:
         report = renamed.load_encodings(MOBILENET / "legacy_1.0.0/model.encodings", strict=False)
+    assert any("134 encodings could not be placed" in str(w.message) for w in warned)
     assert report.skipped["net.features.0.0.weight"].startswith("matches no parameter of this sim")
     assert "the models differ there" in report.skipped["/net/features/features.0/0.2/Clip_output_0"]
 
@@ -167,3 +171,35 @@ def test_alignment_sees_through_names_data_movement_and_operand_order() -> None:
     assert aligned["1"] == ["mm"] and aligned["layer.weight"] == ["w"]
     assert set(aligned["2"]) == {"sum", "flat"} and set(aligned["3"]) == {"sum", "flat"}
     assert aligned["4"] == ["y"] and aligned["5"] == []  # ours has no Sigmoid
+
+
+def test_renamed_export_of_our_own_sim_maps_through_the_graph(tmp_path: Path) -> None:
+    """Another exporter's names for everything (tensors and weights): our digits CNN's export with every name
+    replaced still loads completely and reproduces the sim bit for bit."""
+    from edgequant.demo.digits import load_digits_tensors, load_pretrained
+
+    images, _ = load_digits_tensors("test")
+    sim = eq.QuantSim(load_pretrained("digits_dwcnn"), images[:1], config="per_channel")
+    sim.calibrate(images[:128].split(32), progress=False)
+    result = sim.export(tmp_path, encoding_version="2.0.0")
+    graph = onnx.load(str(result.float_model))
+    names = {i.name for i in graph.graph.input} | {o for n in graph.graph.node for o in n.output}
+    names |= {t.name for t in graph.graph.initializer}
+    renamed = {name: f"t{index}" for index, name in enumerate(sorted(names))}
+    for node in graph.graph.node:
+        node.input[:] = [renamed.get(n, n) for n in node.input]
+        node.output[:] = [renamed[n] for n in node.output]
+    for value in [*graph.graph.input, *graph.graph.output, *graph.graph.initializer]:
+        value.name = renamed[value.name]
+    document = json.loads(result.encodings.read_text())
+    for entry in document["encodings"]:
+        entry["name"] = renamed[entry["name"]]
+    (tmp_path / "other.encodings").write_text(json.dumps(document))
+    onnx.save(graph, str(tmp_path / "other.onnx"))
+
+    fresh = eq.QuantSim(load_pretrained("digits_dwcnn"), images[:1], config="per_channel")
+    report = fresh.load_encodings(tmp_path / "other.encodings", partial=False)
+    assert len(report.matched_by_graph) == len(report.placed) > 0
+    assert set(report.placed) | set(report.skipped) == {e["name"] for e in document["encodings"]}
+    with torch.no_grad():
+        assert torch.equal(fresh.model(images[:256]), sim.model(images[:256]))

@@ -178,7 +178,7 @@ def test_symmetric_flag_needs_the_symmetric_offset(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("document, message", [
     ([], "expected a JSON object at the top level"),
-    ({"encodings": []}, "encodings version '\\?' is not supported"),
+    ({"encodings": []}, "encodings version \"\\?\" is not supported"),
     ({"version": "1.0.0", "activation_encodings": {}}, "'activation_encodings' must be a JSON list"),
     ({"version": "0.6.1", "param_encodings": []}, "'param_encodings' must be a JSON object"),
     ({"version": "1.0.0", "activation_encodings": [3]}, "entry '\\?': expected a JSON object, got int"),

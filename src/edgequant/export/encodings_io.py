@@ -13,6 +13,7 @@ Offsets follow edgequant's (= AIMET's) convention, see `edgequant.quantization.e
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,18 +124,19 @@ def write_encodings(
 
 # -- reading -----------------------------------------------------------------------------------------------
 def read_encodings(path: str | Path) -> tuple[str, list[TensorEncoding]]:
-    """(version, entries) of an AIMET-format encodings file (0.6.1, 1.0.0 or 2.0.0)."""
+    """(version, entries) of an AIMET-format encodings file (0.6.1, 1.0.0 or 2.0.0); anything else is an
+    `EncodingsFileError` naming the file, the entry and the field."""
     path = Path(path)
     try:
-        document = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise EncodingsFileError(f"cannot read encodings file {path}: {error}") from None
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: bad JSON, bad UTF-8
+        raise EncodingsFileError(f"cannot read encodings file {path}: {_one_line(str(error))}") from None
     if not isinstance(document, dict):
         raise EncodingsFileError(f"{path}: expected a JSON object at the top level")
-    version = str(document.get("version", "0.6.1" if "activation_encodings" in document else "?"))
+    version = document.get("version", "0.6.1" if "activation_encodings" in document else "?")
     if version not in SUPPORTED_VERSIONS:
         raise EncodingsFileError(
-            f"{path}: encodings version {version!r} is not supported (supported: {', '.join(SUPPORTED_VERSIONS)})"
+            f"{path}: encodings version {_show(version)} is not supported (supported: {', '.join(SUPPORTED_VERSIONS)})"
         )
     reader = _Reader(path)
     if version == "2.0.0":
@@ -151,17 +153,30 @@ def read_encodings(path: str | Path) -> tuple[str, list[TensorEncoding]]:
     return version, entries
 
 
-_DTYPE = re.compile(r"^(u?)int(\d+)$")
+_DTYPE = re.compile(r"^(u?)int(\d{1,2})$")
+_MIN_BITWIDTH, _MAX_BITWIDTH = 2, 32
+
+
+def _show(value: Any) -> str:
+    """A value as it appears in JSON, on one line."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 class _Reader:
-    """Field access with errors that name the file and the entry."""
+    """Typed field access with errors that name the file, the entry and the field."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def fail(self, name: str, message: str) -> EncodingsFileError:
-        return EncodingsFileError(f"{self.path}: entry '{name}': {message}")
+    def fail(self, name: Any, message: str) -> EncodingsFileError:
+        return EncodingsFileError(f"{self.path}: entry {_show(name)}: {message}")
 
     def section(self, document: dict, key: str, kind: type) -> Any:
         value = document.get(key, kind())
@@ -169,67 +184,120 @@ class _Reader:
             raise EncodingsFileError(f"{self.path}: '{key}' must be a JSON {'list' if kind is list else 'object'}")
         return value
 
-    def field(self, entry: dict, key: str, name: str) -> Any:
+    def field(self, entry: Any, key: str, name: Any) -> Any:
         if not isinstance(entry, dict):
-            raise self.fail(name, f"expected a JSON object, got {type(entry).__name__}")
+            raise self.fail(name, f"expected a JSON object, got {_show(entry)}")
         if key not in entry:
             raise self.fail(name, f"missing field '{key}'")
         return entry[key]
 
+    def name(self, entry: Any) -> str:
+        name = self.field(entry, "name", "?")
+        if not isinstance(name, str) or not name:
+            raise self.fail(name, "'name' must be a non-empty string (the ONNX tensor name)")
+        return name
+
+    def integer(self, value: Any, name: str, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(name, f"'{key}' must be an integer, got {_show(value)}")
+        return value
+
+    def bitwidth(self, value: Any, name: str, key: str) -> int:
+        bitwidth = self.integer(value, name, key)
+        if not _MIN_BITWIDTH <= bitwidth <= _MAX_BITWIDTH:
+            raise self.fail(name, f"'{key}' {bitwidth} is outside the supported range {_MIN_BITWIDTH}..{_MAX_BITWIDTH}")
+        return bitwidth
+
+    def flag(self, value: Any, name: str, key: str) -> bool:
+        """AIMET writes booleans as JSON true/false (1.0.0) or the strings "True"/"False" (0.6.1)."""
+        if isinstance(value, bool):
+            return value
+        if value in ("True", "False"):
+            return value == "True"
+        raise self.fail(name, f"'{key}' must be true/false or \"True\"/\"False\", got {_show(value)}")
+
+    def numbers(self, values: Any, name: str, key: str, integral: bool = False) -> list[float]:
+        """A non-empty list of finite numbers (whole numbers for offsets and zero points)."""
+        if not isinstance(values, list) or not values:
+            raise self.fail(name, f"'{key}' must be a non-empty list of numbers, got {_show(values)}")
+        found = []
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.fail(name, f"'{key}' must hold numbers, got {_show(value)}")
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number) or (integral and not number.is_integer()):
+                kind = "whole numbers" if integral else "finite numbers"
+                raise self.fail(name, f"'{key}' must hold {kind}, got {_show(value)}")
+            found.append(number)
+        return found
+
     def entry_0_6_1(self, name: str, channels: Any) -> Encoding:
         if not isinstance(channels, list) or not channels:
             raise self.fail(name, "expected a non-empty list of per-channel encodings")
-        dtype = str(self.field(channels[0], "dtype", name))
+        dtype = self.field(channels[0], "dtype", name)
         if dtype != "int":
-            raise self.fail(name, f"dtype {dtype!r} is not supported (integer encodings only)")
-        bitwidth = int(self.field(channels[0], "bitwidth", name))
-        symmetric = str(self.field(channels[0], "is_symmetric", name)) == "True"
-        scale = [float(self.field(c, "scale", name)) for c in channels]
-        offset = [float(self.field(c, "offset", name)) for c in channels]
+            raise self.fail(name, f"dtype {_show(dtype)} is not supported (integer encodings only)")
+        bitwidth = self.bitwidth(self.field(channels[0], "bitwidth", name), name, "bitwidth")
+        symmetric = self.flag(self.field(channels[0], "is_symmetric", name), name, "is_symmetric")
+        scale = self.numbers([self.field(c, "scale", name) for c in channels], name, "scale")
+        offset = self.numbers([self.field(c, "offset", name) for c in channels], name, "offset", integral=True)
         return self.encoding(name, scale, offset, bitwidth, symmetric, per_channel=len(channels) > 1, axis=None)
 
     def entry_1_0_0(self, entry: Any) -> tuple[str, Encoding]:
-        name = str(self.field(entry, "name", "?"))
-        if str(self.field(entry, "dtype", name)).upper() != "INT":
-            raise self.fail(name, f"dtype {entry['dtype']!r} is not supported (integer encodings only)")
-        enc_type = str(entry.get("enc_type", "PER_TENSOR"))
+        name = self.name(entry)
+        dtype = self.field(entry, "dtype", name)
+        if not isinstance(dtype, str) or dtype.upper() != "INT":
+            raise self.fail(name, f"dtype {_show(dtype)} is not supported (integer encodings only)")
+        enc_type = entry.get("enc_type", "PER_TENSOR")
         if enc_type not in ("PER_TENSOR", "PER_CHANNEL"):
-            raise self.fail(name, f"enc_type {enc_type!r} is not supported (PER_TENSOR or PER_CHANNEL)")
-        scale = self.field(entry, "scale", name)
-        offset = self.field(entry, "offset", name)
-        if not isinstance(scale, list) or not isinstance(offset, list) or len(scale) != len(offset) or not scale:
-            raise self.fail(name, "'scale' and 'offset' must be non-empty lists of the same length")
+            raise self.fail(name, f"enc_type {_show(enc_type)} is not supported (PER_TENSOR or PER_CHANNEL)")
+        scale = self.numbers(self.field(entry, "scale", name), name, "scale")
+        offset = self.numbers(self.field(entry, "offset", name), name, "offset", integral=True)
+        if len(scale) != len(offset):
+            raise self.fail(name, "'scale' and 'offset' must be lists of the same length")
         encoding = self.encoding(
-            name, scale, offset, int(self.field(entry, "bw", name)), bool(self.field(entry, "is_sym", name)),
-            per_channel=enc_type == "PER_CHANNEL", axis=None,
+            name, scale, offset, self.bitwidth(self.field(entry, "bw", name), name, "bw"),
+            self.flag(self.field(entry, "is_sym", name), name, "is_sym"), per_channel=enc_type == "PER_CHANNEL",
+            axis=None,
         )
         return name, encoding
 
     def entry_2_0_0(self, entry: Any) -> TensorEncoding:
-        name = str(self.field(entry, "name", "?"))
-        dtype = str(self.field(entry, "output_dtype", name))
-        match = _DTYPE.match(dtype)
+        name = self.name(entry)
+        dtype = self.field(entry, "output_dtype", name)
+        match = _DTYPE.match(dtype) if isinstance(dtype, str) else None
         if match is None:
-            raise self.fail(name, f"output_dtype {dtype!r} is not supported (int<N> or uint<N>)")
+            raise self.fail(name, f"output_dtype {_show(dtype)} is not supported (int<N> or uint<N>)")
         if "block_size" in entry:
             raise self.fail(name, "block-wise encodings (block_size) are not supported")
-        signed, bitwidth = not match.group(1), int(match.group(2))
+        signed = not match.group(1)
+        bitwidth = self.bitwidth(int(match.group(2)), name, "output_dtype")
         scale = self.field(entry, "y_scale", name)
         per_channel = isinstance(scale, list)
-        scales = scale if per_channel else [scale]
+        scales = self.numbers(scale if per_channel else [scale], name, "y_scale")
         zero_point = entry.get("y_zero_point", 0)
-        zero_points = zero_point if isinstance(zero_point, list) else [zero_point] * len(scales)
+        zero_points = self.numbers(
+            zero_point if isinstance(zero_point, list) else [zero_point] * len(scales), name, "y_zero_point",
+            integral=True,
+        )
         if len(zero_points) != len(scales):
             raise self.fail(name, "'y_zero_point' and 'y_scale' have different lengths")
+        axis = None
+        if per_channel and "axis" in entry:  # else `encoding` defaults it to 0
+            axis = self.integer(entry["axis"], name, "axis")
+            if axis < 0:
+                raise self.fail(name, f"'axis' must be >= 0, got {axis}")
         # ONNX: x = (v - zp) * s with v signed or unsigned; edgequant: x = (q + offset) * s with q unsigned
         offsets = [-(zp + 2 ** (bitwidth - 1)) if signed else -zp for zp in zero_points]
         symmetric = signed and not any(zero_points)
-        axis = int(entry["axis"]) if per_channel and "axis" in entry else None  # `encoding` defaults it to 0
         encoding = self.encoding(name, scales, offsets, bitwidth, symmetric, per_channel, axis)
         return TensorEncoding(name, encoding, None)
 
     def encoding(
-        self, name: str, scale: list, offset: list, bitwidth: int, symmetric: bool, per_channel: bool,
+        self, name: str, scale: list[float], offset: list[float], bitwidth: int, symmetric: bool, per_channel: bool,
         axis: int | None,
     ) -> Encoding:
         """Per-channel entries without an axis (0.6.1, 1.0.0) get axis 0 here; the loader uses the quantizer's."""
@@ -240,5 +308,5 @@ class _Reader:
                 bitwidth, symmetric and all(o == -(2 ** (bitwidth - 1)) for o in offset),
                 (0 if axis is None else axis) if per_channel else None,
             )
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, OverflowError) as error:
             raise self.fail(name, str(error)) from None

@@ -17,6 +17,7 @@ that cannot be placed are reported with the reason. Loaded encodings are frozen 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,8 +73,6 @@ def _param_quantizer_name(tensor: str) -> str:
     return f"{owner}.param_quantizers.{param}"
 
 
-def _is_int32_bias(entry: TensorEncoding) -> bool:
-    return entry.name.endswith(".bias") and entry.encoding.bitwidth == BIAS_BITWIDTH and entry.is_param is not False
 
 
 def _fit_to_quantizer(
@@ -134,11 +133,7 @@ class _Placer:
     ) -> None:
         self.traced, self.quantizers, self.probes = traced, quantizers, probes
         self.reference, self.reference_path = reference, reference_path
-        self.aligned = None
-        if reference is not None:
-            params = {site.tensor for site in traced.sites if site.is_param}
-            weights = {e.name: e.encoding for e in entries if e.is_param is not False}
-            self.aligned = align_tensors(reference, traced.float_model, params, weights)
+        self.weight_encodings = {e.name: e.encoding for e in entries if e.is_param is not False}
         self.reference_producers = node_by_output(reference) if reference is not None else {}
         self.reference_consumers = consumers(reference) if reference is not None else {}
         self.placed: dict[str, list[str]] = {}
@@ -146,6 +141,15 @@ class _Placer:
         self.skipped: dict[str, str] = {}
         self.unplaced: dict[str, str] = {}
         self.taken: dict[str, TensorEncoding] = {}  # quantizer -> entry whose encoding it takes
+
+    @functools.cached_property
+    def aligned(self) -> dict[str, list[str]] | None:
+        """Exporter's tensor -> our tensors holding its values (None without the exporter's graph); computed
+        only when some name is not ours."""
+        if self.reference is None:
+            return None
+        params = {site.tensor for site in self.traced.sites if site.is_param}
+        return align_tensors(self.reference, self.traced.float_model, params, self.weight_encodings)
 
     def candidates(self, entry: TensorEncoding) -> tuple[list[str], list[str], bool]:
         """(real quantizers, probes, found through the graph) acting on the entry's tensor."""
@@ -164,7 +168,14 @@ class _Placer:
         producer = self.reference_producers.get(name)
         return producer is not None and producer.op_type in TRANSPARENT_OPS
 
-    def place(self, entries: list[TensorEncoding], bias_entry: Callable[[TensorEncoding], None]) -> None:
+    def int32_bias_name(self, entry: TensorEncoding) -> str | None:
+        """Our name of the bias an int32 entry encodes (its own name, or the bias it matches in the graph)."""
+        if entry.encoding.bitwidth != BIAS_BITWIDTH or entry.is_param is False:
+            return None
+        names = [entry.name] if self.aligned is None else [entry.name, *self.aligned.get(entry.name, [])]
+        return next((name for name in names if name.endswith(".bias")), None)
+
+    def place(self, entries: list[TensorEncoding], bias_entry: Callable[[TensorEncoding, str], None]) -> None:
         # tensors made by data movement last: their encoding repeats the one of the tensor they copy
         ordered = sorted(entries, key=lambda e: self.is_transparent_output(e.name))
         probe_only = []
@@ -176,8 +187,8 @@ class _Placer:
                 self.skipped[entry.name] = (
                     f"inherits the encoding of '{self.traced.propagated[entry.name]}' (data movement)"
                 )
-            elif _is_int32_bias(entry):
-                bias_entry(entry)
+            elif self.int32_bias_name(entry) is not None:
+                bias_entry(entry, self.int32_bias_name(entry))
             elif probes:
                 probe_only.append((entry, probes, by_graph))
             else:
@@ -230,7 +241,7 @@ class _Placer:
                 "beside the file to match it through (pass onnx_model=...)"
             )
         if name not in self.aligned:
-            return f"not a tensor of the exporter's ONNX graph {self.reference_path}"
+            return f"not a tensor of the exporter's ONNX graph {self.reference_path or '(onnx_model)'}"
         producer = self.reference_producers.get(name)
         ours = self.aligned[name]
         if producer is None and not ours:
@@ -238,7 +249,7 @@ class _Placer:
                 "matches no parameter of this sim: not by name, nor by its values in the exporter's ONNX graph "
                 "(absent from the file, or of another model)"
             )
-        what = f"{producer.op_type} node '{producer.name}'" if producer is not None else "graph input"
+        what = f"{producer.op_type} node '{producer.name}'" if producer is not None else "input or weight"
         if not ours:
             return f"no tensor of this sim computes the values of the exporter's {what}: the models differ there"
         return (
@@ -296,7 +307,7 @@ def load_encodings(
         device = sim.device
         report = LoadReport(version)
         placer = _Placer(entries, traced, quantizers, set(probes), reference, reference_path)
-        placer.place(entries, lambda entry: _load_int32_bias(sim, entry, version, device, report))
+        placer.place(entries, lambda entry, bias: _load_int32_bias(sim, entry, bias, version, device, report))
         if placer.unplaced:
             listed = "; ".join(f"'{name}': {why}" for name, why in list(placer.unplaced.items())[:8])
             message = (
@@ -333,16 +344,27 @@ def load_encodings(
         if not partial:
             quantizer.enabled = False
             report.disabled.append(name)
+    uncalibrated = [name for name in report.without_encoding if partial and sim.quantizers()[name].encoding is None]
+    if uncalibrated:
+        listed = ", ".join(uncalibrated[:3]) + (", ..." if len(uncalibrated) > 3 else "")
+        warnings.warn(
+            f"{path}: {len(uncalibrated)} quantizers of this sim have no encoding, in the file or of their own "
+            f"({listed}): pass partial=False to take the file as the whole truth (they are disabled), or "
+            "calibrate them",
+            stacklevel=2,
+        )
     return report
 
 
-def _load_int32_bias(sim: QuantSim, entry: TensorEncoding, version: str, device: Any, report: LoadReport) -> None:
+def _load_int32_bias(
+    sim: QuantSim, entry: TensorEncoding, bias: str, version: str, device: Any, report: LoadReport
+) -> None:
     """AIMET 2.0.0 files list the int32 bias grid of every layer (informational for a float bias); 0.6.1/1.0.0
-    files only list biases the exporting sim quantized, so the bias gets an int32 quantizer."""
+    files only list biases the exporting sim quantized, so the bias (``bias``: our name) gets an int32 quantizer."""
     if version == "2.0.0":
-        report.skipped[entry.name] = "int32 bias grid (s_x·s_w) of a bias this sim keeps in float"
+        report.skipped[entry.name] = f"int32 bias grid (s_x·s_w) of a bias this sim keeps in float ({bias})"
         return
-    layer = entry.name.rsplit(".", 1)[0]
+    layer = bias.rsplit(".", 1)[0]
     try:
         sim.model.get_submodule(layer)
     except AttributeError:

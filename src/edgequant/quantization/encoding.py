@@ -16,6 +16,7 @@ Convention (the same as AIMET's and, up to a sign, ONNX's):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,8 @@ class Encoding:
         check_bitwidth(self.bitwidth, "encoding bitwidth")
         if not torch.isfinite(self.scale).all() or (self.scale <= 0).any():
             raise ValueError("encoding scale must be finite and > 0, got " + str(self.scale.tolist()))
+        if not torch.isfinite(self.offset).all():
+            raise ValueError("encoding offset must be finite, got " + str(self.offset.tolist()))
 
     @property
     def num_steps(self) -> int:
@@ -71,10 +74,11 @@ class Encoding:
         """Encoding covering ``[min_val, max_val]`` (made to include 0 so that zero is exact).
 
         A range narrower than ``MIN_RANGE`` (constant or all-zero tensors) is widened to ``MIN_RANGE``
-        so that the scale is never zero; non-finite bounds are rejected by the analyzers before this.
+        so that the scale is never zero. Non-finite bounds, or ``min_val > max_val``, are a ValueError.
         """
         min_val = torch.as_tensor(min_val, dtype=torch.float32)
         max_val = torch.as_tensor(max_val, dtype=torch.float32)
+        _check_range(min_val, max_val)
         min_val = torch.minimum(min_val, torch.zeros_like(min_val))
         max_val = torch.maximum(max_val, torch.zeros_like(max_val))
         num_steps = 2**bitwidth - 1
@@ -122,6 +126,24 @@ class Encoding:
             bool(data["symmetric"]),
             data.get("axis"),
         )
+
+
+def _check_range(min_val: torch.Tensor, max_val: torch.Tensor) -> None:
+    """Refuse bounds no encoding can honour (a swapped or NaN range would give a meaningless grid)."""
+    if min_val.shape != max_val.shape and min_val.dim() and max_val.dim():
+        raise ValueError(f"min shape {tuple(min_val.shape)} != max shape {tuple(max_val.shape)}")
+    low, high = torch.broadcast_tensors(min_val, max_val)
+    bad = ~(torch.isfinite(low) & torch.isfinite(high)) | (low > high)
+    if not bad.any():
+        return
+    index = int(bad.reshape(-1).nonzero()[0])
+    where = f" (channel {index})" if low.dim() else ""
+    low_value, high_value = float(low.reshape(-1)[index]), float(high.reshape(-1)[index])
+    if not (math.isfinite(low_value) and math.isfinite(high_value)):
+        raise ValueError(f"encoding range{where} must be finite, got min {low_value} and max {high_value}")
+    raise ValueError(
+        f"encoding range{where} has min {low_value} > max {high_value}; pass the smaller bound as min_val"
+    )
 
 
 def broadcast_shape(ndim: int, axis: int | None) -> tuple[int, ...]:

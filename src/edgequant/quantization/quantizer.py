@@ -123,10 +123,12 @@ class Quantizer(nn.Module):
         if self.min_constraint is not None and self.max_constraint is not None:
             # a fixed output range (e.g. Softmax in [0, 1]) that the hardware kernel assumes
             low, high = torch.full_like(low, self.min_constraint), torch.full_like(high, self.max_constraint)
-        elif self.min_constraint is not None:
+        elif self.min_constraint is not None:  # data wholly below the bound: an empty range at the bound
             low = low.clamp_min(self.min_constraint)
+            high = torch.maximum(high, low)
         elif self.max_constraint is not None:
             high = high.clamp_max(self.max_constraint)
+            low = torch.minimum(low, high)
         if self.axis is None:
             low, high = low.reshape(()), high.reshape(())
         encoding = Encoding.from_range(low, high, self.bitwidth, self.symmetric, self.axis)

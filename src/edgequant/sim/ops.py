@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgequant.config import register_op_types
+
 MODULE_OP_TYPES: dict[type[nn.Module], str] = {
     nn.Conv1d: "Conv",
     nn.Conv2d: "Conv",
@@ -114,6 +116,8 @@ FUNCTION_OP_TYPES: dict[object, str] = {
 }
 """Functional ops (callables, or tensor method names) that compute new values and so get a quantizer."""
 
+register_op_types(*MODULE_OP_TYPES.values(), *MODULE_NAME_OP_TYPES.values(), *FUNCTION_OP_TYPES.values())
+
 DATA_MOVEMENT = {
     "view", "reshape", "permute", "transpose", "flatten", "squeeze", "unsqueeze", "contiguous", "expand",
     "expand_as", "repeat", "split", "chunk", "narrow", "select", "size", "dim", "to", "type", "float",
@@ -133,6 +137,7 @@ def register_module(module_type: type[nn.Module], onnx_op_type: str | None = Non
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"register_module expects an nn.Module subclass, got {module_type!r}")
     _CUSTOM_MODULES[module_type] = onnx_op_type or module_type.__name__
+    register_op_types(_CUSTOM_MODULES[module_type])
 
 
 def is_custom_module(module: nn.Module) -> bool:
