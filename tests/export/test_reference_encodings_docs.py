@@ -181,31 +181,31 @@ def test_symmetric_flag_needs_the_symmetric_offset(tmp_path: Path) -> None:
     ({"encodings": []}, "encodings version \"\\?\" is not supported"),
     ({"version": "1.0.0", "activation_encodings": {}}, "'activation_encodings' must be a JSON list"),
     ({"version": "0.6.1", "param_encodings": []}, "'param_encodings' must be a JSON object"),
-    ({"version": "1.0.0", "activation_encodings": [3]}, "entry '\\?': expected a JSON object, got int"),
+    ({"version": "1.0.0", "activation_encodings": [3]}, "entry \"\\?\": expected a JSON object, got 3"),
     ({"version": "1.0.0", "activation_encodings": [{"name": "a", "dtype": "FLOAT", "bw": 16, "scale": [1],
                                                     "offset": [0], "is_sym": False}]},
-     "entry 'a': dtype 'FLOAT' is not supported"),
+     "entry \"a\": dtype \"FLOAT\" is not supported"),
     ({"version": "1.0.0", "activation_encodings": [{"name": "a", "dtype": "INT", "bw": 8, "scale": [1],
                                                     "offset": [0], "is_sym": False, "enc_type": "PER_BLOCK"}]},
-     "entry 'a': enc_type 'PER_BLOCK' is not supported"),
+     "entry \"a\": enc_type \"PER_BLOCK\" is not supported"),
     ({"version": "1.0.0", "activation_encodings": [{"name": "a", "dtype": "INT", "bw": 8, "scale": [1, 2],
                                                     "offset": [0], "is_sym": False}]},
-     "entry 'a': 'scale' and 'offset' must be non-empty lists of the same length"),
+     "entry \"a\": 'scale' and 'offset' must be lists of the same length"),
     ({"version": "1.0.0", "activation_encodings": [{"name": "a", "dtype": "INT", "bw": 8, "scale": [1.0],
-                                                    "is_sym": False}]}, "entry 'a': missing field 'offset'"),
+                                                    "is_sym": False}]}, "entry \"a\": missing field 'offset'"),
     ({"version": "1.0.0", "activation_encodings": [{"name": "a", "dtype": "INT", "bw": 8, "scale": [0.0],
                                                     "offset": [0], "is_sym": False}]},
-     "entry 'a': encoding scale must be finite and > 0"),
-    ({"version": "0.6.1", "activation_encodings": {"a": []}}, "entry 'a': expected a non-empty list"),
+     "entry \"a\": encoding scale must be finite and > 0"),
+    ({"version": "0.6.1", "activation_encodings": {"a": []}}, "entry \"a\": expected a non-empty list"),
     ({"version": "0.6.1", "activation_encodings": {"a": [{"dtype": "float", "bitwidth": 16}]}},
-     "entry 'a': dtype 'float' is not supported"),
+     "entry \"a\": dtype \"float\" is not supported"),
     ({"version": "2.0.0", "encodings": [{"name": "a", "output_dtype": "float16", "y_scale": 1.0}]},
-     "entry 'a': output_dtype 'float16' is not supported"),
+     "entry \"a\": output_dtype \"float16\" is not supported"),
     ({"version": "2.0.0", "encodings": [{"name": "a", "output_dtype": "int4", "y_scale": [1.0], "block_size": 32}]},
-     "entry 'a': block-wise encodings"),
+     "entry \"a\": block-wise encodings"),
     ({"version": "2.0.0", "encodings": [{"name": "a", "output_dtype": "int8", "y_scale": [1.0, 2.0],
                                          "y_zero_point": [0]}]},
-     "entry 'a': 'y_zero_point' and 'y_scale' have different lengths"),
+     "entry \"a\": 'y_zero_point' and 'y_scale' have different lengths"),
     ({"version": "2.0.0", "encodings": {}}, "'encodings' must be a JSON list"),
 ])
 def test_reader_errors_name_the_file_the_entry_and_the_problem(tmp_path: Path, document: object,
@@ -249,24 +249,24 @@ def _entry_2_0_0(**fields: object) -> dict:
       ("dtype", "bitwidth", "is_symmetric", "scale", "offset")],
     (_entry_0_6_1(scale=0.0), "encoding scale must be finite and > 0"),
     *[(_entry_1_0_0(**{key: None}), f"missing field '{key}'") for key in ("dtype", "bw", "is_sym", "scale")],
-    (_entry_1_0_0(offset=-2), "'scale' and 'offset' must be non-empty lists of the same length"),
+    (_entry_1_0_0(offset=-2), "'offset' must be a non-empty list of numbers, got -2"),
     *[(_entry_2_0_0(**{key: None}), f"missing field '{key}'") for key in ("output_dtype", "y_scale")],
     (_entry_2_0_0(y_scale=-0.5), "encoding scale must be finite and > 0"),
 ])
 def test_every_field_error_names_the_entry(tmp_path: Path, document: dict, message: str) -> None:
     path = tmp_path / "bad.encodings"
     path.write_text(json.dumps(document))
-    with pytest.raises(EncodingsFileError, match=f"^{path}: entry 'act': {message}"):
+    with pytest.raises(EncodingsFileError, match=f"^{path}: entry \"act\": {message}"):
         read_encodings(path)
 
 
 def test_unnamed_2_0_0_entry_and_unsupported_version_messages(tmp_path: Path) -> None:
     path = tmp_path / "bad.encodings"
     path.write_text(json.dumps({"version": "2.0.0", "encodings": [{"output_dtype": "int8", "y_scale": 1.0}]}))
-    with pytest.raises(EncodingsFileError, match=f"^{path}: entry '\\?': missing field 'name'$"):
+    with pytest.raises(EncodingsFileError, match=f"^{path}: entry \"\\?\": missing field 'name'$"):
         read_encodings(path)
     path.write_text(json.dumps({"version": "0.5"}))
-    with pytest.raises(EncodingsFileError, match=f"^{path}: encodings version '0.5' is not supported "
+    with pytest.raises(EncodingsFileError, match=f"^{path}: encodings version \"0.5\" is not supported "
                        r"\(supported: 0.6.1, 1.0.0, 2.0.0\)$"):
         read_encodings(path)
 
