@@ -65,10 +65,10 @@ def quantize_dequantize(
     reuses ``x``'s memory (for op outputs that nothing else holds), which saves an allocation per tensor.
     """
     num_steps = 2**bitwidth - 1
+    if offset.requires_grad:  # a learned offset is used as an integer (rounded with a straight-through grad)
+        offset = offset.detach().round() + (offset - offset.detach())  # exactly integral in value
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or offset.requires_grad)
     if needs_grad:
-        if offset.requires_grad:  # a learned offset stays an integer (rounded with a straight-through grad)
-            offset = offset + (offset.round() - offset).detach()
         return _QuantDequant.apply(x, scale, offset, num_steps)
     if x.is_cuda and fused_cuda.can_fuse(x, scale):
         return fused_cuda.quantize_dequantize_fused(x, scale, offset, num_steps, inplace)
