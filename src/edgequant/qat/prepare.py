@@ -62,7 +62,7 @@ class QatSetup:
     """Quantizers whose scale/offset train (range learning), with their gradient scale."""
     recomputed: dict[str, Quantizer] = field(default_factory=dict)
     """Parameter quantizers whose encoding is recomputed from the current weights before each forward."""
-    constant: list[str] = field(default_factory=list)
+    constant: dict[str, Quantizer] = field(default_factory=dict)
     """Enabled quantizers whose encoding does not change during training."""
     folded_batch_norms: list[tuple[str, str]] = field(default_factory=list)
     kept_batch_norms: dict[str, nn.Module] = field(default_factory=dict)
@@ -108,18 +108,26 @@ class QatSetup:
                 count += 1
         return count
 
+    def forget_removed_quantizers(self) -> None:
+        """Drop quantizers no longer in the sim (folded BatchNorms) and rename moved ones (BN outputs)."""
+        live = {id(q) for q in self.sim.quantizers().values()}
+        self.learned = {r.quantizer.name: r for r in self.learned.values() if id(r.quantizer) in live}
+        self.recomputed = {q.name: q for q in self.recomputed.values() if id(q) in live}
+        self.constant = {q.name: q for q in self.constant.values() if id(q) in live}
+        self._versions.clear()
+
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         if module is not self.sim.model:
             return
         if self.learned and bool(torch.stack([r.violated() for r in self.learned.values()]).any()):
             self.constrain_ranges()  # an edit outside any optimizer (optimizers are covered by the step hook)
         self.sync_weight_encodings()
-        if module.training and torch.is_grad_enabled():
-            self.training_forwards += 1
-        if self.kept_batch_norms and self.freeze_bn_after is not None \
-                and self.training_forwards > self.freeze_bn_after:
+        if not (module.training and torch.is_grad_enabled()):
+            return  # evaluation, calibration, BN re-estimation: leave the modes alone
+        self.training_forwards += 1
+        if self.freeze_bn_after is not None and self.training_forwards > self.freeze_bn_after:
             for norm in self.kept_batch_norms.values():
-                norm.eval()
+                norm.eval()  # running statistics frozen (model.train() by the user's loop is undone here)
 
     def remove(self) -> None:
         """Detach the hooks (the quantizers keep their current state)."""
@@ -201,7 +209,7 @@ def prepare_qat(
         if is_param and not quantizer.frozen:
             setup.recomputed[name] = quantizer
         else:
-            setup.constant.append(name)
+            setup.constant[name] = quantizer
     setup.sync_weight_encodings(force=True)
     setup._handles.append(sim.model.register_forward_pre_hook(setup._before_forward))
     _SETUPS[sim.model] = setup
@@ -263,6 +271,8 @@ def finalize(
         finally:
             for quantizer, frozen in saved:
                 quantizer.frozen = frozen
+        setup.forget_removed_quantizers()
+        setup.kept_batch_norms = {n: m for n, m in live_norms.items() if sim.model.get_submodule(n) is m}
         setup.sync_weight_encodings(force=True)
     left = [n for n, m in sim.model.named_modules() if isinstance(m, _BATCH_NORMS)]
     if left:
