@@ -118,6 +118,7 @@ def finetune(
     model = torch.nn.parallel.DistributedDataParallel(sim.model) if is_distributed() else sim.model
 
     def checkpoint() -> None:
+        setup.sync_weight_encodings()  # saved encodings match the saved weights
         if directory is not None and rank == 0:
             state.training_forwards = setup.training_forwards
             save_checkpoint(directory / LAST_CHECKPOINT, sim.model, optim, scheduler, state)
@@ -128,6 +129,7 @@ def finetune(
         nonlocal best_state
         if eval_fn is None:
             return None
+        setup.sync_weight_encodings()
         metric = [None]
         if rank == 0:
             with training_mode(sim.model, False), torch.no_grad():
