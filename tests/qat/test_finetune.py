@@ -33,7 +33,8 @@ def test_distillation_loss_is_kl_on_logits_and_mse_otherwise():
     torch.testing.assert_close(distillation_loss(student, teacher, temperature=2.0), 4 * expected)
     assert distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
     maps_student, maps_teacher = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    torch.testing.assert_close(distillation_loss(maps_student, maps_teacher), ((maps_student - maps_teacher) ** 2).mean())
+    expected_mse = ((maps_student - maps_teacher) ** 2).mean()
+    torch.testing.assert_close(distillation_loss(maps_student, maps_teacher), expected_mse)
     torch.testing.assert_close(distillation_loss(student, teacher, kind="mse"), F.mse_loss(student, teacher))
     with pytest.raises(ValueError, match="not one of"):
         distillation_loss(student, teacher, kind="l1")

@@ -22,6 +22,7 @@ from edgequant.cli.autoquant_command import autoquant
 from edgequant.cli.errors import ErrorHandlingGroup, debug_option
 from edgequant.cli.export_commands import export, verify
 from edgequant.cli.inputs import dummy_from_batch, load_batches, load_model, load_object, parse_shape, peek
+from edgequant.cli.qat_command import qat
 from edgequant.config import HardwareConfig
 from edgequant.quantization import QUANT_SCHEMES
 from edgequant.sim import QuantSim
@@ -289,3 +290,4 @@ def _device(name: str) -> torch.device:
 main.add_command(export)
 main.add_command(verify)
 main.add_command(autoquant)
+main.add_command(qat)
