@@ -53,29 +53,28 @@ class LearnedRange:
 
     quantizer: Quantizer
     grad_scale: float
+    initial_scale: torch.Tensor
+    """The calibrated scale the training started from."""
     scale_floor: torch.Tensor
     learns_offset: bool
     fixed_offset: torch.Tensor
     """The offset a quantizer that does not learn it keeps (a symmetric grid's ``-2**(b-1)``)."""
 
+    _checked_versions: tuple[int, int] = (-1, -1)
+
     def constrain(self) -> None:
-        """Project scale/offset back onto valid values (in place: the optimizer keeps the same tensors)."""
+        """Project scale/offset back onto valid values, in place (the optimizer keeps the same tensors). Cheap
+        when nothing changed since the last call: the tensors' version counters are compared first."""
+        scale, offset = self.quantizer.scale, self.quantizer.offset
+        if (scale._version, offset._version) == self._checked_versions:
+            return
         with torch.no_grad():
-            scale, offset = self.quantizer.scale, self.quantizer.offset
-            torch.maximum(scale.nan_to_num(nan=0.0), self.scale_floor.to(scale.device), out=scale)
+            torch.fmax(scale, self.scale_floor.to(scale.device), out=scale)  # fmax also replaces NaN
             if self.learns_offset:
                 offset.nan_to_num_(nan=0.0).clamp_(-float(2**self.quantizer.bitwidth - 1), 0.0)
-            else:
-                offset.copy_(self.fixed_offset)
-
-    def violated(self) -> torch.Tensor:
-        """A 0-d bool tensor: is the grid invalid right now (no host sync until the caller asks)?"""
-        scale, offset = self.quantizer.scale, self.quantizer.offset
-        bad = (scale < self.scale_floor.to(scale.device)).any() | scale.isnan().any()
-        if not self.learns_offset:
-            return bad | (offset != self.fixed_offset.to(offset.device)).any()
-        bad = bad | (offset > 0).any() | (offset < -(2**self.quantizer.bitwidth - 1)).any() | offset.isnan().any()
-        return bad
+            elif offset._version != self._checked_versions[1]:
+                offset.copy_(self.fixed_offset.to(offset.device))
+        self._checked_versions = (scale._version, offset._version)
 
 
 def learn_range(
@@ -92,7 +91,8 @@ def learn_range(
     handles = [quantizer.scale.register_hook(_times(grad_scale))]
     if learns_offset:
         handles.append(quantizer.offset.register_hook(_times(grad_scale)))
-    learned = LearnedRange(quantizer, grad_scale, floor, learns_offset, quantizer.offset.detach().clone())
+    learned = LearnedRange(quantizer, grad_scale, quantizer.scale.detach().clone(), floor, learns_offset,
+                           quantizer.offset.detach().clone())
     learned.constrain()
     return learned, handles
 

@@ -119,8 +119,7 @@ class QatSetup:
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         if module is not self.sim.model:
             return
-        if self.learned and bool(torch.stack([r.violated() for r in self.learned.values()]).any()):
-            self.constrain_ranges()  # an edit outside any optimizer (optimizers are covered by the step hook)
+        self.constrain_ranges()  # catches edits outside any optimizer (optimizers are covered by the step hook)
         self.sync_weight_encodings()
         if not (module.training and torch.is_grad_enabled()):
             return  # evaluation, calibration, BN re-estimation: leave the modes alone

@@ -26,25 +26,37 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> to
 
 
 class _QuantDequant(torch.autograd.Function):
+    """Fake quantization with STE/LSQ gradients. The in-range mask is kept from the forward (one bool per
+    value), so a backward for the input alone is one multiplication."""
+
     @staticmethod
     def forward(ctx, x, scale, offset, num_steps):  # noqa: ANN001 - autograd signature
+        learns_range = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         scaled = x / scale
-        rounded = torch.round(scaled)
-        low, high = offset, offset + num_steps
-        clamped = torch.clamp(rounded, low, high)
-        ctx.save_for_backward(scaled, clamped, scale, offset)
-        return clamped * scale
+        rounded = scaled.round() if learns_range else scaled.round_()
+        if offset.dim() == 0 and offset.device.type == "cpu":
+            low = offset.item()  # scalar bounds are faster than tensor bounds on CPU; no GPU sync here
+            clamped = torch.clamp(rounded, low, low + num_steps)
+        else:
+            clamped = torch.clamp(rounded, offset, offset + num_steps)
+        in_range = rounded == clamped
+        if learns_range:
+            ctx.save_for_backward(in_range, scaled, clamped, scale, offset)
+            return clamped * scale
+        ctx.save_for_backward(in_range)
+        return clamped.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
-        scaled, clamped, scale, offset = ctx.saved_tensors
-        in_range = (scaled.round() == clamped).to(grad_out.dtype)
+        in_range = ctx.saved_tensors[0]
         grad_x = grad_out * in_range if ctx.needs_input_grad[0] else None
         grad_scale = grad_offset = None
-        if ctx.needs_input_grad[1]:
-            grad_scale = _reduce_to(grad_out * (clamped - scaled * in_range), scale)
-        if ctx.needs_input_grad[2]:
-            grad_offset = _reduce_to(grad_out * (1 - in_range) * scale, offset)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            _, scaled, clamped, scale, offset = ctx.saved_tensors
+            if ctx.needs_input_grad[1]:  # in range: round(x/s) - x/s; clipped: the grid's end
+                grad_scale = _reduce_to(grad_out * torch.where(in_range, clamped - scaled, clamped), scale)
+            if ctx.needs_input_grad[2]:  # clipped values move with the offset
+                grad_offset = _reduce_to(grad_out * (~in_range) * scale, offset)
         return grad_x, grad_scale, grad_offset, None
 
 
