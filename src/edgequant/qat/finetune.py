@@ -4,7 +4,8 @@
   distillation from the FP32 model (the sim's model with quantizers off, copied before training, or
   ``teacher``), see `edgequant.qat.distillation`.
 * Optimizer: Adam by default (``optimizer=`` takes a factory of parameter groups); each learned scale has its own
-  group whose rate is ``range_lr`` times its calibrated size, offsets ``range_lr`` grid steps (`DEFAULT_RANGE_LR`). Learning rate: linear warm-up then cosine decay to 0 (``schedule``).
+  group whose rate is ``range_lr`` times its calibrated size, offsets ``range_lr`` grid steps (`DEFAULT_RANGE_LR`).
+  Learning rate: linear warm-up then cosine decay to 0 (``schedule``).
 * Evaluation: ``eval_fn(model) -> float`` (higher is better) every ``eval_every`` steps and after each epoch;
   the best state is kept (``checkpoint_dir/best_sim.pt``) and restored at the end (``restore_best``).
 * Checkpoints: every ``checkpoint_every`` steps and after each epoch into ``checkpoint_dir/last.pt``;
