@@ -210,7 +210,8 @@ def prepare_qat(
         else:
             setup.constant[name] = quantizer
     setup.sync_weight_encodings(force=True)
-    setup._handles.append(sim.model.register_forward_pre_hook(setup._before_forward))
+    # first among the root's pre-hooks: the model-input quantizers (another pre-hook) must see the constrained grid
+    setup._handles.append(sim.model.register_forward_pre_hook(setup._before_forward, prepend=True))
     _SETUPS[sim.model] = setup
     if not _STEP_HOOK:
         _STEP_HOOK.append(register_optimizer_step_post_hook(_constrain_after_step))

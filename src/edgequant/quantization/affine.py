@@ -40,8 +40,8 @@ class _QuantDequant(torch.autograd.Function):
         else:
             clamped = torch.clamp(rounded, offset, offset + num_steps)
         in_range = rounded == clamped
-        if learns_range:
-            ctx.save_for_backward(in_range, scaled, clamped, scale, offset)
+        if learns_range:  # d(out)/d(scale): round(x/s) - x/s in range, the grid's end where clipped
+            ctx.save_for_backward(in_range, torch.where(in_range, clamped - scaled, clamped), scale, offset)
             return clamped * scale
         ctx.save_for_backward(in_range)
         return clamped.mul_(scale)
@@ -52,11 +52,11 @@ class _QuantDequant(torch.autograd.Function):
         grad_x = grad_out * in_range if ctx.needs_input_grad[0] else None
         grad_scale = grad_offset = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            _, scaled, clamped, scale, offset = ctx.saved_tensors
-            if ctx.needs_input_grad[1]:  # in range: round(x/s) - x/s; clipped: the grid's end
-                grad_scale = _reduce_to(grad_out * torch.where(in_range, clamped - scaled, clamped), scale)
-            if ctx.needs_input_grad[2]:  # clipped values move with the offset
-                grad_offset = _reduce_to(grad_out * (~in_range) * scale, offset)
+            _, scale_derivative, scale, offset = ctx.saved_tensors
+            if ctx.needs_input_grad[1]:
+                grad_scale = _reduce_to(grad_out * scale_derivative, scale)
+            if ctx.needs_input_grad[2]:  # clipped values move by `scale` per unit of offset
+                grad_offset = _reduce_to(grad_out.masked_fill(in_range, 0), offset) * scale
         return grad_x, grad_scale, grad_offset, None
 
 
