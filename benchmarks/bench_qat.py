@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache"))
+    parser.add_argument("--timing-only", action="store_true", help="Skip the accuracy runs.")
     args = parser.parse_args()
     torch.set_num_threads(1)
     images, labels = load_digits_tensors("train")
@@ -140,6 +141,9 @@ def main() -> None:
     for name in args.models.split(","):
         folded = load_model(name, args.cache)
         fold_batch_norms(folded, images[:1])
+        if args.timing_only:
+            print_epoch_times(name, epoch_times(folded, images, labels, args.repeats))
+            continue
         row = {"fp32": accuracy(folded), "ptq": accuracy(calibrated_sim(folded, images).model)}
         for mode in ("regular", "range_learning"):
             for labelled in (True, False):
@@ -153,11 +157,14 @@ def main() -> None:
                 row[key] = accuracy(sim.model)
                 print(f"{name} {key}: {row[key]:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
-        times = epoch_times(folded, images, labels, args.repeats)
-        for mode in ("regular", "range_learning", "regular/per-tensor"):
-            print(f"{name} epoch {mode}: wall {times[mode]['wall_s']:.2f} s vs FP32 {times['fp32']['wall_s']:.2f} s "
-                  f"({times[mode]['wall_s'] / times['fp32']['wall_s']:.2f}x); CPU {times[mode]['cpu_s']:.2f} s vs "
-                  f"{times['fp32']['cpu_s']:.2f} s ({times[mode]['cpu_s'] / times['fp32']['cpu_s']:.2f}x)", flush=True)
+        print_epoch_times(name, epoch_times(folded, images, labels, args.repeats))
+
+
+def print_epoch_times(name: str, times: dict[str, dict]) -> None:
+    for mode in ("regular", "range_learning", "regular/per-tensor"):
+        print(f"{name} epoch {mode}: wall {times[mode]['wall_s']:.2f} s vs FP32 {times['fp32']['wall_s']:.2f} s "
+              f"({times[mode]['wall_s'] / times['fp32']['wall_s']:.2f}x); CPU {times[mode]['cpu_s']:.2f} s vs "
+              f"{times['fp32']['cpu_s']:.2f} s ({times[mode]['cpu_s'] / times['fp32']['cpu_s']:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":
