@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import torch
 
-from edgequant.cli.data import data_options, device_option, quiet_option, resolve_data, resolve_device
+from edgequant.cli.data import data_options, device_option, digits_job, quiet_option, resolve_data, resolve_device
 from edgequant.cli.errors import debug_option
 from edgequant.cli.inputs import load_model, load_object
 from edgequant.config import HardwareConfig
@@ -52,7 +52,7 @@ def autoquant(
     if model_spec is None:
         if data_spec or eval_spec:
             raise click.UsageError("--data and --eval need --model (without them, the bundled digits demo runs)")
-        model, dummy, batches, evaluate = _digits_job(batch_size or 64)
+        model, dummy, batches, evaluate = digits_job(batch_size or 64)
     else:
         if data_spec is None or eval_spec is None:
             raise click.UsageError("--model needs --data and --eval")
@@ -78,12 +78,3 @@ def autoquant(
     if result.recommendation:
         click.echo(result.recommendation)
     click.echo(f"sim state: {result.sim_state_path}\nreport:    {result.report_path}")
-
-
-def _digits_job(batch_size: int) -> tuple:
-    from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
-
-    train_images, _ = load_digits_tensors("train")
-    test_images, test_labels = load_digits_tensors("test")
-    return (load_pretrained("digits_cnn"), train_images[:1], list(train_images.split(batch_size)),
-            lambda model: evaluate_accuracy(model, test_images, test_labels))

@@ -147,3 +147,13 @@ def resolve_device(name: str) -> torch.device:
 
 def quiet_option(command: Callable) -> Callable:
     return click.option("--quiet", is_flag=True, help="No progress bars.")(command)
+
+
+def digits_job(batch_size: int) -> tuple:
+    """(model, dummy input, batches, evaluate) of the bundled digits demo, for commands run without --model."""
+    from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
+
+    train_images, _ = load_digits_tensors("train")
+    test_images, test_labels = load_digits_tensors("test")
+    return (load_pretrained("digits_cnn"), train_images[:1], list(train_images.split(batch_size)),
+            lambda model: evaluate_accuracy(model, test_images, test_labels))

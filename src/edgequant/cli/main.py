@@ -24,6 +24,7 @@ from edgequant.cli.data import InputSpec, data_options, device_option, quiet_opt
 from edgequant.cli.errors import ErrorHandlingGroup, debug_option
 from edgequant.cli.export_commands import export, verify
 from edgequant.cli.inputs import load_model, load_object
+from edgequant.cli.qat_command import qat
 from edgequant.config import HardwareConfig
 from edgequant.ptq import fold_batch_norms
 from edgequant.quantization import QUANT_SCHEMES
@@ -277,3 +278,4 @@ def _evaluation(spec: str) -> Callable[[nn.Module], float]:
 main.add_command(export)
 main.add_command(verify)
 main.add_command(autoquant)
+main.add_command(qat)

@@ -26,25 +26,37 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> to
 
 
 class _QuantDequant(torch.autograd.Function):
+    """Fake quantization with STE/LSQ gradients. The in-range mask is kept from the forward (one bool per
+    value), so a backward for the input alone is one multiplication."""
+
     @staticmethod
     def forward(ctx, x, scale, offset, num_steps):  # noqa: ANN001 - autograd signature
+        learns_range = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         scaled = x / scale
-        rounded = torch.round(scaled)
-        low, high = offset, offset + num_steps
-        clamped = torch.clamp(rounded, low, high)
-        ctx.save_for_backward(scaled, clamped, scale, offset)
-        return clamped * scale
+        rounded = scaled.round() if learns_range else scaled.round_()
+        if offset.dim() == 0 and offset.device.type == "cpu":
+            low = offset.item()  # scalar bounds are faster than tensor bounds on CPU; no GPU sync here
+            clamped = torch.clamp(rounded, low, low + num_steps)
+        else:
+            clamped = torch.clamp(rounded, offset, offset + num_steps)
+        in_range = rounded == clamped
+        if learns_range:  # d(out)/d(scale): round(x/s) - x/s in range, the grid's end where clipped
+            ctx.save_for_backward(in_range, torch.where(in_range, clamped - scaled, clamped), scale, offset)
+            return clamped * scale
+        ctx.save_for_backward(in_range)
+        return clamped.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
-        scaled, clamped, scale, offset = ctx.saved_tensors
-        in_range = (scaled.round() == clamped).to(grad_out.dtype)
+        in_range = ctx.saved_tensors[0]
         grad_x = grad_out * in_range if ctx.needs_input_grad[0] else None
         grad_scale = grad_offset = None
-        if ctx.needs_input_grad[1]:
-            grad_scale = _reduce_to(grad_out * (clamped - scaled * in_range), scale)
-        if ctx.needs_input_grad[2]:
-            grad_offset = _reduce_to(grad_out * (1 - in_range) * scale, offset)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            _, scale_derivative, scale, offset = ctx.saved_tensors
+            if ctx.needs_input_grad[1]:
+                grad_scale = _reduce_to(grad_out * scale_derivative, scale)
+            if ctx.needs_input_grad[2]:  # clipped values move by `scale` per unit of offset
+                grad_offset = _reduce_to(grad_out.masked_fill(in_range, 0), offset) * scale
         return grad_x, grad_scale, grad_offset, None
 
 
@@ -65,10 +77,10 @@ def quantize_dequantize(
     reuses ``x``'s memory (for op outputs that nothing else holds), which saves an allocation per tensor.
     """
     num_steps = 2**bitwidth - 1
+    if offset.requires_grad:  # a learned offset is used as an integer (rounded with a straight-through grad)
+        offset = offset.detach().round() + (offset - offset.detach())  # exactly integral in value
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or offset.requires_grad)
     if needs_grad:
-        if offset.requires_grad:  # a learned offset stays an integer (rounded with a straight-through grad)
-            offset = offset + (offset.round() - offset).detach()
         return _QuantDequant.apply(x, scale, offset, num_steps)
     if x.is_cuda and fused_cuda.can_fuse(x, scale):
         return fused_cuda.quantize_dequantize_fused(x, scale, offset, num_steps, inplace)

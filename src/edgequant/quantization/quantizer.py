@@ -179,6 +179,9 @@ class Quantizer(nn.Module):
         elif saved_scale is None and not self.range_learning:
             self.scale = self.offset = None
         super()._load_from_state_dict(state_dict, prefix, *args)
+        if self.offset is not None and not self.range_learning:  # a learned offset is saved unrounded
+            with torch.no_grad():
+                self.offset.round_()
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""``edgequant qat``: calibrate, fine-tune with quantization-aware training, write the sim state, export, summary.
+
+Label-free: the data needs no labels (the quantized model is distilled from the FP32 one). With no --model and
+no --data it runs on the bundled digits CNN and reports its test accuracy before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from edgequant import __version__
+from edgequant.cli.data import (
+    InputSpec,
+    data_options,
+    device_option,
+    digits_job,
+    quiet_option,
+    resolve_data,
+    resolve_device,
+)
+from edgequant.cli.errors import debug_option
+from edgequant.cli.inputs import load_model, load_object
+from edgequant.config import HardwareConfig
+from edgequant.quantization import QUANT_SCHEMES
+
+
+@click.command()
+@click.option("--model", "-m", "model_spec", metavar="SPEC",
+              help="'package.module:factory', 'file.py:factory', a .pt2 or a TorchScript file; "
+                   "default: the bundled digits CNN with its test accuracy as metric.")
+@data_options
+@click.option("--eval", "eval_spec", metavar="SPEC",
+              help="'module:function' called as function(model) -> float (higher is better), before and after QAT "
+                   "and after each epoch (the best epoch is kept).")
+@click.option("--param-bw", type=click.IntRange(2, 16), default=8, show_default=True,
+              help="Bit width of weights and other parameters.")
+@click.option("--output-bw", type=click.IntRange(2, 16), default=8, show_default=True,
+              help="Bit width of activations.")
+@click.option("--scheme", type=click.Choice(QUANT_SCHEMES), default="minmax", show_default=True,
+              help="Calibration method of the initial encodings.")
+@click.option("--config", default="default", show_default=True,
+              help=f"Hardware config: a preset ({', '.join(HardwareConfig.preset_names())}) or a JSON file.")
+@click.option("--mode", type=click.Choice(["regular", "range_learning"]), default="range_learning",
+              show_default=True, help="regular: weights train, weight encodings follow them; range_learning: "
+                                      "scales/offsets train too (LSQ).")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Training epochs.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Learning rate of the weights (Adam).")
+@click.option("--batch-norm", type=click.Choice(["fold", "keep"]), default="fold", show_default=True,
+              help="fold: train with BatchNorms folded; keep: train them, re-estimate and fold after training.")
+@click.option("--freeze-bn-after", type=click.IntRange(min=0), help="With --batch-norm keep: freeze BN statistics "
+                                                                    "after this many steps.")
+@click.option("--resume", is_flag=True, help="Continue the run checkpointed in OUT/checkpoints.")
+@device_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("edgequant_qat"),
+              show_default=True, help="Output folder.")
+@quiet_option
+@debug_option
+def qat(
+    model_spec: str | None, data_spec: str | None, input_shape: str | None, batch_size: int | None,
+    num_batches: int | None, mean: str | None, std: str | None, eval_spec: str | None, param_bw: int,
+    output_bw: int, scheme: str, config: str, mode: str, epochs: int, lr: float,
+    batch_norm: str, freeze_bn_after: int | None, resume: bool, device: str, out_dir: Path, quiet: bool,
+) -> None:
+    """Quantization-aware training: calibrate, fine-tune, and write the sim state, the export and a summary."""
+    from edgequant.qat import finalize, finetune, prepare_qat
+    from edgequant.sim import QuantSim
+
+    target = resolve_device(device)
+    if model_spec is None:
+        if data_spec or eval_spec:
+            raise click.UsageError("--data and --eval need --model (without them, the bundled digits demo runs)")
+        model, dummy, batches, evaluate = digits_job(batch_size or 64)
+        model_name = "edgequant.demo.digits:digits_cnn (bundled)"
+        spec = InputSpec(shape=[1, 1, 8, 8], batch_size=batch_size or 64)
+    else:
+        if data_spec is None:
+            raise click.UsageError("--model needs --data")
+        data = resolve_data(data_spec, input_shape, batch_size, num_batches, mean, std)
+        dummy, batches, spec = data.dummy_input, data.batches, data.spec
+        batches = batches if hasattr(batches, "__len__") else list(batches)  # every epoch iterates them again
+        model = load_model(model_spec, lambda: (dummy,))
+        evaluate = load_object(eval_spec, "evaluation function") if eval_spec else None
+        if evaluate is not None and not callable(evaluate):
+            raise click.UsageError(f"--eval {eval_spec!r} is not callable")
+        model_name = model_spec
+    model = model.to(target)
+    dummy = dummy.to(target) if isinstance(dummy, torch.Tensor) else dummy
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    sim = QuantSim(model, dummy, param_bw=param_bw, output_bw=output_bw, quant_scheme=scheme, config=config)
+    sim.calibrate(batches, num_batches=num_batches, progress=not quiet)
+    timings["calibrate_s"] = time.perf_counter() - started
+    metrics: dict[str, Any] = {}
+    if evaluate is not None:
+        metrics["fp32"] = float(evaluate(model))
+        metrics["ptq"] = float(evaluate(sim.model))
+    setup = prepare_qat(sim, mode, batch_norm=batch_norm, freeze_bn_after=freeze_bn_after)
+    click.echo(setup.describe().splitlines()[0])
+
+    started = time.perf_counter()
+    result = finetune(sim, batches, epochs=epochs, lr=lr, eval_fn=evaluate, checkpoint_dir=out_dir / "checkpoints",
+                      resume=resume, progress=not quiet)
+    folded = finalize(sim, batches, num_batches=num_batches or 100, progress=not quiet)
+    timings["qat_s"] = time.perf_counter() - started
+    if evaluate is not None:
+        metrics["qat"] = float(evaluate(sim.model))
+        click.echo(f"metric: FP32 {metrics['fp32']:.4f}  PTQ {metrics['ptq']:.4f}  QAT ({mode}) {metrics['qat']:.4f}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sim.save(out_dir / "sim_state.pt")
+    spec.fold_bn = True  # BNs are folded after QAT whatever --batch-norm says: export/verify rebuild it folded
+    spec.save(out_dir)
+
+    exported = sim.export(out_dir / "export")
+    summary = {
+        "edgequant_version": __version__, "model": model_name, "data": data_spec or "sklearn digits, train split",
+        "settings": {"param_bw": param_bw, "output_bw": output_bw, "scheme": scheme, "config": config, "mode": mode,
+                     "epochs": epochs, "lr": lr, "batch_norm": batch_norm},
+        "input_spec": asdict(spec),
+        "quantizers": {"learned": {n: r.grad_scale for n, r in setup.learned.items()},
+                       "recomputed_each_step": list(setup.recomputed), "constant": list(setup.constant)},
+        "batch_norms_folded": [bn for _, bn in setup.folded_batch_norms + folded],
+        "steps": result.steps, "history": result.history, "best_metric": result.best_metric,
+        "metric": metrics or None, "timings": timings,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    click.echo(f"wrote {out_dir / 'sim_state.pt'}, {exported.qdq_model}, {out_dir / 'summary.json'}")
+

@@ -1,0 +1,98 @@
+"""finetune: distillation by default, labelled loss, best-state keeping, and a killed run that resumes
+bit-identical to an uninterrupted one."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
+from edgequant.qat import distillation_loss, finetune, prepare_qat
+from edgequant.sim import QuantSim
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_tensors("train"), load_digits_tensors("test")
+
+
+def _prepared(digits, mode="range_learning"):
+    (images, _), _ = digits
+    torch.manual_seed(0)
+    sim = QuantSim(load_pretrained("digits_cnn"), images[:1], param_bw=4, output_bw=4, config="per_channel")
+    sim.calibrate(list(images[:256].split(64)), progress=False)
+    prepare_qat(sim, mode)
+    return sim
+
+
+def test_distillation_loss_is_kl_on_logits_and_mse_otherwise():
+    student, teacher = torch.randn(4, 10), torch.randn(4, 10)
+    expected = (F.softmax(teacher / 2, 1) * (F.log_softmax(teacher / 2, 1) - F.log_softmax(student / 2, 1))).sum() / 4
+    torch.testing.assert_close(distillation_loss(student, teacher, temperature=2.0), 4 * expected)
+    assert distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    maps_student, maps_teacher = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    expected_mse = ((maps_student - maps_teacher) ** 2).mean()
+    torch.testing.assert_close(distillation_loss(maps_student, maps_teacher), expected_mse)
+    torch.testing.assert_close(distillation_loss(student, teacher, kind="mse"), F.mse_loss(student, teacher))
+    with pytest.raises(ValueError, match="not one of"):
+        distillation_loss(student, teacher, kind="l1")
+
+
+class _KilledAdam(torch.optim.Adam):
+    """Adam whose process 'dies' before its 8th step."""
+
+    def step(self, closure=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 8:
+            raise KeyboardInterrupt("killed")
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("mode", ["regular", "range_learning"])
+def test_killed_run_resumes_bit_identical(digits, tmp_path, mode):
+    (images, _), _ = digits
+    data = images[:320]  # 5 batches of 64 per epoch, 2 epochs
+    options = dict(epochs=2, lr=1e-3, batch_size=64, checkpoint_every=3, progress=False)
+    uninterrupted = _prepared(digits, mode)
+    finetune(uninterrupted, data, checkpoint_dir=tmp_path / "a", **options)
+
+    killed = _prepared(digits, mode)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(killed, data, checkpoint_dir=tmp_path / "b", optimizer=_KilledAdam, **options)
+    resumed = _prepared(digits, mode)  # a new process: rebuilt, calibrated, prepared, then resumed
+    result = finetune(resumed, data, checkpoint_dir=tmp_path / "b", resume=True, **options)
+    assert result.resumed_from_step == 6 and result.steps == 10
+    expected, got = uninterrupted.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_labelled_loss_best_state_and_accuracy(digits, tmp_path):
+    (images, labels), (test_images, test_labels) = digits
+    sim = _prepared(digits, "regular")
+    before = evaluate_accuracy(sim.model, test_images, test_labels)
+    snapshots, metrics = [], iter([0.5, 0.9, 0.7])
+
+    def evaluate(model):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(metrics)
+
+    result = finetune(sim, TensorDataset(images, labels), epochs=3, lr=1e-4, progress=False, eval_fn=evaluate,
+                      loss_fn=lambda output, batch: F.cross_entropy(output, batch[1]), checkpoint_dir=tmp_path)
+    assert result.best_metric == 0.9 and result.best_step == 2 * math.ceil(len(images) / 64)
+    assert [round(h["metric"], 2) for h in result.history] == [0.5, 0.9, 0.7]
+    for key, value in sim.model.state_dict().items():  # the best epoch's state was restored
+        assert torch.equal(value, snapshots[1][key]), key
+    assert (tmp_path / "best_sim.pt").exists() and (tmp_path / "last.pt").exists()
+    assert evaluate_accuracy(sim.model, test_images, test_labels) >= before
+
+
+def test_bad_arguments_fail_with_one_clear_line(digits):
+    sim = _prepared(digits)
+    with pytest.raises(ValueError, match="epochs >= 1"):
+        finetune(sim, torch.zeros(4, 1, 8, 8), epochs=0, lr=1e-4)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        finetune(sim, torch.zeros(4, 1, 8, 8), epochs=1, lr=1e-4, resume=True)

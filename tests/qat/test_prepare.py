@@ -1,0 +1,148 @@
+"""prepare_qat: which tensors train, weight encodings following the weights, valid learned grids whatever the
+optimizer does, and BatchNorm handling with an export free of BatchNormalization."""
+
+import onnx
+import pytest
+import torch
+
+from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
+from edgequant.qat import finalize, prepare_qat, qat_setup
+from edgequant.sim import QuantSim
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_tensors("train"), load_digits_tensors("test")
+
+
+def _sim(digits, calibrate=True):
+    (images, _), _ = digits
+    sim = QuantSim(load_pretrained("digits_cnn"), images[:1], param_bw=4, output_bw=4, config="per_channel")
+    if calibrate:
+        sim.calibrate(list(images[:256].split(64)), progress=False)
+    return sim
+
+
+def _step(sim, images, labels, optimizer):
+    sim.model.train()
+    loss = torch.nn.functional.cross_entropy(sim.model(images), labels)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def test_regular_qat_trains_weights_keeps_activations_and_recomputes_weight_encodings(digits):
+    (images, labels), _ = digits
+    sim = _sim(digits)
+    setup = prepare_qat(sim, "regular")
+    assert setup.mode == "regular" and not setup.learned
+    assert set(setup.trainable_parameters()) == {n for n, _ in sim.model.named_parameters()}
+    assert all(q.role == "param" for q in setup.recomputed.values()) and len(setup.recomputed) == 4
+    activations = {n: q.encoding for n, q in sim.quantizers(role=("model_input", "output")).items()}
+    optimizer = torch.optim.SGD([p for p in sim.model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(2):
+        _step(sim, images[:64], labels[:64], optimizer)
+    sim.model(images[:2])  # the forward after the last step brings the weight encodings up to date
+    for name, quantizer in setup.recomputed.items():
+        weight = getattr(sim.layer_of(quantizer), quantizer.key).detach()
+        abs_max = weight.abs().flatten(1).amax(dim=1)  # per-channel symmetric 4-bit: scale = |w|max / 7
+        torch.testing.assert_close(quantizer.scale, abs_max / 7, rtol=1e-6, atol=0), name
+    for name, encoding in activations.items():
+        assert sim.quantizer(name).encoding.equals(encoding), name
+    assert setup.sync_weight_encodings() == 0  # unchanged weights: nothing recomputed on evaluation forwards
+
+
+def test_range_learning_makes_scales_and_asymmetric_offsets_trainable(digits):
+    sim = _sim(digits)
+    setup = prepare_qat(sim, "range_learning")
+    assert set(setup.learned) == {n for n, q in sim.quantizers().items() if q.enabled}
+    for name, learned in setup.learned.items():
+        quantizer = learned.quantizer
+        assert quantizer.scale.requires_grad
+        assert quantizer.offset.requires_grad == (not quantizer.symmetric), name
+    assert qat_setup(sim) is setup
+
+
+class _Adversary(torch.optim.Optimizer):
+    """Writes invalid values into every parameter: negative scales, positive fractional offsets, NaN."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for index, param in enumerate(group["params"]):
+                param.fill_(float("nan") if index % 7 == 3 else -3.7 if index % 2 else 2.6)
+
+
+def test_learned_grids_stay_valid_whatever_the_optimizer_writes(digits):
+    (images, _), _ = digits
+    sim = _sim(digits)
+    setup = prepare_qat(sim, "range_learning")
+    ranges = [p for n, p in sim.model.named_parameters() if n.endswith((".scale", ".offset"))]
+    _Adversary(ranges).step()
+    for name, learned in setup.learned.items():
+        quantizer = learned.quantizer
+        assert (quantizer.scale >= learned.scale_floor).all() and (quantizer.scale > 0).all(), name
+        if learned.learns_offset:
+            assert ((quantizer.offset >= -15) & (quantizer.offset <= 0)).all(), name
+        encoding = quantizer.encoding  # constructing it validates scale > 0; offsets come out integral
+        assert torch.equal(encoding.offset, encoding.offset.round())
+    assert torch.isfinite(sim.model(images[:8])).all()
+    # an edit outside any optimizer is caught by the next forward
+    quantizer = next(r.quantizer for r in setup.learned.values() if r.learns_offset)
+    with torch.no_grad():
+        quantizer.scale.fill_(-1.0)
+        quantizer.offset.fill_(-3.4)
+    sim.model(images[:8])
+    assert (quantizer.scale > 0).all()
+    x = torch.linspace(-1, 1, 11)
+    expected = torch.clamp(torch.round(x / quantizer.scale) - (-3), 0, 15) * quantizer.scale + (-3) * quantizer.scale
+    with torch.no_grad():
+        torch.testing.assert_close(quantizer(x), expected)  # the fractional offset -3.4 is used as -3
+
+
+def _onnx_ops(sim, tmp_path):
+    result = sim.export(tmp_path)
+    ops = set()
+    for path in (result.float_model, result.qdq_model):
+        ops |= {node.op_type for node in onnx.load(path).graph.node}
+    return ops
+
+
+def test_default_folds_batch_norms_before_training_and_exports_none(digits, tmp_path):
+    sim = _sim(digits)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in sim.model.modules())
+    setup = prepare_qat(sim, "regular")
+    assert [bn for _, bn in setup.folded_batch_norms] == ["conv1.1", "conv2.1", "conv3.1"]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in sim.model.modules())
+    ops = _onnx_ops(sim, tmp_path)
+    assert "Conv" in ops and "BatchNormalization" not in ops
+
+
+@pytest.mark.parametrize("mode", ["regular", "range_learning"])
+def test_kept_batch_norms_freeze_then_fold_at_finalize(digits, tmp_path, mode):
+    (images, labels), (test_images, test_labels) = digits
+    sim = _sim(digits)
+    setup = prepare_qat(sim, mode, batch_norm="keep", freeze_bn_after=2)
+    norms = list(setup.kept_batch_norms.values())
+    assert len(norms) == 3
+    optimizer = torch.optim.Adam([p for p in sim.model.parameters() if p.requires_grad], lr=1e-4)
+    _step(sim, images[:64], labels[:64], optimizer)
+    assert all(n.training for n in norms)
+    for start in (64, 128):
+        _step(sim, images[start:start + 64], labels[start:start + 64], optimizer)
+    assert not any(n.training for n in norms)  # frozen after 2 training forwards
+    accuracy_before = evaluate_accuracy(sim.model, test_images, test_labels)
+    folded = finalize(sim, list(images[:256].split(64)), progress=False)
+    assert [bn for _, bn in folded] == ["conv1.1", "conv2.1", "conv3.1"]
+    assert abs(evaluate_accuracy(sim.model, test_images, test_labels) - accuracy_before) < 0.03
+    assert "BatchNormalization" not in _onnx_ops(sim, tmp_path)
+
+
+def test_prepare_rejects_bad_input(digits):
+    with pytest.raises(ValueError, match="not one of"):
+        prepare_qat(_sim(digits, calibrate=False), "lsq")
+    with pytest.raises(RuntimeError, match="calibrate"):
+        prepare_qat(_sim(digits, calibrate=False), "regular")
