@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from edgequant import __version__
+from edgequant.cli.analyze_command import analyze
 from edgequant.cli.autoquant_command import autoquant
 from edgequant.cli.errors import ErrorHandlingGroup, debug_option
 from edgequant.cli.export_commands import export, verify
@@ -289,3 +290,4 @@ def _device(name: str) -> torch.device:
 main.add_command(export)
 main.add_command(verify)
 main.add_command(autoquant)
+main.add_command(analyze)
