@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from edgequant.analysis.result import AnalysisResult
+from edgequant.analysis.result import AnalysisResult, LayerAnalysis
 
 TOP_LAYERS = 3
 DOMINANCE = 2.0
@@ -37,9 +37,9 @@ def what_to_try(result: AnalysisResult) -> list[str]:
                if layer.gain_if_kept_in_float(result.quantized_metric) > 0]
     if helpful:
         listed = ", ".join(
-            f"{layer.name} (+{layer.gain_if_kept_in_float(result.quantized_metric):.4g} of the {gap:.4g} gap)"
-            for layer in helpful)
-        lines.append(f"Keep the most sensitive layers at 16-bit activations / 8-bit weights: {listed}.")
+            f"{layer.name} ({_wider(layer)}: +{layer.gain_if_kept_in_float(result.quantized_metric):.4g} of the "
+            f"{gap:.4g} gap if kept in float)" for layer in helpful)
+        lines.append(f"Keep the most sensitive layers wider: {listed}.")
     drop = _largest_sqnr_drop(result)
     if drop is not None:
         lines.append(f"The output SQNR falls most at {drop[0]} ({drop[1]:.1f} dB lost there): look at its ranges "
@@ -51,6 +51,14 @@ def what_to_try(result: AnalysisResult) -> list[str]:
         lines.append(f"{worst[0]} clips {worst[1]:.1%} of its FP32 values: its encoding range is too narrow for "
                      "this data (recalibrate on representative data, or use a wider scheme).")
     return lines
+
+
+def _wider(layer: LayerAnalysis) -> str:
+    """What "keep it wider" means for this layer: 8/16-bit weights, 16-bit activations, or both."""
+    has_weights, has_activations = bool(layer.weight_ranges), bool(layer.activation_ranges)
+    if has_weights and has_activations:
+        return "8-bit weights, 16-bit activations"
+    return "8/16-bit weights" if has_weights else "16-bit activations"
 
 
 def _largest_sqnr_drop(result: AnalysisResult) -> tuple[str, float] | None:
