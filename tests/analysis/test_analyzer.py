@@ -97,7 +97,7 @@ def test_output_sqnr_is_the_layers_output_error_with_everything_before_quantized
         fp32, quantized = outputs[0::2], outputs[1::2]
         signal = sum(float(f.double().square().sum()) for f in fp32)
         noise = sum(float((q.double() - f.double()).square().sum()) for f, q in zip(fp32, quantized, strict=True))
-        assert result.layer(name).output_sqnr_db == pytest.approx(10 * math.log10(signal / noise), rel=1e-9)
+        assert result.layer(name).output_sqnr_db == pytest.approx(10 * math.log10(signal / noise), rel=1e-6)
     assert all(0 < layer.output_sqnr_db < 60 for layer in result.layers)
 
 
@@ -183,7 +183,7 @@ def test_default_metric_is_output_fidelity_and_from_sim_keeps_the_sim(digits, tm
         quantized = [sim.model(b) for b in digits["batches"][:2]]
     noise = sum(float((q.double() - r.double()).square().sum()) for q, r in zip(quantized, reference, strict=True))
     signal = sum(float(r.double().square().sum()) for r in reference)
-    assert result.quantized_metric == pytest.approx(1 - noise / signal, rel=1e-12)
+    assert result.quantized_metric == pytest.approx(1 - noise / signal, rel=1e-9)
     assert isinstance(analyzer.metric, OutputFidelity) and analyzer.metric(sim.model) == result.quantized_metric
     relu = result.layer("conv1.2").activation_ranges[0]
     values = _fp32_outputs(sim, "conv1.2", digits["batches"][:2])

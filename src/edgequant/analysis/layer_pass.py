@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
-from edgequant.analysis.fidelity import float_leaves, sqnr_db
+from edgequant.analysis.fidelity import float_leaves, power, sqnr_db
 from edgequant.analysis.tensor_stats import ActivationStats
 from edgequant.quantization import Quantizer
 from edgequant.sim import QuantSim
@@ -115,8 +115,8 @@ class _Hooks:
                 return  # the sim took another path than FP32 (data-dependent control flow): no comparison
             error = self.errors[name]
             for sim_leaf, fp32_leaf in zip(got, expected, strict=True):
-                error.signal_power += float(fp32_leaf.double().square().sum())
-                error.noise_power += float((sim_leaf.double() - fp32_leaf.double()).square().sum())
+                error.signal_power += power(fp32_leaf)
+                error.noise_power += power(sim_leaf - fp32_leaf)
             if self.keep_outputs:
                 self.kept[key] = (expected, [leaf.detach().clone() for leaf in got])
 
