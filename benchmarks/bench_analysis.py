@@ -14,6 +14,7 @@ Usage: ``python -m benchmarks.bench_analysis digits|resnet18|effnet``
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,9 +31,12 @@ from edgequant.analysis import AnalysisResult, QuantAnalyzer
 
 def run_analysis(model: nn.Module, dummy: Any, batches: list, eval_fn: Callable | None, fp32_eval: Callable,
                  **settings: Any) -> AnalysisResult:
-    """Analyse, then print wall time and files as a multiple of one FP32 evaluation (``fp32_eval``)."""
+    """Analyse, then print wall time and files as a multiple of one FP32 evaluation (``fp32_eval``); the
+    output folder is kept where ``EDGEQUANT_ANALYSIS_OUT`` points."""
     one_eval = interleaved_medians({"fp32": fp32_eval}, repeats=3)["fp32"]
-    with TemporaryDirectory() as out_dir:
+    keep = os.environ.get("EDGEQUANT_ANALYSIS_OUT")
+    with TemporaryDirectory() as temporary:
+        out_dir = keep or temporary
         started = time.perf_counter()
         analyzer = QuantAnalyzer(model, dummy, batches, eval_fn, progress=False, **settings)
         result = analyzer.analyze(out_dir)
