@@ -19,7 +19,8 @@ from edgequant.quantization import Encoding
 
 @dataclass
 class ActivationRange:
-    """FP32 range of the tensor an activation quantizer sees, and how much of it falls outside its grid."""
+    """FP32 range of the tensor an activation quantizer sees, and the share of it clipped by the encoding (more
+    than half a step outside the grid's range)."""
 
     quantizer: str
     role: str

@@ -1,5 +1,8 @@
 """Statistics of the FP32 values a quantizer sees: exact range and clipping, plus a subsample for histograms.
 
+A value is *clipped* when it lies more than half a grid step outside the encoding's range (nearer values
+are only rounded onto the end of the grid).
+
 Keeping every activation of every batch to draw a histogram would cost the model's whole activation memory;
 an evenly strided subsample (a fixed budget per batch) draws the same picture, while the range and the
 fraction of values outside the encoding's grid are counted exactly on all values.
@@ -56,8 +59,9 @@ class ActivationStats:
         self.minimum = min(self.minimum, float(values.min()))
         self.maximum = max(self.maximum, float(values.max()))
         self.count += values.numel()
-        if encoding is not None:
-            low, high = encoding.min.to(values.device), encoding.max.to(values.device)
+        if encoding is not None:  # beyond the grid by more than half a step: clipped, not merely rounded
+            half_step = encoding.scale.to(values.device) / 2
+            low, high = encoding.min.to(values.device) - half_step, encoding.max.to(values.device) + half_step
             self.clipped += int(((values < low) | (values > high)).sum())
         stride = max(1, values.numel() // self.samples_per_batch)
         self.samples.append(values[::stride].float().cpu().numpy())
