@@ -3,7 +3,7 @@
 * ``digits``: digits CNN at W4A8 (default per-tensor config), eval_fn = test-set accuracy. Ranks the layers,
   then keeps the top-k (and, as a control, the bottom-k) ranked layers wider (weights 8-bit, activations
   16-bit) in a fresh sim and measures how much of the FP32 gap that recovers.
-* ``resnet18``: torchvision resnet18, random init, 8 calibration batches of 4 (224x224), default metric (output
+* ``resnet18``: torchvision resnet18, random init, 8 calibration batches (default 4 at 224x224), default metric (output
   fidelity on the 8 batches); one FP32 evaluation = the FP32 model on those 8 batches.
 * ``effnet``: EfficientNet-Lite0 (ImageNet weights, BN folded first) at W8A8 per-tensor, eval_fn = top-1
   agreement with FP32 on natural-image crops; recovery keeps top-k layers at 16 bit. Needs the bench extras.
@@ -95,19 +95,20 @@ def digits() -> None:
     recovery(model, train[:1], batches, accuracy, result, 8, (1, 2, 3), param_bw=4, output_bw=8)
 
 
-def resnet18() -> None:
+def resnet18(batch_size: int, size: int) -> None:
     from torchvision.models import resnet18 as build
 
     torch.manual_seed(0)
     model = build().eval()
-    batches = [torch.randn(4, 3, 224, 224) for _ in range(8)]
+    batches = [torch.randn(batch_size, 3, size, size) for _ in range(8)]
 
     def fp32_eval() -> None:
         with torch.no_grad():
             for batch in batches:
                 model(batch)
 
-    print("resnet18 (random init), W8A8 default config, default metric, 8 calibration batches of 4 at 224x224")
+    print(f"resnet18 (random init), W8A8 default config, default metric, 8 calibration batches of {batch_size} at "
+          f"{size}x{size}")
     run_analysis(model, batches[0][:1], batches, None, fp32_eval)
 
 
@@ -139,11 +140,13 @@ def main() -> None:
     parser.add_argument("model", choices=("digits", "resnet18", "effnet"))
     parser.add_argument("--crops", type=int, default=64, help="effnet: evaluation crops")
     parser.add_argument("--calibration-crops", type=int, default=64, help="effnet: calibration crops")
+    parser.add_argument("--batch-size", type=int, default=4, help="resnet18: calibration batch size")
+    parser.add_argument("--size", type=int, default=224, help="resnet18: input height and width")
     args = parser.parse_args()
     if args.model == "digits":
         digits()
     elif args.model == "resnet18":
-        resnet18()
+        resnet18(args.batch_size, args.size)
     else:
         effnet(args.crops, args.calibration_crops)
 
