@@ -169,6 +169,7 @@ def test_default_metric_is_output_fidelity_and_from_sim_keeps_the_sim(digits, tm
     narrow = sim.quantizer("conv1.2.output_quantizers.0")
     narrow.set_encoding(Encoding.from_range(0.0, float(narrow.encoding.max) / 2, 8, False))
     sim.quantizer("pool.output_quantizers.0").enabled = False
+    sim.quantizer("fc.output_quantizers.0").enabled = False  # fc stays a layer through its weight quantizer
     flags = {name: q.enabled for name, q in sim.quantizers().items()}
     encodings = {name: q.encoding for name, q in sim.quantizers().items()}
     analyzer = QuantAnalyzer.from_sim(sim, digits["batches"], progress=False)
@@ -177,6 +178,7 @@ def test_default_metric_is_output_fidelity_and_from_sim_keeps_the_sim(digits, tm
     assert {name: q.enabled for name, q in sim.quantizers().items()} == flags
     assert all(q.encoding.equals(encodings[n]) for n, q in sim.quantizers().items())
     assert "pool" not in {layer.name for layer in result.layers}  # its only quantizer is off: not analysed
+    assert result.layer("fc").quantizers == ["fc.param_quantizers.weight"] and not result.layer("fc").activation_ranges
     with torch.no_grad():
         with sim.quantizers_enabled(False):
             reference = [sim.model(b) for b in digits["batches"][:2]]

@@ -88,8 +88,9 @@ class _Hooks:
             if self.mode != "fp32":
                 return
             for key, quantizer in layer.input_quantizers.items():
-                if int(key) < len(args) and isinstance(args[int(key)], torch.Tensor):
-                    self.activations[quantizer.name].observe(args[int(key)], quantizer.encoding)
+                stats = self.activations.get(quantizer.name)  # disabled quantizers are not analysed
+                if stats is not None and int(key) < len(args) and isinstance(args[int(key)], torch.Tensor):
+                    stats.observe(args[int(key)], quantizer.encoding)
         return observe
 
     def _output_hook(self, name: str) -> Any:
@@ -104,8 +105,9 @@ class _Hooks:
                     self.order.append(name)
                 leaves = tree_leaves(output)
                 for index, quantizer in layer.output_quantizers.items():
-                    if int(index) < len(leaves) and isinstance(leaves[int(index)], torch.Tensor):
-                        self.activations[quantizer.name].observe(leaves[int(index)], quantizer.encoding)
+                    stats = self.activations.get(quantizer.name)
+                    if stats is not None and int(index) < len(leaves) and isinstance(leaves[int(index)], torch.Tensor):
+                        stats.observe(leaves[int(index)], quantizer.encoding)
                 # clone: an in-place op later in the forward (ReLU(inplace=True)) would change the cached values
                 self.cache[key] = [leaf.detach().clone() for leaf in float_leaves(output)]
                 return
