@@ -19,6 +19,7 @@ import click
 from torch import nn
 
 from edgequant import __version__
+from edgequant.cli.analyze_command import analyze
 from edgequant.cli.autoquant_command import autoquant
 from edgequant.cli.data import InputSpec, data_options, device_option, quiet_option, resolve_data, resolve_device
 from edgequant.cli.errors import ErrorHandlingGroup, debug_option
@@ -279,3 +280,4 @@ main.add_command(export)
 main.add_command(verify)
 main.add_command(autoquant)
 main.add_command(qat)
+main.add_command(analyze)

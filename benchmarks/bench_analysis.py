@@ -1,0 +1,155 @@
+"""QuantAnalyzer figures: sensitivity ranking and gap recovery, wall time and files as FP32 evaluations.
+
+* ``digits``: digits CNN at W4A8 (default per-tensor config), eval_fn = test-set accuracy. Ranks the layers,
+  then keeps the top-k (and, as a control, the bottom-k) ranked layers wider (weights 8-bit, activations
+  16-bit) in a fresh sim and measures how much of the FP32 gap that recovers.
+* ``resnet18``: torchvision resnet18, random init, 8 calibration batches (default 4 at 224x224), default metric (output
+  fidelity on the 8 batches); one FP32 evaluation = the FP32 model on those 8 batches.
+* ``effnet``: EfficientNet-Lite0 (ImageNet weights, BN folded first) at W8A8 per-tensor, eval_fn = top-1
+  agreement with FP32 on natural-image crops; recovery keeps top-k layers at 16 bit. Needs the bench extras.
+
+Usage: ``python -m benchmarks.bench_analysis digits|resnet18|effnet``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.timing import interleaved_medians
+from edgequant import QuantSim
+from edgequant.analysis import AnalysisResult, QuantAnalyzer
+
+
+def run_analysis(model: nn.Module, dummy: Any, batches: list, eval_fn: Callable | None, fp32_eval: Callable,
+                 **settings: Any) -> AnalysisResult:
+    """Analyse, then print wall time and files as a multiple of one FP32 evaluation (``fp32_eval``); the
+    output folder is kept where ``EDGEQUANT_ANALYSIS_OUT`` points."""
+    one_eval = interleaved_medians({"fp32": fp32_eval}, repeats=3)["fp32"]
+    cpu_started = time.process_time()
+    for _ in range(3):
+        fp32_eval()
+    one_eval_cpu = (time.process_time() - cpu_started) / 3
+    keep = os.environ.get("EDGEQUANT_ANALYSIS_OUT")
+    with TemporaryDirectory() as temporary:
+        out_dir = keep or temporary
+        started, cpu_started = time.perf_counter(), time.process_time()
+        analyzer = QuantAnalyzer(model, dummy, batches, eval_fn, progress=False, **settings)
+        result = analyzer.analyze(out_dir)
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        files = list(Path(out_dir).iterdir())
+        size = sum(path.stat().st_size for path in files)
+    print(f"  one FP32 evaluation {one_eval:.3f} s; analysis {wall:.1f} s = {wall / one_eval:.0f} FP32 evaluations; "
+          f"{len(files)} files, {size / 1e6:.1f} MB ({', '.join(sorted(p.name for p in files))})")
+    print(f"  CPU time: one FP32 evaluation {one_eval_cpu:.3f} s; analysis {cpu:.1f} s = {cpu / one_eval_cpu:.0f} "
+          "FP32 evaluations")
+    print(f"  phases: {', '.join(f'{k} {v:.1f}s' for k, v in result.timings.items())}")
+    print(f"  metric: FP32 {result.fp32_metric:.4f}, quantized {result.quantized_metric:.4f}, weights only "
+          f"{result.weights_only_metric:.4f}, activations only {result.activations_only_metric:.4f}")
+    print("  ranking (gain if kept in float): " + ", ".join(
+        f"{layer.name} {layer.gain_if_kept_in_float(result.quantized_metric):+.4f}" for layer in result.ranking()[:6]))
+    return result
+
+
+def recovery(model: nn.Module, dummy: Any, batches: list, eval_fn: Callable, result: AnalysisResult,
+             wide_param_bw: int, ks: tuple[int, ...], **settings: Any) -> None:
+    """Metric of fresh sims with the top-k (and bottom-k) ranked layers' quantizers wider, then calibrated."""
+    ranked = [layer for layer in result.ranking() if layer.name != "<model input>"]
+    gap = result.fp32_metric - result.quantized_metric
+    for k in ks:
+        for label, chosen in (("top", ranked[:k]), ("bottom", ranked[-k:])):
+            sim = QuantSim(model, dummy, **settings)
+            for layer in chosen:
+                for name in layer.quantizers:
+                    quantizer = sim.quantizer(name)
+                    quantizer.bitwidth = wide_param_bw if quantizer.role == "param" else 16
+            sim.calibrate(batches, progress=False)
+            metric = eval_fn(sim.model)
+            recovered = (metric - result.quantized_metric) / gap if gap > 0 else float("nan")
+            print(f"  {label}-{k} wider ({', '.join(layer.name for layer in chosen)}): {metric:.4f} "
+                  f"({recovered:.0%} of the gap)")
+
+
+def digits() -> None:
+    from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
+
+    model = load_pretrained("digits_cnn")
+    train, _ = load_digits_tensors("train")
+    test, labels = load_digits_tensors("test")
+    batches = list(train.split(64))
+
+    def accuracy(m: nn.Module) -> float:
+        return evaluate_accuracy(m, test, labels)
+
+    print("digits CNN, W4A8 per-tensor (default config), eval_fn = test accuracy (449 images), "
+          f"{len(batches)} calibration batches of 64")
+    result = run_analysis(model, train[:1], batches, accuracy, lambda: accuracy(model), param_bw=4, output_bw=8)
+    recovery(model, train[:1], batches, accuracy, result, 8, (1, 2, 3), param_bw=4, output_bw=8)
+
+
+def resnet18(batch_size: int, size: int) -> None:
+    from torchvision.models import resnet18 as build
+
+    torch.manual_seed(0)
+    model = build().eval()
+    batches = [torch.randn(batch_size, 3, size, size) for _ in range(8)]
+
+    def fp32_eval() -> None:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+
+    print(f"resnet18 (random init), W8A8 default config, default metric, 8 calibration batches of {batch_size} at "
+          f"{size}x{size}")
+    run_analysis(model, batches[0][:1], batches, None, fp32_eval)
+
+
+def effnet(crops: int, calibration_crops: int) -> None:
+    from benchmarks.real_models import load_efficientnet_lite0, natural_image_crops
+    from edgequant.ptq.batch_norm_fold import fold_batch_norms
+
+    model = load_efficientnet_lite0().eval()
+    calibration = natural_image_crops(calibration_crops, seed=1)
+    evaluation = natural_image_crops(crops, seed=0)
+    fold_batch_norms(model, calibration[:1])
+    with torch.no_grad():
+        reference = torch.cat([model(batch) for batch in evaluation.split(32)]).argmax(1)
+
+    def agreement(m: nn.Module) -> float:
+        with torch.no_grad():
+            predictions = torch.cat([m(batch) for batch in evaluation.split(32)]).argmax(1)
+        return (predictions == reference).float().mean().item()
+
+    batches = list(calibration.split(16))
+    print(f"EfficientNet-Lite0 (BN folded), W8A8 per-tensor (default config), eval_fn = top-1 agreement with FP32 on "
+          f"{crops} crops, {len(batches)} calibration batches of 16")
+    result = run_analysis(model, calibration[:1], batches, agreement, lambda: agreement(model))
+    recovery(model, calibration[:1], batches, agreement, result, 16, (1, 3, 5))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=("digits", "resnet18", "effnet"))
+    parser.add_argument("--crops", type=int, default=64, help="effnet: evaluation crops")
+    parser.add_argument("--calibration-crops", type=int, default=64, help="effnet: calibration crops")
+    parser.add_argument("--batch-size", type=int, default=4, help="resnet18: calibration batch size")
+    parser.add_argument("--size", type=int, default=224, help="resnet18: input height and width")
+    args = parser.parse_args()
+    if args.model == "digits":
+        digits()
+    elif args.model == "resnet18":
+        resnet18(args.batch_size, args.size)
+    else:
+        effnet(args.crops, args.calibration_crops)
+
+
+if __name__ == "__main__":
+    main()

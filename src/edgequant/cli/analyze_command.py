@@ -1,0 +1,81 @@
+"""``edgequant analyze``: QuantAnalyzer from the command line (registered by `edgequant.cli`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+
+from edgequant.cli.data import data_options, device_option, digits_job, quiet_option, resolve_data, resolve_device
+from edgequant.cli.errors import debug_option
+from edgequant.cli.inputs import load_model, load_object
+from edgequant.config import HardwareConfig
+from edgequant.quantization import QUANT_SCHEMES
+
+RANKED_LINES = 5
+
+
+@click.command()
+@click.option("--model", "-m", "model_spec", metavar="SPEC",
+              help="'package.module:factory', 'file.py:factory', a .pt2 or a TorchScript file; "
+                   "default: the bundled digits CNN with its test-set accuracy as metric.")
+@data_options
+@click.option("--eval", "eval_spec", metavar="SPEC",
+              help="'module:function' called as function(model) -> float (higher is better); default: fidelity "
+                   "of the model outputs to FP32 on the calibration data.")
+@click.option("--param-bw", type=click.IntRange(2, 16), default=8, show_default=True,
+              help="Bit width of weights and other parameters.")
+@click.option("--output-bw", type=click.IntRange(2, 16), default=8, show_default=True,
+              help="Bit width of activations (layer outputs and model inputs).")
+@click.option("--scheme", type=click.Choice(QUANT_SCHEMES), default="minmax", show_default=True,
+              help="Calibration method (encoding analyzer).")
+@click.option("--config", default="default", show_default=True,
+              help=f"Hardware config: a preset ({', '.join(HardwareConfig.preset_names())}) or a JSON file.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("edgequant_analysis"), show_default=True,
+              help="Output folder (analysis.json, report.html, layer_outputs.npz).")
+@device_option
+@quiet_option
+@debug_option
+def analyze(
+    model_spec: str | None, data_spec: str | None, input_shape: str | None, batch_size: int | None,
+    num_batches: int | None, mean: str | None, std: str | None, eval_spec: str | None, param_bw: int,
+    output_bw: int, scheme: str, config: str, out_dir: Path, device: str,
+    quiet: bool,
+) -> None:
+    """Find where quantization loses accuracy: per-layer sensitivity, output SQNR along the network, ranges.
+
+    Writes analysis.json, an interactive report.html and the per-layer outputs (FP32 and sim) of the first
+    batch under their ONNX tensor names.
+    """
+    from edgequant.analysis import QuantAnalyzer
+
+    target = resolve_device(device)
+    if model_spec is None:
+        if data_spec or eval_spec:
+            raise click.UsageError("--data and --eval need --model (without them, the bundled digits demo runs)")
+        model, dummy, batches, evaluate = digits_job(batch_size or 32)
+    else:
+        if data_spec is None:
+            raise click.UsageError("--model needs --data (calibration batches)")
+        data = resolve_data(data_spec, input_shape, batch_size, None, mean, std)  # --num-batches: analysis only
+        dummy, batches = data.dummy_input, data.batches
+        model = load_model(model_spec, lambda: (dummy,))
+        evaluate = load_object(eval_spec, "evaluation function") if eval_spec else None
+        if evaluate is not None and not callable(evaluate):
+            raise click.UsageError(f"--eval {eval_spec!r} is not callable")
+    model = model.to(target)
+    dummy = dummy.to(target) if isinstance(dummy, torch.Tensor) else dummy
+    analyzer = QuantAnalyzer(model, dummy, batches, evaluate, param_bw=param_bw, output_bw=output_bw,
+                             quant_scheme=scheme, config=config, progress=not quiet)
+    result = analyzer.analyze(out_dir, num_batches=num_batches)
+    click.echo(f"metric: {result.metric_name}")
+    for label, value in (("FP32", result.fp32_metric), ("quantized", result.quantized_metric),
+                         ("weights only", result.weights_only_metric),
+                         ("activations only", result.activations_only_metric)):
+        click.echo(f"  {label:<17} {value:.4f}")
+    click.echo("most sensitive (metric gain if kept in float):")
+    for layer in result.ranking()[:RANKED_LINES]:
+        click.echo(f"  {layer.name:<30} {layer.gain_if_kept_in_float(result.quantized_metric):+.4f}")
+    click.echo(f"wrote {', '.join(str(path) for path in result.files)}")
