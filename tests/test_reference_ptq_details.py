@@ -246,6 +246,19 @@ def test_hardtanh_with_a_negative_lower_bound_is_equalized_and_absorbed_exactly(
     lower_before = torch.full((4,), -1.0)  # scaled by 1/s with the channels
     assert report.pairs[0].absorbed_bias > 0
     assert (clamp.upper - clamp.lower > 0).all() and not torch.equal(clamp.lower, lower_before)
+    (pair,) = report.pairs
+    assert report.replaced_activations == {
+        "2": "Hardtanh(-1, 2.5) -> ChannelClamp (per-channel bounds scaled with the channels: exact)"}
+    assert report.summary() == "\n".join([
+        f"folded 1 BatchNorms; equalized 1 of 1 layer pairs in {report.iterations} iterations",
+        "  replaced 2: Hardtanh(-1, 2.5) -> ChannelClamp (per-channel bounds scaled with the channels: exact)",
+        f"  equalized  0 -> 3 (via {pair.activation}, absorbed mean bias {pair.absorbed_bias:.3g})",
+    ])
+    skipped = equalize(nn.Sequential(nn.Conv2d(3, 4, 1), nn.SiLU(), nn.Conv2d(4, 2, 1)), x)
+    assert skipped.summary() == "\n".join([
+        f"folded 0 BatchNorms; equalized 0 of 1 layer pairs in {skipped.iterations} iterations",
+        f"  skipped    0 -> 2: {skipped.pairs[0].reason}",
+    ]) and skipped.pairs[0].reason
 
 
 def test_absorption_skips_padded_second_layers_and_prelu() -> None:
