@@ -53,8 +53,9 @@ BUGS = {
 }
 
 TESTS = [
-    "tests/test_reference_grid.py", "tests/test_reference_analyzers.py", "tests/test_reference_encodings_docs.py",
-    "tests/test_reference_ptq.py", "tests/test_quantization_math.py", "tests/test_analyzers.py",
+    "tests/quantization/test_reference_grid.py", "tests/quantization/test_reference_analyzers.py",
+    "tests/export/test_reference_encodings_docs.py", "tests/ptq/test_reference_ptq.py",
+    "tests/quantization/test_quantization_math.py", "tests/quantization/test_analyzers.py",
 ]
 
 
@@ -71,7 +72,8 @@ def plant(scratch: Path, relative: str, original: str | tuple, planted: str | tu
 
 def failing_tests(scratch: Path) -> list[str]:
     env = dict(os.environ, PYTHONPATH=str(scratch / "src"), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *TESTS],
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider",
+                          "--import-mode=importlib", "-o", "pythonpath=tests", *TESTS],
                          cwd=scratch, env=env, capture_output=True, text=True)
     return sorted(set(re.findall(r"^FAILED (\S+?)(?: - |$)", run.stdout, flags=re.MULTILINE)))
 

@@ -8,6 +8,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
+from torch import nn
 
 from edgequant.quantization import Encoding
 
@@ -45,3 +46,31 @@ def grid_from_encoding(encoding: Encoding, weight: torch.Tensor) -> tuple[torch.
         shape[encoding.axis] = -1
     scale, low = encoding.scale.view(shape), encoding.offset.view(shape)
     return scale, low, low + 2**encoding.bitwidth - 1
+
+
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def set_batch_norm(bn: nn.modules.batchnorm._BatchNorm, mean: list, var: list, gamma: list, beta: list) -> None:
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor(mean))
+        bn.running_var.copy_(torch.tensor(var))
+        bn.weight.copy_(torch.tensor(gamma))
+        bn.bias.copy_(torch.tensor(beta))
+    bn.eval()
+
+
+def bn_factor_and_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[np.ndarray, np.ndarray]:
+    """f = gamma / sqrt(var + eps), t = beta - mean * f, in float64 numpy."""
+    gamma, beta = bn.weight.detach().double().numpy(), bn.bias.detach().double().numpy()
+    mean, var = bn.running_mean.double().numpy(), bn.running_var.double().numpy()
+    factor = gamma / np.sqrt(var + bn.eps)
+    return factor, beta - mean * factor
+
+
+def assert_within(actual: torch.Tensor, expected: np.ndarray, bound: np.ndarray) -> None:
+    error = np.abs(actual.detach().double().numpy() - expected)
+    assert (error <= bound).all(), (error.max(), error[error > bound], bound[error > bound])
+
+
+# near-zero variances (0 and 1e-7, below eps), negative and tiny gammas

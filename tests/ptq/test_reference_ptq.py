@@ -13,7 +13,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from references import grid_from_encoding
+from references import FLOAT32_EPS, assert_within, bn_factor_and_shift, grid_from_encoding, set_batch_norm
 from scipy import stats
 from torch import nn
 
@@ -24,32 +24,6 @@ from edgequant.ptq.batch_norm_fold import fold_batch_norm_records
 from edgequant.ptq.bias_correction import clipped_normal_mean
 from edgequant.quantization import Encoding
 
-FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
-
-
-def set_batch_norm(bn: nn.modules.batchnorm._BatchNorm, mean: list, var: list, gamma: list, beta: list) -> None:
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.tensor(mean))
-        bn.running_var.copy_(torch.tensor(var))
-        bn.weight.copy_(torch.tensor(gamma))
-        bn.bias.copy_(torch.tensor(beta))
-    bn.eval()
-
-
-def bn_factor_and_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[np.ndarray, np.ndarray]:
-    """f = gamma / sqrt(var + eps), t = beta - mean * f, in float64 numpy."""
-    gamma, beta = bn.weight.detach().double().numpy(), bn.bias.detach().double().numpy()
-    mean, var = bn.running_mean.double().numpy(), bn.running_var.double().numpy()
-    factor = gamma / np.sqrt(var + bn.eps)
-    return factor, beta - mean * factor
-
-
-def assert_within(actual: torch.Tensor, expected: np.ndarray, bound: np.ndarray) -> None:
-    error = np.abs(actual.detach().double().numpy() - expected)
-    assert (error <= bound).all(), (error.max(), error[error > bound], bound[error > bound])
-
-
-# near-zero variances (0 and 1e-7, below eps), negative and tiny gammas
 EDGE_BN = {"mean": [0.3, -2.0, 0.1, 5.0], "var": [0.0, 1e-7, 0.5, 2.0], "gamma": [-1.5, 0.3, -0.01, 2.0],
            "beta": [0.2, -0.1, 0.05, 1.0]}
 
@@ -183,10 +157,10 @@ def test_adaround_finds_the_known_optimum_and_clamps_to_the_grid() -> None:
     # weights in steps of s = 1 on the 4-bit grid [-8, 7]; samples alternate between inputs (1, 1, 0, 0) and
     # (0, 0, 1, 1). Output 0 = w00 + w01 must approach 1.25: nearest (1 + 1) is off by 0.75, one up and one
     # down (1 + 0) by 0.25. Output 1 = w12 + w13 must approach 9.5: w12 = 9.3 clips to 7 whatever its
-    # rounding, so w13 = 0.2 is best rounded up (7 + 1).
-    model = nn.Sequential(nn.Linear(4, 2, bias=False))
+    # rounding, so w13 = 0.2 is best rounded up (7 + 1). Output 2: w22 = -9.6 clips to -8 at the low end.
+    model = nn.Sequential(nn.Linear(4, 3, bias=False))
     with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[0.7, 0.55, 0.0, 0.0], [0.0, 0.0, 9.3, 0.2]]))
+        model[0].weight.copy_(torch.tensor([[0.7, 0.55, 0.0, 0.0], [0.0, 0.0, 9.3, 0.2], [0.0, 0.0, -9.6, 0.0]]))
     x = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]).repeat(16, 1)
     sim = QuantSim(model, x[:2], param_bw=4)
     sim.set_enabled(False, kinds=("input", "output"))
@@ -196,10 +170,12 @@ def test_adaround_finds_the_known_optimum_and_clamps_to_the_grid() -> None:
     assert steps[0, 2:].tolist() == [0.0, 0.0] and steps[1, :2].tolist() == [0.0, 0.0]
     assert sorted(steps[0, :2].tolist()) == [0.0, 1.0]  # floor of one, ceil of the other
     assert steps[1, 2:].tolist() == [7.0, 1.0]
+    assert steps[2].tolist() == [0.0, 0.0, -8.0, 0.0]
     (layer,) = result.layers
-    assert layer.nearest_mse == pytest.approx(0.5 * 0.75**2 + 0.5 * 2.5**2)  # per sample: one output is off
-    assert layer.adaround_mse == pytest.approx(0.5 * 0.25**2 + 0.5 * 1.5**2)
-    assert layer.flipped_fraction == pytest.approx(2 / 8)
+    # per sample one or two outputs are off: nearest 0.75 | 2.5 and 1.6; AdaRound 0.25 | 1.5 and 1.6
+    assert layer.nearest_mse == pytest.approx(0.5 * 0.75**2 + 0.5 * (2.5**2 + 1.6**2))
+    assert layer.adaround_mse == pytest.approx(0.5 * 0.25**2 + 0.5 * (1.5**2 + 1.6**2))
+    assert layer.flipped_fraction == pytest.approx(2 / 12)
 
 
 def test_adaround_under_clipping_mse_grids_stays_on_the_grid_and_on_floor_or_floor_plus_one() -> None:
