@@ -27,6 +27,7 @@ from edgequant.sim.capture import (
     record_calls,
     try_trace,
 )
+from edgequant.sim.emulation import EmulationPlan, RuntimeModel, install, plan_emulation, runtime_model, uninstall
 from edgequant.sim.interception import intercept_functional_ops
 from edgequant.sim.ops import function_name, is_custom_module, is_pass_through, module_op_type
 from edgequant.sim.quantized_module import QuantizedModule, make_quantized
@@ -103,6 +104,7 @@ class QuantSim:
         self.model = model if in_place else copy.deepcopy(model)
         self._notes: list[CoverageNote] = []
         self._supergroup_members: dict[str, str] = {}
+        self._emulation: EmulationPlan | None = None
         self._prepare()
 
     # -- preparation -----------------------------------------------------------------------------------
@@ -476,6 +478,26 @@ class QuantSim:
             quantizer.axis = saved["axis"]
             encoding = saved["encoding"]
             quantizer.set_encoding(Encoding.from_dict(encoding).to(device) if encoding is not None else None)
+
+    # -- integer-kernel emulation (implemented in edgequant.sim.emulation) ---------------------------------
+    def emulate(self, runtime: str | RuntimeModel | None) -> EmulationPlan | None:
+        """Compute every op the named integer runtime fuses as that runtime does (``"onnxruntime"``,
+        ``"fixed-point"`` or a `RuntimeModel`), for output-for-output prediction; ``None`` switches back to the
+        default fake-quantized sim. Returns what is emulated and what is not (``plan.summary()``)."""
+        if self._emulation is not None:
+            uninstall(self._emulation)
+            self._emulation = None
+        if runtime is None:
+            return None
+        plan = plan_emulation(self.model, runtime_model(runtime))
+        install(plan)
+        self._emulation = plan
+        return plan
+
+    @property
+    def emulation(self) -> EmulationPlan | None:
+        """The active emulation plan (``.runtime.name``, ``.ops``, ``.summary()``), None for the default sim."""
+        return self._emulation
 
     # -- export (implemented in edgequant.export) ------------------------------------------------------
     @property
