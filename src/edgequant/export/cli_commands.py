@@ -17,6 +17,7 @@ from edgequant.export.encodings_io import SUPPORTED_VERSIONS
 from edgequant.export.onnx_export import export_onnx
 from edgequant.export.verify import verify as verify_parity
 from edgequant.sim import QuantSim
+from edgequant.sim.emulation import RUNTIME_MODELS
 
 
 def _sim_from_state(model_spec: str, state_path: Path, input_shape: str) -> QuantSim:
@@ -74,15 +75,25 @@ def export(
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--num-batches", type=click.IntRange(min=1), help="Compare on at most this many batches.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--emulate", type=click.Choice(sorted(RUNTIME_MODELS)),
+              help="Compare with the sim emulating this runtime's integer kernels (needs --model/--sim-state).")
+@click.option("--tensors", "show_tensors", is_flag=True, help="Print the parity of every quantized tensor.")
 @click.argument("out_dir", type=click.Path(exists=True, path_type=Path))
 def verify(
     data_spec: str, model_spec: str | None, sim_state: Path | None, input_shape: str, name: str, batch_size: int,
-    num_batches: int | None, quiet: bool, out_dir: Path,
+    num_batches: int | None, quiet: bool, emulate: str | None, show_tensors: bool, out_dir: Path,
 ) -> None:
     """Run OUT_DIR's QDQ model in ONNX Runtime's integer kernels and compare it with the sim (given --model and
     --sim-state) or with the QDQ graph computed in float."""
     sim = _sim_from_state(model_spec, sim_state, input_shape) if model_spec and sim_state else None
+    if emulate and sim is None:
+        raise click.UsageError("--emulate needs the sim: pass --model and --sim-state")
+    if emulate:
+        sim.emulate(emulate)
     batches = load_batches(data_spec, batch_size, parse_shape(input_shape))
     _, batches = peek(batches)
     inputs = (dummy_from_batch(b) for b in itertools.islice(batches, num_batches))  # stop reading after num_batches
-    click.echo(verify_parity(out_dir, sim, inputs, name=name, batch_size=batch_size, progress=not quiet).summary())
+    report = verify_parity(out_dir, sim, inputs, name=name, batch_size=batch_size, progress=not quiet)
+    click.echo(report.summary())
+    if show_tensors:
+        click.echo(report.tensor_table())

@@ -57,7 +57,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from edgequant.quantization import Quantizer
@@ -487,17 +486,27 @@ def _weight_indices(module: nn.Module, grid: Grid, axis: int = 0) -> torch.Tenso
     return torch.clamp(torch.round(weight / scale), low, low + grid.num_steps)
 
 
+def _float_forward(module: nn.Module, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The layer's own (unquantized) forward on integer indices, with integer weights and no bias: keeps what a
+    subclass adds around the convolution (e.g. the static "same" padding of EfficientNet's convs)."""
+    layer_class = next(c for c in type(module).__mro__[1:] if not issubclass(c, QuantizedModule))
+    saved = dict(module._parameters)
+    module._parameters["weight"] = weights
+    if "bias" in saved:
+        module._parameters["bias"] = None
+    try:
+        return layer_class.forward(module, indices)
+    finally:
+        module._parameters.update(saved)
+
+
 def _accumulate(op: EmulatedOp, runtime: RuntimeModel, x: torch.Tensor, source: Grid) -> torch.Tensor:
     """Exact int32 accumulator of a Conv/Gemm (float64 arithmetic on integers: exact below 2**53)."""
     module = op.module
     weight_quantizer = module.param_quantizers["weight"]
     weight_grid = Grid.of(weight_quantizer)
     weights = _weight_indices(module, weight_grid, weight_quantizer.axis or 0).double()
-    indices = source.indices(x)
-    if op.kind == "Conv":
-        accumulator = module._conv_forward(indices, weights, None)
-    else:
-        accumulator = F.linear(indices, weights)
+    accumulator = _float_forward(module, source.indices(x), weights)
     bias = module._parameters.get("bias")
     if bias is not None:
         bias_int = runtime.bias_to_int32(bias, source.scale, weight_grid.scale)
