@@ -133,3 +133,16 @@ def test_fixed_point_model_plugs_into_the_sim() -> None:
     assert plan.runtime.name == "fixed-point" and len(plan.ops) == 6
     assert not torch.equal(default, fixed_point)
     assert (default.argmax(1) == fixed_point.argmax(1)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("in_features", [64, 4096, 40000])  # float32, split float32, float64 accumulation
+def test_wide_layers_accumulate_exactly(tmp_path: Path, in_features: int) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_features, 8)).eval()
+    torch.nn.init.uniform_(model[1].weight, -1, 1)
+    calibration = torch.rand(32, in_features)  # one-signed inputs: the accumulators grow with in_features
+    sim = _folded_sim(model, calibration)
+    export_onnx(sim, tmp_path, calibration[:1])
+    sim.emulate("onnxruntime")
+    report = verify(tmp_path, sim, torch.rand(16, in_features), progress=False)
+    assert report.integer_kernels.get("QGemm") == 1 and report.outputs[0].share_identical == 1.0

@@ -88,13 +88,19 @@ class Grid:
     def zero_point(self) -> torch.Tensor:
         return torch.zeros_like(self.offset) if self.symmetric else -self.offset
 
+    @property
+    def largest_index(self) -> float:
+        return max(-float(self.offset), float(self.offset) + self.num_steps)
+
     def indices(self, values: torch.Tensor) -> torch.Tensor:
-        """Signed grid indices of values that lie on this grid (float64, exact: ``values = k·scale``)."""
-        return torch.round(values.double() / self.scale.double())
+        """Signed grid indices of values that lie on this grid (float32; exact since ``values = fl32(k·scale)``
+        and ``|k| < 2**16``)."""
+        return torch.div(values.float(), self.scale).round_()
 
     def clamp(self, indices: torch.Tensor) -> torch.Tensor:
-        low = self.offset.double()
-        return torch.clamp(indices, low, low + self.num_steps)
+        """Saturate indices (in place) to the grid."""
+        low = float(self.offset)
+        return indices.clamp_(low, low + self.num_steps)
 
     def values(self, indices: torch.Tensor) -> torch.Tensor:
         """Dequantized float32 values ``k·scale`` (what the sim's fake-quantizer would output)."""
@@ -152,24 +158,24 @@ class OnnxRuntimeCPU(RuntimeModel):
 
     def bias_to_int32(self, bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
         bias_scale = input_scale.float() * weight_scale.float()  # float32, as ORT's Mul of the two scales
-        return torch.round(bias.detach().float() / bias_scale).double().clamp(INT32_MIN, INT32_MAX)
+        return torch.round(bias.detach().float() / bias_scale).double().clamp_(INT32_MIN, INT32_MAX)
 
     def requantize(self, accumulator: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor,
                    output: Grid, channel_axis: int = 1) -> torch.Tensor:
         multiplier = input_scale.float() * weight_scale.float() / output.scale  # float32, left to right
         scaled = accumulator.float() * _channels(multiplier, accumulator.dim(), channel_axis)  # cvtdq2ps, mulps
-        return output.clamp(torch.round(scaled).double())  # cvtps2dq rounds half to even; then saturate
+        return output.clamp(scaled.round_())  # cvtps2dq rounds half to even; then saturate
 
     def average(self, sums: torch.Tensor, count: int, source: Grid, output: Grid) -> torch.Tensor:
         multiplier = source.scale / (output.scale * float(count))
-        return output.clamp(torch.round(sums.float() * multiplier).double())
+        return output.clamp((sums.float() * multiplier).round_())
 
     def add(self, a: torch.Tensor, a_grid: Grid, b: torch.Tensor, b_grid: Grid, output: Grid) -> torch.Tensor:
         ratio_a, ratio_b = a_grid.scale / output.scale, b_grid.scale / output.scale
         fixed = output.zero_point - (ratio_a * a_grid.zero_point + ratio_b * b_grid.zero_point)
         q_a, q_b = a + a_grid.zero_point.double(), b + b_grid.zero_point.double()
         total = _fma_float32(q_a, ratio_a, _fma_float32(q_b, ratio_b, fixed))
-        rounded = torch.round(total).double() - output.zero_point.double()  # the zero point is inside `fixed`
+        rounded = total.round_() - output.zero_point  # the zero point is inside `fixed`
         return output.clamp(rounded)
 
 
@@ -236,7 +242,7 @@ class FixedPointRequantization(RuntimeModel):
                 _multiply_by_quantized_multiplier(channel, *quantize_multiplier(m))
                 for channel, m in zip(moved, multipliers, strict=True)
             ]).movedim(0, channel_axis)
-        return output.clamp(result.double())
+        return output.clamp(result.float())
 
     def requantize(self, accumulator: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor,
                    output: Grid, channel_axis: int = 1) -> torch.Tensor:
@@ -256,7 +262,7 @@ class FixedPointRequantization(RuntimeModel):
             scaled.append(_multiply_by_quantized_multiplier(shifted, *multiplier))
         out_multiplier = twice_max / ((1 << self.add_left_shift) * float(output.scale))
         total = _multiply_by_quantized_multiplier(scaled[0] + scaled[1], *quantize_multiplier(out_multiplier))
-        return output.clamp(total.double())
+        return output.clamp(total.float())
 
 
 RUNTIME_MODELS: dict[str, Callable[[], RuntimeModel]] = {
@@ -500,18 +506,43 @@ def _float_forward(module: nn.Module, indices: torch.Tensor, weights: torch.Tens
         module._parameters.update(saved)
 
 
+EXACT_FLOAT32 = 2**24
+"""Integers up to this magnitude are exact in float32, and so is every sum of products that stays below it."""
+
+
 def _accumulate(op: EmulatedOp, runtime: RuntimeModel, x: torch.Tensor, source: Grid) -> torch.Tensor:
-    """Exact int32 accumulator of a Conv/Gemm (float64 arithmetic on integers: exact below 2**53)."""
+    """Exact int32 accumulator (bias included) of a Conv/Gemm, from float arithmetic on integer-valued tensors.
+
+    A float32 convolution is exact when ``max|k_x| · max_c Σ|k_w[c]|`` bounds every partial sum below 2**24
+    (integers below 2**24 add exactly in any order). Larger layers split the input indices into a high and a
+    low part, ``k_x = 16·h + l`` with ``l`` in [0, 15] and ``|h| ≤ 16``, and sum two exact float32 convolutions
+    in float64; float64 throughout (exact below 2**53) is the last resort. The bias is added in float64 unless
+    the bound with it stays below 2**24.
+    """
     module = op.module
     weight_quantizer = module.param_quantizers["weight"]
     weight_grid = Grid.of(weight_quantizer)
-    weights = _weight_indices(module, weight_grid, weight_quantizer.axis or 0).double()
-    accumulator = _float_forward(module, source.indices(x), weights)
+    weights = _weight_indices(module, weight_grid, weight_quantizer.axis or 0)
+    weight_sum = float(weights.abs().flatten(1).sum(1).max())
+    indices = source.indices(x)
+    largest = source.largest_index * weight_sum
+    if largest < EXACT_FLOAT32:
+        accumulator = _float_forward(module, indices, weights)
+    elif source.largest_index <= 256 and 16 * weight_sum < EXACT_FLOAT32:
+        high = torch.floor(indices / 16)
+        low = indices - 16 * high
+        accumulator = _float_forward(module, high, weights).double().mul_(16)
+        accumulator += _float_forward(module, low, weights)
+    else:
+        accumulator = _float_forward(module, indices.double(), weights.double())
     bias = module._parameters.get("bias")
-    if bias is not None:
-        bias_int = runtime.bias_to_int32(bias, source.scale, weight_grid.scale)
-        accumulator = accumulator + _channels(bias_int, accumulator.dim(), 1 if op.kind == "Conv" else -1)
-    return accumulator
+    if bias is None:
+        return accumulator
+    bias_int = runtime.bias_to_int32(bias, source.scale, weight_grid.scale)
+    if largest + float(bias_int.abs().max()) >= EXACT_FLOAT32:
+        accumulator = accumulator.double()
+    return accumulator.add_(_channels(bias_int.to(accumulator.dtype), accumulator.dim(),
+                                      1 if op.kind == "Conv" else -1))
 
 
 def _emulated_forward(op: EmulatedOp, runtime: RuntimeModel, default: Callable[..., Any]) -> Callable[..., Any]:
@@ -532,7 +563,7 @@ def _emulated_forward(op: EmulatedOp, runtime: RuntimeModel, default: Callable[.
                 channel_axis = 1 if op.kind == "Conv" else accumulator.dim() - 1
                 indices = runtime.requantize(accumulator, grids[0].scale, Grid.of(weight).scale, output, channel_axis)
             elif op.kind == "MatMul":
-                accumulator = torch.matmul(grids[0].indices(args[0]), grids[1].indices(args[1]))
+                accumulator = torch.matmul(grids[0].indices(args[0]).double(), grids[1].indices(args[1]).double())
                 indices = runtime.requantize(accumulator, grids[0].scale, grids[1].scale, output, 1)
             elif op.kind == "Add":
                 if args[0].shape != args[1].shape:
@@ -541,7 +572,7 @@ def _emulated_forward(op: EmulatedOp, runtime: RuntimeModel, default: Callable[.
                                       output)
             else:  # GlobalAveragePool
                 spatial = tuple(range(2, args[0].dim()))
-                sums = grids[0].indices(args[0]).sum(dim=spatial, keepdim=True)
+                sums = grids[0].indices(args[0]).double().sum(dim=spatial, keepdim=True)
                 count = math.prod(args[0].shape[2:])
                 indices = runtime.average(sums, count, grids[0], output)
             values = output.values(indices)
