@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+from onnx import TensorProto, helper
 
 import edgequant as eq
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
@@ -17,6 +20,7 @@ from edgequant.sim.emulation import (
     FixedPointRequantization,
     Grid,
     OnnxRuntimeCPU,
+    _average_pool,
     quantize_multiplier,
 )
 
@@ -146,3 +150,73 @@ def test_wide_layers_accumulate_exactly(tmp_path: Path, in_features: int) -> Non
     sim.emulate("onnxruntime")
     report = verify(tmp_path, sim, torch.rand(16, in_features), progress=False)
     assert report.integer_kernels.get("QGemm") == 1 and report.outputs[0].share_identical == 1.0
+
+
+def _single_op_qdq(op: str, grids: list[tuple[float, int]], shape: list[int], **attrs: object) -> bytes:
+    """DQ(inputs) → op → Q(output) with uint8 grids ``(scale, zero point)``: ORT fuses it into its integer kernel."""
+    names = [f"x{i}" for i in range(len(grids) - 1)]
+    inits = []
+    for name, (scale, zero_point) in zip([*names, "y"], grids, strict=True):
+        inits += [helper.make_tensor(f"{name}_s", TensorProto.FLOAT, [], [scale]),
+                  helper.make_tensor(f"{name}_z", TensorProto.UINT8, [], [zero_point])]
+    nodes = [helper.make_node("DequantizeLinear", [n, f"{n}_s", f"{n}_z"], [f"{n}_f"]) for n in names]
+    nodes.append(helper.make_node(op, [f"{n}_f" for n in names], ["y_f"], **attrs))
+    nodes.append(helper.make_node("QuantizeLinear", ["y_f", "y_s", "y_z"], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.UINT8, shape) for n in names],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _run_ort(model: bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _random_grids(rng: np.random.Generator, count: int) -> list[tuple[float, int]]:
+    return [(float(rng.uniform(0.005, 0.2)), int(rng.integers(0, 256))) for _ in range(count)]
+
+
+def _as_grid(scale: float, zero_point: int) -> Grid:
+    return _grid(scale, -float(zero_point))
+
+
+@pytest.mark.parametrize("op", ["Add", "Mul"])
+def test_binary_kernels_match_onnxruntime_on_every_input_pair(op: str) -> None:
+    rng = np.random.default_rng(0)
+    a = np.repeat(np.arange(256, dtype=np.uint8), 256)[None]
+    b = np.tile(np.arange(256, dtype=np.uint8), 256)[None]
+    runtime = OnnxRuntimeCPU()
+    for _ in range(12):
+        grids = _random_grids(rng, 3)
+        if op == "Mul":  # keep products inside the output range often enough to test rounding, not saturation
+            grids[2] = (grids[0][0] * grids[1][0] * float(rng.uniform(20, 60)), grids[2][1])
+        expected = _run_ort(_single_op_qdq(op, grids, [1, 65536]), {"x0": a, "x1": b})
+        indices = [torch.tensor(v.astype(np.int64) - zero_point, dtype=torch.float32)
+                   for v, (_, zero_point) in zip((a, b), grids[:2], strict=True)]
+        method = runtime.add if op == "Add" else runtime.mul
+        got = method(indices[0], _as_grid(*grids[0]), indices[1], _as_grid(*grids[1]), _as_grid(*grids[2]))
+        assert np.array_equal(got.numpy() + grids[2][1], expected)
+
+
+def test_sigmoid_and_average_pool_match_onnxruntime() -> None:
+    rng = np.random.default_rng(1)
+    runtime = OnnxRuntimeCPU()
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
+    for _ in range(12):
+        (scale_x, zero_x), (scale_y, zero_y) = _random_grids(rng, 2)
+        sigmoid_grid = (float(rng.uniform(1 / 300, 1 / 200)), 0)
+        expected = _run_ort(_single_op_qdq("Sigmoid", [(scale_x, zero_x), sigmoid_grid], [1, 1, 16, 16]),
+                            {"x0": levels})
+        x = _as_grid(scale_x, zero_x).values(torch.tensor(levels.astype(np.int64) - zero_x, dtype=torch.float32))
+        got = torch.clamp(torch.round(runtime.sigmoid(x) / sigmoid_grid[0]), 0, 255)
+        assert np.array_equal(got.numpy(), expected)
+        pool = torch.nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+        shuffled = rng.permutation(levels.reshape(-1)).reshape(1, 1, 16, 16)
+        model = _single_op_qdq("AveragePool", [(scale_x, zero_x), (scale_y, zero_y)], [1, 1, 16, 16],
+                               kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=0)
+        expected = _run_ort(model, {"x0": shuffled})
+        x = _as_grid(scale_x, zero_x).values(torch.tensor(shuffled.astype(np.int64) - zero_x, dtype=torch.float32))
+        got = _average_pool(pool, runtime, x, _as_grid(scale_x, zero_x), _as_grid(scale_y, zero_y))
+        assert np.array_equal(got.numpy() + zero_y, expected)
