@@ -69,7 +69,11 @@ def bench(name: str, model: torch.nn.Module, calibration: torch.Tensor, data: to
     with tempfile.TemporaryDirectory() as out:
         export_onnx(sim, out, calibration[:1])
         runtime, lsb = run_ort(Path(out) / "model_qdq.onnx", data, batch_size)
-    emulating = copy.deepcopy(sim)
+    # a second sim with the same state (copy.deepcopy of a traced sim drops its model-input quantizer hook)
+    emulating = eq.QuantSim(copy.deepcopy(model), calibration[:1], config="per_channel")
+    with tempfile.TemporaryDirectory() as folder:
+        sim.save(Path(folder) / "sim.pt")
+        emulating.load(Path(folder) / "sim.pt")
     plan = emulating.emulate("onnxruntime")
     print(f"{name}: {plan.summary()}; FP32 {metric_name} {metric(fp32, reference):.2%}; "
           f"ORT {metric_name} {metric(runtime, reference):.2%}")

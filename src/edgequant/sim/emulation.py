@@ -100,8 +100,8 @@ class Grid:
 
     def indices(self, values: torch.Tensor) -> torch.Tensor:
         """Signed grid indices of values that lie on this grid (float32; exact since ``values = fl32(k·scale)``
-        and ``|k| < 2**16``)."""
-        return torch.div(values.float(), self.scale).round_()
+        and ``|k| < 2**16``), saturated like the runtime's integer tensor (values off the grid are quantized)."""
+        return self.clamp(torch.div(values.float(), self.scale).round_())
 
     def clamp(self, indices: torch.Tensor) -> torch.Tensor:
         """Saturate indices (in place) to the grid."""
