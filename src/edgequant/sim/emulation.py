@@ -41,9 +41,9 @@ What stays approximate (computed by the default fake-quantized path even in emul
   does not know which grid the runtime sees;
 * ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; Softmax, LayerNorm,
   Gelu...: float in ORT too, so the default sim's float32 math is already the runtime's, up to op order);
-* QLinearMul, QLinearSigmoid (a 256-entry table built with MLAS's own logistic approximation),
-  QLinearAveragePool, QLinearConcat, ConvTranspose: not emulated yet;
-* broadcast adds (a scalar operand takes another path in ORT's kernel);
+* QLinearConcat (ORT requantizes each input through a lookup table) and ConvTranspose: not emulated yet;
+* broadcast adds and muls (a scalar operand takes another path in ORT's kernels), average pools with
+  ``ceil_mode`` or a ``divisor_override``;
 * on CPUs without AVX-512 VNNI / AVX-VNNI, ORT's u8s8 kernels use ``vpmaddubsw``, whose int16 pair sums
   saturate for large operands; the emulation accumulates exactly (as VNNI CPUs and ARM do).
 
@@ -357,7 +357,7 @@ class EmulatedOp:
     """One fused integer op: the module whose forward is replaced, the grids it reads and writes."""
 
     name: str
-    kind: str  # "Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool"
+    kind: str  # Conv, Gemm, MatMul, Add, Mul, GlobalAveragePool, AveragePool, Sigmoid
     module: nn.Module
     inputs: list[Quantizer]
     output: Quantizer
