@@ -9,11 +9,13 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 import edgequant as eq
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
 from edgequant.export import export_onnx
+from edgequant.export.cli_commands import verify as verify_command
 from edgequant.export.verify import verify
 from edgequant.ptq.batch_norm_fold import fold_batch_norms
 from edgequant.sim.emulation import (
@@ -220,3 +222,21 @@ def test_sigmoid_and_average_pool_match_onnxruntime() -> None:
         x = _as_grid(scale_x, zero_x).values(torch.tensor(shuffled.astype(np.int64) - zero_x, dtype=torch.float32))
         got = _average_pool(pool, runtime, x, _as_grid(scale_x, zero_x), _as_grid(scale_y, zero_y))
         assert np.array_equal(got.numpy() + zero_y, expected)
+
+
+def test_cli_verify_emulating(tmp_path: Path) -> None:
+    images, _ = load_digits_tensors("test")
+    sim = eq.QuantSim(load_pretrained("digits_cnn"), images[:1])
+    sim.calibrate(images[:64].split(32), progress=False)
+    sim.save(tmp_path / "sim_state.pt")
+    export_onnx(sim, tmp_path / "out", images[:1])
+    torch.save(images[:64], tmp_path / "data.pt")
+    common = ["--model", "edgequant.demo.digits:load_pretrained", "--sim-state", str(tmp_path / "sim_state.pt"),
+              "--input-shape", "1,1,8,8", "--data", str(tmp_path / "data.pt"), "--quiet", "--tensors"]
+    result = CliRunner().invoke(verify_command, [*common, "--emulate", "onnxruntime", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "emulating onnxruntime" in result.output and "no tensor differs" in result.output
+    assert "|diff| in LSB" in result.output  # the per-tensor table
+    result = CliRunner().invoke(verify_command, ["--emulate", "onnxruntime", "--data", str(tmp_path / "data.pt"),
+                                                 str(tmp_path / "out")])
+    assert result.exit_code != 0 and "--emulate needs the sim" in result.output
