@@ -19,6 +19,7 @@ from edgequant.cli.sim_state import sim_from_state
 from edgequant.export.encodings_io import SUPPORTED_VERSIONS
 from edgequant.export.onnx_export import export_onnx
 from edgequant.export.verify import verify as verify_parity
+from edgequant.sim.emulation import RUNTIME_MODELS
 
 _model_option = click.option("--model", "-m", "model_spec", metavar="SPEC",
                              help="The float model, as given to quantize.")
@@ -60,14 +61,22 @@ def export(model_spec: str | None, sim_state: Path | None, input_shape: str | No
               help="Fail (exit 1) when an output differs from the sim by more than this many LSBs.")
 @click.option("--min-identical", type=click.FloatRange(0, 100), default=0.0, show_default=True,
               help="Fail (exit 1) when fewer than this percentage of outputs are identical to the sim.")
+@click.option("--emulate", type=click.Choice(sorted(RUNTIME_MODELS)),
+              help="Compare with the sim emulating this runtime's integer kernels (needs --model/--sim-state).")
+@click.option("--tensors", "show_tensors", is_flag=True, help="Print the parity of every quantized tensor.")
 @quiet_option
 @debug_option
 def verify(model_spec: str | None, sim_state: Path | None, data_spec: str | None, input_shape: str | None,
            batch_size: int | None, num_batches: int | None, mean: str | None, std: str | None,
-           export_dir: Path | None, name: str, max_lsb: int, min_identical: float, quiet: bool) -> None:
+           export_dir: Path | None, name: str, max_lsb: int, min_identical: float, emulate: str | None,
+           show_tensors: bool, quiet: bool) -> None:
     """Run the exported QDQ model in ONNX Runtime's integer kernels and compare it with the sim (given --model and
     --sim-state) or with the QDQ graph computed in float; exits 1 when the thresholds are missed."""
     sim, spec = sim_from_state(model_spec, sim_state, input_shape) if model_spec or sim_state else (None, None)
+    if emulate and sim is None:
+        raise click.UsageError("--emulate needs the sim: pass --model and --sim-state")
+    if emulate:
+        sim.emulate(emulate)
     export_dir = export_dir or (sim_state.parent if sim_state is not None else None)
     if export_dir is None:
         raise click.UsageError("verify needs --export-dir (or --sim-state, whose folder holds the export)")
@@ -76,6 +85,8 @@ def verify(model_spec: str | None, sim_state: Path | None, data_spec: str | None
     inputs = (dummy_from_batch(b) for b in itertools.islice(data.batches, num_batches))  # stop reading early
     report = verify_parity(export_dir, sim, inputs, name=name, batch_size=data.spec.batch_size, progress=not quiet)
     click.echo(report.summary())
+    if show_tensors:
+        click.echo(report.tensor_table())
     failures = report.threshold_failures(max_lsb, min_identical)
     if failures:
         click.echo("FAILED: " + "; ".join(failures), err=True)

@@ -7,7 +7,9 @@ unoptimised, where every op computes in float between Q/DQ pairs, which is exact
 
 Every quantized tensor of the QDQ model is compared on its integer grid: ORT's QuantizeLinear outputs are added
 as graph outputs (fused kernels still produce them), the sim's values are captured from its quantizers. The first
-tensor that diverges in topological order points at the layer whose kernel rounds differently.
+tensor that differs in topological order points at the layer whose kernel rounds differently; each tensor's
+histogram of differences (in LSB) shows how far it is off. A sim in emulation mode (``sim.emulate("onnxruntime")``)
+should show no difference at all.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class OutputParity:
     within_1_lsb: int = 0
     top1_agree: int = 0
     top1_total: int = 0
+    lsb_histogram: Counter = field(default_factory=Counter)  # |difference| in LSB -> number of elements
 
     @property
     def share_identical(self) -> float:
@@ -69,13 +72,20 @@ class OutputParity:
 
 @dataclass
 class TensorParity:
-    """One intermediate quantized tensor: SQNR of the runtime's values against the reference's."""
+    """One intermediate quantized tensor: the runtime's grid values against the reference's (SQNR, histogram of
+    differences in LSB)."""
 
     tensor: str
     quantizers: list[str]
     signal: float = 0.0
     noise: float = 0.0
     max_lsb_diff: float = 0.0
+    num_elements: int = 0
+    lsb_histogram: Counter = field(default_factory=Counter)  # |difference| in LSB -> number of elements
+
+    @property
+    def share_identical(self) -> float:
+        return self.lsb_histogram[0] / max(self.num_elements, 1)
 
     @property
     def sqnr_db(self) -> float:
@@ -109,6 +119,19 @@ class ParityReport:
                                 f"{min_identical_percent:g}%)")
         return failures
 
+    @property
+    def first_difference(self) -> TensorParity | None:
+        """First tensor (topological order) where runtime and reference differ at all."""
+        return next((t for t in self.tensors if t.max_lsb_diff > 0), None)
+
+    def tensor_table(self) -> str:
+        """Per-tensor parity along the network, in topological order: share identical, max and histogram."""
+        lines = [f"  {'tensor':<56} {'identical':>9} {'max':>4}  |diff| in LSB: count"]
+        for t in self.tensors:
+            histogram = ", ".join(f"{d:g}: {n}" for d, n in sorted(t.lsb_histogram.items()))
+            lines.append(f"  {t.tensor:<56} {t.share_identical:>9.2%} {t.max_lsb_diff:>4g}  {histogram}")
+        return "\n".join(lines)
+
     def summary(self) -> str:
         lines = [f"ONNX Runtime (CPU, integer kernels) vs {self.reference} on {self.num_samples} samples"]
         kernels = ", ".join(f"{op}×{n}" for op, n in sorted(self.integer_kernels.items())) or "none"
@@ -117,9 +140,10 @@ class ParityReport:
             lines.append("  float ops left: " + ", ".join(f"{op}×{n}" for op, n in sorted(self.float_kernels.items())))
         for out in self.outputs:
             top1 = f", top-1 agreement {out.top1_agreement:.2%}" if out.top1_agreement is not None else ""
+            histogram = ", ".join(f"{d:g}: {n}" for d, n in sorted(out.lsb_histogram.items()))
             lines.append(
                 f"  output {out.name}: max diff {out.max_lsb_diff:g} LSB, {out.share_identical:.2%} identical, "
-                f"{out.share_within_1_lsb:.2%} within 1 LSB{top1}"
+                f"{out.share_within_1_lsb:.2%} within 1 LSB{top1} (|diff| in LSB: count {histogram})"
             )
         if self.tensors:
             worst = min(self.tensors, key=lambda t: t.sqnr_db)
@@ -127,6 +151,11 @@ class ParityReport:
                 f"  {len(self.tensors)} quantized tensors compared; "
                 f"lowest SQNR {worst.sqnr_db:.1f} dB at {worst.tensor}"
             )
+            identical = sum(t.max_lsb_diff == 0 for t in self.tensors)
+            first = self.first_difference
+            lines.append(f"  {identical} of {len(self.tensors)} tensors identical; " + (
+                f"first tensor that differs: {first.tensor} ({first.share_identical:.2%} identical, max "
+                f"{first.max_lsb_diff:g} LSB)" if first else "no tensor differs"))
             first = self.first_divergence
             lines.append(
                 f"  first tensor off by more than 1 LSB: {first.tensor} ({first.max_lsb_diff:g} LSB, "
@@ -242,7 +271,7 @@ def verify(
     reference_session = _session(instrumented, optimized=False) if sim is None else None
     input_names = [i.name for i in runtime.get_inputs()]
     output_names = [o.name for o in runtime.get_outputs()]
-    report = ParityReport("the sim" if sim is not None else "the QDQ graph run in float (no sim given)")
+    report = ParityReport(_reference_label(sim))
     report.integer_kernels, report.float_kernels = integer_kernels, float_kernels
     report.outputs = [OutputParity(n) for n in output_names]
     report.tensors = [TensorParity(sites[t]["tensor"], sites[t]["quantizers"]) for t in tensors]
@@ -281,6 +310,14 @@ def verify(
     return report
 
 
+def _reference_label(sim: QuantSim | None) -> str:
+    if sim is None:
+        return "the QDQ graph run in float (no sim given)"
+    if sim.emulation is None:
+        return "the sim (default fake-quantization)"
+    return f"the sim emulating {sim.emulation.runtime.name}"
+
+
 def _initializer_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
 
@@ -315,6 +352,8 @@ def _compare_output(parity: OutputParity, got: np.ndarray, want: np.ndarray, lsb
     step = lsb if lsb is not None else 1.0
     diff = np.abs(np.round(got / step) - np.round(want / step)) if lsb is not None else np.abs(got - want)
     parity.num_elements += diff.size
+    if lsb is not None:
+        parity.lsb_histogram.update(_histogram(diff))
     parity.max_lsb_diff = max(parity.max_lsb_diff, float(diff.max(initial=0)))
     parity.identical += int((diff == 0).sum())
     parity.within_1_lsb += int((diff <= 1).sum())
@@ -325,6 +364,13 @@ def _compare_output(parity: OutputParity, got: np.ndarray, want: np.ndarray, lsb
 
 def _compare_tensor(parity: TensorParity, got: np.ndarray, want: np.ndarray, scale: float) -> None:
     diff = (got - want).astype(np.float64)
+    parity.num_elements += diff.size
+    parity.lsb_histogram.update(_histogram(np.abs(diff)))
     parity.max_lsb_diff = max(parity.max_lsb_diff, float(np.abs(diff).max(initial=0)))
     parity.signal += float(np.square(want.astype(np.float64) * scale).sum())
     parity.noise += float(np.square(diff * scale).sum())
+
+
+def _histogram(abs_diff: np.ndarray) -> dict[float, int]:
+    values, counts = np.unique(abs_diff, return_counts=True)
+    return {float(v): int(n) for v, n in zip(values, counts, strict=True)}

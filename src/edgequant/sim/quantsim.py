@@ -32,6 +32,7 @@ from edgequant.sim.capture import (
     try_trace,
 )
 from edgequant.sim.distributed import synchronize_statistics
+from edgequant.sim.emulation import EmulationPlan, RuntimeModel, install, plan_emulation, runtime_model, uninstall
 from edgequant.sim.graph import ModelGraph, build_graph
 from edgequant.sim.interception import intercept_functional_ops
 from edgequant.sim.modes import quantizers_enabled
@@ -106,6 +107,7 @@ class QuantSim:
         self.model = model if in_place else copy.deepcopy(model)
         self._notes: list[CoverageNote] = []
         self._supergroup_members: dict[str, str] = {}
+        self._emulation: EmulationPlan | None = None
         self._prepare()
 
     # -- preparation -----------------------------------------------------------------------------------
@@ -499,6 +501,26 @@ class QuantSim:
                 f"{path} does not fit this model: missing {result.missing_keys[:5]}, "
                 f"unexpected {result.unexpected_keys[:5]}"
             )
+
+    # -- integer-kernel emulation (implemented in edgequant.sim.emulation) ---------------------------------
+    def emulate(self, runtime: str | RuntimeModel | None) -> EmulationPlan | None:
+        """Compute every op the named integer runtime fuses as that runtime does (``"onnxruntime"``,
+        ``"fixed-point"`` or a `RuntimeModel`), for output-for-output prediction; ``None`` switches back to the
+        default fake-quantized sim. Returns what is emulated and what is not (``plan.summary()``)."""
+        if self._emulation is not None:
+            uninstall(self._emulation)
+            self._emulation = None
+        if runtime is None:
+            return None
+        plan = plan_emulation(self.model, runtime_model(runtime))
+        install(plan)
+        self._emulation = plan
+        return plan
+
+    @property
+    def emulation(self) -> EmulationPlan | None:
+        """The active emulation plan (``.runtime.name``, ``.ops``, ``.summary()``), None for the default sim."""
+        return self._emulation
 
     # -- services of higher layers (registered by edgequant.export) -------------------------------------
     def export(self, out_dir: str | Path, dummy_input: Any = None, name: str = "model", **options: Any) -> Any:
