@@ -23,7 +23,8 @@ BUGS = {
         "quantization/affine.py", "    out.round_()\n", "    out.add_(0.5).floor_()\n",
         "round half up instead of half to even in the no-grad quantize-dequantize"),
     "round_half_up_autograd": (
-        "quantization/affine.py", "rounded = torch.round(scaled)", "rounded = torch.floor(scaled + 0.5)",
+        "quantization/affine.py", "rounded = scaled.round() if learns_range else scaled.round_()",
+        "rounded = torch.floor(scaled + 0.5)",
         "the same in the autograd path (_QuantDequant.forward)"),
     "sqnr_symmetric_ignores_negative": (
         "quantization/analyzers.py",
