@@ -81,11 +81,14 @@ def mutated(draw: st.DrawFn, documents: list[Any]) -> Any:
     return document
 
 
+_SCRATCH = tempfile.TemporaryDirectory(prefix="edgequant-fuzz-")  # removed when the test process ends
+
+
 def _write(document: Any) -> Path:
-    handle = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-    with handle:
-        json.dump(document, handle)
-    return Path(handle.name)
+    """The document as a file; every example overwrites the same one (hypothesis runs thousands)."""
+    path = Path(_SCRATCH.name) / "document.json"
+    path.write_text(json.dumps(document))
+    return path
 
 
 # -- hardware configs ----------------------------------------------------------------------------------------------
