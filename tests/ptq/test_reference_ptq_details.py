@@ -23,8 +23,9 @@ from edgequant.ptq.cross_layer_equalization import (
     _ChannelRanges,
     _replace_clamps,
 )
-from edgequant.ptq.graph_patterns import build_graph, find_equalization_candidates
+from edgequant.ptq.graph_patterns import find_equalization_candidates
 from edgequant.quantization import Encoding
+from edgequant.sim.graph import build_graph
 
 
 # -- AdaRound -------------------------------------------------------------------------------------------------
