@@ -50,10 +50,12 @@ class MixedPrecisionResult:
     layer_groups: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
-        raised = sorted(g for g, c in self.choice.items() if c != min(self.candidates, key=lambda c: c[0] * c[1]))
+        by_candidate: dict[Candidate, list[str]] = {}
+        for group, candidate in self.choice.items():
+            by_candidate.setdefault(candidate, []).append(group)
+        chosen = "; ".join(f"W{c[0]}A{c[1]}: {', '.join(g)}" for c, g in sorted(by_candidate.items()))
         return (
             f"mixed precision: metric {self.metric:.4f} (FP32 {self.fp32_metric:.4f}, target {self.target:.4f}"
             f"{'' if self.met_target else ', NOT met'}), relative BitOps {self.relative_bitops:.3f}, relative memory "
-            f"{self.relative_memory:.3f}; {len(self.groups)} groups, {self.eval_calls} eval_fn calls; "
-            f"groups above the cheapest candidate: {', '.join(raised) or 'none'}"
+            f"{self.relative_memory:.3f}; {len(self.groups)} groups, {self.eval_calls} eval_fn calls; {chosen}"
         )
