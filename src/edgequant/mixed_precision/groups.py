@@ -170,6 +170,7 @@ def apply_bitwidths(sim: QuantSim, bitwidths: dict[str, int], data_batches: list
     quantizers' bit widths); a quantizer without statistics (a loaded sim) is re-calibrated on
     ``data_batches`` alone, the others disabled and frozen meanwhile."""
     changed = [q for name, q in sim.quantizers().items() if name in bitwidths and q.bitwidth != bitwidths[name]]
+    previous = {q.name: q.bitwidth for q in changed}
     missing_stats = []
     for quantizer in changed:
         quantizer.bitwidth = bitwidths[quantizer.name]
@@ -182,6 +183,8 @@ def apply_bitwidths(sim: QuantSim, bitwidths: dict[str, int], data_batches: list
             missing_stats.append(quantizer)
     if missing_stats:
         if not data_batches:
+            for quantizer in missing_stats:  # their encodings are untouched: keep them consistent
+                quantizer.bitwidth = previous[quantizer.name]
             raise CalibrationError(
                 f"{len(missing_stats)} quantizers have no calibration statistics (e.g. a loaded sim); pass "
                 "calibration data so they can be re-calibrated at their new bit width"

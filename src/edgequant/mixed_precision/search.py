@@ -181,8 +181,8 @@ def choose_mixed_precision(
         front = _greedy_front(groups, options, sensitivities, relative, base_fidelity)
         # 3. bisection with eval_fn
         with sim.quantizers_enabled(False):
-            fp32_metric = evaluate(eval_fn, sim.model)
-        eval_calls += 1
+            fp32_metric, computed = cache.get("eval:fp32", lambda: evaluate(eval_fn, sim.model))
+        eval_calls += computed
         target = fp32_metric - allowed_accuracy_drop
         bar = tqdm(total=1 + max(1, math.ceil(math.log2(len(front)))), desc="mixed precision: bisection",
                    disable=not progress)
