@@ -9,6 +9,7 @@ from torch import nn
 import edgequant as eq
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
 from edgequant.mixed_precision import apply_bitwidths, bitops_model, find_groups, memory_model
+from edgequant.ptq import fold_batch_norms
 
 
 class ConcatNet(nn.Module):
@@ -114,3 +115,14 @@ def test_apply_bitwidths_recalibrates_a_loaded_sim(tmp_path) -> None:
                                sim.quantizer("pool.output_quantizers.0").scale)
     torch.testing.assert_close(loaded.quantizer("conv1.2.output_quantizers.0").scale,
                                sim.quantizer("conv1.2.output_quantizers.0").scale)
+
+
+def test_groups_of_a_folded_model_fuse_conv_and_relu() -> None:
+    images, _ = load_digits_tensors("test")
+    model = load_pretrained("digits_cnn")
+    fold_batch_norms(model, images[:1])  # leaves an Identity between each Conv and its ReLU
+    sim = eq.QuantSim(model, images[:1], config="per_channel")
+    sim.calibrate([images[:64]], progress=False)
+    names = [g.name for g in find_groups(sim)]
+    assert names == ["<model input>", "conv1.0+conv1.2", "conv2.0+conv2.2", "pool", "conv3.0+conv3.2", "add", "gap",
+                     "fc"]

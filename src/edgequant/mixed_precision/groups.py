@@ -101,6 +101,20 @@ def upstream_quantizer(node: GraphNode, sources: dict[int, Quantizer]) -> Quanti
     return None
 
 
+def _fused_consumer_quantizers(node: GraphNode) -> list[Quantizer]:
+    """Quantizers of the op that a layer without output quantizer is fused into: its only consumer, reached
+    through quantizer-less single-consumer nodes (Identity/Dropout left by BN folding, reshapes)."""
+    seen = set()
+    while len(node.users) == 1 and node.users[0].kind in ("module", "function") and id(node) not in seen:
+        seen.add(id(node))
+        node = node.users[0]
+        found = [q for attr in ("param_quantizers", "input_quantizers", "output_quantizers")
+                 for q in _module_quantizers(node.module, attr)]
+        if found:
+            return found
+    return []
+
+
 def _fixed_by_config(sim: QuantSim, quantizer: Quantizer) -> bool:
     if quantizer.role == "model_input":
         return sim.config.output_rule("__model_input__").bitwidth is not None
@@ -126,11 +140,9 @@ def find_groups(sim: QuantSim, graph: ModelGraph | None = None) -> list[Quantize
                for q in _module_quantizers(node.module, attr) if q.name in quantizers]
         for name in own[1:]:
             union.union(name, own[0])
-        has_output = bool(_module_quantizers(node.module, "output_quantizers"))
-        consumers = [u for u in node.users if u.kind == "module"]
-        if own and not has_output and len(node.users) == 1 and consumers:  # fused into its only consumer
-            consumer = [q.name for attr in ("param_quantizers", "input_quantizers", "output_quantizers")
-                        for q in _module_quantizers(consumers[0].module, attr) if q.name in quantizers]
+        if own and not _module_quantizers(node.module, "output_quantizers"):  # fused into the op that consumes it
+            consumer = _fused_consumer_quantizers(node)
+            consumer = [q.name for q in consumer if q.name in quantizers]
             if consumer:
                 union.union(own[0], consumer[0])
         if node.op_name in CONCAT_OPS:
