@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from edgequant.mixed_precision.groups import model_input_sources, upstream_quantizer
 from edgequant.quantization import Quantizer
 from edgequant.sim import QuantSim
 from edgequant.sim.graph import GraphNode, ModelGraph
-from edgequant.sim.ops import function_name
+from edgequant.sim.ops import function_name, is_data_movement
 from edgequant.sim.quantized_module import FunctionalOp, param_quantizer
 
 FLOAT_BITS = 32
@@ -91,37 +92,81 @@ def _run_hooked(sim: QuantSim, hooks: dict[nn.Module, Callable]) -> None:
             handle.remove()
 
 
-def _activation_operand(node: GraphNode, index: int, sources: dict[int, Quantizer]) -> str | None:
-    inputs = getattr(node.module, "input_quantizers", None) or {}
-    if str(index) in inputs and inputs[str(index)].enabled:
-        return inputs[str(index)].name
-    if index >= len(node.inputs):
+def _own_input_quantizer(module: nn.Module, index: int) -> str | None:
+    inputs = getattr(module, "input_quantizers", None) or {}
+    quantizer = inputs[str(index)] if str(index) in inputs else None
+    return quantizer.name if quantizer is not None and quantizer.enabled else None
+
+
+def _graph_operand(node: GraphNode | None, index: int, sources: dict[int, Quantizer]) -> str | None:
+    if node is None or index >= len(node.inputs):
         return None
     quantizer = upstream_quantizer(node.inputs[index], sources)
     return quantizer.name if quantizer is not None else None
 
 
+class _FollowDataMovement(TorchFunctionMode):
+    """Tags the results of data-movement ops (reshape, permute, contiguous, dropout...) with the quantizer that
+    wrote their input, so a layer reading a copied view still finds its operand's encoding."""
+
+    def __init__(self, written_by: dict[int, str], alive: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.written_by, self.alive = written_by, alive
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        result = func(*args, **(kwargs or {}))
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if source is not None and is_data_movement(func):
+            quantizer = self.written_by.get(source.untyped_storage().data_ptr())
+            for value in result if isinstance(result, (tuple, list)) else (result,):
+                if quantizer is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
+                    self.written_by.setdefault(value.untyped_storage().data_ptr(), quantizer)
+                    self.alive.append(value)
+        return result
+
+
 def bitops_model(sim: QuantSim, graph: ModelGraph) -> CostModel:
-    """BitOps of ``sim`` (see the module docstring); MACs measured by forward hooks on the dummy input."""
-    nodes = {id(node.module): node for node in graph.module_nodes() if _is_mac_layer(node.module)}
-    macs: dict[int, float] = {}
+    """BitOps of ``sim`` (see the module docstring); MACs measured by forward hooks on the dummy input.
 
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        macs[id(module)] = macs.get(id(module), 0.0) + _macs(module, inputs, output)
+    An activation operand's bit width is that of the quantizer whose output tensor (or a view of it: reshapes,
+    transposes) the layer reads, found by storage in the same forward; where a copy hides it, the graph's
+    producer is used instead."""
+    layers = {module: name for name, module in sim.quantized_modules().items() if _is_mac_layer(module)}
+    activation_quantizers = {q: q.name for q in sim.quantizers(role=("model_input", "output")).values() if q.enabled}
+    written_by: dict[int, str] = {}
+    alive: list[torch.Tensor] = []  # keeps recorded storages from being reused within the forward
+    macs: dict[str, float] = {}
+    operands: dict[str, list[str | None]] = {}
 
-    _run_hooked(sim, {node.module: hook for node in nodes.values()})
+    def record_output(quantizer: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        if isinstance(output, torch.Tensor):
+            written_by[output.untyped_storage().data_ptr()] = activation_quantizers[quantizer]
+            alive.append(output)
+
+    def record_layer(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        name = layers[module]
+        macs[name] = macs.get(name, 0.0) + _macs(module, inputs, output)
+        if name not in operands:
+            operands[name] = [
+                _own_input_quantizer(module, index) or (
+                    written_by.get(value.untyped_storage().data_ptr()) if isinstance(value, torch.Tensor) else None)
+                for index, value in enumerate(inputs[:2])
+            ]
+
+    with _FollowDataMovement(written_by, alive):
+        _run_hooked(sim, dict.fromkeys(activation_quantizers, record_output) | dict.fromkeys(layers, record_layer))
     sources = model_input_sources(sim, graph)
+    nodes = {node.name: node for node in graph.module_nodes()}
     terms = []
-    for key, node in nodes.items():
-        if key not in macs:
+    for module, name in layers.items():
+        if name not in macs:
             continue
-        activation = _activation_operand(node, 0, sources)
-        weight = param_quantizer(node.module, "weight")
-        if weight is not None or isinstance(node.module, (nn.modules.conv._ConvNd, nn.Linear)):
+        found = operands[name] + [None] * (2 - len(operands[name]))
+        first, second = (found[i] or _graph_operand(nodes.get(name), i, sources) for i in range(2))
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            weight = param_quantizer(module, "weight")
             second = weight.name if weight is not None and weight.enabled else None
-        else:
-            second = _activation_operand(node, 1, sources)
-        terms.append(CostTerm(node.name, macs[key], second, activation))
+        terms.append(CostTerm(name, macs[name], second, first))
     if not terms:
         raise ValueError("the model has no Conv, Linear or MatMul layer, so BitOps are zero; use cost='memory'")
     return CostModel("BitOps", "BitOps", terms, bits_product=True)

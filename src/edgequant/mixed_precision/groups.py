@@ -84,6 +84,11 @@ def model_input_sources(sim: QuantSim, graph: ModelGraph) -> dict[int, Quantizer
     return found
 
 
+def _own_quantizers(module: nn.Module | None) -> list[Quantizer]:
+    return [q for attr in ("param_quantizers", "input_quantizers", "output_quantizers")
+            for q in _module_quantizers(module, attr)]
+
+
 def upstream_quantizer(node: GraphNode, sources: dict[int, Quantizer]) -> Quantizer | None:
     """The quantizer that sets the encoding of ``node``'s output as a consumer sees it: its own output
     quantizer, or (through data-movement and fused ops) the one upstream; None where the tensor stays float.
@@ -108,8 +113,7 @@ def _fused_consumer_quantizers(node: GraphNode) -> list[Quantizer]:
     while len(node.users) == 1 and node.users[0].kind in ("module", "function") and id(node) not in seen:
         seen.add(id(node))
         node = node.users[0]
-        found = [q for attr in ("param_quantizers", "input_quantizers", "output_quantizers")
-                 for q in _module_quantizers(node.module, attr)]
+        found = _own_quantizers(node.module)
         if found:
             return found
     return []
@@ -135,11 +139,12 @@ def find_groups(sim: QuantSim, graph: ModelGraph | None = None) -> list[Quantize
     union = _UnionFind()
     for name in quantizers:
         union.find(name)
-    for node in graph.module_nodes():
-        own = [q.name for attr in ("param_quantizers", "input_quantizers", "output_quantizers")
-               for q in _module_quantizers(node.module, attr) if q.name in quantizers]
+    for layer in sim.quantized_modules().values():  # also layers the graph cannot see (untraceable parents)
+        own = [q.name for q in _own_quantizers(layer) if q.name in quantizers]
         for name in own[1:]:
             union.union(name, own[0])
+    for node in graph.module_nodes():
+        own = [q.name for q in _own_quantizers(node.module) if q.name in quantizers]
         if own and not _module_quantizers(node.module, "output_quantizers"):  # fused into the op that consumes it
             consumer = _fused_consumer_quantizers(node)
             consumer = [q.name for q in consumer if q.name in quantizers]
