@@ -126,3 +126,25 @@ def test_groups_of_a_folded_model_fuse_conv_and_relu() -> None:
     names = [g.name for g in find_groups(sim)]
     assert names == ["<model input>", "conv1.0+conv1.2", "conv2.0+conv2.2", "pool", "conv3.0+conv3.2", "add", "gap",
                      "fc"]
+
+
+class TinyAttention(nn.Module):
+    """``q @ k^T`` of two projections: a MatMul whose two operands are activations read through a transpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(4, 6)
+        self.k = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.q(x), self.k(x).transpose(-1, -2).contiguous())
+
+
+def test_bitops_of_an_activation_matmul_use_both_operands() -> None:
+    sim = _calibrated(TinyAttention(), (5, 4))
+    cost = bitops_model(sim, sim.graph())
+    bits = {name: 8 for name in sim.quantizers()}
+    bits["k.output_quantizers.0"] = 16
+    projections = 2 * 5 * 6 * 4 * 8 * 8  # two Linear layers: 5x6 outputs x 4 inputs, W8 x A8
+    matmul = 5 * 5 * 6 * 8 * 16  # 5x5 outputs x 6 products, q at 8 bits, k at 16 bits (through the transpose)
+    assert cost(bits) == projections + matmul
