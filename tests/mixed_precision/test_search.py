@@ -87,6 +87,11 @@ def test_eval_calls_are_logarithmic_and_a_rerun_resumes(searched) -> None:
     rerun = choose_mixed_precision(again, _data(), counting, CANDIDATES, 0.01, out_dir=out_dir, progress=False)
     assert counting.calls == 0 and rerun.eval_calls == 0
     assert rerun.choice == result.choice and rerun.metric == result.metric
+    other = _sim()
+    other.calibrate(load_digits_tensors("train")[0][:64].split(32), progress=False)  # other encodings
+    counting = CountingAccuracy()
+    choose_mixed_precision(other, _data(), counting, CANDIDATES, 0.01, out_dir=out_dir, progress=False)
+    assert counting.calls >= 2  # a different sim state does not reuse the cache
 
 
 def test_allowed_drop_moves_the_pick_along_the_front() -> None:

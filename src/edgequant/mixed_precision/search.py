@@ -14,7 +14,9 @@ The search follows AIMET's automatic mixed precision, with a bisection instead o
    ``2 + ceil(log2(len(front)))`` calls of ``eval_fn`` instead of one per point.
 
 Every measurement is cached in ``out_dir/mixed_precision_cache.json`` under a key of the configuration, so a
-rerun (after an interruption, or with another allowed drop) resumes without re-evaluating.
+rerun (after an interruption, or with another allowed drop) resumes without re-evaluating. The cache belongs to
+one sim state (weights, encodings, bit widths), group set and candidate list and is dropped when they differ;
+it cannot see a changed ``eval_fn`` or data: use another ``out_dir`` for those.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -44,6 +47,7 @@ from edgequant.mixed_precision.report import write_report
 from edgequant.mixed_precision.result import FrontPoint, GroupSensitivity, MixedPrecisionResult
 from edgequant.quantization.encoding import check_bitwidth
 from edgequant.sim import QuantSim
+from edgequant.sim.quantsim import tensors_checksum
 
 COST_MODELS = ("bitops", "memory")
 CACHE_FILE = "mixed_precision_cache.json"
@@ -134,7 +138,9 @@ def choose_mixed_precision(
     cost_model = bitops if cost == "bitops" else memory
     original = current_bitwidths(sim)
     batches = list(sim.batches(data, num_batches))
-    identity = json.dumps([[g.name for g in groups], candidate_list, sorted(original.items())])
+    state = {k: v for k, v in sim.model.state_dict().items() if isinstance(v, torch.Tensor)}
+    identity = json.dumps([[g.name for g in groups], candidate_list, sorted(original.items()),
+                           tensors_checksum(state)])
     cache = _Cache(out_path / CACHE_FILE if out_path else None, hashlib.sha256(identity.encode()).hexdigest())
 
     options = {g.name: _group_options(g, candidate_list, cost_model, original) for g in groups}
