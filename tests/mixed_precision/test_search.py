@@ -144,3 +144,19 @@ def test_bad_input_is_refused() -> None:
     uncalibrated = eq.QuantSim(load_pretrained("digits_cnn"), images[:1])
     with pytest.raises(ValueError, match="not calibrated"):
         choose_mixed_precision(uncalibrated, _data(), CountingAccuracy(), CANDIDATES, 0.01, progress=False)
+
+
+def test_autoquant_offers_mixed_precision_when_the_ladder_misses(tmp_path: Path) -> None:
+    from edgequant.workflows import autoquant
+
+    train, _ = load_digits_tensors("train")
+    accuracy = CountingAccuracy()
+    result = autoquant(load_pretrained("digits_cnn"), train[:2], list(train[:128].split(64)), accuracy,
+                       allowed_accuracy_drop=0.01, param_bw=3, results_dir=tmp_path, schemes=("minmax",),
+                       adaround_iterations=5, mixed_precision_candidates=[(3, 8), (8, 8)], progress=False)
+    names = [step.name for step in result.steps]
+    assert names[-1] == "mixed_precision" and "adaround" in names  # after the whole ladder missed
+    assert result.target_met and result.best_step == "mixed_precision"
+    bitwidths = {q.bitwidth for q in result.sim.quantizers(role="param").values()}
+    assert bitwidths == {3, 8} and accuracy(result.sim.model) == pytest.approx(result.best_metric)
+    assert (tmp_path / result.sim_state_path.parent.name / "mixed_precision" / "mixed_precision.html").exists()
