@@ -16,7 +16,7 @@ import copy
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edgequant.config import HardwareConfig
+from edgequant.mixed_precision import choose_mixed_precision
 from edgequant.ptq.adaround import adaround
 from edgequant.sim import QuantSim
 from edgequant.workflows.autoquant_report import write_report
@@ -50,6 +51,7 @@ def autoquant(
     adaround_iterations: int = 10000,
     adaround_kwargs: dict | None = None,
     sensitivity_eval_fn: Callable[[nn.Module], float] | None = None,
+    mixed_precision_candidates: Sequence[Sequence[int]] | None = None,
     progress: bool = True,
 ) -> AutoQuantResult:
     """Quantize ``model`` to meet ``eval_fn(fp32) - allowed_accuracy_drop`` with as little work as possible.
@@ -57,6 +59,8 @@ def autoquant(
     ``data`` yields calibration batches (re-iterable: it is used by every step); ``eval_fn(model) -> float``
     is higher-is-better. The user's model is not modified. ``sensitivity_eval_fn`` (default ``eval_fn``) is
     called once per layer when the target is missed; pass a cheaper one for big models.
+    ``mixed_precision_candidates`` (``(param_bw, output_bw)`` pairs): when no step meets the target, a last step
+    chooses per-layer bit widths among them on the best sim (`edgequant.mixed_precision.choose_mixed_precision`).
     """
     if allowed_accuracy_drop < 0:
         raise ValueError(f"allowed_accuracy_drop must be >= 0, got {allowed_accuracy_drop}")
@@ -68,6 +72,7 @@ def autoquant(
         "param_bw": param_bw, "output_bw": output_bw, "config": run.config.raw, "schemes": list(schemes),
         "num_batches": num_batches, "allowed_accuracy_drop": allowed_accuracy_drop,
         "adaround_iterations": adaround_iterations, "adaround_kwargs": adaround_kwargs or {},
+        "mixed_precision_candidates": [list(c) for c in mixed_precision_candidates or []],
     }
     run.open_log(Path(results_dir), settings)
     fp32 = run.step("fp32", lambda: (None, "FP32 model, no quantization", [], run.evaluate(model)), diagnostic=True)
@@ -75,6 +80,10 @@ def autoquant(
     _run_steps(run, schemes, adaround_iterations, adaround_kwargs or {})
     candidates = [s for s in run.steps if not s.diagnostic and s.metric is not None]
     best = max(candidates, key=lambda s: s.metric)
+    if mixed_precision_candidates and not run.met(best):
+        mixed = run.step("mixed_precision", lambda: run.mixed_precision(best, mixed_precision_candidates,
+                                                                         allowed_accuracy_drop))
+        best = max((best, mixed), key=lambda s: s.metric)
     sim = run.restore(best)
     result = AutoQuantResult(
         sim, fp32.metric, run.target, best.name, best.metric, best.metric >= run.target,
@@ -224,6 +233,16 @@ class _Run:
         layers = [f"{r.name}: output MSE {r.nearest_mse:.4g} -> {r.adaround_mse:.4g}, {r.flipped_fraction:.1%} "
                   f"flipped" for r in result.layers]
         return sim, f"{description}; AdaRound ({iterations} iterations per layer)", layers, self.evaluate(sim.model)
+
+    def mixed_precision(self, best: StepRecord, candidates: Sequence[Sequence[int]], allowed_drop: float) -> tuple:
+        # from the plain calibration of the best step's stage: bias correction and AdaRound fit one bit width
+        sim, description, _, _ = self.calibrated(best.stage, best.scheme, "calibrated")
+        result = choose_mixed_precision(sim, self.data, self.eval_fn, candidates, allowed_drop,
+                                        out_dir=self.directory / "mixed_precision", progress=self.progress)
+        layers = [f"{group}: W{c[0]}A{c[1]}" for group, c in result.choice.items()]
+        description = (f"{description}; mixed precision among {list(map(tuple, candidates))} "
+                       f"(relative BitOps {result.relative_bitops:.3f})")
+        return sim, description, layers, result.metric
 
     def restore(self, record: StepRecord) -> QuantSim:
         sim = self.new_sim(record.stage, record.scheme)

@@ -1,0 +1,162 @@
+"""choose_mixed_precision on the digits CNN: the choice is applied, costs and metrics are consistent, the
+eval_fn is called logarithmically often and a rerun resumes from the cache, and the mixed model exports and
+matches ONNX Runtime."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+import edgequant as eq
+from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
+from edgequant.export import export_onnx, quantize_bias_int32
+from edgequant.export.verify import verify
+from edgequant.mixed_precision import bitops_model, choose_mixed_precision
+from edgequant.mixed_precision.groups import current_bitwidths
+from edgequant.ptq import fold_batch_norms
+
+CANDIDATES = [(8, 8), (8, 16), (4, 8)]
+
+
+class CountingAccuracy:
+    """Top-1 accuracy on 400 test digits, counting its calls."""
+
+    def __init__(self) -> None:
+        self.images, self.labels = load_digits_tensors("test")
+        self.images, self.labels = self.images[:400], self.labels[:400]
+        self.calls = 0
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        self.calls += 1
+        return evaluate_accuracy(model, self.images, self.labels)
+
+
+def _sim() -> eq.QuantSim:
+    model = load_pretrained("digits_cnn")
+    fold_batch_norms(model, torch.randn(1, 1, 8, 8))
+    images, _ = load_digits_tensors("test")
+    sim = eq.QuantSim(model, images[:1], config="per_channel")
+    sim.calibrate(images[:128].split(32), progress=False)
+    return sim
+
+
+def _data() -> list[torch.Tensor]:
+    return list(load_digits_tensors("train")[0][:64].split(32))
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory):
+    sim, accuracy = _sim(), CountingAccuracy()
+    out_dir = tmp_path_factory.mktemp("mp")
+    result = choose_mixed_precision(sim, _data(), accuracy, CANDIDATES, 0.01, out_dir=out_dir, progress=False)
+    assert result.eval_calls == accuracy.calls  # every call counted
+    return sim, accuracy, result, out_dir
+
+
+def test_choice_is_applied_and_figures_are_consistent(searched) -> None:
+    sim, accuracy, result, _ = searched
+    assert result.met_target and result.metric >= result.fp32_metric - 0.01
+    assert accuracy(sim.model) == result.metric  # the sim carries the chosen configuration
+    bitwidths = current_bitwidths(sim)
+    for layer, chosen in result.layer_bitwidths.items():
+        for quantizer in sim.quantizers().values():
+            if (quantizer.owner or "<model input>") == layer:
+                expected = chosen["param_bw"] if quantizer.role == "param" else chosen["output_bw"]
+                assert bitwidths[quantizer.name] == expected
+    bitops = bitops_model(sim, sim.graph())
+    widest = {n: (8 if q.role == "param" else 16) for n, q in sim.quantizers().items()}
+    assert result.relative_bitops == pytest.approx(bitops(bitwidths) / bitops(widest))
+    assert result.relative_bitops < 1.0  # some group got cheaper than W8A16
+    assert any(c == (4, 8) for c in result.choice.values()) or any(c == (8, 8) for c in result.choice.values())
+    costs = [p.relative_cost for p in result.front]
+    assert costs == sorted(costs, reverse=True) and costs[0] == pytest.approx(1.0)
+    assert (result.relative_bitops, result.metric) in result.pareto
+
+
+def test_eval_calls_are_logarithmic_and_a_rerun_resumes(searched) -> None:
+    _, _, result, out_dir = searched
+    # FP32, the most accurate point, then a bisection over the front (one point per greedy move)
+    assert len(result.front) > len(result.groups)
+    assert result.eval_calls <= 2 + math.ceil(math.log2(len(result.front)))
+    again, counting = _sim(), CountingAccuracy()
+    rerun = choose_mixed_precision(again, _data(), counting, CANDIDATES, 0.01, out_dir=out_dir, progress=False)
+    assert counting.calls == 0 and rerun.eval_calls == 0
+    assert rerun.choice == result.choice and rerun.metric == result.metric
+    other = _sim()
+    other.calibrate(load_digits_tensors("train")[0][:64].split(32), progress=False)  # other encodings
+    counting = CountingAccuracy()
+    choose_mixed_precision(other, _data(), counting, CANDIDATES, 0.01, out_dir=out_dir, progress=False)
+    assert counting.calls >= 2  # a different sim state does not reuse the cache
+
+
+def test_allowed_drop_moves_the_pick_along_the_front() -> None:
+    sim, accuracy = _sim(), CountingAccuracy()
+    anything = choose_mixed_precision(sim, _data(), accuracy, CANDIDATES, 1.0, progress=False)
+    assert anything.choice == anything.front[-1].choice  # every drop allowed: the cheapest configuration
+    assert anything.relative_bitops == pytest.approx(0.25)  # W4A8 everywhere vs W8A16 everywhere
+    # BitOps do not price the network's output (no MAC reads it): the free 16 bits stay; memory prices everything
+    assert anything.choice["add"] == (8, 16)  # feeds only the average pool
+    smallest = choose_mixed_precision(sim, _data(), accuracy, CANDIDATES, 1.0, cost="memory", progress=False)
+    assert set(smallest.choice.values()) <= {(4, 8), (8, 8)} and smallest.choice["add"] == (8, 8)
+    assert smallest.cost == "memory" and smallest.relative_memory < anything.relative_memory
+
+
+def test_mixed_model_exports_with_int16_and_int4_and_matches_onnx_runtime(searched, tmp_path: Path) -> None:
+    sim, _, result, _ = searched
+    quantize_bias_int32(sim)
+    images, _ = load_digits_tensors("test")
+    export_onnx(sim, tmp_path, images[:1])
+    encodings = (tmp_path / "model.encodings").read_text()
+    assert '"bw": 16' in encodings
+    types = {init.data_type for init in onnx.load(tmp_path / "model_qdq.onnx").graph.initializer}
+    assert TensorProto.UINT16 in types  # 16-bit activations as uint16 Q/DQ
+    if any(c == (4, 8) for c in result.choice.values()):
+        assert TensorProto.INT4 in types
+    report = verify(tmp_path, sim, images, progress=False)
+    (output,) = report.outputs
+    assert output.top1_agreement >= 0.99 and output.share_within_1_lsb >= 0.98
+    assert all(t.sqnr_db > 30 for t in report.tensors)
+
+
+def test_report_is_written(searched) -> None:
+    _, _, result, out_dir = searched
+    html = (out_dir / "mixed_precision.html").read_text()
+    assert result.report_path == out_dir / "mixed_precision.html"
+    assert "mp-pareto" in html and "mp-sensitivity" in html and "conv2.0" in html
+
+
+def test_bad_input_is_refused() -> None:
+    sim = _sim()
+    with pytest.raises(ValueError, match="pair"):
+        choose_mixed_precision(sim, _data(), CountingAccuracy(), [8, 16], 0.01, progress=False)
+    with pytest.raises(ValueError, match="at least two"):
+        choose_mixed_precision(sim, _data(), CountingAccuracy(), [(8, 8)], 0.01, progress=False)
+    with pytest.raises(ValueError, match="allowed_accuracy_drop"):
+        choose_mixed_precision(sim, _data(), CountingAccuracy(), CANDIDATES, float("nan"), progress=False)
+    with pytest.raises(ValueError, match="unknown cost"):
+        choose_mixed_precision(sim, _data(), CountingAccuracy(), CANDIDATES, 0.01, cost="latency", progress=False)
+    images, _ = load_digits_tensors("test")
+    uncalibrated = eq.QuantSim(load_pretrained("digits_cnn"), images[:1])
+    with pytest.raises(ValueError, match="not calibrated"):
+        choose_mixed_precision(uncalibrated, _data(), CountingAccuracy(), CANDIDATES, 0.01, progress=False)
+
+
+def test_autoquant_offers_mixed_precision_when_the_ladder_misses(tmp_path: Path) -> None:
+    from edgequant.workflows import autoquant
+
+    train, _ = load_digits_tensors("train")
+    accuracy = CountingAccuracy()
+    result = autoquant(load_pretrained("digits_cnn"), train[:2], list(train[:128].split(64)), accuracy,
+                       allowed_accuracy_drop=0.01, param_bw=3, results_dir=tmp_path, schemes=("minmax",),
+                       adaround_iterations=5, mixed_precision_candidates=[(3, 8), (8, 8)], progress=False)
+    names = [step.name for step in result.steps]
+    assert names[-1] == "mixed_precision" and "adaround" in names  # after the whole ladder missed
+    assert result.target_met and result.best_step == "mixed_precision"
+    bitwidths = {q.bitwidth for q in result.sim.quantizers(role="param").values()}
+    assert bitwidths == {3, 8} and accuracy(result.sim.model) == pytest.approx(result.best_metric)
+    assert (tmp_path / result.sim_state_path.parent.name / "mixed_precision" / "mixed_precision.html").exists()
