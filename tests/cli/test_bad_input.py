@@ -81,6 +81,7 @@ CASES = {
                              "--input-shape", "1,1,8,8"], "truncated_state.pt"),
     "export without model": (["export", "--sim-state", "{truncated_state}"], "needs --model and --sim-state"),
     "autoquant data without model": (["autoquant", "--data", "{calib}"], "need --model"),
+    "mixed precision candidates": (["autoquant", "--mixed-precision", "8;x"], "expected param,output bit-width pairs"),
 }
 
 

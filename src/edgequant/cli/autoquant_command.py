@@ -34,6 +34,9 @@ from edgequant.workflows.autoquant import DEFAULT_SCHEMES
               show_default=True, help="Calibration scheme to compare (repeat the option for several).")
 @click.option("--adaround-iterations", type=click.IntRange(min=0), default=10000, show_default=True,
               help="AdaRound iterations per layer (the last, most expensive step).")
+@click.option("--mixed-precision", "mixed_precision", metavar="W,A[;W,A...]",
+              help="Last step when nothing else meets the target: choose per-layer bit widths among these "
+                   "(param_bw, output_bw) pairs, e.g. '8,8;8,16;4,8'.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("autoquant_results"),
               show_default=True, help="Output folder: cache of finished steps (a rerun resumes) and the HTML report.")
 @device_option
@@ -42,8 +45,8 @@ from edgequant.workflows.autoquant import DEFAULT_SCHEMES
 def autoquant(
     model_spec: str | None, data_spec: str | None, input_shape: str | None, batch_size: int | None,
     num_batches: int | None, mean: str | None, std: str | None, eval_spec: str | None, allowed_drop: float,
-    param_bw: int, output_bw: int, config: str, schemes: tuple[str, ...], adaround_iterations: int, out_dir: Path,
-    device: str, quiet: bool,
+    param_bw: int, output_bw: int, config: str, schemes: tuple[str, ...], adaround_iterations: int,
+    mixed_precision: str | None, out_dir: Path, device: str, quiet: bool,
 ) -> None:
     """Find the cheapest PTQ recipe meeting FP32 - allowed drop; writes the best sim and an HTML report."""
     from edgequant.workflows import autoquant as run_autoquant
@@ -68,6 +71,7 @@ def autoquant(
         model, dummy, batches, evaluate, allowed_accuracy_drop=allowed_drop, param_bw=param_bw,
         output_bw=output_bw, config=config, results_dir=out_dir, num_batches=num_batches, schemes=tuple(schemes),
         adaround_iterations=adaround_iterations, progress=not quiet,
+        mixed_precision_candidates=_candidates(mixed_precision) if mixed_precision else None,
     )
     for step in result.steps:
         metric = "skipped" if step.metric is None else f"{step.metric:.4f}"
@@ -78,3 +82,15 @@ def autoquant(
     if result.recommendation:
         click.echo(result.recommendation)
     click.echo(f"sim state: {result.sim_state_path}\nreport:    {result.report_path}")
+
+
+def _candidates(text: str) -> list[tuple[int, int]]:
+    """``'8,8;8,16'`` -> [(8, 8), (8, 16)]."""
+    try:
+        pairs = [tuple(int(v) for v in pair.split(",")) for pair in text.split(";") if pair.strip()]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(pair) != 2 for pair in pairs):
+        raise click.BadParameter(f"{text!r}: expected param,output bit-width pairs such as '8,8;8,16;4,8'",
+                                 param_hint="--mixed-precision")
+    return pairs
