@@ -322,8 +322,8 @@ def test_empirical_correction_options() -> None:
     reference, _ = _linear_sim()
     expected = correct_bias(reference, [x[:40]], progress=False)
     torch.testing.assert_close(one.corrected["0"], expected.corrected["0"], rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"^correct_bias: the data yielded no batch; pass at least one batch or "
-                       r"data=None$"):
+    with pytest.raises(ValueError, match=r"^correct_bias \(or pass data=None\): the data yielded no batch; pass at "
+                       r"least one batch$"):
         correct_bias(reference, [], progress=False)
 
 
