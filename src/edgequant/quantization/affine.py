@@ -70,6 +70,8 @@ def quantize_dequantize(
         if offset.requires_grad:  # a learned offset stays an integer (rounded with a straight-through grad)
             offset = offset + (offset.round() - offset).detach()
         return _QuantDequant.apply(x, scale, offset, num_steps)
+    if torch.compiler.is_compiling():  # one graph, no .item() or in-place writes: the compiler fuses the passes
+        return torch.clamp(torch.round(x / scale), offset, offset + num_steps) * scale
     if x.is_cuda and fused_cuda.can_fuse(x, scale):
         return fused_cuda.quantize_dequantize_fused(x, scale, offset, num_steps, inplace)
     out = x.div_(scale) if inplace else torch.div(x, scale)
