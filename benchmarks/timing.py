@@ -11,10 +11,11 @@ import torch
 
 
 def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int = 5,
-                        warmup: int = 1) -> dict[str, float]:
-    """Median wall time (s) of each function, running them round-robin ``repeats`` times after warmup."""
+                        warmup: int = 1, grad: bool = False) -> dict[str, float]:
+    """Median wall time (s) of each function, running them round-robin ``repeats`` times after warmup
+    (without autograd unless ``grad``: training steps)."""
     times: dict[str, list[float]] = {name: [] for name in functions}
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for _ in range(warmup):
             for function in functions.values():
                 function()

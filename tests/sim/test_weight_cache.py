@@ -42,7 +42,7 @@ def test_frozen_is_bit_identical_and_quantizes_no_weight_per_forward(digits):
         expected = run(sim, images)
         calls = []
         for quantizer in sim.quantizers(role="param").values():
-            quantizer.register_forward_hook(lambda q, *_: calls.append(q.name))
+            quantizer.register_forward_hook(lambda q, *_, calls=calls: calls.append(q.name))
         sim.freeze_weights()
         assert sim.weights_frozen
         assert len(calls) == len(sim.quantizers(role="param"))  # each weight quantized once, here

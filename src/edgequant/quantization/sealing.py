@@ -66,13 +66,17 @@ class Sealable(nn.Module):
             self.__dict__["_sealed"] = sealed  # the same tensors and values, with their messages
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            sealed = self.__dict__.get("_sealed")
-            if sealed and name in sealed:
-                raise SealedTensorError(sealed[name][3]) from None
-            raise
+        """nn.Module's lookup of parameters, buffers and submodules (which this replaces, so that an attribute
+        costs one Python frame as before), then the sealed names."""
+        state = self.__dict__
+        for store_name in ("_parameters", "_buffers", "_modules"):
+            store = state.get(store_name)
+            if store is not None and name in store:
+                return store[name]
+        sealed = state.get("_sealed")
+        if sealed and name in sealed:
+            raise SealedTensorError(sealed[name][3])
+        return super().__getattr__(name)  # nn.Module's AttributeError
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         with self._unsealed():  # a state dict holds the values of sealed tensors too

@@ -50,10 +50,10 @@ class QuantizedModule(Sealable):
     _freeze_pending = False
 
     def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003 - same signature as the wrapped module
-        if self.input_quantizers:
+        input_quantizers = self._modules["input_quantizers"]
+        if input_quantizers:
             args = tuple(
-                self.input_quantizers[str(i)](arg) if str(i) in self.input_quantizers else arg
-                for i, arg in enumerate(args)
+                input_quantizers[str(i)](arg) if str(i) in input_quantizers else arg for i, arg in enumerate(args)
             )
         original = self._swap_in_quantized_params()
         try:
@@ -64,14 +64,14 @@ class QuantizedModule(Sealable):
                     del self._parameters[name]  # a sealed name goes back out of reach
                 else:
                     self._parameters[name] = param
-        if not self.output_quantizers:
+        output_quantizers = self._modules["output_quantizers"]
+        if not output_quantizers:
             return output
         if isinstance(output, torch.Tensor):  # the common case, without a pytree round trip per forward
-            return self.output_quantizers["0"](output) if "0" in self.output_quantizers else output
+            return output_quantizers["0"](output) if "0" in output_quantizers else output
         leaves, spec = tree_flatten(output)
         leaves = [
-            self.output_quantizers[str(i)](leaf) if str(i) in self.output_quantizers else leaf
-            for i, leaf in enumerate(leaves)
+            output_quantizers[str(i)](leaf) if str(i) in output_quantizers else leaf for i, leaf in enumerate(leaves)
         ]
         return tree_unflatten(leaves, spec)
 
@@ -83,7 +83,7 @@ class QuantizedModule(Sealable):
         if self._frozen_params:
             self._check_frozen()
         original = {}
-        for name, quantizer in self.param_quantizers.items():
+        for name, quantizer in self._modules["param_quantizers"].items():
             frozen = self._frozen_params.get(name) if self._frozen_params else None
             if frozen is not None:
                 original[name] = None

@@ -31,6 +31,7 @@ from edgequant.sim.capture import (
     record_calls,
     try_trace,
 )
+from edgequant.sim.compile_numerics import use_eager_division_when_compiled
 from edgequant.sim.distributed import synchronize_statistics
 from edgequant.sim.graph import ModelGraph, build_graph
 from edgequant.sim.interception import intercept_functional_ops
@@ -100,6 +101,7 @@ class QuantSim:
         self._notes: list[CoverageNote] = []
         self._supergroup_members: dict[str, str] = {}
         self._prepare()
+        use_eager_division_when_compiled()  # torch.compile(sim.model) stays bit-identical on CUDA
 
     # -- preparation -----------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -269,7 +271,8 @@ class QuantSim:
 
     def graph(self) -> ModelGraph:
         """Who feeds whom in ``sim.model`` (run on the dummy input, quantizers bypassed)."""
-        return build_graph(self.model, self.dummy_input)
+        with self._weights_unfrozen():  # PTQ techniques read the layers' weights through the graph
+            return build_graph(self.model, self.dummy_input)
 
     @property
     def dummy_input(self) -> Any:
