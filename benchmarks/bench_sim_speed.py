@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from collections.abc import Callable
 
@@ -47,6 +48,7 @@ def calibrated_sim(model: nn.Module, batch: torch.Tensor) -> QuantSim:
 
 
 COMPILE_MODE = "default"  # --compile-mode: "reduce-overhead" adds CUDA graphs on a GPU
+STATISTIC = statistics.median  # --statistic min: on a loaded machine, interference only ever adds time
 
 
 def maybe_compile(module: nn.Module, compiled: bool) -> Callable:
@@ -70,7 +72,7 @@ def forward_ratios(model: nn.Module, batch: torch.Tensor, compiled: bool, repeat
                "sim frozen": maybe_compile(frozen.model, compiled)}
     functions = {name: (lambda r=runner: r(batch)) for name, runner in runners.items()}
     warmup_s = warm(functions, grad=False)
-    medians = interleaved_medians(functions, repeats=repeats, warmup=0)
+    medians = interleaved_medians(functions, repeats=repeats, warmup=0, statistic=STATISTIC)
     return {**medians, "warmup_s": warmup_s}
 
 
@@ -98,7 +100,7 @@ def train_ratios(model: nn.Module, batch: torch.Tensor, compiled: bool, repeats:
         module.train()
         functions[name] = train_step(module, maybe_compile(module, compiled), batch, labels)
     warmup_s = warm(functions, grad=True)
-    medians = interleaved_medians(functions, repeats=repeats, warmup=0, grad=True)
+    medians = interleaved_medians(functions, repeats=repeats, warmup=0, grad=True, statistic=STATISTIC)
     return {**medians, "warmup_s": warmup_s}
 
 
@@ -121,17 +123,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", choices=["eager", "compiled", "both"], default="both")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
+    parser.add_argument("--statistic", choices=["median", "min"], default="median")
     parser.add_argument("--parts", nargs="+", choices=["forward", "train"], default=["forward", "train"])
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2", "efficientnet_lite0"])
     args = parser.parse_args()
-    global COMPILE_MODE  # noqa: PLW0603 - one setting for every compiled function of the run
-    COMPILE_MODE = args.compile_mode
+    global COMPILE_MODE, STATISTIC  # noqa: PLW0603 - one setting for every measurement of the run
+    COMPILE_MODE, STATISTIC = args.compile_mode, {"median": statistics.median, "min": min}[args.statistic]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     batch = torch.randn(args.batch_size, 3, 224, 224, device=args.device)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"batch {args.batch_size}x3x224x224 on {args.device} ({device_name}), {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}, torch {torch.__version__}, compile mode {args.compile_mode}", flush=True)
+          f"{args.statistic} of {args.repeats}, torch {torch.__version__}, compile mode {args.compile_mode}",
+          flush=True)
     settings = {"eager": [False], "compiled": [True], "both": [False, True]}[args.compile]
     for model_name in args.models:
         model = build_model(model_name)
