@@ -167,3 +167,33 @@ def test_copied_sim_model_still_quantizes_its_inputs():
         assert torch.equal(copied(images), sim.model(images))
         with sim.quantizers_enabled(False, sim.quantizers(role="model_input").values()):
             assert not torch.equal(sim.model(images), copied(images))
+
+
+class DataDependentRoot(nn.Module):
+    """fx cannot trace this root (a branch on a tensor value), so its inputs are quantized by a subclass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.sum() > 0:
+            y = y * 2
+        return self.fc(y.mean((2, 3)))
+
+
+def test_untraced_root_quantizes_its_inputs_in_its_forward():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    sim = eq.QuantSim(DataDependentRoot().eval(), x)
+    sim.calibrate([x], progress=False)
+    quantizer = sim.quantizer("model_input_quantizers.0")
+    seen = []
+    quantizer.register_forward_hook(lambda _module, inputs, output: seen.append((inputs[0], output)))
+    with torch.no_grad():
+        output = sim.model(x)
+        assert torch.equal(copy.deepcopy(sim.model)(x), output)
+    assert len(seen) == 2 and torch.equal(seen[0][0], x) and not torch.equal(seen[0][1], x)
+    assert not sim.model._forward_pre_hooks  # noqa: SLF001 - no hook: the forward does it
