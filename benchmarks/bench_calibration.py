@@ -30,10 +30,10 @@ from edgequant.quantization import QUANT_SCHEMES
 MEMORY_SCHEMES = ("minmax", "sqnr", "percentile")
 
 
-def time_calibration(model_name: str, batch_size: int, num_batches: int, repeats: int) -> None:
+def time_calibration(model_name: str, batch_size: int, num_batches: int, repeats: int, device: str = "cpu") -> None:
     torch.manual_seed(0)
-    model = getattr(torchvision.models, model_name)(weights=None).eval()
-    batches = [torch.randn(batch_size, 3, 224, 224) for _ in range(num_batches)]
+    model = getattr(torchvision.models, model_name)(weights=None).eval().to(device)
+    batches = [torch.randn(batch_size, 3, 224, 224, device=device) for _ in range(num_batches)]
     forward_s = interleaved_medians({"fp32": lambda: model(batches[0])}, repeats=repeats)["fp32"]
     print(f"{model_name}, batch {batch_size}x3x224x224, {num_batches} batches, FP32 forward {forward_s * 1e3:.0f} ms")
     for scheme in QUANT_SCHEMES:
@@ -45,10 +45,14 @@ def time_calibration(model_name: str, batch_size: int, num_batches: int, repeats
             started = time.perf_counter()
             for batch in batches:
                 sim_model(batch)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
             observed_s = time.perf_counter() - started
 
         started = time.perf_counter()
         sim.compute_encodings(run)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         total_s = time.perf_counter() - started
         per_batch = total_s / num_batches
         print(f"  {scheme:<11} {per_batch * 1e3:6.0f} ms/batch = {per_batch / forward_s:.2f}x FP32 forward "
@@ -95,6 +99,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--part", choices=("time", "memory", "all"), default="all")
     parser.add_argument("--memory-child", nargs=2, metavar=("SCHEME", "BATCHES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -104,7 +109,7 @@ def main() -> None:
         return
     if args.part in ("time", "all"):
         with torch.no_grad():
-            time_calibration(args.model, args.batch_size, args.batches, args.repeats)
+            time_calibration(args.model, args.batch_size, args.batches, args.repeats, args.device)
     if args.part in ("memory", "all"):
         measure_memory()
 

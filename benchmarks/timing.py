@@ -11,10 +11,12 @@ import torch
 
 
 def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int = 5,
-                        warmup: int = 1) -> dict[str, float]:
-    """Median wall time (s) of each function, running them round-robin ``repeats`` times after warmup."""
+                        warmup: int = 1, grad: bool = False,
+                        statistic: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
+    """Median (or ``statistic``: ``min`` on a machine whose load only ever adds time) wall time (s) of each
+    function, running them round-robin ``repeats`` times after warmup (without autograd unless ``grad``)."""
     times: dict[str, list[float]] = {name: [] for name in functions}
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for _ in range(warmup):
             for function in functions.values():
                 function()
@@ -25,7 +27,7 @@ def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int
                 function()
                 _synchronize()
                 times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: statistic(values) for name, values in times.items()}
 
 
 def _synchronize() -> None:

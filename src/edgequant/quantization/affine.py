@@ -82,6 +82,8 @@ def quantize_dequantize(
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or offset.requires_grad)
     if needs_grad:
         return _QuantDequant.apply(x, scale, offset, num_steps)
+    if torch.compiler.is_compiling():  # one graph, no .item() or in-place writes: the compiler fuses the passes
+        return torch.clamp(torch.round(x / scale), offset, offset + num_steps) * scale
     if x.is_cuda and fused_cuda.can_fuse(x, scale):
         return fused_cuda.quantize_dequantize_fused(x, scale, offset, num_steps, inplace)
     out = x.div_(scale) if inplace else torch.div(x, scale)

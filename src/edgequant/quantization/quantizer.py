@@ -25,6 +25,7 @@ from torch import nn
 from edgequant.quantization.affine import quantize_dequantize
 from edgequant.quantization.analyzers import CalibrationError, EncodingAnalyzer, make_analyzer
 from edgequant.quantization.encoding import Encoding, broadcast_shape, check_bitwidth
+from edgequant.quantization.sealing import Sealable
 
 ROLES = ("model_input", "input", "param", "output")
 """What a quantizer quantizes: a model input, a layer's input, a layer's parameter, or a layer's output."""
@@ -33,7 +34,7 @@ _GROUP_OF_ROLE = {"model_input": "model_input_quantizers", "input": "input_quant
                   "param": "param_quantizers", "output": "output_quantizers"}
 
 
-class Quantizer(nn.Module):
+class Quantizer(Sealable):
     def __init__(
         self,
         bitwidth: int = 8,
@@ -195,7 +196,7 @@ class Quantizer(nn.Module):
                 f"quantizer '{self.name}' has no encoding: call sim.compute_encodings(...) or sim.calibrate(...) "
                 "first, or disable it."
             )
-        inplace = self.reuse_input_memory and not torch.is_grad_enabled() and (
+        inplace = self.reuse_input_memory and not torch.compiler.is_compiling() and not torch.is_grad_enabled() and (
             torch.is_inference_mode_enabled() or not x.is_inference()
         )
         if self.axis is None:

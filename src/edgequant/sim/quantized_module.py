@@ -13,53 +13,150 @@ Only tensors the hardware config quantizes get an entry.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from edgequant.quantization import Quantizer
+from edgequant.quantization.sealing import Sealable
 from edgequant.sim.ops import function_name
 
 
-class QuantizedModule(nn.Module):
+class FrozenParam(NamedTuple):
+    """A parameter's fake-quantized value, folded in by `QuantizedModule.freeze_quantized_params`."""
+
+    quantized: torch.Tensor
+    bitwidth: int
+    axis: int | None
+
+
+class FrozenWeightsError(RuntimeError):
+    """A frozen sim was asked to train (frozen weights are for evaluation)."""
+
+
+_UNFREEZE_HINT = "call sim.unfreeze_weights() first (or leave the `with sim.frozen_weights():` block)"
+
+
+class QuantizedModule(Sealable):
     """Mixin placed before the original class; see the module docstring."""
 
     input_quantizers: nn.ModuleDict
     param_quantizers: nn.ModuleDict
     output_quantizers: nn.ModuleDict
     onnx_op_type: str
+    _frozen_params: dict[str, FrozenParam] | None = None  # set while frozen
+    _freeze_pending = False
 
     def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003 - same signature as the wrapped module
-        if self.input_quantizers:
+        input_quantizers = self._modules["input_quantizers"]
+        if input_quantizers:
             args = tuple(
-                self.input_quantizers[str(i)](arg) if str(i) in self.input_quantizers else arg
-                for i, arg in enumerate(args)
+                input_quantizers[str(i)](arg) if str(i) in input_quantizers else arg for i, arg in enumerate(args)
             )
         original = self._swap_in_quantized_params()
         try:
             output = super().forward(*args, **kwargs)
         finally:
-            self._parameters.update(original)
-        if not self.output_quantizers:
+            for name, param in original.items():
+                if param is None:
+                    del self._parameters[name]  # a sealed name goes back out of reach
+                else:
+                    self._parameters[name] = param
+        output_quantizers = self._modules["output_quantizers"]
+        if not output_quantizers:
             return output
         if isinstance(output, torch.Tensor):  # the common case, without a pytree round trip per forward
-            return self.output_quantizers["0"](output) if "0" in self.output_quantizers else output
+            return output_quantizers["0"](output) if "0" in output_quantizers else output
         leaves, spec = tree_flatten(output)
         leaves = [
-            self.output_quantizers[str(i)](leaf) if str(i) in self.output_quantizers else leaf
-            for i, leaf in enumerate(leaves)
+            output_quantizers[str(i)](leaf) if str(i) in output_quantizers else leaf for i, leaf in enumerate(leaves)
         ]
         return tree_unflatten(leaves, spec)
 
-    def _swap_in_quantized_params(self) -> dict[str, nn.Parameter]:
-        """Replace parameters by their fake-quantized values for one forward; returns the originals."""
+    def _swap_in_quantized_params(self) -> dict[str, nn.Parameter | None]:
+        """Put the fake-quantized parameters in place for one forward; returns what to put back after it
+        (None: a frozen parameter, to be taken out of reach again)."""
+        if self._freeze_pending:
+            self.freeze_quantized_params()
+        if self._frozen_params:
+            self._check_frozen()
         original = {}
-        for name, quantizer in self.param_quantizers.items():
-            param = self._parameters[name]
-            if quantizer.enabled and not quantizer.calibrating:
-                original[name] = param
-                self._parameters[name] = quantizer(param)
+        for name, quantizer in self._modules["param_quantizers"].items():
+            frozen = self._frozen_params.get(name) if self._frozen_params else None
+            if frozen is not None:
+                original[name] = None
+                quantizing = quantizer.enabled and not quantizer.calibrating
+                self._parameters[name] = frozen.quantized if quantizing else self.sealed_data(name)
+            elif quantizer.enabled and not quantizer.calibrating:
+                original[name] = self._parameters[name]
+                self._parameters[name] = quantizer(original[name])
         return original
+
+    def _check_frozen(self) -> None:
+        if torch.is_grad_enabled():
+            raise FrozenWeightsError(
+                f"{type(self).__name__}: the sim's weights are frozen for evaluation (sim.freeze_weights()); run it "
+                f"under torch.no_grad(), or to train {_UNFREEZE_HINT}"
+            )
+        for name, frozen in self._frozen_params.items():
+            quantizer = self.param_quantizers[name]
+            if (quantizer.bitwidth, quantizer.axis) != (frozen.bitwidth, frozen.axis):
+                self.thaw_quantized_params()  # the grid changed: fold the weights in again on it
+                self.freeze_quantized_params()
+                return
+
+    def freeze_quantized_params(self) -> None:
+        """Fold the fake-quantized values of this layer's quantized parameters in (evaluation only); the float
+        parameters and their encodings are sealed until `thaw_quantized_params`."""
+        self._freeze_pending = False
+        if self._frozen_params:
+            return
+        frozen = {}
+        with torch.no_grad():
+            for name, quantizer in self.param_quantizers.items():
+                param = self._parameters.get(name)
+                if param is None or not quantizer.enabled or quantizer.calibrating or quantizer.scale is None:
+                    continue  # stays live: quantized (or refused) per forward as before
+                frozen[name] = FrozenParam(quantizer(param), quantizer.bitwidth, quantizer.axis)
+        for name in frozen:
+            quantizer = self.param_quantizers[name]
+            message = (f"the encoding of '{quantizer.name}' is sealed while the sim's weights are frozen "
+                       f"(sim.freeze_weights()); {_UNFREEZE_HINT} to read or change it")
+            quantizer.seal_tensors(["scale", "offset"], message)
+        message = ("'{}.{}' is sealed while the sim's weights are frozen (sim.freeze_weights() folded the "
+                   f"fake-quantized weights in for evaluation); {_UNFREEZE_HINT} to read or change weights")
+        for name in frozen:
+            self.seal_tensors([name], message.format(self.param_quantizers[name].owner, name))
+        self._frozen_params = frozen or None
+
+    def thaw_quantized_params(self) -> None:
+        """Undo `freeze_quantized_params`: the float parameters and encodings are back, quantized per forward."""
+        for name in self._frozen_params or ():
+            self.param_quantizers[name].unseal_tensors()
+        self.unseal_tensors()
+        self._frozen_params = None
+        self._freeze_pending = False
+
+    @property
+    def params_frozen(self) -> bool:
+        """Frozen now, or to be frozen again at the next forward (after a load or a device move)."""
+        return bool(self._frozen_params) or self._freeze_pending
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Loading writes the float parameters and encodings: thaw, and fold in again at the next forward."""
+        if self._frozen_params:
+            self.thaw_quantized_params()
+            self._freeze_pending = True
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:  # .to(), .half(), .cuda() ...
+        """Device and dtype moves apply to the float parameters and encodings: thaw, refreeze at the next forward."""
+        if self._frozen_params:
+            self.thaw_quantized_params()
+            self._freeze_pending = True
+        return super()._apply(fn, recurse)
 
     def quantizers(self) -> dict[str, Quantizer]:
         """This module's quantizers by local name (``input_quantizers.0``, ``param_quantizers.weight``...)."""

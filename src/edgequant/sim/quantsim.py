@@ -31,10 +31,12 @@ from edgequant.sim.capture import (
     record_calls,
     try_trace,
 )
+from edgequant.sim.compile_numerics import use_eager_division_when_compiled
 from edgequant.sim.distributed import synchronize_statistics
 from edgequant.sim.emulation import EmulationPlan, RuntimeModel, install, plan_emulation, runtime_model, uninstall
 from edgequant.sim.graph import ModelGraph, build_graph
 from edgequant.sim.interception import intercept_functional_ops
+from edgequant.sim.model_inputs import quantize_model_inputs
 from edgequant.sim.modes import quantizers_enabled
 from edgequant.sim.ops import function_name, is_custom_module, is_pass_through, module_op_type, weight_output_axis
 from edgequant.sim.quantized_module import QuantizedModule, make_quantized
@@ -54,14 +56,6 @@ class CoverageEntry:
     quantizer: str | None
     reason: str
     category: str  # "quantized", "by design" (the hardware keeps it so too) or "left in float" (a gap)
-
-
-def _quantize_model_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook of the root: quantize the model's float inputs (config ``model_input``)."""
-    quantizers = module.model_input_quantizers
-    args = tuple(quantizers[str(i)](a) if str(i) in quantizers else a for i, a in enumerate(args))
-    kwargs = {k: quantizers[k](v) if k in quantizers else v for k, v in kwargs.items()}
-    return args, kwargs
 
 
 def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -109,6 +103,7 @@ class QuantSim:
         self._supergroup_members: dict[str, str] = {}
         self._emulation: EmulationPlan | None = None
         self._prepare()
+        use_eager_division_when_compiled()  # torch.compile(sim.model) stays bit-identical on CUDA
 
     # -- preparation -----------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -258,8 +253,7 @@ class QuantSim:
         if quantizers and isinstance(self.model, nn.Sequential):  # a child would join the Sequential's pipeline
             self._notes.append(CoverageNote("<model input>", "input", "untraceable nn.Sequential root: not quantized"))
         elif quantizers:
-            self.model.model_input_quantizers = quantizers
-            self.model.register_forward_pre_hook(_quantize_model_inputs, with_kwargs=True)
+            quantize_model_inputs(self.model, quantizers)
 
     # -- inspection ------------------------------------------------------------------------------------
     def quantizers(self, role: str | Iterable[str] | None = None) -> dict[str, Quantizer]:
@@ -279,7 +273,8 @@ class QuantSim:
 
     def graph(self) -> ModelGraph:
         """Who feeds whom in ``sim.model`` (run on the dummy input, quantizers bypassed)."""
-        return build_graph(self.model, self.dummy_input)
+        with self._weights_unfrozen():  # PTQ techniques read the layers' weights through the graph
+            return build_graph(self.model, self.dummy_input)
 
     @property
     def dummy_input(self) -> Any:
@@ -339,6 +334,11 @@ class QuantSim:
         ``with sim.calibrating(): my_loop(sim.model)`` — the model runs in float (quantizers only observe)
         and without gradients. Frozen encodings are kept. In an initialised ``torch.distributed`` process
         group the statistics of all ranks are merged, so every rank ends with the same encodings."""
+        with self._weights_unfrozen(), self._observing():  # calibration runs the float weights
+            yield
+
+    @contextmanager
+    def _observing(self) -> Iterator[None]:
         activation_quantizers = [q for q in self.quantizers(role=("model_input", "input", "output")).values()
                                  if not q.frozen]
         observing = [q for q in self.quantizers().values() if not q.frozen]
@@ -353,7 +353,7 @@ class QuantSim:
             for quantizer in observing:
                 quantizer.calibrating = False
         synchronize_statistics(activation_quantizers)
-        self.compute_param_encodings()
+        self._compute_param_encodings()
         failures = []
         for quantizer in activation_quantizers:
             try:
@@ -364,7 +364,7 @@ class QuantSim:
                 warnings.warn(
                     f"quantizer '{quantizer.name}' ignored {quantizer.analyzer.num_nonfinite} non-finite values "
                     "(NaN/inf) during calibration",
-                    stacklevel=3,
+                    stacklevel=5,  # the user's `with sim.calibrating()` line
                 )
         if failures:
             raise CalibrationError("calibration failed for:\n  " + "\n  ".join(failures))
@@ -389,6 +389,10 @@ class QuantSim:
 
     def compute_param_encodings(self) -> None:
         """(Re)compute the encodings of all non-frozen parameter quantizers from the current weights."""
+        with self._weights_unfrozen():
+            self._compute_param_encodings()
+
+    def _compute_param_encodings(self) -> None:
         for quantizer in self.quantizers(role="param").values():
             if quantizer.frozen:
                 continue
@@ -443,7 +447,8 @@ class QuantSim:
 
     def set_encoding(self, quantizer_name: str, encoding: Encoding, freeze: bool = True) -> None:
         quantizer = self.quantizer(quantizer_name)
-        quantizer.set_encoding(encoding)
+        with self._weights_unfrozen():
+            quantizer.set_encoding(encoding)
         quantizer.frozen = freeze
 
     def quantizer(self, name: str) -> Quantizer:
@@ -453,6 +458,49 @@ class QuantSim:
             close = [n for n in quantizers if name.split(".")[0] in n][:5]
             raise KeyError(f"no quantizer named {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
         return quantizers[name]
+
+    # -- frozen weights ----------------------------------------------------------------------------------
+    def freeze_weights(self) -> None:
+        """Fold the fake-quantized weights into the layers, as deployment does, so that evaluation quantizes no
+        weight per forward (and ``torch.compile`` sees plain tensors). Evaluation only: run under
+        ``torch.no_grad()``. Undo with `unfreeze_weights` (or use ``with sim.frozen_weights():``).
+
+        The folded values cannot go stale: until unfrozen, the float weights and their encodings are sealed, so
+        reading or writing them through the model (``.data`` edits and PTQ techniques included) raises
+        `SealedTensorError` naming the way out; a disabled or calibrating quantizer runs its float weight;
+        ``load_state_dict``, ``.to()`` and a changed bitwidth fold in again at the next forward; this sim's own
+        methods that change weights or encodings unfreeze around themselves. State dicts hold the float weights."""
+        for module in self.quantized_modules().values():
+            module.freeze_quantized_params()
+
+    def unfreeze_weights(self) -> None:
+        """Put the float weights back (quantized per forward, trainable)."""
+        for module in self.quantized_modules().values():
+            module.thaw_quantized_params()
+
+    @property
+    def weights_frozen(self) -> bool:
+        return any(module.params_frozen for module in self.quantized_modules().values())
+
+    @contextmanager
+    def frozen_weights(self) -> Iterator[None]:
+        """``with sim.frozen_weights(): evaluate(sim.model)`` — `freeze_weights` inside the block only."""
+        self.freeze_weights()
+        try:
+            yield
+        finally:
+            self.unfreeze_weights()
+
+    @contextmanager
+    def _weights_unfrozen(self) -> Iterator[None]:
+        """For methods that read the float weights or write weights or encodings: fold in again after them."""
+        was_frozen = self.weights_frozen
+        self.unfreeze_weights()
+        try:
+            yield
+        finally:
+            if was_frozen:
+                self.freeze_weights()
 
     # -- persistence -----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -495,7 +543,7 @@ class QuantSim:
                 f"{path} was saved from a different model: quantizers missing in the file: {sorted(missing)[:5]}, "
                 f"unknown to this sim: {sorted(unexpected)[:5]}"
             )
-        result = self.model.load_state_dict(state_dict, strict=False)
+        result = self.model.load_state_dict(state_dict, strict=False)  # frozen weights fold in again after it
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(
                 f"{path} does not fit this model: missing {result.missing_keys[:5]}, "
@@ -525,11 +573,13 @@ class QuantSim:
     # -- services of higher layers (registered by edgequant.export) -------------------------------------
     def export(self, out_dir: str | Path, dummy_input: Any = None, name: str = "model", **options: Any) -> Any:
         """Write the float ONNX model, AIMET encodings and the QDQ model; see `edgequant.export.export_onnx`."""
-        return service("export", "edgequant.export")(self, out_dir, dummy_input, name, **options)
+        with self._weights_unfrozen():
+            return service("export", "edgequant.export")(self, out_dir, dummy_input, name, **options)
 
     def load_encodings(self, path: str | Path, **options: Any) -> Any:
         """Load an AIMET encodings file (0.6.1/1.0.0/2.0.0); see `edgequant.export.load_encodings`."""
-        return service("load_encodings", "edgequant.export")(self, path, **options)
+        with self._weights_unfrozen():
+            return service("load_encodings", "edgequant.export")(self, path, **options)
 
 
 def _roles(role: str | Iterable[str] | None) -> tuple[str, ...]:
