@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from edgequant.quantization import Quantizer
 from edgequant.sim.batches import split_model_input
 from edgequant.sim.capture import is_leaf, record_calls, try_trace
 from edgequant.sim.modes import quantizers_disabled, training_mode
@@ -178,6 +179,8 @@ def _add_traced(
             num_placeholders += 1
         elif node.op == "get_attr":
             env[node] = graph.add(GraphNode(f"{prefix}{node.target}", "source"))
+        elif node.op == "call_module" and isinstance(traced.get_submodule(node.target), Quantizer) and producers:
+            env[node] = producers[0]  # a model-input quantizer in the graph: the same tensor, on its grid
         elif node.op == "call_module":
             env[node] = graph.add(
                 GraphNode(f"{prefix}{node.target}", "module", traced.get_submodule(node.target), inputs=producers)
