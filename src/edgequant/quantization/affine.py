@@ -34,7 +34,7 @@ class _QuantDequant(torch.autograd.Function):
         learns_range = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         scaled = x / scale
         rounded = scaled.round() if learns_range else scaled.round_()
-        if offset.dim() == 0 and offset.device.type == "cpu":
+        if offset.dim() == 0 and offset.device.type == "cpu" and not torch.compiler.is_compiling():
             low = offset.item()  # scalar bounds are faster than tensor bounds on CPU; no GPU sync here
             clamped = torch.clamp(rounded, low, low + num_steps)
         else:

@@ -441,6 +441,8 @@ class _GraphIndex:
                 return quantizer if quantizer is not None and quantizer.enabled else None
             if node.op == "call_module":
                 module = self.module(prefix, node)
+                if isinstance(module, Quantizer):  # a model-input quantizer the sim placed in the graph
+                    return module if module.enabled else None
                 if isinstance(module, fx.GraphModule):
                     prefix = _join(prefix, node.target)
                     node = next(n for n in module.graph.nodes if n.op == "output").args[0]
@@ -577,7 +579,8 @@ def _weight_indices(module: nn.Module, grid: Grid, axis: int = 0) -> torch.Tenso
 def _float_forward(module: nn.Module, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The layer's own (unquantized) forward on integer indices, with integer weights and no bias: keeps what a
     subclass adds around the convolution (e.g. the static "same" padding of EfficientNet's convs)."""
-    layer_class = next(c for c in type(module).__mro__[1:] if not issubclass(c, QuantizedModule))
+    layer_class = next(c for c in type(module).__mro__[1:]
+                       if "forward" in vars(c) and not issubclass(c, QuantizedModule))
     saved = dict(module._parameters)
     module._parameters["weight"] = weights
     if "bias" in saved:
