@@ -7,31 +7,32 @@ from pathlib import Path
 import click
 import torch
 
-from edgequant.cli.data import data_options, device_option, digits_job, quiet_option, resolve_data, resolve_device
+from edgequant.cli.data import (
+    bitwidth_options,
+    data_options,
+    demo_model_option,
+    device_option,
+    digits_job,
+    quiet_option,
+    resolve_data,
+    resolve_device,
+)
 from edgequant.cli.errors import debug_option
 from edgequant.cli.inputs import load_model, load_object
-from edgequant.config import HardwareConfig
 from edgequant.quantization import QUANT_SCHEMES
 
 RANKED_LINES = 5
 
 
 @click.command()
-@click.option("--model", "-m", "model_spec", metavar="SPEC",
-              help="'package.module:factory', 'file.py:factory', a .pt2 or a TorchScript file; "
-                   "default: the bundled digits CNN with its test-set accuracy as metric.")
+@demo_model_option
 @data_options
 @click.option("--eval", "eval_spec", metavar="SPEC",
               help="'module:function' called as function(model) -> float (higher is better); default: fidelity "
                    "of the model outputs to FP32 on the calibration data.")
-@click.option("--param-bw", type=click.IntRange(2, 16), default=8, show_default=True,
-              help="Bit width of weights and other parameters.")
-@click.option("--output-bw", type=click.IntRange(2, 16), default=8, show_default=True,
-              help="Bit width of activations (layer outputs and model inputs).")
+@bitwidth_options
 @click.option("--scheme", type=click.Choice(QUANT_SCHEMES), default="minmax", show_default=True,
               help="Calibration method (encoding analyzer).")
-@click.option("--config", default="default", show_default=True,
-              help=f"Hardware config: a preset ({', '.join(HardwareConfig.preset_names())}) or a JSON file.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("edgequant_analysis"), show_default=True,
               help="Output folder (analysis.json, report.html, layer_outputs.npz).")

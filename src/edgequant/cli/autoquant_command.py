@@ -7,29 +7,30 @@ from pathlib import Path
 import click
 import torch
 
-from edgequant.cli.data import data_options, device_option, digits_job, quiet_option, resolve_data, resolve_device
+from edgequant.cli.data import (
+    bitwidth_options,
+    data_options,
+    demo_model_option,
+    device_option,
+    digits_job,
+    quiet_option,
+    resolve_data,
+    resolve_device,
+)
 from edgequant.cli.errors import debug_option
 from edgequant.cli.inputs import load_model, load_object
-from edgequant.config import HardwareConfig
 from edgequant.quantization import QUANT_SCHEMES
 from edgequant.workflows.autoquant import DEFAULT_SCHEMES
 
 
 @click.command()
-@click.option("--model", "-m", "model_spec", metavar="SPEC",
-              help="'package.module:factory', 'file.py:factory', a .pt2 or a TorchScript file; "
-                   "default: the bundled digits CNN with its test-set accuracy as metric.")
+@demo_model_option
 @data_options
 @click.option("--eval", "eval_spec", metavar="SPEC",
               help="'module:function' called as function(model) -> float (higher is better); required with --model.")
 @click.option("--allowed-drop", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="Largest acceptable metric drop from FP32 (absolute, in the metric's units).")
-@click.option("--param-bw", type=click.IntRange(2, 16), default=8, show_default=True,
-              help="Bit width of weights and other parameters.")
-@click.option("--output-bw", type=click.IntRange(2, 16), default=8, show_default=True,
-              help="Bit width of activations.")
-@click.option("--config", default="default", show_default=True,
-              help=f"Hardware config: a preset ({', '.join(HardwareConfig.preset_names())}) or a JSON file.")
+@bitwidth_options
 @click.option("--scheme", "schemes", type=click.Choice(QUANT_SCHEMES), multiple=True, default=DEFAULT_SCHEMES,
               show_default=True, help="Calibration scheme to compare (repeat the option for several).")
 @click.option("--adaround-iterations", type=click.IntRange(min=0), default=10000, show_default=True,

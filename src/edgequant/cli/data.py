@@ -157,3 +157,27 @@ def digits_job(batch_size: int) -> tuple:
     test_images, test_labels = load_digits_tensors("test")
     return (load_pretrained("digits_cnn"), train_images[:1], list(train_images.split(batch_size)),
             lambda model: evaluate_accuracy(model, test_images, test_labels))
+
+
+demo_model_option = click.option(
+    "--model", "-m", "model_spec", metavar="SPEC",
+    help="'package.module:factory', 'file.py:factory', a .pt2 or a TorchScript file; default: the bundled digits "
+         "CNN with its test-set accuracy as metric.")
+
+
+def bitwidth_options(command: Callable) -> Callable:
+    """--param-bw, --output-bw and --config, as every quantizing command takes them."""
+    from edgequant.config import HardwareConfig
+
+    options = [
+        click.option("--param-bw", type=click.IntRange(2, 16), default=8, show_default=True,
+                     help="Bit width of weights and other parameters."),
+        click.option("--output-bw", type=click.IntRange(2, 16), default=8, show_default=True,
+                     help="Bit width of activations (layer outputs and model inputs)."),
+        click.option("--config", default="default", show_default=True,
+                     help=f"Hardware config: a preset ({', '.join(HardwareConfig.preset_names())}) or a "
+                          "quantsim-config JSON file."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

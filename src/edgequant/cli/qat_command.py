@@ -18,7 +18,9 @@ import torch
 from edgequant import __version__
 from edgequant.cli.data import (
     InputSpec,
+    bitwidth_options,
     data_options,
+    demo_model_option,
     device_option,
     digits_job,
     quiet_option,
@@ -27,26 +29,18 @@ from edgequant.cli.data import (
 )
 from edgequant.cli.errors import debug_option
 from edgequant.cli.inputs import load_model, load_object
-from edgequant.config import HardwareConfig
 from edgequant.quantization import QUANT_SCHEMES
 
 
 @click.command()
-@click.option("--model", "-m", "model_spec", metavar="SPEC",
-              help="'package.module:factory', 'file.py:factory', a .pt2 or a TorchScript file; "
-                   "default: the bundled digits CNN with its test accuracy as metric.")
+@demo_model_option
 @data_options
 @click.option("--eval", "eval_spec", metavar="SPEC",
               help="'module:function' called as function(model) -> float (higher is better), before and after QAT "
                    "and after each epoch (the best epoch is kept).")
-@click.option("--param-bw", type=click.IntRange(2, 16), default=8, show_default=True,
-              help="Bit width of weights and other parameters.")
-@click.option("--output-bw", type=click.IntRange(2, 16), default=8, show_default=True,
-              help="Bit width of activations.")
+@bitwidth_options
 @click.option("--scheme", type=click.Choice(QUANT_SCHEMES), default="minmax", show_default=True,
               help="Calibration method of the initial encodings.")
-@click.option("--config", default="default", show_default=True,
-              help=f"Hardware config: a preset ({', '.join(HardwareConfig.preset_names())}) or a JSON file.")
 @click.option("--mode", type=click.Choice(["regular", "range_learning"]), default="range_learning",
               show_default=True, help="regular: weights train, weight encodings follow them; range_learning: "
                                       "scales/offsets train too (LSQ).")
