@@ -21,12 +21,19 @@ from torch import nn
 from edgequant import __version__
 from edgequant.cli.analyze_command import analyze
 from edgequant.cli.autoquant_command import autoquant
-from edgequant.cli.data import InputSpec, data_options, device_option, quiet_option, resolve_data, resolve_device
+from edgequant.cli.data import (
+    InputSpec,
+    bitwidth_options,
+    data_options,
+    device_option,
+    quiet_option,
+    resolve_data,
+    resolve_device,
+)
 from edgequant.cli.errors import ErrorHandlingGroup, debug_option
 from edgequant.cli.export_commands import export, verify
 from edgequant.cli.inputs import load_model, load_object
 from edgequant.cli.qat_command import qat
-from edgequant.config import HardwareConfig
 from edgequant.ptq import fold_batch_norms
 from edgequant.quantization import QUANT_SCHEMES
 from edgequant.sim import QuantSim
@@ -76,15 +83,9 @@ class Job:
 def _settings_options(command: Callable) -> Callable:
     """Options every quantizing command takes (bit widths, scheme, config, output, verbosity)."""
     options = [
-        click.option("--param-bw", type=click.IntRange(2, 16), default=8, show_default=True,
-                     help="Bit width of weights and other parameters."),
-        click.option("--output-bw", type=click.IntRange(2, 16), default=8, show_default=True,
-                     help="Bit width of activations (layer outputs and model inputs)."),
+        bitwidth_options,
         click.option("--scheme", type=click.Choice(QUANT_SCHEMES), default="minmax", show_default=True,
                      help="Calibration method (encoding analyzer)."),
-        click.option("--config", default="default", show_default=True,
-                     help=f"Hardware config: a preset ({', '.join(HardwareConfig.preset_names())}) or a JSON "
-                          "file in AIMET's quantsim-config format."),
         click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
                      help="Fold BatchNorm into the preceding Conv/Linear first, as deployment toolchains do."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
