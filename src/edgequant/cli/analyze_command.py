@@ -5,20 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 
 from edgequant.cli.data import (
     bitwidth_options,
+    command_job,
     data_options,
     demo_model_option,
     device_option,
-    digits_job,
     quiet_option,
-    resolve_data,
-    resolve_device,
 )
 from edgequant.cli.errors import debug_option
-from edgequant.cli.inputs import load_model, load_object
 from edgequant.quantization import QUANT_SCHEMES
 
 RANKED_LINES = 5
@@ -52,22 +48,10 @@ def analyze(
     """
     from edgequant.analysis import QuantAnalyzer
 
-    target = resolve_device(device)
-    if model_spec is None:
-        if data_spec or eval_spec:
-            raise click.UsageError("--data and --eval need --model (without them, the bundled digits demo runs)")
-        model, dummy, batches, evaluate = digits_job(batch_size or 32)
-    else:
-        if data_spec is None:
-            raise click.UsageError("--model needs --data (calibration batches)")
-        data = resolve_data(data_spec, input_shape, batch_size, None, mean, std)  # --num-batches: analysis only
-        dummy, batches = data.dummy_input, data.batches
-        model = load_model(model_spec, lambda: (dummy,))
-        evaluate = load_object(eval_spec, "evaluation function") if eval_spec else None
-        if evaluate is not None and not callable(evaluate):
-            raise click.UsageError(f"--eval {eval_spec!r} is not callable")
-    model = model.to(target)
-    dummy = dummy.to(target) if isinstance(dummy, torch.Tensor) else dummy
+    # --num-batches limits the analysis only; calibration uses every batch
+    job = command_job(model_spec, data_spec, eval_spec, input_shape, batch_size, None, mean, std, device,
+                      eval_required=False, default_batch_size=32)
+    model, dummy, batches, evaluate = job.model, job.dummy_input, job.batches, job.evaluate
     analyzer = QuantAnalyzer(model, dummy, batches, evaluate, param_bw=param_bw, output_bw=output_bw,
                              quant_scheme=scheme, config=config, progress=not quiet)
     result = analyzer.analyze(out_dir, num_batches=num_batches)

@@ -5,20 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 
 from edgequant.cli.data import (
     bitwidth_options,
+    command_job,
     data_options,
     demo_model_option,
     device_option,
-    digits_job,
     quiet_option,
-    resolve_data,
-    resolve_device,
 )
 from edgequant.cli.errors import debug_option
-from edgequant.cli.inputs import load_model, load_object
 from edgequant.quantization import QUANT_SCHEMES
 from edgequant.workflows.autoquant import DEFAULT_SCHEMES
 
@@ -52,22 +48,9 @@ def autoquant(
     """Find the cheapest PTQ recipe meeting FP32 - allowed drop; writes the best sim and an HTML report."""
     from edgequant.workflows import autoquant as run_autoquant
 
-    target = resolve_device(device)
-    if model_spec is None:
-        if data_spec or eval_spec:
-            raise click.UsageError("--data and --eval need --model (without them, the bundled digits demo runs)")
-        model, dummy, batches, evaluate = digits_job(batch_size or 64)
-    else:
-        if data_spec is None or eval_spec is None:
-            raise click.UsageError("--model needs --data and --eval")
-        data = resolve_data(data_spec, input_shape, batch_size, num_batches, mean, std)
-        dummy, batches = data.dummy_input, list(data.batches)  # every step iterates the data again
-        model = load_model(model_spec, lambda: (dummy,))
-        evaluate = load_object(eval_spec, "evaluation function")
-        if not callable(evaluate):
-            raise click.UsageError(f"--eval {eval_spec!r} is not callable")
-    model = model.to(target)
-    dummy = dummy.to(target) if isinstance(dummy, torch.Tensor) else dummy
+    job = command_job(model_spec, data_spec, eval_spec, input_shape, batch_size, num_batches, mean, std, device,
+                      eval_required=True, default_batch_size=64)
+    model, dummy, batches, evaluate = job.model, job.dummy_input, job.batches, job.evaluate
     result = run_autoquant(
         model, dummy, batches, evaluate, allowed_accuracy_drop=allowed_drop, param_bw=param_bw,
         output_bw=output_bw, config=config, results_dir=out_dir, num_batches=num_batches, schemes=tuple(schemes),

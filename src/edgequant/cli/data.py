@@ -181,3 +181,44 @@ def bitwidth_options(command: Callable) -> Callable:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+@dataclass
+class CommandJob:
+    """A model, its example input, re-iterable batches, an optional metric and the spec they were made with."""
+
+    model: Any
+    dummy_input: Any
+    batches: list
+    evaluate: Callable | None
+    spec: InputSpec
+    model_name: str
+
+
+def command_job(
+    model_spec: str | None, data_spec: str | None, eval_spec: str | None, input_shape: str | None,
+    batch_size: int | None, num_batches: int | None, mean: str | None, std: str | None, device: str,
+    *, eval_required: bool, default_batch_size: int,
+) -> CommandJob:
+    """What autoquant, qat and analyze work on: the user's model and data, or the bundled digits demo."""
+    from edgequant.cli.inputs import load_model, load_object
+    from edgequant.sim.batches import move_to
+
+    target = resolve_device(device)
+    if model_spec is None:
+        if data_spec or eval_spec:
+            raise click.UsageError("--data and --eval need --model (without them, the bundled digits demo runs)")
+        size = batch_size or default_batch_size
+        model, dummy, batches, evaluate = digits_job(size)
+        spec, model_name = InputSpec(shape=[1, 1, 8, 8], batch_size=size), "edgequant.demo.digits:digits_cnn (bundled)"
+    else:
+        if data_spec is None or (eval_required and eval_spec is None):
+            raise click.UsageError("--model needs --data" + (" and --eval" if eval_required else ""))
+        data = resolve_data(data_spec, input_shape, batch_size, num_batches, mean, std)
+        dummy, spec, model_name = data.dummy_input, data.spec, model_spec
+        batches = list(data.batches)  # every step / epoch iterates the data again
+        model = load_model(model_spec, lambda: (dummy,))
+        evaluate = load_object(eval_spec, "evaluation function") if eval_spec else None
+        if evaluate is not None and not callable(evaluate):
+            raise click.UsageError(f"--eval {eval_spec!r} is not callable")
+    return CommandJob(model.to(target), move_to(dummy, target), batches, evaluate, spec, model_name)

@@ -13,22 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from edgequant import __version__
 from edgequant.cli.data import (
-    InputSpec,
     bitwidth_options,
+    command_job,
     data_options,
     demo_model_option,
     device_option,
-    digits_job,
     quiet_option,
-    resolve_data,
-    resolve_device,
 )
 from edgequant.cli.errors import debug_option
-from edgequant.cli.inputs import load_model, load_object
 from edgequant.quantization import QUANT_SCHEMES
 
 
@@ -67,26 +62,10 @@ def qat(
     from edgequant.qat import finalize, finetune, prepare_qat
     from edgequant.sim import QuantSim
 
-    target = resolve_device(device)
-    if model_spec is None:
-        if data_spec or eval_spec:
-            raise click.UsageError("--data and --eval need --model (without them, the bundled digits demo runs)")
-        model, dummy, batches, evaluate = digits_job(batch_size or 64)
-        model_name = "edgequant.demo.digits:digits_cnn (bundled)"
-        spec = InputSpec(shape=[1, 1, 8, 8], batch_size=batch_size or 64)
-    else:
-        if data_spec is None:
-            raise click.UsageError("--model needs --data")
-        data = resolve_data(data_spec, input_shape, batch_size, num_batches, mean, std)
-        dummy, batches, spec = data.dummy_input, data.batches, data.spec
-        batches = batches if hasattr(batches, "__len__") else list(batches)  # every epoch iterates them again
-        model = load_model(model_spec, lambda: (dummy,))
-        evaluate = load_object(eval_spec, "evaluation function") if eval_spec else None
-        if evaluate is not None and not callable(evaluate):
-            raise click.UsageError(f"--eval {eval_spec!r} is not callable")
-        model_name = model_spec
-    model = model.to(target)
-    dummy = dummy.to(target) if isinstance(dummy, torch.Tensor) else dummy
+    job = command_job(model_spec, data_spec, eval_spec, input_shape, batch_size, num_batches, mean, std, device,
+                      eval_required=False, default_batch_size=64)
+    model, dummy, batches, evaluate, spec, model_name = (job.model, job.dummy_input, job.batches, job.evaluate,
+                                                         job.spec, job.model_name)
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
