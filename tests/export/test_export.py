@@ -16,11 +16,16 @@ from onnx import TensorProto
 
 import edgequant as eq
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
-from edgequant.export import export_onnx, quantize_bias_int32
+from edgequant.export import export_onnx, quantize_bias_int32, runtime_cpu
 
 
 def _run_qdq(path: Path, feed: dict[str, torch.Tensor]) -> list[np.ndarray]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    """ONNX Runtime's integer execution, with int8 weights as the same uint8 + 128 where this CPU's u8×s8
+    kernels saturate (see `edgequant.export.runtime_cpu`)."""
+    model = onnx.load(path)
+    if runtime_cpu.u8s8_saturates():
+        model, _ = runtime_cpu.with_unsigned_weights(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {name: value.numpy() for name, value in feed.items()})
 
 
@@ -50,7 +55,10 @@ def test_digits_export_matches_sim_and_covers_every_quantizer(tmp_path: Path) ->
     assert len(dequantize) >= num_quantizers and len(names) >= num_quantizers
     (output,) = _run_qdq(result.qdq_model, {"input": images[:200]})
     with torch.no_grad():
-        assert np.array_equal(output, sim.model(images[:200]).numpy())
+        expected = sim.model(images[:200]).numpy()
+    lsbs = np.abs(output - expected) / float(sim.quantizer("fc.output_quantizers.0").encoding.scale)
+    # ORT requantizes with a float32 multiplier where the sim divides: ties may land one step apart
+    assert lsbs.max() <= 1.001 and (output == expected).mean() >= 0.995
 
 
 def test_resnet18_per_channel_weights_and_int32_bias(tmp_path: Path) -> None:

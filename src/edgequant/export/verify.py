@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from edgequant.export.qdq import QDQ_METADATA_KEY
+from edgequant.export.runtime_cpu import u8s8_saturates, with_unsigned_weights
 
 if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim
@@ -102,6 +103,8 @@ class ParityReport:
     tensors: list[TensorParity] = field(default_factory=list)
     integer_kernels: dict[str, int] = field(default_factory=dict)
     float_kernels: dict[str, int] = field(default_factory=dict)
+    unsigned_weights: int = 0
+    """int8 weights run as the identical uint8 + 128 (see `edgequant.export.runtime_cpu`); 0 when run as exported."""
 
     @property
     def first_divergence(self) -> TensorParity | None:
@@ -138,6 +141,9 @@ class ParityReport:
         lines.append(f"  integer kernels: {kernels}")
         if self.float_kernels:
             lines.append("  float ops left: " + ", ".join(f"{op}×{n}" for op, n in sorted(self.float_kernels.items())))
+        if self.unsigned_weights:
+            lines.append(f"  this CPU has no VNNI: ORT's u8×s8 kernels saturate int16 pair sums, so its "
+                         f"{self.unsigned_weights} int8 weight tensors ran as the same uint8 + 128 (exact kernels)")
         for out in self.outputs:
             top1 = f", top-1 agreement {out.top1_agreement:.2%}" if out.top1_agreement is not None else ""
             histogram = ", ".join(f"{d:g}: {n}" for d, n in sorted(out.lsb_histogram.items()))
@@ -250,12 +256,20 @@ def verify(
     batch_size: int = 32,
     intermediate: bool = True,
     progress: bool = True,
+    unsigned_weights: bool | None = None,
 ) -> ParityReport:
     """Compare ONNX Runtime's integer execution of ``{name}_qdq.onnx`` with ``sim`` (or, if None, with the QDQ
     graph run in float) on ``data``: a tensor of samples, or an iterable of batches (tensors, tuples whose leading
-    items are the inputs, dicts of named inputs)."""
+    items are the inputs, dicts of named inputs).
+
+    ``unsigned_weights`` runs int8 weights as the identical uint8 + 128, which ORT's exact kernels execute; by
+    default exactly where this CPU's u8×s8 kernels would saturate (`edgequant.export.runtime_cpu`), so the check
+    measures the simulation rather than the CPU. ``False`` runs the model as exported."""
     path = _qdq_path(export, name)
     model = onnx.load(path)
+    rewritten = 0
+    if u8s8_saturates() if unsigned_weights is None else unsigned_weights:
+        model, rewritten = with_unsigned_weights(model)
     metadata = {p.key: p.value for p in model.metadata_props}
     sites: dict[str, dict] = json.loads(metadata.get(QDQ_METADATA_KEY, "{}"))
     initializers = _initializer_values(model)
@@ -273,6 +287,7 @@ def verify(
     output_names = [o.name for o in runtime.get_outputs()]
     report = ParityReport(_reference_label(sim))
     report.integer_kernels, report.float_kernels = integer_kernels, float_kernels
+    report.unsigned_weights = rewritten
     report.outputs = [OutputParity(n) for n in output_names]
     report.tensors = [TensorParity(sites[t]["tensor"], sites[t]["quantizers"]) for t in tensors]
     captures = _Captures(sim, {q for t in tensors for q in sites[t]["quantizers"][:1]}) if sim is not None else None

@@ -27,7 +27,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> to
 
 class _QuantDequant(torch.autograd.Function):
     """Fake quantization with STE/LSQ gradients. The in-range mask is kept from the forward (one bool per
-    value), so a backward for the input alone is one multiplication."""
+    value), so a backward for the input alone is one multiplication. With range learning the forward allocates
+    three full-size float tensors (``x / s``, its rounding — reused for the scale derivative — and the clamp,
+    which becomes the output) and the backward one (the input gradient): the scale and offset gradients are
+    reductions (a dot product per tensor), not further element-wise products."""
 
     @staticmethod
     def forward(ctx, x, scale, offset, num_steps):  # noqa: ANN001 - autograd signature
@@ -41,23 +44,33 @@ class _QuantDequant(torch.autograd.Function):
             clamped = torch.clamp(rounded, offset, offset + num_steps)
         in_range = rounded == clamped
         if learns_range:  # d(out)/d(scale): round(x/s) - x/s in range, the grid's end where clipped
-            ctx.save_for_backward(in_range, torch.where(in_range, clamped - scaled, clamped), scale, offset)
-            return clamped * scale
-        ctx.save_for_backward(in_range)
+            scale_derivative = torch.addcmul(clamped, scaled, in_range, value=-1, out=rounded)  # one pass
+            ctx.save_for_backward(in_range, scale_derivative, scale, offset)
+        else:
+            ctx.save_for_backward(in_range)
         return clamped.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
         in_range = ctx.saved_tensors[0]
-        grad_x = grad_out * in_range if ctx.needs_input_grad[0] else None
+        learns_range = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grad_in_range = grad_out * in_range if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] else None
         grad_scale = grad_offset = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if learns_range:
             _, scale_derivative, scale, offset = ctx.saved_tensors
             if ctx.needs_input_grad[1]:
-                grad_scale = _reduce_to(grad_out * scale_derivative, scale)
+                grad_scale = _sum_of_products(grad_out, scale_derivative, scale)
             if ctx.needs_input_grad[2]:  # clipped values move by `scale` per unit of offset
-                grad_offset = _reduce_to(grad_out.masked_fill(in_range, 0), offset) * scale
-        return grad_x, grad_scale, grad_offset, None
+                clipped = _reduce_to(grad_out, offset) - _reduce_to(grad_in_range, offset)
+                grad_offset = clipped * scale
+        return (grad_in_range if ctx.needs_input_grad[0] else None), grad_scale, grad_offset, None
+
+
+def _sum_of_products(grad: torch.Tensor, derivative: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``sum(grad * derivative)`` reduced to ``like``'s shape; one dot product (no product tensor) per tensor."""
+    if like.numel() == 1 and grad.is_contiguous() and derivative.is_contiguous():
+        return torch.dot(grad.reshape(-1), derivative.reshape(-1)).reshape(like.shape)
+    return _reduce_to(grad * derivative, like)
 
 
 def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
