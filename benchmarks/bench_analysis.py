@@ -7,7 +7,7 @@
   fidelity on the 8 batches); one FP32 evaluation = the FP32 model on those 8 batches.
 * ``effnet``: EfficientNet-Lite0 (ImageNet weights, BN folded first, explicitly) at W8A8 per-tensor, ranked with
   the default metric (output fidelity on the calibration batches: its sweeps start at each layer's cut); the
-  recovery of keeping the top-k (and bottom-k) layers wider (weights 8, activations 16 bit) is measured with
+  recovery of keeping the top-k (and bottom-k) layers at 16 bit (weights and activations) is measured with
   top-1 agreement with FP32 on separate natural-image crops and with the fidelity. Needs the bench extras.
 
 Usage: ``python -m benchmarks.bench_analysis digits|resnet18|effnet [--threads 1]``
@@ -161,7 +161,8 @@ def effnet(crops: int, calibration_crops: int) -> None:
     analyzed = run_analysis(model, calibration[:1], batches, None, fp32_on_batches(model, batches))
     with torch.no_grad():
         fidelity = OutputFidelity([((batch,), {}) for batch in batches], [model(batch) for batch in batches])
-    recovery(model, calibration[:1], batches, {"agreement": agreement, "fidelity": fidelity}, analyzed, 8, (1, 3, 5))
+    recovery(model, calibration[:1], batches, {"agreement": agreement, "fidelity": fidelity}, analyzed, 16,
+             (1, 3, 5, 10))
 
 
 def main() -> None:

@@ -33,8 +33,9 @@ class QuantAnalyzer:
     calibrated on all of ``calibration_data`` (no folding or other transform: do those first, or analyse your
     own sim with `from_sim`); ``model`` itself is never modified. ``eval_fn(model) -> float`` (higher is
     better) is called on ``sim.model`` with quantizers switched on and off; without it the metric is
-    `OutputFidelity` (1 - NMSE of the model outputs vs FP32) on the analysis batches. ``analyzer.sim`` and
-    ``analyzer.metric`` re-measure any figure of the result.
+    `OutputFidelity` (1 - NMSE of the model outputs vs FP32) on the analysis batches, and each per-layer
+    sweep starts at the layer's cut instead of the model input (`cut_sweeps`: same figures, about half the
+    forwards). ``analyzer.sim`` and ``analyzer.metric`` re-measure any figure of the result.
     """
 
     def __init__(
