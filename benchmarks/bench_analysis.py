@@ -67,30 +67,28 @@ def run_analysis(model: nn.Module, dummy: Any, batches: list, eval_fn: Callable 
 def recovery(model: nn.Module, dummy: Any, batches: list, metrics: dict[str, Callable], result: AnalysisResult,
              wide_param_bw: int, ks: tuple[int, ...], **settings: Any) -> None:
     """Each metric of fresh sims with the top-k (and bottom-k) ranked layers' quantizers wider (weights
-    ``wide_param_bw``, activations 16 bit), then calibrated; k = 0 is the plain sim, the gap is FP32's minus it."""
+    ``wide_param_bw``, activations 16 bit), then calibrated; the gap is FP32's metric minus the plain sim's."""
     ranked = [layer for layer in result.ranking() if layer.name != "<model input>"]
+    runs = [("plain", [])] + [(f"{label}-{k}", chosen) for k in ks
+                              for label, chosen in (("top", ranked[:k]), ("bottom", ranked[-k:]))]
     fp32 = {name: metric(model) for name, metric in metrics.items()}
     baseline: dict[str, float] = {}
-    for k in (0, *ks):
-        for label, chosen in (("top", ranked[:k]), ("bottom", ranked[-k:] if k else [])):
-            if k == 0 and label == "bottom":
-                continue
-            sim = QuantSim(model, dummy, **settings)
-            for layer in chosen:
-                for name in layer.quantizers:
-                    quantizer = sim.quantizer(name)
-                    quantizer.bitwidth = wide_param_bw if quantizer.role == "param" else 16
-            sim.calibrate(batches, progress=False)
-            figures = []
-            for name, metric in metrics.items():
-                value = metric(sim.model)
-                baseline.setdefault(name, value)
-                gap = fp32[name] - baseline[name]
-                recovered = (value - baseline[name]) / gap if gap > 0 else float("nan")
-                figures.append(f"{name} {value:.4f}" + (f" ({recovered:.0%} of the gap)" if k else
-                                                         f" (FP32 {fp32[name]:.4f})"))
-            kept = ", ".join(layer.name for layer in chosen) or "none"
-            print(f"  {label}-{k} wider ({kept}): {'; '.join(figures)}")
+    for label, chosen in runs:
+        sim = QuantSim(model, dummy, **settings)
+        for layer in chosen:
+            for name in layer.quantizers:
+                quantizer = sim.quantizer(name)
+                quantizer.bitwidth = wide_param_bw if quantizer.role == "param" else 16
+        sim.calibrate(batches, progress=False)
+        figures = []
+        for name, metric in metrics.items():
+            value = metric(sim.model)
+            baseline.setdefault(name, value)  # the plain sim runs first
+            gap = fp32[name] - baseline[name]
+            recovered = (value - baseline[name]) / gap if gap > 0 else float("nan")
+            figures.append(f"{name} {value:.4f} " + (f"({recovered:.0%} of the gap)" if chosen else
+                                                     f"(FP32 {fp32[name]:.4f})"))
+        print(f"  {label} wider ({', '.join(layer.name for layer in chosen) or 'none'}): {'; '.join(figures)}")
 
 
 def fp32_on_batches(model: nn.Module, batches: list) -> Callable[[], None]:
