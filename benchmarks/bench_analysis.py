@@ -137,7 +137,7 @@ def resnet18(batch_size: int, size: int, full_sweeps: bool) -> None:
     run_analysis(model, batches[0][:1], batches, eval_fn, fp32_eval)
 
 
-def effnet(crops: int, calibration_crops: int) -> None:
+def effnet(crops: int, calibration_crops: int, ks: tuple[int, ...]) -> None:
     from benchmarks.real_models import load_efficientnet_lite0, natural_image_crops
     from edgequant.ptq.batch_norm_fold import fold_batch_norms
 
@@ -159,8 +159,7 @@ def effnet(crops: int, calibration_crops: int) -> None:
     analyzed = run_analysis(model, calibration[:1], batches, None, fp32_on_batches(model, batches))
     with torch.no_grad():
         fidelity = OutputFidelity([((batch,), {}) for batch in batches], [model(batch) for batch in batches])
-    recovery(model, calibration[:1], batches, {"agreement": agreement, "fidelity": fidelity}, analyzed, 16,
-             (1, 3, 5, 10))
+    recovery(model, calibration[:1], batches, {"agreement": agreement, "fidelity": fidelity}, analyzed, 16, ks)
 
 
 def main() -> None:
@@ -168,6 +167,7 @@ def main() -> None:
     parser.add_argument("model", choices=("digits", "resnet18", "effnet"))
     parser.add_argument("--crops", type=int, default=64, help="effnet: evaluation crops")
     parser.add_argument("--calibration-crops", type=int, default=64, help="effnet: calibration crops")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5, 10], help="effnet: top/bottom-k to widen")
     parser.add_argument("--batch-size", type=int, default=4, help="resnet18: calibration batch size")
     parser.add_argument("--size", type=int, default=224, help="resnet18: input height and width")
     parser.add_argument("--full-sweeps", action="store_true",
@@ -180,7 +180,7 @@ def main() -> None:
     elif args.model == "resnet18":
         resnet18(args.batch_size, args.size, args.full_sweeps)
     else:
-        effnet(args.crops, args.calibration_crops)
+        effnet(args.crops, args.calibration_crops, tuple(args.ks))
 
 
 if __name__ == "__main__":
