@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from edgequant.analysis.layer_pass import LayerPassResult, run_layer_pass
 from edgequant.analysis.onnx_names import layer_tensor_names
 from edgequant.analysis.report import write_report
 from edgequant.analysis.result import ActivationRange, AnalysisResult, LayerAnalysis, encoding_dict
-from edgequant.analysis.sweeps import Sweeps
+from edgequant.analysis.sweeps import LayerSensitivity, Sweeps
 from edgequant.analysis.weights import weight_ranges
 from edgequant.config import HardwareConfig
 from edgequant.quantization import Quantizer
@@ -32,8 +33,9 @@ class QuantAnalyzer:
     calibrated on all of ``calibration_data`` (no folding or other transform: do those first, or analyse your
     own sim with `from_sim`); ``model`` itself is never modified. ``eval_fn(model) -> float`` (higher is
     better) is called on ``sim.model`` with quantizers switched on and off; without it the metric is
-    `OutputFidelity` (1 - NMSE of the model outputs vs FP32) on the analysis batches. ``analyzer.sim`` and
-    ``analyzer.metric`` re-measure any figure of the result.
+    `OutputFidelity` (1 - NMSE of the model outputs vs FP32) on the analysis batches, and each per-layer
+    sweep starts at the layer's cut instead of the model input (`cut_sweeps`: same figures, about half the
+    forwards). ``analyzer.sim`` and ``analyzer.metric`` re-measure any figure of the result.
     """
 
     def __init__(
@@ -111,13 +113,18 @@ class QuantAnalyzer:
         clock = time.perf_counter()
         model_inputs = [q for q in activations.values() if q.role == "model_input"]
         sweeps = Sweeps(self.sim, self.metric, 4 + 2 * (len(layers) + bool(model_inputs)), self.progress)
+        ordered = passed.order + [name for name in layers if name not in passed.order]
+        own = {name: [q for q in layers[name].quantizers().values() if q.enabled] for name in ordered}
         try:
-            totals = sweeps.global_metrics()
-            ordered = passed.order + [name for name in layers if name not in passed.order]
-            entries = [self._layer(name, layers[name], sweeps, passed, tensor_names) for name in ordered]
-            model_input = self._model_input(model_inputs, sweeps, passed) if model_inputs else None
+            with self._weights_for_sweeps():
+                totals = sweeps.global_metrics()
+                sensitivities = sweeps.layers(own)
+                input_sensitivity = sweeps.layer(model_inputs) if model_inputs else None
         finally:
             sweeps.close()
+        entries = [self._layer(name, layers[name], own[name], sensitivities[name], passed, tensor_names)
+                   for name in ordered]
+        model_input = self._model_input(model_inputs, input_sensitivity, passed) if input_sensitivity else None
         self.timings["sweeps_s"] = time.perf_counter() - clock
 
         result = AnalysisResult(metric_name, totals.fp32, totals.quantized, totals.weights_only,
@@ -133,10 +140,16 @@ class QuantAnalyzer:
         result.write_json(out_dir / JSON_NAME)
         return result
 
-    def _layer(self, name: str, layer: nn.Module, sweeps: Sweeps, passed: LayerPassResult,
-               tensor_names: dict[str, list[tuple[int, str]]]) -> LayerAnalysis:
-        quantizers = [q for q in layer.quantizers().values() if q.enabled]
-        sensitivity = sweeps.layer(quantizers)
+    def _weights_for_sweeps(self) -> AbstractContextManager:
+        """The default metric runs under ``no_grad`` only: fold the fake-quantized weights in once for the sweeps
+        (`QuantSim.frozen_weights`, the same values) instead of quantizing every weight again in every forward.
+        A user's ``eval_fn`` may need the float weights or gradients: it gets the sim as it is."""
+        if self.eval_fn is not None or self.sim.weights_frozen:
+            return nullcontext()
+        return self.sim.frozen_weights()
+
+    def _layer(self, name: str, layer: nn.Module, quantizers: list[Quantizer], sensitivity: LayerSensitivity,
+               passed: LayerPassResult, tensor_names: dict[str, list[tuple[int, str]]]) -> LayerAnalysis:
         error = passed.errors.get(name)
         return LayerAnalysis(
             name, layer.onnx_op_type, [q.name for q in quantizers], sensitivity.only_this_quantized,
@@ -147,8 +160,8 @@ class QuantAnalyzer:
             {q.name: encoding_dict(q.encoding) for q in quantizers},
         )
 
-    def _model_input(self, quantizers: list[Quantizer], sweeps: Sweeps, passed: LayerPassResult) -> LayerAnalysis:
-        sensitivity = sweeps.layer(quantizers)
+    def _model_input(self, quantizers: list[Quantizer], sensitivity: LayerSensitivity,
+                     passed: LayerPassResult) -> LayerAnalysis:
         return LayerAnalysis(
             MODEL_INPUT, "input", [q.name for q in quantizers], sensitivity.only_this_quantized,
             sensitivity.all_but_this_quantized, None, [], [], [_activation_range(q, passed) for q in quantizers],

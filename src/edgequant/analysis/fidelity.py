@@ -70,12 +70,20 @@ class OutputFidelity:
         """Sum of squared differences between ``model``'s outputs and the reference, over all batches."""
         noise = 0.0
         with training_mode(model, False):
-            for (args, kwargs), expected in zip(self.batches, self.reference, strict=True):
-                leaves = float_leaves(model(*args, **kwargs))
-                if len(leaves) != len(expected):
-                    raise ValueError(f"the model returned {len(leaves)} float outputs, the FP32 model {len(expected)}")
-                noise += sum(power(got - ref) for got, ref in zip(leaves, expected, strict=True))
+            for index, (args, kwargs) in enumerate(self.batches):
+                noise += self.batch_noise(index, model(*args, **kwargs))
         return noise
 
+    def batch_noise(self, index: int, output: Any) -> float:
+        """Sum of squared differences between ``output`` and the reference output of batch ``index``."""
+        leaves, expected = float_leaves(output), self.reference[index]
+        if len(leaves) != len(expected):
+            raise ValueError(f"the model returned {len(leaves)} float outputs, the FP32 model {len(expected)}")
+        return sum(power(got - ref) for got, ref in zip(leaves, expected, strict=True))
+
+    def from_noise(self, noise_power: float) -> float:
+        """The fidelity that a total noise power (over all batches) stands for."""
+        return 1.0 - noise_power / self.signal_power
+
     def __call__(self, model: nn.Module) -> float:
-        return 1.0 - self.noise_power(model) / self.signal_power
+        return self.from_noise(self.noise_power(model))

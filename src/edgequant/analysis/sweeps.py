@@ -1,8 +1,9 @@
 """Sensitivity sweeps: the metric with quantizers switched on and off, by kind and by layer.
 
-Every figure is one call of the metric on ``sim.model`` with a set of quantizers on and the rest off, using
-only `QuantSim.quantizers_enabled`, so each can be re-measured with ``sim.set_enabled`` and the same metric.
-Quantizers the user had disabled before the analysis stay off throughout.
+Every figure is the metric on ``sim.model`` with a set of quantizers on and the rest off, using only
+`QuantSim.quantizers_enabled`, so each can be re-measured with ``sim.set_enabled`` and the same metric: one full
+evaluation, or, for the default metric, the forward from the layer's cut on (`cut_sweeps`). Quantizers the user
+had disabled before the analysis stay off throughout.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from edgequant.analysis.cut_sweeps import sensitivities_from_cuts
+from edgequant.analysis.fidelity import OutputFidelity
 from edgequant.quantization import Quantizer
 from edgequant.sim import QuantSim
 
@@ -81,6 +84,17 @@ class Sweeps:
             only_this_quantized=self.measure(quantizers),
             all_but_this_quantized=self.measure([q for q in self.active if id(q) not in own]),
         )
+
+    def layers(self, own: dict[str, list[Quantizer]]) -> dict[str, LayerSensitivity]:
+        """Each layer's sensitivities (``own[layer]``: its quantizers): from its cut where the metric is the
+        default one and the sim's graph has a cut before the layer, else from two full evaluations."""
+        from_cuts: dict[str, tuple[float, float]] = {}
+        segmented = self.sim.split_at_layers(own) if isinstance(self.metric, OutputFidelity) else None
+        if segmented is not None:
+            from_cuts = sensitivities_from_cuts(self.sim, segmented, self.metric, self.active, own,
+                                                lambda share: self.bar.update(share))
+        return {name: LayerSensitivity(*from_cuts[name]) if name in from_cuts else self.layer(quantizers)
+                for name, quantizers in own.items()}
 
     def close(self) -> None:
         self.bar.close()

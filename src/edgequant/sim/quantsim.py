@@ -40,6 +40,7 @@ from edgequant.sim.model_inputs import quantize_model_inputs
 from edgequant.sim.modes import quantizers_enabled
 from edgequant.sim.ops import function_name, is_custom_module, is_pass_through, module_op_type, weight_output_axis
 from edgequant.sim.quantized_module import QuantizedModule, make_quantized
+from edgequant.sim.segments import SegmentedForward, split_at_layers
 from edgequant.sim.services import service
 
 STATE_FORMAT = "edgequant-sim-state"
@@ -275,6 +276,11 @@ class QuantSim:
         """Who feeds whom in ``sim.model`` (run on the dummy input, quantizers bypassed)."""
         with self._weights_unfrozen():  # PTQ techniques read the layers' weights through the graph
             return build_graph(self.model, self.dummy_input)
+
+    def split_at_layers(self, layers: Iterable[str]) -> SegmentedForward | None:
+        """``sim.model``'s forward split before the first call of each of ``layers``, to rerun only what lies
+        downstream of a layer (see `edgequant.sim.segments`); None where the model is not one traced graph."""
+        return split_at_layers(self.model, list(layers))
 
     @property
     def dummy_input(self) -> Any:
