@@ -195,6 +195,7 @@ def test_report_is_written(searched) -> None:
     html = (out_dir / "mixed_precision.html").read_text()
     assert result.report_path == out_dir / "mixed_precision.html"
     assert "mp-pareto" in html and "mp-sensitivity" in html and "conv2.0" in html
+    assert f"effective bits: {result.effective_bits['bitops']:.2f}" in html and "Tie-break at equal bitops" in html
 
 
 def test_bad_input_is_refused() -> None:
