@@ -21,16 +21,40 @@ import torch
 
 from edgequant import QuantSim
 from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
-from edgequant.mixed_precision import bitops_model, choose_mixed_precision
+from edgequant.mixed_precision import (
+    CostModel,
+    MixedPrecisionResult,
+    bitops_model,
+    choose_mixed_precision,
+    find_groups,
+    memory_model,
+)
+from edgequant.mixed_precision.groups import Candidate
 from edgequant.ptq import fold_batch_norms
 
 
 def _relative_bitops_of(sim: QuantSim, widest: tuple[int, int]) -> float:
     """BitOps of ``sim`` as configured, relative to every quantizer at ``widest`` (param_bw, output_bw)."""
-    cost = bitops_model(sim, sim.graph())
+    return _relative_cost(bitops_model(sim, sim.graph()), sim, widest, {})
+
+
+def _relative_cost(cost: CostModel, sim: QuantSim, widest: tuple[int, int], choice: dict[str, Candidate]) -> float:
+    """``cost`` of ``sim`` with the groups in ``choice`` set to their candidates, relative to every quantizer at
+    ``widest``."""
     current = {n: q.bitwidth for n, q in sim.quantizers().items() if q.enabled}
+    for group in find_groups(sim) if choice else ():
+        current |= group.bitwidths(choice[group.name])
     uniform = {n: widest[0] if q.role == "param" else widest[1] for n, q in sim.quantizers().items() if q.enabled}
     return cost(current) / cost(uniform)
+
+
+def _tie_break_figures(sim: QuantSim, result: MixedPrecisionResult) -> str:
+    """What the tie-break at equal BitOps changed from the front's pick: the groups lowered and the memory."""
+    front_pick = result.tie_break[0].choice if result.tie_break else result.choice
+    lowered = [g for g, c in result.choice.items() if c != front_pick[g]]
+    memory = _relative_cost(memory_model(sim), sim, (8, 16), front_pick)
+    return (f"tie-break lowered {len(lowered)} groups at equal BitOps (relative memory {memory:.3f} -> "
+            f"{result.relative_memory:.3f}): {', '.join(lowered)}")
 
 
 def bench_digits(out_dir: str) -> None:
@@ -97,6 +121,7 @@ def bench_minilm(out_dir: str, num_sentences: int) -> None:
           f"tie-break path of {len(result.tie_break)} points, evaluated "
           f"{[(i, p.metric) for i, p in enumerate(result.tie_break) if p.metric is not None]}; effective bits "
           f"{result.effective_bits}")
+    print(f"MiniLM mixed precision: {_tie_break_figures(sim, result)}")
 
 
 def bench_effnet(out_dir: str, num_crops: int, sensitivity_batches: int, batch_size: int,
@@ -143,6 +168,7 @@ def bench_effnet(out_dir: str, num_crops: int, sensitivity_batches: int, batch_s
               f"search {wall:.1f} s, {len(calls)} eval_fn calls, {len(result.groups)} groups, front of "
               f"{len(result.front)} points, tie-break path of {len(result.tie_break)}; effective bits "
               f"{result.effective_bits}")
+        print(f"{label}: {_tie_break_figures(sim, result)}")
         print(f"{label}: front (relative BitOps, predicted fidelity, eval_fn where evaluated): "
               f"{[(round(p.relative_cost, 3), round(p.predicted_fidelity, 4), p.metric) for p in result.front]}")
         print(f"{label}: tie-break (predicted fidelity, eval_fn where evaluated): "
