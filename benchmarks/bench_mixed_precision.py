@@ -79,6 +79,7 @@ def bench_digits(out_dir: str) -> None:
     print(f"digits CNN: FP32 {result.fp32_metric:.4f}, W8A8 {w8a8:.4f}; {result.summary()}")
     print(f"digits CNN: search {wall:.1f} s, {len(calls)} eval_fn calls, front of {len(result.front)} points, "
           f"evaluated (relative BitOps, accuracy): {[(round(c, 3), round(m, 4)) for c, m in result.pareto]}")
+    print(f"digits CNN: {_tie_break_figures(sim, result)}; effective bits {result.effective_bits}")
 
 
 def bench_minilm(out_dir: str, num_sentences: int) -> None:
