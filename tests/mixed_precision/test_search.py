@@ -149,6 +149,12 @@ def test_outputs_free_in_bitops_are_lowered_by_the_tie_break() -> None:
     assert {q.bitwidth for q in sim.quantizers(role="output").values()} == {8}  # applied to the sim
 
 
+def test_a_group_without_weights_reports_the_most_precise_of_its_equal_candidates() -> None:
+    result = choose_mixed_precision(_residual_sim(), [torch.randn(8, 4)], lambda m: 1.0, [(4, 8), (8, 8), (8, 16)],
+                                    1.0, progress=False)
+    assert result.choice["fc"] == (4, 8) and result.choice["add"] == (8, 8)  # the add has no weight to set to 4 bits
+
+
 def test_the_tie_break_keeps_the_target() -> None:
     sim = _residual_sim()
     add = next(q for q in sim.quantizers(role="output").values() if q.owner == "add")

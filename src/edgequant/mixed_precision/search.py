@@ -269,9 +269,11 @@ def choose_mixed_precision(
 
 def _group_options(group: QuantizerGroup, candidates: list[Candidate], cost_model: CostModel,
                    base: dict[str, int]) -> list[Candidate]:
-    """The group's distinct candidates, most expensive (alone in the group) first; ties by precision."""
+    """The group's distinct candidates, most expensive (alone in the group) first; ties by precision. Of the
+    candidates a group cannot tell apart (a group without weights ignores ``param_bw``) the most precise one
+    stands for them, so an add is reported as W8A8, not W4A8."""
     distinct = {}
-    for candidate in candidates:
+    for candidate in sorted(candidates, reverse=True):
         distinct.setdefault(group.effective(candidate), candidate)
     costs = {c: cost_model(base | group.bitwidths(c)) for c in distinct.values()}
     return sorted(distinct.values(), key=lambda c: (-costs[c], -c[1], -c[0]))
