@@ -5,9 +5,11 @@ matches ONNX Runtime."""
 from __future__ import annotations
 
 import math
+import platform
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto
@@ -175,22 +177,50 @@ def test_the_tie_break_keeps_the_target() -> None:
         math.log2(len(result.tie_break)))
 
 
-def test_mixed_model_exports_with_int16_and_int4_and_matches_onnx_runtime(searched, tmp_path: Path) -> None:
+def _cpu_saturates_u8s8() -> bool:
+    """x86 without VNNI: ORT's u8 x s8 integer kernels add product pairs in saturating int16 (its documented
+    U8S8 saturation), so with full-range 8-bit weights they drift from any exact reference."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return "vnni" not in flags
+
+
+@pytest.fixture(scope="module")
+def exported_front_pick(searched, tmp_path_factory: pytest.TempPathFactory):
+    """The front's pick (before the tie-break lowers the free 16 bits: int4 weights and int16 outputs both),
+    exported."""
     _, _, result, _ = searched
-    sim = _sim()  # at the front's pick (before the tie-break lowers the free 16 bits): int4 and int16 both
+    sim = _sim()
     pick = result.tie_break[0].choice
     assert {(4, 8), (8, 16)} <= set(pick.values())
     apply_bitwidths(sim, {name: bits for group in find_groups(sim) for name, bits in group.bitwidths(
         pick[group.name]).items()})
     quantize_bias_int32(sim)
+    out_dir = tmp_path_factory.mktemp("mp_export")
+    export_onnx(sim, out_dir, load_digits_tensors("test")[0][:1])
+    return sim, out_dir
+
+
+def test_mixed_model_exports_int16_and_int4_that_onnx_runtime_reproduces(exported_front_pick) -> None:
+    sim, out_dir = exported_front_pick
+    assert '"bw": 16' in (out_dir / "model.encodings").read_text()
+    types = {init.data_type for init in onnx.load(out_dir / "model_qdq.onnx").graph.initializer}
+    assert TensorProto.UINT16 in types and TensorProto.INT4 in types  # 16-bit Q/DQ activations, int4 weights
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # Q/DQ as written, in float
+    session = ort.InferenceSession(str(out_dir / "model_qdq.onnx"), options, providers=["CPUExecutionProvider"])
+    images = load_digits_tensors("test")[0][:128]
+    (onnx_output,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(onnx_output), sim.model(images), rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(_cpu_saturates_u8s8(), reason="ORT's u8s8 kernels saturate in int16 on x86 CPUs without VNNI")
+def test_mixed_model_matches_onnx_runtime_integer_kernels(exported_front_pick) -> None:
+    sim, out_dir = exported_front_pick
     images, _ = load_digits_tensors("test")
-    export_onnx(sim, tmp_path, images[:1])
-    encodings = (tmp_path / "model.encodings").read_text()
-    assert '"bw": 16' in encodings
-    types = {init.data_type for init in onnx.load(tmp_path / "model_qdq.onnx").graph.initializer}
-    assert TensorProto.UINT16 in types  # 16-bit activations as uint16 Q/DQ
-    assert TensorProto.INT4 in types
-    report = verify(tmp_path, sim, images, progress=False)
+    report = verify(out_dir, sim, images, progress=False)
     (output,) = report.outputs
     assert output.top1_agreement >= 0.99 and output.share_within_1_lsb >= 0.98
     assert all(t.sqnr_db > 30 for t in report.tensors)
