@@ -21,10 +21,15 @@ def write_report(result: MixedPrecisionResult, path: Path) -> Path:
     )
     page.verdict(
         f"Chosen: metric {result.metric:.4f} (FP32 {result.fp32_metric:.4f}, target {result.target:.4f}), relative "
-        f"BitOps {result.relative_bitops:.3f}, relative memory {result.relative_memory:.3f}, effective bits "
-        f"{result.effective_bits:.2f}.",
+        f"BitOps {result.relative_bitops:.3f}, relative memory {result.relative_memory:.3f}; effective bits: "
+        f"{result.effective_bits['bitops']:.2f} (BitOps: sqrt of the MAC-weighted weight x activation bits), "
+        f"{result.effective_bits['memory']:.2f} (memory: bits per stored weight and activation value).",
         ok=result.met_target,
     )
+    if result.tie_break:
+        taken = next(i for i, p in enumerate(result.tie_break) if p.choice == result.choice)
+        page.paragraph(f"Tie-break at equal {result.cost}: from the front's pick, {len(result.tie_break) - 1} moves "
+                       f"save only the other cost; the first {taken} kept the target and were taken.")
     page.heading("Pareto front")
     page.paragraph("Greedy front from the sensitivities (predicted output fidelity to FP32, right axis) and the points "
                    "the bisection evaluated with eval_fn (left axis); the star is the chosen configuration.")

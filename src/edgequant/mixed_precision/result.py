@@ -34,7 +34,7 @@ class MixedPrecisionResult:
     layer_bitwidths: dict[str, dict[str, int]]  # layer -> {"param_bw": .., "output_bw": ..} (0: not set)
     relative_bitops: float
     relative_memory: float
-    effective_bits: float  # of the chosen cost model
+    effective_bits: dict[str, float]  # "bitops", "memory": the uniform bit width of the same cost
     metric: float
     fp32_metric: float
     target: float
@@ -48,6 +48,7 @@ class MixedPrecisionResult:
     candidates: list[Candidate]
     report_path: Path | None = None
     layer_groups: dict[str, str] = field(default_factory=dict)
+    tie_break: list[FrontPoint] = field(default_factory=list)  # moves at the chosen cost saving the other one
 
     def summary(self) -> str:
         by_candidate: dict[Candidate, list[str]] = {}

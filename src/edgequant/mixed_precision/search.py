@@ -12,6 +12,12 @@ The search follows AIMET's automatic mixed precision, with a bisection instead o
 3. Bisection with the real ``eval_fn`` along the front for the cheapest point whose metric is at least
    ``eval_fn(FP32) - allowed_accuracy_drop`` (the front is ordered by cost, and its metric decreases along it):
    ``2 + ceil(log2(len(front)))`` calls of ``eval_fn`` instead of one per point.
+4. Tie-break at equal cost: some moves save nothing under the chosen cost but save under the other one (under
+   BitOps, a 16-bit output read only by non-MAC ops: residual adds, Softmax inputs). They never enter the front
+   (they buy no cost for their accuracy loss), so from the chosen point the same greedy rule builds a second
+   path of such moves, ordered by loss per unit of the other cost saved, and a second bisection takes the
+   longest prefix that still meets the target: of the configurations with the chosen cost, the one that also
+   saves memory (or BitOps), for ``ceil(log2(len(path)))`` more calls.
 
 Every measurement is cached in ``out_dir/mixed_precision_cache.json`` under a key of the configuration, so a
 rerun (after an interruption, or with another allowed drop) resumes without re-evaluating. The cache belongs to
@@ -50,6 +56,7 @@ from edgequant.sim import QuantSim
 from edgequant.sim.quantsim import tensors_checksum
 
 COST_MODELS = ("bitops", "memory")
+COST_TOLERANCE = 1e-12  # relative cost differences below this are ties
 CACHE_FILE = "mixed_precision_cache.json"
 
 
@@ -135,7 +142,7 @@ def choose_mixed_precision(
     if not groups:
         raise ValueError("no quantizer's bit width is free to choose (all fixed by the config, frozen or disabled)")
     bitops, memory = bitops_model(sim, graph), memory_model(sim)
-    cost_model = bitops if cost == "bitops" else memory
+    cost_model, other_model = (bitops, memory) if cost == "bitops" else (memory, bitops)
     original = current_bitwidths(sim)
     batches = list(sim.batches(data, num_batches))
     state = {k: v for k, v in sim.model.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -148,7 +155,8 @@ def choose_mixed_precision(
     def uniform_maximum(model: CostModel) -> float:  # every group at the candidate that costs most overall
         return max(model(_configuration(groups, dict.fromkeys(options, c), original)) for c in candidate_list)
 
-    reference_cost, reference_bitops, reference_memory = map(uniform_maximum, (cost_model, bitops, memory))
+    reference_cost, reference_other, reference_bitops, reference_memory = map(
+        uniform_maximum, (cost_model, other_model, bitops, memory))
 
     def relative(choice: dict[str, Candidate], model: CostModel = cost_model,
                  reference: float = reference_cost) -> float:
@@ -184,7 +192,20 @@ def choose_mixed_precision(
             sensitivities.append(GroupSensitivity(group.name, values))
         bar.close()
         # 2. greedy Pareto front
-        front = _greedy_front(groups, options, sensitivities, relative, base_fidelity)
+        loss = {s.group: {c: max(0.0, base_fidelity - f) for c, f in s.fidelity.items()} for s in sensitivities}
+
+        def cheaper(before: dict[str, Candidate], after: dict[str, Candidate]) -> float | None:
+            saved = relative(before) - relative(after)
+            return saved if saved > COST_TOLERANCE else None
+
+        def as_cheap_smaller(before: dict[str, Candidate], after: dict[str, Candidate]) -> float | None:
+            if abs(relative(before) - relative(after)) > COST_TOLERANCE:
+                return None
+            saved = (relative(before, other_model, reference_other) - relative(after, other_model, reference_other))
+            return saved if saved > COST_TOLERANCE else None
+
+        start = FrontPoint(dict(most_accurate), relative(most_accurate), base_fidelity)
+        front = _greedy_path(groups, options, loss, start, cheaper, relative)
         # 3. bisection with eval_fn
         with sim.quantizers_enabled(False):
             fp32_metric, computed = cache.get("eval:fp32", lambda: evaluate(eval_fn, sim.model))
@@ -193,31 +214,28 @@ def choose_mixed_precision(
         bar = tqdm(total=1 + max(1, math.ceil(math.log2(len(front)))), desc="mixed precision: bisection",
                    disable=not progress)
 
-        def metric_at(index: int) -> float:
-            point = front[index]
+        def metric_at(points: list[FrontPoint], index: int) -> float:
+            point = points[index]
             point.metric = measure("eval", point.choice)
             bar.update()
             return point.metric
 
-        best = 0
-        met_target = metric_at(0) >= target
+        met_target = metric_at(front, 0) >= target
+        tie_break: list[FrontPoint] = []
         if not met_target:
             warnings.warn(
                 f"even the most accurate candidate everywhere gives {front[0].metric:.4f} < target {target:.4f}: "
                 "keeping it; add a more accurate candidate or allow a larger drop",
                 stacklevel=2,
             )
+            chosen = front[0]
         else:
-            low, high = 0, len(front) - 1  # front[low] meets the target; find the last point that does
-            while low < high:
-                middle = (low + high + 1) // 2
-                if metric_at(middle) >= target:
-                    low = middle
-                else:
-                    high = middle - 1
-            best = low
+            chosen = front[_last_meeting(front, metric_at, target)]
+            # 4. tie-break at equal cost
+            tie_break = _greedy_path(groups, options, loss, chosen, as_cheap_smaller, relative)
+            bar.total += math.ceil(math.log2(len(tie_break)))
+            chosen = tie_break[_last_meeting(tie_break, metric_at, target)]
         bar.close()
-        chosen = front[best]
         apply_bitwidths(sim, _configuration(groups, chosen.choice, original), batches)
     except BaseException:
         apply_bitwidths(sim, original, batches)
@@ -228,14 +246,16 @@ def choose_mixed_precision(
         layer_bitwidths=_layer_bitwidths(groups, chosen.choice),
         relative_bitops=relative(chosen.choice, bitops, reference_bitops),
         relative_memory=relative(chosen.choice, memory, reference_memory),
-        effective_bits=cost_model.effective_bits(_configuration(groups, chosen.choice, original)),
+        effective_bits={name: model.effective_bits(_configuration(groups, chosen.choice, original))
+                        for name, model in (("bitops", bitops), ("memory", memory))},
         metric=chosen.metric,
         fp32_metric=fp32_metric,
         target=target,
         met_target=met_target,
         cost=cost,
-        pareto=sorted((p.relative_cost, p.metric) for p in front if p.metric is not None),
+        pareto=sorted({(p.relative_cost, p.metric) for p in front + tie_break if p.metric is not None}),
         front=front,
+        tie_break=tie_break,
         sensitivities=sensitivities,
         groups=[g.name for g in groups],
         eval_calls=eval_calls,
@@ -249,44 +269,56 @@ def choose_mixed_precision(
 
 def _group_options(group: QuantizerGroup, candidates: list[Candidate], cost_model: CostModel,
                    base: dict[str, int]) -> list[Candidate]:
-    """The group's distinct candidates, most expensive (alone in the group) first; ties by precision."""
+    """The group's distinct candidates, most expensive (alone in the group) first; ties by precision. Of the
+    candidates a group cannot tell apart (a group without weights ignores ``param_bw``) the most precise one
+    stands for them, so an add is reported as W8A8, not W4A8."""
     distinct = {}
-    for candidate in candidates:
+    for candidate in sorted(candidates, reverse=True):
         distinct.setdefault(group.effective(candidate), candidate)
     costs = {c: cost_model(base | group.bitwidths(c)) for c in distinct.values()}
     return sorted(distinct.values(), key=lambda c: (-costs[c], -c[1], -c[0]))
 
 
-def _greedy_front(groups: list[QuantizerGroup], options: dict[str, list[Candidate]],
-                  sensitivities: list[GroupSensitivity], relative: Callable[[dict], float],
-                  base_fidelity: float) -> list[FrontPoint]:
-    """From the most accurate configuration, repeatedly take the cheaper option with the least fidelity loss
-    per unit of cost saved; losses are measured relative to the most accurate configuration and add up."""
-    loss = {s.group: {c: max(0.0, base_fidelity - f) for c, f in s.fidelity.items()} for s in sensitivities}
-    choice = {g.name: options[g.name][0] for g in groups}
-    current_cost, total_loss = relative(choice), 0.0
-    front = [FrontPoint(dict(choice), current_cost, base_fidelity)]
+def _greedy_path(groups: list[QuantizerGroup], options: dict[str, list[Candidate]],
+                 loss: dict[str, dict[Candidate, float]], start: FrontPoint,
+                 saving: Callable[[dict[str, Candidate], dict[str, Candidate]], float | None],
+                 relative: Callable[[dict[str, Candidate]], float]) -> list[FrontPoint]:
+    """From ``start``, repeatedly take the move (one group to another of its options) with the least fidelity
+    loss per unit ``saving`` (None: not a move of this path) until none is left; the fidelity losses are measured
+    against the most accurate configuration and add up. The first point is ``start``."""
+    choice, fidelity = dict(start.choice), start.predicted_fidelity
+    path = [FrontPoint(dict(choice), start.relative_cost, fidelity, start.metric)]
     while True:
         best = None
         for group in groups:
             now = choice[group.name]
             for candidate in options[group.name]:
-                if candidate == now:
-                    continue
-                new_cost = relative(choice | {group.name: candidate})
-                saved = current_cost - new_cost
-                if saved <= 1e-12:
+                saved = None if candidate == now else saving(choice, choice | {group.name: candidate})
+                if saved is None:
                     continue
                 added = loss[group.name][candidate] - loss[group.name][now]
                 score = (added / saved, -saved)
                 if best is None or score < best[0]:
-                    best = (score, group.name, candidate, new_cost, added)
+                    best = (score, group.name, candidate, added)
         if best is None:
-            return front
-        _, name, candidate, current_cost, added = best
+            return path
+        _, name, candidate, added = best
         choice[name] = candidate
-        total_loss += added
-        front.append(FrontPoint(dict(choice), current_cost, base_fidelity - total_loss))
+        fidelity -= added
+        path.append(FrontPoint(dict(choice), relative(choice), fidelity))
+
+
+def _last_meeting(points: list[FrontPoint], metric_at: Callable[[list[FrontPoint], int], float],
+                  target: float) -> int:
+    """Index of the last of ``points`` whose metric meets ``target``, by bisection; ``points[0]`` meets it."""
+    low, high = 0, len(points) - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if metric_at(points, middle) >= target:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def _layer_bitwidths(groups: list[QuantizerGroup], choice: dict[str, Candidate]) -> dict[str, dict[str, int]]:
