@@ -5,7 +5,6 @@ matches ONNX Runtime."""
 from __future__ import annotations
 
 import math
-import platform
 from pathlib import Path
 
 import onnx
@@ -177,15 +176,6 @@ def test_the_tie_break_keeps_the_target() -> None:
         math.log2(len(result.tie_break)))
 
 
-def _cpu_saturates_u8s8() -> bool:
-    """x86 without VNNI: ORT's u8 x s8 integer kernels add product pairs in saturating int16 (its documented
-    U8S8 saturation), so with full-range 8-bit weights they drift from any exact reference."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return "vnni" not in flags
-
-
 @pytest.fixture(scope="module")
 def exported_front_pick(searched, tmp_path_factory: pytest.TempPathFactory):
     """The front's pick (before the tie-break lowers the free 16 bits: int4 weights and int16 outputs both),
@@ -216,7 +206,6 @@ def test_mixed_model_exports_int16_and_int4_that_onnx_runtime_reproduces(exporte
         torch.testing.assert_close(torch.from_numpy(onnx_output), sim.model(images), rtol=0, atol=1e-5)
 
 
-@pytest.mark.skipif(_cpu_saturates_u8s8(), reason="ORT's u8s8 kernels saturate in int16 on x86 CPUs without VNNI")
 def test_mixed_model_matches_onnx_runtime_integer_kernels(exported_front_pick) -> None:
     sim, out_dir = exported_front_pick
     images, _ = load_digits_tensors("test")
