@@ -74,6 +74,7 @@ def finetune(
     teacher: nn.Module | None = None,
     distillation: str = "auto",
     temperature: float = 1.0,
+    dropout: bool = True,
     eval_fn: Callable[[nn.Module], float] | None = None,
     eval_every: int | None = None,
     restore_best: bool = True,
@@ -153,7 +154,7 @@ def finetune(
                 if index < state.batch_in_epoch:
                     continue  # done before the checkpoint this run resumed from
                 args, kwargs = sim.model_input.to_call(batch, index, sim.device)
-                sim.model.train()
+                _student_mode(sim.model, setup, dropout)
                 output = model(*args, **kwargs)
                 if loss_fn is not None:
                     loss = loss_fn(output, batch)
@@ -208,6 +209,20 @@ def _parameter_groups(sim: QuantSim, setup: QatSetup, lr: float, range_lr: float
         if offset.requires_grad:
             groups.append({"params": [offset], "lr": range_lr})
     return [g for g in groups if g["params"]]
+
+
+def _student_mode(model: nn.Module, setup: QatSetup, dropout: bool) -> None:
+    """Train mode for the step; with ``dropout=False`` every submodule but the kept BatchNorms is in eval mode,
+    so dropout and stochastic depth (which read their module's ``training``) are off and the student computes the
+    function the teacher is compared with. The root stays in train mode: the QAT setup counts training forwards
+    on it to freeze kept BatchNorms."""
+    model.train()
+    if dropout:
+        return
+    kept = {id(m) for m in setup.kept_batch_norms.values()}
+    for module in model.modules():
+        if module is not model and id(module) not in kept:
+            module.training = False
 
 
 def _frozen_teacher(model: nn.Module) -> Callable[..., Any]:
