@@ -35,15 +35,15 @@ def one_rate(lr: float) -> Callable[[list[dict]], torch.optim.Optimizer]:
 # name -> (initialisation, finetune options or None for no training)
 VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "ptq": ("minmax", None),
+    "previous_default": ("minmax", {"dropout": True}),  # relative range rates, student with dropout
+    "default": ("minmax", {}),  # relative range rates, student without dropout
     "one_rate": ("minmax", {"optimizer": one_rate(1e-5), "dropout": True}),
-    "relative_ranges": ("minmax", {"dropout": True}),
-    "no_dropout": ("minmax", {"dropout": False}),
-    "no_dropout_range_lr_1e-1": ("minmax", {"dropout": False, "range_lr": 1e-1}),
-    "no_dropout_T4": ("minmax", {"dropout": False, "temperature": 4.0}),
-    "no_dropout_lr_1e-4": ("minmax", {"dropout": False, "lr": 1e-4}),
     "adaround": ("adaround", None),
-    "adaround+relative_ranges": ("adaround", {"dropout": True}),
-    "adaround+no_dropout": ("adaround", {"dropout": False}),
+    "adaround+default": ("adaround", {}),
+    "default+range_lr_1e-1": ("minmax", {"range_lr": 1e-1}),
+    "default+T4": ("minmax", {"temperature": 4.0}),
+    "default+lr_1e-4": ("minmax", {"lr": 1e-4}),
+    "adaround+previous_default": ("adaround", {"dropout": True}),
 }
 
 
