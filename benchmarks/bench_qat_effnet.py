@@ -40,10 +40,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "one_rate": ("minmax", {"optimizer": one_rate(1e-5), "dropout": True}),
     "adaround": ("adaround", None),
     "adaround+default": ("adaround", {}),
+    "adaround+range_lr_3e-3": ("adaround", {"range_lr": 3e-3}),
+    "adaround+regular": ("adaround", {"mode": "regular"}),
     "default+range_lr_1e-1": ("minmax", {"range_lr": 1e-1}),
+    "default+range_lr_1e-2": ("minmax", {"range_lr": 1e-2}),
     "default+T4": ("minmax", {"temperature": 4.0}),
     "default+lr_1e-4": ("minmax", {"lr": 1e-4}),
-    "adaround+previous_default": ("adaround", {"dropout": True}),
 }
 
 
