@@ -6,7 +6,7 @@ and on ``--eval-crops`` other crops (seed 0: other random crops and flips of the
 available offline). Each variant starts from a fresh min-max-calibrated sim, or from the AdaRound one (rounded
 once, ``--adaround-iterations`` per layer, cached in ``--cache``), and prints one row when done.
 
-    python -m benchmarks.bench_qat_effnet [--train-crops 256] [--variants ptq,default,...]
+    python -m benchmarks.bench_qat_effnet [--train-crops 128] [--variants ptq,default,...]  # the README run
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-crops", type=int, default=256)
+    parser.add_argument("--train-crops", type=int, default=128)
     parser.add_argument("--eval-crops", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--adaround-iterations", type=int, default=200)
+    parser.add_argument("--adaround-iterations", type=int, default=100)
     parser.add_argument("--adaround-crops", type=int, default=64)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=1)
