@@ -96,3 +96,53 @@ def test_bad_arguments_fail_with_one_clear_line(digits):
         finetune(sim, torch.zeros(4, 1, 8, 8), epochs=0, lr=1e-4)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         finetune(sim, torch.zeros(4, 1, 8, 8), epochs=1, lr=1e-4, resume=True)
+
+
+def _with_dropout(images):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(load_pretrained("digits_cnn"), torch.nn.Dropout(0.5))
+    sim = QuantSim(model, images[:1], param_bw=8, output_bw=8, config="per_channel")
+    sim.calibrate([images[:256]], progress=False)
+    return model, sim
+
+
+def test_distillation_student_runs_without_dropout_by_default(digits):
+    """Distilling on a few unlabeled images, a student with dropout on is compared with a teacher without it: its
+    loss is dominated by the dropout noise instead of the quantization error (EfficientNet-Lite0 in
+    benchmarks/README.md). By default the first step's loss is exactly the eval-mode student's KL."""
+    (images, _), _ = digits
+    data = images[:256]
+    fp32, sim = _with_dropout(images)
+    prepare_qat(sim, "range_learning")
+    with torch.no_grad():
+        expected = distillation_loss(sim.model.eval()(data), fp32.eval()(data)).item()
+    default = finetune(sim, data, epochs=1, lr=1e-9, range_lr=1e-9, batch_size=256, progress=False)
+    assert default.history[0]["loss"] == pytest.approx(expected, rel=1e-4)
+    _, noisy_sim = _with_dropout(images)
+    noisy = finetune(noisy_sim, data, epochs=1, lr=1e-9, range_lr=1e-9, batch_size=256, dropout=True, progress=False)
+    assert noisy.history[0]["loss"] > 10 * default.history[0]["loss"]
+
+
+def test_a_labelled_loss_keeps_dropout_on(digits):
+    (images, labels), _ = digits
+    _, sim = _with_dropout(images)
+    seen = []
+    for module in sim.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_pre_hook(  # the training forwards (prepare_qat's shape probe runs in eval)
+                lambda module, args: seen.append(module.training) if torch.is_grad_enabled() else None)
+    finetune(sim, TensorDataset(images[:64], labels[:64]), epochs=1, lr=1e-9, progress=False,
+             loss_fn=lambda output, batch: F.cross_entropy(output, batch[1]))
+    assert seen == [True]
+
+
+def test_kept_batch_norms_train_while_dropout_is_off(digits):
+    (images, _), _ = digits
+    torch.manual_seed(0)
+    sim = QuantSim(load_pretrained("digits_cnn"), images[:1], param_bw=8, output_bw=8, config="per_channel")
+    sim.calibrate([images[:256]], progress=False)
+    setup = prepare_qat(sim, "regular", batch_norm="keep", freeze_bn_after=100)
+    norm = next(iter(setup.kept_batch_norms.values()))
+    before = norm.running_mean.clone()
+    finetune(sim, images[:128], epochs=1, lr=1e-9, batch_size=64, progress=False)
+    assert not torch.equal(norm.running_mean, before)
