@@ -7,16 +7,19 @@ train split; test accuracy of FP32, PTQ, regular QAT and range-learning QAT, tra
 distillation). Epoch time: one training epoch of the prepared sim vs one FP32 training epoch of the same
 (folded) model, same loop (cross-entropy, Adam), one thread, interleaved, median of ``--repeats``.
 
-Models: ``digits_cnn`` (bundled weights) and a MobileNetV2 (torchvision's, width 0.5, 1-channel stem of stride 1,
-strides fitted to 8x8 inputs) trained here on the digits train split (cached in ``--cache``).
+Models: ``digits_cnn`` (bundled weights); ``mobilenet_v2``, torchvision's at width 0.5 with a 1-channel stem of
+stride 1 and strides fitted to 8x8 inputs, trained here on the digits train split (cached in ``--cache``); and
+``aimet_mobilenet_v2``, the reference toolkit's own full-width MobileNetV2 from the shared fixtures on its own
+16x16 data (:mod:`aimet_mobilenet_digits`), so that its figures compare with the issue's on the same weights.
 
-    python benchmarks/bench_qat.py [--models digits_cnn,mobilenet_v2] [--repeats 3]
+    python benchmarks/bench_qat.py [--models digits_cnn,mobilenet_v2,aimet_mobilenet_v2] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
@@ -70,18 +73,27 @@ def train_fp32(model: nn.Module, epochs: int, lr: float, seed: int = 0) -> nn.Mo
     return model.eval()
 
 
-def load_model(name: str, cache: Path) -> nn.Module:
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def load_model(name: str, cache: Path) -> tuple[nn.Module, Split, Split]:
+    """The float model with its (train, test) data."""
+    if name == "aimet_mobilenet_v2":
+        import aimet_mobilenet_digits
+
+        return aimet_mobilenet_digits.load_model(), *aimet_mobilenet_digits.load_data()
+    digits = load_digits_tensors("train"), load_digits_tensors("test")
     if name == "digits_cnn":
-        return load_pretrained("digits_cnn")
+        return load_pretrained("digits_cnn"), *digits
     path = cache / f"{name}.pt"
     model = mobilenet_v2_digits()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
+        return model.eval(), *digits
     model = train_fp32(model, epochs=40, lr=3e-3)
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
-    return model
+    return model, *digits
 
 
 def calibrated_sim(model: nn.Module, images: torch.Tensor) -> QuantSim:
@@ -132,14 +144,9 @@ def main() -> None:
     parser.add_argument("--timing-only", action="store_true", help="Skip the accuracy runs.")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    images, labels = load_digits_tensors("train")
-    test_images, test_labels = load_digits_tensors("test")
-
-    def accuracy(model: nn.Module) -> float:
-        return evaluate_accuracy(model, test_images, test_labels)
-
     for name in args.models.split(","):
-        folded = load_model(name, args.cache)
+        folded, (images, labels), (test_images, test_labels) = load_model(name, args.cache)
+        accuracy = functools.partial(evaluate_accuracy, images=test_images, labels=test_labels)
         fold_batch_norms(folded, images[:1])
         if args.timing_only:
             print_epoch_times(name, epoch_times(folded, images, labels, args.repeats))
