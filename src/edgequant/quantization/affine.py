@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from edgequant.quantization import fused_cuda
+from edgequant.quantization import fused_cpu, fused_cuda
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int) -> torch.Tensor:
@@ -30,25 +30,16 @@ class _QuantDequant(torch.autograd.Function):
     value), so a backward for the input alone is one multiplication. With range learning the forward allocates
     three full-size float tensors (``x / s``, its rounding — reused for the scale derivative — and the clamp,
     which becomes the output) and the backward one (the input gradient): the scale and offset gradients are
-    reductions (a dot product per tensor), not further element-wise products."""
+    reductions (a dot product per tensor), not further element-wise products. Large float32 CPU tensors get
+    all of the forward's tensors from one fused pass (:mod:`edgequant.quantization.fused_cpu`)."""
 
     @staticmethod
     def forward(ctx, x, scale, offset, num_steps):  # noqa: ANN001 - autograd signature
         learns_range = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        scaled = x / scale
-        rounded = scaled.round() if learns_range else scaled.round_()
-        if offset.dim() == 0 and offset.device.type == "cpu" and not torch.compiler.is_compiling():
-            low = offset.item()  # scalar bounds are faster than tensor bounds on CPU; no GPU sync here
-            clamped = torch.clamp(rounded, low, low + num_steps)
-        else:
-            clamped = torch.clamp(rounded, offset, offset + num_steps)
-        in_range = rounded == clamped
-        if learns_range:  # d(out)/d(scale): round(x/s) - x/s in range, the grid's end where clipped
-            scale_derivative = torch.addcmul(clamped, scaled, in_range, value=-1, out=rounded)  # one pass
-            ctx.save_for_backward(in_range, scale_derivative, scale, offset)
-        else:
-            ctx.save_for_backward(in_range)
-        return clamped.mul_(scale)
+        out, *saved = (_fused_forward(x, scale, offset, num_steps, learns_range)
+                       or _eager_forward(x, scale, offset, num_steps, learns_range))
+        ctx.save_for_backward(*saved, *((scale, offset) if learns_range else ()))
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
@@ -64,6 +55,36 @@ class _QuantDequant(torch.autograd.Function):
                 clipped = _reduce_to(grad_out, offset) - _reduce_to(grad_in_range, offset)
                 grad_offset = clipped * scale
         return (grad_in_range if ctx.needs_input_grad[0] else None), grad_scale, grad_offset, None
+
+
+def _eager_forward(
+    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int, learns_range: bool
+) -> tuple[torch.Tensor, ...]:
+    """``(output, in_range[, scale derivative])`` in separate passes, reusing buffers where autograd allows."""
+    scaled = x / scale
+    rounded = scaled.round() if learns_range else scaled.round_()
+    if offset.dim() == 0 and offset.device.type == "cpu" and not torch.compiler.is_compiling():
+        low = offset.item()  # scalar bounds are faster than tensor bounds on CPU; no GPU sync here
+        clamped = torch.clamp(rounded, low, low + num_steps)
+    else:
+        clamped = torch.clamp(rounded, offset, offset + num_steps)
+    in_range = rounded == clamped
+    if not learns_range:
+        return clamped.mul_(scale), in_range
+    # d(out)/d(scale): round(x/s) - x/s in range, the grid's end where clipped; one pass into `rounded`
+    scale_derivative = torch.addcmul(clamped, scaled, in_range, value=-1, out=rounded)
+    return clamped.mul_(scale), in_range, scale_derivative
+
+
+def _fused_forward(
+    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int, learns_range: bool
+) -> tuple[torch.Tensor, ...] | None:
+    """The forward's tensors from one fused CPU pass (large tensors), or None to run the eager passes."""
+    if torch.compiler.is_compiling() or not fused_cpu.can_fuse(x, scale):
+        return None
+    if learns_range:
+        return fused_cpu.quantize_dequantize_with_scale_derivative(x, scale, offset, num_steps)
+    return fused_cpu.quantize_dequantize_with_mask(x, scale, offset, num_steps)
 
 
 def _sum_of_products(grad: torch.Tensor, derivative: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -86,8 +107,9 @@ def quantize_dequantize(
 ) -> torch.Tensor:
     """Fake-quantize ``x``; ``scale``/``offset`` must already broadcast against ``x``.
 
-    Without autograd (evaluation, calibration) it runs four in-place passes; with ``inplace=True`` it also
-    reuses ``x``'s memory (for op outputs that nothing else holds), which saves an allocation per tensor.
+    Without autograd (evaluation, calibration) it runs one fused pass where a fused kernel applies (CUDA; large
+    CPU tensors), else four in-place passes; with ``inplace=True`` it also reuses ``x``'s memory (for op outputs
+    that nothing else holds), which saves an allocation per tensor.
     """
     num_steps = 2**bitwidth - 1
     if offset.requires_grad:  # a learned offset is used as an integer (rounded with a straight-through grad)
@@ -99,6 +121,10 @@ def quantize_dequantize(
         return torch.clamp(torch.round(x / scale), offset, offset + num_steps) * scale
     if x.is_cuda and fused_cuda.can_fuse(x, scale):
         return fused_cuda.quantize_dequantize_fused(x, scale, offset, num_steps, inplace)
+    if fused_cpu.can_fuse(x, scale):
+        fused = fused_cpu.quantize_dequantize(x, scale, offset, num_steps, inplace)
+        if fused is not None:
+            return fused
     out = x.div_(scale) if inplace else torch.div(x, scale)
     out.round_()
     if offset.dim() == 0 and offset.device.type == "cpu":
