@@ -1,5 +1,5 @@
-"""The fused CPU kernel (Inductor) against the eager passes: same values bit for bit, same gradients, and the
-eager path when compilation fails."""
+"""The fused CPU kernel (Inductor) against the eager passes: same values bit for bit, the eager passes for
+training, and the eager path when compilation fails."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from edgequant.quantization import Encoding, fused_cpu, quantize_dequantize
 def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names of the fused kernels that ran (and the fused path switched on for this test)."""
     calls: list[str] = []
-    run = fused_cpu._run
+    compiled = fused_cpu._compiled
 
-    def counted(kernel, *args):  # noqa: ANN001, ANN202
+    def counted(kernel):  # noqa: ANN001, ANN202
         calls.append(kernel.__name__)
-        return run(kernel, *args)
+        return compiled(kernel)
 
     monkeypatch.setattr(fused_cpu, "_disabled", False)
-    monkeypatch.setattr(fused_cpu, "_run", counted)
+    monkeypatch.setattr(fused_cpu, "_compiled", counted)
     return calls
 
 
@@ -53,27 +53,11 @@ def test_fused_forward_is_bit_identical_to_the_eager_passes(fused_calls, monkeyp
     assert (expected != x).float().mean() > 0.9  # the input really was quantized
 
 
-@pytest.mark.parametrize("learns_range", [False, True])
-def test_fused_training_forward_gives_the_eager_values_and_gradients(fused_calls, monkeypatch, learns_range):
-    encoding = Encoding.from_range(-2.0, 2.5, 4, symmetric=False)
-    x = _large_input(encoding)
-    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-
-    def forward_backward() -> list[torch.Tensor]:
-        leaves = [x.clone().requires_grad_(), encoding.scale.clone().requires_grad_(learns_range),
-                  encoding.offset.clone().requires_grad_(learns_range)]
-        out = quantize_dequantize(*leaves, 4)
-        out.backward(upstream)
-        return [out.detach()] + [leaf.grad for leaf in leaves if leaf.requires_grad]
-
-    expected = _eager(forward_backward, monkeypatch)
-    result = forward_backward()
-    assert fused_calls == ["_qdq_with_scale_derivative" if learns_range else "_qdq_with_mask"]
-    assert len(result) == (4 if learns_range else 2)
-    assert torch.equal(result[0], expected[0]) and torch.equal(result[1], expected[1])
-    for fused, eager in zip(result[2:], expected[2:]):  # reductions: float summation order only
-        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-3)
-        assert eager.abs() > 1  # a real gradient, not an empty comparison
+def test_training_keeps_the_eager_passes(fused_calls):
+    encoding = Encoding.from_range(-3.0, 5.0, 8, symmetric=False)
+    x = _large_input(encoding).requires_grad_()
+    quantize_dequantize(x, encoding.scale, encoding.offset, 8).sum().backward()
+    assert fused_calls == [] and x.grad is not None
 
 
 def test_a_compiler_failure_falls_back_to_the_eager_passes(monkeypatch, caplog):

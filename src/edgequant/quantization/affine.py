@@ -30,14 +30,13 @@ class _QuantDequant(torch.autograd.Function):
     value), so a backward for the input alone is one multiplication. With range learning the forward allocates
     three full-size float tensors (``x / s``, its rounding — reused for the scale derivative — and the clamp,
     which becomes the output) and the backward one (the input gradient): the scale and offset gradients are
-    reductions (a dot product per tensor), not further element-wise products. Large float32 CPU tensors get
-    all of the forward's tensors from one fused pass (:mod:`edgequant.quantization.fused_cpu`)."""
+    reductions (a dot product per tensor), not further element-wise products. (A fused CPU kernel that writes the
+    output and the mask in one pass measured 2x slower than these passes: Inductor's bool stores are slow.)"""
 
     @staticmethod
     def forward(ctx, x, scale, offset, num_steps):  # noqa: ANN001 - autograd signature
         learns_range = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        out, *saved = (_fused_forward(x, scale, offset, num_steps, learns_range)
-                       or _eager_forward(x, scale, offset, num_steps, learns_range))
+        out, *saved = _forward(x, scale, offset, num_steps, learns_range)
         ctx.save_for_backward(*saved, *((scale, offset) if learns_range else ()))
         return out
 
@@ -57,7 +56,7 @@ class _QuantDequant(torch.autograd.Function):
         return (grad_in_range if ctx.needs_input_grad[0] else None), grad_scale, grad_offset, None
 
 
-def _eager_forward(
+def _forward(
     x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int, learns_range: bool
 ) -> tuple[torch.Tensor, ...]:
     """``(output, in_range[, scale derivative])`` in separate passes, reusing buffers where autograd allows."""
@@ -74,17 +73,6 @@ def _eager_forward(
     # d(out)/d(scale): round(x/s) - x/s in range, the grid's end where clipped; one pass into `rounded`
     scale_derivative = torch.addcmul(clamped, scaled, in_range, value=-1, out=rounded)
     return clamped.mul_(scale), in_range, scale_derivative
-
-
-def _fused_forward(
-    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int, learns_range: bool
-) -> tuple[torch.Tensor, ...] | None:
-    """The forward's tensors from one fused CPU pass (large tensors), or None to run the eager passes."""
-    if torch.compiler.is_compiling() or not fused_cpu.can_fuse(x, scale):
-        return None
-    if learns_range:
-        return fused_cpu.quantize_dequantize_with_scale_derivative(x, scale, offset, num_steps)
-    return fused_cpu.quantize_dequantize_with_mask(x, scale, offset, num_steps)
 
 
 def _sum_of_products(grad: torch.Tensor, derivative: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ for tensors larger than the caches memory bandwidth is the cost: at 12.8 M value
 long as the ReLU before it. Inductor compiles the same expression into one vectorised loop that reads and writes each
 value once (about 3x faster on a 51 MB activation). It keeps the grid convention: a true IEEE division (not a
 multiplication by ``1/scale``) and round half to even, so simulation and ONNX Runtime still agree bit for bit
-(tested against the eager path, halves included).
+(tested against the eager path, halves included). It serves evaluation and calibration; training keeps the eager
+passes, whose in-range mask a fused kernel wrote no faster (Inductor's bool stores are slow on the CPU).
 
 Only tensors of at least ``MIN_NUMEL`` float32 values with one scale use it: smaller tensors sit in the caches,
 where the eager passes are cheap and a compiled call's overhead is not. The kernels compile on first use (a few
@@ -44,57 +45,22 @@ def _qdq_into_input(x: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, hig
     return x.copy_(_qdq(x, scale, low, high))
 
 
-def _qdq_with_mask(
-    x: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, high: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output and the in-range mask the straight-through gradient needs."""
-    rounded = torch.round(x / scale)
-    clamped = torch.clamp(rounded, low, high)
-    return clamped * scale, rounded == clamped
-
-
-def _qdq_with_scale_derivative(
-    x: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, high: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Also d(out)/d(scale): ``round(x/s) - x/s`` in range, the grid's end where clipped (as the eager path)."""
-    scaled = x / scale
-    rounded = torch.round(scaled)
-    clamped = torch.clamp(rounded, low, high)
-    in_range = rounded == clamped
-    return clamped * scale, in_range, clamped - scaled * in_range
-
-
 @functools.cache
 def _compiled(kernel: Callable) -> Callable:
     return torch.compile(kernel, dynamic=True, fullgraph=True)
 
 
-def _run(kernel: Callable, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int):  # noqa: ANN202
-    """The compiled kernel's result, or None once compilation has failed (the caller then runs eager)."""
+def quantize_dequantize(
+    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int, inplace: bool
+) -> torch.Tensor | None:
+    """The fake-quantized ``x`` from one pass (into ``x`` itself if ``inplace``), or None once compilation has
+    failed (the caller then runs the eager passes)."""
     global _disabled
-    low = offset.detach().reshape(()).to(torch.float32)
+    low = offset.reshape(()).to(torch.float32)
     try:
-        return _compiled(kernel)(x, scale.detach().reshape(()), low, low + num_steps)
+        return _compiled(_qdq_into_input if inplace else _qdq)(x, scale.reshape(()), low, low + num_steps)
     except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, say so once
         _disabled = True
         _log.warning("edgequant: fused CPU quantization unavailable (%s); using the eager kernels",
                      str(error).splitlines()[0] if str(error) else type(error).__name__)
         return None
-
-
-def quantize_dequantize(
-    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int, inplace: bool
-) -> torch.Tensor | None:
-    return _run(_qdq_into_input if inplace else _qdq, x, scale, offset, num_steps)
-
-
-def quantize_dequantize_with_mask(
-    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    return _run(_qdq_with_mask, x, scale, offset, num_steps)
-
-
-def quantize_dequantize_with_scale_derivative(
-    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    return _run(_qdq_with_scale_derivative, x, scale, offset, num_steps)
