@@ -149,20 +149,23 @@ class Quantizer(Sealable):
         applies and the grid keeps its shape, dtype and device, the new scale/offset are written into the
         existing tensors by the ops `Encoding.from_range` uses, so the result is the same bit for bit; anything
         else takes `encode_from`."""
+        if not self._refreshed_in_place(tensor):
+            self.encode_from(tensor)
+
+    def _refreshed_in_place(self, tensor: torch.Tensor) -> bool:
         scale, offset = self.scale, self.offset
         if (scale is None or self.min_constraint is not None or self.max_constraint is not None
                 or scale.dtype != torch.float32 or offset.dtype != torch.float32 or scale.device != tensor.device
                 or not self.analyzer.observe_alone(tensor)):
-            self.encode_from(tensor)
-            return
+            return False
         low, high = self.analyzer.min, self.analyzer.max
         if self.axis is None:
             low, high = low.reshape(()), high.reshape(())
         if low.shape != scale.shape:
-            self.encode_from(tensor)
-            return
+            return False
         with torch.no_grad():
             grid_from_range(low, high, self.bitwidth, self.symmetric, out=(scale, offset))
+        return True
 
     def enable_range_learning(self) -> None:
         """Make scale and offset trainable (QAT with range learning, LSQ gradients)."""
