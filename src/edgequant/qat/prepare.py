@@ -103,7 +103,7 @@ class QatSetup:
             param = getattr(self.sim.layer_of(quantizer), quantizer.key)
             version = (id(param), param._version)
             if force or self._versions.get(name) != version:
-                quantizer.encode_from(param)
+                quantizer.refresh_from(param)
                 self._versions[name] = version
                 count += 1
         return count

@@ -45,10 +45,7 @@ class EncodingAnalyzer:
 
     def observe(self, x: torch.Tensor) -> None:
         values = _channels_first(x.detach().float(), self.axis)
-        if self.axis is None:  # a full reduction is ~20x faster than aminmax over dim 1 of a (1, N) view
-            batch_min, batch_max = (bound.reshape(1) for bound in torch.aminmax(values))
-        else:
-            batch_min, batch_max = torch.aminmax(values, dim=1)
+        batch_min, batch_max = self._extremes(values)
         if not ((batch_min > -SENTINEL_MAGNITUDE).all() and (batch_max < SENTINEL_MAGNITUDE).all()):  # NaN fails too
             finite = values.abs() < SENTINEL_MAGNITUDE
             nonfinite = int((~torch.isfinite(values)).sum())
@@ -63,6 +60,18 @@ class EncodingAnalyzer:
             else:  # per-channel: keep the shape; the excluded entries count as the channel minimum
                 values = torch.where(finite, values, batch_min[:, None])
         self._update(values, batch_min, batch_max)
+
+    def observe_alone(self, x: torch.Tensor) -> bool:
+        """`reset`, then `observe` ``x``, in fewer passes where these statistics allow it (QAT recomputes every
+        weight's encoding at every step). Returns False, with nothing done, where `observe` is needed."""
+        return False
+
+    def _extremes(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel min and max of a (channels, values) view."""
+        if self.axis is None:  # a full reduction is ~20x faster than aminmax over dim 1 of a (1, N) view
+            low, high = torch.aminmax(values)
+            return low.reshape(1), high.reshape(1)
+        return torch.aminmax(values, dim=1)
 
     def _update(self, values: torch.Tensor, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
         self._merge_min_max(batch_min, batch_max)
@@ -105,6 +114,15 @@ class EncodingAnalyzer:
 
 class MinMaxAnalyzer(EncodingAnalyzer):
     """The observed extremes (AIMET's ``tf`` / ``min_max``)."""
+
+    def observe_alone(self, x: torch.Tensor) -> bool:
+        """One min/max pass and one check where every value is data (no non-finite value, no sentinel)."""
+        low, high = self._extremes(_channels_first(x.detach().float(), self.axis))
+        if not float(torch.maximum(-low, high).max()) < SENTINEL_MAGNITUDE:  # NaN fails too
+            return False
+        self.reset()
+        self.min, self.max = low, high
+        return True
 
 
 class HistogramAnalyzer(EncodingAnalyzer):

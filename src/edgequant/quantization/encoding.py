@@ -79,17 +79,7 @@ class Encoding:
         min_val = torch.as_tensor(min_val, dtype=torch.float32)
         max_val = torch.as_tensor(max_val, dtype=torch.float32)
         _check_range(min_val, max_val)
-        min_val = torch.minimum(min_val, torch.zeros_like(min_val))
-        max_val = torch.maximum(max_val, torch.zeros_like(max_val))
-        num_steps = 2**bitwidth - 1
-        if symmetric:
-            abs_max = torch.maximum(-min_val, max_val).clamp_min(MIN_RANGE)
-            scale = abs_max / (num_steps // 2)
-            offset = torch.full_like(scale, -float(2 ** (bitwidth - 1)))
-        else:
-            max_val = torch.maximum(max_val, min_val + MIN_RANGE)
-            scale = (max_val - min_val) / num_steps
-            offset = torch.round(min_val / scale)
+        scale, offset = grid_from_range(min_val, max_val, bitwidth, symmetric)
         return cls(scale, offset, bitwidth, symmetric, axis)
 
     def broadcast_shape(self, ndim: int) -> tuple[int, ...]:
@@ -126,6 +116,32 @@ class Encoding:
             bool(data["symmetric"]),
             data.get("axis"),
         )
+
+
+def grid_from_range(
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    bitwidth: int,
+    symmetric: bool,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and offset of `Encoding.from_range`, for finite float32 bounds with ``min_val <= max_val``
+    (unchecked). With ``out`` the results are written into those (scale, offset) tensors, so that QAT can refresh
+    a weight's grid every step without allocating or validating an `Encoding`; both uses share these ops, so
+    their results agree bit for bit."""
+    scale_out, offset_out = out if out is not None else (None, None)
+    num_steps = 2**bitwidth - 1
+    if symmetric:  # max(-min(min, 0), max(max, 0), MIN_RANGE) is max(-min, max, MIN_RANGE)
+        abs_max = torch.maximum(-min_val, max_val).clamp_min_(MIN_RANGE)
+        scale = torch.div(abs_max, num_steps // 2, out=scale_out)
+        low = -float(2 ** (bitwidth - 1))
+        offset = torch.full_like(scale, low) if offset_out is None else offset_out.fill_(low)
+        return scale, offset
+    min_val = min_val.clamp_max(0.0)  # the range includes zero, so that zero is exact
+    max_val = torch.maximum(max_val.clamp_min(0.0), min_val + MIN_RANGE)
+    scale = torch.div(max_val - min_val, num_steps, out=scale_out)
+    offset = torch.div(min_val, scale, out=offset_out).round_()
+    return scale, offset
 
 
 def _check_range(min_val: torch.Tensor, max_val: torch.Tensor) -> None:

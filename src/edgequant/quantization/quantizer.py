@@ -24,7 +24,7 @@ from torch import nn
 
 from edgequant.quantization.affine import quantize_dequantize
 from edgequant.quantization.analyzers import CalibrationError, EncodingAnalyzer, make_analyzer
-from edgequant.quantization.encoding import Encoding, broadcast_shape, check_bitwidth
+from edgequant.quantization.encoding import Encoding, broadcast_shape, check_bitwidth, grid_from_range
 from edgequant.quantization.sealing import Sealable
 
 ROLES = ("model_input", "input", "param", "output")
@@ -141,6 +141,31 @@ class Quantizer(Sealable):
         self.analyzer.reset()
         self.analyzer.observe(tensor.detach())
         return self.compute_encoding()
+
+    def refresh_from(self, tensor: torch.Tensor) -> None:
+        """`encode_from` without returning an `Encoding`, for a tensor that changes at every step (QAT's weights).
+
+        Where the analyzer can observe ``tensor`` in one pass (min-max, finite values), no range constraint
+        applies and the grid keeps its shape, dtype and device, the new scale/offset are written into the
+        existing tensors by the ops `Encoding.from_range` uses, so the result is the same bit for bit; anything
+        else takes `encode_from`."""
+        if not self._refreshed_in_place(tensor):
+            self.encode_from(tensor)
+
+    def _refreshed_in_place(self, tensor: torch.Tensor) -> bool:
+        scale, offset = self.scale, self.offset
+        if (scale is None or self.min_constraint is not None or self.max_constraint is not None
+                or scale.dtype != torch.float32 or offset.dtype != torch.float32 or scale.device != tensor.device
+                or not self.analyzer.observe_alone(tensor)):
+            return False
+        low, high = self.analyzer.min, self.analyzer.max
+        if self.axis is None:
+            low, high = low.reshape(()), high.reshape(())
+        if low.shape != scale.shape:
+            return False
+        with torch.no_grad():
+            grid_from_range(low, high, self.bitwidth, self.symmetric, out=(scale, offset))
+        return True
 
     def enable_range_learning(self) -> None:
         """Make scale and offset trainable (QAT with range learning, LSQ gradients)."""
