@@ -27,7 +27,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> to
 
 class _QuantDequant(torch.autograd.Function):
     """Fake quantization with STE/LSQ gradients. The in-range mask is kept from the forward (one bool per
-    value), so a backward for the input alone is one multiplication. With range learning the forward allocates
+    value), so a backward for the input alone is one `torch.where`. With range learning the forward allocates
     three full-size float tensors (``x / s``, its rounding — reused for the scale derivative — and the clamp,
     which becomes the output) and the backward one (the input gradient): the scale and offset gradients are
     reductions (a dot product per tensor), not further element-wise products. (A fused CPU kernel that writes the
@@ -44,7 +44,9 @@ class _QuantDequant(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: ANN001
         in_range = ctx.saved_tensors[0]
         learns_range = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        grad_in_range = grad_out * in_range if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] else None
+        grad_in_range = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:  # not `grad * mask`: that copies the mask to float
+            grad_in_range = torch.where(in_range, grad_out, 0.0)
         grad_scale = grad_offset = None
         if learns_range:
             _, scale_derivative, scale, offset = ctx.saved_tensors
@@ -70,8 +72,8 @@ def _forward(
     in_range = rounded == clamped
     if not learns_range:
         return clamped.mul_(scale), in_range
-    # d(out)/d(scale): round(x/s) - x/s in range, the grid's end where clipped; one pass into `rounded`
-    scale_derivative = torch.addcmul(clamped, scaled, in_range, value=-1, out=rounded)
+    # d(out)/d(scale): round(x/s) - x/s in range, the grid's end where clipped; written into `rounded`
+    scale_derivative = torch.where(in_range, rounded.sub_(scaled), clamped, out=rounded)
     return clamped.mul_(scale), in_range, scale_derivative
 
 
