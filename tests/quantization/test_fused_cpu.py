@@ -60,6 +60,19 @@ def test_training_keeps_the_eager_passes(fused_calls):
     assert fused_calls == [] and x.grad is not None
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_a_traced_sim_sees_the_eager_ops(fused_calls):
+    encoding = Encoding.from_range(-3.0, 5.0, 8, symmetric=False)
+    x = _large_input(encoding)
+    traced = torch.jit.trace(lambda t: quantize_dequantize(t, encoding.scale, encoding.offset, 8), x,
+                             check_trace=False)
+    assert fused_calls == []
+    kinds = {n.kind().rstrip("_") for n in traced.graph.nodes()}
+    assert {"aten::div", "aten::round", "aten::clamp", "aten::mul"} <= kinds
+    assert torch.equal(traced(x), quantize_dequantize(x, encoding.scale, encoding.offset, 8))
+    assert fused_calls == ["_qdq"]  # the untraced call did fuse
+
+
 def test_a_compiler_failure_falls_back_to_the_eager_passes(monkeypatch, caplog):
     def no_compiler(kernel):  # noqa: ANN001, ANN202
         def fail(*args):  # noqa: ANN002, ANN202

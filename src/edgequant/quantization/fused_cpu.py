@@ -33,8 +33,10 @@ _log = logging.getLogger(__name__)
 
 
 def can_fuse(x: torch.Tensor, scale: torch.Tensor) -> bool:
-    return (not _disabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= MIN_NUMEL
-            and scale.numel() == 1)
+    """Plain tensors only: tracers (TorchScript, ONNX export) and tensor subclasses (fake tensors of
+    ``torch.export``) must see the eager ops, not a compiled call."""
+    return (not _disabled and not torch.jit.is_tracing() and type(x) is torch.Tensor and x.device.type == "cpu"
+            and x.dtype == torch.float32 and x.numel() >= MIN_NUMEL and scale.numel() == 1)
 
 
 def _qdq(x: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
