@@ -1,15 +1,16 @@
-"""The reference toolkit's own MobileNetV2 on digits (``shared/fixtures/aimet-2.42/mobilenet_v2_digits``) and the
-data it was trained and evaluated on, reconstructed from the fixture's inputs.
+"""The data the reference toolkit's own MobileNetV2 on digits (``tests/fixtures/aimet-2.42/mobilenet_v2_digits``;
+the float model is `aimet_fixtures.mobilenet`) was trained and evaluated on, reconstructed from the fixture's inputs.
 
 The fixture's 128 test inputs are, to 1e-4, sklearn's digits upsampled bilinearly to 16x16 and standardised with
 the training images' mean and std, in the order of ``train_test_split(test_size=0.3, stratify=labels,
-random_state=0)``'s test split (1257 training / 540 test images). With that data the float model scores 0.9907 on
-the 540 test images, the FP32 figure the issue quotes for the reference toolkit's MobileNetV2, so the QAT recipe
+random_state=0)``'s test split (1257 training / 540 test images). With that data the float model scores 0.9907 on the
+540 test images, the FP32 figure the issue quotes for the reference toolkit's MobileNetV2, so the QAT recipe
 can be compared on the same weights and the same images.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,27 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "aimet-2.42" / "mobilenet_v2_digits"
-
-
-class MobileNetV2Digits(nn.Module):
-    """torchvision's MobileNetV2 with a stride-1 stem; 1-channel 16x16 inputs are repeated to 3 channels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from torchvision.models import mobilenet_v2
-
-        self.net = mobilenet_v2(num_classes=10)
-        self.net.features[0][0].stride = (1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.repeat(1, 3, 1, 1))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import aimet_fixtures  # noqa: E402 - the fixture helpers live with the tests
 
 
 def load_model() -> nn.Module:
-    model = MobileNetV2Digits()
-    model.load_state_dict(torch.load(FIXTURE / "float_state_dict.pt", weights_only=True))
-    return model.eval()
+    return aimet_fixtures.mobilenet()
 
 
 def load_data() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:

@@ -9,8 +9,8 @@ distillation). Epoch time: one training epoch of the prepared sim vs one FP32 tr
 
 Models: ``digits_cnn`` (bundled weights); ``mobilenet_v2``, torchvision's at width 0.5 with a 1-channel stem of
 stride 1 and strides fitted to 8x8 inputs, trained here on the digits train split (cached in ``--cache``); and
-``aimet_mobilenet_v2``, the reference toolkit's own full-width MobileNetV2 from the shared fixtures on its own
-16x16 data (:mod:`aimet_mobilenet_digits`), so that its figures compare with the issue's on the same weights.
+``aimet_mobilenet_v2``, the reference toolkit's own full-width MobileNetV2 (tests/fixtures/aimet-2.42) on its
+own 16x16 data (:mod:`aimet_mobilenet_digits`), so that its figures compare with the issue's on the same weights.
 
     python benchmarks/bench_qat.py [--models digits_cnn,mobilenet_v2,aimet_mobilenet_v2] [--repeats 3]
 """

@@ -26,7 +26,8 @@ from collections.abc import Callable
 import torch
 
 MIN_NUMEL = 1 << 20
-"""4 MB of float32: above the L2 cache of usual CPUs, where the eager passes become memory-bound."""
+"""4 MB of float32, past the L2 cache. Measured on a 2-core EPYC: from here the fused loop is faster at 1 thread (1 M
+values: 0.36 vs 0.45 ms) and at most 10 % slower at 2 threads while the tensor fits the L3 (past it: 3x faster)."""
 
 _disabled = os.environ.get("EDGEQUANT_FUSED_CPU", "1") == "0"
 _log = logging.getLogger(__name__)
