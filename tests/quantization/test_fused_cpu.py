@@ -88,3 +88,19 @@ def test_a_compiler_failure_falls_back_to_the_eager_passes(monkeypatch, caplog):
     assert fused_cpu._disabled
     assert "no C++ compiler" in caplog.text and "more lines" not in caplog.text
     assert not fused_cpu.can_fuse(x, encoding.scale)
+
+
+@pytest.mark.parametrize("bounds", [(0.0, 6.0), (0.0, float("inf")), (-1.0, 2.0)])
+def test_a_clamp_in_the_fused_pass_equals_the_activation_run_first(fused_calls, monkeypatch, bounds):
+    encoding = Encoding.from_range(-3.0, 5.0, 8, symmetric=False)  # reaches past each clamp's lower end
+    x = torch.cat([_large_input(encoding), torch.tensor([float("nan"), float("inf"), -float("inf")])])
+    expected = _eager(lambda: quantize_dequantize(torch.clamp(x, *bounds), encoding.scale, encoding.offset, 8),
+                      monkeypatch)
+    fused = quantize_dequantize(x, encoding.scale, encoding.offset, 8, clamp_first=bounds)
+    assert torch.equal(fused[:-3], expected[:-3]) and fused[-3].isnan() and torch.equal(fused[-2:], expected[-2:])
+    in_place = x.clone()
+    quantize_dequantize(in_place, encoding.scale, encoding.offset, 8, inplace=True, clamp_first=bounds)
+    assert torch.equal(in_place[:-3], expected[:-3])
+    assert fused_calls == ["_qdq", "_qdq_into_input"]
+    unclamped = _eager(lambda: quantize_dequantize(x, encoding.scale, encoding.offset, 8), monkeypatch)
+    assert (unclamped[:-3] != expected[:-3]).sum() > 1000  # the clamp changed values the grid alone keeps

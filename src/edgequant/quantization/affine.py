@@ -93,28 +93,34 @@ def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_dequantize(
-    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int, inplace: bool = False
+    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int, inplace: bool = False,
+    clamp_first: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Fake-quantize ``x``; ``scale``/``offset`` must already broadcast against ``x``.
 
     Without autograd (evaluation, calibration) it runs one fused pass where a fused kernel applies (CUDA; large
     CPU tensors), else four in-place passes; with ``inplace=True`` it also reuses ``x``'s memory (for op outputs
-    that nothing else holds), which saves an allocation per tensor.
+    that nothing else holds), which saves an allocation per tensor. ``clamp_first`` clamps ``x`` to
+    ``(low, high)`` before quantizing (the ReLU or ReLU6 that produced it): inside the fused CPU pass where that
+    applies (`fused_cpu.can_fuse`), else as a pass of its own.
     """
     num_steps = 2**bitwidth - 1
     if offset.requires_grad:  # a learned offset is used as an integer (rounded with a straight-through grad)
         offset = offset.detach().round() + (offset - offset.detach())  # exactly integral in value
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or offset.requires_grad)
+    if not needs_grad and fused_cpu.can_fuse(x, scale):
+        fused = fused_cpu.quantize_dequantize(x, scale, offset, num_steps, inplace, clamp_first)
+        if fused is not None:
+            return fused
+    if clamp_first is not None:
+        x = x.clamp_(*clamp_first) if inplace and not needs_grad else torch.clamp(x, *clamp_first)
+        inplace = not needs_grad  # the clamped tensor is ours to write into
     if needs_grad:
         return _QuantDequant.apply(x, scale, offset, num_steps)
     if torch.compiler.is_compiling():  # one graph, no .item() or in-place writes: the compiler fuses the passes
         return torch.clamp(torch.round(x / scale), offset, offset + num_steps) * scale
     if x.is_cuda and fused_cuda.can_fuse(x, scale):
         return fused_cuda.quantize_dequantize_fused(x, scale, offset, num_steps, inplace)
-    if fused_cpu.can_fuse(x, scale):
-        fused = fused_cpu.quantize_dequantize(x, scale, offset, num_steps, inplace)
-        if fused is not None:
-            return fused
     out = x.div_(scale) if inplace else torch.div(x, scale)
     out.round_()
     if offset.dim() == 0 and offset.device.type == "cpu":

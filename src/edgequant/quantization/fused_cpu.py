@@ -6,8 +6,10 @@ for tensors larger than the caches memory bandwidth is the cost: at 12.8 M value
 long as the ReLU before it. Inductor compiles the same expression into one vectorised loop that reads and writes each
 value once (about 3x faster on a 51 MB activation). It keeps the grid convention: a true IEEE division (not a
 multiplication by ``1/scale``) and round half to even, so simulation and ONNX Runtime still agree bit for bit
-(tested against the eager path, halves included). It serves evaluation and calibration; training keeps the eager
-passes, whose in-range mask a fused kernel wrote no faster (Inductor's bool stores are slow on the CPU).
+(tested against the eager path, halves included). The ReLU or ReLU6 whose output is quantized can run in the same
+loop (``clamp_first``), as the hardware runs it inside the requantization: one memory pass instead of two. It serves
+evaluation and calibration; training keeps the eager passes, whose in-range mask a fused kernel wrote no faster
+(Inductor's bool stores are slow on the CPU).
 
 Only tensors of at least ``MIN_NUMEL`` float32 values with one scale use it: smaller tensors sit in the caches,
 where the eager passes are cheap and a compiled call's overhead is not. The kernels compile on first use (a few
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable
 
@@ -34,18 +37,26 @@ _log = logging.getLogger(__name__)
 
 
 def can_fuse(x: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Plain tensors only: tracers (TorchScript, ONNX export) and tensor subclasses (fake tensors of
+    """Plain tensors only: tracers (TorchScript, ONNX export), the compiler and tensor subclasses (fake tensors of
     ``torch.export``) must see the eager ops, not a compiled call."""
-    return (not _disabled and not torch.jit.is_tracing() and type(x) is torch.Tensor and x.device.type == "cpu"
-            and x.dtype == torch.float32 and x.numel() >= MIN_NUMEL and scale.numel() == 1)
+    return (not _disabled and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.numel() >= MIN_NUMEL and scale.numel() == 1)
 
 
-def _qdq(x: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(x / scale), low, high) * scale
+def _qdq(x: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, high: torch.Tensor, floor: torch.Tensor,
+         ceiling: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(torch.clamp(x, floor, ceiling) / scale), low, high) * scale
 
 
-def _qdq_into_input(x: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    return x.copy_(_qdq(x, scale, low, high))
+def _qdq_into_input(x: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, high: torch.Tensor, floor: torch.Tensor,
+                    ceiling: torch.Tensor) -> torch.Tensor:
+    return x.copy_(_qdq(x, scale, low, high, floor, ceiling))
+
+
+@functools.cache
+def _bound(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
 
 
 @functools.cache
@@ -54,14 +65,18 @@ def _compiled(kernel: Callable) -> Callable:
 
 
 def quantize_dequantize(
-    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int, inplace: bool
+    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int, inplace: bool,
+    clamp_first: tuple[float, float] | None = None,
 ) -> torch.Tensor | None:
-    """The fake-quantized ``x`` from one pass (into ``x`` itself if ``inplace``), or None once compilation has
-    failed (the caller then runs the eager passes)."""
+    """The fake-quantized ``x`` (first clamped to ``clamp_first``, the ReLU or ReLU6 that produced it) from one
+    pass, into ``x`` itself if ``inplace``; None once compilation has failed (the caller then runs the eager
+    passes). Clamping is exact, so the clamp in the loop gives the values of the activation run on its own."""
     global _disabled
     low = offset.reshape(()).to(torch.float32)
+    floor, ceiling = clamp_first or (-math.inf, math.inf)  # an infinite clamp passes every value, NaN included
+    kernel = _compiled(_qdq_into_input if inplace else _qdq)
     try:
-        return _compiled(_qdq_into_input if inplace else _qdq)(x, scale.reshape(()), low, low + num_steps)
+        return kernel(x, scale.reshape(()), low, low + num_steps, _bound(floor), _bound(ceiling))
     except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, say so once
         _disabled = True
         _log.warning("edgequant: fused CPU quantization unavailable (%s); using the eager kernels",

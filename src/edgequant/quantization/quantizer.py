@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgequant.quantization import fused_cpu
 from edgequant.quantization.affine import quantize_dequantize
 from edgequant.quantization.analyzers import CalibrationError, EncodingAnalyzer, make_analyzer
 from edgequant.quantization.encoding import Encoding, broadcast_shape, check_bitwidth, grid_from_range
@@ -210,7 +211,22 @@ class Quantizer(Sealable):
                 self.offset.round_()
 
     # -- forward -----------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def absorbs_clamp(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x, clamp_first=...)`` runs the clamp of the activation that produced ``x`` (ReLU,
+        ReLU6) and this quantizer in one fused pass: evaluation without autograd, one scale, a large float32 CPU
+        tensor. Elsewhere the activation runs on its own (its gradient at the clamp's ends is its own)."""
+        return (self.enabled and not self.calibrating and self.scale is not None and not torch.is_grad_enabled()
+                and fused_cpu.can_fuse(x, self.scale))
+
+    def forward(
+        self, x: torch.Tensor, clamp_first: tuple[float, float] | None = None, clamp_in_place: bool = False
+    ) -> torch.Tensor:
+        """Fake-quantize (or observe) ``x``. With ``clamp_first`` (where `absorbs_clamp`), ``x`` is the input of a
+        clamping activation, clamped in the same pass; ``clamp_in_place``: into ``x``, as the activation would."""
+        if clamp_first is not None:
+            if self.absorbs_clamp(x):
+                return quantize_dequantize(x, self.scale, self.offset, self.bitwidth, clamp_in_place, clamp_first)
+            x = x.clamp_(*clamp_first) if clamp_in_place else torch.clamp(x, *clamp_first)
         if self.calibrating:
             self.analyzer.observe(x)
             return x

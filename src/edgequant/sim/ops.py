@@ -6,6 +6,7 @@ quantizable op needs one. Users add their own leaf modules with `register_module
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -32,6 +33,7 @@ MODULE_OP_TYPES: dict[type[nn.Module], str] = {
     nn.Embedding: "Gather",
     nn.ReLU: "Relu",
     nn.ReLU6: "Clip",
+    nn.Hardtanh: "Clip",
     nn.LeakyReLU: "LeakyRelu",
     nn.PReLU: "PRelu",
     nn.ELU: "Elu",
@@ -80,6 +82,17 @@ MODULE_NAME_OP_TYPES = {
 }
 """Activation modules of Hugging Face transformers, matched by class name (no import needed)."""
 """Third-party identity-at-inference modules (torchvision, timm), matched by class name."""
+
+
+CLAMP_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+"""Activation modules that only clamp: their output quantizer can apply the clamp in its own pass."""
+
+
+def clamp_bounds(module: nn.Module) -> tuple[float, float]:
+    """The range a `CLAMP_ACTIVATIONS` module clamps to."""
+    if isinstance(module, nn.Hardtanh):  # ReLU6 too
+        return float(module.min_val), float(module.max_val)
+    return 0.0, math.inf
 
 
 def is_pass_through(module: nn.Module) -> bool:

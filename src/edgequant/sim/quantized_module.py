@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from edgequant.quantization import Quantizer
 from edgequant.quantization.sealing import Sealable
-from edgequant.sim.ops import function_name
+from edgequant.sim.ops import CLAMP_ACTIVATIONS, clamp_bounds, function_name
 
 
 class FrozenParam(NamedTuple):
@@ -48,8 +48,13 @@ class QuantizedModule(Sealable):
     onnx_op_type: str
     _frozen_params: dict[str, FrozenParam] | None = None  # set while frozen
     _freeze_pending = False
+    clamps_output = False  # one of CLAMP_ACTIVATIONS (exactly that class): see `_clamped_and_quantized`
 
     def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003 - same signature as the wrapped module
+        if self.clamps_output and len(args) == 1 and not kwargs:
+            output = self._clamped_and_quantized(args[0])
+            if output is not None:
+                return output
         input_quantizers = self._modules["input_quantizers"]
         if input_quantizers:
             args = tuple(
@@ -74,6 +79,17 @@ class QuantizedModule(Sealable):
             output_quantizers[str(i)](leaf) if str(i) in output_quantizers else leaf for i, leaf in enumerate(leaves)
         ]
         return tree_unflatten(leaves, spec)
+
+    def _clamped_and_quantized(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A ReLU or ReLU6 run inside its output quantizer's fused pass (one memory pass instead of two), where
+        the quantizer `absorbs_clamp`; None elsewhere (the activation then runs on its own)."""
+        output_quantizers = self._modules["output_quantizers"]
+        if self._modules["input_quantizers"] or "0" not in output_quantizers:
+            return None
+        quantizer = output_quantizers["0"]
+        if not quantizer.absorbs_clamp(x):
+            return None
+        return quantizer(x, clamp_first=clamp_bounds(self), clamp_in_place=self.inplace)
 
     def _swap_in_quantized_params(self) -> dict[str, nn.Parameter | None]:
         """Put the fake-quantized parameters in place for one forward; returns what to put back after it
@@ -180,6 +196,7 @@ def make_quantized(module: nn.Module, onnx_op_type: str) -> QuantizedModule:
     module.param_quantizers = nn.ModuleDict()
     module.output_quantizers = nn.ModuleDict()
     module.onnx_op_type = onnx_op_type
+    module.clamps_output = cls in CLAMP_ACTIVATIONS
     return module
 
 
