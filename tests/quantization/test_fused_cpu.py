@@ -1,4 +1,4 @@
-"""The fused CPU kernel (Inductor) against the eager passes: same values bit for bit, the eager passes for
+"""The fused CPU kernels (Inductor) against the eager passes: same values bit for bit, the same gradients in
 training, and the eager path when compilation fails."""
 
 from __future__ import annotations
@@ -52,11 +52,51 @@ def test_fused_forward_is_bit_identical_to_the_eager_passes(fused_calls, monkeyp
     assert (expected != x).float().mean() > 0.9  # the input really was quantized
 
 
-def test_training_keeps_the_eager_passes(fused_calls):
+def _train_step(encoding: Encoding, x: torch.Tensor, grad_out: torch.Tensor, range_learning: bool) -> list:
+    """Output and the gradients of input, scale and offset for ``grad_out``."""
+    inp = x.clone().requires_grad_()
+    scale = encoding.scale.clone().requires_grad_(range_learning)
+    offset = encoding.offset.clone().requires_grad_(range_learning)
+    out = quantize_dequantize(inp, scale, offset, 8)
+    out.backward(grad_out)
+    return [out, inp.grad, scale.grad, offset.grad]
+
+
+@pytest.mark.parametrize("range_learning", [False, True])
+def test_training_takes_one_pass_each_way_with_the_eager_gradients(fused_calls, monkeypatch, range_learning):
     encoding = Encoding.from_range(-3.0, 5.0, 8, symmetric=False)
-    x = _large_input(encoding).requires_grad_()
-    quantize_dequantize(x, encoding.scale, encoding.offset, 8).sum().backward()
-    assert fused_calls == [] and x.grad is not None
+    x = _large_input(encoding)
+    grad_out = torch.randn_like(x)
+    expected = _eager(lambda: _train_step(encoding, x, grad_out, range_learning), monkeypatch)
+    assert fused_calls == []
+    out, grad_in, grad_scale, grad_offset = _train_step(encoding, x, grad_out, range_learning)
+    assert torch.equal(out, expected[0]) and torch.equal(grad_in, expected[1])
+    assert (grad_in == 0).float().mean() > 0.05  # clipped values really got no gradient
+    if range_learning:  # sums over 1 M values, in another order
+        torch.testing.assert_close(grad_scale, expected[2], rtol=1e-4, atol=1e-2)
+        torch.testing.assert_close(grad_offset, expected[3], rtol=1e-4, atol=1e-3)
+        assert grad_scale.abs() > 1 and grad_offset.abs() > 1e-2
+    assert fused_calls == ["_qdq", "_lsq_backward" if range_learning else "_ste_backward"]
+
+
+def test_a_backward_compiler_failure_runs_the_same_ops_eagerly(monkeypatch, caplog):
+    compiled = fused_cpu._compiled
+
+    def backward_fails(kernel):  # noqa: ANN001, ANN202
+        def fail(*args):  # noqa: ANN002, ANN202
+            raise RuntimeError("InductorError: out of memory")
+
+        return fail if "backward" in kernel.__name__ else compiled(kernel)
+
+    encoding = Encoding.from_range(-3.0, 5.0, 8, symmetric=False)
+    x = _large_input(encoding)
+    grad_out = torch.randn_like(x)
+    expected = _eager(lambda: _train_step(encoding, x, grad_out, True), monkeypatch)
+    monkeypatch.setattr(fused_cpu, "_disabled", False)
+    monkeypatch.setattr(fused_cpu, "_compiled", backward_fails)
+    result = _train_step(encoding, x, grad_out, True)
+    assert torch.equal(result[1], expected[1]) and fused_cpu._disabled and "out of memory" in caplog.text
+    torch.testing.assert_close(result[2], expected[2], rtol=1e-4, atol=1e-2)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")

@@ -6,10 +6,12 @@ for tensors larger than the caches memory bandwidth is the cost: at 12.8 M value
 long as the ReLU before it. Inductor compiles the same expression into one vectorised loop that reads and writes each
 value once (about 3x faster on a 51 MB activation). It keeps the grid convention: a true IEEE division (not a
 multiplication by ``1/scale``) and round half to even, so simulation and ONNX Runtime still agree bit for bit
-(tested against the eager path, halves included). The ReLU or ReLU6 whose output is quantized can run in the same
-loop (``clamp_first``), as the hardware runs it inside the requantization: one memory pass instead of two. It serves
-evaluation and calibration; training keeps the eager passes, whose in-range mask a fused kernel wrote no faster
-(Inductor's bool stores are slow on the CPU).
+(tested against the eager path, halves included). The ReLU or ReLU6 whose output is quantized can run in the
+same loop (``clamp_first``), as the hardware runs it inside the requantization: one memory pass instead of two.
+In training the forward is the same loop and saves only its input; the backward recomputes the in-range mask from
+it and returns the input gradient (and with range learning the scale and offset gradients, as reductions) from
+one more loop. Storing the mask from the forward instead measured 2x slower (Inductor's bool stores are slow on
+the CPU).
 
 Only tensors of at least ``MIN_NUMEL`` float32 values with one scale use it: smaller tensors sit in the caches,
 where the eager passes are cheap and a compiled call's overhead is not. The kernels compile on first use (a few
@@ -59,6 +61,24 @@ def _bound(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32)
 
 
+def _ste_backward(x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
+                  high: torch.Tensor) -> torch.Tensor:
+    """The straight-through input gradient, the in-range mask recomputed from the saved input."""
+    rounded = torch.round(x / scale)
+    return torch.where((rounded >= low) & (rounded <= high), grad, 0.0)
+
+
+def _lsq_backward(x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
+                  high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input gradient, ``sum(grad * d out / d scale)`` and the gradient summed over clipped values (which move
+    with the offset), in one pass over the saved input."""
+    scaled = x / scale
+    rounded = torch.round(scaled)
+    in_range = (rounded >= low) & (rounded <= high)
+    scale_derivative = torch.where(in_range, rounded - scaled, torch.clamp(rounded, low, high))
+    return torch.where(in_range, grad, 0.0), (grad * scale_derivative).sum(), torch.where(in_range, 0.0, grad).sum()
+
+
 @functools.cache
 def _compiled(kernel: Callable) -> Callable:
     return torch.compile(kernel, dynamic=True, fullgraph=True)
@@ -71,14 +91,46 @@ def quantize_dequantize(
     """The fake-quantized ``x`` (first clamped to ``clamp_first``, the ReLU or ReLU6 that produced it) from one
     pass, into ``x`` itself if ``inplace``; None once compilation has failed (the caller then runs the eager
     passes). Clamping is exact, so the clamp in the loop gives the values of the activation run on its own."""
-    global _disabled
     low = offset.reshape(()).to(torch.float32)
     floor, ceiling = clamp_first or (-math.inf, math.inf)  # an infinite clamp passes every value, NaN included
     kernel = _compiled(_qdq_into_input if inplace else _qdq)
     try:
         return kernel(x, scale.reshape(()), low, low + num_steps, _bound(floor), _bound(ceiling))
     except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, say so once
-        _disabled = True
-        _log.warning("edgequant: fused CPU quantization unavailable (%s); using the eager kernels",
-                     str(error).splitlines()[0] if str(error) else type(error).__name__)
+        _disable(error)
         return None
+
+
+def _disable(error: Exception) -> None:
+    global _disabled
+    _disabled = True
+    _log.warning("edgequant: fused CPU quantization unavailable (%s); using the eager kernels",
+                 str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+
+def straight_through_grad(
+    x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int
+) -> torch.Tensor:
+    """The input gradient of the fused forward's output, in one pass over ``x`` and ``grad``."""
+    low = offset.detach().reshape(()).to(torch.float32)
+    return _run(_ste_backward, x, grad, scale.detach().reshape(()), low, low + num_steps)
+
+
+def range_learning_grads(
+    x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input, scale and offset gradients (LSQ) of the fused forward's output, in one pass over ``x`` and
+    ``grad``; scale and offset gradients in their parameters' shapes."""
+    low = offset.detach().reshape(()).to(torch.float32)
+    grad_in, grad_scale, clipped = _run(_lsq_backward, x, grad, scale.detach().reshape(()), low, low + num_steps)
+    return grad_in, grad_scale.reshape(scale.shape), (clipped * scale.detach()).reshape(offset.shape)
+
+
+def _run(kernel: Callable, *args: torch.Tensor):  # noqa: ANN202 - the kernel's result
+    """A backward kernel, compiled; eagerly (the same ops) once compilation has failed."""
+    if not _disabled:
+        try:
+            return _compiled(kernel)(*args)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, say so once
+            _disable(error)
+    return kernel(*args)
