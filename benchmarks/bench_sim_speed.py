@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -146,6 +147,9 @@ def main() -> None:
             for part in args.parts:
                 measure = forward_ratios if part == "forward" else train_ratios
                 report(model_name, part, compiled, measure(model, batch, compiled, args.repeats))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"CPU time in the kernel: {usage.ru_stime:.0f} s of {usage.ru_utime + usage.ru_stime:.0f} s, "
+          f"{usage.ru_minflt} page faults (fresh memory for large tensors; see benchmarks/README.md)")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ import torch
 
 MIN_NUMEL = 1 << 20
 """4 MB of float32, past the L2 cache. Measured on a 2-core EPYC: from here the fused loop is faster at 1 thread (1 M
-values: 0.36 vs 0.45 ms) and at most 10 % slower at 2 threads while the tensor fits the L3 (past it: 3x faster)."""
+values: 0.36 vs 0.45 ms); at 2 threads the eager in-place passes over a tensor hot in the L3 are up to 1.6x faster
+(4 M values: 1.3 vs 2.2 ms; past the L3 the fused loop is 3x faster), yet on a whole mobilenet_v2 forward a 1 M
+threshold ties with 4 M and beats 8 M (1.15x, 1.14x, 1.24x the float forward). A training step (forward and
+backward) is 2.3x faster fused from 1 M values."""
 
 _disabled = os.environ.get("EDGEQUANT_FUSED_CPU", "1") == "0"
 _log = logging.getLogger(__name__)
