@@ -42,11 +42,8 @@ class _QuantDequant(torch.autograd.Function):
         ctx.num_steps = num_steps
         ctx.fused = fused_cpu.can_fuse(x, scale)
         if ctx.fused:
-            out = fused_cpu.quantize_dequantize(x, scale, offset, num_steps, inplace=False)
-            ctx.fused = out is not None
-            if ctx.fused:
-                ctx.save_for_backward(x, scale, offset)
-                return out
+            ctx.save_for_backward(x, scale, offset)
+            return fused_cpu.quantize_dequantize(x, scale, offset, num_steps, inplace=False)
         out, *saved = _forward(x, scale, offset, num_steps, learns_range)
         ctx.save_for_backward(*saved, *((scale, offset) if learns_range else ()))
         return out
@@ -125,9 +122,7 @@ def quantize_dequantize(
         offset = offset.detach().round() + (offset - offset.detach())  # exactly integral in value
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or offset.requires_grad)
     if not needs_grad and fused_cpu.can_fuse(x, scale):
-        fused = fused_cpu.quantize_dequantize(x, scale, offset, num_steps, inplace, clamp_first)
-        if fused is not None:
-            return fused
+        return fused_cpu.quantize_dequantize(x, scale, offset, num_steps, inplace, clamp_first)
     if clamp_first is not None:
         x = x.clamp_(*clamp_first) if inplace and not needs_grad else torch.clamp(x, *clamp_first)
         inplace = not needs_grad  # the clamped tensor is ours to write into

@@ -16,8 +16,8 @@ the CPU).
 Only tensors of at least ``MIN_NUMEL`` float32 values with one scale use it: smaller tensors sit in the caches,
 where the eager passes are cheap and a compiled call's overhead is not. The kernels compile on first use (a few
 seconds, cached on disk by Inductor across processes). Where compilation is impossible (no C++ compiler) the
-first failure switches the fused path off for the process and the eager path runs; ``EDGEQUANT_FUSED_CPU=0`` in
-the environment switches it off from the start.
+first failure runs that call's kernel uncompiled and switches the fused path off for the process;
+``EDGEQUANT_FUSED_CPU=0`` in the environment switches it off from the start.
 """
 
 from __future__ import annotations
@@ -90,33 +90,20 @@ def _compiled(kernel: Callable) -> Callable:
 def quantize_dequantize(
     x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int, inplace: bool,
     clamp_first: tuple[float, float] | None = None,
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """The fake-quantized ``x`` (first clamped to ``clamp_first``, the ReLU or ReLU6 that produced it) from one
-    pass, into ``x`` itself if ``inplace``; None once compilation has failed (the caller then runs the eager
-    passes). Clamping is exact, so the clamp in the loop gives the values of the activation run on its own."""
-    low = offset.reshape(()).to(torch.float32)
+    pass, into ``x`` itself if ``inplace``. Clamping is exact, so the clamp in the loop gives the values of the
+    activation run on its own."""
     floor, ceiling = clamp_first or (-math.inf, math.inf)  # an infinite clamp passes every value, NaN included
-    kernel = _compiled(_qdq_into_input if inplace else _qdq)
-    try:
-        return kernel(x, scale.reshape(()), low, low + num_steps, _bound(floor), _bound(ceiling))
-    except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, say so once
-        _disable(error)
-        return None
-
-
-def _disable(error: Exception) -> None:
-    global _disabled
-    _disabled = True
-    _log.warning("edgequant: fused CPU quantization unavailable (%s); using the eager kernels",
-                 str(error).splitlines()[0] if str(error) else type(error).__name__)
+    return _run(_qdq_into_input if inplace else _qdq, x, *_grid(scale, offset, num_steps), _bound(floor),
+                _bound(ceiling))
 
 
 def straight_through_grad(
     x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int
 ) -> torch.Tensor:
     """The input gradient of the fused forward's output, in one pass over ``x`` and ``grad``."""
-    low = offset.detach().reshape(()).to(torch.float32)
-    return _run(_ste_backward, x, grad, scale.detach().reshape(()), low, low + num_steps)
+    return _run(_ste_backward, x, grad, *_grid(scale, offset, num_steps))
 
 
 def range_learning_grads(
@@ -124,16 +111,25 @@ def range_learning_grads(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Input, scale and offset gradients (LSQ) of the fused forward's output, in one pass over ``x`` and
     ``grad``; scale and offset gradients in their parameters' shapes."""
-    low = offset.detach().reshape(()).to(torch.float32)
-    grad_in, grad_scale, clipped = _run(_lsq_backward, x, grad, scale.detach().reshape(()), low, low + num_steps)
+    grad_in, grad_scale, clipped = _run(_lsq_backward, x, grad, *_grid(scale, offset, num_steps))
     return grad_in, grad_scale.reshape(scale.shape), (clipped * scale.detach()).reshape(offset.shape)
 
 
+def _grid(scale: torch.Tensor, offset: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, ...]:
+    """The kernels' grid arguments: scale, lowest and highest integer, as float32 scalars."""
+    low = offset.detach().reshape(()).to(torch.float32)
+    return scale.detach().reshape(()), low, low + num_steps
+
+
 def _run(kernel: Callable, *args: torch.Tensor):  # noqa: ANN202 - the kernel's result
-    """A backward kernel, compiled; eagerly (the same ops) once compilation has failed."""
+    """``kernel`` compiled; at the first compiler failure, one warning, the fused path off for the process
+    (`can_fuse`) and this call run eagerly: the same ops, so the same values."""
+    global _disabled
     if not _disabled:
         try:
             return _compiled(kernel)(*args)
         except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, say so once
-            _disable(error)
+            _disabled = True
+            _log.warning("edgequant: fused CPU quantization unavailable (%s); using the eager kernels",
+                         str(error).splitlines()[0] if str(error) else type(error).__name__)
     return kernel(*args)

@@ -221,12 +221,11 @@ class Quantizer(Sealable):
     def forward(
         self, x: torch.Tensor, clamp_first: tuple[float, float] | None = None, clamp_in_place: bool = False
     ) -> torch.Tensor:
-        """Fake-quantize (or observe) ``x``. With ``clamp_first`` (where `absorbs_clamp`), ``x`` is the input of a
-        clamping activation, clamped in the same pass; ``clamp_in_place``: into ``x``, as the activation would."""
+        """Fake-quantize (or observe) ``x``. With ``clamp_first`` (only where the caller found `absorbs_clamp`),
+        ``x`` is the input of a clamping activation, clamped in the same pass; ``clamp_in_place``: into ``x``, as
+        the activation would."""
         if clamp_first is not None:
-            if self.absorbs_clamp(x):
-                return quantize_dequantize(x, self.scale, self.offset, self.bitwidth, clamp_in_place, clamp_first)
-            x = x.clamp_(*clamp_first) if clamp_in_place else torch.clamp(x, *clamp_first)
+            return quantize_dequantize(x, self.scale, self.offset, self.bitwidth, clamp_in_place, clamp_first)
         if self.calibrating:
             self.analyzer.observe(x)
             return x
