@@ -58,7 +58,7 @@ def activation_inputs(sim: eq.QuantSim) -> tuple[dict[str, torch.Tensor], list]:
 
 
 def test_fused_activations_are_bit_identical_and_quantizers_still_see_the_call(fused_path, monkeypatch):
-    images = torch.randn(4, 3, 128, 128)  # 1 M values per activation: the fused CPU pass applies
+    images = torch.randn(4, 3, 128, 128)  # 1 M values per activation: every thread takes part
     sim = calibrated_sim(images)
     seen, handles = activation_inputs(sim)
     with torch.no_grad():

@@ -118,11 +118,16 @@ def _quantizers_as_markers(sim: QuantSim, include_disabled: bool) -> Iterator[No
 
     for name, quantizer in quantizers.items():
         quantizer.forward = marker(name)
+        quantizer.absorbs_clamp = _absorbs_nothing  # the activation before a marker stays in the graph
     try:
         yield
     finally:
         for quantizer in quantizers.values():
-            del quantizer.forward
+            del quantizer.forward, quantizer.absorbs_clamp
+
+
+def _absorbs_nothing(x: torch.Tensor) -> bool:
+    return False
 
 
 @contextmanager

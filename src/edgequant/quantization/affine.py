@@ -111,8 +111,8 @@ def quantize_dequantize(
 ) -> torch.Tensor:
     """Fake-quantize ``x``; ``scale``/``offset`` must already broadcast against ``x``.
 
-    Without autograd (evaluation, calibration) it runs one fused pass where a fused kernel applies (CUDA; large
-    CPU tensors), else four in-place passes; with ``inplace=True`` it also reuses ``x``'s memory (for op outputs
+    Without autograd (evaluation, calibration) it runs one fused pass where a fused kernel applies (CUDA; contiguous
+    float32 CPU tensors), else four in-place passes; with ``inplace=True`` it also reuses ``x``'s memory (for op outputs
     that nothing else holds), which saves an allocation per tensor. ``clamp_first`` clamps ``x`` to
     ``(low, high)`` before quantizing (the ReLU or ReLU6 that produced it): inside the fused CPU pass where that
     applies (`fused_cpu.can_fuse`), else as a pass of its own.

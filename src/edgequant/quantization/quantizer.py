@@ -213,8 +213,8 @@ class Quantizer(Sealable):
     # -- forward -----------------------------------------------------------------------------------------
     def absorbs_clamp(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x, clamp_first=...)`` runs the clamp of the activation that produced ``x`` (ReLU,
-        ReLU6) and this quantizer in one fused pass: evaluation without autograd, one scale, a large float32 CPU
-        tensor. Elsewhere the activation runs on its own, as the model wrote it."""
+        ReLU6) and this quantizer in one fused pass: evaluation without autograd, one scale, a contiguous float32
+        CPU tensor. Elsewhere the activation runs on its own, as the model wrote it."""
         return (self.enabled and not self.calibrating and self.scale is not None and not torch.is_grad_enabled()
                 and fused_cpu.can_fuse(x, self.scale))
 
