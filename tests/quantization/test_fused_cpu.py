@@ -145,7 +145,7 @@ def test_a_compiler_failure_falls_back_to_the_eager_passes(monkeypatch, caplog, 
 
 def test_tensors_the_loops_cannot_walk_take_the_eager_passes(fused_calls):
     scale = torch.tensor(0.1)
-    assert fused_cpu.can_fuse(torch.randn(8, 8), scale)
+    assert fused_cpu.can_fuse(torch.randn(8, 8), scale) and fused_cpu.can_fuse(torch.nn.Parameter(torch.ones(8)), scale)
     for x in (torch.randn(8, 8).t(), torch.randn(8, 8, dtype=torch.float64), torch.randn(2, 3, 4, 4).to(
             memory_format=torch.channels_last)):
         assert not fused_cpu.can_fuse(x, scale)
