@@ -68,9 +68,9 @@ def _library() -> ctypes.CDLL | None:
             subprocess.run([*command, "-o", path], check=True, capture_output=True, text=True, timeout=300)
             library = ctypes.CDLL(path)  # torch is loaded: the library's OpenMP resolves to torch's own
         except (OSError, subprocess.SubprocessError) as error:
-            detail = getattr(error, "stderr", None) or str(error) or type(error).__name__
+            lines = (getattr(error, "stderr", None) or str(error)).strip().splitlines() or [type(error).__name__]
             _log.warning("edgequant: fused CPU quantization unavailable (`%s` failed: %s); using the eager passes",
-                         shlex.join(command[:1]), detail.strip().splitlines()[0] if detail.strip() else detail)
+                         shlex.join(command[:1]), lines[0])
             return None
     for name, argtypes in _SIGNATURES.items():
         getattr(library, name).argtypes, getattr(library, name).restype = argtypes, None
