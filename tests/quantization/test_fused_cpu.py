@@ -70,12 +70,16 @@ def test_fused_forward_is_bit_identical_to_the_eager_passes(fused_calls, monkeyp
     assert (expected != x).float().mean() > 0.9  # the input really was quantized
 
 
-def _train_step(encoding: Encoding, x: torch.Tensor, grad_out: torch.Tensor, range_learning: bool) -> list:
-    """Output and the gradients of input, scale and offset for ``grad_out``."""
+def _train_step(encoding: Encoding, x: torch.Tensor, grad_out: torch.Tensor, range_learning: bool,
+                saved: list[torch.Tensor] | None = None) -> list:
+    """Output and the gradients of input, scale and offset for ``grad_out``; what autograd saved for the
+    backward is appended to ``saved``."""
+    saved = [] if saved is None else saved
     inp = x.clone().requires_grad_()
     scale = encoding.scale.clone().requires_grad_(range_learning)
     offset = encoding.offset.clone().requires_grad_(range_learning)
-    out = quantize_dequantize(inp, scale, offset, 8)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = quantize_dequantize(inp, scale, offset, 8)
     out.backward(grad_out)
     return [out, inp.grad, scale.grad, offset.grad]
 
@@ -87,29 +91,35 @@ def test_training_takes_one_pass_each_way_with_the_eager_gradients(fused_calls, 
     grad_out = torch.randn_like(x)
     expected = _eager(lambda: _train_step(encoding, x, grad_out, range_learning), monkeypatch)
     assert fused_calls == []
-    out, grad_in, grad_scale, grad_offset = _train_step(encoding, x, grad_out, range_learning)
+    saved: list[torch.Tensor] = []
+    out, grad_in, grad_scale, grad_offset = _train_step(encoding, x, grad_out, range_learning, saved)
     assert torch.equal(out, expected[0]) and torch.equal(grad_in, expected[1])
+    full_size = [t.dtype for t in saved if t.numel() == x.numel()]
+    assert full_size == ([torch.float32] if range_learning else [torch.bool])  # the input, or a byte per value
     assert (grad_in == 0).float().mean() > 0.05  # clipped values really got no gradient
     if range_learning:  # sums over 1 M values, in another order (and in double)
         torch.testing.assert_close(grad_scale, expected[2], rtol=1e-4, atol=1e-2)
         torch.testing.assert_close(grad_offset, expected[3], rtol=1e-4, atol=1e-3)
         assert grad_scale.abs() > 1 and grad_offset.abs() > 1e-2
-    assert fused_calls == ["quantize_dequantize", "range_learning_grads" if range_learning else "straight_through_grad"]
+    assert fused_calls == ["quantize_dequantize", *(["range_learning_grads"] if range_learning else [])]
 
 
-def test_a_broadcast_gradient_is_read_as_its_values(fused_calls, monkeypatch):
+@pytest.mark.parametrize("range_learning", [False, True])
+def test_a_broadcast_gradient_is_read_as_its_values(fused_calls, monkeypatch, range_learning):
     """``out.sum().backward()`` hands the backward an expanded (stride 0) gradient."""
     encoding = Encoding.from_range(-3.0, 5.0, 8, symmetric=False)
     x = _large_input(encoding)
 
-    def input_grad() -> torch.Tensor:
-        inp = x.clone().requires_grad_()
-        (quantize_dequantize(inp, encoding.scale, encoding.offset, 8) * 3).sum().backward()
-        return inp.grad
+    def gradients() -> list:
+        return _train_step(encoding, x, torch.tensor(3.0).expand_as(x), range_learning)[1:]
 
-    expected = _eager(input_grad, monkeypatch)
-    assert torch.equal(input_grad(), expected) and set(expected.unique().tolist()) == {0.0, 3.0}
-    assert fused_calls == ["quantize_dequantize", "straight_through_grad"]
+    expected = _eager(gradients, monkeypatch)
+    grad_in, grad_scale, grad_offset = gradients()
+    assert torch.equal(grad_in, expected[0]) and set(expected[0].unique().tolist()) == {0.0, 3.0}
+    if range_learning:
+        torch.testing.assert_close(grad_scale, expected[1], rtol=1e-4, atol=1e-2)
+        torch.testing.assert_close(grad_offset, expected[2], rtol=1e-4, atol=1e-3)
+    assert fused_calls == ["quantize_dequantize", *(["range_learning_grads"] if range_learning else [])]
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")

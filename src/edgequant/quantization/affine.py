@@ -28,22 +28,27 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> to
 class _QuantDequant(torch.autograd.Function):
     """Fake quantization with STE/LSQ gradients.
 
-    Where the fused CPU kernel takes ``x`` (`fused_cpu.can_fuse`), the forward is its one pass and saves only
-    ``x``; the backward recomputes the in-range mask from it and returns every gradient from one more pass.
-    Elsewhere the in-range mask is kept from the forward (one bool per value), so a backward for the input alone
-    is one `torch.where`; with range learning that forward allocates three full-size float tensors (``x / s``,
-    its rounding — reused for the scale derivative — and the clamp, which becomes the output) and the backward
-    one (the input gradient): the scale and offset gradients are reductions, not further element-wise products.
+    The in-range mask (one bool per value) is kept from the forward, so a backward for the input alone is one
+    `torch.where`; where the fused CPU loop takes ``x`` (`fused_cpu.can_fuse`) that forward is its one pass, which
+    writes the mask beside the output. With range learning the fused forward saves only ``x``, and one more loop
+    returns every gradient; elsewhere that forward allocates three full-size float tensors (``x / s``, its
+    rounding — reused for the scale derivative — and the clamp, which becomes the output) and the backward one
+    (the input gradient): the scale and offset gradients are reductions, not further element-wise products.
     """
 
     @staticmethod
     def forward(ctx, x, scale, offset, num_steps):  # noqa: ANN001 - autograd signature
         learns_range = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         ctx.num_steps = num_steps
-        ctx.fused = fused_cpu.can_fuse(x, scale)
-        if ctx.fused:
+        fused = fused_cpu.can_fuse(x, scale)
+        ctx.fused_grads = fused and learns_range  # the backward is the range-learning loop
+        if ctx.fused_grads:
             ctx.save_for_backward(x, scale, offset)
             return fused_cpu.quantize_dequantize(x, scale, offset, num_steps, inplace=False)
+        if fused:
+            in_range = torch.empty_like(x, dtype=torch.bool)
+            ctx.save_for_backward(in_range)
+            return fused_cpu.quantize_dequantize(x, scale, offset, num_steps, inplace=False, in_range=in_range)
         out, *saved = _forward(x, scale, offset, num_steps, learns_range)
         ctx.save_for_backward(*saved, *((scale, offset) if learns_range else ()))
         return out
@@ -51,11 +56,9 @@ class _QuantDequant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
         learns_range = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        if ctx.fused:
+        if ctx.fused_grads:
             x, scale, offset = ctx.saved_tensors
-            if learns_range:
-                return (*fused_cpu.range_learning_grads(x, grad_out, scale, offset, ctx.num_steps), None)
-            return fused_cpu.straight_through_grad(x, grad_out, scale, offset, ctx.num_steps), None, None, None
+            return (*fused_cpu.range_learning_grads(x, grad_out, scale, offset, ctx.num_steps), None)
         in_range = ctx.saved_tensors[0]
         grad_in_range = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:  # not `grad * mask`: that copies the mask to float

@@ -19,29 +19,24 @@ static inline float clamp_keeping_nan(float v, float low, float high) {
 
 static inline int team(int64_t n, int threads) { return n < PARALLEL_FROM ? 1 : threads; }
 
-/* out = clamp(round(clamp(x, floor_, ceiling) / scale), low, high) * scale; out may be x. */
+/* out = clamp(round(clamp(x, floor_, ceiling) / scale), low, high) * scale; out may be x. Where in_range is not
+ * NULL (training without range learning) it also gets the straight-through mask: 1 where the rounded value lies on
+ * [low, high], 0 where it was clipped or is NaN (a bool tensor's bytes), as the eager forward keeps it. */
 void quantize_dequantize(const float *x, float *out, int64_t n, float scale, float low, float high, float floor_,
-                         float ceiling, int threads) {
+                         float ceiling, int threads, unsigned char *in_range) {
 #pragma omp parallel for num_threads(team(n, threads)) schedule(static)
     for (int64_t i = 0; i < n; i++) {
         float rounded = nearbyintf(clamp_keeping_nan(x[i], floor_, ceiling) / scale);
+        if (in_range) /* loop-invariant: the compiler unswitches it */
+            in_range[i] = rounded >= low && rounded <= high;
         out[i] = clamp_keeping_nan(rounded, low, high) * scale;
     }
 }
 
-/* The straight-through input gradient: grad where round(x / scale) lies on [low, high], else 0. */
-void straight_through_grad(const float *x, const float *grad, float *grad_in, int64_t n, float scale, float low,
-                           float high, int threads) {
-#pragma omp parallel for num_threads(team(n, threads)) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        float rounded = nearbyintf(x[i] / scale);
-        grad_in[i] = rounded >= low && rounded <= high ? grad[i] : 0.0f;
-    }
-}
-
-/* The input gradient as above, and (LSQ, Esser et al. 2020) sums[0] = sum(grad * d out / d scale), where
- * d out / d scale is round(x / s) - x / s in range and the grid's end where clipped, and sums[1] = the sum of the
- * gradient over clipped values (they move with the offset). Sums accumulate in double. */
+/* The straight-through input gradient (grad where round(x / scale) lies on [low, high], else 0) and (LSQ,
+ * Esser et al. 2020) sums[0] = sum(grad * d out / d scale), where d out / d scale is round(x / s) - x / s in range
+ * and the grid's end where clipped, and sums[1] = the sum of the gradient over clipped values (they move with the
+ * offset). Sums accumulate in double. */
 void range_learning_grads(const float *x, const float *grad, float *grad_in, int64_t n, float scale, float low,
                           float high, int threads, double *sums) {
     double scale_sum = 0.0, clipped_sum = 0.0;

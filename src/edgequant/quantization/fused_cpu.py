@@ -6,9 +6,9 @@ five Python-level op calls. These loops read and write each value once, with the
 IEEE division (not a multiplication by ``1/scale``) and round half to even, so simulation and ONNX Runtime still
 agree bit for bit (tested against the eager path: ties, NaN and infinities included). The ReLU or ReLU6 whose
 output is quantized runs in the same loop (``clamp_first``), as the hardware runs it inside the requantization.
-In training the forward is the same loop and saves only its input; the backward recomputes the in-range mask from
-it and returns the input gradient (with range learning also the scale and offset gradients, as sums) from one
-more loop.
+In training the forward is the same loop. Without range learning it also writes the in-range mask (one byte per
+value, kept for the backward as the eager forward keeps it); with range learning it saves only its input, and one
+more loop returns the input, scale and offset gradients (the last two as sums).
 
 Why hand-written loops and not TorchInductor, which generated them before (`benchmarks/bench_fused_cpu.py`,
 2-core EPYC, 2 threads): for a ReLU6 and its quantizer over 12.8 M values Inductor's loop takes 4.3 ms, this one
@@ -43,8 +43,7 @@ _SOURCE = Path(__file__).with_name("fused_cpu.c")
 _FLAGS = ("-O3", "-march=native", "-fno-fast-math", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _POINTER, _INT64, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
-    "quantize_dequantize": (_POINTER, _POINTER, _INT64, *[_FLOAT] * 5, _INT),
-    "straight_through_grad": (_POINTER, _POINTER, _POINTER, _INT64, *[_FLOAT] * 3, _INT),
+    "quantize_dequantize": (_POINTER, _POINTER, _INT64, *[_FLOAT] * 5, _INT, _POINTER),
     "range_learning_grads": (_POINTER, _POINTER, _POINTER, _INT64, *[_FLOAT] * 3, _INT, _POINTER),
 }
 
@@ -85,28 +84,20 @@ def _grid(scale: torch.Tensor, offset: torch.Tensor, num_steps: int) -> tuple[fl
 
 def quantize_dequantize(
     x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int, inplace: bool,
-    clamp_first: tuple[float, float] | None = None,
+    clamp_first: tuple[float, float] | None = None, in_range: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fake-quantized ``x`` (first clamped to ``clamp_first``, the ReLU or ReLU6 that produced it) from one
     pass, into ``x`` itself if ``inplace``. Clamping is exact, so the clamp in the loop gives the values of the
-    activation run on its own."""
+    activation run on its own. ``in_range`` (a bool tensor shaped like ``x``, for training) receives the
+    straight-through mask: True where ``round(x / scale)`` lies on the grid, False where it was clipped."""
     out = x if inplace else torch.empty_like(x)
     floor, ceiling = clamp_first or (-math.inf, math.inf)  # an infinite clamp passes every value, NaN included
+    mask = None if in_range is None else in_range.data_ptr()
     _library().quantize_dequantize(x.data_ptr(), out.data_ptr(), x.numel(), *_grid(scale, offset, num_steps),
-                                   floor, ceiling, torch.get_num_threads())
+                                   floor, ceiling, torch.get_num_threads(), mask)
     if inplace:
         increment_version(x)  # a write autograd must see, as an in-place op's
     return out
-
-
-def straight_through_grad(
-    x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_steps: int
-) -> torch.Tensor:
-    """The input gradient of the fused forward's output, in one pass over ``x`` and ``grad``."""
-    grad, grad_in = grad.contiguous(), torch.empty_like(x)
-    _library().straight_through_grad(x.data_ptr(), grad.data_ptr(), grad_in.data_ptr(), x.numel(),
-                                     *_grid(scale, offset, num_steps), torch.get_num_threads())
-    return grad_in
 
 
 def range_learning_grads(
