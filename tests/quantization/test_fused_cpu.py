@@ -87,13 +87,15 @@ def _train_step(encoding: Encoding, x: torch.Tensor, grad_out: torch.Tensor, ran
 @pytest.mark.parametrize("range_learning", [False, True])
 def test_training_takes_one_pass_each_way_with_the_eager_gradients(fused_calls, monkeypatch, range_learning):
     encoding = Encoding.from_range(-3.0, 5.0, 8, symmetric=False)
-    x = _large_input(encoding)
+    specials = [float("inf"), -float("inf")] + ([] if range_learning else [float("nan")])  # NaN: a NaN scale grad
+    x = torch.cat([_large_input(encoding), torch.tensor(specials)])
     grad_out = torch.randn_like(x)
     expected = _eager(lambda: _train_step(encoding, x, grad_out, range_learning), monkeypatch)
     assert fused_calls == []
     saved: list[torch.Tensor] = []
     out, grad_in, grad_scale, grad_offset = _train_step(encoding, x, grad_out, range_learning, saved)
-    assert torch.equal(out, expected[0]) and torch.equal(grad_in, expected[1])
+    assert torch.equal(_bits(out), _bits(expected[0])) and torch.equal(grad_in, expected[1])
+    assert grad_in[-len(specials):].eq(0).all()  # infinities and NaN are clipped: no gradient
     full_size = [t.dtype for t in saved if t.numel() == x.numel()]
     assert full_size == ([torch.float32] if range_learning else [torch.bool])  # the input, or a byte per value
     assert (grad_in == 0).float().mean() > 0.05  # clipped values really got no gradient

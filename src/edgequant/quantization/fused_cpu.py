@@ -40,7 +40,8 @@ _log = logging.getLogger(__name__)
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _SOURCE = Path(__file__).with_name("fused_cpu.c")
-_FLAGS = ("-O3", "-march=native", "-fno-fast-math", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-march=native", "-fno-fast-math", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp", "-shared",
+          "-fPIC")
 _POINTER, _INT64, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "quantize_dequantize": (_POINTER, _POINTER, _INT64, *[_FLOAT] * 5, _INT, _POINTER),
