@@ -29,23 +29,23 @@ class _QuantDequant(torch.autograd.Function):
     """Fake quantization with STE/LSQ gradients.
 
     The in-range mask (one bool per value) is kept from the forward, so a backward for the input alone is one
-    `torch.where`; where the fused CPU loop takes ``x`` (`fused_cpu.can_fuse`) that forward is its one pass, which
-    writes the mask beside the output. With range learning the fused forward saves only ``x``, and one more loop
-    returns every gradient; elsewhere that forward allocates three full-size float tensors (``x / s``, its
-    rounding — reused for the scale derivative — and the clamp, which becomes the output) and the backward one
-    (the input gradient): the scale and offset gradients are reductions, not further element-wise products.
+    select. Where the fused CPU loops take ``x`` (`fused_cpu.can_fuse`), that forward is one pass, which writes the
+    mask beside the output, and the select is a loop of theirs too. With range learning the fused forward saves
+    only ``x``, and one more loop returns every gradient; elsewhere that forward allocates three full-size float
+    tensors (``x / s``, its rounding — reused for the scale derivative — and the clamp, which becomes the output)
+    and the backward one (the input gradient): the scale and offset gradients are reductions, not further
+    element-wise products.
     """
 
     @staticmethod
     def forward(ctx, x, scale, offset, num_steps):  # noqa: ANN001 - autograd signature
         learns_range = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         ctx.num_steps = num_steps
-        fused = fused_cpu.can_fuse(x, scale)
-        ctx.fused_grads = fused and learns_range  # the backward is the range-learning loop
-        if ctx.fused_grads:
+        ctx.fused = fused_cpu.can_fuse(x, scale)
+        if ctx.fused and learns_range:
             ctx.save_for_backward(x, scale, offset)
             return fused_cpu.quantize_dequantize(x, scale, offset, num_steps, inplace=False)
-        if fused:
+        if ctx.fused:
             in_range = torch.empty_like(x, dtype=torch.bool)
             ctx.save_for_backward(in_range)
             return fused_cpu.quantize_dequantize(x, scale, offset, num_steps, inplace=False, in_range=in_range)
@@ -56,9 +56,11 @@ class _QuantDequant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
         learns_range = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        if ctx.fused_grads:
-            x, scale, offset = ctx.saved_tensors
-            return (*fused_cpu.range_learning_grads(x, grad_out, scale, offset, ctx.num_steps), None)
+        if ctx.fused:
+            if learns_range:
+                x, scale, offset = ctx.saved_tensors
+                return (*fused_cpu.range_learning_grads(x, grad_out, scale, offset, ctx.num_steps), None)
+            return fused_cpu.straight_through_grad(ctx.saved_tensors[0], grad_out), None, None, None
         in_range = ctx.saved_tensors[0]
         grad_in_range = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:  # not `grad * mask`: that copies the mask to float

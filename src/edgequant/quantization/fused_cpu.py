@@ -7,8 +7,9 @@ IEEE division (not a multiplication by ``1/scale``) and round half to even, so s
 agree bit for bit (tested against the eager path: ties, NaN and infinities included). The ReLU or ReLU6 whose
 output is quantized runs in the same loop (``clamp_first``), as the hardware runs it inside the requantization.
 In training the forward is the same loop. Without range learning it also writes the in-range mask (one byte per
-value, kept for the backward as the eager forward keeps it); with range learning it saves only its input, and one
-more loop returns the input, scale and offset gradients (the last two as sums).
+value, kept for the backward as the eager forward keeps it), and the backward is one select over it; with range
+learning it saves only its input, and one more loop returns the input, scale and offset gradients (the last two as
+sums).
 
 Why hand-written loops and not TorchInductor, which generated them before (`benchmarks/bench_fused_cpu.py`,
 2-core EPYC, 2 threads): for a ReLU6 and its quantizer over 12.8 M values Inductor's loop takes 4.3 ms, this one
@@ -45,6 +46,7 @@ _FLAGS = ("-O3", "-march=native", "-fno-fast-math", "-fno-trapping-math", "-ffp-
 _POINTER, _INT64, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "quantize_dequantize": (_POINTER, _POINTER, _INT64, *[_FLOAT] * 5, _INT, _POINTER),
+    "straight_through_grad": (_POINTER, _POINTER, _POINTER, _INT64, _INT),
     "range_learning_grads": (_POINTER, _POINTER, _POINTER, _INT64, *[_FLOAT] * 3, _INT, _POINTER),
 }
 
@@ -99,6 +101,14 @@ def quantize_dequantize(
     if inplace:
         increment_version(x)  # a write autograd must see, as an in-place op's
     return out
+
+
+def straight_through_grad(in_range: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The input gradient of the fused forward's output: ``grad`` where the forward's mask ``in_range`` is set."""
+    grad, grad_in = grad.contiguous(), torch.empty_like(grad, memory_format=torch.contiguous_format)
+    _library().straight_through_grad(in_range.data_ptr(), grad.data_ptr(), grad_in.data_ptr(), grad.numel(),
+                                     torch.get_num_threads())
+    return grad_in
 
 
 def range_learning_grads(
