@@ -11,17 +11,15 @@ figures are deterministic. "eager passes" runs the same code in a child process 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
 import sys
 
 import torch
-import torchvision
 from torch import nn
 
-from edgequant import QuantSim
+from benchmarks.bench_sim_speed import build_model, qat_modules
 
 
 def saved_mib(module: nn.Module, batch: torch.Tensor) -> float:
@@ -39,20 +37,11 @@ def saved_mib(module: nn.Module, batch: torch.Tensor) -> float:
     return sum(storages.values()) / 2**20
 
 
-def modes(model: nn.Module, batch: torch.Tensor) -> dict[str, nn.Module]:
-    regular, ranged = (QuantSim(model, batch[:1]) for _ in range(2))
-    for sim in (regular, ranged):
-        sim.calibrate([batch], progress=False)
-    for quantizer in ranged.quantizers().values():
-        quantizer.enable_range_learning()
-    return {"fp32": copy.deepcopy(model), "qat regular": regular.model, "qat range learning": ranged.model}
-
-
 def measure(model_name: str, batch_size: int) -> dict[str, float]:
     torch.manual_seed(0)
-    model = getattr(torchvision.models, model_name)(weights=None).eval()
+    model = build_model(model_name)
     batch = torch.randn(batch_size, 3, 224, 224)
-    return {name: saved_mib(module, batch) for name, module in modes(model, batch).items()}
+    return {name: saved_mib(module, batch) for name, module in qat_modules(model, batch).items()}
 
 
 def main() -> None:

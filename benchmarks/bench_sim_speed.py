@@ -88,16 +88,19 @@ def train_step(module: nn.Module, runner: Callable, batch: torch.Tensor, labels:
     return step
 
 
-def train_ratios(model: nn.Module, batch: torch.Tensor, compiled: bool, repeats: int) -> dict[str, float]:
-    labels = torch.randint(0, 1000, (batch.shape[0],), device=batch.device)
+def qat_modules(model: nn.Module, batch: torch.Tensor) -> dict[str, nn.Module]:
+    """A float copy of ``model`` and its two QAT sims (encodings fixed; range learning), calibrated on ``batch``."""
     regular = calibrated_sim(model, batch)
     ranged = calibrated_sim(model, batch)
     for quantizer in ranged.quantizers().values():
         quantizer.enable_range_learning()
-    fp32 = copy.deepcopy(model)
-    modules = {"fp32": fp32, "qat regular": regular.model, "qat range learning": ranged.model}
+    return {"fp32": copy.deepcopy(model), "qat regular": regular.model, "qat range learning": ranged.model}
+
+
+def train_ratios(model: nn.Module, batch: torch.Tensor, compiled: bool, repeats: int) -> dict[str, float]:
+    labels = torch.randint(0, 1000, (batch.shape[0],), device=batch.device)
     functions = {}
-    for name, module in modules.items():
+    for name, module in qat_modules(model, batch).items():
         module.train()
         functions[name] = train_step(module, maybe_compile(module, compiled), batch, labels)
     warmup_s = warm(functions, grad=True)

@@ -26,18 +26,11 @@ static inline int team(int64_t n, int threads) { return n < PARALLEL_FROM ? 1 : 
  * [low, high], 0 where it was clipped or is NaN (a bool tensor's bytes), as the eager forward keeps it. */
 void quantize_dequantize(const float *x, float *out, int64_t n, float scale, float low, float high, float floor_,
                          float ceiling, int threads, unsigned char *in_range) {
-    if (in_range) { /* a loop of its own, so that the evaluation loop below carries no test */
-#pragma omp parallel for num_threads(team(n, threads)) schedule(static)
-        for (int64_t i = 0; i < n; i++) {
-            float rounded = nearbyintf(clamp_keeping_nan(x[i], floor_, ceiling) / scale);
-            in_range[i] = (rounded >= low) & (rounded <= high);
-            out[i] = clamp_keeping_nan(rounded, low, high) * scale;
-        }
-        return;
-    }
 #pragma omp parallel for num_threads(team(n, threads)) schedule(static)
     for (int64_t i = 0; i < n; i++) {
         float rounded = nearbyintf(clamp_keeping_nan(x[i], floor_, ceiling) / scale);
+        if (in_range) /* loop-invariant: the compiler makes a loop with the store and one without */
+            in_range[i] = (rounded >= low) & (rounded <= high);
         out[i] = clamp_keeping_nan(rounded, low, high) * scale;
     }
 }
