@@ -162,7 +162,8 @@ def digits_job(batch_size: int) -> tuple:
 demo_model_option = click.option(
     "--model", "-m", "model_spec", metavar="SPEC",
     help="'package.module:factory', 'file.py:factory', a .pt2 or a TorchScript file; default: the bundled digits "
-         "CNN with its test-set accuracy as metric.")
+         "CNN with its test-set accuracy as metric. A factory spec imports and runs that Python code and a "
+         "TorchScript file is a program: give only models you trust (.pt2 files are read without running code).")
 
 
 def bitwidth_options(command: Callable) -> Callable:

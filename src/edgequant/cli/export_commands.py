@@ -22,10 +22,11 @@ from edgequant.export.verify import verify as verify_parity
 from edgequant.sim.emulation import RUNTIME_MODELS
 
 _model_option = click.option("--model", "-m", "model_spec", metavar="SPEC",
-                             help="The float model, as given to quantize.")
+                             help="The float model, as given to quantize (a factory spec runs that Python code).")
 _state_option = click.option(
     "--sim-state", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="sim_state.pt written by quantize (its input_spec.json beside it gives shape and preprocessing).",
+    help="sim_state.pt written by quantize (its input_spec.json beside it gives shape and preprocessing); read "
+         "without running code from it, its checksum checked first.",
 )
 _name_option = click.option("--name", default="model", show_default=True, help="File name stem of the exported files.")
 

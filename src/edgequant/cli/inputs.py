@@ -8,6 +8,12 @@ Specs understood:
   TorchScript-to-export converter because hooks and graph capture cannot see inside ScriptModules);
 * calibration data: a folder of images, a ``.pt``/``.pth`` or ``.npy`` tensor file (split into batches
   along dim 0), or an object whose call returns an iterable of batches.
+
+What runs code: an object spec imports the named module and calls the factory (that is its purpose: pass only
+code you trust). A ``.pt2`` program is read with torch's restricted unpickler only (torch's own loader falls back
+to unrestricted unpickling for the example inputs it stores; here that fallback is refused). A TorchScript file is
+a program that torch's TorchScript interpreter runs: load only models you trust. Tensor files are read with
+``weights_only=True`` and ``.npy`` files without pickle.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import os
+import pickle
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +37,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy")
 EXPORTED_PROGRAM_SUFFIXES = (".pt2",)
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".torchscript")
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def _import_module(module_spec: str) -> Any:
@@ -83,7 +92,7 @@ def load_model(spec: str, example_inputs: Callable[[], tuple]) -> nn.Module:
             f"model {spec!r} is neither an existing file (.pt2 / TorchScript) nor a 'package.module:factory' spec"
         )
     if path.suffix in EXPORTED_PROGRAM_SUFFIXES:
-        return torch.export.load(path).module()
+        return _load_exported_program(path)
     if path.suffix in TORCHSCRIPT_SUFFIXES:
         _refuse_state_dict(path)
         return _load_torchscript(path, example_inputs)
@@ -91,6 +100,25 @@ def load_model(spec: str, example_inputs: Callable[[], tuple]) -> nn.Module:
         f"model file {spec!r}: unknown suffix {path.suffix!r}; expected .pt2 (torch.export.save) or "
         f"TorchScript ({', '.join(TORCHSCRIPT_SUFFIXES)})"
     )
+
+
+def _load_exported_program(path: Path) -> nn.Module:
+    """``torch.export.load`` with every ``torch.load`` inside it restricted to tensors and plain values."""
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"  # torch reads it at each load: covers the loader's unrestricted fallback
+    try:
+        program = torch.export.load(path)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"model file {path} is refused: it holds Python objects that loading would have to execute "
+            f"({one_line_of(error)[:120]}); save the program again with torch.export.save from a trusted source"
+        ) from None
+    finally:
+        if previous is None:
+            del os.environ[FORCE_WEIGHTS_ONLY]
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
+    return program.module()
 
 
 def _refuse_state_dict(path: Path) -> None:

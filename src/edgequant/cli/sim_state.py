@@ -11,6 +11,7 @@ from edgequant.cli.data import InputSpec
 from edgequant.cli.inputs import load_model
 from edgequant.ptq import fold_batch_norms
 from edgequant.sim import QuantSim
+from edgequant.sim.state_file import read_sim_state
 
 
 def sim_from_state(
@@ -32,17 +33,13 @@ def sim_from_state(
     dummy = torch.zeros(shape, dtype=getattr(torch, spec.dtype))
     model = load_model(model_spec, lambda: (dummy,))
     try:
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-    except Exception as error:  # many kinds for truncated/foreign files; QuantSim.load words it below
-        state = error
-    if not isinstance(state, dict) or "config" not in state:
-        raise click.BadParameter(
-            f"{state_path} is not a sim state written by 'edgequant quantize' (rerun quantize to write it)",
-            param_hint="--sim-state",
-        )
+        state = read_sim_state(state_path)  # no code runs; format and checksum checked before the settings are used
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--sim-state") from None
     if spec.fold_bn:
         fold_batch_norms(model, dummy)
-    sim = QuantSim(model, dummy, param_bw=state["param_bw"], output_bw=state["output_bw"],
-                   quant_scheme=state["quant_scheme"], config=state["config"])
-    sim.load(state_path)
+    settings = state.settings
+    sim = QuantSim(model, dummy, param_bw=settings["param_bw"], output_bw=settings["output_bw"],
+                   quant_scheme=settings["quant_scheme"], config=settings["config"])
+    sim.load(state)
     return sim, spec

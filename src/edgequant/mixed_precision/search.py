@@ -53,7 +53,7 @@ from edgequant.mixed_precision.report import write_report
 from edgequant.mixed_precision.result import FrontPoint, GroupSensitivity, MixedPrecisionResult
 from edgequant.quantization.encoding import check_bitwidth
 from edgequant.sim import QuantSim
-from edgequant.sim.quantsim import tensors_checksum
+from edgequant.sim.state_file import tensors_checksum
 
 COST_MODELS = ("bitops", "memory")
 COST_TOLERANCE = 1e-12  # relative cost differences below this are ties

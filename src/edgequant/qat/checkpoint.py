@@ -4,7 +4,8 @@ A checkpoint holds ``sim.model.state_dict()`` (weights, quantizer encodings with
 quantizer flags), the optimizer and learning-rate schedule states, the position in the data (epoch, batch),
 the best metric so far, the count of training forwards (for BatchNorm freezing) and the random number
 generator states (dropout, shuffling). It is written to a temporary file and renamed, so a run killed while
-writing leaves the previous checkpoint intact.
+writing leaves the previous checkpoint intact. Resuming reads it without running code from it (tensors and plain
+values only) and checks its format and the checksum of its model tensors before anything is restored.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from edgequant.sim.state_file import load_without_code, tensors_checksum, tensors_of
 
 CHECKPOINT_FORMAT = "edgequant-qat-checkpoint"
 
@@ -44,6 +47,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         "cpu_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
+    state["checksum"] = tensors_checksum(tensors_of(state["model"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     torch.save(state, partial)
@@ -52,13 +56,13 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainingProgress:
     """Restore a checkpoint into the live model/optimizer/scheduler (tensors are copied in place)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many kinds for truncated or foreign files
-        raise ValueError(f"{path} is not a readable QAT checkpoint ({type(error).__name__}); delete it to start "
-                         "over") from None
+    state = load_without_code(path, "QAT checkpoint", "delete it to start over")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an edgequant QAT checkpoint")
+        raise ValueError(f"{path} is not an edgequant QAT checkpoint; delete it to start over")
+    if not isinstance(state.get("model"), dict) or tensors_checksum(tensors_of(state["model"])) != state.get(
+            "checksum"):
+        raise ValueError(f"{path} is corrupted: its model tensors do not match the checksum written with them; "
+                         "delete it to start over")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -66,3 +70,4 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return TrainingProgress(**state["progress"])
+

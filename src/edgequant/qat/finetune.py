@@ -43,6 +43,7 @@ from edgequant.qat.prepare import QatSetup, prepare_qat, qat_setup
 from edgequant.sim import QuantSim
 from edgequant.sim.distributed import is_distributed
 from edgequant.sim.modes import quantizers_disabled, training_mode
+from edgequant.sim.state_file import read_sim_state
 
 SCHEDULES = ("cosine", "constant")
 DEFAULT_RANGE_LR = 3e-2
@@ -248,7 +249,7 @@ def _frozen_teacher(model: nn.Module) -> Callable[..., Any]:
 
 def _best_state(directory: Path) -> dict[str, torch.Tensor] | None:
     path = directory / BEST_STATE
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"] if path.exists() else None
+    return read_sim_state(path).state_dict if path.exists() else None
 
 
 def _lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:

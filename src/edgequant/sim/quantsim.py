@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import hashlib
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -42,9 +41,7 @@ from edgequant.sim.ops import function_name, is_custom_module, is_pass_through, 
 from edgequant.sim.quantized_module import QuantizedModule, make_quantized
 from edgequant.sim.segments import SegmentedForward, split_at_layers
 from edgequant.sim.services import service
-
-STATE_FORMAT = "edgequant-sim-state"
-STATE_VERSION = 2
+from edgequant.sim.state_file import SimState, read_sim_state, write_sim_state
 
 
 @dataclass
@@ -57,16 +54,6 @@ class CoverageEntry:
     quantizer: str | None
     reason: str
     category: str  # "quantized", "by design" (the hardware keeps it so too) or "left in float" (a gap)
-
-
-def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of ``tensors``, in name order (detects corrupted files)."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 class QuantSim:
@@ -510,49 +497,31 @@ class QuantSim:
 
     # -- persistence -----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Save the settings and ``sim.model.state_dict()`` (weights, encodings, quantizer flags), with a
-        checksum of its tensors."""
-        state_dict = self.model.state_dict()
-        torch.save({
-            "format": STATE_FORMAT, "version": STATE_VERSION, "config": self.config.raw, "param_bw": self.param_bw,
-            "output_bw": self.output_bw, "quant_scheme": self.quant_scheme, "state_dict": state_dict,
-            "checksum": tensors_checksum({k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}),
-        }, path)
+        """Save the settings and ``sim.model.state_dict()`` (weights, encodings, quantizer flags), with one
+        checksum over both; `load` reads it without running any code from the file."""
+        settings = {"config": self.config.raw, "param_bw": self.param_bw, "output_bw": self.output_bw,
+                    "quant_scheme": self.quant_scheme}
+        write_sim_state(path, settings, self.model.state_dict())
 
-    def load(self, path: str | Path) -> None:
-        """Restore a state written by `save` into this sim (built from the same model architecture)."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except FileNotFoundError:
-            raise ValueError(f"sim state file {path} does not exist") from None
-        except Exception as error:  # torch raises many kinds for truncated or foreign files
-            raise ValueError(
-                f"{path} is not a readable sim state ({type(error).__name__}: {str(error)[:120]}); the file is "
-                "truncated or not written by QuantSim.save — rerun `edgequant quantize` to write it again"
-            ) from None
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path} is not an edgequant sim state (written by QuantSim.save)")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"{path} has sim-state format version {state.get('version')}; this edgequant reads version "
-                f"{STATE_VERSION}: rerun `edgequant quantize` (or QuantSim.save) with this version"
-            )
-        state_dict = state["state_dict"]
-        tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-        if tensors_checksum(tensors) != state.get("checksum"):
-            raise ValueError(f"{path} is corrupted: its tensors do not match the checksum written with them")
+    def load(self, source: str | Path | SimState) -> None:
+        """Restore a state written by `save` into this sim (built from the same model architecture).
+
+        The file is read with ``torch.load(weights_only=True)``: one holding anything but tensors and plain values
+        is refused (`UnsafeFileError`) before any of it is used; format, version and checksum are checked next.
+        ``source`` may also be a `SimState` already read with `read_sim_state`."""
+        state = source if isinstance(source, SimState) else read_sim_state(source)
         quantizers = self.quantizers()
-        saved = {k.removesuffix("._extra_state") for k in state_dict if k.endswith("._extra_state")}
+        saved = {k.removesuffix("._extra_state") for k in state.state_dict if k.endswith("._extra_state")}
         missing, unexpected = set(quantizers) - saved, saved - set(quantizers)
         if missing or unexpected:
             raise ValueError(
-                f"{path} was saved from a different model: quantizers missing in the file: {sorted(missing)[:5]}, "
-                f"unknown to this sim: {sorted(unexpected)[:5]}"
+                f"{state.origin} was saved from a different model: quantizers missing in the file: "
+                f"{sorted(missing)[:5]}, unknown to this sim: {sorted(unexpected)[:5]}"
             )
-        result = self.model.load_state_dict(state_dict, strict=False)  # frozen weights fold in again after it
+        result = self.model.load_state_dict(state.state_dict, strict=False)  # frozen weights fold in again after it
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(
-                f"{path} does not fit this model: missing {result.missing_keys[:5]}, "
+                f"{state.origin} does not fit this model: missing {result.missing_keys[:5]}, "
                 f"unexpected {result.unexpected_keys[:5]}"
             )
 

@@ -1,0 +1,85 @@
+"""Sim-state files: format, version and checksum checked before use; version 2 files still load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from edgequant.sim import QuantSim
+from edgequant.sim.state_file import SIM_STATE_FORMAT, read_sim_state, tensors_checksum, tensors_of
+
+
+@pytest.fixture
+def saved(digits_cnn: nn.Module, digits_train: torch.Tensor, tmp_path: Path) -> tuple[QuantSim, Path]:
+    sim = QuantSim(digits_cnn, digits_train[:1], param_bw=4, quant_scheme="sqnr", config="per_channel")
+    sim.calibrate(digits_train[:256].split(64), progress=False)
+    path = tmp_path / "sim_state.pt"
+    sim.save(path)
+    return sim, path
+
+
+def _fresh(digits_train: torch.Tensor, **settings: object) -> QuantSim:
+    from edgequant.demo.digits import load_pretrained
+
+    return QuantSim(load_pretrained("digits_cnn"), digits_train[:1], **settings)
+
+
+def test_settings_round_trip_and_the_reloaded_sim_is_bit_identical(saved, digits_train) -> None:
+    sim, path = saved
+    state = read_sim_state(path)
+    assert state.settings == {"config": sim.config.raw, "param_bw": 4, "output_bw": 8, "quant_scheme": "sqnr"}
+    fresh = _fresh(digits_train, param_bw=4, quant_scheme="sqnr", config="per_channel")
+    fresh.load(path)
+    with torch.no_grad():
+        assert torch.equal(fresh.model(digits_train[:64]), sim.model(digits_train[:64]))
+
+
+def test_edited_settings_or_tensors_are_refused_as_corrupted(saved, digits_train, tmp_path) -> None:
+    _, path = saved
+    raw = torch.load(path, weights_only=True)
+    settings = json.loads(raw["settings"])
+    settings["param_bw"] = 8  # a settings edit the tensors cannot show
+    torch.save({**raw, "settings": json.dumps(settings, sort_keys=True)}, tmp_path / "edited_settings.pt")
+    with pytest.raises(ValueError, match=r"edited_settings\.pt is corrupted"):
+        read_sim_state(tmp_path / "edited_settings.pt")
+    key = next(k for k in raw["state_dict"] if k.endswith("weight"))
+    altered = dict(raw["state_dict"], **{key: raw["state_dict"][key] * 1.01})
+    torch.save({**raw, "state_dict": altered}, tmp_path / "altered.pt")
+    with pytest.raises(ValueError, match="corrupted"):
+        _fresh(digits_train, config="per_channel").load(tmp_path / "altered.pt")
+    (tmp_path / "truncated.pt").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"truncated\.pt is not a readable sim state"):
+        read_sim_state(tmp_path / "truncated.pt")
+    torch.save({**raw, "version": 99}, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="format version 99; this edgequant reads versions 2, 3"):
+        read_sim_state(tmp_path / "future.pt")
+
+
+def test_a_version_2_file_still_loads(saved, digits_train, tmp_path) -> None:
+    """Version 2 kept the settings as separate keys and summed only the tensors into its checksum."""
+    sim, _ = saved
+    state_dict = sim.model.state_dict()
+    torch.save({
+        "format": SIM_STATE_FORMAT, "version": 2, "config": sim.config.raw, "param_bw": 4, "output_bw": 8,
+        "quant_scheme": "sqnr", "state_dict": state_dict, "checksum": tensors_checksum(tensors_of(state_dict)),
+    }, tmp_path / "v2.pt")
+    state = read_sim_state(tmp_path / "v2.pt")
+    assert state.settings["param_bw"] == 4 and state.settings["quant_scheme"] == "sqnr"
+    fresh = _fresh(digits_train, param_bw=4, quant_scheme="sqnr", config="per_channel")
+    fresh.load(tmp_path / "v2.pt")
+    with torch.no_grad():
+        assert torch.equal(fresh.model(digits_train[:64]), sim.model(digits_train[:64]))
+
+
+def test_checksum_depends_on_settings_names_dtypes_and_values() -> None:
+    tensors = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3], dtype=torch.int64)}
+    base = tensors_checksum(tensors, "{}")
+    assert tensors_checksum(dict(tensors), "{}") == base
+    assert tensors_checksum(tensors, '{"param_bw": 8}') != base
+    assert tensors_checksum({"a": tensors["a"], "c": tensors["b"]}, "{}") != base
+    assert tensors_checksum({"a": tensors["a"].double(), "b": tensors["b"]}, "{}") != base
+    assert tensors_checksum({"a": torch.tensor([1.0, 2.5]), "b": tensors["b"]}, "{}") != base
