@@ -3,6 +3,8 @@ weight grid shaped by hand from an encoding (not with edgequant's own helpers)."
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -66,6 +68,41 @@ def bn_factor_and_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[np.ndarray
     mean, var = bn.running_mean.double().numpy(), bn.running_var.double().numpy()
     factor = gamma / np.sqrt(var + bn.eps)
     return factor, beta - mean * factor
+
+
+def assert_within_grid_steps(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarray,
+                             scale: float | torch.Tensor, max_steps: int = 1, max_share: float = 0.0) -> None:
+    """Two dequantized outputs of the same grid (step ``scale``) agree: at most ``max_share`` of the elements differ,
+    each by a whole number of steps, at most ``max_steps``; every other element is bit for bit the same.
+
+    For comparisons where either side computes in float (ONNX Runtime's unoptimised Q/DQ graph, torch's convolutions
+    on another CPU or device): the summation order of float kernels depends on the CPU's SIMD width and the thread
+    count, so a value within rounding error of a grid midpoint can round to the neighbouring step on one machine and
+    not on another. An absolute tolerance below one step makes the verdict depend on the CPU; this one does not, and
+    still fails a wrong grid (values off the grid, two steps off, or one step off on many elements)."""
+    got = np.asarray(actual.detach().cpu() if isinstance(actual, torch.Tensor) else actual, dtype=np.float64)
+    want = np.asarray(expected.detach().cpu() if isinstance(expected, torch.Tensor) else expected, dtype=np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    step = float(scale)
+    steps = np.round((got - want) / step)
+    # each side is k * step rounded to float32 once: a difference that is not a whole number of steps up to those
+    # two roundings is a value off the grid, not a rounding flip
+    residual = np.abs(got - want - steps * step)
+    off_grid = residual > FLOAT32_EPS * (np.abs(got) + np.abs(want))
+    assert not off_grid.any(), f"{int(off_grid.sum())} values are not a whole number of steps ({step:g}) apart"
+    worst = float(np.abs(steps).max(initial=0))
+    assert worst <= max_steps, f"{worst:g} steps apart (at most {max_steps} allowed), step {step:g}"
+    differing = int((got != want).sum())
+    allowed = math.floor(max_share * got.size + 1e-9)
+    assert differing <= allowed, (
+        f"{differing} of {got.size} values differ (at most {allowed}: {max_share:.2%}); "
+        f"steps apart: {_counts(steps[got != want])}")
+
+
+def _counts(values: np.ndarray) -> dict[float, int]:
+    """How often each value occurs, for failure messages."""
+    unique, counts = np.unique(values, return_counts=True)
+    return {float(v): int(n) for v, n in zip(unique, counts, strict=True)}
 
 
 def assert_within(actual: torch.Tensor, expected: np.ndarray, bound: np.ndarray) -> None:

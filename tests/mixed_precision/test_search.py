@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto
+from references import assert_within_grid_steps
 from torch import nn
 
 import edgequant as eq
@@ -203,7 +204,11 @@ def test_mixed_model_exports_int16_and_int4_that_onnx_runtime_reproduces(exporte
     images = load_digits_tensors("test")[0][:128]
     (onnx_output,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(onnx_output), sim.model(images), rtol=0, atol=1e-5)
+        expected = sim.model(images)
+    # ORT's float convolutions sum in another order than torch's, and that order depends on the CPU's SIMD width
+    # and the thread count: an output within rounding error of a grid midpoint may land one step apart
+    assert_within_grid_steps(onnx_output, expected, sim.quantizer("fc.output_quantizers.0").scale, max_steps=1,
+                             max_share=0.01)
 
 
 def test_mixed_model_matches_onnx_runtime_integer_kernels(exported_front_pick) -> None:

@@ -6,6 +6,7 @@ available, benchmarks/run_on_gpu.sh runs it.
 
 import pytest
 import torch
+from references import assert_within_grid_steps
 from torch import nn
 
 import edgequant as eq
@@ -92,8 +93,15 @@ def test_save_on_gpu_load_on_cpu(device, tmp_path):
     sim.save(tmp_path / "sim.pt")
     fresh = eq.QuantSim(load_pretrained("digits_cnn"), images[:2])
     fresh.load(tmp_path / "sim.pt")
+    for name, quantizer in fresh.quantizers().items():  # the saved state itself comes back bit for bit
+        saved = sim.quantizers()[name]
+        assert torch.equal(quantizer.scale, saved.scale.cpu()) and torch.equal(quantizer.offset, saved.offset.cpu())
     with torch.no_grad():
-        assert torch.allclose(fresh.model(images), sim.model(images.to(device)).cpu(), atol=1e-4)
+        on_cpu, on_device = fresh.model(images), sim.model(images.to(device)).cpu()
+    # the same sim, but the GPU's float convolutions sum in another order than the CPU's: an output within rounding
+    # error of a grid midpoint may land one step apart
+    assert_within_grid_steps(on_cpu, on_device, fresh.quantizer("fc.output_quantizers.0").scale, max_steps=1,
+                             max_share=0.02)
 
 
 def test_sim_follows_model_to(tmp_path):
