@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgequant.sim.state_file import load_without_code
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy")
 EXPORTED_PROGRAM_SUFFIXES = (".pt2",)
@@ -214,10 +216,7 @@ def _tensor_from_file(path: Path) -> torch.Tensor:
             return torch.from_numpy(np.load(path, allow_pickle=False))
         except (ValueError, OSError) as error:
             raise ValueError(f"calibration file {path}: not a numeric .npy array ({one_line_of(error)})") from None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises pickle/runtime errors of many types
-        raise ValueError(f"calibration file {path}: cannot load a tensor ({one_line_of(error)})") from None
+    data = load_without_code(path, "calibration tensor file", "save one tensor of inputs with torch.save")
     if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
         data = data[0]  # (inputs, labels)
     if not isinstance(data, torch.Tensor):
