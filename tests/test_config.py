@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
+from edgequant import QuantSim
 from edgequant.config import ConfigError, HardwareConfig, TensorRule
 
 AIMET_CONFIGS = Path(__file__).resolve().parent / "fixtures/aimet-2.42/configs"
@@ -138,6 +141,44 @@ def test_precedence_chain() -> None:
     # op_type[X] < op_type[X].params[name]
     assert cfg.param_rule("Conv", "weight") == TensorRule(True, True, True, None)
     assert cfg.param_rule("Conv", "bias").quantized is True
+
+
+def _per_channel_config(default: str, conv: str) -> dict:
+    """Defaults say ``default``, Conv says ``conv``; Gemm has an entry without the key, MatMul none at all."""
+    return {
+        "defaults": {
+            "ops": {"is_output_quantized": "True"},
+            "params": {"is_quantized": "True", "is_symmetric": "True"},
+            "per_channel_quantization": default,
+        },
+        "params": {"bias": {"is_quantized": "False"}},
+        "op_type": {"Conv": {"per_channel_quantization": conv}, "Gemm": {"is_symmetric": "False"}},
+    }
+
+
+@pytest.mark.parametrize(("default", "conv"), [("True", "False"), ("False", "True")])
+def test_op_type_per_channel_overrides_the_default_both_ways(tmp_path: Path, default: str, conv: str) -> None:
+    path = tmp_path / "quantsim_config.json"
+    path.write_text(json.dumps(_per_channel_config(default, conv)))
+    cfg = HardwareConfig.load(path)
+    default_per_channel, conv_per_channel = default == "True", conv == "True"
+    assert cfg.param_rule("Conv", "weight") == TensorRule(True, True, conv_per_channel, None)
+    # an op type entry without the key, and an op type without an entry, keep the default
+    assert cfg.param_rule("Gemm", "weight") == TensorRule(True, True, default_per_channel, None)
+    assert cfg.param_rule("MatMul", "weight").per_channel is default_per_channel
+
+    # in a sim: the Conv's weights get one scale per output channel or one for the tensor, the Linear's the other
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.Flatten(), nn.Linear(3 * 2 * 2, 4))
+    x = torch.randn(1, 2, 2, 2)
+    sim = QuantSim(model, x, config=path)
+    sim.calibrate([x], progress=False)
+    for layer, per_channel in (("0", conv_per_channel), ("2", default_per_channel)):
+        quantizer = sim.quantizer(f"{layer}.param_quantizers.weight")
+        weight = model.get_submodule(layer).weight.detach()
+        abs_max = weight.abs().flatten(1).amax(dim=1) if per_channel else weight.abs().max()  # symmetric 8 bits
+        assert quantizer.axis == (0 if per_channel else None), layer
+        torch.testing.assert_close(quantizer.scale, abs_max / 127, rtol=1e-6, atol=0)
 
 
 def test_builtin_defaults_when_keys_absent() -> None:

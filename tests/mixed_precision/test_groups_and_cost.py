@@ -82,6 +82,41 @@ def test_bitops_and_memory_match_hand_counts() -> None:
     assert memory(uniform) == weights + biases * 4 + activations
 
 
+class GroupedNet(nn.Module):
+    """A grouped conv, a depthwise conv and a grouped transposed conv: each output sums in_channels / groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grouped = nn.Conv2d(8, 12, 3, groups=4)
+        self.depthwise = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.up = nn.ConvTranspose2d(12, 8, 2, stride=2, groups=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.depthwise(self.grouped(x)))
+
+
+def test_bitops_of_grouped_and_depthwise_convs_match_hand_counts() -> None:
+    sim = _calibrated(GroupedNet(), (8, 6, 6))  # dummy input (1, 8, 6, 6)
+    cost = bitops_model(sim, sim.graph())
+    # grouped: output 12 x 4 x 4, each output sums (8 / 4 groups) input channels x 3x3 taps
+    macs_grouped = 12 * 4 * 4 * (8 // 4) * 3 * 3
+    # depthwise: output 12 x 4 x 4 (padding 1), each output reads its own channel only: 1 x 3x3 taps
+    macs_depthwise = 12 * 4 * 4 * 1 * 3 * 3
+    # transposed, 12 -> 8 in 4 groups, 2x2 stride 2: output 8 x 8 x 8, each output sums 12 / 4 channels x one tap
+    macs_up = 8 * 8 * 8 * (12 // 4) * 1
+    assert (macs_grouped, macs_depthwise, macs_up) == (3456, 1728, 1536)
+    assert {t.layer: t.amount for t in cost.terms} == {"grouped": 3456, "depthwise": 1728, "up": 1536}
+    bits = {
+        "model_input_quantizers.0": 16, "grouped.param_quantizers.weight": 4,
+        "grouped.output_quantizers.0": 8, "depthwise.param_quantizers.weight": 8,
+        "depthwise.output_quantizers.0": 4, "up.param_quantizers.weight": 2, "up.output_quantizers.0": 8,
+    }
+    assert set(bits) == set(sim.quantizers())
+    # W4 x A16, W8 x A8, W2 x A4 (each layer's activation operand is the previous layer's output quantizer)
+    assert cost(bits) == 3456 * 4 * 16 + 1728 * 8 * 8 + 1536 * 2 * 4 == 344064
+    assert cost({}) == (3456 + 1728 + 1536) * 32 * 32  # all float
+
+
 def test_apply_bitwidths_equals_calibrating_at_that_bitwidth() -> None:
     images, _ = load_digits_tensors("test")
     model = load_pretrained("digits_cnn")

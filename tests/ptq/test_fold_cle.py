@@ -12,6 +12,7 @@ from torch import nn
 from edgequant import QuantSim
 from edgequant.ptq import ChannelClamp, equalize, fold_batch_norms, fold_batch_norms_to_scale
 from edgequant.ptq.layer_channels import input_channel_ranges, output_channel_ranges
+from edgequant.quantization import Encoding, quantize_dequantize
 
 
 def _randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -230,13 +231,51 @@ def test_high_bias_absorption_through_relu6_is_exact_and_uses_bn_statistics() ->
 
 def test_equalized_model_quantizes_and_channel_clamp_is_a_clip() -> None:
     model = _chain(nn.ReLU6())
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 3, 8, 8) * 3
     equalize(model, x)
+    assert isinstance(model[2], ChannelClamp) and isinstance(model[5], ChannelClamp)
     sim = QuantSim(model, x)
     assert sim.model.get_submodule("2").onnx_op_type == "Clip"
     sim.compute_encodings(lambda m: m(x))
+    layers = (("0", "2"), ("3", "5"))
+    for conv, clamp in layers:  # Conv + Clip is a supergroup: the conv's output is not quantized, the clip's is
+        assert not sim.model.get_submodule(conv).output_quantizers
+        assert list(sim.model.get_submodule(clamp).output_quantizers) == ["0"]
+
+    def clip(y: torch.Tensor, clamp: ChannelClamp) -> torch.Tensor:
+        return torch.clamp(y, clamp.lower.view(1, -1, 1, 1), clamp.upper.view(1, -1, 1, 1))
+
+    def qdq(y: torch.Tensor, name: str) -> torch.Tensor:
+        quantizer = sim.quantizer(name)
+        shape = [-1] + [1] * (y.dim() - 1) if quantizer.axis == 0 else []
+        return quantize_dequantize(y, quantizer.scale.view(shape), quantizer.offset.view(shape), quantizer.bitwidth)
+
+    def conv(y: torch.Tensor, name: str, quantized: bool) -> torch.Tensor:
+        layer = model.get_submodule(name)
+        weight = qdq(layer.weight, f"{name}.param_quantizers.weight") if quantized else layer.weight
+        return torch.nn.functional.conv2d(y, weight, layer.bias, layer.stride, layer.padding, layer.dilation,
+                                          layer.groups)
+
     with torch.no_grad():
-        assert torch.isfinite(sim.model(x)).all()
+        # calibration runs the float model: each clip's min-max encoding covers exactly its float output's range
+        h = x
+        for conv_name, clamp_name in layers:
+            h = clip(conv(h, conv_name, False), model.get_submodule(clamp_name))
+            expected = Encoding.from_range(h.min(), h.max(), 8, False)
+            quantizer = sim.quantizer(f"{clamp_name}.output_quantizers.0")
+            assert torch.equal(quantizer.scale, expected.scale) and torch.equal(quantizer.offset, expected.offset)
+        # the quantized forward, op by op: input, W8 conv, per-channel clip, A8 output
+        h = qdq(x, "model_input_quantizers.0")
+        clipped_high = clipped_low = 0
+        for conv_name, clamp_name in layers:
+            pre = conv(h, conv_name, True)
+            clamp = model.get_submodule(clamp_name)
+            clipped_high += int((pre > clamp.upper.view(1, -1, 1, 1)).sum())
+            clipped_low += int((pre < clamp.lower.view(1, -1, 1, 1)).sum())
+            h = qdq(clip(pre, clamp), f"{clamp_name}.output_quantizers.0")
+        expected_out = qdq(conv(h, "6", True), "6.output_quantizers.0")
+        assert clipped_high > 0 and clipped_low > 0  # both per-channel bounds are in play
+        assert torch.equal(sim.model(x), expected_out)
 
 
 def test_fold_to_scale_on_sim_keeps_frozen_per_channel_weights() -> None:

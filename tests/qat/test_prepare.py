@@ -1,9 +1,12 @@
 """prepare_qat: which tensors train, weight encodings following the weights, valid learned grids whatever the
 optimizer does, and BatchNorm handling with an export free of BatchNormalization."""
 
+import math
+
 import onnx
 import pytest
 import torch
+from torch import nn
 
 from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
 from edgequant.qat import finalize, prepare_qat, qat_setup
@@ -61,6 +64,53 @@ def test_range_learning_makes_scales_and_asymmetric_offsets_trainable(digits):
         assert quantizer.scale.requires_grad
         assert quantizer.offset.requires_grad == (not quantizer.symmetric), name
     assert qat_setup(sim) is setup
+
+
+def _small_sim() -> QuantSim:
+    """Conv(3->4, 3x3) + ReLU + Linear(64->5) on 2 images of 3x6x6: per-channel 4-bit weights (per_channel
+    preset), per-tensor 8-bit asymmetric activations; the batch of 2 tells a per-sample count from a per-batch one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    x = torch.randn(2, 3, 6, 6)
+    sim = QuantSim(model, x, param_bw=4, output_bw=8, config="per_channel")
+    sim.calibrate([x, torch.randn(4, 3, 6, 6)], progress=False)
+    return sim
+
+
+def test_lsq_grad_scale_of_each_quantizer_counts_the_values_of_one_scale():
+    # LSQ (Esser et al. 2020, sec. 2.2): g = 1 / sqrt(N * Qp), N the weights of the layer for a weight step size
+    # and the features of the layer (one sample) for an activation step size; Qp = 2**(b-1) - 1 for signed
+    # (symmetric) grids, 2**b - 1 for unsigned ones. A per-channel scale quantizes one output channel only, so
+    # its N is that channel's weights.
+    sim = _small_sim()
+    quantizers = sim.quantizers()
+    assert quantizers["0.param_quantizers.weight"].axis == 0 and quantizers["3.param_quantizers.weight"].axis == 0
+    assert quantizers["1.output_quantizers.0"].axis is None and not quantizers["1.output_quantizers.0"].symmetric
+    setup = prepare_qat(sim, "range_learning")
+    expected = {
+        "0.param_quantizers.weight": 1 / math.sqrt(3 * 3 * 3 * 7),  # one output channel: 3 inputs x 3x3, Qp = 7
+        "3.param_quantizers.weight": 1 / math.sqrt(64 * 7),  # one row of the Linear: 64 inputs, Qp = 7
+        "model_input_quantizers.0": 1 / math.sqrt(3 * 6 * 6 * 255),  # one sample of the input, Qp = 255
+        "1.output_quantizers.0": 1 / math.sqrt(4 * 4 * 4 * 255),  # one sample of the ReLU output (Conv fused)
+        "3.output_quantizers.0": 1 / math.sqrt(5 * 255),  # one sample of the logits
+    }
+    assert {name: learned.grad_scale for name, learned in setup.learned.items()} == pytest.approx(expected,
+                                                                                                  rel=1e-12)
+
+
+def test_prepared_quantizers_scale_their_range_gradients_by_their_own_g():
+    x = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    grads, factors = {}, {}
+    for grad_scale in ("lsq", 1.0):  # the same sim twice: with the LSQ factors, then with plain gradients
+        sim = _small_sim()
+        setup = prepare_qat(sim, "range_learning", grad_scale=grad_scale)
+        sim.model(x).square().sum().backward()
+        grads[grad_scale] = {name: r.quantizer.scale.grad.clone() for name, r in setup.learned.items()}
+        factors[grad_scale] = {name: r.grad_scale for name, r in setup.learned.items()}
+    assert set(factors[1.0].values()) == {1.0} and len(set(factors["lsq"].values())) == 5
+    for name, plain in grads[1.0].items():
+        assert plain.abs().sum() > 0, name
+        torch.testing.assert_close(grads["lsq"][name], plain * factors["lsq"][name], rtol=1e-6, atol=0, msg=name)
 
 
 class _Adversary(torch.optim.Optimizer):

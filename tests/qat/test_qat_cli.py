@@ -6,11 +6,25 @@ import torch
 from click.testing import CliRunner
 
 from edgequant.cli.main import main
-from edgequant.demo.digits import load_digits_tensors
+from edgequant.demo.digits import load_digits_tensors, load_pretrained
+from edgequant.ptq import fold_batch_norms
 from edgequant.sim import QuantSim
+from edgequant.sim.modes import training_mode
 
 
-def test_qat_command_demo_writes_state_export_and_summary(tmp_path):
+def test_qat_command_demo_writes_state_export_and_summary(tmp_path, monkeypatch):
+    images, _ = load_digits_tensors("train")
+    trained = {}
+    save = QuantSim.save
+
+    def save_and_record(sim, path):  # what the command's trained sim computes, just before it is written
+        with torch.no_grad(), training_mode(sim.model, False):
+            trained["outputs"] = sim.model(images[:50]).clone()
+        trained["grids"] = {n: (q.scale.detach().clone(), q.offset.detach().clone())
+                            for n, q in sim.quantizers().items() if q.enabled}
+        save(sim, path)
+
+    monkeypatch.setattr(QuantSim, "save", save_and_record)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["qat", "--param-bw", "4", "--output-bw", "8", "--config", "per_channel",
                                        "--epochs", "1", "--lr", "1e-4", "--mode", "regular", "--out", str(out),
@@ -23,15 +37,20 @@ def test_qat_command_demo_writes_state_export_and_summary(tmp_path):
     assert summary["batch_norms_folded"] == ["conv1.1", "conv2.1", "conv3.1"]
     assert (out / "export" / "model_qdq.onnx").is_file() and (out / "export" / "model.encodings").is_file()
     assert "QAT (regular)" in result.output
-    images, _ = load_digits_tensors("train")
-    from edgequant.demo.digits import load_pretrained
-    from edgequant.ptq import fold_batch_norms
-
     model = load_pretrained("digits_cnn")
     fold_batch_norms(model, images[:1])
     sim = QuantSim(model, images[:1], param_bw=4, output_bw=8, config="per_channel")
     sim.load(out / "sim_state.pt")  # the trained state loads into a sim of the BN-folded model
-    assert torch.isfinite(sim.model(images[:4])).all()
+    assert set(trained["grids"]) == {n for n, q in sim.quantizers().items() if q.enabled}
+    for name, (scale, offset) in trained["grids"].items():
+        quantizer = sim.quantizer(name)
+        assert torch.equal(quantizer.scale, scale) and torch.equal(quantizer.offset, offset), name
+    with torch.no_grad():
+        reloaded = sim.model(images[:50])
+        assert torch.equal(reloaded, trained["outputs"])  # bit for bit what the command's trained sim computed
+        untrained = QuantSim(model, images[:1], param_bw=4, output_bw=8, config="per_channel")
+        untrained.calibrate([images[:256]], progress=False)
+        assert not torch.equal(untrained.model(images[:50]), reloaded)  # the file carries the trained weights
 
 
 def test_qat_command_with_model_and_tensor_file(tmp_path):

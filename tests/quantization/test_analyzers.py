@@ -122,9 +122,26 @@ def test_no_data_is_a_clear_error():
 
 
 def test_attention_mask_sentinels_do_not_stretch_the_grid():
-    scores = torch.tensor([-3.0, 0.5, 2.0, torch.finfo(torch.float32).min])
-    for analyzer in (MinMaxAnalyzer(), SqnrAnalyzer(), PercentileAnalyzer(percentile=100.0)):
+    sentinel = torch.finfo(torch.float32).min
+    scores = torch.tensor([-3.0, 0.5, 2.0, sentinel, -0.25])
+    data = torch.tensor([-3.0, 0.5, 2.0, -0.25])
+    for make in (MinMaxAnalyzer, SqnrAnalyzer, lambda: PercentileAnalyzer(percentile=100.0)):
+        analyzer, reference = make(), make()
         analyzer.observe(scores)
-        low, high = analyzer.compute_range(8, False)
-        assert -3.1 <= low.item() <= -2.9 and high.item() <= 2.01
+        reference.observe(data)  # the same scores without the mask
         assert analyzer.num_sentinels == 1 and analyzer.num_nonfinite == 0
+        assert (analyzer.min.item(), analyzer.max.item()) == (-3.0, 2.0)
+        if hasattr(analyzer, "hist"):  # the sentinel is not a count either
+            assert (analyzer.hist_min.item(), analyzer.hist_max.item()) == (-3.0, 2.0)
+            assert torch.equal(analyzer.hist, reference.hist) and analyzer.hist.sum() == 4
+        for symmetric in (False, True):
+            low, high = analyzer.compute_range(8, symmetric)
+            expected_low, expected_high = reference.compute_range(8, symmetric)
+            assert torch.equal(low, expected_low) and torch.equal(high, expected_high), (make, symmetric)
+        if not isinstance(analyzer, SqnrAnalyzer):  # min-max and the 100th percentile: exactly the data's range
+            assert (low.item(), high.item()) == (-3.0, 2.0)
+    # at run time the sentinel saturates to the grid's low end: the min-max grid of [-3, 2], scale 5/255, offset -153
+    encoding = Encoding.from_range(-3.0, 2.0, 8, False)
+    assert (encoding.scale.item(), encoding.offset.item()) == (pytest.approx(5 / 255), -153)
+    saturated = quantize_dequantize(torch.tensor([sentinel]), encoding.scale, encoding.offset, 8)
+    assert saturated.item() == encoding.min.item() == pytest.approx(-3.0, abs=1e-6)

@@ -86,14 +86,24 @@ def test_range_learning_gradients_follow_lsq():
     assert quantizer.offset.grad.item() == pytest.approx(1.0)
 
 
-def test_per_channel_quantizer_gradient_shapes():
-    quantizer = Quantizer(bitwidth=8, symmetric=True, axis=0)
-    weight = torch.randn(4, 3, 3, 3)
-    quantizer.set_encoding(Encoding.from_range(weight.amin((1, 2, 3)), weight.amax((1, 2, 3)), 8, True, axis=0))
+def test_per_channel_quantizer_gradients_by_hand():
+    # 4-bit symmetric, one scale per output channel: integers in [-8, 7], channel 0 on steps of 0.5, channel 1 of 0.25
+    quantizer = Quantizer(bitwidth=4, symmetric=True, axis=0)
+    quantizer.set_encoding(Encoding(torch.tensor([0.5, 0.25]), torch.tensor([-8.0, -8.0]), 4, True, axis=0))
     quantizer.enable_range_learning()
-    quantizer(weight.requires_grad_()).square().sum().backward()
-    assert quantizer.scale.grad.shape == (4,)
-    assert weight.grad.shape == weight.shape
+    weight = torch.tensor([[0.3, -5.0, 4.0], [0.6, -0.1, 1.0]]).view(2, 3, 1, 1).requires_grad_()
+    upstream = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]).view(2, 3, 1, 1)
+    out = quantizer(weight)
+    assert out.flatten(1).tolist() == [[0.5, -4.0, 3.5], [0.5, 0.0, 1.0]]
+    (out * upstream).sum().backward()
+    # channel 0: 0.3/0.5 = 0.6 rounds to 1 (d/ds = 1 - 0.6), -5/0.5 = -10 clips to -8 (d/ds = -8), 4/0.5 = 8 clips
+    # to 7 (d/ds = 7): 1 * 0.4 + 2 * -8 + 3 * 7. Channel 1: 2.4 -> 2 (-0.4), -0.4 -> 0 (0.4), 4 -> 4 (0), none clips.
+    torch.testing.assert_close(quantizer.scale.grad, torch.tensor([0.4 - 16 + 21, 4 * -0.4 + 5 * 0.4 + 0.0]),
+                               rtol=0, atol=1e-5)
+    # d/d offset: the step s of each clipped value (channel 0: two of them, upstream 2 and 3)
+    torch.testing.assert_close(quantizer.offset.grad, torch.tensor([(2 + 3) * 0.5, 0.0]), rtol=0, atol=0)
+    # straight through inside the grid, zero where clipped
+    assert weight.grad.flatten(1).tolist() == [[1.0, 0.0, 0.0], [4.0, 5.0, 6.0]]
 
 
 def test_quantizer_without_encoding_explains_what_to_do():

@@ -130,6 +130,82 @@ def test_histogram_widening_moves_whole_bins_by_their_centres() -> None:
     assert torch.allclose(analyzer.bin_centres(), torch.tensor([[-5.25, -1.75, 1.75, 5.25]]))
 
 
+# Merging histograms of two calibration shards. Shard 1 spans [0, 8]; shard 2 widens one end only. One analyzer
+# fed both shards widens its histogram once (shard 1's bins move whole to the merged bin holding their centre) and
+# bins shard 2's values directly. A merge moves shard 1's bins the same way, but bins shard 2's values into shard
+# 2's own histogram first and then moves each of those bins whole to the merged bin holding its centre. The two
+# agree bit for bit when every bin of shard 2 lies inside one merged bin (a value and its bin's centre then share
+# a merged bin); with 8 bins these ranges make it so (merged bins of 1.5 and 1.125, shard 2's of 0.75 and 0.375,
+# shard 2's inner edges on merged edges, its ends at the merged range's ends or inside a merged bin).
+MERGE_SHARD_1 = torch.tensor([0.0, 0.2, 1.4, 2.5, 3.3, 3.9, 4.0, 5.5, 7.1, 8.0])
+MERGE_CASES = {
+    # [6, 12]: merged range [0, 12]
+    "upper_end": (torch.tensor([6.0, 6.4, 7.0, 8.1, 9.3, 9.3, 10.0, 11.2, 12.0]), (0.0, 12.0),
+                  [2.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 2.0]),
+    # [-1, 2]: merged range [-1, 8]; shard 2's maximum 2 is inside merged bin 2 = [1.25, 2.375)
+    "lower_end": (torch.tensor([-1.0, -0.8, -0.4, 0.3, 0.3, 0.7, 1.0, 1.5, 2.0]), (-1.0, 8.0),
+                  [3.0, 6.0, 3.0, 1.0, 3.0, 1.0, 0.0, 2.0]),
+}
+HISTOGRAM_ANALYZERS = {
+    "sqnr": lambda: SqnrAnalyzer(num_bins=8),
+    "mse_activations": lambda: SqnrAnalyzer(num_bins=8, gamma=1.0),
+    "percentile": lambda: PercentileAnalyzer(num_bins=8, percentile=90.0),
+}
+
+
+@pytest.mark.parametrize("case", MERGE_CASES)
+@pytest.mark.parametrize("kind", HISTOGRAM_ANALYZERS)
+def test_merging_a_shard_that_widens_one_end_equals_one_analyzer_fed_both(kind: str, case: str) -> None:
+    shard_2, (low, high), expected_hist = MERGE_CASES[case]
+    single = HISTOGRAM_ANALYZERS[kind]()
+    single.observe(MERGE_SHARD_1)
+    single.observe(shard_2)
+    merged, other = HISTOGRAM_ANALYZERS[kind](), HISTOGRAM_ANALYZERS[kind]()
+    merged.observe(MERGE_SHARD_1)
+    other.observe(shard_2)
+    merged.merge(other)
+    # shard 1's bins of 1 at centres 0.5 .. 7.5 (counts 2 1 1 2 1 1 0 2) plus shard 2's values, by hand
+    assert single.hist[0].tolist() == expected_hist
+    assert merged.hist[0].tolist() == expected_hist
+    for analyzer in (single, merged):
+        assert (analyzer.hist_min.item(), analyzer.hist_max.item()) == (low, high)
+        assert (analyzer.min.item(), analyzer.max.item()) == (low, high)
+    for bitwidth, symmetric in ((8, False), (4, False), (4, True)):
+        expected = single.compute_range(bitwidth, symmetric)
+        actual = merged.compute_range(bitwidth, symmetric)
+        assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1]), (bitwidth, symmetric)
+
+
+@pytest.mark.parametrize("case", ["upper_end", "lower_end"])
+def test_merged_histogram_of_unaligned_shards_is_within_one_bin_of_one_analyzer(case: str) -> None:
+    generator = torch.Generator().manual_seed(5)
+    shard_1 = torch.randn(20_000, generator=generator)
+    shard_2 = torch.randn(20_000, generator=generator)
+    if case == "upper_end":
+        shard_2 = (shard_2 + 2.0).clamp(min=float(shard_1.min()))
+        assert shard_2.max() > shard_1.max() + 1
+    else:
+        shard_2 = (shard_2 - 2.0).clamp(max=float(shard_1.max()))
+        assert shard_2.min() < shard_1.min() - 1
+    single = SqnrAnalyzer()
+    single.observe(shard_1)
+    single.observe(shard_2)
+    merged, other = SqnrAnalyzer(), SqnrAnalyzer()
+    merged.observe(shard_1)
+    other.observe(shard_2)
+    merged.merge(other)
+    assert torch.equal(merged.hist_min, single.hist_min) and torch.equal(merged.hist_max, single.hist_max)
+    assert torch.equal(merged.min, single.min) and torch.equal(merged.max, single.max)
+    # Shard 2's bins are no wider than the merged ones (its range lies inside the merged range, same bin count),
+    # and a value is at most half a shard-2 bin from the centre its count moves with: every count of the merge
+    # sits in the bin the single analyzer gave it or a neighbour. So the cumulative counts interleave:
+    # single[k - 1] <= merged[k] <= single[k + 1].
+    single_cdf, merged_cdf = single.hist[0].cumsum(0), merged.hist[0].cumsum(0)
+    assert merged_cdf[-1] == single_cdf[-1] == 40_000
+    assert (merged_cdf[1:] >= single_cdf[:-1]).all() and (merged_cdf[:-1] <= single_cdf[1:]).all()
+    assert not torch.equal(merged.hist, single.hist)  # the ranges do not align: some counts did move a bin
+
+
 def test_per_channel_histogram_by_hand_with_a_sentinel() -> None:
     analyzer = HistogramAnalyzer(axis=0, num_bins=3)
     analyzer.observe(torch.tensor([[0.0, 1e31, 3.0], [0.0, 1.0, 2.0]]))
