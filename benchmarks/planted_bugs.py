@@ -51,12 +51,28 @@ BUGS = {
     "percentile_upper_tail_doubled": (
         "quantization/analyzers.py", "total * (1.0 - tail)", "total * (1.0 - 2 * tail)",
         "percentile analyzer: upper tail doubled"),
+    "lsq_per_channel_counts_the_tensor": (
+        "qat/lsq.py", "        numel //= max(shape[quantizer.axis], 1)\n", "        numel //= 1\n",
+        "LSQ gradient scale of a per-channel quantizer computed with the whole tensor's element count"),
+    "grouped_conv_macs_ignore_groups": (
+        "mixed_precision/cost.py", "per_output = module.in_channels // module.groups * math.prod",
+        "per_output = module.in_channels * math.prod",
+        "BitOps of grouped and depthwise convolutions count every input channel per output"),
+    "histogram_merge_keeps_first_lower_bound": (
+        "quantization/analyzers.py", "self._widen(torch.minimum(other_min, self.hist_min), ",
+        "self._widen(self.hist_min, ",
+        "histogram merge keeps the first shard's lower bound when the second shard widens only the low end"),
+    "per_channel_false_override_ignored": (
+        "config.py", "if op.per_channel is not None:", "if op.per_channel:",
+        "op_type per_channel_quantization False ignored where the defaults say True"),
 }
 
 TESTS = [
     "tests/quantization/test_reference_grid.py", "tests/quantization/test_reference_analyzers.py",
     "tests/export/test_reference_encodings_docs.py", "tests/ptq/test_reference_ptq.py",
     "tests/quantization/test_quantization_math.py", "tests/quantization/test_analyzers.py",
+    "tests/test_config.py", "tests/mixed_precision/test_groups_and_cost.py", "tests/qat/test_lsq_gradients.py",
+    "tests/qat/test_prepare.py::test_lsq_grad_scale_of_each_quantizer_counts_the_values_of_one_scale",
 ]
 
 
