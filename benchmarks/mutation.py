@@ -9,7 +9,8 @@ at the first failure. The score counts a mutant as detected when a test fails or
 
     pip install -e ".[mutation]"
     python benchmarks/mutation.py                    # all packages (~25 min on the 2-core dev VM)
-    python benchmarks/mutation.py quantization       # one package: quantization, encodings_io or ptq_math
+    python benchmarks/mutation.py quantization       # one package: quantization, encodings_io, ptq_math or
+                                                     # qat_cost_config (LSQ grad scales, BitOps, config rules)
     python benchmarks/mutation.py --show-survivors   # also print the diff of every surviving mutant
     python benchmarks/mutation.py --recheck ptq_math # after adding tests: re-run only the undetected mutants
 
@@ -55,6 +56,12 @@ PACKAGES: dict[str, dict[str, list[str]]] = {
                     "edgequant.ptq.bias_correction.*"]
         + [f"edgequant.ptq.adaround.x_{name}__mutmut_*" for name in
            ("rectified_sigmoid", "_initial_v", "_beta", "weight_grid", "_reconstruction_loss", "_round_layer")],
+    },
+    "qat_cost_config": {
+        "files": ["qat/lsq.py", "mixed_precision/cost.py", "config.py"],
+        "tests": ["qat/test_lsq_gradients.py", "qat/test_prepare.py", "mixed_precision/test_groups_and_cost.py",
+                  "test_config.py"],
+        "mutants": ["edgequant.qat.lsq.*", "edgequant.mixed_precision.cost.*", "edgequant.config.*"],
     },
 }
 
