@@ -7,6 +7,7 @@ import onnx
 import pytest
 import torch
 from torch import nn
+from torch.optim import optimizer as torch_optimizer
 
 from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
 from edgequant.qat import finalize, prepare_qat, qat_setup
@@ -131,7 +132,9 @@ def test_learned_grids_stay_valid_whatever_the_optimizer_writes(digits):
     sim = _sim(digits)
     setup = prepare_qat(sim, "range_learning")
     ranges = [p for n, p in sim.model.named_parameters() if n.endswith((".scale", ".offset"))]
-    _Adversary(ranges).step()
+    adversary = _Adversary(ranges)
+    setup.attach_optimizer(adversary)
+    adversary.step()
     for name, learned in setup.learned.items():
         quantizer = learned.quantizer
         assert (quantizer.scale >= learned.scale_floor).all() and (quantizer.scale > 0).all(), name
@@ -151,6 +154,33 @@ def test_learned_grids_stay_valid_whatever_the_optimizer_writes(digits):
     expected = torch.clamp(torch.round(x / quantizer.scale) - (-3), 0, 15) * quantizer.scale + (-3) * quantizer.scale
     with torch.no_grad():
         torch.testing.assert_close(quantizer(x), expected)  # the fractional offset -3.4 is used as -3
+
+
+def test_prepare_qat_hooks_only_the_sim_model_and_the_attached_optimizer(digits):
+    (images, _), _ = digits
+    global_hooks = torch_optimizer._global_optimizer_pre_hooks, torch_optimizer._global_optimizer_post_hooks
+    before = [dict(hooks) for hooks in global_hooks]
+    sim = _sim(digits)
+    setup = prepare_qat(sim, "range_learning")
+    assert [dict(hooks) for hooks in global_hooks] == before  # no hook on every optimizer of the process
+    learned = next(r for r in setup.learned.values() if r.learns_offset)
+    ranges = [learned.quantizer.offset, learned.quantizer.scale]  # the adversary writes offset 2.6, scale -3.7
+    unattached, attached = _Adversary(ranges), _Adversary(ranges)
+    unattached.step()  # not attached: the values stay as written until the next forward of sim.model
+    assert (learned.quantizer.scale < 0).all()
+    handle = setup.attach_optimizer(attached)
+    attached.step()  # attached: constrained right after the step, before any forward
+    assert (learned.quantizer.scale >= learned.scale_floor).all() and (learned.quantizer.offset <= 0).all()
+    handle.remove()
+    attached.step()
+    assert (learned.quantizer.scale < 0).all()
+    sim.model(images[:2])  # the forward pre-hook of sim.model constrains whatever wrote the values
+    assert (learned.quantizer.scale >= learned.scale_floor).all()
+    setup.attach_optimizer(attached)
+    setup.remove()  # detaches the optimizer's hook with the model's
+    attached.step()
+    assert (learned.quantizer.scale < 0).all()
+    assert [dict(hooks) for hooks in global_hooks] == before
 
 
 def _onnx_ops(sim, tmp_path):

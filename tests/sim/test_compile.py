@@ -1,6 +1,7 @@
 """`torch.compile(sim.model)` as users write it: one graph (no break per quantizer) in evaluation and training,
-outputs bit-identical to the eager sim in evaluation (IEEE division, round half to even), gradients equal to
-eager within float tolerance in both QAT modes. CUDA cases run where CUDA is available."""
+outputs bit-identical to the eager sim in evaluation (IEEE division, round half to even; on CUDA through
+`sim.compile()`, whose Inductor option is its module's own), gradients equal to eager within float tolerance in
+both QAT modes. CUDA cases run where CUDA is available."""
 
 import contextlib
 import copy
@@ -13,6 +14,7 @@ from torch import nn
 import edgequant as eq
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
 from edgequant.quantization import Encoding, Quantizer
+from edgequant.sim.compile_numerics import compile_with_eager_division
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -117,7 +119,7 @@ def test_compiled_quantizer_keeps_ieee_division_and_half_even_rounding(device, a
     reciprocal = torch.clamp(torch.round(x * (1 / shaped_scale)), -128, 127) * shaped_scale
     with torch.no_grad():
         eager = quantizer(x.clone())
-        compiled = torch.compile(quantizer)(x.clone())
+        compiled = compile_with_eager_division(quantizer)(x.clone())
     assert not torch.equal(bits(reciprocal), bits(eager))  # the data can tell the two divisions apart
     assert torch.equal(bits(compiled), bits(eager))
 
@@ -125,7 +127,7 @@ def test_compiled_quantizer_keeps_ieee_division_and_half_even_rounding(device, a
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_digits_sim_is_bit_identical_in_evaluation(device):
     sim, images, _ = digits_sim(device, config="per_channel")
-    compiled = torch.compile(sim.model)
+    compiled = sim.compile()
     with torch.no_grad():
         eager = sim.model(images)
         assert torch.equal(bits(compiled(images)), bits(eager))
@@ -158,6 +160,28 @@ def test_compiled_training_gradients_match_eager(range_learning):
             assert difference <= 0.1 * largest + 1e-7, (name, difference, largest)
         else:
             torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-4 * largest)
+
+
+def test_sim_leaves_inductor_config_alone_and_compiles_with_its_own_option(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.get_config_copy()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)  # where a sim would need the option
+        sim, images, _ = digits_sim()
+    compiled = sim.compile()
+    tuned = sim.compile(mode="max-autotune-no-cudagraphs", options={"debug": False})
+    plain = torch.compile(sim.model)
+    assert inductor_config.get_config_copy() == before  # nothing process-wide, at construction or compile()
+    assert compiled.get_compiler_config()["eager_numerics.division_rounding"] is True
+    assert tuned.get_compiler_config()["eager_numerics.division_rounding"] is True
+    assert tuned.get_compiler_config()["max_autotune"] is True  # the mode's options are kept
+    assert plain.get_compiler_config()["eager_numerics.division_rounding"] is before[
+        "eager_numerics.division_rounding"]
+    counter = GraphCounter()  # another backend gets no Inductor options, and still one graph
+    with torch.no_grad():
+        assert torch.equal(sim.compile(backend=counter)(images[:8]), sim.model(images[:8]))
+    assert len(counter.graphs) == 1
 
 
 def test_copied_sim_model_still_quantizes_its_inputs():

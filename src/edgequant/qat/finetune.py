@@ -118,6 +118,7 @@ def finetune(
     if not groups:
         raise ValueError("nothing to train: no parameter of sim.model requires grad")
     optim = optimizer(groups) if optimizer is not None else torch.optim.Adam(groups)
+    setup.attach_optimizer(optim)  # learned ranges valid right after each step (checkpoints, best state)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optim, _lr_factor(schedule, warmup_steps, total_steps))
 
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None

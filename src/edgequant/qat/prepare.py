@@ -18,6 +18,9 @@ weight encodings. BNs that nothing precedes cannot be folded either way: they ar
 
 Afterwards train ``sim.model`` in any loop with any optimizer over
 ``[p for p in sim.model.parameters() if p.requires_grad]``, or call `edgequant.qat.finetune`; then `finalize`.
+Learned ranges are made valid before every forward of ``sim.model``; ``setup.attach_optimizer(optimizer)`` also
+does it right after each step of that optimizer (`finetune` attaches its own). Nothing is installed process-wide:
+other optimizers and models in the process are left alone.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from edgequant.ptq.batch_norm_fold import fold_batch_norms_to_scale
 from edgequant.ptq.bn_reestimation import reestimate_bn
@@ -92,9 +94,21 @@ class QatSetup:
 
     # -- what happens around each step ----------------------------------------------------------------
     def constrain_ranges(self) -> None:
-        """Project every learned scale/offset onto valid values (runs after each optimizer step by itself)."""
+        """Project every learned scale/offset onto valid values (runs before each forward of ``sim.model`` and
+        after each step of the optimizers given to `attach_optimizer`)."""
         for learned in self.learned.values():
             learned.constrain()
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.utils.hooks.RemovableHandle:
+        """Constrain the learned ranges right after each ``optimizer.step()``, so that they are valid before any
+        use, not only before the next forward (an export, a saved checkpoint). The hook is this optimizer's own;
+        `remove` (or preparing the sim again) detaches it, as does the returned handle."""
+        handle = optimizer.register_step_post_hook(self._after_step)
+        self._handles.append(handle)
+        return handle
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.constrain_ranges()
 
     def sync_weight_encodings(self, force: bool = False) -> int:
         """Recompute the encodings of the weight-following quantizers whose weights changed; returns how many."""
@@ -119,7 +133,7 @@ class QatSetup:
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         if module is not self.sim.model:
             return
-        self.constrain_ranges()  # catches edits outside any optimizer (optimizers are covered by the step hook)
+        self.constrain_ranges()  # whatever changed them: an optimizer step, a loaded checkpoint, an edit by hand
         self.sync_weight_encodings()
         if not (module.training and torch.is_grad_enabled()):
             return  # evaluation, calibration, BN re-estimation: leave the modes alone
@@ -144,15 +158,6 @@ def qat_setup(sim: QuantSim) -> QatSetup | None:
     return _SETUPS.get(sim.model)
 
 
-def _constrain_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Global optimizer step hook: whatever an optimizer did, learned grids are valid before the next use."""
-    for setup in list(_SETUPS.values()):
-        setup.constrain_ranges()
-
-
-_STEP_HOOK: list[Any] = []
-
-
 def prepare_qat(
     sim: QuantSim,
     mode: str = "regular",
@@ -165,7 +170,8 @@ def prepare_qat(
     """Make the calibrated ``sim`` ready for quantization-aware training in ``mode`` (see the module doc).
 
     ``grad_scale`` is ``"lsq"`` (``1/sqrt(N*Qp)`` per quantizer, the default) or one number for all learned
-    ranges (``1.0``: plain gradients). Preparing again replaces the previous setup.
+    ranges (``1.0``: plain gradients). Preparing again replaces the previous setup. Only ``sim.model`` gets hooks;
+    give your optimizer to ``setup.attach_optimizer`` to have the ranges constrained after each of its steps too.
     """
     if mode not in MODES:
         raise ValueError(f"QAT mode {mode!r} is not one of {', '.join(MODES)}")
@@ -213,8 +219,6 @@ def prepare_qat(
     # first among the root's pre-hooks: the model-input quantizers (another pre-hook) must see the constrained grid
     setup._handles.append(sim.model.register_forward_pre_hook(setup._before_forward, prepend=True))
     _SETUPS[sim.model] = setup
-    if not _STEP_HOOK:
-        _STEP_HOOK.append(register_optimizer_step_post_hook(_constrain_after_step))
     return setup
 
 

@@ -30,7 +30,7 @@ from edgequant.sim.capture import (
     record_calls,
     try_trace,
 )
-from edgequant.sim.compile_numerics import use_eager_division_when_compiled
+from edgequant.sim.compile_numerics import compile_with_eager_division
 from edgequant.sim.distributed import synchronize_statistics
 from edgequant.sim.emulation import EmulationPlan, RuntimeModel, install, plan_emulation, runtime_model, uninstall
 from edgequant.sim.graph import ModelGraph, build_graph
@@ -91,7 +91,6 @@ class QuantSim:
         self._supergroup_members: dict[str, str] = {}
         self._emulation: EmulationPlan | None = None
         self._prepare()
-        use_eager_division_when_compiled()  # torch.compile(sim.model) stays bit-identical on CUDA
 
     # -- preparation -----------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -483,6 +482,16 @@ class QuantSim:
             yield
         finally:
             self.unfreeze_weights()
+
+    # -- compilation -----------------------------------------------------------------------------------
+    def compile(self, **kwargs: Any) -> nn.Module:
+        """``torch.compile(sim.model, **kwargs)`` that reproduces the eager sim bit for bit on CUDA too.
+
+        Inductor's Triton code divides approximately unless its ``eager_numerics.division_rounding`` is set;
+        this passes it as an option of the returned module only, so other models the process compiles keep
+        Inductor's defaults (see `edgequant.sim.compile_numerics`). A plain ``torch.compile(sim.model)`` is one
+        graph too, and bit-identical on the CPU."""
+        return compile_with_eager_division(self.model, **kwargs)
 
     @contextmanager
     def _weights_unfrozen(self) -> Iterator[None]:
