@@ -2,7 +2,16 @@
 
 from edgequant import export  # noqa: F401 - registers sim.export / sim.load_encodings
 from edgequant.config import ConfigError, HardwareConfig
-from edgequant.quantization import CalibrationError, Encoding, Quantizer
+from edgequant.quantization import (
+    CalibrationError,
+    CalibrationMethod,
+    Encoding,
+    MinMax,
+    Mse,
+    Percentile,
+    Quantizer,
+    Sqnr,
+)
 from edgequant.sim import QuantSim, register_module
 from edgequant.workflows import autoquant
 
@@ -10,11 +19,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationError",
+    "CalibrationMethod",
     "ConfigError",
     "Encoding",
     "HardwareConfig",
+    "MinMax",
+    "Mse",
+    "Percentile",
     "QuantSim",
     "Quantizer",
+    "Sqnr",
     "autoquant",
     "register_module",
 ]

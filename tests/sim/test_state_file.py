@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from edgequant.quantization import Percentile
 from edgequant.sim import QuantSim
 from edgequant.sim.state_file import SIM_STATE_FORMAT, read_sim_state, tensors_checksum, tensors_of
 
@@ -83,3 +84,25 @@ def test_checksum_depends_on_settings_names_dtypes_and_values() -> None:
     assert tensors_checksum({"a": tensors["a"], "c": tensors["b"]}, "{}") != base
     assert tensors_checksum({"a": tensors["a"].double(), "b": tensors["b"]}, "{}") != base
     assert tensors_checksum({"a": torch.tensor([1.0, 2.5]), "b": tensors["b"]}, "{}") != base
+
+
+def test_a_method_with_settings_round_trips_through_the_file(digits_cnn, digits_train, tmp_path) -> None:
+    """The CLI rebuilds a sim from ``settings["quant_scheme"]``: the method's JSON form names its settings, so the
+    rebuilt sim calibrates as the saved one did and loads to bit-identical outputs."""
+    batches = digits_train[:256].split(64)
+    sim = QuantSim(digits_cnn, digits_train[:1], quant_scheme=Percentile(99.9))
+    sim.calibrate(batches, progress=False)
+    sim.save(tmp_path / "percentile.pt")
+    settings = read_sim_state(tmp_path / "percentile.pt").settings
+    assert settings["quant_scheme"] == {"name": "percentile", "percentile": 99.9}
+    fresh = _fresh(digits_train, quant_scheme=settings["quant_scheme"])
+    assert fresh.quant_scheme == Percentile(99.9) and str(fresh.quant_scheme) == "percentile(percentile=99.9)"
+    fresh.load(tmp_path / "percentile.pt")
+    with torch.no_grad():
+        assert torch.equal(fresh.model(digits_train[:64]), sim.model(digits_train[:64]))
+    fresh.calibrate(batches, progress=False)
+    encodings = {name: q.encoding for name, q in sim.quantizers().items() if q.encoding is not None}
+    assert all(torch.equal(fresh.quantizer(n).encoding.scale, e.scale) for n, e in encodings.items())
+    default = _fresh(digits_train, quant_scheme="percentile")  # 99.99: other activation ranges on this data
+    default.calibrate(batches, progress=False)
+    assert any(not torch.equal(default.quantizer(n).encoding.scale, e.scale) for n, e in encodings.items())

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from edgequant.cli.autoquant_command import autoquant as autoquant_command
 from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
+from edgequant.quantization import Percentile
 from edgequant.workflows import autoquant
 
 
@@ -63,6 +64,23 @@ def test_stops_at_calibration_when_target_met(digits, tmp_path) -> None:
     assert result.best_step.startswith("calibration:")
     assert "bn_fold" not in [step.name for step in result.steps]
 
+
+def test_a_method_with_settings_is_logged_and_restored_from_the_cache(digits, tmp_path) -> None:
+    model, train_images, batches, test_images, test_labels = digits
+
+    def run(method: Percentile):
+        return autoquant(model, train_images[:2], batches, lambda m: evaluate_accuracy(m, test_images, test_labels),
+                         allowed_accuracy_drop=1.0, results_dir=tmp_path, schemes=(method,), progress=False)
+
+    first = run(Percentile(99.9))
+    assert first.best_step == "calibration:percentile(percentile=99.9)"
+    assert first.steps[1].scheme == {"name": "percentile", "percentile": 99.9}
+    assert first.sim.quant_scheme == Percentile(99.9)
+    second = run(Percentile(99.9))
+    assert all(step.cached for step in second.steps) and second.sim.quant_scheme == Percentile(99.9)
+    with torch.no_grad():
+        assert torch.equal(second.sim.model(test_images), first.sim.model(test_images))
+    assert not any(step.cached for step in run(Percentile(99.5)).steps)  # other settings, other cache entry
 
 def test_cli_runs_the_digits_demo(tmp_path) -> None:
     outcome = CliRunner().invoke(autoquant_command, ["--out", str(tmp_path), "--quiet", "--num-batches", "2",

@@ -19,7 +19,7 @@ from edgequant.analysis.result import ActivationRange, AnalysisResult, LayerAnal
 from edgequant.analysis.sweeps import LayerSensitivity, Sweeps
 from edgequant.analysis.weights import weight_ranges
 from edgequant.config import HardwareConfig
-from edgequant.quantization import Quantizer
+from edgequant.quantization import MethodSpec, Quantizer
 from edgequant.sim import QuantSim
 
 JSON_NAME, REPORT_NAME, DUMP_NAME = "analysis.json", "report.html", "layer_outputs.npz"
@@ -47,7 +47,7 @@ class QuantAnalyzer:
         *,
         param_bw: int = 8,
         output_bw: int = 8,
-        quant_scheme: str = "minmax",
+        quant_scheme: MethodSpec = "minmax",
         config: str | Path | dict | HardwareConfig = "default",
         progress: bool = True,
     ) -> None:
@@ -76,7 +76,7 @@ class QuantAnalyzer:
                config_name: str) -> None:
         self.sim, self.data, self.eval_fn, self.progress = sim, data, eval_fn, progress
         self.metric: Callable[[nn.Module], float] | None = eval_fn
-        self.settings = {"param_bw": sim.param_bw, "output_bw": sim.output_bw, "quant_scheme": sim.quant_scheme,
+        self.settings = {"param_bw": sim.param_bw, "output_bw": sim.output_bw, "quant_scheme": str(sim.quant_scheme),
                          "config": config_name}
         self.timings: dict[str, float] = {}
 

@@ -69,7 +69,7 @@ def tensor_encoding_entries(
 def _quantizer_args(sim: QuantSim, quantizers: dict[str, Quantizer]) -> dict[str, Any]:
     params = [q for q in quantizers.values() if q.role == "param"]
     return {
-        "quant_scheme": AIMET_SCHEME_NAMES.get(sim.quant_scheme, sim.quant_scheme),
+        "quant_scheme": AIMET_SCHEME_NAMES.get(sim.quant_scheme.name, sim.quant_scheme.name),
         "param_bitwidth": sim.param_bw,
         "activation_bitwidth": sim.output_bw,
         "dtype": "int",

@@ -1,4 +1,5 @@
-"""Encoding analyzers: how a quantizer turns observed tensors into a range (the calibration method).
+"""Encoding analyzers: the statistics a quantizer keeps and turns into a range (the engines behind the
+calibration methods of `calibration_methods`).
 
 Every analyzer keeps statistics of fixed size (min/max, or a histogram of ``num_bins`` bins per channel), so
 calibrating on 10x more batches costs 10x the time but not 10x the memory.
@@ -294,8 +295,8 @@ class MseAnalyzer(EncodingAnalyzer):
 
     Coarse to fine: ``num_candidates`` ratios over ``[min_ratio, 1]``, then as many again within one coarse
     step around each channel's best, so the search costs 2 x ``num_candidates`` passes over the values.
-    It keeps the observed values, so it is meant for weights (observed once); the simulation gives
-    activations a histogram-based search instead (`SqnrAnalyzer` with ``gamma=1``).
+    It keeps the observed values, so it is meant for weights (observed once); the ``mse`` calibration method
+    gives activations a histogram-based search instead (`SqnrAnalyzer` with ``gamma=1``).
     """
 
     def __init__(self, axis: int | None = None, num_candidates: int = 24, min_ratio: float = 0.2) -> None:
@@ -343,21 +344,3 @@ class MseAnalyzer(EncodingAnalyzer):
             best_ratio = torch.where(better, ratio, best_ratio)
         return best_ratio, best_error
 
-
-def make_analyzer(scheme: str, axis: int | None, for_params: bool) -> EncodingAnalyzer:
-    """Analyzer for a ``quant_scheme`` name (AIMET's names are accepted as aliases)."""
-    key = SCHEME_ALIASES.get(scheme, scheme)
-    if key == "minmax":
-        return MinMaxAnalyzer(axis)
-    if key == "sqnr":
-        return SqnrAnalyzer(axis)
-    if key == "percentile":
-        return MinMaxAnalyzer(axis) if for_params else PercentileAnalyzer(axis)
-    if key == "mse":
-        return MseAnalyzer(axis) if for_params else SqnrAnalyzer(axis, gamma=1.0)
-    raise ValueError(f"unknown quant_scheme {scheme!r}; choose one of {', '.join(QUANT_SCHEMES)}")
-
-
-QUANT_SCHEMES = ("minmax", "sqnr", "percentile", "mse")
-SCHEME_ALIASES = {"tf": "minmax", "min_max": "minmax", "tf_enhanced": "sqnr", "post_training_tf_enhanced": "sqnr",
-                  "post_training_tf": "minmax", "post_training_percentile": "percentile"}

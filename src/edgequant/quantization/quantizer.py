@@ -24,7 +24,8 @@ from torch import nn
 
 from edgequant.quantization import fused_cpu
 from edgequant.quantization.affine import quantize_dequantize
-from edgequant.quantization.analyzers import CalibrationError, EncodingAnalyzer, make_analyzer
+from edgequant.quantization.analyzers import CalibrationError, EncodingAnalyzer
+from edgequant.quantization.calibration_methods import MethodSpec, calibration_method
 from edgequant.quantization.encoding import Encoding, broadcast_shape, check_bitwidth, grid_from_range
 from edgequant.quantization.sealing import Sealable
 
@@ -41,7 +42,7 @@ class Quantizer(Sealable):
         bitwidth: int = 8,
         symmetric: bool = False,
         axis: int | None = None,
-        scheme: str = "minmax",
+        scheme: MethodSpec = "minmax",
         role: str = "output",
         owner: str = "",
         key: str = "0",
@@ -62,7 +63,7 @@ class Quantizer(Sealable):
         self.frozen = False
         self.reuse_input_memory = False  # set by the sim for op outputs, which nothing else holds
         self.calibrating = False
-        self.analyzer: EncodingAnalyzer = make_analyzer(scheme, axis, role == "param")
+        self.analyzer: EncodingAnalyzer = calibration_method(scheme).analyzer(axis, role)
         self.register_buffer("scale", None)
         self.register_buffer("offset", None)
 

@@ -17,8 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from edgequant.config import HardwareConfig
-from edgequant.quantization import QUANT_SCHEMES, CalibrationError, Encoding, Quantizer
-from edgequant.quantization.analyzers import SCHEME_ALIASES
+from edgequant.quantization import CalibrationError, Encoding, MethodSpec, Quantizer, calibration_method
 from edgequant.quantization.encoding import check_bitwidth
 from edgequant.quantization.quantizer import ROLES
 from edgequant.sim.batches import ModelInput, iterate_batches, model_device
@@ -61,7 +60,9 @@ class QuantSim:
 
     ``sim.model`` is an ordinary ``nn.Module`` (a copy unless ``in_place=True``) whose layers and functional
     ops carry `Quantizer` modules as the hardware ``config`` dictates; calibrate it with `compute_encodings`
-    or `calibrate`, then evaluate or train it like the original.
+    or `calibrate`, then evaluate or train it like the original. ``quant_scheme`` is the calibration method: a
+    registered name (``"sqnr"``), a method with its settings (``Percentile(99.9)``) or its JSON form;
+    ``sim.quant_scheme`` is the method object (``str()`` gives its name and changed settings).
     """
 
     def __init__(
@@ -71,15 +72,13 @@ class QuantSim:
         *,
         param_bw: int = 8,
         output_bw: int = 8,
-        quant_scheme: str = "minmax",
+        quant_scheme: MethodSpec = "minmax",
         config: str | Path | dict | HardwareConfig = "default",
         in_place: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"QuantSim expects an nn.Module, got {type(model).__name__}")
-        scheme = SCHEME_ALIASES.get(quant_scheme, quant_scheme)
-        if scheme not in QUANT_SCHEMES:
-            raise ValueError(f"unknown quant_scheme {quant_scheme!r}; choose one of {', '.join(QUANT_SCHEMES)}")
+        scheme = calibration_method(quant_scheme)
         check_bitwidth(param_bw, "param_bw")
         check_bitwidth(output_bw, "output_bw")
         self.param_bw, self.output_bw, self.quant_scheme = param_bw, output_bw, scheme
@@ -509,7 +508,7 @@ class QuantSim:
         """Save the settings and ``sim.model.state_dict()`` (weights, encodings, quantizer flags), with one
         checksum over both; `load` reads it without running any code from the file."""
         settings = {"config": self.config.raw, "param_bw": self.param_bw, "output_bw": self.output_bw,
-                    "quant_scheme": self.quant_scheme}
+                    "quant_scheme": self.quant_scheme.to_json()}
         write_sim_state(path, settings, self.model.state_dict())
 
     def load(self, source: str | Path | SimState) -> None:

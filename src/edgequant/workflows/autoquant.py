@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from edgequant.config import HardwareConfig
 from edgequant.mixed_precision import choose_mixed_precision
 from edgequant.ptq.adaround import adaround
+from edgequant.quantization import MethodSpec
 from edgequant.sim import QuantSim
 from edgequant.workflows.autoquant_report import write_report
 from edgequant.workflows.autoquant_result import AutoQuantResult, StepRecord
@@ -46,7 +47,7 @@ def autoquant(
     output_bw: int = 8,
     config: str | Path | dict | HardwareConfig = "default",
     results_dir: str | Path = "autoquant_results",
-    schemes: tuple[str, ...] = DEFAULT_SCHEMES,
+    schemes: tuple[MethodSpec, ...] = DEFAULT_SCHEMES,
     num_batches: int | None = None,
     adaround_iterations: int = 10000,
     adaround_kwargs: dict | None = None,
@@ -96,7 +97,7 @@ def autoquant(
     return result
 
 
-def _run_steps(run: _Run, schemes: tuple[str, ...], adaround_iterations: int, adaround_kwargs: dict) -> None:
+def _run_steps(run: _Run, schemes: tuple[MethodSpec, ...], adaround_iterations: int, adaround_kwargs: dict) -> None:
     """The ladder of techniques; returns as soon as a candidate meets the target."""
     calibrated = [
         run.step(f"calibration:{s}", lambda s=s: run.calibrated("original", s, "calibrated")) for s in schemes
@@ -161,7 +162,7 @@ class _Run:
             record = StepRecord(name, description, metric, 0.0, layers, diagnostic=diagnostic)
             if sim is not None:
                 record.state_file = f"{name.replace(':', '_')}.sim.pt"
-                record.stage, record.scheme = self._current_stage, sim.quant_scheme
+                record.stage, record.scheme = self._current_stage, sim.quant_scheme.to_json()
                 sim.save(self.directory / record.state_file)
             record.seconds = time.perf_counter() - start
             self._log["steps"][name] = {k: v for k, v in asdict(record).items() if k != "cached"}
@@ -200,7 +201,7 @@ class _Run:
                 raise ValueError(f"unknown stage {stage!r}")
         return self._stages[stage]
 
-    def new_sim(self, stage: str, scheme: str) -> QuantSim:
+    def new_sim(self, stage: str, scheme: MethodSpec) -> QuantSim:
         self._current_stage = stage
         return QuantSim(self.stage_model(stage)[0], self.dummy_input, param_bw=self.param_bw,
                         output_bw=self.output_bw, quant_scheme=scheme, config=self.config)
@@ -209,14 +210,14 @@ class _Run:
         with torch.no_grad():
             return float(self.eval_fn(model))
 
-    def calibrated(self, stage: str, scheme: str, what: str) -> tuple:
+    def calibrated(self, stage: str, scheme: MethodSpec, what: str) -> tuple:
         sim = self.new_sim(stage, scheme)
         sim.calibrate(self.data, self.num_batches, progress=self.progress)
         _, layers, done = self.stage_model(stage)
-        description = f"{done + '; ' if done else ''}{what} with the {scheme} scheme"
+        description = f"{done + '; ' if done else ''}{what} with the {sim.quant_scheme} scheme"
         return sim, description, layers, self.evaluate(sim.model)
 
-    def bias_corrected(self, stage: str, scheme: str) -> tuple:
+    def bias_corrected(self, stage: str, scheme: MethodSpec) -> tuple:
         try:
             from edgequant.ptq.bias_correction import correct_bias
         except ImportError:
@@ -225,7 +226,7 @@ class _Run:
         report = correct_bias(sim, self.data, progress=self.progress)
         return sim, f"{description}; empirical bias correction", _layer_names(report), self.evaluate(sim.model)
 
-    def adarounded(self, stage: str, scheme: str, iterations: int, kwargs: dict) -> tuple:
+    def adarounded(self, stage: str, scheme: MethodSpec, iterations: int, kwargs: dict) -> tuple:
         sim, description, _, _ = self.calibrated(stage, scheme, "calibrated")
         result = adaround(sim, self.data, num_iterations=iterations, num_batches=self.num_batches,
                           progress=self.progress, **kwargs)
@@ -257,7 +258,7 @@ class _Run:
             def compute(kinds: tuple = kinds, what: str = what) -> tuple:
                 sim = self.restore(calibrated)
                 sim.set_enabled(False, kinds=kinds)
-                return None, f"diagnostic: {what} ({calibrated.scheme} encodings)", [], self.evaluate(sim.model)
+                return None, f"diagnostic: {what} ({sim.quant_scheme} encodings)", [], self.evaluate(sim.model)
             self.step(name, compute, diagnostic=True)
 
     def sensitivity(self, sim: QuantSim, best: StepRecord, eval_fn: Callable) -> list[tuple[str, float]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edgequant.sim import QuantSim
 
@@ -19,7 +20,7 @@ class StepRecord:
     layers: list[str] = field(default_factory=list)
     state_file: str | None = None  # sim state of a candidate, relative to the run directory
     stage: str = "original"  # float model it was built from: original, bn_fold or cle
-    scheme: str = ""
+    scheme: str | dict[str, Any] = ""  # the calibration method's JSON form (`CalibrationMethod.to_json`)
     meets_target: bool = False
     diagnostic: bool = False
     cached: bool = False
