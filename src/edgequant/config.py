@@ -19,6 +19,26 @@ bitwidth. Without op-level kernels the sim-wide defaults apply, which a resolved
 do not override the sim-wide bitwidths. Float kernels (``"dtype": "float"``) are accepted when they are not
 the first entry of an op's list; as the first entry they are rejected, because edgequant simulates integer
 quantization only and silently treating them as integers would misrepresent the hardware.
+
+Sim-wide keys, with AIMET's meaning (its config docs, ``quantization_configuration.rst``, and the code named):
+
+* ``defaults.strict_symmetric`` (default False): symmetric quantizers use the grid symmetric around zero with one
+  level fewer, ``[-(2**(b-1) - 1), 2**(b-1) - 1] * scale``, ``scale = max|x| / (2**(b-1) - 1)`` (libpymo
+  ``getComputedEncodings``: ``numSteps - 1``, ``offset = -ceil(numSteps / 2)``).
+* ``defaults.unsigned_symmetric`` (default False, as AIMET's ``TensorQuantizer`` and config docs have it): a
+  symmetric quantizer whose calibrated range starts at 0 (all data non-negative, e.g. after a ReLU) uses the
+  unsigned grid: offset 0, ``scale = max / (2**b - 1)`` (same function: such a range is computed as asymmetric).
+  The two are exclusive (AIMET's encoding analyzers assert it): a config setting both is refused.
+* ``supergroup_pass_list``: AIMET's graph passes by registered name (``aimet_onnx.graph_passes``). ``MatmulAdd``
+  is applied: a MatMul with a constant operand whose only consumer is an Add of a constant rank-1 tensor (a
+  Linear written as ``x @ w + b``) gets no quantizer on the MatMul's output nor on that Add's inputs, the
+  quantizers AIMET's pass disables. Any other name (AIMET's ``LayerNormalization`` and ``RMSNormalization``, which
+  keep the intermediate outputs of a normalization written out as elementwise ops in float) is not implemented:
+  loading warns once per pass with a `ConfigWarning` naming it, and those intermediates stay quantized.
+* ``model_output.is_output_quantized``: ``"True"`` quantizes the outputs of the ops that produce the model's
+  outputs even where their op type's rule or a supergroup would not (AIMET's ``_set_model_output_configs``);
+  absent, the op rules decide. AIMET refuses ``"False"`` (``json_config_importer``: "can only be set to True");
+  edgequant reads it literally: the model's outputs stay float, and the coverage report says why.
 """
 
 from __future__ import annotations
@@ -29,13 +49,14 @@ import functools
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgequant.quantization.encoding import MAX_BITWIDTH, MIN_BITWIDTH, check_bitwidth
 
-__all__ = ["ConfigError", "HardwareConfig", "TensorRule", "known_op_types", "register_op_types"]
+__all__ = ["ConfigError", "ConfigWarning", "HardwareConfig", "TensorRule", "known_op_types", "register_op_types"]
 
 _PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -80,6 +101,14 @@ _AIMET_OP_TYPES = frozenset({
 """Op type names AIMET's shipped configs (2.x, htp/backend-aware/lpai/eai) use that ONNX does not define."""
 _registered_op_types: set[str] = set()
 
+SUPERGROUP_PASSES = ("MatmulAdd",)
+"""``supergroup_pass_list`` entries the simulation applies (see the module docstring)."""
+_AIMET_PASSES = {
+    "LayerNormalization": "keeps the intermediate outputs of a LayerNorm written out as elementwise ops in float",
+    "RMSNormalization": "keeps the intermediate outputs of an RMSNorm written out as elementwise ops in float",
+}
+"""AIMET passes edgequant does not implement, and what AIMET does with them."""
+
 
 def register_op_types(*names: str) -> None:
     """Accept ``names`` as op types in configs besides ONNX's (the sim's own names, and the names given to
@@ -99,10 +128,27 @@ def known_op_types() -> frozenset[str]:
     return _onnx_op_types() | _AIMET_OP_TYPES | frozenset(_registered_op_types)
 
 
+def _unimplemented_pass(source: str, name: str) -> str:
+    """The warning for a ``supergroup_pass_list`` entry the simulation does not apply."""
+    if name in _AIMET_PASSES:
+        what = f"AIMET's {name!r} pass {_AIMET_PASSES[name]}"
+    else:
+        close = difflib.get_close_matches(name, [*SUPERGROUP_PASSES, *_AIMET_PASSES], n=1)
+        what = f"{_show(name)} is not a pass edgequant knows" + (f" (did you mean {_show(close[0])}?)" if close else "")
+    return (
+        f"{source}: supergroup_pass_list: {what}; edgequant does not implement it, so the tensors it would leave in "
+        f"float stay quantized as the rest of the config says (implemented: {', '.join(SUPERGROUP_PASSES)})"
+    )
+
+
 def _key_path(path: str, key: str) -> str:
     """``path.key``, the key JSON-quoted when it holds characters that would break the message's line."""
     shown = key if key.isprintable() else json.dumps(key)
     return f"{path}.{shown}" if path else shown
+
+
+class ConfigWarning(UserWarning):
+    """A config entry edgequant reads but does not act on (it says which, and what stays different)."""
 
 
 class ConfigError(ValueError):
@@ -125,6 +171,8 @@ class TensorRule:
     bitwidth: int | None  # None -> sim default (param_bw / output_bw)
     min_constraint: float | None = None  # from encoding_constraints (activations only)
     max_constraint: float | None = None
+    strict_symmetric: bool = False  # defaults.strict_symmetric (applies when symmetric)
+    unsigned_symmetric: bool = False  # defaults.unsigned_symmetric (applies when symmetric)
 
 
 @dataclass(frozen=True)
@@ -328,7 +376,8 @@ class HardwareConfig:
     strict_symmetric: bool
     unsigned_symmetric: bool
     model_input_quantized: bool
-    model_output_quantized: bool
+    model_output_quantized: bool  # model_output.is_output_quantized is "True": quantize the model's outputs
+    model_output_float: bool  # ... is "False": leave them float (AIMET refuses this value)
     supergroups: list[tuple[str, ...]]
     supergroup_pass_list: list[str]
     raw: dict
@@ -408,6 +457,12 @@ class HardwareConfig:
         cfg._default_per_channel = bool(v.opt_bool(defaults, "per_channel_quantization", "defaults"))
         cfg.strict_symmetric = bool(v.opt_bool(defaults, "strict_symmetric", "defaults"))
         cfg.unsigned_symmetric = bool(v.opt_bool(defaults, "unsigned_symmetric", "defaults"))
+        if cfg.strict_symmetric and cfg.unsigned_symmetric:
+            raise ConfigError(
+                source, "defaults",
+                'strict_symmetric and unsigned_symmetric are both "True"; they are exclusive grids (AIMET\'s encoding '
+                "analyzers assert so): set one of them",
+            )
         if "hw_version" in defaults and not isinstance(defaults["hw_version"], str):
             raise v.fail("defaults.hw_version", defaults["hw_version"], 'a string such as "V73"')
         if "supported_kernels" in defaults:
@@ -429,11 +484,16 @@ class HardwareConfig:
             if "supergroup_pass_list" in top
             else []
         )
+        for name in dict.fromkeys(cfg.supergroup_pass_list):
+            if name not in SUPERGROUP_PASSES:
+                warnings.warn(_unimplemented_pass(source, name), ConfigWarning, stacklevel=3)
 
         model_input = v.obj(top.get("model_input", {}), "model_input", ("is_input_quantized",))
         cfg.model_input_quantized = bool(v.opt_bool(model_input, "is_input_quantized", "model_input"))
         model_output = v.obj(top.get("model_output", {}), "model_output", ("is_output_quantized",))
-        cfg.model_output_quantized = bool(v.opt_bool(model_output, "is_output_quantized", "model_output"))
+        output_setting = v.opt_bool(model_output, "is_output_quantized", "model_output")
+        cfg.model_output_quantized = output_setting is True
+        cfg.model_output_float = output_setting is False
         return cfg
 
     # ------------------------------------------------------------------ resolution
@@ -456,14 +516,17 @@ class HardwareConfig:
             symmetric=merged["is_symmetric"],
             per_channel=per_channel,
             bitwidth=bitwidth,
+            strict_symmetric=self.strict_symmetric,
+            unsigned_symmetric=self.unsigned_symmetric,
         )
 
     def _activation_rule(self, op_type: str, key: str, with_constraints: bool) -> TensorRule:
         op = self._op_types.get(op_type)
         quantized = self._default_ops.get(key, False)
         symmetric = self._default_ops.get("is_symmetric", False)
+        variants = {"strict_symmetric": self.strict_symmetric, "unsigned_symmetric": self.unsigned_symmetric}
         if op is None:
-            return TensorRule(quantized=quantized, symmetric=symmetric, per_channel=False, bitwidth=None)
+            return TensorRule(quantized=quantized, symmetric=symmetric, per_channel=False, bitwidth=None, **variants)
         op_quantized = op.output_quantized if key == "is_output_quantized" else op.input_quantized
         return TensorRule(
             quantized=quantized if op_quantized is None else op_quantized,
@@ -472,6 +535,7 @@ class HardwareConfig:
             bitwidth=op.activation_bitwidth,
             min_constraint=op.min_constraint if with_constraints else None,
             max_constraint=op.max_constraint if with_constraints else None,
+            **variants,
         )
 
     def output_rule(self, op_type: str) -> TensorRule:

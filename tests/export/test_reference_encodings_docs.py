@@ -161,13 +161,17 @@ def test_per_channel_2_0_0_with_zero_points_and_axis(tmp_path: Path) -> None:
 
 def test_symmetric_flag_needs_the_symmetric_offset(tmp_path: Path) -> None:
     document = {"version": "1.0.0", "activation_encodings": [
-        {"name": "a", "dtype": "INT", "bw": 8, "is_sym": True, "scale": [0.5], "offset": [-127]},
+        {"name": "a", "dtype": "INT", "bw": 8, "is_sym": True, "scale": [0.5], "offset": [-100]},
         {"name": "b", "dtype": "int", "bw": 8, "is_sym": True, "scale": [0.5], "offset": [-128]},
+        {"name": "c", "dtype": "int", "bw": 8, "is_sym": True, "scale": [0.5], "offset": [-127]},
     ]}
     path = tmp_path / "sym.encodings"
     path.write_text(json.dumps(document))
-    version, (a, b) = read_encodings(path)
-    assert not a.encoding.symmetric and b.encoding.symmetric  # -127 is not AIMET's symmetric grid
+    version, (a, b, c) = read_encodings(path)
+    assert not a.encoding.symmetric and b.encoding.symmetric  # -100 is no symmetric grid of AIMET's
+    assert not b.encoding.strict_symmetric
+    # AIMET (get_symmetric_properties): is_sym with offset -(2**(bw-1) - 1) is the strict symmetric grid
+    assert c.encoding.symmetric and c.encoding.strict_symmetric and c.encoding.num_steps == 254
     assert a.encoding.axis is None and a.is_param is False
     document_0_6_1 = {"activation_encodings": {"a": [{"bitwidth": 8, "dtype": "int", "is_symmetric": "True",
                                                       "scale": 0.5, "offset": -128, "min": -64, "max": 63.5}]}}

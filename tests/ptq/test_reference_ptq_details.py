@@ -109,7 +109,8 @@ def _bn_sim(layer: nn.Module, channels: int, config: str = "per_channel") -> tup
 
 def test_fold_to_scale_rejects_frozen_encodings_it_cannot_scale() -> None:
     message = (r"^cannot fold 1 into the frozen weight encoding of 0: it must be per-channel \(axis of the output "
-               r"channels\) and symmetric; unfreeze it or use the per_channel config$")
+               r"channels\) and signed symmetric \(no unsigned channel, whose grid cannot hold negated weights\); "
+               r"unfreeze it or use the per_channel config$")
     per_tensor, _ = _bn_sim(nn.Conv2d(3, 4, 1), 4, config="default")
     per_tensor.freeze_encodings()
     with pytest.raises(ValueError, match=message):
@@ -120,6 +121,13 @@ def test_fold_to_scale_rejects_frozen_encodings_it_cannot_scale() -> None:
                                                                   8, False, axis=0))
     with pytest.raises(ValueError, match=message):
         fold_batch_norms_to_scale(asymmetric)
+    unsigned, _ = _bn_sim(nn.Conv2d(3, 4, 1), 4)  # channel 0 on the unsigned grid (gamma -1 would negate it)
+    quantizer = unsigned.quantizers()["0.param_quantizers.weight"]
+    unsigned.set_encoding("0.param_quantizers.weight", Encoding(quantizer.encoding.scale,
+                                                                torch.tensor([0.0, -128.0, -128.0, -128.0]), 8, True,
+                                                                axis=0))
+    with pytest.raises(ValueError, match=message):
+        fold_batch_norms_to_scale(unsigned)
     unfrozen, x = _bn_sim(nn.Conv2d(3, 4, 1), 4, config="default")  # recomputed, so any encoding is fine
     assert fold_batch_norms_to_scale(unfrozen) == [("0", "1")]
     assert unfrozen.model.get_submodule("0").output_quantizers["0"].name == "0.output_quantizers.0"

@@ -171,7 +171,10 @@ def test_narrow_ranges_are_widened_to_min_range() -> None:
 
 
 @pytest.mark.parametrize("bitwidth, symmetric, offset, zero_point", [
-    (8, False, -100.0, 100), (8, True, -128.0, 0), (4, True, -8.0, 0), (8, True, -127.0, 1), (16, False, 0.0, 0),
+    (8, False, -100.0, 100), (8, True, -128.0, 0), (4, True, -8.0, 0), (16, False, 0.0, 0),
+    # a symmetric flag on a grid that is not the signed one exports unsigned, zero point -offset: [-127, 128] is
+    # uint8 q - 127 (an int8 zero point could not hold it), [0, 255] (unsigned symmetric) uint8 with zero point 0
+    (8, True, -127.0, 127), (8, True, 0.0, 0),
 ])
 def test_onnx_zero_point_min_and_max(bitwidth: int, symmetric: bool, offset: float, zero_point: int) -> None:
     encoding = Encoding(torch.tensor(0.5), torch.tensor(offset), bitwidth, symmetric)
@@ -199,7 +202,8 @@ def test_encoding_validation_names_the_problem() -> None:
 def test_encoding_dict_round_trip_equality_and_device() -> None:
     encoding = Encoding(torch.tensor([0.5, 0.25]), torch.tensor([-3.0, -8.0]), 4, False, axis=1)
     as_dict = encoding.to_dict()
-    assert as_dict == {"scale": [0.5, 0.25], "offset": [-3.0, -8.0], "bitwidth": 4, "symmetric": False, "axis": 1}
+    assert as_dict == {"scale": [0.5, 0.25], "offset": [-3.0, -8.0], "bitwidth": 4, "symmetric": False, "axis": 1,
+                       "strict_symmetric": False}
     again = Encoding.from_dict(as_dict)
     assert again.equals(encoding) and encoding.equals(again)
     assert Encoding.from_dict({k: v for k, v in as_dict.items() if k != "axis"}).axis is None

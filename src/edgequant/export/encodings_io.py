@@ -7,7 +7,10 @@
 * 2.0.0: one ``encodings`` list in ONNX QuantizeLinear terms: ``{name, output_dtype "int8"|"uint8"|..., y_scale,
   y_zero_point (omitted when 0), axis (per-channel only)}``.
 
-Offsets follow edgequant's (= AIMET's) convention, see `edgequant.quantization.encoding`.
+Offsets follow edgequant's (= AIMET's) convention, see `edgequant.quantization.encoding`. The symmetric variants
+are marked as AIMET marks them (its ``get_symmetric_properties``): a symmetric entry whose offset is
+``-(2**(bw-1) - 1)`` is strict symmetric, one with offset 0 unsigned symmetric. 2.0.0 has no way to state the
+strict grid (QuantizeLinear's int8 range is [-128, 127]): writing a strict encoding in it is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 
 from edgequant.quantization import Encoding
+from edgequant.quantization.encoding import strict_symmetric_offset
 
 SUPPORTED_VERSIONS = ("0.6.1", "1.0.0", "2.0.0")
 PRODUCER = {"package": "edgequant", "version": "0.1.0"}
@@ -42,8 +46,8 @@ class EncodingsFileError(ValueError):
 
 # -- writing -----------------------------------------------------------------------------------------------
 def onnx_dtype_name(encoding: Encoding) -> str:
-    """``int8`` for symmetric (signed, zero point 0), ``uint8`` for asymmetric; the bitwidth as is."""
-    return f"{'int' if encoding.symmetric else 'uint'}{encoding.bitwidth}"
+    """``int8`` for signed symmetric grids (zero point 0), ``uint8`` for the others; the bitwidth as is."""
+    return f"{'int' if encoding.signed else 'uint'}{encoding.bitwidth}"
 
 
 def _floats(values: torch.Tensor) -> list[float]:
@@ -75,6 +79,12 @@ def _entry_1_0_0(name: str, encoding: Encoding) -> dict[str, Any]:
 
 
 def _entry_2_0_0(name: str, encoding: Encoding) -> dict[str, Any]:
+    if encoding.strict_symmetric:
+        raise ValueError(
+            f"tensor '{name}' has a strict symmetric encoding ([-{2 ** (encoding.bitwidth - 1) - 1}, "
+            f"{2 ** (encoding.bitwidth - 1) - 1}]), which encodings version 2.0.0 (ONNX QuantizeLinear terms) cannot "
+            "state; write version 1.0.0 or 0.6.1"
+        )
     entry: dict[str, Any] = {"name": name, "output_dtype": onnx_dtype_name(encoding)}
     zero_points = _ints(encoding.onnx_zero_point)
     if encoding.axis is None:
@@ -300,13 +310,16 @@ class _Reader:
         self, name: str, scale: list[float], offset: list[float], bitwidth: int, symmetric: bool, per_channel: bool,
         axis: int | None,
     ) -> Encoding:
-        """Per-channel entries without an axis (0.6.1, 1.0.0) get axis 0 here; the loader uses the quantizer's."""
+        """Per-channel entries without an axis (0.6.1, 1.0.0) get axis 0 here; the loader uses the quantizer's. A
+        symmetric flag is kept where the offsets are those of a symmetric grid: all strict (``-(2**(bw-1) - 1)``),
+        or each signed (``-2**(bw-1)``) or unsigned (0); other offsets describe an asymmetric grid."""
+        strict = symmetric and all(o == strict_symmetric_offset(bitwidth) for o in offset)
+        symmetric = strict or (symmetric and all(o in (-(2 ** (bitwidth - 1)), 0) for o in offset))
         try:
             return Encoding(
                 torch.tensor(scale if per_channel else scale[0], dtype=torch.float32),
                 torch.tensor(offset if per_channel else offset[0], dtype=torch.float32),
-                bitwidth, symmetric and all(o == -(2 ** (bitwidth - 1)) for o in offset),
-                (0 if axis is None else axis) if per_channel else None,
+                bitwidth, symmetric, (0 if axis is None else axis) if per_channel else None, strict,
             )
         except (ValueError, TypeError, OverflowError) as error:
             raise self.fail(name, str(error)) from None

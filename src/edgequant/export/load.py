@@ -101,7 +101,9 @@ def _fit_to_quantizer(
             f"{path}: '{entry.name}' has {encoding.scale.numel()} per-channel encodings but the parameter has shape "
             f"{tuple(param.shape)} (channel axis {axis}); the file was written for a different model"
         )
-    return Encoding(encoding.scale, encoding.offset, encoding.bitwidth, encoding.symmetric, axis)
+    return Encoding(
+        encoding.scale, encoding.offset, encoding.bitwidth, encoding.symmetric, axis, encoding.strict_symmetric
+    )
 
 
 def _install_output_probes(sim: QuantSim, dummy_input: Any) -> dict[str, tuple[nn.Module, str]]:

@@ -6,9 +6,13 @@ DequantizeLinear (the form ORT and QNN expect), computed with the sim's own roun
 encoding through data movement (Flatten, Reshape...) get a Q/DQ pair too, so that the QDQ model carries a Q/DQ
 for every entry of the encodings file.
 
-ONNX types: symmetric encodings use signed types with zero point 0, asymmetric ones unsigned types. 4-bit uses
-(u)int4 (opset ≥ 21), 16-bit (u)int16 (opset ≥ 21), 32-bit (biases only) int32. Other bitwidths use the next wider
-type and a Clip to the encoding's range before QuantizeLinear, which rounds and clamps exactly as the sim.
+ONNX types: signed grids (symmetric, `Encoding.signed`) use signed types with zero point 0, the others (asymmetric,
+unsigned symmetric) unsigned types with zero point ``-offset``. 4-bit uses (u)int4 (opset ≥ 21), 16-bit (u)int16
+(opset ≥ 21), 32-bit (biases only) int32. Other bitwidths use the next wider type and a Clip to the encoding's range
+before QuantizeLinear, which rounds and clamps exactly as the sim. The strict symmetric grid (``[-127, 127]`` at 8
+bits) has no ONNX type of its own either: it is the signed type with zero point 0 after the same Clip, to
+``[-127 * scale, 127 * scale]``, so that nothing rounds to -128 (round(x / scale) of the clipped value is then
+-127 at the least, exactly the sim's clamp). Strict symmetric weights are stored as integers in ``[-127, 127]``.
 """
 
 from __future__ import annotations
@@ -47,9 +51,12 @@ _TYPES = {
 
 def onnx_type(encoding: Encoding, opset: int) -> int:
     bits = container_bits(encoding.bitwidth, opset)
-    if (bits, encoding.symmetric) not in _TYPES:
-        raise ValueError(f"asymmetric {encoding.bitwidth}-bit encodings have no ONNX type; use a symmetric encoding")
-    return _TYPES[(bits, encoding.symmetric)]
+    if (bits, encoding.signed) not in _TYPES:
+        raise ValueError(
+            f"unsigned {encoding.bitwidth}-bit encodings (asymmetric, or symmetric with offset 0) have no ONNX type; "
+            "use a signed symmetric encoding"
+        )
+    return _TYPES[(bits, encoding.signed)]
 
 
 def integer_values(tensor: torch.Tensor, encoding: Encoding) -> torch.Tensor:
@@ -133,7 +140,7 @@ class _QdqBuilder:
             raise ValueError(f"tensor '{tensor}': 32-bit activations cannot be expressed with ONNX QuantizeLinear")
         nodes = []
         scale, zero_point = self.scale_and_zero_point(tensor, encoding)
-        if container_bits(encoding.bitwidth, self.opset) != encoding.bitwidth:
+        if container_bits(encoding.bitwidth, self.opset) != encoding.bitwidth or encoding.strict_symmetric:
             low = self.constant(f"{tensor}_clip_min", encoding.min.float().reshape(()), TensorProto.FLOAT)
             high = self.constant(f"{tensor}_clip_max", encoding.max.float().reshape(()), TensorProto.FLOAT)
             clipped = self.unique(f"{tensor}_clipped")

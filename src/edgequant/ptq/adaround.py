@@ -423,7 +423,7 @@ def _round_layer(
         optimizer.step()
     with torch.no_grad():
         rounded = (torch.clamp(floor + (v >= 0).float(), low, high) * scale).to(weight.dtype)
-        nearest = quantize_dequantize(weight, scale, low, encoding.bitwidth)
+        nearest = quantize_dequantize(weight, scale, low, encoding.bitwidth, strict_symmetric=encoding.strict_symmetric)
         nearest_mse = _output_mse(target, inputs, outputs, nearest)
         adaround_mse = _output_mse(target, inputs, outputs, rounded)
         flipped = float((rounded != nearest).float().mean())

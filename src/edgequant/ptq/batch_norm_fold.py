@@ -115,10 +115,11 @@ def fold_batch_norms_to_scale(sim: QuantSim) -> list[tuple[str, str]]:
         quantizer = param_quantizer(layer)
         if quantizer is not None and quantizer.frozen and quantizer.encoding is not None:
             encoding = quantizer.encoding
-            if encoding.axis != weight_output_axis(layer, layer.weight) or not encoding.symmetric:
+            if encoding.axis != weight_output_axis(layer, layer.weight) or not encoding.signed:
                 raise ValueError(
                     f"cannot fold {fold.bn} into the frozen weight encoding of {fold.layer}: it must be per-channel "
-                    "(axis of the output channels) and symmetric; unfreeze it or use the per_channel config"
+                    "(axis of the output channels) and signed symmetric (no unsigned channel, whose grid cannot hold "
+                    "negated weights); unfreeze it or use the per_channel config"
                 )
     with torch.no_grad():
         for fold in folds:

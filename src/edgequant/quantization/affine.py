@@ -14,11 +14,15 @@ from __future__ import annotations
 import torch
 
 from edgequant.quantization import fused_cpu, fused_cuda
+from edgequant.quantization.encoding import grid_steps
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int) -> torch.Tensor:
-    """Integers on the unsigned grid ``[0, 2**bitwidth - 1]`` (returned in x's float dtype)."""
-    return torch.clamp(torch.round(x / scale) - offset, 0, 2**bitwidth - 1)
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int, *, strict_symmetric: bool = False
+) -> torch.Tensor:
+    """Integers on the unsigned grid ``[0, 2**bitwidth - 1]`` (``- 2`` on the strict symmetric grid), returned in
+    x's float dtype."""
+    return torch.clamp(torch.round(x / scale) - offset, 0, grid_steps(bitwidth, strict_symmetric))
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -112,9 +116,10 @@ def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def quantize_dequantize(
     x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int, inplace: bool = False,
-    clamp_first: tuple[float, float] | None = None,
+    clamp_first: tuple[float, float] | None = None, *, strict_symmetric: bool = False,
 ) -> torch.Tensor:
-    """Fake-quantize ``x``; ``scale``/``offset`` must already broadcast against ``x``.
+    """Fake-quantize ``x``; ``scale``/``offset`` must already broadcast against ``x``; ``strict_symmetric``: the grid
+    has one step fewer (see `edgequant.quantization.encoding`).
 
     Without autograd (evaluation, calibration) it runs one fused pass where a fused kernel applies (CUDA; contiguous
     float32 CPU tensors), else four in-place passes; with ``inplace=True`` it also reuses ``x``'s memory (for op outputs
@@ -122,7 +127,7 @@ def quantize_dequantize(
     ``(low, high)`` before quantizing (the ReLU or ReLU6 that produced it): inside the fused CPU pass where that
     applies (`fused_cpu.can_fuse`), else as a pass of its own.
     """
-    num_steps = 2**bitwidth - 1
+    num_steps = grid_steps(bitwidth, strict_symmetric)
     if offset.requires_grad:  # a learned offset is used as an integer (rounded with a straight-through grad)
         offset = offset.detach().round() + (offset - offset.detach())  # exactly integral in value
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or offset.requires_grad)

@@ -12,6 +12,15 @@ Convention (the same as AIMET's and, up to a sign, ONNX's):
 * ONNX ``QuantizeLinear`` with ``uint`` output uses ``zero_point = -offset``. A symmetric encoding has
   ``offset = -2**(bitwidth - 1)`` and maps to a *signed* ONNX type with ``zero_point = 0``: the signed
   integer is ``q + offset``. Both views give the same dequantized values bit for bit.
+
+Two symmetric variants of AIMET's quantsim config (``defaults.strict_symmetric`` / ``unsigned_symmetric``; AIMET's
+grid arithmetic is ``getComputedEncodings`` in its libpymo ``quantization_utils.cpp``):
+
+* *strict* symmetric: one level fewer, symmetric around zero: ``offset = -(2**(bitwidth - 1) - 1)`` and
+  ``2**bitwidth - 2`` steps, i.e. ``[-127, 127] * scale`` at 8 bits with ``scale = max|x| / 127``;
+* *unsigned* symmetric: a symmetric quantizer whose range starts at 0 (non-negative data) takes the whole unsigned
+  grid: ``offset = 0``, ``scale = max / (2**bitwidth - 1)``. It is an ordinary encoding with ``symmetric=True`` and
+  offset 0 (AIMET's files mark it the same way); it exports to an unsigned type with zero point 0.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ class Encoding:
     bitwidth: int
     symmetric: bool
     axis: int | None = None
+    strict_symmetric: bool = False
+    """The strict symmetric grid (``2**bitwidth - 2`` steps from ``-(2**(bitwidth - 1) - 1)``); needs ``symmetric``."""
 
     def __post_init__(self) -> None:
         self.scale = torch.as_tensor(self.scale, dtype=torch.float32).detach()
@@ -42,10 +53,26 @@ class Encoding:
             raise ValueError("encoding scale must be finite and > 0, got " + str(self.scale.tolist()))
         if not torch.isfinite(self.offset).all():
             raise ValueError("encoding offset must be finite, got " + str(self.offset.tolist()))
+        if self.strict_symmetric:
+            lowest = strict_symmetric_offset(self.bitwidth)
+            if not self.symmetric or not bool((self.offset == lowest).all()):
+                raise ValueError(
+                    f"a strict symmetric {self.bitwidth}-bit encoding is symmetric with offset {lowest}, got "
+                    f"symmetric={self.symmetric}, offset {self.offset.tolist()}"
+                )
 
     @property
     def num_steps(self) -> int:
-        return 2**self.bitwidth - 1
+        return grid_steps(self.bitwidth, self.strict_symmetric)
+
+    @property
+    def signed(self) -> bool:
+        """Whether the grid is the signed ``[-2**(b-1), 2**(b-1) - 1]`` (or strict ``[-(2**(b-1) - 1), ...]``) one,
+        which exports to a signed ONNX type with zero point 0; every other grid (asymmetric, or symmetric with an
+        unsigned channel) exports to an unsigned type with ``zero_point = -offset``."""
+        if self.strict_symmetric:
+            return True
+        return self.symmetric and bool((self.offset == -(2 ** (self.bitwidth - 1))).all())
 
     @property
     def min(self) -> torch.Tensor:
@@ -57,9 +84,9 @@ class Encoding:
 
     @property
     def onnx_zero_point(self) -> torch.Tensor:
-        """Zero point in the ONNX type this encoding exports to (signed when symmetric)."""
-        if self.symmetric:
-            return self.offset + 2 ** (self.bitwidth - 1)
+        """Zero point in the ONNX type this encoding exports to (0 in the signed type, see `signed`)."""
+        if self.signed:
+            return torch.zeros_like(self.offset)
         return -self.offset
 
     @classmethod
@@ -70,29 +97,41 @@ class Encoding:
         bitwidth: int,
         symmetric: bool,
         axis: int | None = None,
+        *,
+        strict_symmetric: bool = False,
+        unsigned_symmetric: bool = False,
     ) -> Encoding:
         """Encoding covering ``[min_val, max_val]`` (made to include 0 so that zero is exact).
 
         A range narrower than ``MIN_RANGE`` (constant or all-zero tensors) is widened to ``MIN_RANGE``
         so that the scale is never zero. Non-finite bounds, or ``min_val > max_val``, are a ValueError.
+        ``strict_symmetric`` and ``unsigned_symmetric`` (symmetric only, exclusive) choose the grid variants of the
+        module docstring; with ``unsigned_symmetric`` each channel whose ``min_val >= 0`` takes the unsigned grid.
         """
         min_val = torch.as_tensor(min_val, dtype=torch.float32)
         max_val = torch.as_tensor(max_val, dtype=torch.float32)
         _check_range(min_val, max_val)
-        scale, offset = grid_from_range(min_val, max_val, bitwidth, symmetric)
-        return cls(scale, offset, bitwidth, symmetric, axis)
+        scale, offset = grid_from_range(
+            min_val, max_val, bitwidth, symmetric, strict_symmetric=strict_symmetric,
+            unsigned_symmetric=unsigned_symmetric,
+        )
+        return cls(scale, offset, bitwidth, symmetric, axis, symmetric and strict_symmetric)
 
     def broadcast_shape(self, ndim: int) -> tuple[int, ...]:
         """Shape that makes per-channel scale/offset broadcast against a tensor of rank ``ndim``."""
         return broadcast_shape(ndim, self.axis)
 
     def to(self, device: torch.device | str) -> Encoding:
-        return Encoding(self.scale.to(device), self.offset.to(device), self.bitwidth, self.symmetric, self.axis)
+        return Encoding(
+            self.scale.to(device), self.offset.to(device), self.bitwidth, self.symmetric, self.axis,
+            self.strict_symmetric,
+        )
 
     def equals(self, other: Encoding) -> bool:
         return (
             self.bitwidth == other.bitwidth
             and self.symmetric == other.symmetric
+            and self.strict_symmetric == other.strict_symmetric
             and self.axis == other.axis
             and torch.equal(self.scale.cpu(), other.scale.cpu())
             and torch.equal(self.offset.cpu(), other.offset.cpu())
@@ -105,6 +144,7 @@ class Encoding:
             "bitwidth": self.bitwidth,
             "symmetric": self.symmetric,
             "axis": self.axis,
+            "strict_symmetric": self.strict_symmetric,
         }
 
     @classmethod
@@ -115,6 +155,7 @@ class Encoding:
             int(data["bitwidth"]),
             bool(data["symmetric"]),
             data.get("axis"),
+            bool(data.get("strict_symmetric", False)),
         )
 
 
@@ -124,17 +165,33 @@ def grid_from_range(
     bitwidth: int,
     symmetric: bool,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    strict_symmetric: bool = False,
+    unsigned_symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The scale and offset of `Encoding.from_range`, for finite float32 bounds with ``min_val <= max_val``
     (unchecked). With ``out`` the results are written into those (scale, offset) tensors, so that QAT can refresh
     a weight's grid every step without allocating or validating an `Encoding`; both uses share these ops, so
     their results agree bit for bit."""
+    if symmetric and strict_symmetric and unsigned_symmetric:
+        raise ValueError("strict_symmetric and unsigned_symmetric are exclusive (AIMET's analyzers assert so too)")
+    if symmetric and unsigned_symmetric:
+        unsigned = min_val >= 0
+        if bool(unsigned.all()):  # AIMET: a symmetric range that starts at 0 is computed as an asymmetric one
+            return grid_from_range(min_val, max_val, bitwidth, False, out)
+        if bool(unsigned.any()):  # per channel: the non-negative channels take the unsigned grid
+            signed_grid = grid_from_range(min_val, max_val, bitwidth, True)
+            unsigned_grid = grid_from_range(min_val, max_val, bitwidth, False)
+            scale, offset = (torch.where(unsigned, u, s) for u, s in zip(unsigned_grid, signed_grid, strict=True))
+            if out is None:
+                return scale, offset
+            return out[0].copy_(scale), out[1].copy_(offset)
     scale_out, offset_out = out if out is not None else (None, None)
     num_steps = 2**bitwidth - 1
     if symmetric:  # max(-min(min, 0), max(max, 0), MIN_RANGE) is max(-min, max, MIN_RANGE)
         abs_max = torch.maximum(-min_val, max_val).clamp_min_(MIN_RANGE)
-        scale = torch.div(abs_max, num_steps // 2, out=scale_out)
-        low = -float(2 ** (bitwidth - 1))
+        scale = torch.div(abs_max, num_steps // 2, out=scale_out)  # 2**(b-1) - 1 positive steps, strict or not
+        low = float(strict_symmetric_offset(bitwidth) if strict_symmetric else -(2 ** (bitwidth - 1)))
         offset = torch.full_like(scale, low) if offset_out is None else offset_out.fill_(low)
         return scale, offset
     min_val = min_val.clamp_max(0.0)  # the range includes zero, so that zero is exact
@@ -142,6 +199,16 @@ def grid_from_range(
     scale = torch.div(max_val - min_val, num_steps, out=scale_out)
     offset = torch.div(min_val, scale, out=offset_out).round_()
     return scale, offset
+
+
+def grid_steps(bitwidth: int, strict_symmetric: bool = False) -> int:
+    """Steps of a ``bitwidth``-bit grid: ``2**bitwidth - 1``, one fewer on the strict symmetric grid."""
+    return 2**bitwidth - 1 - int(strict_symmetric)
+
+
+def strict_symmetric_offset(bitwidth: int) -> int:
+    """The offset of the strict symmetric grid, ``-(2**(bitwidth - 1) - 1)`` (AIMET's ``-ceil(num_steps / 2)``)."""
+    return -(2 ** (bitwidth - 1) - 1)
 
 
 def _check_range(min_val: torch.Tensor, max_val: torch.Tensor) -> None:

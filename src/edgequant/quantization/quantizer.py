@@ -13,6 +13,10 @@ the model's own inputs) and ``key`` (input/output position or parameter name), s
 learning. A new encoding is copied into them in place, so an optimizer built earlier keeps training the live
 tensors. ``frozen`` encodings are not recomputed by calibration (AdaRound, loaded or edited encodings).
 Everything that defines the quantizer (encoding, bitwidth, symmetry, axis, flags) is in its ``state_dict``.
+
+A symmetric quantizer follows the config's ``strict_symmetric`` (its grid has one level fewer, symmetric around
+zero) and ``unsigned_symmetric`` (calibrated on non-negative data it takes the unsigned grid, offset 0); see
+`edgequant.quantization.encoding`.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class Quantizer(Sealable):
         key: str = "0",
         min_constraint: float | None = None,
         max_constraint: float | None = None,
+        strict_symmetric: bool = False,
+        unsigned_symmetric: bool = False,
     ) -> None:
         super().__init__()
         if role not in ROLES:
@@ -59,6 +65,10 @@ class Quantizer(Sealable):
         self.axis = axis
         self.min_constraint = min_constraint
         self.max_constraint = max_constraint
+        if strict_symmetric and unsigned_symmetric:
+            raise ValueError(f"quantizer {self.name}: strict_symmetric and unsigned_symmetric are exclusive")
+        self.strict_symmetric = strict_symmetric  # both apply while `symmetric` only
+        self.unsigned_symmetric = unsigned_symmetric
         self.enabled = True
         self.frozen = False
         self.reuse_input_memory = False  # set by the sim for op outputs, which nothing else holds
@@ -76,21 +86,29 @@ class Quantizer(Sealable):
     def extra_repr(self) -> str:
         granularity = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
         state = "enabled" if self.enabled else "disabled"
-        return f"{self.role}, bw={self.bitwidth}, {'sym' if self.symmetric else 'asym'}, {granularity}, {state}"
+        symmetry = "asym"
+        if self.symmetric:
+            symmetry = "strict sym" if self.strict_symmetric else "unsigned sym" if self.unsigned_symmetric else "sym"
+        return f"{self.role}, bw={self.bitwidth}, {symmetry}, {granularity}, {state}"
 
     # -- encodings ---------------------------------------------------------------------------------------
+    @property
+    def strict_grid(self) -> bool:
+        """Whether the grid is the strict symmetric one (one step fewer)."""
+        return self.symmetric and self.strict_symmetric
+
     @property
     def encoding(self) -> Encoding | None:
         if self.scale is None:
             return None
-        return Encoding(self.scale, self.offset, self.bitwidth, self.symmetric, self.axis)
+        return Encoding(self.scale, self.offset, self.bitwidth, self.symmetric, self.axis, self.strict_grid)
 
     @property
     def range_learning(self) -> bool:
         return isinstance(self.scale, nn.Parameter)
 
     def set_encoding(self, encoding: Encoding | None) -> None:
-        """Install an encoding (its bitwidth/symmetry/axis become this quantizer's).
+        """Install an encoding (its bitwidth/symmetry/strictness/axis become this quantizer's).
 
         The values are copied into the existing scale/offset tensors when the shapes agree, so trainable
         (range-learning) parameters stay the same objects."""
@@ -100,6 +118,9 @@ class Quantizer(Sealable):
             self.scale = self.offset = None
             return
         self.bitwidth, self.symmetric, self.axis = encoding.bitwidth, encoding.symmetric, encoding.axis
+        if encoding.symmetric:
+            self.strict_symmetric = encoding.strict_symmetric
+            self.unsigned_symmetric = self.unsigned_symmetric and not encoding.strict_symmetric
         device = self.scale.device if self.scale is not None else encoding.scale.device
         scale, offset = encoding.scale.to(device), encoding.offset.to(device)
         if self.scale is not None and self.scale.shape == scale.shape:
@@ -117,7 +138,7 @@ class Quantizer(Sealable):
     def compute_encoding(self) -> Encoding:
         """Turn the analyzer's statistics into an encoding, honouring the config's range constraints."""
         try:
-            low, high = self.analyzer.compute_range(self.bitwidth, self.symmetric)
+            low, high = self._analyzer_range()
         except CalibrationError as error:
             raise CalibrationError(
                 f"quantizer '{self.name}': {error}. Check that the calibration data reaches this layer "
@@ -134,9 +155,26 @@ class Quantizer(Sealable):
             low = torch.minimum(low, high)
         if self.axis is None:
             low, high = low.reshape(()), high.reshape(())
-        encoding = Encoding.from_range(low, high, self.bitwidth, self.symmetric, self.axis)
+        encoding = Encoding.from_range(
+            low, high, self.bitwidth, self.symmetric, self.axis, strict_symmetric=self.strict_symmetric,
+            unsigned_symmetric=self.unsigned_symmetric,
+        )
         self.set_encoding(encoding)
         return encoding
+
+    def _analyzer_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The analyzer's (low, high) per channel. An unsigned symmetric quantizer searches the channels whose data
+        is all non-negative as asymmetric ranges starting at 0 (AIMET: such a range gets the unsigned grid)."""
+        if not (self.symmetric and self.unsigned_symmetric) or self.analyzer.min is None:
+            return self.analyzer.compute_range(self.bitwidth, self.symmetric)
+        unsigned = self.analyzer.min >= 0
+        if not bool(unsigned.any()):
+            return self.analyzer.compute_range(self.bitwidth, True)
+        low, high = self.analyzer.compute_range(self.bitwidth, False)
+        if not bool(unsigned.all()):
+            signed_low, signed_high = self.analyzer.compute_range(self.bitwidth, True)
+            low, high = torch.where(unsigned, low, signed_low), torch.where(unsigned, high, signed_high)
+        return torch.where(unsigned, low.clamp_min(0.0), low), high
 
     def encode_from(self, tensor: torch.Tensor) -> Encoding:
         """(Re)compute the encoding from ``tensor`` alone (a weight, or a tensor chosen by a technique)."""
@@ -166,7 +204,10 @@ class Quantizer(Sealable):
         if low.shape != scale.shape:
             return False
         with torch.no_grad():
-            grid_from_range(low, high, self.bitwidth, self.symmetric, out=(scale, offset))
+            grid_from_range(
+                low, high, self.bitwidth, self.symmetric, out=(scale, offset), strict_symmetric=self.strict_symmetric,
+                unsigned_symmetric=self.unsigned_symmetric,
+            )
         return True
 
     def enable_range_learning(self) -> None:
@@ -183,11 +224,18 @@ class Quantizer(Sealable):
         """Flags and grid as one small integer tensor (every state_dict value stays a tensor, which
         TorchScript tracing, ONNX export and ``torch.load(weights_only=True)`` expect)."""
         axis = -1 if self.axis is None else self.axis
-        return torch.tensor([self.enabled, self.frozen, self.bitwidth, self.symmetric, axis], dtype=torch.int64)
+        return torch.tensor(
+            [self.enabled, self.frozen, self.bitwidth, self.symmetric, axis, self.strict_symmetric,
+             self.unsigned_symmetric],
+            dtype=torch.int64,
+        )
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        enabled, frozen, bitwidth, symmetric, axis = (int(v) for v in state.tolist())
+        """Also reads the five flags states written before the strict/unsigned symmetric ones (both off)."""
+        enabled, frozen, bitwidth, symmetric, axis, *variants = (int(v) for v in state.tolist())
+        strict, unsigned = variants if variants else (0, 0)
         self.enabled, self.frozen, self.symmetric = bool(enabled), bool(frozen), bool(symmetric)
+        self.strict_symmetric, self.unsigned_symmetric = bool(strict), bool(unsigned)
         self.bitwidth = bitwidth
         self.axis = None if axis < 0 else axis
 
@@ -225,8 +273,11 @@ class Quantizer(Sealable):
         """Fake-quantize (or observe) ``x``. With ``clamp_first`` (only where the caller found `absorbs_clamp`),
         ``x`` is the input of a clamping activation, clamped in the same pass; ``clamp_in_place``: into ``x``, as
         the activation would."""
+        strict = self.strict_grid
         if clamp_first is not None:
-            return quantize_dequantize(x, self.scale, self.offset, self.bitwidth, clamp_in_place, clamp_first)
+            return quantize_dequantize(
+                x, self.scale, self.offset, self.bitwidth, clamp_in_place, clamp_first, strict_symmetric=strict
+            )
         if self.calibrating:
             self.analyzer.observe(x)
             return x
@@ -241,6 +292,8 @@ class Quantizer(Sealable):
             torch.is_inference_mode_enabled() or not x.is_inference()
         )
         if self.axis is None:
-            return quantize_dequantize(x, self.scale, self.offset, self.bitwidth, inplace)
+            return quantize_dequantize(x, self.scale, self.offset, self.bitwidth, inplace, strict_symmetric=strict)
         shape = broadcast_shape(x.dim(), self.axis)
-        return quantize_dequantize(x, self.scale.view(shape), self.offset.view(shape), self.bitwidth, inplace)
+        return quantize_dequantize(
+            x, self.scale.view(shape), self.offset.view(shape), self.bitwidth, inplace, strict_symmetric=strict
+        )

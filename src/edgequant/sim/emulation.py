@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgequant.quantization import Quantizer
+from edgequant.quantization.encoding import grid_steps
 from edgequant.sim.ops import is_data_movement, is_pass_through, module_op_type
 from edgequant.sim.quantized_module import FunctionalOp, QuantizedModule
 
@@ -88,7 +89,7 @@ class Grid:
     @classmethod
     def of(cls, quantizer: Quantizer) -> Grid:
         return cls(quantizer.scale.detach().float(), quantizer.offset.detach().float(),
-                   2**quantizer.bitwidth - 1, quantizer.symmetric)
+                   grid_steps(quantizer.bitwidth, quantizer.strict_grid), quantizer.symmetric)
 
     @property
     def zero_point(self) -> torch.Tensor:

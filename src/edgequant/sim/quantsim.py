@@ -35,8 +35,16 @@ from edgequant.sim.emulation import EmulationPlan, RuntimeModel, install, plan_e
 from edgequant.sim.graph import ModelGraph, build_graph
 from edgequant.sim.interception import intercept_functional_ops
 from edgequant.sim.model_inputs import quantize_model_inputs
+from edgequant.sim.model_outputs import model_output_producers
 from edgequant.sim.modes import quantizers_enabled
-from edgequant.sim.ops import function_name, is_custom_module, is_pass_through, module_op_type, weight_output_axis
+from edgequant.sim.ops import (
+    function_name,
+    is_custom_module,
+    is_data_movement,
+    is_pass_through,
+    module_op_type,
+    weight_output_axis,
+)
 from edgequant.sim.quantized_module import QuantizedModule, make_quantized
 from edgequant.sim.segments import SegmentedForward, split_at_layers
 from edgequant.sim.services import service
@@ -88,6 +96,8 @@ class QuantSim:
         self.model = model if in_place else copy.deepcopy(model)
         self._notes: list[CoverageNote] = []
         self._supergroup_members: dict[str, str] = {}
+        self._inputs_fused: dict[str, str] = {}  # layer -> the supergroup pass that fuses all of its inputs
+        self._model_outputs: dict[str, set[int]] = {}  # layer -> its float outputs that are the model's outputs
         self._emulation: EmulationPlan | None = None
         self._prepare()
 
@@ -108,6 +118,8 @@ class QuantSim:
         else:
             self.model = captured
         records = record_calls(self.model, self.model_input.args, self.model_input.kwargs)
+        if self.config.model_output_quantized or self.config.model_output_float:
+            self._find_model_outputs()
         for name, module in list(self.model.named_modules()):
             self._wrap(name, module, records)
         self._add_model_input_quantizers(records.get(""))
@@ -124,6 +136,8 @@ class QuantSim:
         if traced is not None:
             self._notes.extend(functionalize_graph(traced, prefix))
             self._find_supergroups(traced, prefix)
+            if "MatmulAdd" in self.config.supergroup_pass_list:
+                self._find_matmul_add(traced, prefix)
             return traced
         own_ops = record.float_ops if record is not None else []
         if own_ops and not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
@@ -166,6 +180,41 @@ class QuantSim:
                     for member in chain[:-1]:
                         self._supergroup_members[f"{prefix}{member.target}"] = "+".join(pattern)
 
+    def _find_matmul_add(self, traced: fx.GraphModule, prefix: str) -> None:
+        """AIMET's MatmulAdd pass: a MatMul with a constant operand whose only consumer is an Add of a constant
+        rank-1 tensor is a Linear layer; the MatMul's output and the Add's inputs (that output and the bias) get
+        no quantizer, as AIMET disables them."""
+        def op_type(node: fx.Node) -> str | None:
+            return module_op_type(traced.get_submodule(node.target)) if node.op == "call_module" else None
+
+        for node in traced.graph.nodes:
+            if op_type(node) != "MatMul" or all(_constant(traced, arg) is None for arg in node.args):
+                continue
+            users = list(node.users)
+            if len(users) != 1 or op_type(users[0]) != "Add" or users[0].kwargs or len(users[0].args) != 2:
+                continue
+            add = users[0]
+            bias = _constant(traced, add.args[1] if add.args[0] is node else add.args[0])
+            if bias is not None and bias.dim() == 1:
+                self._supergroup_members[f"{prefix}{node.target}"] = "pass MatmulAdd"
+                self._inputs_fused[f"{prefix}{add.target}"] = "MatmulAdd"
+
+    def _find_model_outputs(self) -> None:
+        """Which layers compute the model's outputs (for the config's model_output section)."""
+        def quantizable(module: nn.Module) -> bool:
+            return module_op_type(module) is not None and not is_pass_through(module)
+
+        self._model_outputs, untraced = model_output_producers(
+            self.model, self.model_input.args, self.model_input.kwargs, quantizable
+        )
+        setting = '"True"' if self.config.model_output_quantized else '"False"'
+        for position in untraced:
+            warnings.warn(
+                f"model output {position} is not computed by a quantizable op (it is a model input, or a copy made by "
+                f"data movement such as contiguous()): model_output.is_output_quantized {setting} does not apply to it",
+                stacklevel=4,
+            )
+
     def _wrap(self, name: str, module: nn.Module, records: dict[str, CallRecord]) -> None:
         if isinstance(module, QuantizedModule) or not is_leaf(module) or not name:
             return
@@ -198,20 +247,29 @@ class QuantSim:
             axis = weight_output_axis(module, param) if rule.per_channel else None
             module.param_quantizers[param_name] = Quantizer(
                 rule.bitwidth or self.param_bw, rule.symmetric, axis, self.quant_scheme, role="param",
-                owner=name, key=param_name,
+                owner=name, key=param_name, strict_symmetric=rule.strict_symmetric,
+                unsigned_symmetric=rule.unsigned_symmetric,
             )
         input_rule = self.config.input_rule(op_type)
-        if input_rule.quantized:
+        if input_rule.quantized and name in self._inputs_fused:
+            reason = f"inputs fused into this op (supergroup pass {self._inputs_fused[name]})"
+            self._notes.append(CoverageNote(f"{name}.inputs", op_type, reason, True))
+        elif input_rule.quantized:
             for index in record.float_inputs:
                 module.input_quantizers[str(index)] = self._activation_quantizer(input_rule, "input", name, index)
         output_rule = self.config.output_rule(op_type)
         fused_into = self._supergroup_members.get(name)
+        model_outputs = self._model_outputs.get(name, set())
         for index in range(record.num_float_outputs):
             tensor = f"{name}.output[{index}]" if record.num_float_outputs > 1 else name
-            if fused_into:
+            forced = index in model_outputs and self.config.model_output_quantized
+            if index in model_outputs and self.config.model_output_float:
+                reason = 'model output, and the config\'s model_output.is_output_quantized is "False"'
+                self._notes.append(CoverageNote(tensor, op_type, reason, True))
+            elif fused_into and not forced:
                 reason = f"fused with the next op (supergroup {fused_into})"
                 self._notes.append(CoverageNote(tensor, op_type, reason, True))
-            elif not output_rule.quantized:
+            elif not output_rule.quantized and not forced:
                 reason = f"the config does not quantize {op_type} outputs"
                 self._notes.append(CoverageNote(tensor, op_type, reason, True))
             else:
@@ -224,6 +282,7 @@ class QuantSim:
         return Quantizer(
             rule.bitwidth or self.output_bw, rule.symmetric, None, self.quant_scheme, role=role, owner=owner,
             key=str(key), min_constraint=rule.min_constraint, max_constraint=rule.max_constraint,
+            strict_symmetric=rule.strict_symmetric, unsigned_symmetric=rule.unsigned_symmetric,
         )
 
     def _add_model_input_quantizers(self, record: CallRecord | None) -> None:
@@ -563,6 +622,19 @@ class QuantSim:
         """Load an AIMET encodings file (0.6.1/1.0.0/2.0.0); see `edgequant.export.load_encodings`."""
         with self._weights_unfrozen():
             return service("load_encodings", "edgequant.export")(self, path, **options)
+
+
+def _constant(traced: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The parameter or buffer ``node`` reads, through data movement (``w.t()``); None for computed values."""
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and is_data_movement(node.target):
+        if len(node.all_input_nodes) != 1:
+            return None
+        node = node.all_input_nodes[0]
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    owner, _, attribute = node.target.rpartition(".")
+    value = getattr(traced.get_submodule(owner), attribute, None)
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _roles(role: str | Iterable[str] | None) -> tuple[str, ...]:
