@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
-from edgequant.qat import distillation_loss, finetune, prepare_qat
+from edgequant.qat import (
+    CheckpointSettings,
+    FinetuneSettings,
+    TrainingSchedule,
+    distillation_loss,
+    finetune,
+    prepare_qat,
+)
 from edgequant.sim import QuantSim
 
 
@@ -62,7 +69,9 @@ def test_killed_run_resumes_bit_identical(digits, tmp_path, mode):
     with pytest.raises(KeyboardInterrupt):
         finetune(killed, data, checkpoint_dir=tmp_path / "b", optimizer=_KilledAdam, **options)
     resumed = _prepared(digits, mode)  # a new process: rebuilt, calibrated, prepared, then resumed
-    result = finetune(resumed, data, checkpoint_dir=tmp_path / "b", resume=True, **options)
+    settings = FinetuneSettings(TrainingSchedule(epochs=2, lr=1e-3, batch_size=64),
+                                checkpoints=CheckpointSettings(tmp_path / "b", checkpoint_every=3), progress=False)
+    result = finetune(resumed, data, settings, resume=True)  # the same run as settings, resume as a keyword
     assert result.resumed_from_step == 6 and result.steps == 10
     expected, got = uninterrupted.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == got.keys()
@@ -96,6 +105,19 @@ def test_bad_arguments_fail_with_one_clear_line(digits):
         finetune(sim, torch.zeros(4, 1, 8, 8), epochs=0, lr=1e-4)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         finetune(sim, torch.zeros(4, 1, 8, 8), epochs=1, lr=1e-4, resume=True)
+    with pytest.raises(ValueError, match="schedule 'linear'"):
+        TrainingSchedule(epochs=1, lr=1e-4, schedule="linear")
+    with pytest.raises(TypeError, match="unexpected keyword arguments: learning_rate"):
+        finetune(sim, torch.zeros(4, 1, 8, 8), epochs=1, learning_rate=1e-4)
+
+
+def test_keywords_replace_the_fields_of_the_settings_they_name():
+    base = FinetuneSettings(TrainingSchedule(epochs=3, lr=1e-4, warmup_steps=5), mode="regular")
+    built = FinetuneSettings.build(base, lr=1e-3, temperature=2.0, eval_every=7, checkpoint_dir="ckpt", progress=False)
+    assert built.training == TrainingSchedule(epochs=3, lr=1e-3, warmup_steps=5)
+    assert built.loss.temperature == 2.0 and built.evaluation.eval_every == 7
+    assert built.checkpoints.checkpoint_dir == "ckpt" and (built.mode, built.progress) == ("regular", False)
+    assert FinetuneSettings.build(epochs=2, lr=1e-3) == FinetuneSettings(TrainingSchedule(epochs=2, lr=1e-3))
 
 
 def _with_dropout(images):

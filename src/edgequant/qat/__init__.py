@@ -10,16 +10,29 @@
 
 from edgequant.qat.checkpoint import TrainingProgress
 from edgequant.qat.distillation import distillation_loss
-from edgequant.qat.finetune import FinetuneResult, finetune
+from edgequant.qat.finetune import (
+    CheckpointSettings,
+    EvalSettings,
+    FinetuneResult,
+    FinetuneSettings,
+    LossSettings,
+    TrainingSchedule,
+    finetune,
+)
 from edgequant.qat.lsq import LearnedRange, lsq_grad_scale
 from edgequant.qat.prepare import MODES, QatSetup, finalize, prepare_qat, qat_setup
 
 __all__ = [
     "MODES",
+    "CheckpointSettings",
+    "EvalSettings",
     "FinetuneResult",
+    "FinetuneSettings",
     "LearnedRange",
+    "LossSettings",
     "QatSetup",
     "TrainingProgress",
+    "TrainingSchedule",
     "distillation_loss",
     "finalize",
     "finetune",

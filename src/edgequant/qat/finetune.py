@@ -1,5 +1,8 @@
 """`finetune`: the QAT training loop, label-free by default, resumable, and aware of torch.distributed.
 
+Its settings are `FinetuneSettings`, grouped as `TrainingSchedule`, `LossSettings`, `EvalSettings` and
+`CheckpointSettings`; ``finetune``'s keywords are their field names (``finetune(sim, data, epochs=3, lr=1e-4)``).
+
 * Loss: ``loss_fn(model_output, batch)`` when given (``batch`` as the data yielded it, labels included), else
   distillation from the FP32 model (the sim's model with quantizers off, copied before training, or
   ``teacher``), see `edgequant.qat.distillation`. When distilling, the student trains with dropout and
@@ -27,7 +30,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,148 +67,259 @@ class FinetuneResult:
     resumed_from_step: int
 
 
-def finetune(
-    sim: QuantSim,
-    data: Iterable[Any] | Dataset | torch.Tensor,
-    *,
-    epochs: int,
-    lr: float,
-    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-    mode: str = "range_learning",
-    batch_size: int = 64,
-    range_lr: float = DEFAULT_RANGE_LR,
-    optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
-    schedule: str = "cosine",
-    warmup_steps: int = 0,
-    teacher: nn.Module | None = None,
-    distillation: str = "auto",
-    temperature: float = 1.0,
-    dropout: bool | None = None,
-    eval_fn: Callable[[nn.Module], float] | None = None,
-    eval_every: int | None = None,
-    restore_best: bool = True,
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-) -> FinetuneResult:
-    """Quantization-aware fine-tuning of ``sim`` on ``data`` for ``epochs`` epochs (see the module doc).
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """How long and how fast: epochs, batches, optimizer and learning rates, and the shuffling seed."""
 
-    ``dropout``: dropout and stochastic depth active in the trained model; by default off when distilling (it
-    generalises better, see the module doc) and on with ``loss_fn``.
+    epochs: int
+    lr: float
+    batch_size: int = 64
+    range_lr: float = DEFAULT_RANGE_LR
+    optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or not self.lr > 0:
+            raise ValueError(f"finetune needs epochs >= 1 and lr > 0, got epochs={self.epochs}, lr={self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """``loss_fn(output, batch)``, or distillation from ``teacher`` (default: the sim's FP32 model) without it."""
+
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+    teacher: nn.Module | None = None
+    distillation: str = "auto"
+    temperature: float = 1.0
+    dropout: bool | None = None
+    """Dropout and stochastic depth in the trained model; None: off when distilling, on with ``loss_fn``."""
+
+    @property
+    def student_dropout(self) -> bool:
+        return self.dropout if self.dropout is not None else self.loss_fn is not None
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """``eval_fn(model) -> float`` (higher is better) after each epoch and every ``eval_every`` steps; the best
+    state is restored at the end when ``restore_best``."""
+
+    eval_fn: Callable[[nn.Module], float] | None = None
+    eval_every: int | None = None
+    restore_best: bool = True
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """``checkpoint_dir/last.pt`` after each epoch and every ``checkpoint_every`` steps; ``resume`` continues
+    from it."""
+
+    checkpoint_dir: str | Path | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir (where the run wrote last.pt)")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Everything `finetune` is told, by group; `finetune`'s keywords are the groups' field names."""
+
+    training: TrainingSchedule
+    loss: LossSettings = field(default_factory=LossSettings)
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
+    checkpoints: CheckpointSettings = field(default_factory=CheckpointSettings)
+    mode: str = "range_learning"
+    """How a sim not yet prepared is prepared (`prepare_qat`); a prepared sim keeps its setup."""
+    progress: bool = True
+
+    @classmethod
+    def build(cls, base: FinetuneSettings | None = None, **keywords: Any) -> FinetuneSettings:
+        """``base`` (None: the defaults) with each keyword (``epochs=``, ``eval_fn=``, ``mode=``...) replacing the
+        field of that name, so that a call reads ``finetune(sim, data, epochs=3, lr=1e-4)``."""
+        unknown = sorted(set(keywords) - {name for group in _GROUPS.values() for name in _fields(group)}
+                         - _fields(cls))
+        if unknown:
+            raise TypeError(f"finetune() got unexpected keyword arguments: {', '.join(unknown)}")
+        parts = {}
+        for name, group in _GROUPS.items():
+            given = {k: v for k, v in keywords.items() if k in _fields(group)}
+            parts[name] = group(**given) if base is None else replace(getattr(base, name), **given)
+        own = {k: v for k, v in keywords.items() if k in _fields(cls)}
+        return cls(**parts, **own) if base is None else replace(base, **parts, **own)
+
+
+_GROUPS = {"training": TrainingSchedule, "loss": LossSettings, "evaluation": EvalSettings,
+           "checkpoints": CheckpointSettings}
+
+
+def _fields(dataclass_type: type) -> set[str]:
+    return {f.name for f in fields(dataclass_type)}
+
+
+def finetune(
+    sim: QuantSim, data: Iterable[Any] | Dataset | torch.Tensor, settings: FinetuneSettings | None = None,
+    **keywords: Any,
+) -> FinetuneResult:
+    """Quantization-aware fine-tuning of ``sim`` on ``data`` (see the module doc) with ``settings``, or the
+    settings the keywords name (``epochs=3, lr=1e-4, eval_fn=...``; with ``settings``, they replace its fields).
 
     ``data``: an iterable of batches (as for `QuantSim.calibrate`), or a ``Dataset``/tensor split into shuffled
-    batches of ``batch_size``. A sim not yet prepared is prepared with ``mode``; a prepared one keeps its setup.
+    batches of ``batch_size``.
     """
-    if epochs < 1 or not lr > 0:
-        raise ValueError(f"finetune needs epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir (where the run wrote last.pt)")
-    setup = qat_setup(sim) or prepare_qat(sim, mode)
-    rank = dist.get_rank() if is_distributed() else 0
-    batches = _EpochBatches(data, batch_size, seed)
-    steps_per_epoch = batches.steps_per_epoch()
-    total_steps = epochs * steps_per_epoch
-    if loss_fn is None:
-        teacher = _frozen_teacher(teacher if teacher is not None else sim.model)
-    if dropout is None:
-        dropout = loss_fn is not None
+    run = _Run(sim, data, FinetuneSettings.build(settings, **keywords))
+    try:
+        while run.progress.epoch < run.training.epochs:
+            run.epoch()
+    finally:
+        run.close()
+    return run.result()
 
-    groups = _parameter_groups(sim, setup, lr, range_lr)
-    if not groups:
-        raise ValueError("nothing to train: no parameter of sim.model requires grad")
-    optim = optimizer(groups) if optimizer is not None else torch.optim.Adam(groups)
-    setup.attach_optimizer(optim)  # learned ranges valid right after each step (checkpoints, best state)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optim, _lr_factor(schedule, warmup_steps, total_steps))
 
-    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    state = TrainingProgress()
-    if resume and (directory / LAST_CHECKPOINT).exists():
-        state = load_checkpoint(directory / LAST_CHECKPOINT, sim.model, optim, scheduler)
-        setup.training_forwards = state.training_forwards
-    resumed_from = state.step
-    best_state = _best_state(directory) if resume and state.best_step is not None else None
+class _Run:
+    """The state of one `finetune` run: optimizer, schedule, progress and best state, and the steps on them."""
 
-    model = torch.nn.parallel.DistributedDataParallel(sim.model) if is_distributed() else sim.model
+    def __init__(self, sim: QuantSim, data: Any, settings: FinetuneSettings) -> None:
+        self.sim, self.settings, self.training = sim, settings, settings.training
+        self.setup = qat_setup(sim) or prepare_qat(sim, settings.mode)
+        self.rank = dist.get_rank() if is_distributed() else 0
+        self.batches = _EpochBatches(data, self.training.batch_size, self.training.seed)
+        total_steps = self.training.epochs * self.batches.steps_per_epoch()
+        loss = settings.loss
+        teacher = loss.teacher if loss.teacher is not None else sim.model
+        self.teacher = _frozen_teacher(teacher) if loss.loss_fn is None else None
+        self.optimizer = _optimizer(sim, self.setup, self.training)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_factor(self.training.schedule, self.training.warmup_steps, total_steps))
+        directory = settings.checkpoints.checkpoint_dir
+        self.directory = Path(directory) if directory is not None else None
+        self.progress, self.best_state = self._resumed()
+        self.resumed_from = self.progress.step
+        self.model = torch.nn.parallel.DistributedDataParallel(sim.model) if is_distributed() else sim.model
+        self.bar = tqdm(total=total_steps, initial=self.progress.step, desc="QAT", leave=False,
+                        disable=not settings.progress or self.rank != 0)
 
-    def checkpoint() -> None:
-        setup.sync_weight_encodings()  # saved encodings match the saved weights
-        if directory is not None and rank == 0:
-            state.training_forwards = setup.training_forwards
-            save_checkpoint(directory / LAST_CHECKPOINT, sim.model, optim, scheduler, state)
+    def _resumed(self) -> tuple[TrainingProgress, dict[str, torch.Tensor] | None]:
+        """Progress and best state of the checkpointed run to resume, or a fresh start."""
+        if not self.settings.checkpoints.resume:
+            return TrainingProgress(), None
+        progress = TrainingProgress()
+        if (self.directory / LAST_CHECKPOINT).exists():
+            progress = load_checkpoint(self.directory / LAST_CHECKPOINT, self.sim.model, self.optimizer,
+                                       self.scheduler)
+            self.setup.training_forwards = progress.training_forwards
+        return progress, _best_state(self.directory) if progress.best_step is not None else None
+
+    def epoch(self) -> None:
+        """The rest of the current epoch, then its record, evaluation and checkpoint."""
+        started, losses = time.perf_counter(), []
+        for index, batch in enumerate(self.batches.of_epoch(self.progress.epoch)):
+            if index >= self.progress.batch_in_epoch:  # earlier ones were done before the checkpoint resumed from
+                losses.append(self.step(index, batch))
+        record = {"epoch": self.progress.epoch, "loss": sum(losses) / max(len(losses), 1),
+                  "seconds": time.perf_counter() - started}
+        self.progress.epoch, self.progress.batch_in_epoch = self.progress.epoch + 1, 0
+        metric = self.evaluate()
+        if metric is not None:
+            record["metric"] = metric
+        self.progress.history.append(record)
+        self.checkpoint()
+
+    def step(self, index: int, batch: Any) -> float:
+        """One optimizer step on ``batch`` (the ``index``-th of its epoch); evaluates and checkpoints when due."""
+        loss = self.loss(index, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.progress.step += 1
+        self.progress.batch_in_epoch = index + 1
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss.item():.4g}")
+        evaluation, checkpoints = self.settings.evaluation, self.settings.checkpoints
+        if evaluation.eval_every and self.progress.step % evaluation.eval_every == 0:
+            self.evaluate()
+        if checkpoints.checkpoint_every and self.progress.step % checkpoints.checkpoint_every == 0:
+            self.checkpoint()
+        return loss.item()
+
+    def loss(self, index: int, batch: Any) -> torch.Tensor:
+        """The student's loss on ``batch``: ``loss_fn``, or distillation from the teacher."""
+        settings = self.settings.loss
+        args, kwargs = self.sim.model_input.to_call(batch, index, self.sim.device)
+        _student_mode(self.sim.model, self.setup, settings.student_dropout)
+        output = self.model(*args, **kwargs)
+        if settings.loss_fn is not None:
+            loss = settings.loss_fn(output, batch)
+        else:
+            with torch.no_grad():
+                target = self.teacher(*args, **kwargs)
+            loss = distillation_loss(output, target, settings.distillation, settings.temperature)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"QAT step {self.progress.step}: the loss is {loss.item()}; lower lr (now {self.training.lr}) or "
+                "range_lr, or check the data and loss_fn")
+        return loss
+
+    def evaluate(self) -> float | None:
+        """``eval_fn`` on rank 0, shared with every rank; a new best is kept (and saved as ``best_sim.pt``)."""
+        eval_fn = self.settings.evaluation.eval_fn
+        if eval_fn is None:
+            return None
+        self.setup.sync_weight_encodings()
+        metric = [None]
+        if self.rank == 0:
+            with training_mode(self.sim.model, False), torch.no_grad():
+                metric[0] = float(eval_fn(self.sim.model))
+        if is_distributed():
+            dist.broadcast_object_list(metric, src=0)
+        if self.progress.best_metric is None or metric[0] > self.progress.best_metric:
+            self.progress.best_metric, self.progress.best_step = metric[0], self.progress.step
+            self.best_state = {k: v.detach().clone() for k, v in self.sim.model.state_dict().items()}
+            if self.directory is not None and self.rank == 0:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self.sim.save(self.directory / BEST_STATE)
+        return metric[0]
+
+    def checkpoint(self) -> None:
+        """``last.pt`` from rank 0, its encodings matching its weights; every rank waits for it."""
+        self.setup.sync_weight_encodings()
+        if self.directory is not None and self.rank == 0:
+            self.progress.training_forwards = self.setup.training_forwards
+            save_checkpoint(self.directory / LAST_CHECKPOINT, self.sim.model, self.optimizer, self.scheduler,
+                            self.progress)
         if is_distributed():
             dist.barrier()
 
-    def evaluate() -> float | None:
-        nonlocal best_state
-        if eval_fn is None:
-            return None
-        setup.sync_weight_encodings()
-        metric = [None]
-        if rank == 0:
-            with training_mode(sim.model, False), torch.no_grad():
-                metric[0] = float(eval_fn(sim.model))
-        if is_distributed():
-            dist.broadcast_object_list(metric, src=0)
-        if state.best_metric is None or metric[0] > state.best_metric:
-            state.best_metric, state.best_step = metric[0], state.step
-            best_state = {k: v.detach().clone() for k, v in sim.model.state_dict().items()}
-            if directory is not None and rank == 0:
-                directory.mkdir(parents=True, exist_ok=True)
-                sim.save(directory / BEST_STATE)
-        return metric[0]
+    def close(self) -> None:
+        self.bar.close()
+        self.sim.model.eval()
 
-    bar = tqdm(total=total_steps, initial=state.step, desc="QAT", disable=not progress or rank != 0, leave=False)
-    try:
-        while state.epoch < epochs:
-            started, losses = time.perf_counter(), []
-            for index, batch in enumerate(batches.of_epoch(state.epoch)):
-                if index < state.batch_in_epoch:
-                    continue  # done before the checkpoint this run resumed from
-                args, kwargs = sim.model_input.to_call(batch, index, sim.device)
-                _student_mode(sim.model, setup, dropout)
-                output = model(*args, **kwargs)
-                if loss_fn is not None:
-                    loss = loss_fn(output, batch)
-                else:
-                    with torch.no_grad():
-                        target = teacher(*args, **kwargs)
-                    loss = distillation_loss(output, target, distillation, temperature)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"QAT step {state.step}: the loss is {loss.item()}; lower lr (now {lr}) or range_lr, or check "
-                        "the data and loss_fn")
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                optim.step()
-                scheduler.step()
-                state.step += 1
-                state.batch_in_epoch = index + 1
-                losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4g}")
-                if eval_every and state.step % eval_every == 0:
-                    evaluate()
-                if checkpoint_every and state.step % checkpoint_every == 0:
-                    checkpoint()
-            record = {"epoch": state.epoch, "loss": sum(losses) / max(len(losses), 1),
-                      "seconds": time.perf_counter() - started}
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            metric = evaluate()
-            if metric is not None:
-                record["metric"] = metric
-            state.history.append(record)
-            checkpoint()
-    finally:
-        bar.close()
-        sim.model.eval()
-    if restore_best and best_state is not None:
-        sim.model.load_state_dict(best_state)
-    setup.sync_weight_encodings()
-    return FinetuneResult(setup, state.step, state.history, state.best_metric, state.best_step, resumed_from)
+    def result(self) -> FinetuneResult:
+        """The best state restored (``restore_best``), the encodings synced, and what the run did."""
+        if self.settings.evaluation.restore_best and self.best_state is not None:
+            self.sim.model.load_state_dict(self.best_state)
+        self.setup.sync_weight_encodings()
+        progress = self.progress
+        return FinetuneResult(self.setup, progress.step, progress.history, progress.best_metric,
+                              progress.best_step, self.resumed_from)
+
+
+def _optimizer(sim: QuantSim, setup: QatSetup, training: TrainingSchedule) -> torch.optim.Optimizer:
+    """Adam (or ``training.optimizer``) on the parameter groups, attached to ``setup`` so that learned ranges are
+    valid right after each step (checkpoints, best state)."""
+    groups = _parameter_groups(sim, setup, training.lr, training.range_lr)
+    if not groups:
+        raise ValueError("nothing to train: no parameter of sim.model requires grad")
+    optimizer = training.optimizer(groups) if training.optimizer is not None else torch.optim.Adam(groups)
+    setup.attach_optimizer(optimizer)
+    return optimizer
 
 
 def _parameter_groups(sim: QuantSim, setup: QatSetup, lr: float, range_lr: float) -> list[dict]:
