@@ -32,6 +32,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,16 +96,39 @@ def _check_candidates(candidates: Iterable[Sequence[int]]) -> list[Candidate]:
     return list(dict.fromkeys(checked))
 
 
-def _configuration(groups: list[QuantizerGroup], choice: dict[str, Candidate], base: dict[str, int]) -> dict[str, int]:
-    bitwidths = dict(base)
-    for group in groups:
-        bitwidths.update(group.bitwidths(choice[group.name]))
-    return bitwidths
-
-
 def _key(kind: str, choice: dict[str, Candidate]) -> str:
     text = json.dumps(sorted((g, list(c)) for g, c in choice.items()))
     return f"{kind}:{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+
+
+_Saving = Callable[[dict[str, Candidate], dict[str, Candidate]], float | None]
+"""What a move from the first choice to the second saves, or None when it is not a move of the path."""
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What one search is asked, checked: distinct candidates, the allowed drop, the cost to minimise, and how
+    many batches the sensitivity phase measures."""
+
+    candidates: tuple[Candidate, ...]
+    allowed_accuracy_drop: float
+    cost: str
+    num_batches: int
+
+    @classmethod
+    def checked(cls, candidates: Sequence[Sequence[int]], allowed_accuracy_drop: float, cost: str,
+                num_batches: int) -> _Settings:
+        if cost not in COST_MODELS:
+            raise ValueError(f"unknown cost {cost!r}; choose one of {', '.join(COST_MODELS)}")
+        if not (isinstance(allowed_accuracy_drop, (int, float)) and allowed_accuracy_drop >= 0
+                and math.isfinite(allowed_accuracy_drop)):
+            raise ValueError(f"allowed_accuracy_drop must be a finite number >= 0, got {allowed_accuracy_drop!r}")
+        return cls(tuple(_check_candidates(candidates)), allowed_accuracy_drop, cost, num_batches)
+
+    @property
+    def other_cost(self) -> str:
+        """The cost not minimised, which the tie-break saves."""
+        return next(c for c in COST_MODELS if c != self.cost)
 
 
 def choose_mixed_precision(
@@ -125,146 +149,221 @@ def choose_mixed_precision(
 
     ``data`` gives the batches for the sensitivity phase (``num_batches`` of them); ``out_dir`` keeps the
     evaluation cache and the HTML report ``mixed_precision.html``."""
-    if cost not in COST_MODELS:
-        raise ValueError(f"unknown cost {cost!r}; choose one of {', '.join(COST_MODELS)}")
-    if not (isinstance(allowed_accuracy_drop, (int, float)) and allowed_accuracy_drop >= 0
-            and math.isfinite(allowed_accuracy_drop)):
-        raise ValueError(f"allowed_accuracy_drop must be a finite number >= 0, got {allowed_accuracy_drop!r}")
-    candidate_list = _check_candidates(candidates)
+    settings = _Settings.checked(candidates, allowed_accuracy_drop, cost, num_batches)
     if any(q.scale is None for q in sim.quantizers().values() if q.enabled):
         raise ValueError("the sim is not calibrated: call sim.calibrate(data) before choose_mixed_precision")
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
-
-    graph = sim.graph()
-    groups = find_groups(sim, graph)
-    if not groups:
-        raise ValueError("no quantizer's bit width is free to choose (all fixed by the config, frozen or disabled)")
-    bitops, memory = bitops_model(sim, graph), memory_model(sim)
-    cost_model, other_model = (bitops, memory) if cost == "bitops" else (memory, bitops)
-    original = current_bitwidths(sim)
-    batches = list(sim.batches(data, num_batches))
-    state = {k: v for k, v in sim.model.state_dict().items() if isinstance(v, torch.Tensor)}
-    identity = json.dumps([[g.name for g in groups], candidate_list, sorted(original.items()),
-                           tensors_checksum(state)])
-    cache = _Cache(out_path / CACHE_FILE if out_path else None, hashlib.sha256(identity.encode()).hexdigest())
-
-    options = {g.name: _group_options(g, candidate_list, cost_model, original) for g in groups}
-    most_accurate = {g.name: options[g.name][0] for g in groups}
-    def uniform_maximum(model: CostModel) -> float:  # every group at the candidate that costs most overall
-        return max(model(_configuration(groups, dict.fromkeys(options, c), original)) for c in candidate_list)
-
-    reference_cost, reference_other, reference_bitops, reference_memory = map(
-        uniform_maximum, (cost_model, other_model, bitops, memory))
-
-    def relative(choice: dict[str, Candidate], model: CostModel = cost_model,
-                 reference: float = reference_cost) -> float:
-        return model(_configuration(groups, choice, original)) / reference
-
-    with sim.quantizers_enabled(False):
-        fidelity = OutputFidelity(batches, [sim.model(*args, **kwargs) for args, kwargs in batches])
-    eval_calls = 0
-
-    def measure(kind: str, choice: dict[str, Candidate]) -> float:
-        nonlocal eval_calls
-
-        def compute() -> float:
-            apply_bitwidths(sim, _configuration(groups, choice, original), batches)
-            return evaluate(fidelity if kind == "fidelity" else eval_fn, sim.model)
-
-        value, computed = cache.get(_key(kind, choice), compute)
-        eval_calls += computed and kind == "eval"
-        return value
-
+    search = _Search(sim, data, eval_fn, settings, out_path / CACHE_FILE if out_path else None)
     try:
-        # 1. sensitivity
-        lowered = [(g, c) for g in groups for c in options[g.name][1:]]
-        bar = tqdm(total=len(lowered) + 1, desc="mixed precision: sensitivity", disable=not progress)
-        base_fidelity = measure("fidelity", most_accurate)
-        bar.update()
-        sensitivities = []
-        for group in groups:
-            values = {most_accurate[group.name]: base_fidelity}
-            for candidate in options[group.name][1:]:
-                values[candidate] = measure("fidelity", most_accurate | {group.name: candidate})
-                bar.update()
-            sensitivities.append(GroupSensitivity(group.name, values))
-        bar.close()
-        # 2. greedy Pareto front
-        loss = {s.group: {c: max(0.0, base_fidelity - f) for c, f in s.fidelity.items()} for s in sensitivities}
-
-        def cheaper(before: dict[str, Candidate], after: dict[str, Candidate]) -> float | None:
-            saved = relative(before) - relative(after)
-            return saved if saved > COST_TOLERANCE else None
-
-        def as_cheap_smaller(before: dict[str, Candidate], after: dict[str, Candidate]) -> float | None:
-            if abs(relative(before) - relative(after)) > COST_TOLERANCE:
-                return None
-            saved = (relative(before, other_model, reference_other) - relative(after, other_model, reference_other))
-            return saved if saved > COST_TOLERANCE else None
-
-        start = FrontPoint(dict(most_accurate), relative(most_accurate), base_fidelity)
-        front = _greedy_path(groups, options, loss, start, cheaper, relative)
-        # 3. bisection with eval_fn
-        with sim.quantizers_enabled(False):
-            fp32_metric, computed = cache.get("eval:fp32", lambda: evaluate(eval_fn, sim.model))
-        eval_calls += computed
-        target = fp32_metric - allowed_accuracy_drop
-        bar = tqdm(total=1 + max(1, math.ceil(math.log2(len(front)))), desc="mixed precision: bisection",
-                   disable=not progress)
-
-        def metric_at(points: list[FrontPoint], index: int) -> float:
-            point = points[index]
-            point.metric = measure("eval", point.choice)
-            bar.update()
-            return point.metric
-
-        met_target = metric_at(front, 0) >= target
-        tie_break: list[FrontPoint] = []
-        if not met_target:
-            warnings.warn(
-                f"even the most accurate candidate everywhere gives {front[0].metric:.4f} < target {target:.4f}: "
-                "keeping it; add a more accurate candidate or allow a larger drop",
-                stacklevel=2,
-            )
-            chosen = front[0]
-        else:
-            chosen = front[_last_meeting(front, metric_at, target)]
-            # 4. tie-break at equal cost
-            tie_break = _greedy_path(groups, options, loss, chosen, as_cheap_smaller, relative)
-            bar.total += math.ceil(math.log2(len(tie_break)))
-            chosen = tie_break[_last_meeting(tie_break, metric_at, target)]
-        bar.close()
-        apply_bitwidths(sim, _configuration(groups, chosen.choice, original), batches)
+        base_fidelity, sensitivities = search.sensitivities(progress)
+        loss = _fidelity_losses(sensitivities, base_fidelity)
+        start = FrontPoint(dict(search.most_accurate), search.relative(search.most_accurate), base_fidelity)
+        front = search.path(start, loss, search.cheaper)
+        fp32_metric = search.fp32_metric()
+        target = fp32_metric - settings.allowed_accuracy_drop
+        chosen, tie_break = search.bisection(front, loss, target, progress)
+        search.apply(chosen.choice)
     except BaseException:
-        apply_bitwidths(sim, original, batches)
+        search.restore()
         raise
-    layer_groups = {layer: g.name for g in groups for layer in g.layers}
-    result = MixedPrecisionResult(
-        choice=chosen.choice,
-        layer_bitwidths=_layer_bitwidths(groups, chosen.choice),
-        relative_bitops=relative(chosen.choice, bitops, reference_bitops),
-        relative_memory=relative(chosen.choice, memory, reference_memory),
-        effective_bits={name: model.effective_bits(_configuration(groups, chosen.choice, original))
-                        for name, model in (("bitops", bitops), ("memory", memory))},
-        metric=chosen.metric,
-        fp32_metric=fp32_metric,
-        target=target,
-        met_target=met_target,
-        cost=cost,
-        pareto=sorted({(p.relative_cost, p.metric) for p in front + tie_break if p.metric is not None}),
-        front=front,
-        tie_break=tie_break,
-        sensitivities=sensitivities,
-        groups=[g.name for g in groups],
-        eval_calls=eval_calls,
-        candidates=candidate_list,
-        layer_groups=layer_groups,
-    )
+    result = search.result(chosen, front, tie_break, sensitivities, fp32_metric, target)
     if out_path is not None:
         result.report_path = write_report(result, out_path / "mixed_precision.html")
     return result
+
+
+class _Search:
+    """One search: the sim's groups and their options, the cost models and references, the sensitivity batches,
+    the measurement cache, and the phases that measure on them (see the module docstring)."""
+
+    def __init__(self, sim: QuantSim, data: Iterable[Any], eval_fn: Callable[[nn.Module], float],
+                 settings: _Settings, cache_path: Path | None) -> None:
+        self.sim, self.eval_fn, self.settings = sim, eval_fn, settings
+        graph = sim.graph()
+        self.groups = find_groups(sim, graph)
+        if not self.groups:
+            raise ValueError("no quantizer's bit width is free to choose (all fixed by the config, frozen or disabled)")
+        self.models = {"bitops": bitops_model(sim, graph), "memory": memory_model(sim)}
+        self.original = current_bitwidths(sim)
+        self.batches = list(sim.batches(data, settings.num_batches))
+        self.cache = _Cache(cache_path, self._identity())
+        self.options = {g.name: _group_options(g, list(settings.candidates), self.models[settings.cost],
+                                               self.original) for g in self.groups}
+        self.most_accurate = {g.name: self.options[g.name][0] for g in self.groups}
+        self.references = {kind: self._uniform_maximum(model) for kind, model in self.models.items()}
+        with sim.quantizers_enabled(False):
+            self.fidelity = OutputFidelity(self.batches, [sim.model(*args, **kwargs) for args, kwargs in self.batches])
+        self.eval_calls = 0
+
+    def _identity(self) -> str:
+        """What the cache belongs to: the groups, candidates, bit widths and sim state."""
+        state = {k: v for k, v in self.sim.model.state_dict().items() if isinstance(v, torch.Tensor)}
+        identity = json.dumps([[g.name for g in self.groups], list(self.settings.candidates),
+                               sorted(self.original.items()), tensors_checksum(state)])
+        return hashlib.sha256(identity.encode()).hexdigest()
+
+    def _uniform_maximum(self, model: CostModel) -> float:
+        """The cost with every group at the candidate that costs most overall: what relative costs divide by."""
+        return max(model(self.configuration(dict.fromkeys(self.options, c))) for c in self.settings.candidates)
+
+    def configuration(self, choice: dict[str, Candidate]) -> dict[str, int]:
+        """The bit width of every quantizer under ``choice`` (quantizers of no group keep theirs)."""
+        bitwidths = dict(self.original)
+        for group in self.groups:
+            bitwidths.update(group.bitwidths(choice[group.name]))
+        return bitwidths
+
+    def relative(self, choice: dict[str, Candidate], kind: str | None = None) -> float:
+        """The cost ``kind`` (default: the minimised one) of ``choice``, relative to the uniform maximum."""
+        kind = kind or self.settings.cost
+        return self.models[kind](self.configuration(choice)) / self.references[kind]
+
+    def apply(self, choice: dict[str, Candidate]) -> None:
+        apply_bitwidths(self.sim, self.configuration(choice), self.batches)
+
+    def restore(self) -> None:
+        """The sim's bit widths as before the search."""
+        apply_bitwidths(self.sim, self.original, self.batches)
+
+    def measure(self, kind: str, choice: dict[str, Candidate]) -> float:
+        """Output fidelity (``kind="fidelity"``) or ``eval_fn`` (``"eval"``) under ``choice``, cached."""
+        def compute() -> float:
+            self.apply(choice)
+            return evaluate(self.fidelity if kind == "fidelity" else self.eval_fn, self.sim.model)
+
+        value, computed = self.cache.get(_key(kind, choice), compute)
+        self.eval_calls += computed and kind == "eval"
+        return value
+
+    def fp32_metric(self) -> float:
+        with self.sim.quantizers_enabled(False):
+            metric, computed = self.cache.get("eval:fp32", lambda: evaluate(self.eval_fn, self.sim.model))
+        self.eval_calls += computed
+        return metric
+
+    # 1. sensitivity
+    def sensitivities(self, progress: bool) -> tuple[float, list[GroupSensitivity]]:
+        """The fidelity with every group at its most accurate option, and with each group alone lowered."""
+        lowered = sum(len(self.options[g.name]) - 1 for g in self.groups)
+        with tqdm(total=lowered + 1, desc="mixed precision: sensitivity", disable=not progress) as bar:
+            base = self.measure("fidelity", self.most_accurate)
+            bar.update()
+            sensitivities = []
+            for group in self.groups:
+                values = {self.most_accurate[group.name]: base}
+                for candidate in self.options[group.name][1:]:
+                    values[candidate] = self.measure("fidelity", self.most_accurate | {group.name: candidate})
+                    bar.update()
+                sensitivities.append(GroupSensitivity(group.name, values))
+        return base, sensitivities
+
+    # 2. greedy paths: the Pareto front (moves that save cost) and the tie-break (moves that save the other cost)
+    def cheaper(self, before: dict[str, Candidate], after: dict[str, Candidate]) -> float | None:
+        saved = self.relative(before) - self.relative(after)
+        return saved if saved > COST_TOLERANCE else None
+
+    def as_cheap_smaller(self, before: dict[str, Candidate], after: dict[str, Candidate]) -> float | None:
+        if abs(self.relative(before) - self.relative(after)) > COST_TOLERANCE:
+            return None
+        other = self.settings.other_cost
+        saved = self.relative(before, other) - self.relative(after, other)
+        return saved if saved > COST_TOLERANCE else None
+
+    def path(self, start: FrontPoint, loss: dict[str, dict[Candidate, float]], saving: _Saving) -> list[FrontPoint]:
+        """From ``start``, repeatedly take the move (one group to another of its options) with the least fidelity
+        loss per unit ``saving`` (None: not a move of this path) until none is left; the fidelity losses are
+        measured against the most accurate configuration and add up. The first point is ``start``."""
+        choice, fidelity = dict(start.choice), start.predicted_fidelity
+        path = [FrontPoint(dict(choice), start.relative_cost, fidelity, start.metric)]
+        while (move := self._best_move(choice, loss, saving)) is not None:
+            name, candidate, added = move
+            choice[name] = candidate
+            fidelity -= added
+            path.append(FrontPoint(dict(choice), self.relative(choice), fidelity))
+        return path
+
+    def _best_move(self, choice: dict[str, Candidate], loss: dict[str, dict[Candidate, float]],
+                   saving: _Saving) -> tuple[str, Candidate, float] | None:
+        """(group, candidate, fidelity loss added) of the move with the least loss per unit saved; ties: the
+        larger saving, then the first found."""
+        best = None
+        for group in self.groups:
+            now = choice[group.name]
+            for candidate in self.options[group.name]:
+                saved = None if candidate == now else saving(choice, choice | {group.name: candidate})
+                if saved is None:
+                    continue
+                added = loss[group.name][candidate] - loss[group.name][now]
+                score = (added / saved, -saved)
+                if best is None or score < best[0]:
+                    best = (score, (group.name, candidate, added))
+        return best[1] if best is not None else None
+
+    # 3. bisection with eval_fn, 4. tie-break at equal cost
+    def bisection(self, front: list[FrontPoint], loss: dict[str, dict[Candidate, float]], target: float,
+                  progress: bool) -> tuple[FrontPoint, list[FrontPoint]]:
+        """(chosen point, tie-break path): the cheapest point of ``front`` that meets ``target``, then the last
+        point of its tie-break path that still meets it; ``front[0]`` with a warning when even it misses."""
+        total = 1 + max(1, math.ceil(math.log2(len(front))))
+        with tqdm(total=total, desc="mixed precision: bisection", disable=not progress) as bar:
+            if self._metric(front[0], bar) < target:
+                warnings.warn(
+                    f"even the most accurate candidate everywhere gives {front[0].metric:.4f} < target {target:.4f}: "
+                    "keeping it; add a more accurate candidate or allow a larger drop",
+                    stacklevel=3,
+                )
+                return front[0], []
+            chosen = front[self._last_meeting(front, target, bar)]
+            tie_break = self.path(chosen, loss, self.as_cheap_smaller)
+            bar.total += math.ceil(math.log2(len(tie_break)))
+            return tie_break[self._last_meeting(tie_break, target, bar)], tie_break
+
+    def _metric(self, point: FrontPoint, bar: tqdm) -> float:
+        point.metric = self.measure("eval", point.choice)
+        bar.update()
+        return point.metric
+
+    def _last_meeting(self, points: list[FrontPoint], target: float, bar: tqdm) -> int:
+        """Index of the last of ``points`` whose metric meets ``target``, by bisection; ``points[0]`` meets it."""
+        low, high = 0, len(points) - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self._metric(points[middle], bar) >= target:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def result(self, chosen: FrontPoint, front: list[FrontPoint], tie_break: list[FrontPoint],
+               sensitivities: list[GroupSensitivity], fp32_metric: float, target: float) -> MixedPrecisionResult:
+        configuration = self.configuration(chosen.choice)
+        return MixedPrecisionResult(
+            choice=chosen.choice,
+            layer_bitwidths=_layer_bitwidths(self.groups, chosen.choice),
+            relative_bitops=self.relative(chosen.choice, "bitops"),
+            relative_memory=self.relative(chosen.choice, "memory"),
+            effective_bits={kind: model.effective_bits(configuration) for kind, model in self.models.items()},
+            metric=chosen.metric,
+            fp32_metric=fp32_metric,
+            target=target,
+            met_target=front[0].metric >= target,
+            cost=self.settings.cost,
+            pareto=sorted({(p.relative_cost, p.metric) for p in front + tie_break if p.metric is not None}),
+            front=front,
+            tie_break=tie_break,
+            sensitivities=sensitivities,
+            groups=[g.name for g in self.groups],
+            eval_calls=self.eval_calls,
+            candidates=list(self.settings.candidates),
+            layer_groups={layer: g.name for g in self.groups for layer in g.layers},
+        )
+
+
+def _fidelity_losses(sensitivities: list[GroupSensitivity], base: float) -> dict[str, dict[Candidate, float]]:
+    """Each group's fidelity loss at each option, from the most accurate configuration's fidelity ``base``."""
+    return {s.group: {c: max(0.0, base - f) for c, f in s.fidelity.items()} for s in sensitivities}
 
 
 def _group_options(group: QuantizerGroup, candidates: list[Candidate], cost_model: CostModel,
@@ -277,48 +376,6 @@ def _group_options(group: QuantizerGroup, candidates: list[Candidate], cost_mode
         distinct.setdefault(group.effective(candidate), candidate)
     costs = {c: cost_model(base | group.bitwidths(c)) for c in distinct.values()}
     return sorted(distinct.values(), key=lambda c: (-costs[c], -c[1], -c[0]))
-
-
-def _greedy_path(groups: list[QuantizerGroup], options: dict[str, list[Candidate]],
-                 loss: dict[str, dict[Candidate, float]], start: FrontPoint,
-                 saving: Callable[[dict[str, Candidate], dict[str, Candidate]], float | None],
-                 relative: Callable[[dict[str, Candidate]], float]) -> list[FrontPoint]:
-    """From ``start``, repeatedly take the move (one group to another of its options) with the least fidelity
-    loss per unit ``saving`` (None: not a move of this path) until none is left; the fidelity losses are measured
-    against the most accurate configuration and add up. The first point is ``start``."""
-    choice, fidelity = dict(start.choice), start.predicted_fidelity
-    path = [FrontPoint(dict(choice), start.relative_cost, fidelity, start.metric)]
-    while True:
-        best = None
-        for group in groups:
-            now = choice[group.name]
-            for candidate in options[group.name]:
-                saved = None if candidate == now else saving(choice, choice | {group.name: candidate})
-                if saved is None:
-                    continue
-                added = loss[group.name][candidate] - loss[group.name][now]
-                score = (added / saved, -saved)
-                if best is None or score < best[0]:
-                    best = (score, group.name, candidate, added)
-        if best is None:
-            return path
-        _, name, candidate, added = best
-        choice[name] = candidate
-        fidelity -= added
-        path.append(FrontPoint(dict(choice), relative(choice), fidelity))
-
-
-def _last_meeting(points: list[FrontPoint], metric_at: Callable[[list[FrontPoint], int], float],
-                  target: float) -> int:
-    """Index of the last of ``points`` whose metric meets ``target``, by bisection; ``points[0]`` meets it."""
-    low, high = 0, len(points) - 1
-    while low < high:
-        middle = (low + high + 1) // 2
-        if metric_at(points, middle) >= target:
-            low = middle
-        else:
-            high = middle - 1
-    return low
 
 
 def _layer_bitwidths(groups: list[QuantizerGroup], choice: dict[str, Candidate]) -> dict[str, dict[str, int]]:
