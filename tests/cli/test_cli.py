@@ -108,4 +108,13 @@ def test_debug_flag_lets_the_traceback_through(runner: CliRunner, tmp_path) -> N
 def test_quantize_needs_data_with_a_model(runner: CliRunner) -> None:
     result = runner.invoke(main, ["quantize", "--model", "edgequant.demo.digits:load_pretrained"])
     assert result.exit_code == 2
-    assert "--data is required" in result.output
+    assert "--model needs --data" in result.output
+
+
+def test_the_demo_takes_the_shared_data_options(runner: CliRunner, tmp_path) -> None:
+    result = runner.invoke(main, ["quantize", "--batch-size", "16", "--num-batches", "3", "--quiet",
+                                  "--out", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_calibration_batches"] == 3 and summary["input_spec"]["batch_size"] == 16
+    assert summary["model"] == "edgequant.demo.digits:load_pretrained (bundled digits_cnn)"

@@ -6,15 +6,9 @@ from pathlib import Path
 
 import click
 
-from edgequant.cli.data import (
-    bitwidth_options,
-    command_job,
-    data_options,
-    demo_model_option,
-    device_option,
-    quiet_option,
-)
+from edgequant.cli.data import bitwidth_options, data_options, demo_model_option, device_option, quiet_option
 from edgequant.cli.errors import debug_option
+from edgequant.cli.job import JobOptions, SimSettings, build_job, pass_job_options
 from edgequant.quantization import QUANT_SCHEMES
 
 RANKED_LINES = 5
@@ -35,12 +29,8 @@ RANKED_LINES = 5
 @device_option
 @quiet_option
 @debug_option
-def analyze(
-    model_spec: str | None, data_spec: str | None, input_shape: str | None, batch_size: int | None,
-    num_batches: int | None, mean: str | None, std: str | None, eval_spec: str | None, param_bw: int,
-    output_bw: int, scheme: str, config: str, out_dir: Path, device: str,
-    quiet: bool,
-) -> None:
+@pass_job_options
+def analyze(options: JobOptions, settings: SimSettings, out_dir: Path, quiet: bool) -> None:
     """Find where quantization loses accuracy: per-layer sensitivity, output SQNR along the network, ranges.
 
     Writes analysis.json, an interactive report.html and the per-layer outputs (FP32 and sim) of the first
@@ -48,13 +38,10 @@ def analyze(
     """
     from edgequant.analysis import QuantAnalyzer
 
-    # --num-batches limits the analysis only; calibration uses every batch
-    job = command_job(model_spec, data_spec, eval_spec, input_shape, batch_size, None, mean, std, device,
-                      eval_required=False, default_batch_size=32)
-    model, dummy, batches, evaluate = job.model, job.dummy_input, job.batches, job.evaluate
-    analyzer = QuantAnalyzer(model, dummy, batches, evaluate, param_bw=param_bw, output_bw=output_bw,
-                             quant_scheme=scheme, config=config, progress=not quiet)
-    result = analyzer.analyze(out_dir, num_batches=num_batches)
+    job = build_job(options, settings, demo_batch_size=32)
+    analyzer = QuantAnalyzer(job.model, job.dummy_input, job.batches, job.evaluate, **settings.quantsim_kwargs(),
+                             progress=not quiet)
+    result = analyzer.analyze(out_dir, num_batches=job.num_batches)  # the analysis only: calibration uses every batch
     click.echo(f"metric: {result.metric_name}")
     for label, value in (("FP32", result.fp32_metric), ("quantized", result.quantized_metric),
                          ("weights only", result.weights_only_metric),

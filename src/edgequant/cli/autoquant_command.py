@@ -6,15 +6,9 @@ from pathlib import Path
 
 import click
 
-from edgequant.cli.data import (
-    bitwidth_options,
-    command_job,
-    data_options,
-    demo_model_option,
-    device_option,
-    quiet_option,
-)
+from edgequant.cli.data import bitwidth_options, data_options, demo_model_option, device_option, quiet_option
 from edgequant.cli.errors import debug_option
+from edgequant.cli.job import JobOptions, SimSettings, build_job, pass_job_options
 from edgequant.quantization import QUANT_SCHEMES
 from edgequant.workflows.autoquant import DEFAULT_SCHEMES
 
@@ -39,23 +33,20 @@ from edgequant.workflows.autoquant import DEFAULT_SCHEMES
 @device_option
 @quiet_option
 @debug_option
+@pass_job_options
 def autoquant(
-    model_spec: str | None, data_spec: str | None, input_shape: str | None, batch_size: int | None,
-    num_batches: int | None, mean: str | None, std: str | None, eval_spec: str | None, allowed_drop: float,
-    param_bw: int, output_bw: int, config: str, schemes: tuple[str, ...], adaround_iterations: int,
-    mixed_precision: str | None, out_dir: Path, device: str, quiet: bool,
+    options: JobOptions, settings: SimSettings, allowed_drop: float, schemes: tuple[str, ...],
+    adaround_iterations: int, mixed_precision: str | None, out_dir: Path, quiet: bool,
 ) -> None:
     """Find the cheapest PTQ recipe meeting FP32 - allowed drop; writes the best sim and an HTML report."""
     from edgequant.workflows import autoquant as run_autoquant
 
-    job = command_job(model_spec, data_spec, eval_spec, input_shape, batch_size, num_batches, mean, std, device,
-                      eval_required=True, default_batch_size=64)
-    model, dummy, batches, evaluate = job.model, job.dummy_input, job.batches, job.evaluate
+    job = build_job(options, settings, demo_batch_size=64, eval_required=True)
     result = run_autoquant(
-        model, dummy, batches, evaluate, allowed_accuracy_drop=allowed_drop, param_bw=param_bw,
-        output_bw=output_bw, config=config, results_dir=out_dir, num_batches=num_batches, schemes=tuple(schemes),
-        adaround_iterations=adaround_iterations, progress=not quiet,
-        mixed_precision_candidates=_candidates(mixed_precision) if mixed_precision else None,
+        job.model, job.dummy_input, job.batches, job.evaluate, allowed_accuracy_drop=allowed_drop,
+        param_bw=settings.param_bw, output_bw=settings.output_bw, config=settings.config, results_dir=out_dir,
+        num_batches=job.num_batches, schemes=tuple(schemes), adaround_iterations=adaround_iterations,
+        progress=not quiet, mixed_precision_candidates=_candidates(mixed_precision) if mixed_precision else None,
     )
     for step in result.steps:
         metric = "skipped" if step.metric is None else f"{step.metric:.4f}"

@@ -90,7 +90,7 @@ class Data:
 
 def resolve_data(
     data_spec: str | None, input_shape: str | None, batch_size: int | None, num_batches: int | None,
-    mean: str | None, std: str | None, recorded: InputSpec | None = None, fold_bn: bool = True,
+    mean: str | None, std: str | None, recorded: InputSpec | None = None,
 ) -> Data:
     """Load the data the options describe; options not given fall back to ``recorded`` (the quantize run's)."""
     if data_spec is None:
@@ -100,7 +100,7 @@ def resolve_data(
     spec = InputSpec(
         shape=list(shape) if shape else None, mean=_floats(mean, "--mean") if mean else base.mean,
         std=_floats(std, "--std") if std else base.std, batch_size=batch_size or base.batch_size,
-        fold_bn=fold_bn if recorded is None else recorded.fold_bn,
+        fold_bn=base.fold_bn,
     )
     if Path(data_spec).is_dir():
         if shape is None:
@@ -149,16 +149,6 @@ def quiet_option(command: Callable) -> Callable:
     return click.option("--quiet", is_flag=True, help="No progress bars.")(command)
 
 
-def digits_job(batch_size: int) -> tuple:
-    """(model, dummy input, batches, evaluate) of the bundled digits demo, for commands run without --model."""
-    from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
-
-    train_images, _ = load_digits_tensors("train")
-    test_images, test_labels = load_digits_tensors("test")
-    return (load_pretrained("digits_cnn"), train_images[:1], list(train_images.split(batch_size)),
-            lambda model: evaluate_accuracy(model, test_images, test_labels))
-
-
 demo_model_option = click.option(
     "--model", "-m", "model_spec", metavar="SPEC",
     help="'package.module:factory', 'file.py:factory', a .pt2 or a TorchScript file; default: the bundled digits "
@@ -182,44 +172,3 @@ def bitwidth_options(command: Callable) -> Callable:
     for option in reversed(options):
         command = option(command)
     return command
-
-
-@dataclass
-class CommandJob:
-    """A model, its example input, re-iterable batches, an optional metric and the spec they were made with."""
-
-    model: Any
-    dummy_input: Any
-    batches: list
-    evaluate: Callable | None
-    spec: InputSpec
-    model_name: str
-
-
-def command_job(
-    model_spec: str | None, data_spec: str | None, eval_spec: str | None, input_shape: str | None,
-    batch_size: int | None, num_batches: int | None, mean: str | None, std: str | None, device: str,
-    *, eval_required: bool, default_batch_size: int,
-) -> CommandJob:
-    """What autoquant, qat and analyze work on: the user's model and data, or the bundled digits demo."""
-    from edgequant.cli.inputs import load_model, load_object
-    from edgequant.sim.batches import move_to
-
-    target = resolve_device(device)
-    if model_spec is None:
-        if data_spec or eval_spec:
-            raise click.UsageError("--data and --eval need --model (without them, the bundled digits demo runs)")
-        size = batch_size or default_batch_size
-        model, dummy, batches, evaluate = digits_job(size)
-        spec, model_name = InputSpec(shape=[1, 1, 8, 8], batch_size=size), "edgequant.demo.digits:digits_cnn (bundled)"
-    else:
-        if data_spec is None or (eval_required and eval_spec is None):
-            raise click.UsageError("--model needs --data" + (" and --eval" if eval_required else ""))
-        data = resolve_data(data_spec, input_shape, batch_size, num_batches, mean, std)
-        dummy, spec, model_name = data.dummy_input, data.spec, model_spec
-        batches = list(data.batches)  # every step / epoch iterates the data again
-        model = load_model(model_spec, lambda: (dummy,))
-        evaluate = load_object(eval_spec, "evaluation function") if eval_spec else None
-        if evaluate is not None and not callable(evaluate):
-            raise click.UsageError(f"--eval {eval_spec!r} is not callable")
-    return CommandJob(model.to(target), move_to(dummy, target), batches, evaluate, spec, model_name)

@@ -11,35 +11,25 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sized
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
-from torch import nn
 
 from edgequant import __version__
 from edgequant.cli.analyze_command import analyze
 from edgequant.cli.autoquant_command import autoquant
-from edgequant.cli.data import (
-    InputSpec,
-    bitwidth_options,
-    data_options,
-    device_option,
-    quiet_option,
-    resolve_data,
-    resolve_device,
-)
+from edgequant.cli.data import InputSpec, bitwidth_options, data_options, device_option, quiet_option
 from edgequant.cli.errors import ErrorHandlingGroup, debug_option
 from edgequant.cli.export_commands import export, verify
-from edgequant.cli.inputs import load_model, load_object
+from edgequant.cli.job import Job, JobOptions, SimSettings, build_job, pass_job_options
 from edgequant.cli.qat_command import qat
 from edgequant.ptq import fold_batch_norms
 from edgequant.quantization import QUANT_SCHEMES
 from edgequant.sim import QuantSim
-from edgequant.sim.batches import move_to
 
-DEMO_MODEL = "digits_cnn"
+DEMO_BATCH_SIZE = 64
 MAX_PRINTED_COVERAGE_LINES = 30
 
 
@@ -48,36 +38,6 @@ MAX_PRINTED_COVERAGE_LINES = 30
 @debug_option
 def main() -> None:
     """edgequant: simulate, calibrate and export fixed-point (int8/int16/int4) versions of PyTorch models."""
-
-
-@dataclass
-class SimSettings:
-    """The quantization choices shared by ``quantize`` and ``demo``."""
-
-    param_bw: int
-    output_bw: int
-    scheme: str
-    config: str
-
-    @property
-    def label(self) -> str:
-        return f"W{self.param_bw}A{self.output_bw}"
-
-
-@dataclass
-class Job:
-    """Everything one quantization run needs, however the user described it."""
-
-    model: nn.Module
-    model_name: str
-    data_name: str
-    batches: Iterable[Any]
-    dummy_input: Any
-    num_batches: int | None
-    evaluate: Callable[[nn.Module], float] | None
-    metric_name: str
-    load_s: float
-    spec: InputSpec
 
 
 def _settings_options(command: Callable) -> Callable:
@@ -106,60 +66,28 @@ def _settings_options(command: Callable) -> Callable:
               help="'module:function' called as function(model) -> float, on the FP32 model and the sim.")
 @device_option
 @_settings_options
-def quantize(
-    model_spec: str | None, data_spec: str | None, input_shape: str | None, batch_size: int | None,
-    num_batches: int | None, mean: str | None, std: str | None, eval_spec: str | None, device: str,
-    param_bw: int, output_bw: int, scheme: str, config: str, fold_bn: bool, out_dir: Path, quiet: bool,
-) -> None:
+@pass_job_options
+def quantize(options: JobOptions, settings: SimSettings, fold_bn: bool, out_dir: Path, quiet: bool) -> None:
     """Build a quantization simulation of a model, calibrate it and write its encodings.
 
     With no --model and no --data, runs the bundled digits demo.
     """
-    settings = SimSettings(param_bw, output_bw, scheme, config)
-    if model_spec is None and data_spec is None:
-        _run(_demo_job(fold_bn), settings, out_dir, quiet)
-        return
-    if model_spec is None or data_spec is None:
-        missing = "--model" if model_spec is None else "--data"
-        raise click.UsageError(f"{missing} is required (run 'edgequant quantize' with no arguments for the demo)")
-    target = resolve_device(device)
-    started = time.perf_counter()
-    data = resolve_data(data_spec, input_shape, batch_size, num_batches, mean, std, fold_bn=fold_bn)
-    dummy = move_to(data.dummy_input, target)
-    model = load_model(model_spec, lambda: dummy if isinstance(dummy, tuple) else (dummy,)).to(target)
-    evaluate = _evaluation(eval_spec) if eval_spec else None
-    job = Job(model, model_spec, data_spec, data.batches, dummy, num_batches, evaluate, "metric",
-              time.perf_counter() - started, data.spec)
-    _run(job, settings, out_dir, quiet)
+    _run(build_job(options, settings, demo_batch_size=DEMO_BATCH_SIZE, single_pass=True), fold_bn, out_dir, quiet)
 
 
 @main.command()
 @_settings_options
-def demo(param_bw: int, output_bw: int, scheme: str, config: str, fold_bn: bool, out_dir: Path, quiet: bool) -> None:
+@pass_job_options
+def demo(options: JobOptions, settings: SimSettings, fold_bn: bool, out_dir: Path, quiet: bool) -> None:
     """Quantize the bundled digits CNN and print FP32 vs quantized accuracy (no data or download needed)."""
-    _run(_demo_job(fold_bn), SimSettings(param_bw, output_bw, scheme, config), out_dir, quiet)
+    _run(build_job(options, settings, demo_batch_size=DEMO_BATCH_SIZE), fold_bn, out_dir, quiet)
 
 
-def _demo_job(fold_bn: bool) -> Job:
-    from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
-
-    started = time.perf_counter()
-    model = load_pretrained(DEMO_MODEL)
-    train_images, _ = load_digits_tensors("train")
-    test_images, test_labels = load_digits_tensors("test")
-    return Job(
-        model=model, model_name=f"edgequant.demo.digits:load_pretrained (bundled {DEMO_MODEL})",
-        data_name="sklearn digits, train split", batches=list(train_images.split(64)),
-        dummy_input=train_images[:1], num_batches=None,
-        evaluate=lambda m: evaluate_accuracy(m, test_images, test_labels), metric_name="accuracy",
-        load_s=time.perf_counter() - started,
-        spec=InputSpec(shape=[1, 1, 8, 8], batch_size=64, fold_bn=fold_bn),
-    )
-
-
-def _run(job: Job, settings: SimSettings, out_dir: Path, quiet: bool) -> dict[str, Any]:
-    """Build the sim, calibrate, evaluate, write the output folder and print what happened."""
-    timings = {"load_s": job.load_s}
+def _run(job: Job, fold_bn: bool, out_dir: Path, quiet: bool) -> dict[str, Any]:
+    """Build the sim (BatchNorms folded first with ``fold_bn``), calibrate, evaluate, write the output folder and
+    print what happened."""
+    settings, timings = job.settings, {"load_s": job.load_s}
+    job.spec.fold_bn = fold_bn  # recorded for export and verify
     click.echo(f"model: {job.model_name}  |  {settings.label}, scheme {settings.scheme}, config {settings.config}")
 
     started = time.perf_counter()
@@ -168,8 +96,7 @@ def _run(job: Job, settings: SimSettings, out_dir: Path, quiet: bool) -> dict[st
         float_model = copy.deepcopy(job.model)
         folded = fold_batch_norms(float_model, job.dummy_input)
         click.echo(f"folded {len(folded)} BatchNorm layers (--no-fold-bn keeps them)")
-    sim = QuantSim(float_model, job.dummy_input, param_bw=settings.param_bw, output_bw=settings.output_bw,
-                   quant_scheme=settings.scheme, config=settings.config)
+    sim = settings.sim(float_model, job.dummy_input)
     timings["build_sim_s"] = time.perf_counter() - started
 
     limit = job.num_batches
@@ -202,21 +129,20 @@ def _run(job: Job, settings: SimSettings, out_dir: Path, quiet: bool) -> dict[st
     if metric is not None:
         click.echo(_metric_line("FP32", metric["fp32"], job.metric_name))
         click.echo(_metric_line(settings.label, metric["quantized"], job.metric_name))
-    summary = _summary(job, settings, sim, metric, timings, num_calibrated)
+    summary = _summary(job, sim, metric, timings, num_calibrated)
     files = _write_outputs(sim, summary, job.spec, out_dir)
     click.echo(f"wrote {', '.join(str(f) for f in files)}")
     return summary
 
 
-def _summary(job: Job, settings: SimSettings, sim: QuantSim, metric: dict | None, timings: dict,
-             num_calibrated: int) -> dict[str, Any]:
+def _summary(job: Job, sim: QuantSim, metric: dict | None, timings: dict, num_calibrated: int) -> dict[str, Any]:
     coverage = sim.coverage()
     return {
         "edgequant_version": __version__,
         "model": job.model_name,
         "calibration_data": job.data_name,
         "num_calibration_batches": num_calibrated,
-        "settings": asdict(settings),
+        "settings": asdict(job.settings),
         "input_spec": asdict(job.spec),
         "quantized": {
             "tensors": len(coverage),
@@ -267,13 +193,6 @@ def _metric_value(value: Any) -> float:
     if not math.isfinite(number):
         raise ValueError(f"the evaluation function returned {number}; check it on the FP32 model first")
     return number
-
-
-def _evaluation(spec: str) -> Callable[[nn.Module], float]:
-    function = load_object(spec, "evaluation function")
-    if not callable(function):
-        raise ValueError(f"evaluation function {spec!r} is a {type(function).__name__}, not callable")
-    return function
 
 
 # Commands contributed by the export (issue 3) and PTQ (issue 4) packages.

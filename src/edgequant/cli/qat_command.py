@@ -15,15 +15,9 @@ from typing import Any
 import click
 
 from edgequant import __version__
-from edgequant.cli.data import (
-    bitwidth_options,
-    command_job,
-    data_options,
-    demo_model_option,
-    device_option,
-    quiet_option,
-)
+from edgequant.cli.data import bitwidth_options, data_options, demo_model_option, device_option, quiet_option
 from edgequant.cli.errors import debug_option
+from edgequant.cli.job import JobOptions, SimSettings, build_job, pass_job_options
 from edgequant.quantization import QUANT_SCHEMES
 
 
@@ -52,53 +46,47 @@ from edgequant.quantization import QUANT_SCHEMES
               show_default=True, help="Output folder.")
 @quiet_option
 @debug_option
+@pass_job_options
 def qat(
-    model_spec: str | None, data_spec: str | None, input_shape: str | None, batch_size: int | None,
-    num_batches: int | None, mean: str | None, std: str | None, eval_spec: str | None, param_bw: int,
-    output_bw: int, scheme: str, config: str, mode: str, epochs: int, lr: float,
-    batch_norm: str, freeze_bn_after: int | None, resume: bool, device: str, out_dir: Path, quiet: bool,
+    options: JobOptions, settings: SimSettings, mode: str, epochs: int, lr: float, batch_norm: str,
+    freeze_bn_after: int | None, resume: bool, out_dir: Path, quiet: bool,
 ) -> None:
     """Quantization-aware training: calibrate, fine-tune, and write the sim state, the export and a summary."""
     from edgequant.qat import finalize, finetune, prepare_qat
-    from edgequant.sim import QuantSim
 
-    job = command_job(model_spec, data_spec, eval_spec, input_shape, batch_size, num_batches, mean, std, device,
-                      eval_required=False, default_batch_size=64)
-    model, dummy, batches, evaluate, spec, model_name = (job.model, job.dummy_input, job.batches, job.evaluate,
-                                                         job.spec, job.model_name)
+    job = build_job(options, settings, demo_batch_size=64)
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    sim = QuantSim(model, dummy, param_bw=param_bw, output_bw=output_bw, quant_scheme=scheme, config=config)
-    sim.calibrate(batches, num_batches=num_batches, progress=not quiet)
+    sim = settings.sim(job.model, job.dummy_input)
+    sim.calibrate(job.batches, num_batches=job.num_batches, progress=not quiet)
     timings["calibrate_s"] = time.perf_counter() - started
     metrics: dict[str, Any] = {}
-    if evaluate is not None:
-        metrics["fp32"] = float(evaluate(model))
-        metrics["ptq"] = float(evaluate(sim.model))
+    if job.evaluate is not None:
+        metrics["fp32"] = float(job.evaluate(job.model))
+        metrics["ptq"] = float(job.evaluate(sim.model))
     setup = prepare_qat(sim, mode, batch_norm=batch_norm, freeze_bn_after=freeze_bn_after)
     click.echo(setup.describe().splitlines()[0])
 
     started = time.perf_counter()
-    result = finetune(sim, batches, epochs=epochs, lr=lr, eval_fn=evaluate, checkpoint_dir=out_dir / "checkpoints",
-                      resume=resume, progress=not quiet)
-    folded = finalize(sim, batches, num_batches=num_batches or 100, progress=not quiet)
+    result = finetune(sim, job.batches, epochs=epochs, lr=lr, eval_fn=job.evaluate,
+                      checkpoint_dir=out_dir / "checkpoints", resume=resume, progress=not quiet)
+    folded = finalize(sim, job.batches, num_batches=job.num_batches or 100, progress=not quiet)
     timings["qat_s"] = time.perf_counter() - started
-    if evaluate is not None:
-        metrics["qat"] = float(evaluate(sim.model))
+    if job.evaluate is not None:
+        metrics["qat"] = float(job.evaluate(sim.model))
         click.echo(f"metric: FP32 {metrics['fp32']:.4f}  PTQ {metrics['ptq']:.4f}  QAT ({mode}) {metrics['qat']:.4f}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     sim.save(out_dir / "sim_state.pt")
-    spec.fold_bn = True  # BNs are folded after QAT whatever --batch-norm says: export/verify rebuild it folded
-    spec.save(out_dir)
+    job.spec.fold_bn = True  # BNs are folded after QAT whatever --batch-norm says: export/verify rebuild it folded
+    job.spec.save(out_dir)
 
     exported = sim.export(out_dir / "export")
     summary = {
-        "edgequant_version": __version__, "model": model_name, "data": data_spec or "sklearn digits, train split",
-        "settings": {"param_bw": param_bw, "output_bw": output_bw, "scheme": scheme, "config": config, "mode": mode,
-                     "epochs": epochs, "lr": lr, "batch_norm": batch_norm},
-        "input_spec": asdict(spec),
+        "edgequant_version": __version__, "model": job.model_name, "data": job.data_name,
+        "settings": {**asdict(settings), "mode": mode, "epochs": epochs, "lr": lr, "batch_norm": batch_norm},
+        "input_spec": asdict(job.spec),
         "quantizers": {"learned": {n: r.grad_scale for n, r in setup.learned.items()},
                        "recomputed_each_step": list(setup.recomputed), "constant": list(setup.constant)},
         "batch_norms_folded": [bn for _, bn in setup.folded_batch_norms + folded],

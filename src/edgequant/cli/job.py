@@ -1,0 +1,143 @@
+"""The job every quantizing command runs (quantize, demo, qat, analyze, autoquant), built in one place from the
+options they share: the user's model, data and metric (or the bundled digits demo without them), the device, and
+the quantization settings."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import click
+from torch import nn
+
+from edgequant.cli.data import InputSpec, resolve_data, resolve_device
+from edgequant.cli.inputs import load_model, load_object
+from edgequant.sim import QuantSim
+from edgequant.sim.batches import move_to
+
+DEMO_MODEL = "digits_cnn"
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """The model, data, metric and device options as typed (None: not given)."""
+
+    model_spec: str | None = None
+    data_spec: str | None = None
+    eval_spec: str | None = None
+    input_shape: str | None = None
+    batch_size: int | None = None
+    num_batches: int | None = None
+    mean: str | None = None
+    std: str | None = None
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """The quantization choices: bit widths, calibration scheme (autoquant compares several instead) and config."""
+
+    param_bw: int = 8
+    output_bw: int = 8
+    scheme: str = "minmax"
+    config: str = "default"
+
+    @property
+    def label(self) -> str:
+        return f"W{self.param_bw}A{self.output_bw}"
+
+    def quantsim_kwargs(self) -> dict[str, Any]:
+        """The keywords `QuantSim` (and `QuantAnalyzer`) take for these settings."""
+        return {"param_bw": self.param_bw, "output_bw": self.output_bw, "quant_scheme": self.scheme,
+                "config": self.config}
+
+    def sim(self, model: nn.Module, dummy_input: Any) -> QuantSim:
+        return QuantSim(model, dummy_input, **self.quantsim_kwargs())
+
+
+@dataclass
+class Job:
+    """Everything a command runs on, however the user described it."""
+
+    model: nn.Module
+    model_name: str
+    data_name: str
+    batches: Iterable[Any]
+    dummy_input: Any
+    evaluate: Callable[[nn.Module], float] | None
+    metric_name: str
+    spec: InputSpec
+    settings: SimSettings = field(default_factory=SimSettings)
+    num_batches: int | None = None
+    load_s: float = 0.0
+
+
+def pass_job_options(command: Callable) -> Callable:
+    """Hand ``command`` the shared options it has flags for as ``(options: JobOptions, settings: SimSettings,
+    **its_own_options)``, instead of one parameter per flag."""
+
+    @functools.wraps(command)
+    def gathered(**params: Any) -> Any:
+        options, settings = (type_(**{f.name: params.pop(f.name) for f in fields(type_) if f.name in params})
+                             for type_ in (JobOptions, SimSettings))
+        return command(options, settings, **params)
+
+    return gathered
+
+
+def build_job(
+    options: JobOptions, settings: SimSettings, *, demo_batch_size: int, eval_required: bool = False,
+    single_pass: bool = False,
+) -> Job:
+    """The user's model, data and metric, or the bundled digits demo when none is given, on ``options.device``.
+
+    ``eval_required``: ``--model`` needs ``--eval`` too. ``single_pass``: the command reads the batches once
+    (calibration only), so they stream; otherwise they are listed, for every step or epoch to read them again.
+    """
+    started = time.perf_counter()
+    device = resolve_device(options.device)
+    if options.model_spec is None:
+        if options.data_spec or options.eval_spec:
+            raise click.UsageError("--data and --eval need --model (without them, the bundled digits demo runs)")
+        job = _demo_job(options.batch_size or demo_batch_size)
+    else:
+        if options.data_spec is None or (eval_required and options.eval_spec is None):
+            raise click.UsageError("--model needs --data" + (" and --eval" if eval_required else ""))
+        job = _user_job(options, single_pass)
+    return replace(job, model=job.model.to(device), dummy_input=move_to(job.dummy_input, device), settings=settings,
+                   num_batches=options.num_batches, load_s=time.perf_counter() - started)
+
+
+def _demo_job(batch_size: int) -> Job:
+    from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
+
+    train_images, _ = load_digits_tensors("train")
+    test_images, test_labels = load_digits_tensors("test")
+    return Job(
+        model=load_pretrained(DEMO_MODEL), model_name=f"edgequant.demo.digits:load_pretrained (bundled {DEMO_MODEL})",
+        data_name="sklearn digits, train split", batches=list(train_images.split(batch_size)),
+        dummy_input=train_images[:1], evaluate=lambda model: evaluate_accuracy(model, test_images, test_labels),
+        metric_name="accuracy", spec=InputSpec(shape=[1, 1, 8, 8], batch_size=batch_size),
+    )
+
+
+def _user_job(options: JobOptions, single_pass: bool) -> Job:
+    data = resolve_data(options.data_spec, options.input_shape, options.batch_size, options.num_batches,
+                        options.mean, options.std)
+    dummy = data.dummy_input
+    model = load_model(options.model_spec, lambda: dummy if isinstance(dummy, tuple) else (dummy,))
+    return Job(
+        model=model, model_name=options.model_spec, data_name=options.data_spec,
+        batches=data.batches if single_pass else list(data.batches), dummy_input=dummy,
+        evaluate=_evaluation(options.eval_spec) if options.eval_spec else None, metric_name="metric", spec=data.spec,
+    )
+
+
+def _evaluation(spec: str) -> Callable[[nn.Module], float]:
+    function = load_object(spec, "evaluation function")
+    if not callable(function):
+        raise click.UsageError(f"--eval {spec!r} is a {type(function).__name__}, not callable")
+    return function
