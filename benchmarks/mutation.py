@@ -38,7 +38,8 @@ PACKAGES: dict[str, dict[str, list[str]]] = {
     "quantization": {
         "files": ["quantization/affine.py", "quantization/analyzers.py", "quantization/encoding.py"],
         "tests": ["quantization/test_quantization_math.py", "quantization/test_analyzers.py",
-                  "quantization/test_reference_grid.py", "quantization/test_reference_analyzers.py"],
+                  "quantization/test_reference_grid.py", "quantization/test_reference_analyzers.py",
+                  "quantization/test_encoding_checks.py"],
         "mutants": ["edgequant.quantization.*"],
     },
     "encodings_io": {
