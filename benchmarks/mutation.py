@@ -39,7 +39,8 @@ PACKAGES: dict[str, dict[str, list[str]]] = {
         "files": ["quantization/affine.py", "quantization/analyzers.py", "quantization/encoding.py"],
         "tests": ["quantization/test_quantization_math.py", "quantization/test_analyzers.py",
                   "quantization/test_reference_grid.py", "quantization/test_reference_analyzers.py",
-                  "quantization/test_encoding_checks.py"],
+                  "quantization/test_encoding_checks.py", "quantization/test_refresh_from.py",
+                  "quantization/test_fused_cpu.py", "qat/test_lsq_gradients.py"],
         "mutants": ["edgequant.quantization.*"],
     },
     "encodings_io": {
