@@ -40,7 +40,7 @@ PACKAGES: dict[str, dict[str, list[str]]] = {
         "tests": ["quantization/test_quantization_math.py", "quantization/test_analyzers.py",
                   "quantization/test_reference_grid.py", "quantization/test_reference_analyzers.py",
                   "quantization/test_encoding_checks.py", "quantization/test_refresh_from.py",
-                  "quantization/test_fused_cpu.py", "qat/test_lsq_gradients.py"],
+                  "quantization/test_fused_cpu.py", "qat/test_lsq_gradients.py", "test_config_aimet_keys.py"],
         "mutants": ["edgequant.quantization.*"],
     },
     "encodings_io": {
