@@ -75,9 +75,8 @@ def aimet_onnx_weights(encodings_path: Path, float_state: dict[str, torch.Tensor
     for name, value in float_state.items():
         encoding = encodings.get(name)
         if encoding is not None:
-            shape = encoding.broadcast_shape(value.dim())
-            value = quantize_dequantize(value, encoding.scale.view(shape), encoding.offset.view(shape),
-                                        encoding.bitwidth)
+            scale, offset = encoding.broadcast_to(value.shape)
+            value = quantize_dequantize(value, scale, offset, encoding.bitwidth)
         weights[name] = value
     return weights
 

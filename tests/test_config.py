@@ -12,6 +12,7 @@ from torch import nn
 
 from edgequant import QuantSim
 from edgequant.config import ConfigError, HardwareConfig, TensorRule
+from edgequant.quantization import PerChannel, PerTensor
 
 AIMET_CONFIGS = Path(__file__).resolve().parent / "fixtures/aimet-2.42/configs"
 
@@ -64,13 +65,13 @@ def test_aimet_configs_load(name: str) -> None:
 
 def test_aimet_default_rules() -> None:
     cfg = HardwareConfig.load(AIMET_CONFIGS / "default_config.json")
-    assert cfg.param_rule("Conv", "weight") == TensorRule(True, True, False, None)
+    assert cfg.param_rule("Conv", "weight") == TensorRule(True, True, PerTensor(), None)
     assert cfg.param_rule("Conv", "bias").quantized is False
     assert cfg.param_rule("Gemm", "bias").quantized is False
     assert cfg.param_rule("BatchNormalization", "running_mean").quantized is False
     assert cfg.param_rule("BatchNormalization", "running_var").quantized is False
     assert cfg.param_rule("BatchNormalization", "weight").quantized is True
-    assert cfg.output_rule("Conv") == TensorRule(True, False, False, None)
+    assert cfg.output_rule("Conv") == TensorRule(True, False, PerTensor(), None)
     assert cfg.output_rule("Cast").quantized is False
     assert cfg.input_rule("Conv").quantized is False
     assert cfg.unsigned_symmetric is False
@@ -80,16 +81,16 @@ def test_aimet_default_rules() -> None:
 def test_aimet_per_channel_rules() -> None:
     cfg = HardwareConfig.load(AIMET_CONFIGS / "default_config_per_channel.json")
     for op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "PRelu"):
-        assert cfg.param_rule(op, "weight").per_channel is True, op
-    assert cfg.param_rule("LayerNormalization", "weight").per_channel is False
-    assert cfg.output_rule("Conv").per_channel is False
+        assert cfg.param_rule(op, "weight").granularity == PerChannel(), op
+    assert cfg.param_rule("LayerNormalization", "weight").granularity == PerTensor()
+    assert cfg.output_rule("Conv").granularity == PerTensor()
 
 
 def test_aimet_htp_v73_rules() -> None:
     cfg = HardwareConfig.load(AIMET_CONFIGS / "htp_quantsim_config_v73.json")
     assert cfg.raw["defaults"]["hw_version"] == "V73"
-    assert cfg.param_rule("Conv", "weight").per_channel is True
-    assert cfg.param_rule("Add", "weight").per_channel is False
+    assert cfg.param_rule("Conv", "weight").granularity == PerChannel()
+    assert cfg.param_rule("Add", "weight").granularity == PerTensor()
     assert cfg.param_rule("Conv", "bias").quantized is False
     assert cfg.param_rule("GroupNormalization", "bias").quantized is True  # op params beat global params
     ln = cfg.param_rule("LayerNormalization", "weight")
@@ -129,17 +130,17 @@ def test_precedence_chain() -> None:
     }
     cfg = HardwareConfig.from_dict(data)
     # defaults only
-    assert cfg.param_rule("Mul", "scale") == TensorRule(True, True, False, None)
+    assert cfg.param_rule("Mul", "scale") == TensorRule(True, True, PerTensor(), None)
     # defaults < params[name]
     assert cfg.param_rule("Mul", "weight").symmetric is False
     assert cfg.param_rule("Mul", "bias").quantized is False
     # params[name] < op_type[X] (per-channel) ; op-level is_symmetric is for activations only
     gemm_w = cfg.param_rule("Gemm", "weight")
-    assert (gemm_w.per_channel, gemm_w.symmetric) == (True, False)
+    assert (gemm_w.granularity, gemm_w.symmetric) == (PerChannel(), False)
     assert cfg.output_rule("Gemm").symmetric is True
     assert cfg.output_rule("Conv").symmetric is False
     # op_type[X] < op_type[X].params[name]
-    assert cfg.param_rule("Conv", "weight") == TensorRule(True, True, True, None)
+    assert cfg.param_rule("Conv", "weight") == TensorRule(True, True, PerChannel(), None)
     assert cfg.param_rule("Conv", "bias").quantized is True
 
 
@@ -156,16 +157,21 @@ def _per_channel_config(default: str, conv: str) -> dict:
     }
 
 
+def _granularity(per_channel: bool) -> PerChannel | PerTensor:
+    """What ``per_channel_quantization`` asks for: one scale per output channel (the layer's axis), or per tensor."""
+    return PerChannel() if per_channel else PerTensor()
+
+
 @pytest.mark.parametrize(("default", "conv"), [("True", "False"), ("False", "True")])
 def test_op_type_per_channel_overrides_the_default_both_ways(tmp_path: Path, default: str, conv: str) -> None:
     path = tmp_path / "quantsim_config.json"
     path.write_text(json.dumps(_per_channel_config(default, conv)))
     cfg = HardwareConfig.load(path)
     default_per_channel, conv_per_channel = default == "True", conv == "True"
-    assert cfg.param_rule("Conv", "weight") == TensorRule(True, True, conv_per_channel, None)
+    assert cfg.param_rule("Conv", "weight") == TensorRule(True, True, _granularity(conv_per_channel), None)
     # an op type entry without the key, and an op type without an entry, keep the default
-    assert cfg.param_rule("Gemm", "weight") == TensorRule(True, True, default_per_channel, None)
-    assert cfg.param_rule("MatMul", "weight").per_channel is default_per_channel
+    assert cfg.param_rule("Gemm", "weight") == TensorRule(True, True, _granularity(default_per_channel), None)
+    assert cfg.param_rule("MatMul", "weight").granularity == _granularity(default_per_channel)
 
     # in a sim: the Conv's weights get one scale per output channel or one for the tensor, the Linear's the other
     torch.manual_seed(0)
@@ -183,8 +189,8 @@ def test_op_type_per_channel_overrides_the_default_both_ways(tmp_path: Path, def
 
 def test_builtin_defaults_when_keys_absent() -> None:
     cfg = HardwareConfig.from_dict({"defaults": {}})
-    assert cfg.param_rule("Conv", "weight") == TensorRule(True, True, False, None)
-    assert cfg.output_rule("Conv") == TensorRule(False, False, False, None)
+    assert cfg.param_rule("Conv", "weight") == TensorRule(True, True, PerTensor(), None)
+    assert cfg.output_rule("Conv") == TensorRule(False, False, PerTensor(), None)
     assert cfg.input_rule("Conv").quantized is False
     assert cfg.supergroups == [] and cfg.supergroup_pass_list == []
     assert cfg.model_input_quantized is False and cfg.model_output_quantized is False
@@ -202,7 +208,7 @@ def test_real_json_booleans_accepted() -> None:
     cfg = HardwareConfig.from_dict(data)
     assert cfg.output_rule("X").quantized and cfg.input_rule("X").quantized
     assert cfg.strict_symmetric is True
-    assert cfg.param_rule("Conv", "weight").per_channel is True
+    assert cfg.param_rule("Conv", "weight").granularity == PerChannel()
 
 
 def test_supported_kernels_first_entry_sets_bitwidths() -> None:
@@ -258,7 +264,7 @@ def test_presets_load(name: str) -> None:
     assert cfg.param_rule("BatchNormalization", "running_var").quantized is False
     w = cfg.param_rule("Conv", "weight")
     assert (w.quantized, w.symmetric) == (True, True)
-    assert w.per_channel is (name != "default")
+    assert w.granularity == _granularity(name != "default")
     out = cfg.output_rule("Conv")
     assert (out.quantized, out.symmetric) == (True, False)
     for group in [
@@ -277,7 +283,7 @@ def test_presets_load(name: str) -> None:
 def test_htp_preset_specifics() -> None:
     cfg = HardwareConfig.load("htp")
     for op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-        assert cfg.param_rule(op, "weight").per_channel is True, op
+        assert cfg.param_rule(op, "weight").granularity == PerChannel(), op
     for op in (
         "LayerNormalization",
         "Softmax",
@@ -307,7 +313,7 @@ def test_preset_name_vs_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     path.write_text(json.dumps(_minimal()))
     monkeypatch.chdir(tmp_path)
     assert HardwareConfig.load("mine.json").source == "mine.json"
-    assert HardwareConfig.load(path).param_rule("Conv", "weight").per_channel is True
+    assert HardwareConfig.load(path).param_rule("Conv", "weight").granularity == PerChannel()
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -21,7 +21,7 @@ from edgequant.config import ConfigError, ConfigWarning, HardwareConfig
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
 from edgequant.export import export_onnx, runtime_cpu
 from edgequant.export.encodings_io import TensorEncoding, encodings_document, read_encodings, write_encodings
-from edgequant.quantization import Encoding, Quantizer, quantize
+from edgequant.quantization import Encoding, PerChannel, Quantizer, quantize
 from edgequant.sim.quantsim import CoverageEntry
 
 F32 = np.float32
@@ -135,7 +135,7 @@ def test_unsigned_symmetric_grid_by_hand() -> None:
 
 def test_unsigned_symmetric_per_channel_and_with_a_histogram_method() -> None:
     weight = torch.tensor([[0.0, 2.55], [-1.27, 0.5]])
-    quantizer = Quantizer(8, True, axis=0, role="param", unsigned_symmetric=True)
+    quantizer = Quantizer(8, True, granularity=PerChannel(0), role="param", unsigned_symmetric=True)
     encoding = quantizer.encode_from(weight)
     assert encoding.offset.tolist() == [0.0, -128.0]
     assert encoding.scale.tolist() == [F32(F32(2.55) / 255), F32(F32(1.27) / 127)]
@@ -168,8 +168,8 @@ def test_strict_and_unsigned_symmetric_together_are_refused() -> None:
 def test_grid_refresh_in_place_matches_a_fresh_encoding() -> None:
     weight = torch.tensor([[0.0, 2.55, 1.0], [-1.27, 0.5, 0.25]])
     for variants in ({"strict_symmetric": True}, {"unsigned_symmetric": True}):
-        fresh = Quantizer(8, True, axis=0, role="param", **variants)
-        refreshed = Quantizer(8, True, axis=0, role="param", **variants)
+        fresh = Quantizer(8, True, granularity=PerChannel(0), role="param", **variants)
+        refreshed = Quantizer(8, True, granularity=PerChannel(0), role="param", **variants)
         refreshed.encode_from(weight * 3.0)
         refreshed.refresh_from(weight)
         assert refreshed.encoding.equals(fresh.encode_from(weight)), variants

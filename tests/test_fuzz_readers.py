@@ -26,7 +26,7 @@ from edgequant.cli.data import InputSpec
 from edgequant.config import ConfigError, HardwareConfig, TensorRule
 from edgequant.export import EncodingsFileError, read_encodings
 from edgequant.export.encodings_io import SUPPORTED_VERSIONS, TensorEncoding, write_encodings
-from edgequant.quantization import Encoding
+from edgequant.quantization import Encoding, PerChannel, PerTensor
 
 FUZZ = settings(
     max_examples=int(os.environ.get("EDGEQUANT_FUZZ_EXAMPLES", 150)), deadline=None, database=None,
@@ -177,14 +177,15 @@ def _expected_rules(document: dict, op_type: str) -> tuple:
     bits = {role: kernel[role]["bitwidth"] if role in kernel else None for role in ("activation", "param")}
     low, high = (op["encoding_constraints"][k] if "encoding_constraints" in op else None for k in ("min", "max"))
     symmetric = pick("is_symmetric", op, defaults["ops"], fallback=False)
-    output = TensorRule(pick("is_output_quantized", op, defaults["ops"], fallback=False), symmetric, False,
+    output = TensorRule(pick("is_output_quantized", op, defaults["ops"], fallback=False), symmetric, PerTensor(),
                         bits["activation"], low, high)
-    inputs = TensorRule(pick("is_input_quantized", op, defaults["ops"], fallback=False), symmetric, False,
+    inputs = TensorRule(pick("is_input_quantized", op, defaults["ops"], fallback=False), symmetric, PerTensor(),
                         bits["activation"])
     weight_levels = (op.get("params", {}).get("weight", {}), document["params"]["weight"], defaults["params"])
     weight = TensorRule(pick("is_quantized", *weight_levels, fallback=True),
                         pick("is_symmetric", *weight_levels, fallback=True),
-                        pick("per_channel_quantization", op, defaults, fallback=False), bits["param"])
+                        PerChannel() if pick("per_channel_quantization", op, defaults, fallback=False) else PerTensor(),
+                        bits["param"])
     return output, inputs, weight
 
 
@@ -460,7 +461,7 @@ def test_from_range_refuses_min_above_max() -> None:
     with pytest.raises(ValueError, match=r"min 1\.0 > max -1\.0"):
         Encoding.from_range(1.0, -1.0, 8, symmetric=False)
     with pytest.raises(ValueError, match="channel 1"):
-        Encoding.from_range(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0]), 8, False, axis=0)
+        Encoding.from_range(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0]), 8, False, granularity=PerChannel(0))
     with pytest.raises(ValueError, match="finite"):
         Encoding.from_range(float("nan"), 1.0, 8, False)
 

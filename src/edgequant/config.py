@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from edgequant.quantization.encoding import MAX_BITWIDTH, MIN_BITWIDTH, check_bitwidth
+from edgequant.quantization.granularity import Granularity, PerChannel, PerTensor
 
 __all__ = ["ConfigError", "ConfigWarning", "HardwareConfig", "TensorRule", "known_op_types", "register_op_types"]
 
@@ -167,7 +168,7 @@ class TensorRule:
 
     quantized: bool
     symmetric: bool
-    per_channel: bool  # always False for activations
+    granularity: Granularity  # per_channel_quantization: PerChannel() (the layer's output channels) or PerTensor()
     bitwidth: int | None  # None -> sim default (param_bw / output_bw)
     min_constraint: float | None = None  # from encoding_constraints (activations only)
     max_constraint: float | None = None
@@ -514,7 +515,7 @@ class HardwareConfig:
         return TensorRule(
             quantized=merged["is_quantized"],
             symmetric=merged["is_symmetric"],
-            per_channel=per_channel,
+            granularity=PerChannel() if per_channel else PerTensor(),
             bitwidth=bitwidth,
             strict_symmetric=self.strict_symmetric,
             unsigned_symmetric=self.unsigned_symmetric,
@@ -526,12 +527,13 @@ class HardwareConfig:
         symmetric = self._default_ops.get("is_symmetric", False)
         variants = {"strict_symmetric": self.strict_symmetric, "unsigned_symmetric": self.unsigned_symmetric}
         if op is None:
-            return TensorRule(quantized=quantized, symmetric=symmetric, per_channel=False, bitwidth=None, **variants)
+            return TensorRule(quantized=quantized, symmetric=symmetric, granularity=PerTensor(), bitwidth=None,
+                              **variants)
         op_quantized = op.output_quantized if key == "is_output_quantized" else op.input_quantized
         return TensorRule(
             quantized=quantized if op_quantized is None else op_quantized,
             symmetric=symmetric if op.symmetric is None else op.symmetric,
-            per_channel=False,
+            granularity=PerTensor(),
             bitwidth=op.activation_bitwidth,
             min_constraint=op.min_constraint if with_constraints else None,
             max_constraint=op.max_constraint if with_constraints else None,

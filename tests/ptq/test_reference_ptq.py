@@ -22,7 +22,7 @@ from edgequant.ptq import ChannelClamp, correct_bias, equalize, fold_batch_norms
 from edgequant.ptq.adaround import adaround
 from edgequant.ptq.batch_norm_fold import fold_batch_norm_records
 from edgequant.ptq.bias_correction import clipped_normal_mean
-from edgequant.quantization import Encoding
+from edgequant.quantization import Encoding, PerChannel
 
 EDGE_BN = {"mean": [0.3, -2.0, 0.1, 5.0], "var": [0.0, 1e-7, 0.5, 2.0], "gamma": [-1.5, 0.3, -0.01, 2.0],
            "beta": [0.2, -0.1, 0.05, 1.0]}
@@ -80,7 +80,7 @@ def test_fold_to_scale_maps_negative_channels_exactly() -> None:
     with torch.no_grad():  # in steps of 1/8: -8 (the grid's lowest step) and 7.2, 2.4, -3.6, 4.8
         conv.weight.copy_(torch.tensor([[-1.0, 0.9], [-1.0, 0.3], [-1.0, -0.45], [-1.0, 0.6]]).view(4, 2, 1, 1))
     scale = torch.full((4,), 0.125)
-    sim.set_encoding("0.param_quantizers.weight", Encoding(scale, torch.full((4,), -8.0), 4, True, axis=0))
+    sim.set_encoding("0.param_quantizers.weight", Encoding(scale, torch.full((4,), -8.0), 4, True, PerChannel(0)))
     steps_before = torch.clamp(torch.round(conv.weight.detach() / scale.view(-1, 1, 1, 1)), -8, 7)
     assert steps_before.view(4, 2).tolist() == [[-8, 7], [-8, 2], [-8, -4], [-8, 5]]
     factor, _ = bn_factor_and_shift(model[1])

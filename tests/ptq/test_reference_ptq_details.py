@@ -24,7 +24,7 @@ from edgequant.ptq.cross_layer_equalization import (
     _replace_clamps,
 )
 from edgequant.ptq.graph_patterns import find_equalization_candidates
-from edgequant.quantization import Encoding
+from edgequant.quantization import Encoding, PerChannel
 from edgequant.sim.graph import build_graph
 
 
@@ -118,14 +118,14 @@ def test_fold_to_scale_rejects_frozen_encodings_it_cannot_scale() -> None:
     asymmetric, _ = _bn_sim(nn.Conv2d(3, 4, 1), 4)
     quantizer = asymmetric.quantizers()["0.param_quantizers.weight"]
     asymmetric.set_encoding("0.param_quantizers.weight", Encoding(quantizer.encoding.scale, torch.full((4,), -100.0),
-                                                                  8, False, axis=0))
+                                                                  8, False, granularity=PerChannel(0)))
     with pytest.raises(ValueError, match=message):
         fold_batch_norms_to_scale(asymmetric)
     unsigned, _ = _bn_sim(nn.Conv2d(3, 4, 1), 4)  # channel 0 on the unsigned grid (gamma -1 would negate it)
     quantizer = unsigned.quantizers()["0.param_quantizers.weight"]
     unsigned.set_encoding("0.param_quantizers.weight", Encoding(quantizer.encoding.scale,
                                                                 torch.tensor([0.0, -128.0, -128.0, -128.0]), 8, True,
-                                                                axis=0))
+                                                                granularity=PerChannel(0)))
     with pytest.raises(ValueError, match=message):
         fold_batch_norms_to_scale(unsigned)
     unfrozen, x = _bn_sim(nn.Conv2d(3, 4, 1), 4, config="default")  # recomputed, so any encoding is fine

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgequant.qat.lsq import learn_range, lsq_grad_scale, values_per_scale
-from edgequant.quantization import Encoding, Quantizer
+from edgequant.quantization import Encoding, PerChannel, Quantizer
 from edgequant.quantization.affine import quantize_dequantize
 
 
@@ -52,7 +52,7 @@ def test_gradients_match_finite_differences_of_the_ste_surrogate(axis):
 def test_lsq_grad_scale_is_one_over_sqrt_n_qp():
     assert lsq_grad_scale(288, 4, True) == pytest.approx(1 / math.sqrt(288 * 7))
     assert lsq_grad_scale(100, 8, False) == pytest.approx(1 / math.sqrt(100 * 255))
-    weight_quantizer = Quantizer(4, True, axis=0, role="param")
+    weight_quantizer = Quantizer(4, True, granularity=PerChannel(0), role="param")
     assert values_per_scale(weight_quantizer, torch.Size([16, 8, 3, 3]), batched=False) == 72
     activation = Quantizer(4, False, role="output")
     assert values_per_scale(activation, torch.Size([2, 8, 4, 4]), batched=True) == 128

@@ -10,13 +10,14 @@ from edgequant.quantization import (
     MinMaxAnalyzer,
     MseAnalyzer,
     PercentileAnalyzer,
+    PerChannel,
     SqnrAnalyzer,
     quantize_dequantize,
 )
 
 
 def test_minmax_accumulates_over_batches_and_channels():
-    analyzer = MinMaxAnalyzer(axis=1)
+    analyzer = MinMaxAnalyzer(granularity=PerChannel(1))
     analyzer.observe(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
     analyzer.observe(torch.tensor([[-4.0, 7.0]]))
     low, high = analyzer.compute_range(8, False)
@@ -80,10 +81,10 @@ def test_mse_per_channel_is_the_brute_force_optimum():
     torch.manual_seed(2)
     weight = torch.randn(4, 256) * torch.tensor([[0.1], [1.0], [5.0], [0.01]])
     weight[1, 0] = 12.0  # an outlier worth clipping in channel 1
-    analyzer = MseAnalyzer(axis=0)
+    analyzer = MseAnalyzer(granularity=PerChannel(0))
     analyzer.observe(weight)
     low, high = analyzer.compute_range(4, symmetric=True)
-    chosen = Encoding.from_range(low, high, 4, True, axis=0)
+    chosen = Encoding.from_range(low, high, 4, True, granularity=PerChannel(0))
 
     def mse(encoding: Encoding) -> torch.Tensor:
         approx = quantize_dequantize(weight, encoding.scale[:, None], encoding.offset[:, None], 4)
@@ -92,9 +93,9 @@ def test_mse_per_channel_is_the_brute_force_optimum():
     chosen_error = mse(chosen)
     abs_max = weight.abs().amax(dim=1)
     for ratio in np.linspace(0.2, 1.0, 33):
-        candidate = Encoding.from_range(-abs_max * ratio, abs_max * ratio, 4, True, axis=0)
+        candidate = Encoding.from_range(-abs_max * ratio, abs_max * ratio, 4, True, granularity=PerChannel(0))
         assert (chosen_error <= mse(candidate) * 1.001 + 1e-12).all()
-    minmax = Encoding.from_range(weight.amin(1), weight.amax(1), 4, True, axis=0)
+    minmax = Encoding.from_range(weight.amin(1), weight.amax(1), 4, True, granularity=PerChannel(0))
     assert chosen_error[1] < 0.8 * mse(minmax)[1]
 
 

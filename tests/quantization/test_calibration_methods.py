@@ -18,6 +18,7 @@ from edgequant.quantization import (
     MseAnalyzer,
     Percentile,
     PercentileAnalyzer,
+    PerChannel,
     Quantizer,
     Sqnr,
     SqnrAnalyzer,
@@ -105,7 +106,7 @@ def test_mse_settings_pick_the_hand_computed_ratio() -> None:
 def test_per_role_choices_are_the_fields(method: CalibrationMethod, role: str, expected: type,
                                          settings: dict) -> None:
     analyzer = method.analyzer(0, role)
-    assert type(analyzer) is expected and analyzer.axis == 0
+    assert type(analyzer) is expected and analyzer.granularity == PerChannel(0)
     assert {key: getattr(analyzer, key) for key in settings} == settings
 
 

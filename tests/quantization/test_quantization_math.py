@@ -5,7 +5,7 @@ import pytest
 import torch
 from references import ort_qdq
 
-from edgequant.quantization import Encoding, Quantizer, quantize, quantize_dequantize
+from edgequant.quantization import Encoding, PerChannel, Quantizer, quantize, quantize_dequantize
 
 
 def test_hand_computed_asymmetric_grid():
@@ -60,8 +60,9 @@ def test_per_channel_bit_exact_with_onnxruntime(axis, symmetric):
     torch.manual_seed(axis)
     x = torch.randn(6, 5, 4, 3) * torch.linspace(0.1, 10, 3)
     dims = [d for d in range(4) if d != axis]
-    encoding = Encoding.from_range(x.amin(dims), x.amax(dims), 8, symmetric, axis=axis)
-    shape = encoding.broadcast_shape(4)
+    encoding = Encoding.from_range(x.amin(dims), x.amax(dims), 8, symmetric, granularity=axis)
+    shape = [1, 1, 1, 1]
+    shape[axis] = -1
     ours = quantize_dequantize(x, encoding.scale.view(shape), encoding.offset.view(shape), 8)
     np.testing.assert_array_equal(ours.numpy(), ort_qdq(x, encoding))
 
@@ -88,8 +89,8 @@ def test_range_learning_gradients_follow_lsq():
 
 def test_per_channel_quantizer_gradients_by_hand():
     # 4-bit symmetric, one scale per output channel: integers in [-8, 7], channel 0 on steps of 0.5, channel 1 of 0.25
-    quantizer = Quantizer(bitwidth=4, symmetric=True, axis=0)
-    quantizer.set_encoding(Encoding(torch.tensor([0.5, 0.25]), torch.tensor([-8.0, -8.0]), 4, True, axis=0))
+    quantizer = Quantizer(bitwidth=4, symmetric=True, granularity=PerChannel(0))
+    quantizer.set_encoding(Encoding(torch.tensor([0.5, 0.25]), torch.tensor([-8.0, -8.0]), 4, True, PerChannel(0)))
     quantizer.enable_range_learning()
     weight = torch.tensor([[0.3, -5.0, 4.0], [0.6, -0.1, 1.0]]).view(2, 3, 1, 1).requires_grad_()
     upstream = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]).view(2, 3, 1, 1)

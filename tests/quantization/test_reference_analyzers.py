@@ -12,6 +12,7 @@ from edgequant.quantization import (
     MinMaxAnalyzer,
     MseAnalyzer,
     PercentileAnalyzer,
+    PerChannel,
     SqnrAnalyzer,
     make_analyzer,
 )
@@ -207,7 +208,7 @@ def test_merged_histogram_of_unaligned_shards_is_within_one_bin_of_one_analyzer(
 
 
 def test_per_channel_histogram_by_hand_with_a_sentinel() -> None:
-    analyzer = HistogramAnalyzer(axis=0, num_bins=3)
+    analyzer = HistogramAnalyzer(granularity=PerChannel(0), num_bins=3)
     analyzer.observe(torch.tensor([[0.0, 1e31, 3.0], [0.0, 1.0, 2.0]]))
     # channel 0: the sentinel is left out (counted as the channel minimum, 0): bins of 1 on [0, 3]
     # channel 1: bins of 2/3 on [0, 2]
@@ -219,7 +220,7 @@ def test_per_channel_histogram_by_hand_with_a_sentinel() -> None:
 
 
 def test_minmax_per_channel_skips_non_finite_and_empty_channels() -> None:
-    analyzer = MinMaxAnalyzer(axis=1)
+    analyzer = MinMaxAnalyzer(granularity=PerChannel(1))
     analyzer.observe(torch.tensor([[1.0, float("nan")], [-2.0, float("inf")]]))  # channel 1: nothing usable
     assert analyzer.min is None and analyzer.num_nonfinite == 2
     analyzer.observe(torch.tensor([[1.0, 5.0], [-2.0, float("-inf")], [0.5, -1e35]]))
@@ -241,7 +242,7 @@ def test_minmax_per_channel_skips_non_finite_and_empty_channels() -> None:
 ])
 def test_scheme_names(scheme: str, for_params: bool, expected: type, gamma: float | None) -> None:
     analyzer = make_analyzer(scheme, 1, for_params)
-    assert type(analyzer) is expected and analyzer.axis == 1
+    assert type(analyzer) is expected and analyzer.granularity == PerChannel(1)
     if gamma is not None:
         assert analyzer.gamma == gamma
     with pytest.raises(ValueError, match="unknown quant_scheme 'nope'; choose one of minmax, sqnr, percentile, mse"):
@@ -271,7 +272,7 @@ def test_sentinel_threshold_and_counts_accumulate() -> None:
 
 
 def test_per_channel_histogram_with_a_nonzero_minimum() -> None:
-    analyzer = HistogramAnalyzer(axis=0, num_bins=4)
+    analyzer = HistogramAnalyzer(granularity=PerChannel(0), num_bins=4)
     analyzer.observe(torch.tensor([[2.0, 2.9, 3.1, 6.0], [-4.0, -3.5, -1.0, 0.0]]))
     # channel 0: [2, 6], bins of 1 -> 2, 2.9 in bin 0; 3.1 in bin 1; 6 in bin 3
     # channel 1: [-4, 0], bins of 1 -> -4, -3.5 in bin 0; -1 and 0 in bin 3
@@ -291,7 +292,7 @@ def test_mse_keeps_every_observed_batch() -> None:
     generator = torch.Generator().manual_seed(8)
     weight = torch.randn(3, 200, generator=generator) * torch.tensor([[0.5], [2.0], [1.0]])
     weight[0, 150] = 6.0  # an outlier only in the second batch
-    whole, split = MseAnalyzer(axis=0), MseAnalyzer(axis=0)
+    whole, split = MseAnalyzer(granularity=PerChannel(0)), MseAnalyzer(granularity=PerChannel(0))
     whole.observe(weight)
     split.observe(weight[:, :100])
     split.observe(weight[:, 100:])
@@ -303,7 +304,7 @@ def test_mse_keeps_every_observed_batch() -> None:
 def test_mse_returns_the_observed_range_when_it_is_already_exact() -> None:
     # values exactly on the 4-bit symmetric min-max grid: ratio 1 has zero error, any other ratio does not
     values = torch.arange(-7.0, 8.0)[None] * torch.tensor([[0.25], [0.5]])
-    analyzer = MseAnalyzer(axis=0)
+    analyzer = MseAnalyzer(granularity=PerChannel(0))
     analyzer.observe(values)
     low, high = analyzer.compute_range(4, True)
     assert low.tolist() == [-1.75, -3.5] and high.tolist() == [1.75, 3.5]

@@ -12,9 +12,9 @@ import pytest
 import torch
 from references import ort_qdq
 
-from edgequant.quantization import Encoding, dequantize, quantize, quantize_dequantize
+from edgequant.quantization import Encoding, PerChannel, dequantize, quantize, quantize_dequantize
 from edgequant.quantization.affine import _QuantDequant
-from edgequant.quantization.encoding import MIN_RANGE, broadcast_shape
+from edgequant.quantization.encoding import MIN_RANGE
 
 F32 = np.float32
 
@@ -67,9 +67,9 @@ def test_autograd_path_is_bit_identical_to_no_grad_numpy_and_onnxruntime_on_exac
 
 def test_per_channel_autograd_ties_match_onnxruntime() -> None:
     scale = torch.tensor([0.5, 0.25, 0.125])
-    encoding = Encoding(scale, torch.tensor([-128.0, -128.0, -128.0]), 8, True, axis=1)
+    encoding = Encoding(scale, torch.tensor([-128.0, -128.0, -128.0]), 8, True, granularity=PerChannel(1))
     x = torch.stack([ties(float(s), -130, 130) for s in scale], dim=1)  # (260, 3): channel c on its own grid
-    shape = broadcast_shape(2, 1)
+    shape = (1, -1)  # channels on axis 1
     with torch.no_grad():
         no_grad = quantize_dequantize(x.clone(), encoding.scale.view(shape), encoding.offset.view(shape), 8)
     learned = encoding.scale.view(shape).clone().requires_grad_()
@@ -155,7 +155,8 @@ def test_from_range_by_hand() -> None:
     assert skewed.min.item() == F32(-64 * skewed.scale.item())
     assert skewed.max.item() == F32(191 * skewed.scale.item())
     # channel 0: range 255/64 gives the exact scale 1/64 and offset -64; channel 1: offset 0
-    per_channel = Encoding.from_range(torch.tensor([-1.0, 0.0]), torch.tensor([2.984375, 2.55]), 8, False, axis=0)
+    per_channel = Encoding.from_range(torch.tensor([-1.0, 0.0]), torch.tensor([2.984375, 2.55]), 8, False,
+                                      PerChannel(0))
     assert per_channel.axis == 0 and per_channel.offset.tolist() == [-64.0, 0.0]
     assert per_channel.scale.tolist() == [1 / 64, F32(F32(2.55) / 255)]
 
@@ -200,30 +201,26 @@ def test_encoding_validation_names_the_problem() -> None:
 
 
 def test_encoding_dict_round_trip_equality_and_device() -> None:
-    encoding = Encoding(torch.tensor([0.5, 0.25]), torch.tensor([-3.0, -8.0]), 4, False, axis=1)
+    encoding = Encoding(torch.tensor([0.5, 0.25]), torch.tensor([-3.0, -8.0]), 4, False, granularity=PerChannel(1))
     as_dict = encoding.to_dict()
     assert as_dict == {"scale": [0.5, 0.25], "offset": [-3.0, -8.0], "bitwidth": 4, "symmetric": False, "axis": 1,
-                       "strict_symmetric": False}
+                       "granularity": {"kind": "per_channel", "axis": 1}, "strict_symmetric": False}
     again = Encoding.from_dict(as_dict)
     assert again.equals(encoding) and encoding.equals(again)
-    assert Encoding.from_dict({k: v for k, v in as_dict.items() if k != "axis"}).axis is None
+    older = {k: v for k, v in as_dict.items() if k != "granularity"}  # the form with "axis" only
+    assert Encoding.from_dict(older).equals(encoding)
+    assert Encoding.from_dict({k: v for k, v in older.items() if k != "axis"}).axis is None
     assert encoding.to("cpu").equals(encoding)
-    assert encoding.broadcast_shape(3) == (1, -1, 1)
+    scale, offset = encoding.broadcast_to((4, 2, 5))
+    assert scale.shape == offset.shape == (1, 2, 1) and scale.reshape(-1).tolist() == [0.5, 0.25]
     variants = [
-        Encoding(torch.tensor([0.5, 0.5]), encoding.offset, 4, False, axis=1),
-        Encoding(encoding.scale, torch.tensor([-3.0, -7.0]), 4, False, axis=1),
-        Encoding(encoding.scale, encoding.offset, 5, False, axis=1),
-        Encoding(encoding.scale, encoding.offset, 4, True, axis=1),
-        Encoding(encoding.scale, encoding.offset, 4, False, axis=0),
+        Encoding(torch.tensor([0.5, 0.5]), encoding.offset, 4, False, granularity=PerChannel(1)),
+        Encoding(encoding.scale, torch.tensor([-3.0, -7.0]), 4, False, granularity=PerChannel(1)),
+        Encoding(encoding.scale, encoding.offset, 5, False, granularity=PerChannel(1)),
+        Encoding(encoding.scale, encoding.offset, 4, True, granularity=PerChannel(1)),
+        Encoding(encoding.scale, encoding.offset, 4, False, granularity=PerChannel(0)),
     ]
     assert not any(encoding.equals(v) for v in variants)
-
-
-def test_broadcast_shape() -> None:
-    assert broadcast_shape(4, None) == ()
-    assert broadcast_shape(4, 0) == (-1, 1, 1, 1)
-    assert broadcast_shape(4, 1) == (1, -1, 1, 1)
-    assert broadcast_shape(2, -1) == (1, -1)
 
 
 def test_elementwise_scale_gradient_keeps_its_shape() -> None:

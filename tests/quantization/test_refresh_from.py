@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from edgequant.quantization import Encoding, Quantizer
+from edgequant.quantization import Encoding, PerChannel, Quantizer
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -43,12 +43,12 @@ def _expected(weight: torch.Tensor, bitwidth: int, symmetric: bool, axis: int | 
 @pytest.mark.parametrize("case", list(_weights()))
 def test_refresh_from_equals_from_range_and_encode_from(case, bitwidth, symmetric, axis):
     weight = _weights()[case]
-    refreshed = Quantizer(bitwidth, symmetric, axis=axis, role="param")
+    refreshed = Quantizer(bitwidth, symmetric, granularity=axis, role="param")
     refreshed.encode_from(torch.randn(weight.shape))  # an earlier grid, overwritten in place
     scale, offset = refreshed.scale, refreshed.offset
     refreshed.refresh_from(weight)
     assert refreshed.scale is scale and refreshed.offset is offset
-    encoded = Quantizer(bitwidth, symmetric, axis=axis, role="param")
+    encoded = Quantizer(bitwidth, symmetric, granularity=axis, role="param")
     encoded.encode_from(weight)
     expected = _expected(weight, bitwidth, symmetric, axis)
     for quantizer in (refreshed, encoded):
@@ -62,7 +62,7 @@ def test_refresh_from_falls_back_where_the_fast_path_does_not_apply():
     weight = torch.randn(4, 6)
     weight[1, 2] = float("nan")
     weight[3, 0] = -3e38  # a sentinel: left out of the statistics
-    for make in (lambda: Quantizer(4, False, axis=0, role="param"),
+    for make in (lambda: Quantizer(4, False, granularity=PerChannel(0), role="param"),
                  lambda: Quantizer(4, True, role="param", scheme="sqnr"),
                  lambda: Quantizer(4, False, role="output", min_constraint=0.0)):
         refreshed, encoded = make(), make()
@@ -72,6 +72,6 @@ def test_refresh_from_falls_back_where_the_fast_path_does_not_apply():
         assert refreshed.encoding.equals(encoded.encoding)
         assert refreshed.analyzer.num_nonfinite == encoded.analyzer.num_nonfinite == 1
         assert refreshed.analyzer.num_sentinels == encoded.analyzer.num_sentinels == 1
-    first = Quantizer(4, True, axis=0, role="param")
+    first = Quantizer(4, True, granularity=PerChannel(0), role="param")
     first.refresh_from(torch.randn(4, 6))  # no grid yet: allocated by encode_from
     assert first.scale.shape == (4,)

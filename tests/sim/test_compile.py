@@ -106,7 +106,7 @@ def tie_sensitive_values(scale: float, device: str) -> torch.Tensor:
 def test_compiled_quantizer_keeps_ieee_division_and_half_even_rounding(device, axis):
     scale_value = 0.0123
     values = tie_sensitive_values(scale_value, device)
-    quantizer = Quantizer(8, symmetric=True, axis=axis, role="output").to(device)
+    quantizer = Quantizer(8, symmetric=True, granularity=axis, role="output").to(device)
     if axis is None:
         x = values
         scale = torch.tensor(scale_value, device=device)

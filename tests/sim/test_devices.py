@@ -12,7 +12,7 @@ from torch import nn
 import edgequant as eq
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
 from edgequant.ptq.adaround import adaround
-from edgequant.quantization import MseAnalyzer, PercentileAnalyzer, SqnrAnalyzer
+from edgequant.quantization import MseAnalyzer, PercentileAnalyzer, PerChannel, SqnrAnalyzer
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA: compares the GPU with the CPU (run benchmarks/run_on_gpu.sh)"
@@ -49,7 +49,7 @@ def test_analyzers_on_device(device):
     torch.manual_seed(0)
     values = torch.randn(8, 4096) * torch.arange(1, 9)[:, None]
     for analyzer_type in (SqnrAnalyzer, PercentileAnalyzer, MseAnalyzer):
-        on_cpu, on_device = analyzer_type(axis=0), analyzer_type(axis=0)
+        on_cpu, on_device = analyzer_type(granularity=PerChannel(0)), analyzer_type(granularity=PerChannel(0))
         on_cpu.observe(values)
         on_device.observe(values.to(device))
         low, high = on_device.compute_range(8, symmetric=False)

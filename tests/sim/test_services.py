@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from edgequant import CalibrationError, Encoding, QuantSim
-from edgequant.quantization import MinMaxAnalyzer, PercentileAnalyzer, SqnrAnalyzer
+from edgequant.quantization import MinMaxAnalyzer, PercentileAnalyzer, PerChannel, SqnrAnalyzer
 from edgequant.sim.modes import training_mode
 
 
@@ -64,7 +64,7 @@ def test_set_encoding_updates_trainable_tensors_in_place(calibrated: QuantSim) -
     optimizer.step()
     assert float(quantizer.encoding.scale) == pytest.approx(0.4)  # the optimizer trains the live tensor
     with pytest.raises(RuntimeError, match="orphan"):
-        quantizer.set_encoding(Encoding(torch.ones(3), torch.zeros(3), 8, False, axis=0))
+        quantizer.set_encoding(Encoding(torch.ones(3), torch.zeros(3), 8, False, granularity=PerChannel(0)))
 
 
 def test_calibrating_context_equals_calibrate(digits_cnn: nn.Module, digits_train: torch.Tensor) -> None:
@@ -100,7 +100,7 @@ def test_merged_statistics_equal_one_analyzer_that_saw_everything(analyzer_type:
         # the second shard is binned on its own grid, then moved whole into the merged grid: at most a bin off
         assert abs(float(high_l - high_w)) <= 2 * bin_width and abs(float(low_l - low_w)) <= 2 * bin_width
     with pytest.raises(TypeError, match="cannot merge"):
-        left.merge(MinMaxAnalyzer(axis=0) if analyzer_type is MinMaxAnalyzer else MinMaxAnalyzer())
+        left.merge(MinMaxAnalyzer(granularity=PerChannel(0)) if analyzer_type is MinMaxAnalyzer else MinMaxAnalyzer())
 
 
 def test_batches_limit_adapt_and_refuse(calibrated: QuantSim, digits_train: torch.Tensor) -> None:

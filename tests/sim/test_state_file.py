@@ -1,4 +1,4 @@
-"""Sim-state files: format, version and checksum checked before use; version 2 files still load."""
+"""Sim-state files: format, version and checksum checked before use; versions 2 and 3 files still load."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgequant.quantization import Percentile
+from edgequant.quantization import Percentile, PerChannel, PerTensor
 from edgequant.sim import QuantSim
 from edgequant.sim.state_file import SIM_STATE_FORMAT, read_sim_state, tensors_checksum, tensors_of
 
@@ -56,7 +56,7 @@ def test_edited_settings_or_tensors_are_refused_as_corrupted(saved, digits_train
     with pytest.raises(ValueError, match=r"truncated\.pt is not a readable sim state"):
         read_sim_state(tmp_path / "truncated.pt")
     torch.save({**raw, "version": 99}, tmp_path / "future.pt")
-    with pytest.raises(ValueError, match="format version 99; this edgequant reads versions 2, 3"):
+    with pytest.raises(ValueError, match="format version 99; this edgequant reads versions 2, 3, 4"):
         read_sim_state(tmp_path / "future.pt")
 
 
@@ -72,6 +72,30 @@ def test_a_version_2_file_still_loads(saved, digits_train, tmp_path) -> None:
     assert state.settings["param_bw"] == 4 and state.settings["quant_scheme"] == "sqnr"
     fresh = _fresh(digits_train, param_bw=4, quant_scheme="sqnr", config="per_channel")
     fresh.load(tmp_path / "v2.pt")
+    with torch.no_grad():
+        assert torch.equal(fresh.model(digits_train[:64]), sim.model(digits_train[:64]))
+
+
+def test_a_version_3_file_with_axis_extra_states_still_loads(saved, digits_train, tmp_path) -> None:
+    """Version 3 wrote each quantizer's extra state as ``[enabled, frozen, bitwidth, symmetric, axis, strict,
+    unsigned]`` (axis -1: per tensor); the per-channel weights and per-tensor activations come back as they were."""
+    sim, _ = saved
+    old_form = {}
+    for name, quantizer in sim.quantizers().items():
+        axis = 0 if quantizer.role == "param" and quantizer.scale.dim() == 1 else -1
+        old_form[f"{name}._extra_state"] = torch.tensor(
+            [quantizer.enabled, quantizer.frozen, quantizer.bitwidth, quantizer.symmetric, axis, 0, 0])
+    state_dict = sim.model.state_dict() | old_form
+    settings_text = json.dumps({"config": sim.config.raw, "param_bw": 4, "output_bw": 8, "quant_scheme": "sqnr"},
+                               sort_keys=True)
+    torch.save({"format": SIM_STATE_FORMAT, "version": 3, "settings": settings_text, "state_dict": state_dict,
+                "checksum": tensors_checksum(tensors_of(state_dict), settings_text)}, tmp_path / "v3.pt")
+    fresh = _fresh(digits_train, param_bw=4, quant_scheme="sqnr", config="per_channel")
+    fresh.set_granularity("*", PerTensor())  # the file's per-channel axes must come back from the old form
+    fresh.load(tmp_path / "v3.pt")
+    granularities = {name: q.granularity for name, q in fresh.quantizers().items()}
+    assert granularities == {name: q.granularity for name, q in sim.quantizers().items()}
+    assert set(granularities.values()) == {PerChannel(0), PerTensor()}
     with torch.no_grad():
         assert torch.equal(fresh.model(digits_train[:64]), sim.model(digits_train[:64]))
 

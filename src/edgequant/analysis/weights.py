@@ -37,7 +37,7 @@ class WeightRanges:
 def weight_ranges(sim: QuantSim, quantizer: Quantizer) -> WeightRanges:
     layer = sim.layer_of(quantizer)
     param = getattr(layer, quantizer.key).detach().float().cpu()
-    axis = quantizer.axis if quantizer.axis is not None else (weight_output_axis(layer, param) or 0)
+    axis = weight_output_axis(layer, param) or 0
     channels = param.reshape(1) if param.dim() == 0 else param.movedim(axis, 0).reshape(param.shape[axis], -1)
     if param.dim() <= 1:
         low = high = channels.reshape(-1)

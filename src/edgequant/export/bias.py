@@ -4,6 +4,9 @@ An integer convolution accumulates ``Σ q_x·q_w`` in int32 at scale ``s_x·s_w`
 added. ONNX Runtime fuses ``DQ → Conv → Q`` into QLinearConv only when the bias is an int32 DequantizeLinear, and
 it then *assumes* the bias scale is ``s_x·s_w``. `quantize_bias_int32` makes the sim round the bias the same way,
 so that simulation and runtime agree; export refuses int32 bias encodings that no longer match ``s_x·s_w``.
+
+Per-block (and LPBQ) weights have no single ``s_w`` per output channel: their layers get no derived bias encoding,
+and their biases stay in float.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from edgequant.export.graph_map import (
     node_by_output,
     trace_sim,
 )
-from edgequant.quantization import Encoding, Quantizer
+from edgequant.quantization import Encoding, Granularity, PerChannel, PerTensor, Quantizer
 from edgequant.sim.quantized_module import param_quantizer
 
 if TYPE_CHECKING:
@@ -66,12 +69,26 @@ def _quantizer_upstream(tensor: str, producers: dict) -> str | None:
     return None
 
 
+def bias_granularity(weight: Granularity) -> Granularity | None:
+    """The granularity of a bias on the ``s_x·s_w`` grid: per tensor, or per channel (the bias's only axis) for a
+    per-channel weight; None where the weight has no single scale per output channel (per block, LPBQ)."""
+    match weight:
+        case PerTensor():
+            return weight
+        case PerChannel(axis=int()):
+            return PerChannel(0)
+    return None
+
+
 def derived_bias_encoding(input_encoding: Encoding, weight_encoding: Encoding) -> Encoding:
     """Symmetric int32 encoding with scale ``s_x·s_w`` (per output channel when the weight is per-channel)."""
+    granularity = bias_granularity(weight_encoding.granularity)
+    if granularity is None:
+        raise ValueError(f"a {weight_encoding.granularity.describe()} weight has no single scale per output channel: "
+                         "no int32 bias grid s_x·s_w exists for it")
     scale = input_encoding.scale.to(weight_encoding.scale.device) * weight_encoding.scale
-    per_channel = weight_encoding.axis is not None
     offset = torch.full_like(scale, -float(2 ** (BIAS_BITWIDTH - 1)))
-    return Encoding(scale, offset, BIAS_BITWIDTH, True, 0 if per_channel else None)
+    return Encoding(scale, offset, BIAS_BITWIDTH, True, granularity)
 
 
 def derived_bias_encodings(traced: TracedSim, encodings: dict[str, Encoding], sim: QuantSim) -> dict[str, Encoding]:
@@ -80,7 +97,8 @@ def derived_bias_encodings(traced: TracedSim, encodings: dict[str, Encoding], si
     for layer, input_quantizer in layer_input_quantizers(traced).items():
         module = sim.model.get_submodule(layer)
         weight_quantizer = param_quantizer(module, "weight")
-        if module._parameters.get("bias") is None or weight_quantizer is None or weight_quantizer.name not in encodings:
+        if (module._parameters.get("bias") is None or weight_quantizer is None or weight_quantizer.name not in encodings
+                or bias_granularity(weight_quantizer.granularity) is None):
             continue
         derived[f"{layer}.bias"] = derived_bias_encoding(encodings[input_quantizer], encodings[weight_quantizer.name])
     return derived
@@ -104,7 +122,7 @@ def install_bias_quantizer(sim: QuantSim, layer: str, encoding: Encoding) -> Non
     module = sim.model.get_submodule(layer)
     if not hasattr(module, "param_quantizers") or module._parameters.get("bias") is None:
         raise ValueError(f"layer '{layer}' is not a quantized layer with a bias; cannot quantize its bias")
-    quantizer = Quantizer(BIAS_BITWIDTH, True, encoding.axis, role="param", owner=layer, key="bias")
+    quantizer = Quantizer(BIAS_BITWIDTH, True, encoding.granularity, role="param", owner=layer, key="bias")
     quantizer.set_encoding(encoding)
     quantizer.frozen = True
     module.param_quantizers["bias"] = quantizer

@@ -1,11 +1,19 @@
 """AIMET encodings files (versions 0.6.1, 1.0.0, 2.0.0): field names and types exactly as AIMET 2.42 writes them.
 
 * 0.6.1: ``activation_encodings`` / ``param_encodings`` map a tensor name to a list (one dict per channel) of
-  ``min, max, scale, offset, bitwidth, dtype ("int"), is_symmetric ("True"/"False" strings)``.
+  ``min, max, scale, offset, bitwidth, dtype ("int"), is_symmetric ("True"/"False" strings)``; no per-block form.
 * 1.0.0: the same two sections as lists of ``{name, dtype "INT", bw, is_sym, scale [..], offset [..],
-  enc_type "PER_TENSOR"|"PER_CHANNEL"}``.
+  enc_type "PER_TENSOR"|"PER_CHANNEL"|"PER_BLOCK"|"LPBQ"}``. PER_BLOCK adds ``block_size``, its flat scales and offsets
+  in (channel, block) order; LPBQ is ``{compressed_bw (the block grid's bitwidth), bw (the decompressed grid's),
+  block_size, scale and offset per channel (offset -2**(bw-1)), per_block_int_scale (channel, block) order}``.
 * 2.0.0: one ``encodings`` list in ONNX QuantizeLinear terms: ``{name, output_dtype "int8"|"uint8"|..., y_scale,
-  y_zero_point (omitted when 0), axis (per-channel only)}``.
+  y_zero_point (omitted when 0), axis (per-channel: the channel axis)}``. Per block: ``y_scale`` (and ``y_zero_point``)
+  nested with the tensor's rank, ``axis`` the blocked axis, ``block_size``; LPBQ: ``per_channel_float_scale`` and
+  ``per_block_int_scale`` nested instead of ``y_scale``, its decompressed bitwidth twice ``output_dtype``'s (as AIMET
+  writes it; other LPBQ grids are refused in 2.0.0).
+
+Neither format states a per-block entry's channel axis (nor 1.0.0 its layout): entries read back leave it open, and
+`edgequant.export.load_encodings` takes it from the layer, as for per-channel entries of 0.6.1/1.0.0.
 
 Offsets follow edgequant's (= AIMET's) convention, see `edgequant.quantization.encoding`. The symmetric variants
 are marked as AIMET marks them (its ``get_symmetric_properties``): a symmetric entry whose offset is
@@ -24,8 +32,9 @@ from typing import Any
 
 import torch
 
-from edgequant.quantization import Encoding
+from edgequant.quantization import Encoding, Granularity, Lpbq, PerBlock, PerChannel, PerTensor
 from edgequant.quantization.encoding import strict_symmetric_offset
+from edgequant.quantization.granularity import PER_TENSOR
 
 SUPPORTED_VERSIONS = ("0.6.1", "1.0.0", "2.0.0")
 PRODUCER = {"package": "edgequant", "version": "0.1.0"}
@@ -58,7 +67,10 @@ def _ints(values: torch.Tensor) -> list[int]:
     return [int(v) for v in values.reshape(-1).tolist()]
 
 
-def _entry_0_6_1(encoding: Encoding) -> list[dict[str, Any]]:
+def _entry_0_6_1(name: str, encoding: Encoding) -> list[dict[str, Any]]:
+    if isinstance(encoding.granularity, PerBlock):
+        raise ValueError(f"tensor '{name}' is quantized {encoding.granularity.describe()}, which encodings version "
+                         "0.6.1 cannot state; write version 1.0.0 or 2.0.0")
     return [
         {
             "min": low, "max": high, "scale": scale, "offset": offset, "bitwidth": encoding.bitwidth, "dtype": "int",
@@ -70,12 +82,36 @@ def _entry_0_6_1(encoding: Encoding) -> list[dict[str, Any]]:
     ]
 
 
+def _lpbq_parts(name: str, encoding: Encoding) -> tuple[Lpbq, torch.Tensor, torch.Tensor]:
+    """An LPBQ encoding's granularity, per-channel scale and integer multipliers; it must be signed symmetric."""
+    granularity = encoding.granularity
+    if not encoding.signed or encoding.strict_symmetric:
+        raise ValueError(f"tensor '{name}': an LPBQ encoding must be signed symmetric (offset "
+                         f"{-(2 ** (encoding.bitwidth - 1))}), got offsets {sorted(set(_ints(encoding.offset)))}")
+    return (granularity, granularity.channel_scale(encoding.scale, encoding.bitwidth),
+            granularity.multipliers(encoding.scale, encoding.bitwidth))
+
+
 def _entry_1_0_0(name: str, encoding: Encoding) -> dict[str, Any]:
-    return {
-        "name": name, "dtype": "INT", "bw": encoding.bitwidth, "is_sym": encoding.symmetric,
-        "scale": _floats(encoding.scale), "offset": _ints(encoding.offset),
-        "enc_type": "PER_TENSOR" if encoding.axis is None else "PER_CHANNEL",
-    }
+    entry = {"name": name, "dtype": "INT", "bw": encoding.bitwidth, "is_sym": encoding.symmetric}
+    match encoding.granularity:
+        case Lpbq() as granularity:
+            _, channel_scale, multipliers = _lpbq_parts(name, encoding)
+            channels = channel_scale.numel()
+            return entry | {
+                "enc_type": "LPBQ", "bw": granularity.decompressed_bw, "compressed_bw": encoding.bitwidth,
+                "block_size": granularity.block_size, "scale": _floats(channel_scale),
+                "offset": [-(2 ** (granularity.decompressed_bw - 1))] * channels,
+                "per_block_int_scale": _ints(granularity.channel_major(multipliers)),
+            }
+        case PerBlock() as granularity:
+            return entry | {
+                "enc_type": "PER_BLOCK", "block_size": granularity.block_size,
+                "scale": _floats(granularity.channel_major(encoding.scale)),
+                "offset": _ints(granularity.channel_major(encoding.offset)),
+            }
+    enc_type = "PER_TENSOR" if encoding.granularity == PER_TENSOR else "PER_CHANNEL"
+    return entry | {"scale": _floats(encoding.scale), "offset": _ints(encoding.offset), "enc_type": enc_type}
 
 
 def _entry_2_0_0(name: str, encoding: Encoding) -> dict[str, Any]:
@@ -87,15 +123,34 @@ def _entry_2_0_0(name: str, encoding: Encoding) -> dict[str, Any]:
         )
     entry: dict[str, Any] = {"name": name, "output_dtype": onnx_dtype_name(encoding)}
     zero_points = _ints(encoding.onnx_zero_point)
-    if encoding.axis is None:
-        entry["y_scale"] = float(encoding.scale)
-        if zero_points[0] != 0:
-            entry["y_zero_point"] = zero_points[0]
-    else:
-        entry["y_scale"] = _floats(encoding.scale)
-        if any(zero_points):
-            entry["y_zero_point"] = zero_points
-        entry["axis"] = encoding.axis
+    match encoding.granularity:
+        case Lpbq() as granularity:
+            _, channel_scale, multipliers = _lpbq_parts(name, encoding)
+            if granularity.decompressed_bw != 2 * encoding.bitwidth:
+                raise ValueError(
+                    f"tensor '{name}': encodings version 2.0.0 states LPBQ only with decompressed_bw twice the "
+                    f"bitwidth (as AIMET), got {granularity.decompressed_bw} for {encoding.bitwidth} bits; write "
+                    "version 1.0.0"
+                )
+            return entry | {
+                "per_channel_float_scale": channel_scale.tolist(),
+                "per_block_int_scale": multipliers.long().tolist(), "axis": granularity.block_axis,
+                "block_size": granularity.block_size,
+            }
+        case PerBlock() as granularity:
+            entry["y_scale"] = encoding.scale.tolist()
+            if any(zero_points):
+                entry["y_zero_point"] = encoding.onnx_zero_point.long().tolist()
+            return entry | {"axis": granularity.block_axis, "block_size": granularity.block_size}
+        case PerTensor():
+            entry["y_scale"] = float(encoding.scale)
+            if zero_points[0] != 0:
+                entry["y_zero_point"] = zero_points[0]
+            return entry
+    entry["y_scale"] = _floats(encoding.scale)
+    if any(zero_points):
+        entry["y_zero_point"] = zero_points
+    entry["axis"] = encoding.axis
     return entry
 
 
@@ -113,8 +168,8 @@ def encodings_document(
     params = [e for e in entries if e.is_param]
     activations = [e for e in entries if not e.is_param]
     if version == "0.6.1":
-        document["activation_encodings"] = {e.name: _entry_0_6_1(e.encoding) for e in activations}
-        document["param_encodings"] = {e.name: _entry_0_6_1(e.encoding) for e in params}
+        document["activation_encodings"] = {e.name: _entry_0_6_1(e.name, e.encoding) for e in activations}
+        document["param_encodings"] = {e.name: _entry_0_6_1(e.name, e.encoding) for e in params}
     else:
         document["activation_encodings"] = [_entry_1_0_0(e.name, e.encoding) for e in activations]
         document["param_encodings"] = [_entry_1_0_0(e.name, e.encoding) for e in params]
@@ -165,6 +220,12 @@ def read_encodings(path: str | Path) -> tuple[str, list[TensorEncoding]]:
 
 _DTYPE = re.compile(r"^(u?)int(\d{1,2})$")
 _MIN_BITWIDTH, _MAX_BITWIDTH = 2, 32
+_ENC_TYPES = ("PER_TENSOR", "PER_CHANNEL", "PER_BLOCK", "LPBQ")
+
+
+def _offset(zero_point: float | torch.Tensor, signed: bool, bitwidth: int) -> float | torch.Tensor:
+    """ONNX: x = (v - zp) * s with v signed or unsigned; edgequant: x = (q + offset) * s with q unsigned."""
+    return -(zero_point + 2 ** (bitwidth - 1)) if signed else -zero_point
 
 
 def _show(value: Any) -> str:
@@ -254,7 +315,7 @@ class _Reader:
         symmetric = self.flag(self.field(channels[0], "is_symmetric", name), name, "is_symmetric")
         scale = self.numbers([self.field(c, "scale", name) for c in channels], name, "scale")
         offset = self.numbers([self.field(c, "offset", name) for c in channels], name, "offset", integral=True)
-        return self.encoding(name, scale, offset, bitwidth, symmetric, per_channel=len(channels) > 1, axis=None)
+        return self.encoding(name, scale, offset, bitwidth, symmetric, PerChannel(0) if len(channels) > 1 else None)
 
     def entry_1_0_0(self, entry: Any) -> tuple[str, Encoding]:
         name = self.name(entry)
@@ -262,18 +323,62 @@ class _Reader:
         if not isinstance(dtype, str) or dtype.upper() != "INT":
             raise self.fail(name, f"dtype {_show(dtype)} is not supported (integer encodings only)")
         enc_type = entry.get("enc_type", "PER_TENSOR")
-        if enc_type not in ("PER_TENSOR", "PER_CHANNEL"):
-            raise self.fail(name, f"enc_type {_show(enc_type)} is not supported (PER_TENSOR or PER_CHANNEL)")
+        if enc_type not in _ENC_TYPES:
+            raise self.fail(name, f"enc_type {_show(enc_type)} is not supported ({', '.join(_ENC_TYPES)})")
         scale = self.numbers(self.field(entry, "scale", name), name, "scale")
         offset = self.numbers(self.field(entry, "offset", name), name, "offset", integral=True)
         if len(scale) != len(offset):
             raise self.fail(name, "'scale' and 'offset' must be lists of the same length")
-        encoding = self.encoding(
-            name, scale, offset, self.bitwidth(self.field(entry, "bw", name), name, "bw"),
-            self.flag(self.field(entry, "is_sym", name), name, "is_sym"), per_channel=enc_type == "PER_CHANNEL",
-            axis=None,
-        )
-        return name, encoding
+        bitwidth = self.bitwidth(self.field(entry, "bw", name), name, "bw")
+        symmetric = self.flag(self.field(entry, "is_sym", name), name, "is_sym")
+        if enc_type == "LPBQ":
+            return name, self.lpbq_1_0_0(entry, name, scale, bitwidth, symmetric)
+        granularity: Granularity | None = {"PER_TENSOR": None, "PER_CHANNEL": PerChannel(0)}.get(enc_type)
+        if enc_type == "PER_BLOCK":
+            granularity = PerBlock(self.block_size(entry, name))
+        return name, self.encoding(name, scale, offset, bitwidth, symmetric, granularity)
+
+    def block_size(self, entry: dict, name: str) -> int:
+        block_size = self.integer(self.field(entry, "block_size", name), name, "block_size")
+        if block_size < 1:
+            raise self.fail(name, f"'block_size' must be >= 1, got {block_size}")
+        return block_size
+
+    def lpbq_1_0_0(
+        self, entry: dict, name: str, channel_scale: list[float], bitwidth: int, symmetric: bool
+    ) -> Encoding:
+        """Block scales = per-channel scale x per-block integer, flat in (channel, block) order."""
+        compressed = self.bitwidth(self.field(entry, "compressed_bw", name), name, "compressed_bw")
+        multipliers = self.numbers(self.field(entry, "per_block_int_scale", name), name, "per_block_int_scale",
+                                   integral=True)
+        if not symmetric:
+            raise self.fail(name, "an LPBQ entry must be symmetric ('is_sym' true)")
+        if len(multipliers) % len(channel_scale):
+            raise self.fail(name, f"{len(multipliers)} 'per_block_int_scale' values do not divide into "
+                                  f"{len(channel_scale)} channels")
+        scale = torch.tensor(channel_scale)[:, None] * torch.tensor(multipliers).reshape(len(channel_scale), -1)
+        granularity = self.lpbq_granularity(name, self.block_size(entry, name), None, bitwidth, compressed)
+        return self.lpbq_encoding(name, scale.reshape(-1), multipliers, compressed, granularity)
+
+    def lpbq_granularity(
+        self, name: str, block_size: int, block_axis: int | None, decompressed: int, compressed: int
+    ) -> Lpbq:
+        try:
+            granularity = Lpbq(block_size, None, block_axis, decompressed_bw=decompressed)
+            granularity.check_grid(compressed, True, "LPBQ")
+        except ValueError as error:
+            raise self.fail(name, str(error)) from None
+        return granularity
+
+    def lpbq_encoding(
+        self, name: str, scale: torch.Tensor, multipliers: list[float], bitwidth: int, granularity: Lpbq
+    ) -> Encoding:
+        levels = granularity.multiplier_levels(bitwidth)
+        if not all(1 <= m <= levels for m in multipliers):
+            raise self.fail(name, f"'per_block_int_scale' must hold integers in [1, {levels}] "
+                                  f"(2**(decompressed bw - bw)), got {min(multipliers):g}..{max(multipliers):g}")
+        offset = torch.full_like(scale, -float(2 ** (bitwidth - 1)))
+        return self.encoding(name, scale, offset, bitwidth, True, granularity)
 
     def entry_2_0_0(self, entry: Any) -> TensorEncoding:
         name = self.name(entry)
@@ -281,10 +386,12 @@ class _Reader:
         match = _DTYPE.match(dtype) if isinstance(dtype, str) else None
         if match is None:
             raise self.fail(name, f"output_dtype {_show(dtype)} is not supported (int<N> or uint<N>)")
-        if "block_size" in entry:
-            raise self.fail(name, "block-wise encodings (block_size) are not supported")
         signed = not match.group(1)
         bitwidth = self.bitwidth(int(match.group(2)), name, "output_dtype")
+        if "per_block_int_scale" in entry:
+            return TensorEncoding(name, self.lpbq_2_0_0(entry, name, signed, bitwidth), None)
+        if "block_size" in entry:
+            return TensorEncoding(name, self.per_block_2_0_0(entry, name, signed, bitwidth), None)
         scale = self.field(entry, "y_scale", name)
         per_channel = isinstance(scale, list)
         scales = self.numbers(scale if per_channel else [scale], name, "y_scale")
@@ -300,26 +407,81 @@ class _Reader:
             axis = self.integer(entry["axis"], name, "axis")
             if axis < 0:
                 raise self.fail(name, f"'axis' must be >= 0, got {axis}")
-        # ONNX: x = (v - zp) * s with v signed or unsigned; edgequant: x = (q + offset) * s with q unsigned
-        offsets = [-(zp + 2 ** (bitwidth - 1)) if signed else -zp for zp in zero_points]
+        offsets = [_offset(zp, signed, bitwidth) for zp in zero_points]
         symmetric = signed and not any(zero_points)
-        encoding = self.encoding(name, scales, offsets, bitwidth, symmetric, per_channel, axis)
-        return TensorEncoding(name, encoding, None)
+        granularity = PerChannel(0 if axis is None else axis) if per_channel else None
+        return TensorEncoding(name, self.encoding(name, scales, offsets, bitwidth, symmetric, granularity), None)
+
+    def array(self, values: Any, name: str, key: str, integral: bool = False) -> torch.Tensor:
+        """A nested list of numbers (one per block, with the tensor's rank) as a tensor."""
+        flat: list[Any] = []
+        pending = [values]
+        while pending:
+            value = pending.pop()
+            if isinstance(value, list) and value:
+                pending.extend(reversed(value))
+            else:
+                flat.append(value)
+        self.numbers(flat, name, key, integral)
+        try:
+            return torch.tensor(values, dtype=torch.float64)
+        except (ValueError, TypeError):
+            raise self.fail(name, f"'{key}' must be a nested list of numbers of one shape") from None
+
+    def block_axis(self, entry: dict, name: str, rank: int) -> int:
+        axis = self.integer(self.field(entry, "axis", name), name, "axis")
+        if not 0 <= axis < rank:
+            raise self.fail(name, f"'axis' {axis} is not an axis of the {rank}-dimensional per-block scale")
+        return axis
+
+    def per_block_2_0_0(self, entry: dict, name: str, signed: bool, bitwidth: int) -> Encoding:
+        scale = self.array(self.field(entry, "y_scale", name), name, "y_scale")
+        zero_point = self.array(entry.get("y_zero_point", 0), name, "y_zero_point", integral=True)
+        try:
+            zero_point = zero_point.expand_as(scale)
+        except RuntimeError:
+            raise self.fail(name, f"'y_zero_point' of shape {tuple(zero_point.shape)} does not fit 'y_scale' of shape "
+                                  f"{tuple(scale.shape)}") from None
+        granularity = PerBlock(self.block_size(entry, name), None, self.block_axis(entry, name, scale.dim()))
+        offset = _offset(zero_point, signed, bitwidth)
+        symmetric = signed and not bool(zero_point.any())
+        return self.encoding(name, scale, offset, bitwidth, symmetric, granularity)
+
+    def lpbq_2_0_0(self, entry: dict, name: str, signed: bool, bitwidth: int) -> Encoding:
+        """Block scales = per_channel_float_scale x per_block_int_scale (nested, the tensor's rank); 2.0.0 LPBQ
+        decompresses to twice ``output_dtype``'s bitwidth."""
+        if not signed or entry.get("y_zero_point") not in (None, 0):
+            raise self.fail(name, "an LPBQ entry must be signed with zero point 0 (symmetric)")
+        channel_scale = self.array(self.field(entry, "per_channel_float_scale", name), name, "per_channel_float_scale")
+        multipliers = self.array(self.field(entry, "per_block_int_scale", name), name, "per_block_int_scale",
+                                 integral=True)
+        if channel_scale.dim() != multipliers.dim():
+            raise self.fail(name, "'per_channel_float_scale' and 'per_block_int_scale' must have the same rank")
+        axis = self.block_axis(entry, name, multipliers.dim())
+        try:
+            scale = channel_scale.float() * multipliers.float()
+        except RuntimeError:
+            raise self.fail(name, f"'per_channel_float_scale' of shape {tuple(channel_scale.shape)} does not fit "
+                                  f"'per_block_int_scale' of shape {tuple(multipliers.shape)}") from None
+        granularity = self.lpbq_granularity(name, self.block_size(entry, name), axis, 2 * bitwidth, bitwidth)
+        return self.lpbq_encoding(name, scale, multipliers.reshape(-1).tolist(), bitwidth, granularity)
 
     def encoding(
-        self, name: str, scale: list[float], offset: list[float], bitwidth: int, symmetric: bool, per_channel: bool,
-        axis: int | None,
+        self, name: str, scale: list[float] | torch.Tensor, offset: list[float] | torch.Tensor, bitwidth: int,
+        symmetric: bool, granularity: Granularity | None,
     ) -> Encoding:
-        """Per-channel entries without an axis (0.6.1, 1.0.0) get axis 0 here; the loader uses the quantizer's. A
-        symmetric flag is kept where the offsets are those of a symmetric grid: all strict (``-(2**(bw-1) - 1)``),
-        or each signed (``-2**(bw-1)``) or unsigned (0); other offsets describe an asymmetric grid."""
-        strict = symmetric and all(o == strict_symmetric_offset(bitwidth) for o in offset)
-        symmetric = strict or (symmetric and all(o in (-(2 ** (bitwidth - 1)), 0) for o in offset))
+        """An encoding of ``granularity`` (None: per tensor, from the first value). Per-channel entries without an
+        axis (0.6.1, 1.0.0) get axis 0 here, per-block ones no channel axis (1.0.0: nor block axis, and their values
+        stay flat); the loader takes them from the layer. A symmetric flag is kept where the offsets are those of a
+        symmetric grid: all strict (``-(2**(bw-1) - 1)``), or each signed (``-2**(bw-1)``) or unsigned (0); other
+        offsets describe an asymmetric grid."""
+        scale = torch.as_tensor(scale, dtype=torch.float32)
+        offset = torch.as_tensor(offset, dtype=torch.float64)  # float32 cannot tell -2**31 from -(2**31 - 1)
+        strict = symmetric and bool((offset == strict_symmetric_offset(bitwidth)).all())
+        symmetric = strict or (symmetric and bool(((offset == -(2 ** (bitwidth - 1))) | (offset == 0)).all()))
+        if granularity is None:
+            scale, offset, granularity = scale.reshape(-1)[0], offset.reshape(-1)[0], PER_TENSOR
         try:
-            return Encoding(
-                torch.tensor(scale if per_channel else scale[0], dtype=torch.float32),
-                torch.tensor(offset if per_channel else offset[0], dtype=torch.float32),
-                bitwidth, symmetric, (0 if axis is None else axis) if per_channel else None, strict,
-            )
+            return Encoding(scale, offset, bitwidth, symmetric, granularity, strict)
         except (ValueError, TypeError, OverflowError) as error:
             raise self.fail(name, str(error)) from None

@@ -20,6 +20,7 @@ differ in which defaults they write); the weights already tell convolutions apar
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,6 @@ from onnx import numpy_helper
 
 from edgequant.export.graph_map import DATA_MOVEMENT_OPS
 from edgequant.quantization import Encoding
-from edgequant.quantization.encoding import broadcast_shape
 
 TRANSPARENT_OPS = DATA_MOVEMENT_OPS | {"Dropout"}
 """Ops whose output holds values of their first input (matched as the same tensor)."""
@@ -128,11 +128,13 @@ def _number_graph(
 def _quantized_match(values: np.ndarray, encoding: Encoding, candidates: list[tuple[str, np.ndarray]]) -> str | None:
     """The candidate weight that ``values`` is a quantized copy of (AIMET's ONNX export writes each quantized
     weight as quantize-dequantize(weight)): within half a step of the encoding everywhere, the closest one."""
-    scale = encoding.scale.double().numpy()
-    if encoding.axis is not None:
-        if values.ndim <= encoding.axis or values.shape[encoding.axis] != scale.size:
-            return None
-        scale = scale.reshape(broadcast_shape(values.ndim, encoding.axis))
+    try:
+        scale_shape = encoding.granularity.scale_shape(values.shape)
+    except ValueError:  # written for a tensor of another rank, or blocks that do not divide it
+        return None
+    if math.prod(scale_shape) != encoding.scale.numel():
+        return None
+    scale = encoding.granularity.broadcast(encoding.scale.reshape(scale_shape), values.shape).double().numpy()
     best, best_error = None, np.inf
     for name, ours in candidates:
         error = np.abs(values.astype(np.float64) - ours) / scale

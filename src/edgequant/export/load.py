@@ -31,10 +31,11 @@ from edgequant.export.bias import BIAS_BITWIDTH, install_bias_quantizer
 from edgequant.export.encodings_io import EncodingsFileError, TensorEncoding, read_encodings
 from edgequant.export.graph_align import TRANSPARENT_OPS, align_tensors, load_reference_graph
 from edgequant.export.graph_map import TracedSim, consumers, node_by_output, trace_sim
-from edgequant.quantization import Encoding, Quantizer
+from edgequant.quantization import Encoding, PerBlock, PerChannel, Quantizer
+from edgequant.quantization.granularity import PER_TENSOR
 from edgequant.sim.batches import split_model_input
 from edgequant.sim.capture import record_calls
-from edgequant.sim.ops import weight_output_axis
+from edgequant.sim.ops import weight_input_axis, weight_output_axis
 
 if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim
@@ -78,32 +79,59 @@ def _param_quantizer_name(tensor: str) -> str:
 def _fit_to_quantizer(
     entry: TensorEncoding, quantizer_name: str, quantizer: Quantizer, sim: QuantSim, path: Path
 ) -> Encoding:
-    """Check the entry's shape against the tensor and give per-channel entries the quantizer's channel axis."""
+    """Check the entry's shape against the tensor and give per-channel and per-block entries the layer's axes."""
     encoding = entry.encoding
-    is_param = quantizer.role == "param"
-    if encoding.axis is None:
+    if encoding.granularity == PER_TENSOR:
         return encoding
-    if not is_param:
+    if quantizer.role != "param":
         raise ValueError(
-            f"{path}: '{entry.name}' has a per-channel encoding but '{quantizer_name}' quantizes an activation, "
-            "which edgequant quantizes per tensor; re-export the encodings with per-tensor activations"
+            f"{path}: '{entry.name}' has a {encoding.granularity.describe()} encoding but '{quantizer_name}' quantizes "
+            "an activation, which edgequant quantizes per tensor; re-export the encodings with per-tensor activations"
         )
     module = sim.layer_of(quantizer)
     param = module._parameters[quantizer.key]
-    if quantizer.axis is not None:
-        axis = quantizer.axis
+    if isinstance(encoding.granularity, PerBlock):
+        return _fit_per_block(entry, quantizer_name, param, module, path)
+    if isinstance(quantizer.granularity, PerChannel):
+        granularity = quantizer.granularity
     elif entry.is_param is None:  # 2.0.0 files state the axis
-        axis = encoding.axis
+        granularity = encoding.granularity
     else:  # 0.6.1 / 1.0.0 do not: the layer's output-channel axis, as the sim would choose it
-        axis = weight_output_axis(module, param) or 0
-    if param.dim() <= axis or param.shape[axis] != encoding.scale.numel():
+        granularity = PerChannel(weight_output_axis(module, param) or 0)
+    try:
+        fits = granularity.scale_shape(param.shape) == tuple(encoding.scale.shape)
+    except ValueError:
+        fits = False
+    if not fits:
         raise ValueError(
             f"{path}: '{entry.name}' has {encoding.scale.numel()} per-channel encodings but the parameter has shape "
-            f"{tuple(param.shape)} (channel axis {axis}); the file was written for a different model"
+            f"{tuple(param.shape)} ({granularity.describe()}); the file was written for a different model"
         )
     return Encoding(
-        encoding.scale, encoding.offset, encoding.bitwidth, encoding.symmetric, axis, encoding.strict_symmetric
+        encoding.scale, encoding.offset, encoding.bitwidth, encoding.symmetric, granularity, encoding.strict_symmetric
     )
+
+
+def _fit_per_block(entry: TensorEncoding, quantizer_name: str, param: nn.Parameter, module: nn.Module,
+                   path: Path) -> Encoding:
+    """A per-block entry on the layer's axes (channels: its output channels; blocks: along its inputs where the file
+    does not say); 1.0.0 values come flat in (channel, block) order, 2.0.0 values with the tensor's layout."""
+    encoding = entry.encoding
+    granularity = encoding.granularity.bind(weight_output_axis(module, param), weight_input_axis(module, param))
+    try:
+        if encoding.scale.dim() == 1:
+            scale, offset = (granularity.from_channel_major(v, param.shape, quantizer_name)
+                             for v in (encoding.scale, encoding.offset))
+        elif granularity.scale_shape(param.shape, quantizer_name) == tuple(encoding.scale.shape):
+            scale, offset = encoding.scale, encoding.offset
+        else:
+            raise ValueError(f"per-block scales of shape {tuple(encoding.scale.shape)}")
+    except ValueError as error:
+        raise ValueError(
+            f"{path}: '{entry.name}' ({granularity.describe()}) does not fit the parameter of shape "
+            f"{tuple(param.shape)} ({error}); the file was written for a different model"
+        ) from None
+    return Encoding(scale, offset, encoding.bitwidth, encoding.symmetric, granularity, encoding.strict_symmetric)
 
 
 def _install_output_probes(sim: QuantSim, dummy_input: Any) -> dict[str, tuple[nn.Module, str]]:
@@ -118,7 +146,8 @@ def _install_output_probes(sim: QuantSim, dummy_input: Any) -> dict[str, tuple[n
             key = str(index)
             if key in module.output_quantizers:
                 continue
-            probe = Quantizer(sim.output_bw, False, None, sim.quant_scheme, role="output", owner=module_name, key=key)
+            probe = Quantizer(sim.output_bw, False, PER_TENSOR, sim.quant_scheme, role="output", owner=module_name,
+                              key=key)
             probe.enabled = False
             name = probe.name
             module.output_quantizers[key] = probe

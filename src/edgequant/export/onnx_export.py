@@ -13,6 +13,7 @@ from edgequant.export.encodings_io import TensorEncoding, write_encodings
 from edgequant.export.graph_map import TracedSim, trace_sim
 from edgequant.export.qdq import build_qdq_model
 from edgequant.quantization import Encoding, Quantizer
+from edgequant.quantization.granularity import PER_TENSOR
 from edgequant.sim.quantized_module import param_quantizer
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def _quantizer_args(sim: QuantSim, quantizers: dict[str, Quantizer]) -> dict[str
         "activation_bitwidth": sim.output_bw,
         "dtype": "int",
         "is_symmetric": all(q.symmetric for q in params),
-        "per_channel_quantization": any(q.axis is not None for q in params),
+        "per_channel_quantization": any(q.granularity != PER_TENSOR for q in params),
     }
 
 

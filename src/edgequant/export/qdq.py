@@ -26,7 +26,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgequant.export.graph_map import INT4_INT16_OPSET, MARKER_DOMAIN, TracedSim, marker_quantizer, node_by_output
-from edgequant.quantization import Encoding
+from edgequant.quantization import Encoding, Granularity, PerBlock, PerChannel, PerTensor
 
 QDQ_METADATA_KEY = "edgequant.qdq"
 """metadata_props key: JSON ``{quantized tensor in the QDQ model: {"tensor": encodings name, "quantizers": [...]}}``."""
@@ -65,13 +65,32 @@ def integer_values(tensor: torch.Tensor, encoding: Encoding) -> torch.Tensor:
     Works on the signed index ``round(x / scale)`` (as `quantize_dequantize` does) rather than the unsigned grid,
     whose ``- offset`` would lose precision in float32 for 32-bit biases.
     """
-    shape = encoding.broadcast_shape(tensor.dim())
-    scale = encoding.scale.view(shape).to(tensor.device)
-    offset = encoding.offset.view(shape).to(tensor.device)
+    scale, offset = (v.to(tensor.device) for v in encoding.broadcast_to(tensor.shape))
     index = torch.round(tensor.float() / scale).long()
     lowest = offset.long()
-    zero_point = encoding.onnx_zero_point.view(shape).to(tensor.device).long()
+    zero_point = encoding.granularity.broadcast(encoding.onnx_zero_point, tensor.shape).to(tensor.device).long()
     return torch.maximum(torch.minimum(index, lowest + encoding.num_steps), lowest) + zero_point
+
+
+def axis_attributes(granularity: Granularity) -> dict:
+    """QuantizeLinear/DequantizeLinear attributes of a granularity: none per tensor, ``axis`` per channel, ``axis`` and
+    ``block_size`` (opset 21) per block; LPBQ runs as the per-block grid of its effective block scales."""
+    match granularity:
+        case PerTensor():
+            return {}
+        case PerChannel(axis=int(axis)):
+            return {"axis": axis}
+        case PerBlock(block_size=block_size, block_axis=int(axis)):
+            return {"axis": axis, "block_size": block_size}
+    raise ValueError(f"a {granularity.describe()} encoding has no ONNX QuantizeLinear/DequantizeLinear form")
+
+
+def onnx_parameters(values: torch.Tensor, granularity: Granularity, shape: torch.Size) -> torch.Tensor:
+    """A scale or zero point laid out as ONNX takes it: a blocked one has the tensor's shape, but for its blocks on
+    the blocked axis (a per-block scale of ours is 1 on the dims that share it)."""
+    if not isinstance(granularity, PerBlock):
+        return values
+    return values.expand([values.shape[d] if d == granularity.block_axis else size for d, size in enumerate(shape)])
 
 
 class _QdqBuilder:
@@ -103,13 +122,16 @@ class _QdqBuilder:
         self.new_initializers.append(tensor)
         return name
 
-    def scale_and_zero_point(self, tensor: str, encoding: Encoding) -> tuple[str, str]:
-        scale = self.constant(f"{tensor}_scale", encoding.scale.float(), TensorProto.FLOAT)
-        zero_point = self.constant(f"{tensor}_zero_point", encoding.onnx_zero_point, onnx_type(encoding, self.opset))
-        return scale, zero_point
-
-    def axis_attrs(self, encoding: Encoding) -> dict:
-        return {} if encoding.axis is None else {"axis": encoding.axis}
+    def scale_and_zero_point(
+        self, tensor: str, encoding: Encoding, shape: torch.Size | None = None
+    ) -> tuple[str, str]:
+        """Initializers of the encoding's scale and zero point (laid out for a tensor of ``shape`` where blocked)."""
+        scale, zero_point = encoding.scale.float(), encoding.onnx_zero_point
+        if shape is not None:
+            scale, zero_point = (onnx_parameters(v, encoding.granularity, shape) for v in (scale, zero_point))
+        scale_name = self.constant(f"{tensor}_scale", scale, TensorProto.FLOAT)
+        zero_point_name = self.constant(f"{tensor}_zero_point", zero_point, onnx_type(encoding, self.opset))
+        return scale_name, zero_point_name
 
     def constant_source(self, tensor: str) -> str | None:
         """The initializer holding ``tensor`` (the exporter turns duplicate initializers into Identity nodes)."""
@@ -125,11 +147,11 @@ class _QdqBuilder:
         weight = torch.from_numpy(numpy_helper.to_array(self.initializers[source]).copy())
         values = integer_values(weight, encoding)
         quantized = self.constant(f"{tensor}_quantized", values, onnx_type(encoding, self.opset))
-        scale, zero_point = self.scale_and_zero_point(tensor, encoding)
+        scale, zero_point = self.scale_and_zero_point(tensor, encoding, weight.shape)
         return [helper.make_node(
             "DequantizeLinear", [quantized, scale, zero_point], [output],
             name=self.unique(f"{tensor}_DequantizeLinear"),
-            **self.axis_attrs(encoding),
+            **axis_attributes(encoding.granularity),
         )]
 
     def activation_nodes(
@@ -149,11 +171,11 @@ class _QdqBuilder:
         quantized = self.unique(f"{tensor}_quantized")
         nodes.append(helper.make_node(
             "QuantizeLinear", [source, scale, zero_point], [quantized], name=self.unique(f"{tensor}_QuantizeLinear"),
-            **self.axis_attrs(encoding),
+            **axis_attributes(encoding.granularity),
         ))
         nodes.append(helper.make_node(
             "DequantizeLinear", [quantized, scale, zero_point], [output],
-            name=self.unique(f"{tensor}_DequantizeLinear"), **self.axis_attrs(encoding),
+            name=self.unique(f"{tensor}_DequantizeLinear"), **axis_attributes(encoding.granularity),
         ))
         self.metadata[quantized] = {"tensor": tensor, "quantizers": quantizers}
         return nodes

@@ -383,10 +383,9 @@ def _beta(iteration: int, num_iterations: int, warm_start: float, beta_range: tu
 
 
 def weight_grid(encoding: Encoding, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scale and lowest/highest grid integer of a weight encoding, shaped to broadcast against ``weight``."""
-    shape = encoding.broadcast_shape(weight.dim())
-    scale = encoding.scale.to(weight.device).view(shape)
-    low = encoding.offset.to(weight.device).view(shape)
+    """Scale and lowest/highest grid integer of a weight encoding, shaped to broadcast against ``weight`` (per block:
+    repeated over each block, so the rounding is learned element for element as per channel)."""
+    scale, low = (v.to(weight.device) for v in encoding.broadcast_to(weight.shape))
     return scale, low, low + encoding.num_steps
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from edgequant.ptq.graph_patterns import find_batch_norm_folds, set_submodule
 from edgequant.ptq.layer_channels import add_to_bias, scale_input_channels, scale_output_channels, weights_times_input
+from edgequant.quantization import PerChannel
 from edgequant.sim.graph import ModelGraph, build_graph
 from edgequant.sim.ops import weight_output_axis
 from edgequant.sim.quantized_module import QuantizedModule, param_quantizer
@@ -115,7 +116,7 @@ def fold_batch_norms_to_scale(sim: QuantSim) -> list[tuple[str, str]]:
         quantizer = param_quantizer(layer)
         if quantizer is not None and quantizer.frozen and quantizer.encoding is not None:
             encoding = quantizer.encoding
-            if encoding.axis != weight_output_axis(layer, layer.weight) or not encoding.signed:
+            if encoding.granularity != PerChannel(weight_output_axis(layer, layer.weight)) or not encoding.signed:
                 raise ValueError(
                     f"cannot fold {fold.bn} into the frozen weight encoding of {fold.layer}: it must be per-channel "
                     "(axis of the output channels) and signed symmetric (no unsigned channel, whose grid cannot hold "

@@ -3,8 +3,8 @@ gradient scale of their scale/offset, and the constraints that keep a learned gr
 
 Gradient scale. LSQ multiplies the step-size gradient by ``g = 1 / sqrt(N * Qp)`` so that the scale's update
 is of the same relative size as the weights' updates: ``N`` is the number of values one scale quantizes (the
-weights of one output channel per channel, all of them per tensor; the features of one sample for an
-activation) and ``Qp`` the largest positive integer of the grid (``2**(b-1) - 1`` symmetric, ``2**b - 1``
+weights of one output channel per channel, of one block per block, all of them per tensor; the features of one
+sample for an activation) and ``Qp`` the largest positive integer of the grid (``2**(b-1) - 1`` symmetric, ``2**b - 1``
 asymmetric). The same ``g`` scales the offset's gradient (LSQ+). It is applied by a gradient hook on the
 parameter, before accumulation, so any optimizer and ``DistributedDataParallel`` see the scaled gradient.
 
@@ -40,11 +40,8 @@ def lsq_grad_scale(values_per_scale: int, bitwidth: int, symmetric: bool) -> flo
 
 def values_per_scale(quantizer: Quantizer, shape: torch.Size, batched: bool) -> int:
     """How many values of a tensor of ``shape`` one of the quantizer's scales covers (per sample if
-    ``batched``: activations have a batch dimension, parameters do not)."""
-    numel = math.prod(shape[1:] if batched and len(shape) > 1 else shape)
-    if quantizer.axis is not None:
-        numel //= max(shape[quantizer.axis], 1)
-    return int(numel)
+    ``batched``: activations have a batch dimension, parameters do not; per block: the block's values)."""
+    return quantizer.granularity.values_per_scale(shape[1:] if batched and len(shape) > 1 else shape)
 
 
 @dataclass

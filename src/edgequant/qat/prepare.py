@@ -44,7 +44,7 @@ from edgequant.qat.lsq import (
     lsq_grad_scale,
     values_per_scale,
 )
-from edgequant.quantization import Quantizer
+from edgequant.quantization import PerChannel, Quantizer
 from edgequant.sim import QuantSim
 from edgequant.sim.modes import training_mode
 from edgequant.sim.ops import weight_output_axis
@@ -265,8 +265,8 @@ def finalize(
             raise ValueError("finalize: the BatchNorms kept during QAT must be re-estimated; pass calibration data")
         # learned per-channel symmetric weight scales are rescaled by the fold instead of recomputed
         keep = [r.quantizer for r in setup.learned.values() if r.quantizer.role == "param" and r.quantizer.symmetric
-                and r.quantizer.axis == weight_output_axis(sim.layer_of(r.quantizer),
-                                                           getattr(sim.layer_of(r.quantizer), r.quantizer.key))]
+                and r.quantizer.granularity == PerChannel(weight_output_axis(
+                    sim.layer_of(r.quantizer), getattr(sim.layer_of(r.quantizer), r.quantizer.key)))]
         saved = [(q, q.frozen) for q in keep]
         for quantizer in keep:
             quantizer.frozen = True

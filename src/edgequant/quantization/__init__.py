@@ -1,4 +1,5 @@
-"""Quantizer math: encodings, affine quantize-dequantize, calibration methods and analyzers, the Quantizer module."""
+"""Quantizer math: encodings and their granularities, affine quantize-dequantize, calibration methods and analyzers,
+the Quantizer module."""
 
 from edgequant.quantization.affine import dequantize, quantize, quantize_dequantize
 from edgequant.quantization.analyzers import (
@@ -23,6 +24,7 @@ from edgequant.quantization.calibration_methods import (
     register,
 )
 from edgequant.quantization.encoding import Encoding
+from edgequant.quantization.granularity import Granularity, Lpbq, PerBlock, PerChannel, PerTensor
 from edgequant.quantization.quantizer import Quantizer
 
 __all__ = [
@@ -32,11 +34,16 @@ __all__ = [
     "CalibrationMethod",
     "Encoding",
     "EncodingAnalyzer",
+    "Granularity",
+    "Lpbq",
     "MethodSpec",
     "MinMax",
     "MinMaxAnalyzer",
     "Mse",
     "MseAnalyzer",
+    "PerBlock",
+    "PerChannel",
+    "PerTensor",
     "Percentile",
     "PercentileAnalyzer",
     "Quantizer",

@@ -9,6 +9,10 @@ simulation warns about them. Magnitudes of at least ``SENTINEL_MAGNITUDE`` (``to
 attention masks) are sentinels, not data: they are left out as well (counted in ``num_sentinels``, no
 warning) so that they do not stretch the grid; at run time they saturate to the grid's ends, as on the device.
 An analyzer that saw no usable value at all raises `CalibrationError`.
+
+Statistics are kept per row of `Granularity.rows`: one row per scale (per tensor: one row; per channel: one per
+channel; per block: one per block of each channel, the per-channel statistics of the grouped view), so every
+analyzer computes per-block ranges with its per-channel code.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from edgequant.quantization.encoding import MIN_RANGE
+from edgequant.quantization.granularity import PER_TENSOR, Granularity, PerChannel, as_granularity
 
 SENTINEL_MAGNITUDE = 1e30
 
@@ -24,19 +29,21 @@ class CalibrationError(RuntimeError):
     """Calibration could not produce an encoding (no data, or only non-finite data)."""
 
 
-def _channels_first(x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """View ``x`` as (channels, values); per-tensor statistics are one channel."""
-    if axis is None:
-        return x.reshape(1, -1)
-    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
-
-
 class EncodingAnalyzer:
-    """Base class: tracks the running min/max per channel and the count of non-finite values."""
+    """Base class: tracks the running min/max per row (scale) and the count of non-finite values.
 
-    def __init__(self, axis: int | None = None) -> None:
-        self.axis = axis
+    ``granularity`` also takes the ``axis: int | None`` of older code. ``scale_shape`` is the shape of the scale the
+    observed tensors need (set by `observe`)."""
+
+    def __init__(self, granularity: Granularity | int | None = PER_TENSOR) -> None:
+        self.granularity = as_granularity(granularity)
+        self.scale_shape: tuple[int, ...] = ()
         self.reset()
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as (scales, values) float rows; remembers the scale shape."""
+        self.scale_shape = self.granularity.scale_shape(x.shape, "analyzer")
+        return self.granularity.rows(x.detach().float(), "analyzer")
 
     def reset(self) -> None:
         self.min: torch.Tensor | None = None
@@ -45,7 +52,7 @@ class EncodingAnalyzer:
         self.num_sentinels = 0
 
     def observe(self, x: torch.Tensor) -> None:
-        values = _channels_first(x.detach().float(), self.axis)
+        values = self._rows(x)
         batch_min, batch_max = self._extremes(values)
         if not ((batch_min > -SENTINEL_MAGNITUDE).all() and (batch_max < SENTINEL_MAGNITUDE).all()):  # NaN fails too
             finite = values.abs() < SENTINEL_MAGNITUDE
@@ -68,8 +75,8 @@ class EncodingAnalyzer:
         return False
 
     def _extremes(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel min and max of a (channels, values) view."""
-        if self.axis is None:  # a full reduction is ~20x faster than aminmax over dim 1 of a (1, N) view
+        """Per-row min and max of a (rows, values) view."""
+        if values.shape[0] == 1:  # a full reduction is ~20x faster than aminmax over dim 1 of a (1, N) view
             low, high = torch.aminmax(values)
             return low.reshape(1), high.reshape(1)
         return torch.aminmax(values, dim=1)
@@ -89,7 +96,7 @@ class EncodingAnalyzer:
 
         This is the seam for distributed calibration: each process observes its shard, then the statistics of
         all processes are merged in rank order, so every process computes the same encoding."""
-        if type(other) is not type(self) or other.axis != self.axis:
+        if type(other) is not type(self) or other.granularity != self.granularity:
             raise TypeError(f"cannot merge a {type(other).__name__} into a {type(self).__name__}")
         self.num_nonfinite += other.num_nonfinite
         self.num_sentinels += other.num_sentinels
@@ -118,7 +125,7 @@ class MinMaxAnalyzer(EncodingAnalyzer):
 
     def observe_alone(self, x: torch.Tensor) -> bool:
         """One min/max pass and one check where every value is data (no non-finite value, no sentinel)."""
-        low, high = self._extremes(_channels_first(x.detach().float(), self.axis))
+        low, high = self._extremes(self._rows(x))
         if not float(torch.maximum(-low, high).max()) < SENTINEL_MAGNITUDE:  # NaN fails too
             return False
         self.reset()
@@ -133,9 +140,9 @@ class HistogramAnalyzer(EncodingAnalyzer):
     range (each old bin lands whole in the new bin holding its centre), so memory stays fixed.
     """
 
-    def __init__(self, axis: int | None = None, num_bins: int = 512) -> None:
+    def __init__(self, granularity: Granularity | int | None = PER_TENSOR, num_bins: int = 512) -> None:
         self.num_bins = num_bins
-        super().__init__(axis)
+        super().__init__(granularity)
 
     def reset(self) -> None:
         super().reset()
@@ -196,11 +203,13 @@ class HistogramAnalyzer(EncodingAnalyzer):
 class PercentileAnalyzer(HistogramAnalyzer):
     """Clips the ``(100 - percentile)`` and ``percentile`` tails of the observed distribution."""
 
-    def __init__(self, axis: int | None = None, num_bins: int = 2048, percentile: float = 99.99) -> None:
+    def __init__(
+        self, granularity: Granularity | int | None = PER_TENSOR, num_bins: int = 2048, percentile: float = 99.99
+    ) -> None:
         if not 50.0 < percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {percentile}")
         self.percentile = percentile
-        super().__init__(axis, num_bins)
+        super().__init__(granularity, num_bins)
 
     def compute_range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._require_data()
@@ -225,7 +234,7 @@ class SqnrAnalyzer(HistogramAnalyzer):
 
     def __init__(
         self,
-        axis: int | None = None,
+        granularity: Granularity | int | None = PER_TENSOR,
         num_bins: int = 512,
         gamma: float = 3.0,
         num_scales: int = 100,
@@ -234,7 +243,7 @@ class SqnrAnalyzer(HistogramAnalyzer):
         self.gamma = gamma
         self.num_scales = num_scales
         self.num_offsets = num_offsets
-        super().__init__(axis, num_bins)
+        super().__init__(granularity, num_bins)
 
     def compute_range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._require_data()
@@ -299,10 +308,12 @@ class MseAnalyzer(EncodingAnalyzer):
     gives activations a histogram-based search instead (`SqnrAnalyzer` with ``gamma=1``).
     """
 
-    def __init__(self, axis: int | None = None, num_candidates: int = 24, min_ratio: float = 0.2) -> None:
+    def __init__(
+        self, granularity: Granularity | int | None = PER_TENSOR, num_candidates: int = 24, min_ratio: float = 0.2
+    ) -> None:
         self.num_candidates = num_candidates
         self.min_ratio = min_ratio
-        super().__init__(axis)
+        super().__init__(granularity)
 
     def reset(self) -> None:
         super().reset()
@@ -336,7 +347,7 @@ class MseAnalyzer(EncodingAnalyzer):
         best_error = torch.full_like(self.min, torch.inf)
         best_ratio = torch.ones_like(self.min)
         for ratio in ratios:
-            encoding = Encoding.from_range(self.min * ratio, self.max * ratio, bitwidth, symmetric, axis=0)
+            encoding = Encoding.from_range(self.min * ratio, self.max * ratio, bitwidth, symmetric, PerChannel(0))
             scale, offset = encoding.scale[:, None], encoding.offset[:, None]
             error = (quantize_dequantize(self.values, scale, offset, bitwidth) - self.values).square().mean(dim=1)
             better = error < best_error

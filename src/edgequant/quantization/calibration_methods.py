@@ -1,7 +1,7 @@
 """Calibration methods: the user's choice of how quantizers turn observed tensors into ranges.
 
 A method is a small frozen dataclass holding its settings (``Percentile(99.9)``, ``Sqnr(gamma=1.0)``) that builds
-the statistics engine (an `EncodingAnalyzer`) of each quantizer from the quantizer's axis and role. Methods are
+the statistics engine (an `EncodingAnalyzer`) of each quantizer from the quantizer's granularity and role. Methods are
 registered by name, so ``quant_scheme="sqnr"`` keeps working and AIMET's names (``tf``, ``tf_enhanced``,
 ``percentile``, ...) are aliases; a new method is one class decorated with `register`.
 
@@ -36,6 +36,7 @@ from edgequant.quantization.analyzers import (
     PercentileAnalyzer,
     SqnrAnalyzer,
 )
+from edgequant.quantization.granularity import Granularity
 
 ROLE_FIELDS = ("for_params", "for_activations")
 
@@ -57,14 +58,15 @@ class CalibrationMethod(ABC):
             if value is not None and not isinstance(value, CalibrationMethod):
                 raise TypeError(f"{role_field} must be a calibration method (e.g. MinMax()) or None, got {value!r}")
 
-    def analyzer(self, axis: int | None, role: str) -> EncodingAnalyzer:
-        """The statistics engine for a quantizer of ``role`` (``"param"`` or an activation role) whose channels
-        lie along ``axis`` (None: per tensor); the method named by the role's field builds it, if any."""
+    def analyzer(self, granularity: Granularity | int | None, role: str) -> EncodingAnalyzer:
+        """The statistics engine for a quantizer of ``role`` (``"param"`` or an activation role) with
+        ``granularity`` (also the ``axis: int | None`` of older code); the method named by the role's field builds
+        it, if any."""
         delegate = self.for_params if role == "param" else self.for_activations
-        return (delegate or self)._statistics(axis)
+        return (delegate or self)._statistics(granularity)
 
     @abstractmethod
-    def _statistics(self, axis: int | None) -> EncodingAnalyzer:
+    def _statistics(self, granularity: Granularity | int | None) -> EncodingAnalyzer:
         """This method's own analyzer, whatever the role."""
 
     def to_json(self) -> str | dict[str, Any]:
@@ -125,8 +127,8 @@ class MinMax(CalibrationMethod):
 
     name: ClassVar[str] = "minmax"
 
-    def _statistics(self, axis: int | None) -> EncodingAnalyzer:
-        return MinMaxAnalyzer(axis)
+    def _statistics(self, granularity: Granularity | int | None) -> EncodingAnalyzer:
+        return MinMaxAnalyzer(granularity)
 
 
 @register
@@ -148,8 +150,8 @@ class Sqnr(CalibrationMethod):
         for setting in ("candidates", "offset_candidates", "bins"):
             _check(self, setting, _is_count, "an integer >= 1")
 
-    def _statistics(self, axis: int | None) -> EncodingAnalyzer:
-        return SqnrAnalyzer(axis, num_bins=self.bins, gamma=self.gamma, num_scales=self.candidates,
+    def _statistics(self, granularity: Granularity | int | None) -> EncodingAnalyzer:
+        return SqnrAnalyzer(granularity, num_bins=self.bins, gamma=self.gamma, num_scales=self.candidates,
                             num_offsets=self.offset_candidates)
 
 
@@ -169,8 +171,8 @@ class Percentile(CalibrationMethod):
         _check(self, "percentile", lambda v: _is_number(v) and 50 < v <= 100, "a number in (50, 100]")
         _check(self, "bins", _is_count, "an integer >= 1")
 
-    def _statistics(self, axis: int | None) -> EncodingAnalyzer:
-        return PercentileAnalyzer(axis, num_bins=self.bins, percentile=self.percentile)
+    def _statistics(self, granularity: Granularity | int | None) -> EncodingAnalyzer:
+        return PercentileAnalyzer(granularity, num_bins=self.bins, percentile=self.percentile)
 
 
 @register
@@ -190,8 +192,8 @@ class Mse(CalibrationMethod):
         _check(self, "candidates", _is_count, "an integer >= 1")
         _check(self, "min_ratio", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
 
-    def _statistics(self, axis: int | None) -> EncodingAnalyzer:
-        return MseAnalyzer(axis, num_candidates=self.candidates, min_ratio=self.min_ratio)
+    def _statistics(self, granularity: Granularity | int | None) -> EncodingAnalyzer:
+        return MseAnalyzer(granularity, num_candidates=self.candidates, min_ratio=self.min_ratio)
 
 
 QUANT_SCHEMES = tuple(CALIBRATION_METHODS)
@@ -232,6 +234,6 @@ def _registered(name: Any) -> type[CalibrationMethod]:
     return cls
 
 
-def make_analyzer(scheme: MethodSpec, axis: int | None, for_params: bool) -> EncodingAnalyzer:
+def make_analyzer(scheme: MethodSpec, granularity: Granularity | int | None, for_params: bool) -> EncodingAnalyzer:
     """Analyzer of ``scheme`` (see `calibration_method`) for a weight (``for_params``) or an activation."""
-    return calibration_method(scheme).analyzer(axis, "param" if for_params else "output")
+    return calibration_method(scheme).analyzer(granularity, "param" if for_params else "output")

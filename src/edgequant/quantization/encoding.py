@@ -30,20 +30,31 @@ from dataclasses import dataclass
 
 import torch
 
+from edgequant.quantization.granularity import (
+    PER_TENSOR,
+    Granularity,
+    as_granularity,
+    granularity_from_json,
+    legacy_axis,
+)
+
 
 @dataclass
 class Encoding:
-    """Scale/offset of one quantizer; per-tensor when ``axis`` is None, else one value per channel."""
+    """Scale/offset of one quantizer, laid out as its `Granularity` says (see `edgequant.quantization.granularity`).
+
+    ``granularity`` also takes the ``axis: int | None`` of older code (None: per tensor, an int: per channel)."""
 
     scale: torch.Tensor
     offset: torch.Tensor
     bitwidth: int
     symmetric: bool
-    axis: int | None = None
+    granularity: Granularity = PER_TENSOR
     strict_symmetric: bool = False
     """The strict symmetric grid (``2**bitwidth - 2`` steps from ``-(2**(bitwidth - 1) - 1)``); needs ``symmetric``."""
 
     def __post_init__(self) -> None:
+        self.granularity = as_granularity(self.granularity)
         self.scale = torch.as_tensor(self.scale, dtype=torch.float32).detach()
         self.offset = torch.as_tensor(self.offset, dtype=torch.float32).detach().round()
         if self.scale.shape != self.offset.shape:
@@ -60,6 +71,12 @@ class Encoding:
                     f"a strict symmetric {self.bitwidth}-bit encoding is symmetric with offset {lowest}, got "
                     f"symmetric={self.symmetric}, offset {self.offset.tolist()}"
                 )
+        self.granularity.check_grid(self.bitwidth, self.symmetric, "encoding")
+
+    @property
+    def axis(self) -> int | None:
+        """The ``axis: int | None`` of older code (per tensor or one-axis per channel only; see `legacy_axis`)."""
+        return legacy_axis(self.granularity)
 
     @property
     def num_steps(self) -> int:
@@ -96,12 +113,13 @@ class Encoding:
         max_val: torch.Tensor | float,
         bitwidth: int,
         symmetric: bool,
-        axis: int | None = None,
+        granularity: Granularity | int | None = PER_TENSOR,
         *,
         strict_symmetric: bool = False,
         unsigned_symmetric: bool = False,
     ) -> Encoding:
-        """Encoding covering ``[min_val, max_val]`` (made to include 0 so that zero is exact).
+        """Encoding covering ``[min_val, max_val]`` (made to include 0 so that zero is exact), laid out as
+        ``granularity`` says (the bounds already have its scale shape).
 
         A range narrower than ``MIN_RANGE`` (constant or all-zero tensors) is widened to ``MIN_RANGE``
         so that the scale is never zero. Non-finite bounds, or ``min_val > max_val``, are a ValueError.
@@ -111,19 +129,23 @@ class Encoding:
         min_val = torch.as_tensor(min_val, dtype=torch.float32)
         max_val = torch.as_tensor(max_val, dtype=torch.float32)
         _check_range(min_val, max_val)
+        granularity = as_granularity(granularity)
+        granularity.check_grid(bitwidth, symmetric, "encoding")
         scale, offset = grid_from_range(
             min_val, max_val, bitwidth, symmetric, strict_symmetric=strict_symmetric,
             unsigned_symmetric=unsigned_symmetric,
         )
-        return cls(scale, offset, bitwidth, symmetric, axis, symmetric and strict_symmetric)
+        scale = granularity.project(scale, bitwidth)
+        return cls(scale, offset, bitwidth, symmetric, granularity, symmetric and strict_symmetric)
 
-    def broadcast_shape(self, ndim: int) -> tuple[int, ...]:
-        """Shape that makes per-channel scale/offset broadcast against a tensor of rank ``ndim``."""
-        return broadcast_shape(ndim, self.axis)
+    def broadcast_to(self, shape: tuple[int, ...] | torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and offset shaped to broadcast element for element against a tensor of ``shape`` (blocks repeated),
+        for code that works on whole tensors."""
+        return self.granularity.broadcast(self.scale, shape), self.granularity.broadcast(self.offset, shape)
 
     def to(self, device: torch.device | str) -> Encoding:
         return Encoding(
-            self.scale.to(device), self.offset.to(device), self.bitwidth, self.symmetric, self.axis,
+            self.scale.to(device), self.offset.to(device), self.bitwidth, self.symmetric, self.granularity,
             self.strict_symmetric,
         )
 
@@ -132,29 +154,39 @@ class Encoding:
             self.bitwidth == other.bitwidth
             and self.symmetric == other.symmetric
             and self.strict_symmetric == other.strict_symmetric
-            and self.axis == other.axis
+            and self.granularity == other.granularity
             and torch.equal(self.scale.cpu(), other.scale.cpu())
             and torch.equal(self.offset.cpu(), other.offset.cpu())
         )
 
     def to_dict(self) -> dict:
-        return {
+        """JSON form: the granularity, and for per-tensor and one-axis per-channel encodings also the ``axis`` older
+        readers take."""
+        data = {
             "scale": self.scale.cpu().tolist(),
             "offset": self.offset.cpu().tolist(),
             "bitwidth": self.bitwidth,
             "symmetric": self.symmetric,
-            "axis": self.axis,
+            "granularity": self.granularity.to_json(),
             "strict_symmetric": self.strict_symmetric,
         }
+        try:
+            data["axis"] = legacy_axis(self.granularity)
+        except ValueError:
+            pass  # no axis form: readers of "axis" alone cannot take this encoding
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Encoding:
+        """Reads `to_dict`'s form, and the older one with ``axis`` only."""
+        granularity = (granularity_from_json(data["granularity"]) if "granularity" in data
+                       else as_granularity(data.get("axis")))
         return cls(
             torch.tensor(data["scale"]),
             torch.tensor(data["offset"]),
             int(data["bitwidth"]),
             bool(data["symmetric"]),
-            data.get("axis"),
+            granularity,
             bool(data.get("strict_symmetric", False)),
         )
 
@@ -227,15 +259,6 @@ def _check_range(min_val: torch.Tensor, max_val: torch.Tensor) -> None:
     raise ValueError(
         f"encoding range{where} has min {low_value} > max {high_value}; pass the smaller bound as min_val"
     )
-
-
-def broadcast_shape(ndim: int, axis: int | None) -> tuple[int, ...]:
-    """``()`` per tensor; ``(1, .., -1, .., 1)`` with the channels on ``axis`` per channel."""
-    if axis is None:
-        return ()
-    shape = [1] * ndim
-    shape[axis] = -1
-    return tuple(shape)
 
 
 def check_bitwidth(bitwidth: object, what: str) -> None:

@@ -12,7 +12,11 @@ the model's own inputs) and ``key`` (input/output position or parameter name), s
 ``scale``/``offset`` are buffers; `enable_range_learning` turns them into parameters for QAT with range
 learning. A new encoding is copied into them in place, so an optimizer built earlier keeps training the live
 tensors. ``frozen`` encodings are not recomputed by calibration (AdaRound, loaded or edited encodings).
-Everything that defines the quantizer (encoding, bitwidth, symmetry, axis, flags) is in its ``state_dict``.
+Everything that defines the quantizer (encoding, bitwidth, symmetry, granularity, flags) is in its ``state_dict``.
+
+``granularity`` (`edgequant.quantization.granularity`) says which elements share a scale: per tensor, per channel,
+per block or LPBQ; a per-block quantizer quantizes its tensor through the grouped view (``(O, I)`` as
+``(O, I/B, B)``), which only the eager passes take (the fused loops are for one scale).
 
 A symmetric quantizer follows the config's ``strict_symmetric`` (its grid has one level fewer, symmetric around
 zero) and ``unsigned_symmetric`` (calibrated on non-negative data it takes the unsigned grid, offset 0); see
@@ -29,8 +33,15 @@ from torch import nn
 from edgequant.quantization import fused_cpu
 from edgequant.quantization.affine import quantize_dequantize
 from edgequant.quantization.analyzers import CalibrationError, EncodingAnalyzer
-from edgequant.quantization.calibration_methods import MethodSpec, calibration_method
-from edgequant.quantization.encoding import Encoding, broadcast_shape, check_bitwidth, grid_from_range
+from edgequant.quantization.calibration_methods import CalibrationMethod, MethodSpec, calibration_method
+from edgequant.quantization.encoding import Encoding, check_bitwidth, grid_from_range
+from edgequant.quantization.granularity import (
+    PER_TENSOR,
+    Granularity,
+    as_granularity,
+    granularity_from_ints,
+    legacy_axis,
+)
 from edgequant.quantization.sealing import Sealable
 
 ROLES = ("model_input", "input", "param", "output")
@@ -39,13 +50,18 @@ ROLES = ("model_input", "input", "param", "output")
 _GROUP_OF_ROLE = {"model_input": "model_input_quantizers", "input": "input_quantizers",
                   "param": "param_quantizers", "output": "output_quantizers"}
 
+EXTRA_STATE_VERSION = 2
+"""Extra state ``[-2, enabled, frozen, bitwidth, symmetric, strict, unsigned, *granularity.to_ints()]``; version 1
+(no marker) was ``[enabled, frozen, bitwidth, symmetric, axis (-1: per tensor)]`` with ``[strict, unsigned]``
+appended by later writers."""
+
 
 class Quantizer(Sealable):
     def __init__(
         self,
         bitwidth: int = 8,
         symmetric: bool = False,
-        axis: int | None = None,
+        granularity: Granularity | int | None = PER_TENSOR,
         scheme: MethodSpec = "minmax",
         role: str = "output",
         owner: str = "",
@@ -62,7 +78,6 @@ class Quantizer(Sealable):
         check_bitwidth(bitwidth, f"quantizer {self.name} bitwidth")
         self.bitwidth = bitwidth
         self.symmetric = symmetric
-        self.axis = axis
         self.min_constraint = min_constraint
         self.max_constraint = max_constraint
         if strict_symmetric and unsigned_symmetric:
@@ -73,9 +88,32 @@ class Quantizer(Sealable):
         self.frozen = False
         self.reuse_input_memory = False  # set by the sim for op outputs, which nothing else holds
         self.calibrating = False
-        self.analyzer: EncodingAnalyzer = calibration_method(scheme).analyzer(axis, role)
+        self.calibration: CalibrationMethod = calibration_method(scheme)
+        self.analyzer: EncodingAnalyzer
+        self.granularity = granularity
         self.register_buffer("scale", None)
         self.register_buffer("offset", None)
+
+    @property
+    def granularity(self) -> Granularity:
+        return self._granularity
+
+    @granularity.setter
+    def granularity(self, value: Granularity | int | None) -> None:
+        """A new granularity gets an analyzer of its own (statistics of the old layout would not fit)."""
+        value = as_granularity(value)
+        if not value.bound:
+            raise ValueError(f"quantizer {self.name}: {value.describe()} leaves its axes to the layer; give them "
+                             "(QuantSim.set_granularity fills them from the layer)")
+        value.check_grid(self.bitwidth, self.symmetric, f"quantizer {self.name}")
+        if getattr(self, "_granularity", None) != value:
+            self._granularity = value
+            self.analyzer = self.calibration.analyzer(value, self.role)
+
+    @property
+    def axis(self) -> int | None:
+        """The ``axis: int | None`` of older code (per tensor or one-axis per channel only; see `legacy_axis`)."""
+        return legacy_axis(self.granularity)
 
     @property
     def name(self) -> str:
@@ -84,7 +122,7 @@ class Quantizer(Sealable):
         return f"{self.owner}.{group}" if self.owner else group
 
     def extra_repr(self) -> str:
-        granularity = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
+        granularity = self.granularity.describe()
         state = "enabled" if self.enabled else "disabled"
         symmetry = "asym"
         if self.symmetric:
@@ -101,14 +139,14 @@ class Quantizer(Sealable):
     def encoding(self) -> Encoding | None:
         if self.scale is None:
             return None
-        return Encoding(self.scale, self.offset, self.bitwidth, self.symmetric, self.axis, self.strict_grid)
+        return Encoding(self.scale, self.offset, self.bitwidth, self.symmetric, self.granularity, self.strict_grid)
 
     @property
     def range_learning(self) -> bool:
         return isinstance(self.scale, nn.Parameter)
 
     def set_encoding(self, encoding: Encoding | None) -> None:
-        """Install an encoding (its bitwidth/symmetry/strictness/axis become this quantizer's).
+        """Install an encoding (its bitwidth/symmetry/strictness/granularity become this quantizer's).
 
         The values are copied into the existing scale/offset tensors when the shapes agree, so trainable
         (range-learning) parameters stay the same objects."""
@@ -117,7 +155,8 @@ class Quantizer(Sealable):
                 raise RuntimeError(f"quantizer '{self.name}' learns its range; it cannot drop its encoding")
             self.scale = self.offset = None
             return
-        self.bitwidth, self.symmetric, self.axis = encoding.bitwidth, encoding.symmetric, encoding.axis
+        self.bitwidth, self.symmetric = encoding.bitwidth, encoding.symmetric
+        self.granularity = encoding.granularity
         if encoding.symmetric:
             self.strict_symmetric = encoding.strict_symmetric
             self.unsigned_symmetric = self.unsigned_symmetric and not encoding.strict_symmetric
@@ -153,10 +192,9 @@ class Quantizer(Sealable):
         elif self.max_constraint is not None:
             high = high.clamp_max(self.max_constraint)
             low = torch.minimum(low, high)
-        if self.axis is None:
-            low, high = low.reshape(()), high.reshape(())
+        low, high = low.reshape(self.analyzer.scale_shape), high.reshape(self.analyzer.scale_shape)
         encoding = Encoding.from_range(
-            low, high, self.bitwidth, self.symmetric, self.axis, strict_symmetric=self.strict_symmetric,
+            low, high, self.bitwidth, self.symmetric, self.granularity, strict_symmetric=self.strict_symmetric,
             unsigned_symmetric=self.unsigned_symmetric,
         )
         self.set_encoding(encoding)
@@ -198,16 +236,15 @@ class Quantizer(Sealable):
                 or scale.dtype != torch.float32 or offset.dtype != torch.float32 or scale.device != tensor.device
                 or not self.analyzer.observe_alone(tensor)):
             return False
-        low, high = self.analyzer.min, self.analyzer.max
-        if self.axis is None:
-            low, high = low.reshape(()), high.reshape(())
-        if low.shape != scale.shape:
+        if self.analyzer.scale_shape != scale.shape:
             return False
+        low, high = self.analyzer.min.reshape(scale.shape), self.analyzer.max.reshape(scale.shape)
         with torch.no_grad():
             grid_from_range(
                 low, high, self.bitwidth, self.symmetric, out=(scale, offset), strict_symmetric=self.strict_symmetric,
                 unsigned_symmetric=self.unsigned_symmetric,
             )
+            self.granularity.project(scale, self.bitwidth, out=scale)
         return True
 
     def enable_range_learning(self) -> None:
@@ -222,22 +259,30 @@ class Quantizer(Sealable):
     # -- state_dict --------------------------------------------------------------------------------------
     def get_extra_state(self) -> torch.Tensor:
         """Flags and grid as one small integer tensor (every state_dict value stays a tensor, which
-        TorchScript tracing, ONNX export and ``torch.load(weights_only=True)`` expect)."""
-        axis = -1 if self.axis is None else self.axis
+        TorchScript tracing, ONNX export and ``torch.load(weights_only=True)`` expect); see `EXTRA_STATE_VERSION`."""
         return torch.tensor(
-            [self.enabled, self.frozen, self.bitwidth, self.symmetric, axis, self.strict_symmetric,
-             self.unsigned_symmetric],
+            [-EXTRA_STATE_VERSION, self.enabled, self.frozen, self.bitwidth, self.symmetric, self.strict_symmetric,
+             self.unsigned_symmetric, *self.granularity.to_ints()],
             dtype=torch.int64,
         )
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        """Also reads the five flags states written before the strict/unsigned symmetric ones (both off)."""
-        enabled, frozen, bitwidth, symmetric, axis, *variants = (int(v) for v in state.tolist())
-        strict, unsigned = variants if variants else (0, 0)
+        """Reads every version: the current one, and version 1 with or without the strict/unsigned flags."""
+        values = [int(v) for v in state.tolist()]
+        if values[0] >= 0:  # version 1: enabled (0 or 1) comes first
+            enabled, frozen, bitwidth, symmetric, axis, *variants = values
+            strict, unsigned = variants if variants else (0, 0)
+            granularity = as_granularity(None if axis < 0 else axis)
+        elif values[0] == -EXTRA_STATE_VERSION:
+            enabled, frozen, bitwidth, symmetric, strict, unsigned, *granularity_ints = values[1:]
+            granularity = granularity_from_ints(granularity_ints)
+        else:
+            raise ValueError(f"quantizer {self.name}: extra state version {-values[0]} is newer than this edgequant "
+                             f"reads (up to {EXTRA_STATE_VERSION})")
         self.enabled, self.frozen, self.symmetric = bool(enabled), bool(frozen), bool(symmetric)
         self.strict_symmetric, self.unsigned_symmetric = bool(strict), bool(unsigned)
         self.bitwidth = bitwidth
-        self.axis = None if axis < 0 else axis
+        self.granularity = granularity
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         """Make room for a saved encoding (an uncalibrated quantizer has no scale/offset tensors yet), or
@@ -291,9 +336,10 @@ class Quantizer(Sealable):
         inplace = self.reuse_input_memory and not torch.compiler.is_compiling() and not torch.is_grad_enabled() and (
             torch.is_inference_mode_enabled() or not x.is_inference()
         )
-        if self.axis is None:
-            return quantize_dequantize(x, self.scale, self.offset, self.bitwidth, inplace, strict_symmetric=strict)
-        shape = broadcast_shape(x.dim(), self.axis)
-        return quantize_dequantize(
-            x, self.scale.view(shape), self.offset.view(shape), self.bitwidth, inplace, strict_symmetric=strict
+        granularity, ndim = self.granularity, x.dim()
+        scale = granularity.project(self.scale, self.bitwidth)
+        out = quantize_dequantize(
+            granularity.grouped(x, self.name), granularity.group_scale(scale, ndim),
+            granularity.group_scale(self.offset, ndim), self.bitwidth, inplace, strict_symmetric=strict,
         )
+        return granularity.ungrouped(out, x.shape)

@@ -65,9 +65,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from edgequant.quantization import Quantizer
+from edgequant.quantization import PerChannel, Quantizer
 from edgequant.quantization.encoding import grid_steps
-from edgequant.sim.ops import is_data_movement, is_pass_through, module_op_type
+from edgequant.quantization.granularity import PER_TENSOR
+from edgequant.sim.ops import is_data_movement, is_pass_through, module_op_type, weight_output_axis
 from edgequant.sim.quantized_module import FunctionalOp, QuantizedModule
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -556,8 +557,12 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str, node: fx.Node
     if output is None:
         return "its output is not quantized by one fused group (op → [ReLU/ReLU6] → quantizer)"
     for quantizer in (*inputs, output, *([weight] if weight is not None else [])):
-        if quantizer.bitwidth != 8 or (quantizer.axis is not None and quantizer is not weight):
-            return f"quantizer {quantizer.name} is not an 8-bit per-tensor activation / per-channel weight grid"
+        granularities = (PER_TENSOR,)
+        if quantizer is weight:  # the runtime rescales its accumulator by one multiplier per output channel
+            granularities += (PerChannel(weight_output_axis(module, module.weight)),)
+        if quantizer.bitwidth != 8 or quantizer.granularity not in granularities:
+            return (f"quantizer {quantizer.name} is not an 8-bit per-tensor activation / per-output-channel weight "
+                    f"grid ({quantizer.granularity.describe()})")
     activation = next((m for m in passed if not is_pass_through(m)), None)
     plan.ops.append(EmulatedOp(name, kind, module, inputs, output, activation))
     return ""
@@ -569,11 +574,12 @@ def _ready(quantizers: list[Quantizer]) -> bool:
     return all(q.enabled and not q.calibrating and q.scale is not None for q in quantizers)
 
 
-def _weight_indices(module: nn.Module, grid: Grid, axis: int = 0) -> torch.Tensor:
+def _weight_indices(module: nn.Module, quantizer: Quantizer) -> torch.Tensor:
     """The weight's integer grid indices, rounded exactly as the sim's quantizer rounds them."""
     weight = module._parameters["weight"].detach()
-    scale = _channels(grid.scale, weight.dim(), axis)
-    low = _channels(grid.offset, weight.dim(), axis)
+    grid = Grid.of(quantizer)
+    scale = quantizer.granularity.broadcast(grid.scale, weight.shape)
+    low = quantizer.granularity.broadcast(grid.offset, weight.shape)
     return torch.clamp(torch.round(weight / scale), low, low + grid.num_steps)
 
 
@@ -607,8 +613,7 @@ def _accumulate(op: EmulatedOp, runtime: RuntimeModel, x: torch.Tensor, source: 
     """
     module = op.module
     weight_quantizer = module.param_quantizers["weight"]
-    weight_grid = Grid.of(weight_quantizer)
-    weights = _weight_indices(module, weight_grid, weight_quantizer.axis or 0)
+    weights = _weight_indices(module, weight_quantizer)
     weight_sum = float(weights.abs().flatten(1).sum(1).max())
     indices = source.indices(x)
     largest = source.largest_index * weight_sum
@@ -624,7 +629,7 @@ def _accumulate(op: EmulatedOp, runtime: RuntimeModel, x: torch.Tensor, source: 
     bias = module._parameters.get("bias")
     if bias is None:
         return accumulator
-    bias_int = runtime.bias_to_int32(bias, source.scale, weight_grid.scale)
+    bias_int = runtime.bias_to_int32(bias, source.scale, Grid.of(weight_quantizer).scale)
     if largest + float(bias_int.abs().max()) >= EXACT_FLOAT32:
         accumulator = accumulator.double()
     return accumulator.add_(_channels(bias_int.to(accumulator.dtype), accumulator.dim(),

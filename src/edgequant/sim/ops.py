@@ -207,3 +207,11 @@ def weight_output_axis(module: nn.Module, param: torch.Tensor) -> int | None:
     if param.dim() < 2:
         return None
     return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def weight_input_axis(module: nn.Module, param: torch.Tensor) -> int | None:
+    """Axis of a weight that holds the layer's input channels, the one per-block quantization blocks (0 for
+    transposed convs, else 1); None for 1-D params."""
+    if param.dim() < 2:
+        return None
+    return 0 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 1

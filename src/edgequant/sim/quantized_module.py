@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from edgequant.quantization import Quantizer
+from edgequant.quantization import Granularity, Quantizer
 from edgequant.quantization.sealing import Sealable
 from edgequant.sim.ops import CLAMP_ACTIVATIONS, clamp_bounds, function_name
 
@@ -29,7 +29,7 @@ class FrozenParam(NamedTuple):
 
     quantized: torch.Tensor
     bitwidth: int
-    axis: int | None
+    granularity: Granularity
 
 
 class FrozenWeightsError(RuntimeError):
@@ -118,7 +118,7 @@ class QuantizedModule(Sealable):
             )
         for name, frozen in self._frozen_params.items():
             quantizer = self.param_quantizers[name]
-            if (quantizer.bitwidth, quantizer.axis) != (frozen.bitwidth, frozen.axis):
+            if (quantizer.bitwidth, quantizer.granularity) != (frozen.bitwidth, frozen.granularity):
                 self.thaw_quantized_params()  # the grid changed: fold the weights in again on it
                 self.freeze_quantized_params()
                 return
@@ -135,7 +135,7 @@ class QuantizedModule(Sealable):
                 param = self._parameters.get(name)
                 if param is None or not quantizer.enabled or quantizer.calibrating or quantizer.scale is None:
                     continue  # stays live: quantized (or refused) per forward as before
-                frozen[name] = FrozenParam(quantizer(param), quantizer.bitwidth, quantizer.axis)
+                frozen[name] = FrozenParam(quantizer(param), quantizer.bitwidth, quantizer.granularity)
         for name in frozen:
             quantizer = self.param_quantizers[name]
             message = (f"the encoding of '{quantizer.name}' is sealed while the sim's weights are frozen "

@@ -17,7 +17,15 @@ import torch.fx as fx
 from torch import nn
 
 from edgequant.config import HardwareConfig
-from edgequant.quantization import CalibrationError, Encoding, MethodSpec, Quantizer, calibration_method
+from edgequant.quantization import (
+    CalibrationError,
+    Encoding,
+    Granularity,
+    MethodSpec,
+    PerTensor,
+    Quantizer,
+    calibration_method,
+)
 from edgequant.quantization.encoding import check_bitwidth
 from edgequant.quantization.quantizer import ROLES
 from edgequant.sim.batches import ModelInput, iterate_batches, model_device
@@ -43,6 +51,7 @@ from edgequant.sim.ops import (
     is_data_movement,
     is_pass_through,
     module_op_type,
+    weight_input_axis,
     weight_output_axis,
 )
 from edgequant.sim.quantized_module import QuantizedModule, make_quantized
@@ -61,6 +70,7 @@ class CoverageEntry:
     quantizer: str | None
     reason: str
     category: str  # "quantized", "by design" (the hardware keeps it so too) or "left in float" (a gap)
+    granularity: str = ""  # the quantizer's (`Granularity.describe`), empty where none quantizes the tensor
 
 
 class QuantSim:
@@ -244,9 +254,9 @@ class QuantSim:
             if not rule.quantized:
                 self._notes.append(CoverageNote(f"{name}.{param_name}", op_type, "not quantized by the config", True))
                 continue
-            axis = weight_output_axis(module, param) if rule.per_channel else None
+            granularity = _param_granularity(rule.granularity, module, param, f"{name}.{param_name}")
             module.param_quantizers[param_name] = Quantizer(
-                rule.bitwidth or self.param_bw, rule.symmetric, axis, self.quant_scheme, role="param",
+                rule.bitwidth or self.param_bw, rule.symmetric, granularity, self.quant_scheme, role="param",
                 owner=name, key=param_name, strict_symmetric=rule.strict_symmetric,
                 unsigned_symmetric=rule.unsigned_symmetric,
             )
@@ -280,8 +290,8 @@ class QuantSim:
 
     def _activation_quantizer(self, rule: Any, role: str, owner: str, key: int | str) -> Quantizer:
         return Quantizer(
-            rule.bitwidth or self.output_bw, rule.symmetric, None, self.quant_scheme, role=role, owner=owner,
-            key=str(key), min_constraint=rule.min_constraint, max_constraint=rule.max_constraint,
+            rule.bitwidth or self.output_bw, rule.symmetric, rule.granularity, self.quant_scheme, role=role,
+            owner=owner, key=str(key), min_constraint=rule.min_constraint, max_constraint=rule.max_constraint,
             strict_symmetric=rule.strict_symmetric, unsigned_symmetric=rule.unsigned_symmetric,
         )
 
@@ -343,7 +353,8 @@ class QuantSim:
             op = getattr(self.layer_of(quantizer), "onnx_op_type", "model input") if quantizer.owner else "model input"
             reason = "" if quantizer.enabled else "quantizer disabled"
             category = "quantized" if quantizer.enabled else "left in float"
-            entries.append(CoverageEntry(name, op, quantizer.enabled, name, reason, category))
+            entries.append(CoverageEntry(name, op, quantizer.enabled, name, reason, category,
+                                         quantizer.granularity.describe()))
         entries += [
             CoverageEntry(n.tensor, n.op, False, None, n.reason, "by design" if n.by_design else "left in float")
             for n in self._notes
@@ -358,6 +369,9 @@ class QuantSim:
         quantized = len(entries) - len(gaps) - len(by_design)
         lines = [f"{quantized} of {len(entries)} tensors quantized, {len(by_design)} float by design, "
                  f"{len(gaps)} left in float"]
+        weights = Counter(q.granularity.describe() for q in self.quantizers(role="param").values() if q.enabled)
+        if weights:
+            lines.append("parameters: " + ", ".join(f"{count} {kind}" for kind, count in sorted(weights.items())))
         for title, group in (("left in float (gaps):", gaps), ("float by design:", by_design)):
             if group:
                 lines.append(title)
@@ -485,6 +499,38 @@ class QuantSim:
         for quantizer in selected.values():
             quantizer.enabled = enabled
         return len(selected)
+
+    def set_granularity(self, pattern: str, granularity: Granularity,
+                        module_types: tuple[type, ...] | None = None) -> list[str]:
+        """Rebuild the weight quantizers (parameters of 2 dims or more) of the layers matching the glob ``pattern``
+        with ``granularity`` (``PerBlock(64)``, ``Lpbq(64, decompressed_bw=8)``, ``PerChannel()``...; axes left open
+        are the layer's: channels on its output channels, blocks along its input channels). Bitwidth, symmetry,
+        calibration method and enabled flag carry over; a quantizer that had an encoding gets a new one computed
+        from its weight (frozen encodings are dropped: they were for the old layout). Returns the rebuilt
+        quantizers' names; a pattern matching no weight quantizer, or a block size that does not divide a
+        weight, is an error naming the layer."""
+        selected = {name: q for name, q in self.select(pattern, ("param",), module_types).items()
+                    if getattr(self.layer_of(q), q.key).dim() >= 2}
+        if not selected:
+            raise KeyError(f"the layers matching {pattern!r} have no quantized weight of 2 dims or more")
+        rebuilt = {}
+        for name, old in selected.items():  # check every layer before changing any
+            module = self.layer_of(old)
+            param = getattr(module, old.key)
+            bound = _param_granularity(granularity, module, param, name)
+            quantizer = Quantizer(
+                old.bitwidth, old.symmetric, bound, old.calibration, role="param", owner=old.owner, key=old.key,
+                min_constraint=old.min_constraint, max_constraint=old.max_constraint,
+                strict_symmetric=old.strict_symmetric, unsigned_symmetric=old.unsigned_symmetric,
+            )
+            quantizer.enabled = old.enabled
+            rebuilt[name] = (module, quantizer, old.scale is not None)
+        with self._weights_unfrozen():
+            for module, quantizer, had_encoding in rebuilt.values():
+                module.param_quantizers[quantizer.key] = quantizer
+                if had_encoding:
+                    quantizer.encode_from(getattr(module, quantizer.key))
+        return list(rebuilt)
 
     def quantizers_enabled(self, enabled: bool, quantizers: Iterable[Quantizer] | None = None):  # noqa: ANN201
         """Context manager: ``quantizers`` (default: all) on or off inside the block, restored after."""
@@ -635,6 +681,16 @@ def _constant(traced: fx.GraphModule, node: Any) -> torch.Tensor | None:
     owner, _, attribute = node.target.rpartition(".")
     value = getattr(traced.get_submodule(owner), attribute, None)
     return value if isinstance(value, torch.Tensor) else None
+
+
+def _param_granularity(requested: Granularity, module: nn.Module, param: torch.Tensor, what: str) -> Granularity:
+    """``requested`` with the axes it leaves open taken from the layer; a parameter without channels (fewer than 2
+    dims: biases, norms' scales) is per tensor. A shape the granularity does not fit fails here, naming ``what``."""
+    if param.dim() < 2:
+        return PerTensor()
+    granularity = requested.bind(weight_output_axis(module, param), weight_input_axis(module, param))
+    granularity.scale_shape(param.shape, what)
+    return granularity
 
 
 def _roles(role: str | Iterable[str] | None) -> tuple[str, ...]:

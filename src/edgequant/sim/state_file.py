@@ -19,8 +19,11 @@ from typing import Any
 import torch
 
 SIM_STATE_FORMAT = "edgequant-sim-state"
-SIM_STATE_VERSION = 3
-READABLE_SIM_STATE_VERSIONS = (2, 3)  # version 2: settings as separate keys, checksum over the tensors only
+SIM_STATE_VERSION = 4
+READABLE_SIM_STATE_VERSIONS = (2, 3, 4)
+"""Version 2: settings as separate keys, checksum over the tensors only; 3: settings as JSON under the checksum;
+4: quantizers' extra state holds their granularity (`edgequant.quantization.quantizer.EXTRA_STATE_VERSION`), which
+this reader also reads in the older ``axis`` form."""
 REWRITE_HINT = "rerun `edgequant quantize` (or QuantSim.save) to write it again"
 
 
@@ -92,7 +95,7 @@ def write_sim_state(path: str | Path, settings: dict[str, Any], state_dict: dict
 
 
 def read_sim_state(path: str | Path) -> SimState:
-    """Read a file `write_sim_state` wrote (or version 2 of it), checking format, version and checksum before
+    """Read a file `write_sim_state` wrote (or an older version of it), checking format, version and checksum before
     anything in it is returned."""
     state = load_without_code(path, "sim state", REWRITE_HINT)
     if not isinstance(state, dict) or state.get("format") != SIM_STATE_FORMAT:
