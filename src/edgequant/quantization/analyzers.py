@@ -33,7 +33,9 @@ class EncodingAnalyzer:
     """Base class: tracks the running min/max per row (scale) and the count of non-finite values.
 
     ``granularity`` also takes the ``axis: int | None`` of older code. ``scale_shape`` is the shape of the scale the
-    observed tensors need (set by `observe`)."""
+    observed tensors need (set by `observe`); ``tensor_name`` names the tensor in errors (the quantizer sets it)."""
+
+    tensor_name = "analyzer"
 
     def __init__(self, granularity: Granularity | int | None = PER_TENSOR) -> None:
         self.granularity = as_granularity(granularity)
@@ -42,8 +44,8 @@ class EncodingAnalyzer:
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as (scales, values) float rows; remembers the scale shape."""
-        self.scale_shape = self.granularity.scale_shape(x.shape, "analyzer")
-        return self.granularity.rows(x.detach().float(), "analyzer")
+        self.scale_shape = self.granularity.scale_shape(x.shape, self.tensor_name)
+        return self.granularity.rows(x.detach().float(), self.tensor_name)
 
     def reset(self) -> None:
         self.min: torch.Tensor | None = None

@@ -109,6 +109,7 @@ class Quantizer(Sealable):
         if getattr(self, "_granularity", None) != value:
             self._granularity = value
             self.analyzer = self.calibration.analyzer(value, self.role)
+            self.analyzer.tensor_name = self.name
 
     @property
     def axis(self) -> int | None:
