@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from edgequant.analysis import QuantAnalyzer
 from edgequant.cli.main import main
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
+from edgequant.ptq import fold_batch_norms
 
 
 def test_analyze_tensor_file_writes_the_api_figures(tmp_path) -> None:
@@ -26,7 +27,9 @@ def test_analyze_tensor_file_writes_the_api_figures(tmp_path) -> None:
     written = json.loads((out / "analysis.json").read_text())
     assert written["num_batches"] == 2 and written["settings"]["config"] == "per_channel"
 
-    api = QuantAnalyzer(load_pretrained("digits_cnn"), images[:32], list(images[:96].split(32)), param_bw=4,
+    model = load_pretrained("digits_cnn")  # the command folds BatchNorms first, as deployment does
+    assert len(fold_batch_norms(model, images[:1])) == 3
+    api = QuantAnalyzer(model, images[:32], list(images[:96].split(32)), param_bw=4,
                         config="per_channel", progress=False).analyze(tmp_path / "api", num_batches=2)
     assert written["quantized_metric"] == api.quantized_metric
     assert [layer["all_but_this_quantized"] for layer in written["layers"]] == [

@@ -9,7 +9,10 @@ from click.testing import CliRunner
 from edgequant.cli.autoquant_command import autoquant as autoquant_command
 from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
 from edgequant.quantization import Percentile
+from edgequant.sim import QuantSim
 from edgequant.workflows import autoquant
+from edgequant.workflows.autoquant import _recommend
+from edgequant.workflows.autoquant_result import AutoQuantResult, StepRecord
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,22 @@ def test_a_method_with_settings_is_logged_and_restored_from_the_cache(digits, tm
     with torch.no_grad():
         assert torch.equal(second.sim.model(test_images), first.sim.model(test_images))
     assert not any(step.cached for step in run(Percentile(99.5)).steps)  # other settings, other cache entry
+
+@pytest.mark.parametrize("config", ["default", "per_channel"])
+def test_the_recommendation_starts_from_the_settings_it_ran_with(digits, config: str, tmp_path) -> None:
+    model, train_images, batches, *_ = digits
+    sim = QuantSim(model, train_images[:1], param_bw=4, config=config)
+    sim.calibrate(batches[:1], progress=False)
+    steps = [StepRecord("w32", "", 0.995, 0.0, diagnostic=True), StepRecord("a32", "", 0.6, 0.0, diagnostic=True)]
+    result = AutoQuantResult(sim, 1.0, 0.99, "calibration:minmax", 0.5, False, tmp_path / "s.pt", tmp_path / "r.html",
+                             steps, sensitivity=[("conv2.1", 0.8), ("conv3.0", 0.7), ("fc", 0.4)])
+    lines = _recommend(result, param_bw=4, output_bw=8).splitlines()
+    weights = "Weights are the problem (activations alone, W32A8: 0.9950): try "
+    assert lines[1] == weights + ("a per-channel config (config='per_channel') or param_bw > 4." if config == "default"
+                                  else "param_bw > 4.")
+    assert lines[2].startswith("conv2.1 is a BatchNorm simulated unfolded")  # not "keep conv2.1 at 16 bits"
+    assert lines[3] == "Keep the most sensitive layers at a higher bitwidth (e.g. 16-bit): conv3.0 (+0.2000)."
+
 
 def test_cli_runs_the_digits_demo(tmp_path) -> None:
     outcome = CliRunner().invoke(autoquant_command, ["--out", str(tmp_path), "--quiet", "--num-batches", "2",

@@ -15,7 +15,7 @@ from edgequant.analysis.fidelity import OutputFidelity
 from edgequant.analysis.layer_pass import LayerPassResult, run_layer_pass
 from edgequant.analysis.onnx_names import layer_tensor_names
 from edgequant.analysis.report import write_report
-from edgequant.analysis.result import ActivationRange, AnalysisResult, LayerAnalysis, encoding_dict
+from edgequant.analysis.result import BATCH_NORM, ActivationRange, AnalysisResult, LayerAnalysis, encoding_dict
 from edgequant.analysis.sweeps import LayerSensitivity, Sweeps
 from edgequant.analysis.weights import weight_ranges
 from edgequant.config import HardwareConfig
@@ -30,8 +30,10 @@ class QuantAnalyzer:
     """Analyse the quantization of ``model``: sensitivities, output error along the network, ranges.
 
     The sim is exactly ``QuantSim(model, dummy_input, param_bw=..., output_bw=..., quant_scheme=..., config=...)``
-    calibrated on all of ``calibration_data`` (no folding or other transform: do those first, or analyse your
-    own sim with `from_sim`); ``model`` itself is never modified. ``eval_fn(model) -> float`` (higher is
+    calibrated on all of ``calibration_data`` (no folding or other transform: do those first, e.g.
+    `edgequant.ptq.fold_batch_norms` as deployment does, or analyse your own sim with `from_sim`; BatchNorms left
+    unfolded are listed in ``settings["batch_norms_unfolded"]`` and the advice says so); ``model`` itself is
+    never modified. ``eval_fn(model) -> float`` (higher is
     better) is called on ``sim.model`` with quantizers switched on and off; without it the metric is
     `OutputFidelity` (1 - NMSE of the model outputs vs FP32) on the analysis batches, and each per-layer
     sweep starts at the layer's cut instead of the model input (`cut_sweeps`: same figures, about half the
@@ -77,7 +79,9 @@ class QuantAnalyzer:
         self.sim, self.data, self.eval_fn, self.progress = sim, data, eval_fn, progress
         self.metric: Callable[[nn.Module], float] | None = eval_fn
         self.settings = {"param_bw": sim.param_bw, "output_bw": sim.output_bw, "quant_scheme": str(sim.quant_scheme),
-                         "config": config_name}
+                         "config": config_name, "batch_norms_unfolded": [
+                             name for name, module in sim.quantized_modules().items()
+                             if module.onnx_op_type == BATCH_NORM]}
         self.timings: dict[str, float] = {}
 
     def layers(self) -> dict[str, nn.Module]:

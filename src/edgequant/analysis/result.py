@@ -16,6 +16,9 @@ from edgequant.analysis.tensor_stats import Histogram
 from edgequant.analysis.weights import WeightRanges
 from edgequant.quantization import Encoding
 
+BATCH_NORM = "BatchNormalization"
+"""ONNX op type of a BatchNorm simulated on its own, i.e. not folded into its Conv/Linear as deployment does."""
+
 
 @dataclass
 class ActivationRange:

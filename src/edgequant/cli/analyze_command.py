@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from edgequant.cli.data import bitwidth_options, data_options, demo_model_option, device_option, quiet_option
+from edgequant.cli.data import (
+    bitwidth_options,
+    data_options,
+    demo_model_option,
+    device_option,
+    fold_bn_option,
+    quiet_option,
+)
 from edgequant.cli.errors import debug_option
 from edgequant.cli.job import JobOptions, SimSettings, build_job, pass_job_options
 from edgequant.quantization import QUANT_SCHEMES
@@ -23,6 +30,7 @@ RANKED_LINES = 5
 @bitwidth_options
 @click.option("--scheme", type=click.Choice(QUANT_SCHEMES), default="minmax", show_default=True,
               help="Calibration method (encoding analyzer).")
+@fold_bn_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("edgequant_analysis"), show_default=True,
               help="Output folder (analysis.json, report.html, layer_outputs.npz).")
@@ -30,17 +38,17 @@ RANKED_LINES = 5
 @quiet_option
 @debug_option
 @pass_job_options
-def analyze(options: JobOptions, settings: SimSettings, out_dir: Path, quiet: bool) -> None:
+def analyze(options: JobOptions, settings: SimSettings, fold_bn: bool, out_dir: Path, quiet: bool) -> None:
     """Find where quantization loses accuracy: per-layer sensitivity, output SQNR along the network, ranges.
 
-    Writes analysis.json, an interactive report.html and the per-layer outputs (FP32 and sim) of the first
-    batch under their ONNX tensor names.
+    Writes analysis.json (its settings list the BatchNorms left unfolded), an interactive report.html and the
+    per-layer outputs (FP32 and sim) of the first batch under their ONNX tensor names.
     """
     from edgequant.analysis import QuantAnalyzer
 
     job = build_job(options, settings, demo_batch_size=32)
-    analyzer = QuantAnalyzer(job.model, job.dummy_input, job.batches, job.evaluate, **settings.quantsim_kwargs(),
-                             progress=not quiet)
+    analyzer = QuantAnalyzer(job.float_model(fold_bn), job.dummy_input, job.batches, job.evaluate,
+                             **settings.quantsim_kwargs(), progress=not quiet)
     result = analyzer.analyze(out_dir, num_batches=job.num_batches)  # the analysis only: calibration uses every batch
     click.echo(f"metric: {result.metric_name}")
     for label, value in (("FP32", result.fp32_metric), ("quantized", result.quantized_metric),

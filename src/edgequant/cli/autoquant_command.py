@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from edgequant.cli.data import bitwidth_options, data_options, demo_model_option, device_option, quiet_option
+from edgequant.cli.data import (
+    bitwidth_options,
+    data_options,
+    demo_model_option,
+    device_option,
+    fold_bn_option,
+    quiet_option,
+)
 from edgequant.cli.errors import debug_option
 from edgequant.cli.job import JobOptions, SimSettings, build_job, pass_job_options
 from edgequant.quantization import QUANT_SCHEMES
@@ -23,6 +30,7 @@ from edgequant.workflows.autoquant import DEFAULT_SCHEMES
 @bitwidth_options
 @click.option("--scheme", "schemes", type=click.Choice(QUANT_SCHEMES), multiple=True, default=DEFAULT_SCHEMES,
               show_default=True, help="Calibration scheme to compare (repeat the option for several).")
+@fold_bn_option
 @click.option("--adaround-iterations", type=click.IntRange(min=0), default=10000, show_default=True,
               help="AdaRound iterations per layer (the last, most expensive step).")
 @click.option("--mixed-precision", "mixed_precision", metavar="W,A[;W,A...]",
@@ -35,10 +43,11 @@ from edgequant.workflows.autoquant import DEFAULT_SCHEMES
 @debug_option
 @pass_job_options
 def autoquant(
-    options: JobOptions, settings: SimSettings, allowed_drop: float, schemes: tuple[str, ...],
+    options: JobOptions, settings: SimSettings, allowed_drop: float, schemes: tuple[str, ...], fold_bn: bool,
     adaround_iterations: int, mixed_precision: str | None, out_dir: Path, quiet: bool,
 ) -> None:
-    """Find the cheapest PTQ recipe meeting FP32 - allowed drop; writes the best sim and an HTML report."""
+    """Find the cheapest PTQ recipe meeting FP32 - allowed drop; writes the best sim and an HTML report (its
+    settings record --fold-bn; with it, the ladder starts from the folded model and has no bn_fold step)."""
     from edgequant.workflows import autoquant as run_autoquant
 
     job = build_job(options, settings, demo_batch_size=64, eval_required=True)
@@ -47,7 +56,10 @@ def autoquant(
         param_bw=settings.param_bw, output_bw=settings.output_bw, config=settings.config, results_dir=out_dir,
         num_batches=job.num_batches, schemes=tuple(schemes), adaround_iterations=adaround_iterations,
         progress=not quiet, mixed_precision_candidates=_candidates(mixed_precision) if mixed_precision else None,
+        fold_bn=fold_bn,
     )
+    if fold_bn:
+        click.echo(f"folded {len(result.steps[0].layers)} BatchNorm layers (--no-fold-bn keeps them)")
     for step in result.steps:
         metric = "skipped" if step.metric is None else f"{step.metric:.4f}"
         click.echo(f"{step.name:<24} {metric:>8}  {step.seconds:7.2f} s{'  (cached)' if step.cached else ''}")

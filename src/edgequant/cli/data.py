@@ -172,3 +172,8 @@ def bitwidth_options(command: Callable) -> Callable:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+fold_bn_option = click.option(
+    "--fold-bn/--no-fold-bn", default=True, show_default=True,
+    help="Fold BatchNorm into the preceding Conv/Linear first, as deployment toolchains do.")

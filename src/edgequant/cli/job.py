@@ -4,6 +4,7 @@ the quantization settings."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from collections.abc import Callable, Iterable
@@ -15,6 +16,7 @@ from torch import nn
 
 from edgequant.cli.data import InputSpec, resolve_data, resolve_device
 from edgequant.cli.inputs import load_model, load_object
+from edgequant.ptq import fold_batch_norms
 from edgequant.sim import QuantSim
 from edgequant.sim.batches import move_to
 
@@ -73,6 +75,18 @@ class Job:
     settings: SimSettings = field(default_factory=SimSettings)
     num_batches: int | None = None
     load_s: float = 0.0
+
+    def float_model(self, fold_bn: bool) -> nn.Module:
+        """The float model to simulate, recorded in ``spec``: with ``fold_bn`` a copy with each BatchNorm folded into
+        its Conv/Linear, as deployment does (a sim of the unfolded model quantizes BN weights and the tensor between
+        a conv and its BN, which the target never computes, and ranks BNs the export removes)."""
+        self.spec.fold_bn = fold_bn
+        if not fold_bn:
+            return self.model
+        model = copy.deepcopy(self.model)
+        folded = fold_batch_norms(model, self.dummy_input)
+        click.echo(f"folded {len(folded)} BatchNorm layers (--no-fold-bn keeps them)")
+        return model
 
 
 def pass_job_options(command: Callable) -> Callable:

@@ -6,7 +6,6 @@ with one command and no data.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -20,12 +19,11 @@ import click
 from edgequant import __version__
 from edgequant.cli.analyze_command import analyze
 from edgequant.cli.autoquant_command import autoquant
-from edgequant.cli.data import InputSpec, bitwidth_options, data_options, device_option, quiet_option
+from edgequant.cli.data import InputSpec, bitwidth_options, data_options, device_option, fold_bn_option, quiet_option
 from edgequant.cli.errors import ErrorHandlingGroup, debug_option
 from edgequant.cli.export_commands import export, verify
 from edgequant.cli.job import Job, JobOptions, SimSettings, build_job, pass_job_options
 from edgequant.cli.qat_command import qat
-from edgequant.ptq import fold_batch_norms
 from edgequant.quantization import QUANT_SCHEMES
 from edgequant.sim import QuantSim
 
@@ -46,8 +44,7 @@ def _settings_options(command: Callable) -> Callable:
         bitwidth_options,
         click.option("--scheme", type=click.Choice(QUANT_SCHEMES), default="minmax", show_default=True,
                      help="Calibration method (encoding analyzer)."),
-        click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
-                     help="Fold BatchNorm into the preceding Conv/Linear first, as deployment toolchains do."),
+        fold_bn_option,
         click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
                      default=Path("edgequant_out"), show_default=True, help="Output folder."),
         quiet_option,
@@ -87,16 +84,10 @@ def _run(job: Job, fold_bn: bool, out_dir: Path, quiet: bool) -> dict[str, Any]:
     """Build the sim (BatchNorms folded first with ``fold_bn``), calibrate, evaluate, write the output folder and
     print what happened."""
     settings, timings = job.settings, {"load_s": job.load_s}
-    job.spec.fold_bn = fold_bn  # recorded for export and verify
     click.echo(f"model: {job.model_name}  |  {settings.label}, scheme {settings.scheme}, config {settings.config}")
 
     started = time.perf_counter()
-    float_model = job.model
-    if job.spec.fold_bn:  # what the deployed network computes: BN folded into the preceding layer
-        float_model = copy.deepcopy(job.model)
-        folded = fold_batch_norms(float_model, job.dummy_input)
-        click.echo(f"folded {len(folded)} BatchNorm layers (--no-fold-bn keeps them)")
-    sim = settings.sim(float_model, job.dummy_input)
+    sim = settings.sim(job.float_model(fold_bn), job.dummy_input)
     timings["build_sim_s"] = time.perf_counter() - started
 
     limit = job.num_batches

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from edgequant.analysis.result import BATCH_NORM
 from edgequant.config import HardwareConfig
 from edgequant.mixed_precision import choose_mixed_precision
 from edgequant.ptq.adaround import adaround
@@ -34,6 +35,7 @@ from edgequant.workflows.autoquant_report import write_report
 from edgequant.workflows.autoquant_result import AutoQuantResult, StepRecord
 
 DEFAULT_SCHEMES = ("minmax", "sqnr", "percentile")
+MAX_BITWIDTH = 16
 LOG_NAME = "autoquant_log.json"
 
 
@@ -53,6 +55,7 @@ def autoquant(
     adaround_kwargs: dict | None = None,
     sensitivity_eval_fn: Callable[[nn.Module], float] | None = None,
     mixed_precision_candidates: Sequence[Sequence[int]] | None = None,
+    fold_bn: bool = False,
     progress: bool = True,
 ) -> AutoQuantResult:
     """Quantize ``model`` to meet ``eval_fn(fp32) - allowed_accuracy_drop`` with as little work as possible.
@@ -62,23 +65,31 @@ def autoquant(
     called once per layer when the target is missed; pass a cheaper one for big models.
     ``mixed_precision_candidates`` (``(param_bw, output_bw)`` pairs): when no step meets the target, a last step
     chooses per-layer bit widths among them on the best sim (`edgequant.mixed_precision.choose_mixed_precision`).
+    ``fold_bn`` folds the BatchNorms (of a copy) before the first step, as deployment does, so that no step
+    quantizes a BatchNorm or ranks one in the sensitivity sweep; the ``bn_fold`` step is then left out.
     """
     if allowed_accuracy_drop < 0:
         raise ValueError(f"allowed_accuracy_drop must be >= 0, got {allowed_accuracy_drop}")
     if not schemes:
         raise ValueError("schemes must name at least one calibration scheme")
+    folded: list[str] = []
+    if fold_bn:
+        model = copy.deepcopy(model).eval()
+        folded = _fold_batch_norms(model, dummy_input)
     run = _Run(model, dummy_input, data, eval_fn, param_bw, output_bw, HardwareConfig.load(config),
                num_batches, progress)
     settings = {
         "param_bw": param_bw, "output_bw": output_bw, "config": run.config.raw, "schemes": list(schemes),
         "num_batches": num_batches, "allowed_accuracy_drop": allowed_accuracy_drop,
         "adaround_iterations": adaround_iterations, "adaround_kwargs": adaround_kwargs or {},
-        "mixed_precision_candidates": [list(c) for c in mixed_precision_candidates or []],
+        "mixed_precision_candidates": [list(c) for c in mixed_precision_candidates or []], "fold_bn": fold_bn,
     }
     run.open_log(Path(results_dir), settings)
-    fp32 = run.step("fp32", lambda: (None, "FP32 model, no quantization", [], run.evaluate(model)), diagnostic=True)
+    described = f"FP32 model, {len(folded)} BatchNorms folded" if fold_bn else "FP32 model"
+    fp32 = run.step("fp32", lambda: (None, f"{described}, no quantization", folded, run.evaluate(model)),
+                    diagnostic=True)
     run.target = fp32.metric - allowed_accuracy_drop
-    _run_steps(run, schemes, adaround_iterations, adaround_kwargs or {})
+    _run_steps(run, schemes, adaround_iterations, adaround_kwargs or {}, fold_bn)
     candidates = [s for s in run.steps if not s.diagnostic and s.metric is not None]
     best = max(candidates, key=lambda s: s.metric)
     if mixed_precision_candidates and not run.met(best):
@@ -97,8 +108,10 @@ def autoquant(
     return result
 
 
-def _run_steps(run: _Run, schemes: tuple[MethodSpec, ...], adaround_iterations: int, adaround_kwargs: dict) -> None:
-    """The ladder of techniques; returns as soon as a candidate meets the target."""
+def _run_steps(run: _Run, schemes: tuple[MethodSpec, ...], adaround_iterations: int, adaround_kwargs: dict,
+               folded_first: bool) -> None:
+    """The ladder of techniques; returns as soon as a candidate meets the target. ``folded_first``: the model's
+    BatchNorms are already folded, so the best calibration is the folded stage."""
     calibrated = [
         run.step(f"calibration:{s}", lambda s=s: run.calibrated("original", s, "calibrated")) for s in schemes
     ]
@@ -107,13 +120,15 @@ def _run_steps(run: _Run, schemes: tuple[MethodSpec, ...], adaround_iterations: 
     run.diagnose(best)
     if run.met(best):
         return
-    folded = run.step("bn_fold", lambda: run.calibrated("bn_fold", scheme, "BatchNorms folded, then calibrated"))
-    if run.met(folded):
-        return
+    folded = best
+    if not folded_first:
+        folded = run.step("bn_fold", lambda: run.calibrated("bn_fold", scheme, "BatchNorms folded, then calibrated"))
+        if run.met(folded):
+            return
     equalized = run.step("cle", lambda: run.calibrated("cle", scheme, "cross-layer equalized, then calibrated"))
     if run.met(equalized):
         return
-    stage = "cle" if equalized.metric >= folded.metric else "bn_fold"
+    stage = "cle" if equalized.metric >= folded.metric else folded.stage
     corrected = run.step("bias_correction", lambda: run.bias_corrected(stage, scheme))
     if corrected.metric is not None and run.met(corrected):
         return
@@ -184,12 +199,8 @@ class _Run:
             if stage == "original":
                 self._stages[stage] = (model, [], "")
             elif stage == "bn_fold":
-                from edgequant.ptq.batch_norm_fold import fold_batch_norms
-
-                names = {id(m): n for n, m in model.named_modules()}
-                pairs = fold_batch_norms(model, self.dummy_input)
-                layers = [f"{names.get(id(bn), '?')} -> {names.get(id(layer), '?')}" for layer, bn in pairs]
-                self._stages[stage] = (model, layers, f"{len(pairs)} BatchNorms folded")
+                layers = _fold_batch_norms(model, self.dummy_input)
+                self._stages[stage] = (model, layers, f"{len(layers)} BatchNorms folded")
             elif stage == "cle":
                 from edgequant.ptq.cross_layer_equalization import equalize
 
@@ -278,6 +289,15 @@ class _Run:
         return [(name, metric) for name, metric in self._log[key]]
 
 
+def _fold_batch_norms(model: nn.Module, dummy_input: Any) -> list[str]:
+    """Fold ``model``'s BatchNorms in place; the folds as ``"bn -> layer"``."""
+    from edgequant.ptq.batch_norm_fold import fold_batch_norms
+
+    names = {id(m): n for n, m in model.named_modules()}
+    return [f"{names.get(id(bn), '?')} -> {names.get(id(layer), '?')}"
+            for layer, bn in fold_batch_norms(model, dummy_input)]
+
+
 def _recommend(result: AutoQuantResult, param_bw: int, output_bw: int) -> str:
     steps = {s.name: s.metric for s in result.steps}
     lines = [
@@ -286,20 +306,42 @@ def _recommend(result: AutoQuantResult, param_bw: int, output_bw: int) -> str:
     w32, a32 = steps.get("w32"), steps.get("a32")
     if w32 is not None and a32 is not None:
         if w32 >= result.target_metric and a32 < result.target_metric:
-            lines.append(f"Weights are the problem (activations alone, W32A{output_bw}: {w32:.4f}): try a "
-                         f"per-channel config (config='per_channel') or param_bw > {param_bw}.")
+            remedies = ["a per-channel config (config='per_channel')"] if _per_tensor_weights(result.sim) else []
+            remedies += [f"param_bw > {param_bw}"] if param_bw < MAX_BITWIDTH else []
+            tried = f"try {' or '.join(remedies)}" if remedies else "the weights are per-channel and 16-bit already"
+            lines.append(f"Weights are the problem (activations alone, W32A{output_bw}: {w32:.4f}): {tried}.")
         elif a32 >= result.target_metric and w32 < result.target_metric:
-            lines.append(f"Activations are the problem (weights alone, W{param_bw}A32: {a32:.4f}): try output_bw "
-                         f"> {output_bw} or the percentile/sqnr scheme for the layers listed below.")
+            remedies = [f"output_bw > {output_bw}"] if output_bw < MAX_BITWIDTH else []
+            others = [name for name in ("percentile", "sqnr") if name != result.sim.quant_scheme.name]
+            remedies.append(f"the {'/'.join(others)} scheme for the layers listed below")
+            lines.append(f"Activations are the problem (weights alone, W{param_bw}A32: {a32:.4f}): try "
+                         f"{' or '.join(remedies)}.")
         else:
             lines.append(f"Both weights (W32: {w32:.4f}) and activations (A32: {a32:.4f}) lose accuracy.")
     helpful = [(n, m) for n, m in result.sensitivity if m > result.best_metric][:3]
+    modules = result.sim.quantized_modules()
+    batch_norms = [n for n, _ in helpful if n in modules and modules[n].onnx_op_type == BATCH_NORM]
+    if batch_norms:  # deployment folds a BatchNorm into its conv: it cannot be kept wider there
+        lines.append(f"{', '.join(batch_norms)} {'is a BatchNorm' if len(batch_norms) == 1 else 'are BatchNorms'} "
+                     "simulated unfolded, which deployment folds into the preceding layer: rerun with fold_bn=True "
+                     "(the CLI's default) instead of keeping it in float.")
+    helpful = [(n, m) for n, m in helpful if n not in batch_norms]
     if helpful:
         listed = ", ".join(f"{n} ({m - result.best_metric:+.4f})" for n, m in helpful)
         lines.append(f"Keep the most sensitive layers at a higher bitwidth (e.g. 16-bit): {listed}.")
     lines.append("Quantization-aware training (fine-tune the best sim's model, encodings saved at "
                  f"{result.sim_state_path}) usually recovers the rest.")
     return "\n".join(lines)
+
+
+def _per_tensor_weights(sim: QuantSim) -> bool:
+    """Whether an enabled quantizer of a weight matrix or kernel (not a bias) has a single scale: per-channel
+    scales are then worth suggesting."""
+    return any(
+        q.enabled and q.encoding is not None and q.encoding.scale.numel() == 1
+        and getattr(sim.layer_of(q), q.key).dim() > 1
+        for q in sim.quantizers(role="param").values()
+    )
 
 
 def _describe(metric: float | None) -> str:
