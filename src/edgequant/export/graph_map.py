@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 import torch
 
-from edgequant.quantization import Encoding, Quantizer
+from edgequant.quantization import Encoding, PerBlock, Quantizer
 from edgequant.sim.batches import split_model_input
 from edgequant.sim.modes import training_mode
 
@@ -163,19 +163,28 @@ def default_input_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> li
     return names + [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
 
 
+def _opset_21_reason(quantizer: Quantizer) -> str | None:
+    """Why ``quantizer`` needs opset 21 (16-bit activations; blocked DequantizeLinear), None where it does not."""
+    if not quantizer.enabled:
+        return None
+    if 8 < quantizer.bitwidth <= 16 and quantizer.role != "param":
+        return f"is {quantizer.bitwidth}-bit: ONNX QuantizeLinear supports 16-bit outputs"
+    if isinstance(quantizer.granularity, PerBlock):
+        return f"is {quantizer.granularity.describe()}: ONNX DequantizeLinear takes a block_size"
+    return None
+
+
 def required_opset(quantizers: dict[str, Quantizer], opset: int | None) -> int:
-    """Opset to export with: int16 (and 9..15-bit) tensors need opset 21, which the user may not rule out."""
-    needs_21 = [
-        name for name, q in quantizers.items()
-        if q.enabled and 8 < q.bitwidth <= 16 and q.role != "param"
-    ]
+    """Opset to export with: int16 (and 9..15-bit) activations and per-block weights need opset 21, which the user
+    may not rule out."""
+    needs_21 = {name: reason for name, q in quantizers.items() if (reason := _opset_21_reason(q)) is not None}
     if opset is None:
         wants_int4 = any(q.enabled and q.bitwidth <= 4 for q in quantizers.values())
         return INT4_INT16_OPSET if needs_21 or wants_int4 else DEFAULT_OPSET
     if needs_21 and opset < INT4_INT16_OPSET:
+        name, reason = next(iter(needs_21.items()))
         raise ValueError(
-            f"quantizer '{needs_21[0]}' is {quantizers[needs_21[0]].bitwidth}-bit: ONNX QuantizeLinear supports "
-            f"16-bit outputs from opset {INT4_INT16_OPSET}; pass opset={INT4_INT16_OPSET} or higher"
+            f"quantizer '{name}' {reason} from opset {INT4_INT16_OPSET}; pass opset={INT4_INT16_OPSET} or higher"
         )
     return opset
 
