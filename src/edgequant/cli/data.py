@@ -12,7 +12,7 @@ from typing import Any
 import click
 import torch
 
-from edgequant.cli.inputs import dummy_from_batch, load_batches, parse_shape, peek
+from edgequant.cli.inputs import dtype_name, dummy_from_batch, is_object_spec, load_batches, parse_shape, peek
 
 SPEC_FILE = "input_spec.json"
 
@@ -53,15 +53,17 @@ def data_options(command: Callable) -> Callable:
                      help="Data: a folder of images, a .pt/.npy tensor file, or 'module:function' returning an "
                           "iterable of batches."),
         click.option("--input-shape", metavar="N,C,H,W",
-                     help="Model input shape (images are resized to H,W). Default: the recorded spec, else the "
-                          "first batch; required for image folders."),
+                     help="Model input shape: images are resized to H,W; tensor data must have it. Default: the "
+                          "recorded spec, else the first batch; required for image folders."),
         click.option("--batch-size", type=click.IntRange(min=1),
                      help="Batch size for tensor files and image folders [default: recorded, else 32]."),
         click.option("--num-batches", type=click.IntRange(min=1), help="Use at most this many batches."),
         click.option("--mean", metavar="M[,M...]",
-                     help="Per-channel mean subtracted from images scaled to [0, 1] [default: recorded, else 0]."),
+                     help="Per-channel mean subtracted from images scaled to [0, 1] (image folders only) "
+                          "[default: recorded, else 0]."),
         click.option("--std", metavar="S[,S...]",
-                     help="Per-channel std dividing images scaled to [0, 1] [default: recorded, else 1]."),
+                     help="Per-channel std dividing images scaled to [0, 1] (image folders only) "
+                          "[default: recorded, else 1]."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -92,17 +94,24 @@ def resolve_data(
     data_spec: str | None, input_shape: str | None, batch_size: int | None, num_batches: int | None,
     mean: str | None, std: str | None, recorded: InputSpec | None = None,
 ) -> Data:
-    """Load the data the options describe; options not given fall back to ``recorded`` (the quantize run's)."""
+    """Load the data the options describe; options not given fall back to ``recorded`` (the quantize run's).
+
+    Every option given either takes effect or is refused: an image folder takes them all; a tensor file is used as
+    saved (``--input-shape`` must match its samples, ``--mean``/``--std`` are refused); a ``module:function``'s
+    batches are used as it yields them (``--input-shape`` must match, ``--batch-size``, ``--mean`` and ``--std``
+    are refused). What ``input_spec.json`` records is thus what was done.
+    """
     if data_spec is None:
         raise click.UsageError("--data is required: a folder of images, a .pt/.npy tensor file or 'module:function'")
+    images = Path(data_spec).is_dir()
+    _refuse_options_that_do_not_apply(data_spec, images, batch_size=batch_size, mean=mean, std=std)
     base = recorded or InputSpec()
     shape = parse_shape(input_shape) if input_shape else (tuple(base.shape) if base.shape else None)
-    spec = InputSpec(
-        shape=list(shape) if shape else None, mean=_floats(mean, "--mean") if mean else base.mean,
-        std=_floats(std, "--std") if std else base.std, batch_size=batch_size or base.batch_size,
-        fold_bn=base.fold_bn,
-    )
-    if Path(data_spec).is_dir():
+    spec = InputSpec(shape=list(shape) if shape else None, batch_size=batch_size or base.batch_size,
+                     fold_bn=base.fold_bn)
+    if images:  # the only source normalised here (other sources keep the identity mean and std)
+        spec.mean = _floats(mean, "--mean") if mean else base.mean
+        spec.std = _floats(std, "--std") if std else base.std
         if shape is None:
             raise ValueError(
                 f"--data {data_spec}: images are resized to the model's input size; pass --input-shape N,C,H,W "
@@ -119,11 +128,39 @@ def resolve_data(
     if isinstance(example, torch.Tensor):
         if not torch.isfinite(example).all():
             raise ValueError(f"--data {data_spec}: the first batch contains NaN or inf values; clean the data")
-        spec.dtype = str(example.dtype).removeprefix("torch.")
+        spec.dtype = dtype_name(example)
         if spec.shape is None:
             spec.shape = [1, *example.shape[1:]]
+        elif not images and list(example.shape[1:]) != spec.shape[1:]:
+            given, fix = ((f"--input-shape {input_shape}", "pass data of that shape, or leave --input-shape out")
+                          if input_shape else (f"the input shape recorded in {SPEC_FILE}",
+                                               "pass data of the shape the model was quantized at"))
+            raise ValueError(
+                f"--data {data_spec} holds samples of shape {tuple(example.shape[1:])} but {given} says "
+                f"{tuple(spec.shape[1:])}; only image folders are resized: {fix}"
+            )
+    elif input_shape and not images:
+        raise ValueError(f"--input-shape describes one tensor input, but --data {data_spec} yields "
+                         f"{type(example).__name__} batches; leave --input-shape out")
     dummy = torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype)) if spec.shape else example
     return Data(batches, dummy, spec, num_batches)
+
+
+def _refuse_options_that_do_not_apply(data_spec: str, images: bool, **given: str | int | None) -> None:
+    """One line for the data options this kind of source cannot take, instead of recording and ignoring them."""
+    tensor_file = Path(data_spec).is_file()
+    if images or not (tensor_file or is_object_spec(data_spec)):  # a spec that names nothing fails on loading
+        return
+    applicable = {"batch_size"} if tensor_file else set()
+    refused = [f"--{name.replace('_', '-')}" for name, value in given.items()
+               if value is not None and name not in applicable]
+    if not refused:
+        return
+    why = ("a tensor file is used as saved (save the tensors preprocessed)" if tensor_file
+           else "its batches are used as the function yields them (batch and preprocess them there)")
+    named = refused[0] if len(refused) == 1 else f"{', '.join(refused[:-1])} and {refused[-1]}"
+    raise ValueError(f"{named} {'does' if len(refused) == 1 else 'do'} not apply to --data {data_spec}: {why}; "
+                     f"leave {'it' if len(refused) == 1 else 'them'} out")
 
 
 def device_option(command: Callable) -> Callable:

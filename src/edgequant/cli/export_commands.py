@@ -7,10 +7,14 @@ Both rebuild the sim from the model and the ``sim_state.pt`` that ``edgequant qu
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
+import onnx
+import torch
 
 from edgequant.cli.data import InputSpec, data_options, quiet_option, resolve_data
 from edgequant.cli.errors import debug_option
@@ -18,7 +22,9 @@ from edgequant.cli.inputs import dummy_from_batch
 from edgequant.cli.sim_state import sim_from_state
 from edgequant.export.encodings_io import SUPPORTED_VERSIONS
 from edgequant.export.onnx_export import export_onnx
+from edgequant.export.qdq import QDQ_METADATA_KEY
 from edgequant.export.verify import verify as verify_parity
+from edgequant.sim import QuantSim
 from edgequant.sim.emulation import RUNTIME_MODELS
 
 _model_option = click.option("--model", "-m", "model_spec", metavar="SPEC",
@@ -83,6 +89,7 @@ def verify(model_spec: str | None, sim_state: Path | None, data_spec: str | None
         raise click.UsageError("verify needs --export-dir (or --sim-state, whose folder holds the export)")
     recorded = spec or InputSpec.beside(sim_state)
     data = resolve_data(data_spec, input_shape, batch_size, num_batches, mean, std, recorded)
+    _check_export_fits(export_dir / f"{name}_qdq.onnx", sim, data.dummy_input, data_spec)
     inputs = (dummy_from_batch(b) for b in itertools.islice(data.batches, num_batches))  # stop reading early
     report = verify_parity(export_dir, sim, inputs, name=name, batch_size=data.spec.batch_size, progress=not quiet)
     click.echo(report.summary())
@@ -92,3 +99,35 @@ def verify(model_spec: str | None, sim_state: Path | None, data_spec: str | None
     if failures:
         click.echo("FAILED: " + "; ".join(failures), err=True)
         sys.exit(1)
+
+
+def _check_export_fits(path: Path, sim: QuantSim | None, example: Any, data_spec: str) -> None:
+    """The QDQ model must be the export of this sim and take this data; otherwise one line naming the file and
+    what differs, instead of ONNX Runtime's INVALID_ARGUMENT or a parity report of two unrelated models."""
+    if not path.is_file():
+        raise click.BadParameter(f"{path} does not exist; pass the folder 'edgequant export' wrote (and its --name)",
+                                 param_hint="--export-dir")
+    model = onnx.load(path, load_external_data=False)
+    where = f"--export-dir {path.parent} ({path.name})"
+    if sim is not None:
+        sites = json.loads({p.key: p.value for p in model.metadata_props}.get(QDQ_METADATA_KEY, "{}"))
+        exported = {q for site in sites.values() for q in site["quantizers"]}
+        foreign = sorted(exported - set(sim.quantizers()))
+        if foreign:
+            raise ValueError(
+                f"{where} was exported from a different model than --model/--sim-state: {len(foreign)} of its "
+                f"{len(exported)} quantizers are not in this sim (e.g. {foreign[0]}); pass the folder 'edgequant "
+                "export' wrote for this --sim-state"
+            )
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    examples = [example] if isinstance(example, torch.Tensor) else []
+    for graph_input, tensor in zip(inputs, examples, strict=False):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in graph_input.type.tensor_type.shape.dim]
+        sample = list(tensor.shape)
+        if len(dims) != len(sample) or any(d is not None and d != s for d, s in zip(dims[1:], sample[1:], strict=True)):
+            raise ValueError(
+                f"{where} takes input {graph_input.name!r} of shape {dims}, but --data {data_spec} gives samples of "
+                f"shape {sample[1:]}: it is the export of another model or input size; pass the export of this "
+                "model, or data of that shape"
+            )

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgequant.sim.batches import split_model_input
 from edgequant.sim.state_file import load_without_code
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
@@ -155,6 +156,18 @@ def _load_torchscript(path: Path, example_inputs: Callable[[], tuple]) -> nn.Mod
     return program.module()
 
 
+def forward_failure(model: nn.Module, example: Any) -> Exception | None:
+    """What one forward of ``model`` on ``example`` raises (None: it runs), for messages naming the user's options
+    instead of the library's ``dummy_input``."""
+    args, kwargs = split_model_input(example)
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as error:  # the user's model raises whatever it raises
+        return error
+    return None
+
+
 def one_line_of(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
@@ -174,7 +187,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 class ImageFolderBatches:
     """Batches of images from a folder, decoded and resized lazily (memory stays one batch).
 
-    Pixels become float32 in [0, 1], then ``(x - mean) / std`` per channel, resized to ``(height, width)``.
+    Pixels become float32 in [0, 1] (divided by their type's maximum: 255 for 8-bit images, 65535 for 16-bit
+    PNGs), then ``(x - mean) / std`` per channel, resized to ``(height, width)``.
     """
 
     def __init__(
@@ -202,7 +216,8 @@ class ImageFolderBatches:
             image = decode_image(str(path), mode=mode)
         except RuntimeError as error:
             raise ValueError(f"cannot decode image {path}: {one_line_of(error)}") from None
-        image = resize(image.float() / 255.0, list(self.size), antialias=True)
+        scaled = image.float() / torch.iinfo(image.dtype).max  # 8-bit: 255, 16-bit PNG: 65535
+        image = resize(scaled, list(self.size), antialias=True)
         return (image - self.mean) / self.std
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -215,16 +230,35 @@ def _tensor_from_file(path: Path) -> torch.Tensor:
         try:
             return torch.from_numpy(np.load(path, allow_pickle=False))
         except (ValueError, OSError) as error:
-            raise ValueError(f"calibration file {path}: not a numeric .npy array ({one_line_of(error)})") from None
+            raise ValueError(f"--data {path}: not a numeric .npy array ({one_line_of(error)})") from None
     data = load_without_code(path, "calibration tensor file", "save one tensor of inputs with torch.save")
     if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+        _refuse_labels_first(path, data)
         data = data[0]  # (inputs, labels)
     if not isinstance(data, torch.Tensor):
         raise ValueError(
-            f"calibration file {path} holds a {type(data).__name__}; save one tensor of inputs (N, ...) "
+            f"--data {path} holds a {type(data).__name__}; save one tensor of inputs (N, ...) "
             "or an (inputs, labels) tuple"
         )
     return data
+
+
+def _refuse_labels_first(path: Path, items: tuple | list) -> None:
+    """The first item of a saved tuple is what the model receives; a 1-D first item next to a many-dimensional
+    one is the labels of an ``(labels, inputs)`` tuple, saved the wrong way round."""
+    first = items[0]
+    wider = next((item for item in items[1:] if isinstance(item, torch.Tensor) and item.dim() > 1), None)
+    if first.dim() == 1 and wider is not None:
+        raise ValueError(
+            f"--data {path} holds a tuple whose first item (shape {tuple(first.shape)}, {dtype_name(first)}) looks "
+            f"like labels and a later one (shape {tuple(wider.shape)}) like inputs; the first item is what the model "
+            "receives: save (inputs, labels)"
+        )
+
+
+def dtype_name(value: torch.Tensor | torch.dtype) -> str:
+    """``float32`` for ``torch.float32`` or a tensor of it, as users write it."""
+    return str(value.dtype if isinstance(value, torch.Tensor) else value).removeprefix("torch.")
 
 
 def load_batches(
@@ -243,18 +277,18 @@ def load_batches(
         return ImageFolderBatches(path, channels, size, batch_size, mean, std)
     if path.is_file():
         if path.suffix not in TENSOR_SUFFIXES:
-            raise ValueError(f"calibration file {spec!r}: expected {', '.join(TENSOR_SUFFIXES)} or a folder of images")
+            raise ValueError(f"--data {spec}: expected {', '.join(TENSOR_SUFFIXES)} or a folder of images")
         data = _tensor_from_file(path)
         if data.dim() == 0 or len(data) == 0:
-            raise ValueError(f"calibration file {spec!r} holds no samples (shape {tuple(data.shape)})")
+            raise ValueError(f"--data {spec} holds no samples (shape {tuple(data.shape)})")
         return list(data.split(batch_size))
     if is_object_spec(spec):
-        source = load_object(spec, "calibration data")
+        source = load_object(spec, "--data")
         batches = source() if callable(source) else source
         if not isinstance(batches, Iterable):
-            raise ValueError(f"calibration data {spec!r} gave a {type(batches).__name__}, not an iterable of batches")
+            raise ValueError(f"--data {spec!r} gave a {type(batches).__name__}, not an iterable of batches")
         return batches
-    raise FileNotFoundError(f"calibration data {spec!r} is not a folder, a file or a 'module:function' spec")
+    raise FileNotFoundError(f"--data {spec!r} is not a folder, a file or a 'module:function' spec")
 
 
 def _first_image_size(folder: Path) -> tuple[int, int]:
@@ -271,7 +305,7 @@ def peek(batches: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
     iterator = iter(batches)
     first = next(iterator, _NO_BATCH)
     if first is _NO_BATCH:
-        raise ValueError("the calibration data yielded no batch; pass at least one batch")
+        raise ValueError("--data yielded no batch; pass at least one batch")
     if iterator is batches:
         return first, itertools.chain([first], iterator)
     return first, batches

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import click
+import torch
 from torch import nn
 
 from edgequant.cli.data import InputSpec, resolve_data, resolve_device
-from edgequant.cli.inputs import load_model, load_object
+from edgequant.cli.inputs import dtype_name, forward_failure, load_model, load_object, one_line_of
 from edgequant.ptq import fold_batch_norms
 from edgequant.sim import QuantSim
 from edgequant.sim.batches import move_to
@@ -143,6 +145,7 @@ def _user_job(options: JobOptions, single_pass: bool) -> Job:
                         options.mean, options.std)
     dummy = data.dummy_input
     model = load_model(options.model_spec, lambda: dummy if isinstance(dummy, tuple) else (dummy,))
+    _check_model_runs(model, dummy, options)
     return Job(
         model=model, model_name=options.model_spec, data_name=options.data_spec,
         batches=data.batches if single_pass else list(data.batches), dummy_input=dummy,
@@ -150,8 +153,55 @@ def _user_job(options: JobOptions, single_pass: bool) -> Job:
     )
 
 
+def _check_model_runs(model: nn.Module, dummy_input: Any, options: JobOptions) -> None:
+    """One forward on an input made like the data before anything else, so that a failure names ``--data`` (and
+    ``--input-shape``) rather than ``dummy_input``, an API term the command-line user never typed."""
+    error = forward_failure(model, dummy_input)
+    if error is None:
+        return
+    described = (f"shape {list(dummy_input.shape)}, {dtype_name(dummy_input)}"
+                 if isinstance(dummy_input, torch.Tensor) else type(dummy_input).__name__)
+    shape = f" at --input-shape {options.input_shape}" if options.input_shape else ""
+    raise ValueError(
+        f"--model {options.model_spec} does not run on the samples of --data {options.data_spec}{shape} "
+        f"({described}): {type(error).__name__}: {one_line_of(error)}; {_input_hint(model, dummy_input)}"
+    ) from error
+
+
+def _input_hint(model: nn.Module, example: Any) -> str:
+    """What to change in the data, judged from the example input and the model's weights."""
+    weights = dtype_name(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))
+    if isinstance(example, torch.Tensor):
+        if not example.is_floating_point():
+            return (f"the samples are {dtype_name(example)}: save them as {weights}, scaled and normalised as in "
+                    "training (8-bit images: x.float() / 255 first)")
+        if dtype_name(example) != weights:
+            return f"the samples are {dtype_name(example)}, the model's weights {weights}: save x.to(torch.{weights})"
+        if example.dim() == 4 and example.shape[-1] in (1, 3, 4) and example.shape[1] not in (1, 3, 4):
+            return "the samples look channels-last (N, H, W, C): save x.permute(0, 3, 1, 2) (N, C, H, W)"
+    return "save the inputs the model takes, as in training ((N, C, H, W) float32 for images)"
+
+
 def _evaluation(spec: str) -> Callable[[nn.Module], float]:
-    function = load_object(spec, "evaluation function")
+    """The user's metric, its failures and non-numbers reported as ``--eval``'s (not as edgequant's)."""
+    function = load_object(spec, "--eval")
     if not callable(function):
         raise click.UsageError(f"--eval {spec!r} is a {type(function).__name__}, not callable")
-    return function
+
+    @functools.wraps(function)  # its name keys AutoQuant's cache
+    def evaluate(model: nn.Module) -> float:
+        try:
+            value = function(model)
+        except Exception as error:
+            raise ValueError(f"--eval {spec} raised {type(error).__name__}: {one_line_of(error)}; it is called as "
+                             "function(model) -> float on the float model and on the sim (--debug shows where "
+                             "it failed)") from error
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--eval {spec} returned {type(value).__name__}; it must return a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"--eval {spec} returned {number}; check it on the float model first")
+        return number
+
+    return evaluate

@@ -7,7 +7,6 @@ with one command and no data.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import asdict
@@ -112,7 +111,7 @@ def _run(job: Job, fold_bn: bool, out_dir: Path, quiet: bool) -> dict[str, Any]:
         metric = {"name": job.metric_name}
         for key, model in (("fp32", job.model), ("quantized", sim.model)):
             started = time.perf_counter()
-            metric[key] = _metric_value(job.evaluate(model))
+            metric[key] = job.evaluate(model)
             timings[f"evaluate_{key}_s"] = time.perf_counter() - started
         metric["delta"] = metric["quantized"] - metric["fp32"]
 
@@ -174,16 +173,6 @@ def _coverage_text(sim: QuantSim) -> str:
 def _metric_line(label: str, value: float, name: str) -> str:
     shown = f"{100 * value:.2f}%" if name == "accuracy" else f"{value:.6g}"
     return f"{label} {name}: {shown}"
-
-
-def _metric_value(value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"the evaluation function returned {type(value).__name__}; it must return a number") from None
-    if not math.isfinite(number):
-        raise ValueError(f"the evaluation function returned {number}; check it on the FP32 model first")
-    return number
 
 
 # Commands contributed by the export (issue 3) and PTQ (issue 4) packages.
