@@ -138,9 +138,11 @@ class Quantizer(Sealable):
 
     @property
     def encoding(self) -> Encoding | None:
+        """The grid the forward uses (a learned LPBQ scale is stored as trained and projected where used)."""
         if self.scale is None:
             return None
-        return Encoding(self.scale, self.offset, self.bitwidth, self.symmetric, self.granularity, self.strict_grid)
+        scale = self.granularity.project(self.scale.detach(), self.bitwidth)
+        return Encoding(scale, self.offset, self.bitwidth, self.symmetric, self.granularity, self.strict_grid)
 
     @property
     def range_learning(self) -> bool:
