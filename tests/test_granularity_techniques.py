@@ -1,6 +1,6 @@
 """Per-block and LPBQ weights through the techniques that read a quantizer's grid: frozen weights, AdaRound, QAT
-with range learning, BatchNorm folding into frozen encodings and integer-kernel emulation (which refuse per-block
-grids by name)."""
+with range learning, the quantization analysis, BatchNorm folding into frozen encodings and integer-kernel emulation
+(which refuse per-block grids by name)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from edgequant import QuantSim
+from edgequant.analysis import QuantAnalyzer
+from edgequant.analysis.report import _per_channel
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
 from edgequant.ptq.adaround import adaround
 from edgequant.ptq.batch_norm_fold import fold_batch_norms_to_scale
@@ -105,3 +107,16 @@ def test_emulation_leaves_per_block_layers_to_the_sim_and_says_why() -> None:
                                  "per-output-channel weight grid (per-block(8 on axis 1, channels on axis 0))")
     assert "LPBQ(8 on axis 1, channels on axis 0) with int12 channel grid" in plan.skipped["4"]
     assert [op.name for op in plan.ops] == ["0"]
+
+
+def test_the_analysis_plots_each_channel_s_widest_block_range(images: torch.Tensor, tmp_path) -> None:
+    sim = _digits_sim(images[:128])
+    result = QuantAnalyzer.from_sim(sim, list(images[:128].split(64)), progress=False).analyze(tmp_path, num_batches=1)
+    layer = next(layer for layer in result.layers if layer.name == "conv3.0")
+    encoding = layer.encodings["conv3.0.param_quantizers.weight"]
+    assert encoding["granularity"] == {"kind": "lpbq", "block_size": 8, "channel_axis": 0, "block_axis": 1,
+                                       "decompressed_bw": 8}
+    quantizer = sim.quantizer("conv3.0.param_quantizers.weight")
+    scale = quantizer.encoding.scale.reshape(32, 4)  # (channel, block): the widest block sets the channel's range
+    assert _per_channel(encoding, "max", 32) == (scale.amax(dim=1) * 7).tolist()
+    assert _per_channel(encoding, "min", 32) == (scale.amax(dim=1) * -8).tolist()

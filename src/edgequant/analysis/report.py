@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import plotly.graph_objects as go
+import torch
 
 from edgequant.analysis.advice import what_to_try
 from edgequant.analysis.result import AnalysisResult, LayerAnalysis
@@ -144,10 +145,16 @@ def _weight_range_figure(result: AnalysisResult) -> go.Figure:
 
 
 def _per_channel(encoding: dict | None, key: str, channels: int) -> list[float | None]:
+    """The encoding's ``min`` or ``max`` per output channel; per block, the channel's widest block range."""
     if encoding is None:
         return [None] * channels
     value = encoding[key]
-    return value if isinstance(value, list) and len(value) == channels else [value] * channels
+    if not isinstance(value, list):
+        return [value] * channels
+    if encoding.get("granularity", {}).get("kind") not in ("per_block", "lpbq"):
+        return value if len(value) == channels else [value] * channels
+    rows = torch.tensor(value).movedim(encoding["granularity"]["channel_axis"], 0).reshape(channels, -1)
+    return (rows.amin(dim=1) if key == "min" else rows.amax(dim=1)).tolist()
 
 
 def _histogram_figure(result: AnalysisResult) -> go.Figure:
