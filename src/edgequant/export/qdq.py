@@ -13,6 +13,10 @@ before QuantizeLinear, which rounds and clamps exactly as the sim. The strict sy
 bits) has no ONNX type of its own either: it is the signed type with zero point 0 after the same Clip, to
 ``[-127 * scale, 127 * scale]``, so that nothing rounds to -128 (round(x / scale) of the clipped value is then
 -127 at the least, exactly the sim's clamp). Strict symmetric weights are stored as integers in ``[-127, 127]``.
+
+Per-block weights are DequantizeLinear with ``axis`` (the blocked axis) and ``block_size`` (opset 21), their scale
+and zero point laid out with the weight's shape but for the blocks; an LPBQ weight runs as the per-block grid of its
+block scales (per-channel scale x integer multiplier, the same float32 products the sim uses).
 """
 
 from __future__ import annotations
