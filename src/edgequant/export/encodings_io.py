@@ -402,14 +402,14 @@ class _Reader:
         )
         if len(zero_points) != len(scales):
             raise self.fail(name, "'y_zero_point' and 'y_scale' have different lengths")
-        axis = None
-        if per_channel and "axis" in entry:  # else `encoding` defaults it to 0
-            axis = self.integer(entry["axis"], name, "axis")
+        granularity = None
+        if per_channel:  # without an axis: 0, as 0.6.1/1.0.0 entries get (see `encoding`)
+            axis = self.integer(entry.get("axis", 0), name, "axis")
             if axis < 0:
                 raise self.fail(name, f"'axis' must be >= 0, got {axis}")
+            granularity = PerChannel(axis)
         offsets = [_offset(zp, signed, bitwidth) for zp in zero_points]
         symmetric = signed and not any(zero_points)
-        granularity = PerChannel(0 if axis is None else axis) if per_channel else None
         return TensorEncoding(name, self.encoding(name, scales, offsets, bitwidth, symmetric, granularity), None)
 
     def array(self, values: Any, name: str, key: str, integral: bool = False) -> torch.Tensor:
