@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
 from edgequant.ptq.layer_cache import LayerCache
 from edgequant.ptq.sim_helpers import StopForward, run_until_stopped
 from edgequant.quantization import Encoding, Quantizer, quantize_dequantize
-from edgequant.sim import FunctionalOp, QuantizedModule, QuantSim
+from edgequant.sim import QuantizedModule, QuantSim
+from edgequant.sim.graph import GraphNode
 from edgequant.sim.modes import quantizers_disabled, training_mode
 from edgequant.sim.quantized_module import param_quantizer
 
@@ -45,9 +45,6 @@ ZETA, GAMMA = 1.1, -0.1
 """Stretch of the rectified sigmoid (the paper's values): h reaches exactly 0 and 1 with a finite V."""
 
 ADAROUND_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-_CHAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-_CHAIN_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
-_CHAIN_ACTIVATION_OPS = {"Relu", "Clip"}
 
 
 @dataclass
@@ -183,7 +180,7 @@ def _check_arguments(num_iterations: int, warm_start: float, batch_size: int, be
 
 # -- which layers, and what follows them ------------------------------------------------------------------
 def _find_targets(sim: QuantSim) -> list[_Target]:
-    chains = _activation_chains(sim.model)
+    chains = _activation_chains(sim)
     targets = []
     for name, module in sim.quantized_modules().items():
         quantizer = param_quantizer(module)
@@ -192,47 +189,26 @@ def _find_targets(sim: QuantSim) -> list[_Target]:
     return targets
 
 
-def _activation_chains(model: nn.Module) -> dict[str, list[tuple[nn.Module, tuple, dict]]]:
-    """For each layer in a traced graph: the BatchNorm(s) and ReLU/ReLU6 that alone consume its output.
+def _activation_chains(sim: QuantSim) -> dict[str, list[tuple[nn.Module, tuple, dict]]]:
+    """For each layer: the BatchNorm(s) and ReLU/ReLU6 the graph says are fused after it, with their non-tensor
+    arguments.
 
     This is the fused supergroup activation the hardware applies before writing the output, so AdaRound
     reconstructs the tensor after it (a negative pre-activation error below zero costs nothing).
     """
+    graph = sim.graph()
     chains = {}
-    for prefix, graph_module in model.named_modules():
-        if not isinstance(graph_module, fx.GraphModule):
-            continue
-        for node in graph_module.graph.nodes:
-            if node.op != "call_module":
-                continue
-            chain, current = [], node
-            while len(current.users) == 1:
-                user = next(iter(current.users))
-                step = _chain_step(graph_module, user, current)
-                if step is None:
-                    break
-                chain.append(step)
-                current = user
-                if not isinstance(step[0], _CHAIN_NORMS):
-                    break  # stop after the activation
-            if chain:
-                chains[f"{prefix}.{node.target}" if prefix else str(node.target)] = chain
+    for node in graph.module_nodes():
+        chain = [_chain_step(fused) for fused in graph.fused_after(node)]
+        if chain:
+            chains[node.name] = chain
     return chains
 
 
-def _chain_step(graph_module: fx.GraphModule, user: fx.Node, source: fx.Node) -> tuple | None:
-    if user.op != "call_module" or not user.args or user.args[0] is not source:
-        return None
-    module = graph_module.get_submodule(user.target)
-    constants = (*user.args[1:], *user.kwargs.values())
-    if any(isinstance(value, fx.Node) for value in constants):
-        return None
-    is_activation = isinstance(module, _CHAIN_ACTIVATIONS) or (
-        isinstance(module, FunctionalOp) and module.onnx_op_type in _CHAIN_ACTIVATION_OPS
-    )
-    if not (is_activation or isinstance(module, _CHAIN_NORMS)):
-        return None
-    return module, tuple(user.args[1:]), dict(user.kwargs)
+def _chain_step(node: GraphNode) -> tuple[nn.Module, tuple, dict]:
+    if node.call is None:  # read from an untraceable nn.Sequential: called with the tensor alone
+        return node.module, (), {}
+    return node.module, tuple(node.call.args[1:]), dict(node.call.kwargs)
 
 
 def _iterations_per_layer(

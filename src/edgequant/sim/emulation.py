@@ -68,6 +68,7 @@ from torch import nn
 from edgequant.quantization import PerChannel, Quantizer
 from edgequant.quantization.encoding import grid_steps
 from edgequant.quantization.granularity import PER_TENSOR
+from edgequant.sim.graph import FUSED_ACTIVATIONS, ModelGraph
 from edgequant.sim.ops import is_data_movement, is_pass_through, module_op_type, weight_output_axis
 from edgequant.sim.quantized_module import FunctionalOp, QuantizedModule
 
@@ -350,10 +351,6 @@ RUNTIME_MODELS: dict[str, Callable[[], RuntimeModel]] = {
 
 # -- which ops are fused, and which grids they read and write -------------------------------------------------
 
-ACTIVATIONS_FUSED = {"Relu", "Clip"}
-"""Activations an integer runtime folds into the preceding op when the output grid already clamps them."""
-
-
 @dataclass
 class EmulatedOp:
     """One fused integer op: the module whose forward is replaced, the grids it reads and writes."""
@@ -425,6 +422,7 @@ class _GraphIndex:
                     full = _join(prefix, node.target)
                     if full in self.graphs:
                         self.calls[full] = (prefix, node)
+        self.views = {prefix: ModelGraph.of_traced(module, prefix) for prefix, module in self.graphs.items()}
 
     def module(self, prefix: str, node: fx.Node) -> nn.Module:
         return self.model.get_submodule(_join(prefix, node.target))
@@ -462,25 +460,22 @@ class _GraphIndex:
             return None
         return None
 
-    def fused_output(self, prefix: str, node: fx.Node) -> tuple[Quantizer | None, list[nn.Module]]:
-        """The quantizer that ends ``node``'s fused group (its own, or after pass-through modules and one
-        activation), and the modules passed on the way."""
-        passed: list[nn.Module] = []
-        module = self.module(prefix, node)
-        while True:
-            quantizers = getattr(module, "output_quantizers", {})
+    def fused_output(self, prefix: str, node: fx.Node) -> tuple[Quantizer | None, nn.Module | None]:
+        """The quantizer that ends ``node``'s fused group (its own, or that of the activation the graph says is
+        fused after it), and that activation; no quantizer where an unfolded BatchNorm is in between."""
+        view = self.views[prefix]
+        quantizers = getattr(self.module(prefix, node), "output_quantizers", {})
+        activation = None
+        for fused in view.fused_after(view.node_of(node)):
             if "0" in quantizers:
-                return (quantizers["0"] if quantizers["0"].enabled else None), passed
-            users = list(node.users)
-            if len(users) != 1 or users[0].op != "call_module":
-                return None, passed
-            node = users[0]
-            module = self.module(prefix, node)
-            if not (is_pass_through(module) or module_op_type(module) in ACTIVATIONS_FUSED):
-                return None, passed
-            if module_op_type(module) in ACTIVATIONS_FUSED and any(not is_pass_through(m) for m in passed):
-                return None, passed  # a second activation: not one fused group
-            passed.append(module)
+                break
+            if module_op_type(fused.module) not in FUSED_ACTIVATIONS:
+                return None, None
+            activation = fused.module
+            quantizers = getattr(activation, "output_quantizers", {})
+        if "0" not in quantizers:
+            return None, activation
+        return (quantizers["0"] if quantizers["0"].enabled else None), activation
 
 
 def _join(prefix: str, name: str) -> str:
@@ -553,7 +548,7 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str, node: fx.Node
             return "its weight is not quantized"
         if kind == "Conv" and module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (the runtime pads in a separate op)"
-    output, passed = index.fused_output(prefix, node)
+    output, activation = index.fused_output(prefix, node)
     if output is None:
         return "its output is not quantized by one fused group (op → [ReLU/ReLU6] → quantizer)"
     for quantizer in (*inputs, output, *([weight] if weight is not None else [])):
@@ -563,7 +558,6 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str, node: fx.Node
         if quantizer.bitwidth != 8 or quantizer.granularity not in granularities:
             return (f"quantizer {quantizer.name} is not an 8-bit per-tensor activation / per-output-channel weight "
                     f"grid ({quantizer.granularity.describe()})")
-    activation = next((m for m in passed if not is_pass_through(m)), None)
     plan.ops.append(EmulatedOp(name, kind, module, inputs, output, activation))
     return ""
 

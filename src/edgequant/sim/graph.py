@@ -9,6 +9,7 @@ is opaque: its children are analysed on their own and nothing is assumed about h
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from edgequant.quantization import Quantizer
 from edgequant.sim.batches import split_model_input
 from edgequant.sim.capture import is_leaf, record_calls, try_trace
 from edgequant.sim.modes import quantizers_disabled, training_mode
-from edgequant.sim.ops import function_name
+from edgequant.sim.ops import function_name, is_pass_through, module_op_type
 from edgequant.sim.quantized_module import FunctionalOp
 
 
@@ -34,6 +35,7 @@ class GraphNode:
     function: Any = None
     inputs: list[GraphNode] = field(default_factory=list)
     users: list[GraphNode] = field(default_factory=list)
+    call: fx.Node | None = None  # the traced call (its non-tensor arguments), where the node comes from a trace
 
     @property
     def label(self) -> str:
@@ -70,11 +72,14 @@ class ModelGraph:
         self.leaf_calls = leaf_calls
         self.nodes: list[GraphNode] = []
         self.sink = GraphNode("<outside>", "sink")
+        self._by_call: dict[fx.Node, GraphNode] = {}
 
     def add(self, node: GraphNode) -> GraphNode:
         for producer in node.inputs:
             producer.users.append(node)
         self.nodes.append(node)
+        if node.call is not None:
+            self._by_call[node.call] = node
         return node
 
     def calls(self, name: str) -> int:
@@ -82,6 +87,75 @@ class ModelGraph:
 
     def module_nodes(self) -> list[GraphNode]:
         return [n for n in self.nodes if n.kind == "module"]
+
+    def node_of(self, call: fx.Node) -> GraphNode:
+        """The node built from ``call`` of the traced graph this view was made of."""
+        return self._by_call[call]
+
+    @classmethod
+    def of_traced(cls, traced: fx.GraphModule, prefix: str = "") -> ModelGraph:
+        """The view of one traced graph, without running it: for code that holds the graph, not an input
+        (the sim while it places quantizers, the emulation planning on the sim's graphs)."""
+        graph = cls(traced, {})
+        for output in _add_traced(graph, traced, f"{prefix}." if prefix else "", None):
+            output.users.append(graph.sink)
+        return graph
+
+    # -- fusion: which ops a runtime computes in the kernel of the op before them ------------------------
+    def fused_after(self, node: GraphNode) -> list[GraphNode]:
+        """The ops a runtime fuses into ``node``'s kernel: BatchNorms, then at most one ReLU/ReLU6/Clip, each
+        the sole consumer of the one before (pass-through modules in between are skipped) and with no other
+        tensor input. ``node`` and these write one output, so techniques reconstruct the tensor after them."""
+        chain: list[GraphNode] = []
+        current = node
+        while (consumer := _sole_consumer(current)) is not None:
+            if consumer.kind != "module" or len(consumer.inputs) != 1:
+                break
+            op_type = module_op_type(consumer.module)
+            if op_type not in FUSED_NORMS and op_type not in FUSED_ACTIVATIONS:
+                break
+            chain.append(consumer)
+            current = consumer
+            if op_type in FUSED_ACTIVATIONS:
+                break
+        return chain
+
+    def supergroup_members(self, patterns: Iterable[tuple[str, ...]]) -> dict[str, str]:
+        """Ops whose output the hardware never writes, by name, with the supergroup (``"Conv+Relu"``) that
+        fuses them into the op after them: each pattern of op types is matched along sole consumers, skipping
+        pass-through modules; every member but the last is fused."""
+        members: dict[str, str] = {}
+        for node in self.module_nodes():
+            for pattern in patterns:
+                chain = [node]
+                while len(chain) < len(pattern) and _op_type(chain[-1]) == pattern[len(chain) - 1]:
+                    consumer = _sole_consumer(chain[-1])
+                    if consumer is None:
+                        break
+                    chain.append(consumer)
+                if len(chain) == len(pattern) and [_op_type(n) for n in chain] == list(pattern):
+                    for member in chain[:-1]:
+                        members[member.name] = "+".join(pattern)
+        return members
+
+
+FUSED_NORMS = {"BatchNormalization"}
+"""Ops a runtime folds into the Conv/Gemm before them (where BN folding has not already removed them)."""
+FUSED_ACTIVATIONS = {"Relu", "Clip"}
+"""Activations a runtime applies in the kernel of the op before them."""
+
+
+def _op_type(node: GraphNode) -> str | None:
+    return module_op_type(node.module) if node.kind == "module" else None
+
+
+def _sole_consumer(node: GraphNode) -> GraphNode | None:
+    """The one op that reads ``node``'s output, through pass-through modules (Dropout, Identity); None where
+    several do, or the model returns it."""
+    users = list(dict.fromkeys(node.users))
+    while len(users) == 1 and users[0].kind == "module" and is_pass_through(users[0].module):
+        users = list(dict.fromkeys(users[0].users))
+    return users[0] if len(users) == 1 else None
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -182,11 +256,12 @@ def _add_traced(
         elif node.op == "call_module" and isinstance(traced.get_submodule(node.target), Quantizer) and producers:
             env[node] = producers[0]  # a model-input quantizer in the graph: the same tensor, on its grid
         elif node.op == "call_module":
-            env[node] = graph.add(
-                GraphNode(f"{prefix}{node.target}", "module", traced.get_submodule(node.target), inputs=producers)
-            )
+            module = traced.get_submodule(node.target)
+            env[node] = graph.add(GraphNode(f"{prefix}{node.target}", "module", module, inputs=producers, call=node))
         elif node.op in ("call_function", "call_method"):
-            env[node] = graph.add(GraphNode(f"{prefix}{node.name}", "function", function=node.target, inputs=producers))
+            env[node] = graph.add(
+                GraphNode(f"{prefix}{node.name}", "function", function=node.target, inputs=producers, call=node)
+            )
         elif node.op == "output":
             outputs = producers
     return outputs

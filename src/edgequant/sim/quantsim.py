@@ -168,27 +168,8 @@ class QuantSim:
 
     def _find_supergroups(self, traced: fx.GraphModule, prefix: str) -> None:
         """Mark ops whose output the hardware never materialises (fused into the next op of a supergroup)."""
-        def op_type(node: fx.Node) -> str | None:
-            if node.op != "call_module":
-                return None
-            return module_op_type(traced.get_submodule(node.target))
-
-        def is_pass_through_node(node: fx.Node) -> bool:
-            return node.op == "call_module" and is_pass_through(traced.get_submodule(node.target))
-
-        for node in traced.graph.nodes:
-            for pattern in self.config.supergroups:
-                chain = [node]
-                while len(chain) < len(pattern) and op_type(chain[-1]) == pattern[len(chain) - 1]:
-                    users = list(chain[-1].users)
-                    while len(users) == 1 and is_pass_through_node(users[0]):  # Dropout/Identity between fused ops
-                        users = list(users[0].users)
-                    if len(users) != 1:
-                        break
-                    chain.append(users[0])
-                if len(chain) == len(pattern) and [op_type(n) for n in chain] == list(pattern):
-                    for member in chain[:-1]:
-                        self._supergroup_members[f"{prefix}{member.target}"] = "+".join(pattern)
+        graph = ModelGraph.of_traced(traced, prefix.rstrip("."))
+        self._supergroup_members.update(graph.supergroup_members(self.config.supergroups))
 
     def _find_matmul_add(self, traced: fx.GraphModule, prefix: str) -> None:
         """AIMET's MatmulAdd pass: a MatMul with a constant operand whose only consumer is an Add of a constant
