@@ -402,9 +402,9 @@ def test_error_bad_dtype_and_float_first_kernel() -> None:
     }
     msg = _error(data)
     assert "op_type.Add.supported_kernels[0].activation.dtype" in msg and '"int" or "float"' in msg
-    data["op_type"]["Add"]["supported_kernels"][0]["activation"]["dtype"] = "float"
+    data["op_type"]["Add"]["supported_kernels"][0]["activation"] = {"bitwidth": 8, "dtype": "float"}
     msg = _error(data)
-    assert "op_type.Add.supported_kernels[0].activation.dtype" in msg and '"float"' in msg
+    assert "op_type.Add.supported_kernels[0].activation.bitwidth" in msg and '"float"' in msg and "float16" in msg
 
 
 def test_error_constraints_min_not_below_max() -> None:

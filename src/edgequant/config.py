@@ -16,9 +16,10 @@ op's activations.
 kernels, the FIRST entry fixes that op's activation bitwidth (inputs and outputs) and its parameter
 bitwidth. Without op-level kernels the sim-wide defaults apply, which a resolved rule expresses as
 ``bitwidth=None`` ("use the sim's output_bw / param_bw"). Kernels listed under ``defaults`` are validated but
-do not override the sim-wide bitwidths. Float kernels (``"dtype": "float"``) are accepted when they are not
-the first entry of an op's list; as the first entry they are rejected, because edgequant simulates integer
-quantization only and silently treating them as integers would misrepresent the hardware.
+do not override the sim-wide bitwidths. A float kernel (``"dtype": "float"``) first in an op's list makes that op's
+activations (``activation``) or parameters (``param``) float16 (`FloatFormat`): AIMET spells float formats only as
+``"dtype": "float", "bitwidth": 16``, so a float kernel of any other bitwidth is refused naming its key (bfloat16
+and fp8 are set from Python: ``QuantSim.set_format``). Float kernels further down the list are validated only.
 
 Sim-wide keys, with AIMET's meaning (its config docs, ``quantization_configuration.rst``, and the code named):
 
@@ -56,6 +57,7 @@ from typing import Any
 
 from edgequant.quantization.encoding import MAX_BITWIDTH, MIN_BITWIDTH, check_bitwidth
 from edgequant.quantization.granularity import Granularity, PerChannel, PerTensor
+from edgequant.quantization.number_format import FloatFormat
 
 __all__ = ["ConfigError", "ConfigWarning", "HardwareConfig", "TensorRule", "known_op_types", "register_op_types"]
 
@@ -174,6 +176,7 @@ class TensorRule:
     max_constraint: float | None = None
     strict_symmetric: bool = False  # defaults.strict_symmetric (applies when symmetric)
     unsigned_symmetric: bool = False  # defaults.unsigned_symmetric (applies when symmetric)
+    float_format: FloatFormat | None = None  # a float first kernel ("dtype": "float"); None: the integer grid
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,8 @@ class _OpSettings:
     max_constraint: float | None
     activation_bitwidth: int | None
     param_bitwidth: int | None
+    activation_format: FloatFormat | None = None
+    param_format: FloatFormat | None = None
 
 
 def _show(value: Any) -> str:
@@ -326,17 +331,18 @@ class _Validator:
         if "encoding_constraints" in entry:
             lo, hi = self.constraints(entry["encoding_constraints"], f"{path}.encoding_constraints")
         act_bw = param_bw = None
+        formats: dict[str, FloatFormat | None] = {role: None for role in _KERNEL_KEYS}
         if "supported_kernels" in entry:
             kpath = f"{path}.supported_kernels"
             first = self.kernels(entry["supported_kernels"], kpath)[0]
             for role in _KERNEL_KEYS:
-                if first[role][1] != "int":
+                bitwidth, dtype = first[role]
+                if dtype == "float" and bitwidth != 16:
                     raise self.fail(
-                        f"{kpath}[0].{role}.dtype",
-                        first[role][1],
-                        '"int" in the first kernel (edgequant simulates integer kernels only; '
-                        "list an int kernel first)",
+                        f"{kpath}[0].{role}.bitwidth", bitwidth,
+                        '16 with "dtype": "float" (the float kernel AIMET configs describe is float16)',
                     )
+                formats[role] = FloatFormat("float16") if dtype == "float" else None
             act_bw, param_bw = first["activation"][0], first["param"][0]
         params = self.param_table(entry["params"], f"{path}.params") if "params" in entry else {}
         return _OpSettings(
@@ -349,6 +355,8 @@ class _Validator:
             max_constraint=hi,
             activation_bitwidth=act_bw,
             param_bitwidth=param_bw,
+            activation_format=formats["activation"],
+            param_format=formats["param"],
         )
 
     def supergroups(self, value: Any, path: str) -> list[tuple[str, ...]]:
@@ -506,12 +514,12 @@ class HardwareConfig:
         merged.update(self._params.get(param_name, {}))
         op = self._op_types.get(op_type)
         per_channel = self._default_per_channel
-        bitwidth = None
+        bitwidth = float_format = None
         if op is not None:
             merged.update(op.params.get(param_name, {}))
             if op.per_channel is not None:
                 per_channel = op.per_channel
-            bitwidth = op.param_bitwidth
+            bitwidth, float_format = op.param_bitwidth, op.param_format
         return TensorRule(
             quantized=merged["is_quantized"],
             symmetric=merged["is_symmetric"],
@@ -519,6 +527,7 @@ class HardwareConfig:
             bitwidth=bitwidth,
             strict_symmetric=self.strict_symmetric,
             unsigned_symmetric=self.unsigned_symmetric,
+            float_format=float_format,
         )
 
     def _activation_rule(self, op_type: str, key: str, with_constraints: bool) -> TensorRule:
@@ -535,6 +544,7 @@ class HardwareConfig:
             symmetric=symmetric if op.symmetric is None else op.symmetric,
             granularity=PerTensor(),
             bitwidth=op.activation_bitwidth,
+            float_format=op.activation_format,
             min_constraint=op.min_constraint if with_constraints else None,
             max_constraint=op.max_constraint if with_constraints else None,
             **variants,

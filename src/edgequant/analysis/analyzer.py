@@ -66,7 +66,7 @@ class QuantAnalyzer:
                  eval_fn: Callable[[nn.Module], float] | None = None, *, progress: bool = True) -> QuantAnalyzer:
         """Analyse an existing, calibrated sim as it is (its enabled quantizers are "quantized"); the sim's
         flags and encodings are the same after the analysis."""
-        missing = [n for n, q in sim.quantizers().items() if q.enabled and q.encoding is None]
+        missing = [n for n, q in sim.quantizers().items() if q.enabled and not q.ready]
         if missing:
             raise ValueError(f"{len(missing)} enabled quantizers of the sim have no encoding (e.g. {missing[0]}); "
                              "calibrate the sim (sim.calibrate(data)) before analysing it")

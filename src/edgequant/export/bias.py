@@ -5,8 +5,9 @@ added. ONNX Runtime fuses ``DQ → Conv → Q`` into QLinearConv only when the b
 it then *assumes* the bias scale is ``s_x·s_w``. `quantize_bias_int32` makes the sim round the bias the same way,
 so that simulation and runtime agree; export refuses int32 bias encodings that no longer match ``s_x·s_w``.
 
-Per-block (and LPBQ) weights have no single ``s_w`` per output channel: their layers get no derived bias encoding,
-and their biases stay in float.
+Per-block (and LPBQ) weights have no single ``s_w`` per output channel, and a layer whose input or weight has a float
+format (`FloatFormat`) has no integer accumulator: those layers get no derived bias encoding, and their biases stay in
+float.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from edgequant.export.graph_map import (
     trace_sim,
 )
 from edgequant.quantization import Encoding, Granularity, PerChannel, PerTensor, Quantizer
+from edgequant.quantization.number_format import FloatFormat
 from edgequant.sim.quantized_module import param_quantizer
 
 if TYPE_CHECKING:
@@ -91,13 +93,17 @@ def derived_bias_encoding(input_encoding: Encoding, weight_encoding: Encoding) -
     return Encoding(scale, offset, BIAS_BITWIDTH, True, granularity)
 
 
-def derived_bias_encodings(traced: TracedSim, encodings: dict[str, Encoding], sim: QuantSim) -> dict[str, Encoding]:
-    """``layer.bias`` -> derived int32 encoding, for layers with a bias, a weight encoding and a quantized input."""
+def derived_bias_encodings(
+    traced: TracedSim, encodings: dict[str, Encoding | FloatFormat], sim: QuantSim
+) -> dict[str, Encoding]:
+    """``layer.bias`` -> derived int32 encoding, for layers with a bias and integer encodings of weight and input."""
     derived = {}
     for layer, input_quantizer in layer_input_quantizers(traced).items():
         module = sim.model.get_submodule(layer)
         weight_quantizer = param_quantizer(module, "weight")
-        if (module._parameters.get("bias") is None or weight_quantizer is None or weight_quantizer.name not in encodings
+        if (module._parameters.get("bias") is None or weight_quantizer is None
+                or not isinstance(encodings.get(weight_quantizer.name), Encoding)
+                or not isinstance(encodings.get(input_quantizer), Encoding)
                 or bias_granularity(weight_quantizer.granularity) is None):
             continue
         derived[f"{layer}.bias"] = derived_bias_encoding(encodings[input_quantizer], encodings[weight_quantizer.name])

@@ -19,6 +19,11 @@ Offsets follow edgequant's (= AIMET's) convention, see `edgequant.quantization.e
 are marked as AIMET marks them (its ``get_symmetric_properties``): a symmetric entry whose offset is
 ``-(2**(bw-1) - 1)`` is strict symmetric, one with offset 0 unsigned symmetric. 2.0.0 has no way to state the
 strict grid (QuantizeLinear's int8 range is [-128, 127]): writing a strict encoding in it is refused.
+
+Float16 tensors (a `FloatFormat` in place of an `Encoding`) are written and read as AIMET does (its ``FloatEncoding``):
+0.6.1 ``[{"bitwidth": 16, "dtype": "float"}]``, 1.0.0 ``{name, dtype "FLOAT", bw 16, enc_type "PER_TENSOR"}``; 2.0.0
+has no entry for them (AIMET writes none: the tensor stays float in that QuantizeLinear view). AIMET's files state no
+other float format, so bfloat16 and fp8 tensors are refused by every version.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 from edgequant.quantization import Encoding, Granularity, Lpbq, PerBlock, PerChannel, PerTensor
 from edgequant.quantization.encoding import strict_symmetric_offset
 from edgequant.quantization.granularity import PER_TENSOR
+from edgequant.quantization.number_format import FloatFormat
 
 SUPPORTED_VERSIONS = ("0.6.1", "1.0.0", "2.0.0")
 PRODUCER = {"package": "edgequant", "version": "0.1.0"}
@@ -45,7 +51,7 @@ class TensorEncoding:
     """The encoding of one named ONNX tensor; ``is_param`` is None where the format does not say (2.0.0)."""
 
     name: str
-    encoding: Encoding
+    encoding: Encoding | FloatFormat
     is_param: bool | None
 
 
@@ -67,7 +73,19 @@ def _ints(values: torch.Tensor) -> list[int]:
     return [int(v) for v in values.reshape(-1).tolist()]
 
 
-def _entry_0_6_1(name: str, encoding: Encoding) -> list[dict[str, Any]]:
+_FLOAT16 = FloatFormat("float16")
+
+
+def _check_float16(name: str, encoding: FloatFormat) -> None:
+    if encoding != _FLOAT16:
+        raise ValueError(f"tensor '{name}' has format {encoding.name}, which AIMET encodings files cannot state "
+                         "(float16 is the only float format they have)")
+
+
+def _entry_0_6_1(name: str, encoding: Encoding | FloatFormat) -> list[dict[str, Any]]:
+    if isinstance(encoding, FloatFormat):
+        _check_float16(name, encoding)
+        return [{"bitwidth": 16, "dtype": "float"}]
     if isinstance(encoding.granularity, PerBlock):
         raise ValueError(f"tensor '{name}' is quantized {encoding.granularity.describe()}, which encodings version "
                          "0.6.1 cannot state; write version 1.0.0 or 2.0.0")
@@ -92,7 +110,10 @@ def _lpbq_parts(name: str, encoding: Encoding) -> tuple[Lpbq, torch.Tensor, torc
             granularity.multipliers(encoding.scale, encoding.bitwidth))
 
 
-def _entry_1_0_0(name: str, encoding: Encoding) -> dict[str, Any]:
+def _entry_1_0_0(name: str, encoding: Encoding | FloatFormat) -> dict[str, Any]:
+    if isinstance(encoding, FloatFormat):
+        _check_float16(name, encoding)
+        return {"name": name, "dtype": "FLOAT", "bw": 16, "enc_type": "PER_TENSOR"}
     entry = {"name": name, "dtype": "INT", "bw": encoding.bitwidth, "is_sym": encoding.symmetric}
     match encoding.granularity:
         case Lpbq() as granularity:
@@ -163,7 +184,11 @@ def encodings_document(
         raise ValueError(f"encoding_version {version!r} is not supported; choose one of {choices}")
     document: dict[str, Any] = {"producer": dict(PRODUCER), "version": version}
     if version == "2.0.0":
-        document["encodings"] = [_entry_2_0_0(e.name, e.encoding) for e in entries]
+        for entry in entries:
+            if isinstance(entry.encoding, FloatFormat):
+                _check_float16(entry.name, entry.encoding)
+        document["encodings"] = [_entry_2_0_0(e.name, e.encoding) for e in entries
+                                 if not isinstance(e.encoding, FloatFormat)]
         return document
     params = [e for e in entries if e.is_param]
     activations = [e for e in entries if not e.is_param]
@@ -305,23 +330,33 @@ class _Reader:
             found.append(number)
         return found
 
-    def entry_0_6_1(self, name: str, channels: Any) -> Encoding:
+    def float16(self, bitwidth: Any, name: str, key: str) -> FloatFormat:
+        """A float entry: AIMET's files state float16 only."""
+        if bitwidth != 16:
+            raise self.fail(name, f"a float entry's '{key}' must be 16 (float16), got {_show(bitwidth)}")
+        return _FLOAT16
+
+    def entry_0_6_1(self, name: str, channels: Any) -> Encoding | FloatFormat:
         if not isinstance(channels, list) or not channels:
             raise self.fail(name, "expected a non-empty list of per-channel encodings")
         dtype = self.field(channels[0], "dtype", name)
+        if dtype == "float":
+            return self.float16(self.field(channels[0], "bitwidth", name), name, "bitwidth")
         if dtype != "int":
-            raise self.fail(name, f"dtype {_show(dtype)} is not supported (integer encodings only)")
+            raise self.fail(name, f"dtype {_show(dtype)} is not supported (\"int\" or \"float\")")
         bitwidth = self.bitwidth(self.field(channels[0], "bitwidth", name), name, "bitwidth")
         symmetric = self.flag(self.field(channels[0], "is_symmetric", name), name, "is_symmetric")
         scale = self.numbers([self.field(c, "scale", name) for c in channels], name, "scale")
         offset = self.numbers([self.field(c, "offset", name) for c in channels], name, "offset", integral=True)
         return self.encoding(name, scale, offset, bitwidth, symmetric, PerChannel(0) if len(channels) > 1 else None)
 
-    def entry_1_0_0(self, entry: Any) -> tuple[str, Encoding]:
+    def entry_1_0_0(self, entry: Any) -> tuple[str, Encoding | FloatFormat]:
         name = self.name(entry)
         dtype = self.field(entry, "dtype", name)
+        if isinstance(dtype, str) and dtype.upper() == "FLOAT":
+            return name, self.float16(self.field(entry, "bw", name), name, "bw")
         if not isinstance(dtype, str) or dtype.upper() != "INT":
-            raise self.fail(name, f"dtype {_show(dtype)} is not supported (integer encodings only)")
+            raise self.fail(name, f"dtype {_show(dtype)} is not supported (\"INT\" or \"FLOAT\")")
         enc_type = entry.get("enc_type", "PER_TENSOR")
         if enc_type not in _ENC_TYPES:
             raise self.fail(name, f"enc_type {_show(enc_type)} is not supported ({', '.join(_ENC_TYPES)})")

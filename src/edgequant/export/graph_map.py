@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 import torch
 
-from edgequant.quantization import Encoding, PerBlock, Quantizer
+from edgequant.quantization import Encoding, FloatFormat, PerBlock, Quantizer
 from edgequant.sim.batches import split_model_input
 from edgequant.sim.modes import training_mode
 
@@ -78,9 +78,9 @@ class TracedSim:
     def quantizers_of(self, tensor: str) -> list[str]:
         return [site.quantizer for site in self.sites if site.tensor == tensor]
 
-    def tensor_encodings(self, encodings: dict[str, Encoding]) -> dict[str, Encoding]:
-        """Encoding of every quantized ONNX tensor (propagated ones included), from quantizer encodings."""
-        by_tensor: dict[str, Encoding] = {}
+    def tensor_encodings(self, encodings: dict[str, Encoding | FloatFormat]) -> dict[str, Encoding | FloatFormat]:
+        """Encoding (or float format) of every quantized ONNX tensor (propagated ones included), from quantizers'."""
+        by_tensor: dict[str, Encoding | FloatFormat] = {}
         for site in self.sites:
             encoding = encodings[site.quantizer]
             previous = by_tensor.setdefault(site.tensor, encoding)
@@ -167,7 +167,7 @@ def _opset_21_reason(quantizer: Quantizer) -> str | None:
     """Why ``quantizer`` needs opset 21 (16-bit activations; blocked DequantizeLinear), None where it does not."""
     if not quantizer.enabled:
         return None
-    if 8 < quantizer.bitwidth <= 16 and quantizer.role != "param":
+    if 8 < quantizer.bitwidth <= 16 and quantizer.role != "param" and quantizer.float_format is None:
         return f"is {quantizer.bitwidth}-bit: ONNX QuantizeLinear supports 16-bit outputs"
     if isinstance(quantizer.granularity, PerBlock):
         return f"is {quantizer.granularity.describe()}: ONNX DequantizeLinear takes a block_size"

@@ -31,7 +31,7 @@ from edgequant.export.bias import BIAS_BITWIDTH, install_bias_quantizer
 from edgequant.export.encodings_io import EncodingsFileError, TensorEncoding, read_encodings
 from edgequant.export.graph_align import TRANSPARENT_OPS, align_tensors, load_reference_graph
 from edgequant.export.graph_map import TracedSim, consumers, node_by_output, trace_sim
-from edgequant.quantization import Encoding, PerBlock, PerChannel, Quantizer
+from edgequant.quantization import Encoding, FloatFormat, PerBlock, PerChannel, Quantizer
 from edgequant.quantization.granularity import PER_TENSOR
 from edgequant.sim.batches import split_model_input
 from edgequant.sim.capture import record_calls
@@ -353,8 +353,12 @@ def load_encodings(
         for entry_name, targets in placer.placed.items():
             entry = by_name[entry_name]
             for name in targets:
-                encoding = _fit_to_quantizer(entry, name, quantizers[name], sim, path)
-                sim.set_encoding(name, encoding.to(device) if device is not None else encoding, freeze=True)
+                if isinstance(entry.encoding, FloatFormat):  # a float16 tensor: the format is all there is to load
+                    quantizers[name].number_format = entry.encoding
+                    quantizers[name].frozen = True
+                else:
+                    encoding = _fit_to_quantizer(entry, name, quantizers[name], sim, path)
+                    sim.set_encoding(name, encoding.to(device) if device is not None else encoding, freeze=True)
                 quantizers[name].enabled = True
                 report.loaded.append(name)
                 if name in probes:
@@ -375,7 +379,7 @@ def load_encodings(
         if not partial:
             quantizer.enabled = False
             report.disabled.append(name)
-    uncalibrated = [name for name in report.without_encoding if partial and sim.quantizers()[name].encoding is None]
+    uncalibrated = [name for name in report.without_encoding if partial and not sim.quantizers()[name].ready]
     if uncalibrated:
         listed = ", ".join(uncalibrated[:3]) + (", ..." if len(uncalibrated) > 3 else "")
         warnings.warn(

@@ -12,7 +12,7 @@ from edgequant.export.bias import check_bias_encodings, derived_bias_encodings
 from edgequant.export.encodings_io import TensorEncoding, write_encodings
 from edgequant.export.graph_map import TracedSim, trace_sim
 from edgequant.export.qdq import build_qdq_model
-from edgequant.quantization import Encoding, Quantizer
+from edgequant.quantization import Encoding, FloatFormat, Quantizer
 from edgequant.quantization.granularity import PER_TENSOR
 from edgequant.sim.quantized_module import param_quantizer
 
@@ -47,7 +47,7 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 
 def tensor_encoding_entries(
-    traced: TracedSim, by_tensor: dict[str, Encoding], float_bias: dict[str, Encoding]
+    traced: TracedSim, by_tensor: dict[str, Encoding | FloatFormat], float_bias: dict[str, Encoding]
 ) -> list[TensorEncoding]:
     """One entry per quantized ONNX tensor (``by_tensor``: `TracedSim.tensor_encodings`), in graph order; each
     weight is followed by its layer's ``float_bias`` entry (``layer.bias`` -> int32 s_x·s_w encoding of a bias
@@ -99,16 +99,25 @@ def export_onnx(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     quantizers = sim.quantizers()
-    missing = [n for n, q in quantizers.items() if q.enabled and q.encoding is None]
+    missing = [n for n, q in quantizers.items() if q.enabled and not q.ready]
     if missing:
         raise RuntimeError(
             f"{len(missing)} enabled quantizers have no encoding (e.g. {', '.join(missing[:3])}); calibrate the sim "
             "(sim.compute_encodings / sim.calibrate / sim.load_encodings) or disable them before exporting"
         )
+    unexportable = [(n, q.float_format.name) for n, q in quantizers.items()
+                    if q.enabled and q.float_format is not None and q.float_format.name != "float16"]
+    if unexportable:
+        name, format_name = unexportable[0]
+        raise ValueError(
+            f"quantizer '{name}' has format {format_name}: export writes float16 as the only float format (AIMET "
+            "encodings files state no other, and the QDQ model has no fp8/bfloat16 form here); set it to float16 "
+            "or an integer format with sim.set_format before exporting"
+        )
     traced = trace_sim(
         sim, sim.dummy_input if dummy_input is None else dummy_input, input_names, output_names, opset, dynamic_batch
     )
-    encodings = {n: q.encoding for n, q in quantizers.items() if q.enabled}
+    encodings = {n: q.float_format or q.encoding for n, q in quantizers.items() if q.enabled}
     derived_bias = derived_bias_encodings(traced, encodings, sim)
     check_bias_encodings(quantizers, derived_bias)
     by_tensor = traced.tensor_encodings(encodings)

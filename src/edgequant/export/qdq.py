@@ -17,6 +17,9 @@ bits) has no ONNX type of its own either: it is the signed type with zero point 
 Per-block weights are DequantizeLinear with ``axis`` (the blocked axis) and ``block_size`` (opset 21), their scale
 and zero point laid out with the weight's shape but for the blocks; an LPBQ weight runs as the per-block grid of its
 block scales (per-channel scale x integer multiplier, the same float32 products the sim uses).
+
+A float16 tensor (`FloatFormat`) is ``Cast`` to float16 and back to float, parameters and activations alike: ONNX's
+Cast rounds to nearest even and overflows to inf as torch's cast does, so ORT computes the sim's values bit for bit.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgequant.export.graph_map import INT4_INT16_OPSET, MARKER_DOMAIN, TracedSim, marker_quantizer, node_by_output
-from edgequant.quantization import Encoding, Granularity, PerBlock, PerChannel, PerTensor
+from edgequant.quantization import Encoding, FloatFormat, Granularity, PerBlock, PerChannel, PerTensor
 
 QDQ_METADATA_KEY = "edgequant.qdq"
 """metadata_props key: JSON ``{quantized tensor in the QDQ model: {"tensor": encodings name, "quantizers": [...]}}``."""
@@ -158,10 +161,24 @@ class _QdqBuilder:
             **axis_attributes(encoding.granularity),
         )]
 
+    def cast_nodes(self, tensor: str, source: str, output: str, number_format: FloatFormat) -> list[onnx.NodeProto]:
+        """Cast to the float format and back: the float16 counterpart of Q → DQ."""
+        if number_format.dtype != torch.float16:
+            raise ValueError(f"tensor '{tensor}' has format {number_format.name}; the QDQ export writes float16 only")
+        narrowed = self.unique(f"{tensor}_float16")
+        return [
+            helper.make_node("Cast", [source], [narrowed], name=self.unique(f"{tensor}_CastFloat16"),
+                             to=TensorProto.FLOAT16),
+            helper.make_node("Cast", [narrowed], [output], name=self.unique(f"{tensor}_CastFloat"),
+                             to=TensorProto.FLOAT),
+        ]
+
     def activation_nodes(
-        self, tensor: str, source: str, output: str, encoding: Encoding, quantizers: list[str]
+        self, tensor: str, source: str, output: str, encoding: Encoding | FloatFormat, quantizers: list[str]
     ) -> list[onnx.NodeProto]:
-        """(Clip →) QuantizeLinear → DequantizeLinear on an activation."""
+        """(Clip →) QuantizeLinear → DequantizeLinear on an activation (Cast → Cast in a float format)."""
+        if isinstance(encoding, FloatFormat):
+            return self.cast_nodes(tensor, source, output, encoding)
         if encoding.bitwidth > 16:
             raise ValueError(f"tensor '{tensor}': 32-bit activations cannot be expressed with ONNX QuantizeLinear")
         nodes = []
@@ -185,7 +202,8 @@ class _QdqBuilder:
         return nodes
 
     def build(
-        self, traced: TracedSim, encodings: dict[str, Encoding], tensor_encodings: dict[str, Encoding]
+        self, traced: TracedSim, encodings: dict[str, Encoding | FloatFormat],
+        tensor_encodings: dict[str, Encoding | FloatFormat],
     ) -> onnx.ModelProto:
         sites = {site.marker_output: site for site in traced.sites}
         rename: dict[str, str] = {}
@@ -201,7 +219,7 @@ class _QdqBuilder:
             if output not in self.graph_outputs:
                 rename[node.output[0]] = output = self.unique(f"{site.tensor}_dequantized")
             constant = self.constant_source(node.input[0]) if site.is_param else None
-            if constant is not None:
+            if constant is not None and isinstance(encoding, Encoding):
                 nodes += self.param_nodes(site.tensor, constant, output, encoding)
             else:
                 nodes += self.activation_nodes(site.tensor, node.input[0], output, encoding, [site.quantizer])
@@ -228,7 +246,7 @@ class _QdqBuilder:
         self.model.graph.initializer.extend(kept)
 
     def propagate(
-        self, nodes: list[onnx.NodeProto], traced: TracedSim, tensor_encodings: dict[str, Encoding]
+        self, nodes: list[onnx.NodeProto], traced: TracedSim, tensor_encodings: dict[str, Encoding | FloatFormat]
     ) -> list[onnx.NodeProto]:
         """Q/DQ after data-movement outputs that inherit an encoding (see `TracedSim.propagated`)."""
         result, rename = [], {}
@@ -243,8 +261,9 @@ class _QdqBuilder:
 
 
 def build_qdq_model(
-    traced: TracedSim, encodings: dict[str, Encoding], tensor_encodings: dict[str, Encoding], opset: int
+    traced: TracedSim, encodings: dict[str, Encoding | FloatFormat],
+    tensor_encodings: dict[str, Encoding | FloatFormat], opset: int,
 ) -> onnx.ModelProto:
-    """QDQ model of the traced sim; ``encodings`` maps every enabled quantizer's name to its encoding,
+    """QDQ model of the traced sim; ``encodings`` maps every enabled quantizer's name to its encoding (or float format),
     ``tensor_encodings`` is ``traced.tensor_encodings(encodings)``."""
     return _QdqBuilder(traced, opset).build(traced, encodings, tensor_encodings)

@@ -187,6 +187,8 @@ def apply_bitwidths(sim: QuantSim, bitwidths: dict[str, int], data_batches: list
     quantizers' bit widths); a quantizer without statistics (a loaded sim) is re-calibrated on
     ``data_batches`` alone, the others disabled and frozen meanwhile."""
     changed = [q for name, q in sim.quantizers().items() if name in bitwidths and q.bitwidth != bitwidths[name]]
+    for quantizer in changed:  # a float format has no bitwidth to choose
+        quantizer.require_integer_grid("mixed precision")
     previous = {q.name: q.bitwidth for q in changed}
     missing_stats = []
     for quantizer in changed:

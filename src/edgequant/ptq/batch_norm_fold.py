@@ -108,12 +108,16 @@ def fold_batch_norms_to_scale(sim: QuantSim) -> list[tuple[str, str]]:
     A frozen weight encoding (AdaRound, loaded) must be per-channel symmetric on the output axis: its
     scale is multiplied by ``|f|`` so that the quantized weights are the old ones times ``f`` (channels with
     ``f < 0`` map the grid's lowest value -2^(b-1) to 2^(b-1)-1). Other weight encodings are recomputed from
-    the folded weights. The BN's output quantizers become the layer's. Returns (layer, bn) names.
+    the folded weights. The BN's output quantizers become the layer's. Returns (layer, bn) names. A frozen fp8
+    weight scale is refused (its calibrated scale would not follow the folded weights); a float16 weight has no scale
+    and folds as a float weight does.
     """
     folds = find_batch_norm_folds(sim.graph(), allow_following=False)
     for fold in folds:
         layer, bn = sim.model.get_submodule(fold.layer), sim.model.get_submodule(fold.bn)
         quantizer = param_quantizer(layer)
+        if quantizer is not None and quantizer.frozen and quantizer.float_format and quantizer.float_format.scaled:
+            quantizer.require_integer_grid("batch norm folding into a frozen encoding")
         if quantizer is not None and quantizer.frozen and quantizer.encoding is not None:
             encoding = quantizer.encoding
             if encoding.granularity != PerChannel(weight_output_axis(layer, layer.weight)) or not encoding.signed:

@@ -181,7 +181,7 @@ def prepare_qat(
         raise ValueError(f"grad_scale={grad_scale!r}: use 'lsq' or a positive number")
     if not 0 < min_scale_fraction < 1:
         raise ValueError(f"min_scale_fraction={min_scale_fraction}: use a number in (0, 1)")
-    uncalibrated = [n for n, q in sim.quantizers().items() if q.enabled and q.encoding is None]
+    uncalibrated = [n for n, q in sim.quantizers().items() if q.enabled and not q.ready]
     if uncalibrated:
         raise RuntimeError(
             f"prepare_qat needs a calibrated sim; {len(uncalibrated)} enabled quantizers have no encoding (e.g. "
@@ -198,10 +198,11 @@ def prepare_qat(
 
     shapes = _quantized_shapes(sim)
     for name, quantizer in sim.quantizers().items():
-        if not quantizer.enabled or quantizer.encoding is None:
+        if not quantizer.enabled or not quantizer.ready:
             continue
-        is_param = quantizer.role == "param"
-        if mode == "range_learning" and quantizer.bitwidth <= MAX_LEARNED_BITWIDTH and name in shapes:
+        is_param = quantizer.role == "param"  # a float format has no range to learn: its weights are re-encoded
+        learnable = quantizer.float_format is None and quantizer.bitwidth <= MAX_LEARNED_BITWIDTH
+        if mode == "range_learning" and learnable and name in shapes:
             factor = grad_scale if grad_scale != "lsq" else lsq_grad_scale(
                 values_per_scale(quantizer, shapes[name], batched=not is_param), quantizer.bitwidth,
                 quantizer.symmetric)

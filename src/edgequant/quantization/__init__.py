@@ -25,6 +25,7 @@ from edgequant.quantization.calibration_methods import (
 )
 from edgequant.quantization.encoding import Encoding
 from edgequant.quantization.granularity import Granularity, Lpbq, PerBlock, PerChannel, PerTensor
+from edgequant.quantization.number_format import FloatFormat, IntegerFormat
 from edgequant.quantization.quantizer import Quantizer
 
 __all__ = [
@@ -34,7 +35,9 @@ __all__ = [
     "CalibrationMethod",
     "Encoding",
     "EncodingAnalyzer",
+    "FloatFormat",
     "Granularity",
+    "IntegerFormat",
     "Lpbq",
     "MethodSpec",
     "MinMax",

@@ -149,9 +149,10 @@ class Encoding:
             self.strict_symmetric,
         )
 
-    def equals(self, other: Encoding) -> bool:
+    def equals(self, other: object) -> bool:
         return (
-            self.bitwidth == other.bitwidth
+            isinstance(other, Encoding)
+            and self.bitwidth == other.bitwidth
             and self.symmetric == other.symmetric
             and self.strict_symmetric == other.strict_symmetric
             and self.granularity == other.granularity

@@ -21,6 +21,11 @@ per block or LPBQ; a per-block quantizer quantizes its tensor through the groupe
 A symmetric quantizer follows the config's ``strict_symmetric`` (its grid has one level fewer, symmetric around
 zero) and ``unsigned_symmetric`` (calibrated on non-negative data it takes the unsigned grid, offset 0); see
 `edgequant.quantization.encoding`.
+
+``number_format`` (`edgequant.quantization.number_format`) is the integer grid above (``IntegerFormat``, the
+default) or a float dtype (``FloatFormat``): float16/bfloat16 quantize by a cast round trip and calibrate nothing
+(no scale, ``encoding`` is None); fp8 formats keep a calibrated per-tensor or per-channel scale (``amax / dtype
+max``) in ``scale`` with a zero ``offset``. Techniques that need an integer grid call `require_integer_grid`.
 """
 
 from __future__ import annotations
@@ -38,9 +43,18 @@ from edgequant.quantization.encoding import Encoding, check_bitwidth, grid_from_
 from edgequant.quantization.granularity import (
     PER_TENSOR,
     Granularity,
+    PerChannel,
+    PerTensor,
     as_granularity,
     granularity_from_ints,
     legacy_axis,
+)
+from edgequant.quantization.number_format import (
+    FloatFormat,
+    IntegerFormat,
+    NumberFormat,
+    float_format_from_ints,
+    float_format_ints,
 )
 from edgequant.quantization.sealing import Sealable
 
@@ -50,9 +64,10 @@ ROLES = ("model_input", "input", "param", "output")
 _GROUP_OF_ROLE = {"model_input": "model_input_quantizers", "input": "input_quantizers",
                   "param": "param_quantizers", "output": "output_quantizers"}
 
-EXTRA_STATE_VERSION = 2
-"""Extra state ``[-2, enabled, frozen, bitwidth, symmetric, strict, unsigned, *granularity.to_ints()]``; version 1
-(no marker) was ``[enabled, frozen, bitwidth, symmetric, axis (-1: per tensor)]`` with ``[strict, unsigned]``
+EXTRA_STATE_VERSION = 3
+"""Extra state ``[-3, enabled, frozen, bitwidth, symmetric, strict, unsigned, float format (0: integer grid, see
+`float_format_ints`), *granularity.to_ints()]``; version 2 had no float format code; version 1 (no marker) was
+``[enabled, frozen, bitwidth, symmetric, axis (-1: per tensor)]`` with ``[strict, unsigned]``
 appended by later writers."""
 
 
@@ -70,6 +85,7 @@ class Quantizer(Sealable):
         max_constraint: float | None = None,
         strict_symmetric: bool = False,
         unsigned_symmetric: bool = False,
+        float_format: FloatFormat | None = None,
     ) -> None:
         super().__init__()
         if role not in ROLES:
@@ -90,9 +106,48 @@ class Quantizer(Sealable):
         self.calibrating = False
         self.calibration: CalibrationMethod = calibration_method(scheme)
         self.analyzer: EncodingAnalyzer
+        self.float_format: FloatFormat | None = None  # None: the integer grid
         self.granularity = granularity
         self.register_buffer("scale", None)
         self.register_buffer("offset", None)
+        if float_format is not None:
+            self.number_format = float_format
+
+    @property
+    def number_format(self) -> NumberFormat:
+        """The format this quantizer rounds onto: a `FloatFormat`, or the `IntegerFormat` of its bitwidth/symmetry."""
+        return self.float_format or IntegerFormat(self.bitwidth, self.symmetric)
+
+    @number_format.setter
+    def number_format(self, value: NumberFormat) -> None:
+        """A new format drops the encoding (it was for the old grid); a float format's bitwidth becomes this one's."""
+        self.check_format(value)
+        if isinstance(value, IntegerFormat):
+            self.float_format, self.bitwidth, self.symmetric = None, value.bitwidth, value.symmetric
+        else:
+            self.float_format, self.bitwidth = value, value.bitwidth
+        self.scale = self.offset = None
+        self.analyzer.reset()
+
+    def check_format(self, value: NumberFormat) -> None:
+        """Raise unless this quantizer can take ``value`` (lets callers check many before changing any)."""
+        if self.range_learning:
+            raise RuntimeError(f"quantizer '{self.name}' learns its range; its number format cannot change")
+        if isinstance(value, IntegerFormat):
+            check_bitwidth(value.bitwidth, f"quantizer {self.name} bitwidth")
+            self.granularity.check_grid(value.bitwidth, value.symmetric, f"quantizer {self.name}")
+        elif not isinstance(value, FloatFormat):
+            raise TypeError(f"quantizer {self.name}: number format must be an IntegerFormat or a FloatFormat, got "
+                            f"{type(value).__name__}")
+        elif not isinstance(self.granularity, (PerTensor, PerChannel)):
+            raise ValueError(f"quantizer {self.name}: {value.name} takes a per-tensor or per-channel scale, not "
+                             f"{self.granularity.describe()}")
+
+    def require_integer_grid(self, technique: str) -> None:
+        """Refuse a float-format quantizer in ``technique``, which assumes an integer grid (no silent wrong result)."""
+        if self.float_format is not None:
+            raise ValueError(f"{technique} needs an integer grid; quantizer '{self.name}' has format "
+                             f"{self.float_format.name}")
 
     @property
     def granularity(self) -> Granularity:
@@ -105,7 +160,8 @@ class Quantizer(Sealable):
         if not value.bound:
             raise ValueError(f"quantizer {self.name}: {value.describe()} leaves its axes to the layer; give them "
                              "(QuantSim.set_granularity fills them from the layer)")
-        value.check_grid(self.bitwidth, self.symmetric, f"quantizer {self.name}")
+        if self.float_format is None:
+            value.check_grid(self.bitwidth, self.symmetric, f"quantizer {self.name}")
         if getattr(self, "_granularity", None) != value:
             self._granularity = value
             self.analyzer = self.calibration.analyzer(value, self.role)
@@ -125,6 +181,8 @@ class Quantizer(Sealable):
     def extra_repr(self) -> str:
         granularity = self.granularity.describe()
         state = "enabled" if self.enabled else "disabled"
+        if self.float_format is not None:
+            return f"{self.role}, {self.float_format.name}, {granularity}, {state}"
         symmetry = "asym"
         if self.symmetric:
             symmetry = "strict sym" if self.strict_symmetric else "unsigned sym" if self.unsigned_symmetric else "sym"
@@ -138,18 +196,25 @@ class Quantizer(Sealable):
 
     @property
     def encoding(self) -> Encoding | None:
-        """The grid the forward uses (a learned LPBQ scale is stored as trained and projected where used)."""
-        if self.scale is None:
+        """The grid the forward uses (a learned LPBQ scale is stored as trained and projected where used); None
+        before calibration and for a float format (which has no integer grid; an fp8 scale is ``scale``)."""
+        if self.scale is None or self.float_format is not None:
             return None
         scale = self.granularity.project(self.scale.detach(), self.bitwidth)
         return Encoding(scale, self.offset, self.bitwidth, self.symmetric, self.granularity, self.strict_grid)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the forward can quantize: it has its encoding (fp8: its scale), or its format needs none."""
+        return self.scale is not None or (self.float_format is not None and not self.float_format.scaled)
 
     @property
     def range_learning(self) -> bool:
         return isinstance(self.scale, nn.Parameter)
 
     def set_encoding(self, encoding: Encoding | None) -> None:
-        """Install an encoding (its bitwidth/symmetry/strictness/granularity become this quantizer's).
+        """Install an encoding (its bitwidth/symmetry/strictness/granularity become this quantizer's, and so does
+        the integer format: a float quantizer given an integer encoding becomes an integer one).
 
         The values are copied into the existing scale/offset tensors when the shapes agree, so trainable
         (range-learning) parameters stay the same objects."""
@@ -158,6 +223,7 @@ class Quantizer(Sealable):
                 raise RuntimeError(f"quantizer '{self.name}' learns its range; it cannot drop its encoding")
             self.scale = self.offset = None
             return
+        self.float_format = None
         self.bitwidth, self.symmetric = encoding.bitwidth, encoding.symmetric
         self.granularity = encoding.granularity
         if encoding.symmetric:
@@ -177,8 +243,11 @@ class Quantizer(Sealable):
         else:
             self.scale, self.offset = scale.clone(), offset.clone()
 
-    def compute_encoding(self) -> Encoding:
-        """Turn the analyzer's statistics into an encoding, honouring the config's range constraints."""
+    def compute_encoding(self) -> Encoding | None:
+        """Turn the analyzer's statistics into an encoding, honouring the config's range constraints. A float format
+        has none: float16/bfloat16 calibrate nothing, fp8 sets its scale from the range's absolute maximum."""
+        if self.float_format is not None and not self.float_format.scaled:
+            return None
         try:
             low, high = self._analyzer_range()
         except CalibrationError as error:
@@ -196,6 +265,10 @@ class Quantizer(Sealable):
             high = high.clamp_max(self.max_constraint)
             low = torch.minimum(low, high)
         low, high = low.reshape(self.analyzer.scale_shape), high.reshape(self.analyzer.scale_shape)
+        if self.float_format is not None:
+            self.scale = self.float_format.scale_from_amax(torch.maximum(-low, high))
+            self.offset = torch.zeros_like(self.scale)
+            return None
         encoding = Encoding.from_range(
             low, high, self.bitwidth, self.symmetric, self.granularity, strict_symmetric=self.strict_symmetric,
             unsigned_symmetric=self.unsigned_symmetric,
@@ -217,7 +290,7 @@ class Quantizer(Sealable):
             low, high = torch.where(unsigned, low, signed_low), torch.where(unsigned, high, signed_high)
         return torch.where(unsigned, low.clamp_min(0.0), low), high
 
-    def encode_from(self, tensor: torch.Tensor) -> Encoding:
+    def encode_from(self, tensor: torch.Tensor) -> Encoding | None:
         """(Re)compute the encoding from ``tensor`` alone (a weight, or a tensor chosen by a technique)."""
         self.analyzer.reset()
         self.analyzer.observe(tensor.detach())
@@ -235,7 +308,8 @@ class Quantizer(Sealable):
 
     def _refreshed_in_place(self, tensor: torch.Tensor) -> bool:
         scale, offset = self.scale, self.offset
-        if (scale is None or self.min_constraint is not None or self.max_constraint is not None
+        if (scale is None or self.float_format is not None or self.min_constraint is not None
+                or self.max_constraint is not None
                 or scale.dtype != torch.float32 or offset.dtype != torch.float32 or scale.device != tensor.device
                 or not self.analyzer.observe_alone(tensor)):
             return False
@@ -252,6 +326,7 @@ class Quantizer(Sealable):
 
     def enable_range_learning(self) -> None:
         """Make scale and offset trainable (QAT with range learning, LSQ gradients)."""
+        self.require_integer_grid("range learning (LSQ)")
         if self.scale is None:
             raise RuntimeError(f"quantizer '{self.name}' has no encoding to learn; calibrate first")
         scale, offset = self.scale.detach(), self.offset.detach()
@@ -265,26 +340,33 @@ class Quantizer(Sealable):
         TorchScript tracing, ONNX export and ``torch.load(weights_only=True)`` expect); see `EXTRA_STATE_VERSION`."""
         return torch.tensor(
             [-EXTRA_STATE_VERSION, self.enabled, self.frozen, self.bitwidth, self.symmetric, self.strict_symmetric,
-             self.unsigned_symmetric, *self.granularity.to_ints()],
+             self.unsigned_symmetric, float_format_ints(self.float_format), *self.granularity.to_ints()],
             dtype=torch.int64,
         )
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        """Reads every version: the current one, and version 1 with or without the strict/unsigned flags."""
+        """Reads every version: the current one, version 2 (integer grids only), and version 1 with or without the
+        strict/unsigned flags."""
         values = [int(v) for v in state.tolist()]
+        float_format = None
         if values[0] >= 0:  # version 1: enabled (0 or 1) comes first
             enabled, frozen, bitwidth, symmetric, axis, *variants = values
             strict, unsigned = variants if variants else (0, 0)
             granularity = as_granularity(None if axis < 0 else axis)
-        elif values[0] == -EXTRA_STATE_VERSION:
+        elif values[0] == -2:
             enabled, frozen, bitwidth, symmetric, strict, unsigned, *granularity_ints = values[1:]
             granularity = granularity_from_ints(granularity_ints)
+        elif values[0] == -EXTRA_STATE_VERSION:
+            enabled, frozen, bitwidth, symmetric, strict, unsigned, float_code, *granularity_ints = values[1:]
+            granularity = granularity_from_ints(granularity_ints)
+            float_format = float_format_from_ints(float_code)
         else:
             raise ValueError(f"quantizer {self.name}: extra state version {-values[0]} is newer than this edgequant "
                              f"reads (up to {EXTRA_STATE_VERSION})")
         self.enabled, self.frozen, self.symmetric = bool(enabled), bool(frozen), bool(symmetric)
         self.strict_symmetric, self.unsigned_symmetric = bool(strict), bool(unsigned)
         self.bitwidth = bitwidth
+        self.float_format = float_format
         self.granularity = granularity
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -312,7 +394,8 @@ class Quantizer(Sealable):
         """Whether ``forward(x, clamp_first=...)`` runs the clamp of the activation that produced ``x`` (ReLU,
         ReLU6) and this quantizer in one fused pass: evaluation without autograd, one scale, a contiguous float32
         CPU tensor. Elsewhere the activation runs on its own, as the model wrote it."""
-        return (self.enabled and not self.calibrating and self.scale is not None and not torch.is_grad_enabled()
+        return (self.enabled and not self.calibrating and self.scale is not None and self.float_format is None
+                and not torch.is_grad_enabled()
                 and fused_cpu.can_fuse(x, self.scale))
 
     def forward(
@@ -331,6 +414,8 @@ class Quantizer(Sealable):
             return x
         if not self.enabled or not x.is_floating_point():  # integer tensors (indices, masks) are not data
             return x
+        if self.float_format is not None and not self.float_format.scaled:
+            return self.float_format.quantize_dequantize(x)
         if self.scale is None:
             raise RuntimeError(
                 f"quantizer '{self.name}' has no encoding: call sim.compute_encodings(...) or sim.calibrate(...) "
@@ -340,6 +425,8 @@ class Quantizer(Sealable):
             torch.is_inference_mode_enabled() or not x.is_inference()
         )
         granularity, ndim = self.granularity, x.dim()
+        if self.float_format is not None:
+            return self.float_format.quantize_dequantize(x, granularity.group_scale(self.scale, ndim))
         scale = granularity.project(self.scale, self.bitwidth)
         out = quantize_dequantize(
             granularity.grouped(x, self.name), granularity.group_scale(scale, ndim),

@@ -27,6 +27,7 @@ from edgequant.quantization import (
     calibration_method,
 )
 from edgequant.quantization.encoding import check_bitwidth
+from edgequant.quantization.number_format import NumberFormat
 from edgequant.quantization.quantizer import ROLES
 from edgequant.sim.batches import ModelInput, iterate_batches, model_device
 from edgequant.sim.capture import (
@@ -71,6 +72,7 @@ class CoverageEntry:
     reason: str
     category: str  # "quantized", "by design" (the hardware keeps it so too) or "left in float" (a gap)
     granularity: str = ""  # the quantizer's (`Granularity.describe`), empty where none quantizes the tensor
+    number_format: str = ""  # the quantizer's (``int8 sym``, ``float16``...), empty where none quantizes the tensor
 
 
 class QuantSim:
@@ -239,7 +241,7 @@ class QuantSim:
             module.param_quantizers[param_name] = Quantizer(
                 rule.bitwidth or self.param_bw, rule.symmetric, granularity, self.quant_scheme, role="param",
                 owner=name, key=param_name, strict_symmetric=rule.strict_symmetric,
-                unsigned_symmetric=rule.unsigned_symmetric,
+                unsigned_symmetric=rule.unsigned_symmetric, float_format=rule.float_format,
             )
         input_rule = self.config.input_rule(op_type)
         if input_rule.quantized and name in self._inputs_fused:
@@ -274,6 +276,7 @@ class QuantSim:
             rule.bitwidth or self.output_bw, rule.symmetric, rule.granularity, self.quant_scheme, role=role,
             owner=owner, key=str(key), min_constraint=rule.min_constraint, max_constraint=rule.max_constraint,
             strict_symmetric=rule.strict_symmetric, unsigned_symmetric=rule.unsigned_symmetric,
+            float_format=rule.float_format,
         )
 
     def _add_model_input_quantizers(self, record: CallRecord | None) -> None:
@@ -335,7 +338,7 @@ class QuantSim:
             reason = "" if quantizer.enabled else "quantizer disabled"
             category = "quantized" if quantizer.enabled else "left in float"
             entries.append(CoverageEntry(name, op, quantizer.enabled, name, reason, category,
-                                         quantizer.granularity.describe()))
+                                         quantizer.granularity.describe(), quantizer.number_format.describe()))
         entries += [
             CoverageEntry(n.tensor, n.op, False, None, n.reason, "by design" if n.by_design else "left in float")
             for n in self._notes
@@ -353,6 +356,10 @@ class QuantSim:
         weights = Counter(q.granularity.describe() for q in self.quantizers(role="param").values() if q.enabled)
         if weights:
             lines.append("parameters: " + ", ".join(f"{count} {kind}" for kind, count in sorted(weights.items())))
+        enabled = [q for q in self.quantizers().values() if q.enabled]
+        if any(q.float_format is not None for q in enabled):  # all-integer sims keep the summary they always had
+            formats = Counter(q.number_format.describe() for q in enabled)
+            lines.append("formats: " + ", ".join(f"{count} {kind}" for kind, count in sorted(formats.items())))
         for title, group in (("left in float (gaps):", gaps), ("float by design:", by_design)):
             if group:
                 lines.append(title)
@@ -503,6 +510,7 @@ class QuantSim:
                 old.bitwidth, old.symmetric, bound, old.calibration, role="param", owner=old.owner, key=old.key,
                 min_constraint=old.min_constraint, max_constraint=old.max_constraint,
                 strict_symmetric=old.strict_symmetric, unsigned_symmetric=old.unsigned_symmetric,
+                float_format=old.float_format,
             )
             quantizer.enabled = old.enabled
             rebuilt[name] = (module, quantizer, old.scale is not None)
@@ -512,6 +520,26 @@ class QuantSim:
                 if had_encoding:
                     quantizer.encode_from(getattr(module, quantizer.key))
         return list(rebuilt)
+
+    def set_format(self, pattern: str, number_format: NumberFormat,
+                   kinds: Iterable[str] = ("input", "param", "output"),
+                   module_types: tuple[type, ...] | None = None) -> list[str]:
+        """Give the quantizers selected as in `select` the ``number_format`` (``FloatFormat("float16")``,
+        ``FloatFormat("float8_e4m3")``, ``IntegerFormat(8, True)``...). Their encodings are for the old grid and go
+        (frozen ones too); a weight quantizer that had one gets one in the new format from its weight, activations
+        in a scaled format (fp8, integer) need calibrating again. Returns the selected quantizers' names; a format
+        that does not fit a quantizer (an fp8 scale on blocks) fails before any changes."""
+        selected = self.select(pattern, kinds, module_types)
+        for quantizer in selected.values():  # check every quantizer before changing any
+            quantizer.check_format(number_format)
+        with self._weights_unfrozen():
+            for quantizer in selected.values():
+                had_encoding = quantizer.ready
+                quantizer.number_format = number_format
+                quantizer.frozen = False
+                if quantizer.role == "param" and had_encoding:
+                    quantizer.encode_from(getattr(self.layer_of(quantizer), quantizer.key))
+        return list(selected)
 
     def quantizers_enabled(self, enabled: bool, quantizers: Iterable[Quantizer] | None = None):  # noqa: ANN201
         """Context manager: ``quantizers`` (default: all) on or off inside the block, restored after."""
