@@ -1,0 +1,78 @@
+"""Integer-kernel emulation: the sim computes, op for op, what a named integer runtime computes.
+
+The default sim fake-quantizes: a convolution runs in float32 on dequantized values and its output is divided
+by the output scale and rounded. An integer runtime instead accumulates ``Σ q_x·q_w`` exactly in int32, adds an
+int32 bias and *requantizes* the accumulator with its own arithmetic (multiplier precision, rounding, clamping).
+Ties and float32 rounding then break differently (≤ 1 LSB per layer), and the differences compound through deep
+networks and residual adds. In emulation mode (``sim.emulate("onnxruntime")``) every op the runtime fuses into
+an integer kernel is replaced by an *emulating* forward that recovers the integer grid indices of its inputs,
+accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`:
+
+* `OnnxRuntimeCPU` (``"onnxruntime"``): ONNX Runtime's CPU (MLAS, x86-64) kernels, read from its sources
+  (``mlas/lib/requantize``, ``qladd``/``intrinsics/avx2/qladd_avx2.cpp``, ``qlgavgpool.cpp``) and checked
+  against ORT 1.32 output for output:
+
+  - QLinearConv / QGemm / QLinearMatMul: ``acc = Σ (q_x - z_x)(q_w - z_w) + bias_int32``;
+    ``bias_int32 = round_half_even(b / fl32(s_x·s_w))`` (ORT quantizes a float bias itself, with this
+    formula, when it fuses ``DQ→Conv→Q``); ``y = sat(rne(fl32(fl32(acc) · M)) + z_y)`` with the float32
+    multiplier ``M = fl32(fl32(s_x·s_w) / s_y)`` (per output channel for per-channel weights).
+  - QLinearAdd (8-bit, AVX2 kernel): ``r_a = fl32(s_a/s_c)``, ``r_b = fl32(s_b/s_c)``,
+    ``c = fl32(z_c - fma(r_a, z_a, fl32(r_b·z_b)))``, then ``y = sat(rne(fma(q_a, r_a, fma(q_b, r_b, c))))``.
+  - QLinearMul (SSE2 kernel): ``y = sat(rne(fl32(fl32(fl32((q_a - z_a)(q_b - z_b)) · fl32(s_a·s_b/s_c)) + z_c)))``.
+  - QLinearAveragePool: float32 sum of the dequantized window in row-major order, divided by the count,
+    ``y = sat(rne(fl32(y / s_y) + z_y))``.
+  - QLinearSigmoid: a 256-entry table of MLAS's own logistic (Eigen's rational approximation, FMA3 kernel),
+    quantized with a true division; emulated as that logistic followed by the sim's output quantizer.
+  - QLinearGlobalAveragePool: ``acc = Σ q - z_x·N``, requantized as above with
+    ``M = fl32(s_x / fl32(s_y · N))``.
+  - A ReLU / ReLU6 between the op and its output quantizer is removed by ORT when the output grid already
+    clamps it (ReLU: zero point at the grid's lowest value; Clip: the clip range covers the grid); those are
+    emulated as part of the fused op. Otherwise ORT keeps the op in float and so does the emulating sim.
+
+* `FixedPointRequantization` (``"fixed-point"``): the integer-only requantization of DSP/NPU toolchains
+  (gemmlowp / TFLite reference kernels): an int32 multiplier in Q0.31 and a right shift, rounding half away
+  from zero, and TFLite's fixed-point add. It plugs into the same emulated ops and shows how another runtime's
+  requantization is modelled; it is not checked against a particular device.
+
+What stays approximate (computed by the default fake-quantized path even in emulation mode), and why:
+
+* ops whose grids are not 8-bit, or whose producers cannot be read off the fx graph (a quantized input that
+  reaches the op through a module the sim could not trace): ORT does not fuse them the same way, or the sim
+  does not know which grid the runtime sees;
+* ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; Softmax, LayerNorm,
+  Gelu...: float in ORT too, so the default sim's float32 math is already the runtime's, up to op order);
+* QLinearConcat (ORT requantizes each input through a lookup table) and ConvTranspose: not emulated yet;
+* broadcast adds and muls (a scalar operand takes another path in ORT's kernels), average pools with
+  ``ceil_mode`` or a ``divisor_override``;
+* on CPUs without AVX-512 VNNI / AVX-VNNI, ORT's u8s8 kernels use ``vpmaddubsw``, whose int16 pair sums
+  saturate for large operands; the emulation accumulates exactly (as VNNI CPUs and ARM do).
+
+Emulation is for evaluation: it computes under ``no_grad`` and falls back to the default path while the sim
+calibrates, while a quantizer involved is disabled or uncalibrated, and during ONNX export.
+
+The package is split by concern: `arithmetic` (each runtime's integer math), `kernels` (one `KERNELS` entry
+per emulated op), `planning` (which ops are emulated, and why not) and `installation` (the emulating forwards).
+"""
+
+from edgequant.sim.emulation.arithmetic import (
+    INT32_MAX,
+    INT32_MIN,
+    RUNTIME_MODELS,
+    FixedPointRequantization,
+    Grid,
+    OnnxRuntimeCPU,
+    RuntimeModel,
+    mlas_logistic,
+    quantize_multiplier,
+    runtime_model,
+)
+from edgequant.sim.emulation.installation import install, uninstall
+from edgequant.sim.emulation.kernels import KERNELS, Kernel
+from edgequant.sim.emulation.kernels import _average_pool as _average_pool
+from edgequant.sim.emulation.planning import EmulatedOp, EmulationPlan, plan_emulation
+
+__all__ = [
+    "INT32_MAX", "INT32_MIN", "KERNELS", "RUNTIME_MODELS", "EmulatedOp", "EmulationPlan", "FixedPointRequantization",
+    "Grid", "Kernel", "OnnxRuntimeCPU", "RuntimeModel", "install", "mlas_logistic", "plan_emulation",
+    "quantize_multiplier", "runtime_model", "uninstall",
+]

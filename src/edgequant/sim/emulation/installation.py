@@ -1,0 +1,77 @@
+"""Emulation switched on and off: the forward of every planned op is replaced by one that recovers the integer
+operands and runs the op's `Kernel`, falling back to the default forward where the runtime would not fuse."""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgequant.quantization import Quantizer
+from edgequant.sim.emulation.arithmetic import Grid, RuntimeModel
+from edgequant.sim.emulation.kernels import KERNELS
+from edgequant.sim.emulation.planning import EmulatedOp, EmulationPlan
+from edgequant.sim.ops import module_op_type
+
+
+def _ready(quantizers: list[Quantizer]) -> bool:
+    return all(q.enabled and not q.calibrating and q.scale is not None for q in quantizers)
+
+
+def _clip_bounds(module: nn.Module) -> tuple[float, float] | None:
+    if module_op_type(module) == "Relu":
+        return 0.0, math.inf
+    if isinstance(module, nn.ReLU6):
+        return 0.0, 6.0
+    if isinstance(module, nn.Hardtanh):
+        return float(module.min_val), float(module.max_val)
+    return None
+
+
+def _activation_implied(module: nn.Module, grid: Grid) -> bool:
+    """Does the output grid already clamp what ``module`` clamps (so the runtime drops the activation)?"""
+    bounds = _clip_bounds(module)
+    if bounds is None:
+        return False
+    low = float(grid.offset * grid.scale)
+    high = float((grid.offset + grid.num_steps) * grid.scale)
+    half = float(grid.scale) / 2
+    return bounds[0] <= low + half and (bounds[0] >= low - half) and high <= bounds[1] + half
+
+
+def _emulated_forward(op: EmulatedOp, runtime: RuntimeModel, default: Callable[..., Any]) -> Callable[..., Any]:
+    kernel = KERNELS[op.kind]
+    weight = op.module.param_quantizers["weight"] if kernel.weighted else None
+    quantizers = [*op.inputs, op.output, *([weight] if weight is not None else [])]
+    own_output = op.module.output_quantizers["0"] if "0" in op.module.output_quantizers else None
+
+    def forward(self: nn.Module, *args: Any) -> torch.Tensor:
+        if not _ready(quantizers) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            return default(*args)
+        output = Grid.of(op.output)
+        if op.activation is not None and not _activation_implied(op.activation, output):
+            return default(*args)  # the runtime keeps this activation in float, and the op with it
+        with torch.no_grad():
+            values = kernel.compute(op.module, runtime, args, [Grid.of(q) for q in op.inputs], output)
+        if values is None:
+            return default(*args)
+        return own_output(values) if own_output is not None else values
+
+    return forward
+
+
+def install(plan: EmulationPlan) -> None:
+    """Replace the forward of every planned op by its emulating forward (an instance attribute)."""
+    for op in plan.ops:
+        default = types.MethodType(type(op.module).forward, op.module)
+        op.module.forward = types.MethodType(_emulated_forward(op, plan.runtime, default), op.module)
+
+
+def uninstall(plan: EmulationPlan) -> None:
+    """Back to the default sim: drop the instance attributes `install` set."""
+    for op in plan.ops:
+        op.module.__dict__.pop("forward", None)

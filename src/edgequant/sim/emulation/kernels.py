@@ -1,0 +1,194 @@
+"""The emulated ops: one `Kernel` per op kind in `KERNELS` (which modules it covers, how many tensor inputs,
+and the computation that puts the runtime's arithmetic on the op's integer operands). Emulating another op is
+one entry here plus, where the runtime has its own, the arithmetic in `RuntimeModel`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgequant.quantization import Quantizer
+from edgequant.sim.emulation.arithmetic import Grid, RuntimeModel, channels
+from edgequant.sim.quantized_module import FunctionalOp, QuantizedModule
+
+Compute = Callable[[nn.Module, RuntimeModel, tuple, list[Grid], Grid], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One integer op of the runtime.
+
+    ``covers`` says whether a module of the sim is this op; ``compute(module, runtime, inputs, input_grids,
+    output_grid)`` returns the op's output values on the output grid (the float values the sim's own output
+    quantizer takes, for an op the runtime tabulates), or None where the runtime takes another path for these
+    inputs (the default fake-quantized forward then runs).
+    """
+
+    num_inputs: int
+    covers: Callable[[nn.Module], bool]
+    compute: Compute
+    weighted: bool = False  # a Conv/Gemm: its weight's grid is read too, and must be quantized
+
+
+def _functional(kind: str) -> Callable[[nn.Module], bool]:
+    return lambda module: isinstance(module, FunctionalOp) and module.onnx_op_type == kind
+
+
+def is_global_pool_size(size: Any) -> bool:
+    return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
+
+
+def _weight_indices(module: nn.Module, quantizer: Quantizer) -> torch.Tensor:
+    """The weight's integer grid indices, rounded exactly as the sim's quantizer rounds them."""
+    weight = module._parameters["weight"].detach()
+    grid = Grid.of(quantizer)
+    scale = quantizer.granularity.broadcast(grid.scale, weight.shape)
+    low = quantizer.granularity.broadcast(grid.offset, weight.shape)
+    return torch.clamp(torch.round(weight / scale), low, low + grid.num_steps)
+
+
+def _float_forward(module: nn.Module, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The layer's own (unquantized) forward on integer indices, with integer weights and no bias: keeps what a
+    subclass adds around the convolution (e.g. the static "same" padding of EfficientNet's convs)."""
+    layer_class = next(c for c in type(module).__mro__[1:]
+                       if "forward" in vars(c) and not issubclass(c, QuantizedModule))
+    saved = dict(module._parameters)
+    module._parameters["weight"] = weights
+    if "bias" in saved:
+        module._parameters["bias"] = None
+    try:
+        return layer_class.forward(module, indices)
+    finally:
+        module._parameters.update(saved)
+
+
+EXACT_FLOAT32 = 2**24
+"""Integers up to this magnitude are exact in float32, and so is every sum of products that stays below it."""
+
+
+def _accumulate(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor, source: Grid,
+                bias_axis: int) -> torch.Tensor:
+    """Exact int32 accumulator (bias included) of a Conv/Gemm, from float arithmetic on integer-valued tensors.
+
+    A float32 convolution is exact when ``max|k_x| · max_c Σ|k_w[c]|`` bounds every partial sum below 2**24
+    (integers below 2**24 add exactly in any order). Larger layers split the input indices into a high and a
+    low part, ``k_x = 16·h + l`` with ``l`` in [0, 15] and ``|h| ≤ 16``, and sum two exact float32 convolutions
+    in float64; float64 throughout (exact below 2**53) is the last resort. The bias is added in float64 unless
+    the bound with it stays below 2**24.
+    """
+    weight_quantizer = module.param_quantizers["weight"]
+    weights = _weight_indices(module, weight_quantizer)
+    weight_sum = float(weights.abs().flatten(1).sum(1).max())
+    indices = source.indices(x)
+    largest = source.largest_index * weight_sum
+    if largest < EXACT_FLOAT32:
+        accumulator = _float_forward(module, indices, weights)
+    elif source.largest_index <= 256 and 16 * weight_sum < EXACT_FLOAT32:
+        high = torch.floor(indices / 16)
+        low = indices - 16 * high
+        accumulator = _float_forward(module, high, weights).double().mul_(16)
+        accumulator += _float_forward(module, low, weights)
+    else:
+        accumulator = _float_forward(module, indices.double(), weights.double())
+    bias = module._parameters.get("bias")
+    if bias is None:
+        return accumulator
+    bias_int = runtime.bias_to_int32(bias, source.scale, Grid.of(weight_quantizer).scale)
+    if largest + float(bias_int.abs().max()) >= EXACT_FLOAT32:
+        accumulator = accumulator.double()
+    return accumulator.add_(channels(bias_int.to(accumulator.dtype), accumulator.dim(), bias_axis))
+
+
+def _weighted(channel_axis: int) -> Compute:
+    """Conv (channels on axis 1) and Gemm (channels last): exact accumulator, requantized per output channel."""
+    def compute(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid], output: Grid) -> torch.Tensor:
+        accumulator = _accumulate(module, runtime, args[0], grids[0], channel_axis)
+        weight_scale = Grid.of(module.param_quantizers["weight"]).scale
+        indices = runtime.requantize(accumulator, grids[0].scale, weight_scale, output,
+                                     channel_axis % accumulator.dim())
+        return output.values(indices)
+
+    return compute
+
+
+def _matmul(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid], output: Grid) -> torch.Tensor:
+    accumulator = torch.matmul(grids[0].indices(args[0]).double(), grids[1].indices(args[1]).double())
+    return output.values(runtime.requantize(accumulator, grids[0].scale, grids[1].scale, output, 1))
+
+
+def _elementwise(name: str) -> Compute:
+    """Add and Mul of two tensors of one shape (a broadcast operand takes another path in the runtime)."""
+    def compute(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                output: Grid) -> torch.Tensor | None:
+        if args[0].shape != args[1].shape:
+            return None
+        operation = getattr(runtime, name)
+        return output.values(operation(grids[0].indices(args[0]), grids[0], grids[1].indices(args[1]), grids[1],
+                                       output))
+
+    return compute
+
+
+def _sigmoid(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid], output: Grid) -> torch.Tensor:
+    """A table of the runtime's logistic, quantized as the sim's quantizer does."""
+    return runtime.sigmoid(args[0])
+
+
+def _global_average_pool(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                         output: Grid) -> torch.Tensor:
+    spatial = tuple(range(2, args[0].dim()))
+    sums = grids[0].indices(args[0]).double().sum(dim=spatial, keepdim=True)
+    count = math.prod(args[0].shape[2:])
+    return output.values(runtime.average(sums, count, grids[0], output))
+
+
+def _pool(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid], output: Grid) -> torch.Tensor:
+    return output.values(_average_pool(module, runtime, args[0], grids[0], output))
+
+
+def _average_pool(module: nn.AvgPool2d, runtime: RuntimeModel, x: torch.Tensor, source: Grid,
+                  output: Grid) -> torch.Tensor:
+    """Windows of ``x`` in the runtime's order (row-major), the divisor of each output position, pooled."""
+    kernel, stride, padding = (torch.nn.modules.utils._pair(v) for v in (module.kernel_size,
+                                                                          module.stride or module.kernel_size,
+                                                                          module.padding))
+    height = (x.shape[-2] + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    width = (x.shape[-1] + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    windows = F.unfold(x.float(), kernel, padding=padding, stride=stride)  # (N, C·K, L)
+    windows = windows.view(x.shape[0], x.shape[1], kernel[0] * kernel[1], -1)
+    if module.count_include_pad:
+        counts = torch.full((windows.shape[-1],), float(kernel[0] * kernel[1]))
+    else:
+        ones = torch.ones(1, 1, *x.shape[-2:])
+        counts = F.unfold(ones, kernel, padding=padding, stride=stride).sum(dim=1)[0]
+    pooled = runtime.average_pool(windows, counts, source, output)
+    return pooled.view(x.shape[0], x.shape[1], height, width)
+
+
+KERNELS: dict[str, Kernel] = {
+    "Conv": Kernel(1, lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), _weighted(1), weighted=True),
+    "Gemm": Kernel(1, lambda m: isinstance(m, nn.Linear), _weighted(-1), weighted=True),
+    "MatMul": Kernel(2, _functional("MatMul"), _matmul),
+    "Add": Kernel(2, _functional("Add"), _elementwise("add")),
+    "Mul": Kernel(2, _functional("Mul"), _elementwise("mul")),
+    "GlobalAveragePool": Kernel(1, lambda m: _functional("GlobalAveragePool")(m) or (
+        isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d))
+        and is_global_pool_size(m.output_size)), _global_average_pool),
+    "AveragePool": Kernel(1, lambda m: isinstance(m, nn.AvgPool2d) and not m.ceil_mode and m.divisor_override is None,
+                          _pool),
+    "Sigmoid": Kernel(1, lambda m: isinstance(m, nn.Sigmoid) or _functional("Sigmoid")(m), _sigmoid),
+}
+"""The ops an integer runtime fuses into one kernel, by ONNX op type."""
+
+
+def op_kind(module: nn.Module) -> str | None:
+    """The emulated op ``module`` of the sim is, if any."""
+    if not isinstance(module, QuantizedModule):
+        return None
+    return next((kind for kind, kernel in KERNELS.items() if kernel.covers(module)), None)

@@ -1,0 +1,185 @@
+"""Which ops of a sim the runtime computes as one integer kernel, with the grids they read and write, and why
+the others are left to the default fake-quantized path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from edgequant.quantization import PerChannel, Quantizer
+from edgequant.quantization.granularity import PER_TENSOR
+from edgequant.sim.emulation.arithmetic import RuntimeModel
+from edgequant.sim.emulation.kernels import KERNELS, is_global_pool_size, op_kind
+from edgequant.sim.graph import FUSED_ACTIVATIONS, ModelGraph
+from edgequant.sim.ops import is_data_movement, is_pass_through, module_op_type, weight_output_axis
+from edgequant.sim.quantized_module import FunctionalOp
+
+
+@dataclass
+class EmulatedOp:
+    """One fused integer op: the module whose forward is replaced, the grids it reads and writes."""
+
+    name: str
+    kind: str  # a key of `KERNELS`: Conv, Gemm, MatMul, Add, Mul, GlobalAveragePool, AveragePool, Sigmoid
+    module: nn.Module
+    inputs: list[Quantizer]
+    output: Quantizer
+    activation: nn.Module | None = None  # the ReLU/ReLU6 fused between the op and its output quantizer
+
+
+@dataclass
+class EmulationPlan:
+    """What `plan_emulation` found: the ops emulated, and the candidates left to the default path, with why."""
+
+    runtime: RuntimeModel
+    ops: list[EmulatedOp] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for op in self.ops:
+            counts[op.kind] = counts.get(op.kind, 0) + 1
+        lines = [f"emulating {self.runtime.name}: " + (", ".join(f"{k}×{n}" for k, n in sorted(counts.items()))
+                                                      or "no op")]
+        lines += [f"  not emulated: {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+class _GraphIndex:
+    """The sim's fx graphs (the root's and nested ones), to follow a tensor to the quantizer that produced it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.graphs: dict[str, fx.GraphModule] = {
+            name: m for name, m in model.named_modules() if isinstance(m, fx.GraphModule)
+        }
+        self.calls: dict[str, tuple[str, fx.Node]] = {}  # nested graph name -> (parent graph name, its call node)
+        for prefix, graph_module in self.graphs.items():
+            for node in graph_module.graph.nodes:
+                if node.op == "call_module":
+                    full = _join(prefix, node.target)
+                    if full in self.graphs:
+                        self.calls[full] = (prefix, node)
+        self.views = {prefix: ModelGraph.of_traced(module, prefix) for prefix, module in self.graphs.items()}
+
+    def module(self, prefix: str, node: fx.Node) -> nn.Module:
+        return self.model.get_submodule(_join(prefix, node.target))
+
+    def producer_quantizer(self, prefix: str, node: Any) -> Quantizer | None:
+        """The enabled quantizer whose output ``node`` holds (through pass-through and data-movement ops)."""
+        while isinstance(node, fx.Node):
+            if node.op == "placeholder":
+                index = [n for n in self.graphs[prefix].graph.nodes if n.op == "placeholder"].index(node)
+                if prefix in self.calls:
+                    prefix, call = self.calls[prefix]
+                    node = call.args[index] if index < len(call.args) else None
+                    continue
+                quantizers = getattr(self.model, "model_input_quantizers", {})
+                quantizer = quantizers[str(index)] if str(index) in quantizers else None
+                return quantizer if quantizer is not None and quantizer.enabled else None
+            if node.op == "call_module":
+                module = self.module(prefix, node)
+                if isinstance(module, Quantizer):  # a model-input quantizer the sim placed in the graph
+                    return module if module.enabled else None
+                if isinstance(module, fx.GraphModule):
+                    prefix = _join(prefix, node.target)
+                    node = next(n for n in module.graph.nodes if n.op == "output").args[0]
+                    continue
+                quantizers = getattr(module, "output_quantizers", {})
+                if "0" in quantizers and quantizers["0"].enabled:
+                    return quantizers["0"]
+                if is_pass_through(module):
+                    node = node.args[0] if node.args else None
+                    continue
+                return None
+            if node.op in ("call_function", "call_method") and is_data_movement(node.target):
+                node = node.args[0] if node.args else None
+                continue
+            return None
+        return None
+
+    def fused_output(self, prefix: str, node: fx.Node) -> tuple[Quantizer | None, nn.Module | None]:
+        """The quantizer that ends ``node``'s fused group (its own, or that of the activation the graph says is
+        fused after it), and that activation; no quantizer where an unfolded BatchNorm is in between."""
+        view = self.views[prefix]
+        quantizers = getattr(self.module(prefix, node), "output_quantizers", {})
+        activation = None
+        for fused in view.fused_after(view.node_of(node)):
+            if "0" in quantizers:
+                break
+            if module_op_type(fused.module) not in FUSED_ACTIVATIONS:
+                return None, None
+            activation = fused.module
+            quantizers = getattr(activation, "output_quantizers", {})
+        if "0" not in quantizers:
+            return None, activation
+        return (quantizers["0"] if quantizers["0"].enabled else None), activation
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def plan_emulation(model: nn.Module, runtime: RuntimeModel) -> EmulationPlan:
+    """Find every op the runtime fuses into an integer kernel, with the quantizers of its inputs and output."""
+    plan = EmulationPlan(runtime)
+    index = _GraphIndex(model)
+    for prefix, graph_module in index.graphs.items():
+        for node in graph_module.graph.nodes:
+            if node.op != "call_module":
+                continue
+            name = _join(prefix, node.target)
+            module = index.module(prefix, node)
+            kind = op_kind(module)
+            if kind is None:
+                continue
+            reason = _plan_op(plan, index, prefix, node, name, module, kind)
+            if reason:
+                plan.skipped[name] = reason
+    return plan
+
+
+def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str, node: fx.Node, name: str,
+             module: nn.Module, kind: str) -> str:
+    """Add ``node``'s op to the plan; returns why not where it is not emulated."""
+    if node.kwargs:
+        return "called with keyword arguments"
+    kernel = KERNELS[kind]
+    num_inputs = kernel.num_inputs
+    args = node.args
+    if kind == "GlobalAveragePool" and isinstance(module, FunctionalOp):  # F.adaptive_avg_pool2d(x, 1)
+        if len(args) != 2 or not is_global_pool_size(args[1]):
+            return "not a global average pool"
+        args = args[:1]
+    if len(args) != num_inputs or not all(isinstance(a, fx.Node) for a in args):
+        return f"expects {num_inputs} tensor input(s)"
+    inputs = []
+    for position, arg in enumerate(args):
+        own = module.input_quantizers[str(position)] if str(position) in module.input_quantizers else None
+        quantizer = own if own is not None and own.enabled else index.producer_quantizer(prefix, arg)
+        if quantizer is None:
+            return f"input {position} does not come from a quantizer the sim can trace"
+        inputs.append(quantizer)
+    weight = module.param_quantizers["weight"] if "weight" in getattr(module, "param_quantizers", {}) else None
+    if kernel.weighted:
+        if weight is None or not weight.enabled:
+            return "its weight is not quantized"
+        if kind == "Conv" and module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (the runtime pads in a separate op)"
+    output, activation = index.fused_output(prefix, node)
+    if output is None:
+        return "its output is not quantized by one fused group (op → [ReLU/ReLU6] → quantizer)"
+    for quantizer in (*inputs, output, *([weight] if weight is not None else [])):
+        granularities = (PER_TENSOR,)
+        if quantizer is weight:  # the runtime rescales its accumulator by one multiplier per output channel
+            granularities += (PerChannel(weight_output_axis(module, module.weight)),)
+        if quantizer.bitwidth != 8 or quantizer.granularity not in granularities:
+            return (f"quantizer {quantizer.name} is not an 8-bit per-tensor activation / per-output-channel weight "
+                    f"grid ({quantizer.granularity.describe()})")
+    plan.ops.append(EmulatedOp(name, kind, module, inputs, output, activation))
+    return ""
+
+
