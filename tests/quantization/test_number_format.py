@@ -4,7 +4,9 @@ scale, and a quantizer's format is set from a config or from Python and survives
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +29,7 @@ def _hard_values() -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("name", "cast"), [("float16", torch.Tensor.half), ("bfloat16", torch.Tensor.bfloat16)])
-def test_16_bit_qdq_is_the_cast_bit_for_bit(name: str, cast: object) -> None:
+def test_16_bit_qdq_is_the_cast_bit_for_bit(name: str, cast: Callable[[torch.Tensor], torch.Tensor]) -> None:
     x = torch.cat([_hard_values(), torch.randn(1000) * 1e3, torch.randn(1000) * 1e-6])
     expected = cast(x).float()
     assert torch.equal(FloatFormat(name).quantize_dequantize(x), expected)
@@ -57,6 +59,11 @@ def test_fp8_e4m3_by_hand_with_a_known_scale() -> None:
     assert torch.allclose(out, torch.tensor([0.30, 0.96, -1.92, 4.48, 0.0175]), rtol=0, atol=1e-7)
 
 
+def test_fp8_saturates_beyond_the_scale() -> None:
+    out = FloatFormat("float8_e5m2").quantize_dequantize(torch.tensor([1e6, -1e6]), torch.tensor(1.0))
+    assert out.tolist() == [57344.0, -57344.0]  # torch's own e5m2 cast would give inf
+
+
 def test_fp8_calibrates_scale_from_amax() -> None:
     quantizer = Quantizer(role="output", float_format=FloatFormat("float8_e5m2"))
     quantizer.encode_from(torch.tensor([-114.688, 3.0]))
@@ -66,6 +73,20 @@ def test_fp8_calibrates_scale_from_amax() -> None:
     uncalibrated = Quantizer(role="output", float_format=FloatFormat("float8_e4m3"))
     with pytest.raises(RuntimeError, match="has no encoding"):
         uncalibrated(torch.ones(2))
+
+
+def test_fp8_per_channel_weight_scale() -> None:
+    x = torch.randn(4, 3, 8, 8)
+    sim = eq.QuantSim(_net(), x[:1], config="per_channel")
+    sim.compute_encodings(lambda m: m(x))
+    sim.set_format("0", FloatFormat("float8_e4m3"), kinds=("param",))
+    quantizer = sim.quantizer("0.param_quantizers.weight")
+    weight = sim.model.get_submodule("0").weight.detach()
+    amax = weight.abs().amax(dim=(1, 2, 3))
+    assert torch.equal(quantizer.scale, amax / 448.0)
+    scale = quantizer.scale.reshape(-1, 1, 1, 1)
+    expected = (weight / scale).to(torch.float8_e4m3fn).float() * scale
+    assert torch.equal(quantizer(weight), expected)
 
 
 def test_formats_are_values_and_bad_names_are_refused() -> None:
@@ -95,6 +116,21 @@ def test_state_dict_round_trip_and_old_versions_still_load() -> None:
     assert version_2.number_format == IntegerFormat(4, True)
     with pytest.raises(ValueError, match="float format code 9"):
         version_2.set_extra_state(torch.tensor([-3, 1, 0, 8, 1, 0, 0, 9, 0]))
+
+
+def test_sim_save_and_load_keep_the_formats(tmp_path: Path) -> None:
+    x = torch.randn(4, 3, 8, 8)
+    sim = eq.QuantSim(_net(), x[:1])
+    sim.compute_encodings(lambda m: m(x))
+    sim.set_format("0", FloatFormat("float8_e5m2"), kinds=("param",))
+    sim.set_format("2", FloatFormat("bfloat16"))
+    sim.save(tmp_path / "sim.pt")
+    fresh = eq.QuantSim(_net(), x[:1])
+    fresh.load(tmp_path / "sim.pt")
+    assert fresh.quantizer("0.param_quantizers.weight").number_format == FloatFormat("float8_e5m2")
+    assert fresh.quantizer("2.output_quantizers.0").number_format == FloatFormat("bfloat16")
+    with torch.no_grad():
+        assert torch.equal(fresh.model(x), sim.model(x))
 
 
 def test_integer_techniques_refuse_a_float_quantizer() -> None:
@@ -131,7 +167,7 @@ def test_config_float_kernel_gives_float16_quantizers() -> None:
     assert {e.number_format for e in sim.coverage() if e.quantized and e.tensor.startswith("0.")} == {"float16"}
 
 
-def test_config_float_kernel_of_another_bitwidth_is_one_error_naming_the_key(tmp_path: object) -> None:
+def test_config_float_kernel_of_another_bitwidth_is_one_error_naming_the_key() -> None:
     config = _float16_conv_config()
     config["op_type"]["Conv"]["supported_kernels"][0]["activation"]["bitwidth"] = 8
     with pytest.raises(ConfigError, match=r"op_type\.Conv\.supported_kernels\[0\]\.activation\.bitwidth.*float16"):

@@ -10,9 +10,8 @@
     calibrated.
   - ``float8_e4m3`` (``torch.float8_e4m3fn``) and ``float8_e5m2`` have too little range to be used unscaled: the
     tensor is divided by a calibrated scale ``amax / dtype max`` (per tensor, or per channel), cast to fp8 and back,
-    and multiplied by the scale. torch's cast to e4m3fn saturates to NaN out of range; the scale keeps calibrated
-    data in range and values beyond the calibrated amax are clamped to +-dtype max first (what a saturating fp8
-    kernel does).
+    and multiplied by the scale. Values beyond the calibrated amax are clamped to +-dtype max before the cast, so
+    both fp8 formats saturate (torch's own cast saturates e4m3fn, which has no inf, but overflows e5m2 to inf).
 """
 
 from __future__ import annotations

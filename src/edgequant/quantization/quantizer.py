@@ -139,9 +139,8 @@ class Quantizer(Sealable):
         elif not isinstance(value, FloatFormat):
             raise TypeError(f"quantizer {self.name}: number format must be an IntegerFormat or a FloatFormat, got "
                             f"{type(value).__name__}")
-        elif not isinstance(self.granularity, (PerTensor, PerChannel)):
-            raise ValueError(f"quantizer {self.name}: {value.name} takes a per-tensor or per-channel scale, not "
-                             f"{self.granularity.describe()}")
+        else:
+            _check_float_layout(value, self.granularity, self.name)
 
     def require_integer_grid(self, technique: str) -> None:
         """Refuse a float-format quantizer in ``technique``, which assumes an integer grid (no silent wrong result)."""
@@ -162,6 +161,8 @@ class Quantizer(Sealable):
                              "(QuantSim.set_granularity fills them from the layer)")
         if self.float_format is None:
             value.check_grid(self.bitwidth, self.symmetric, f"quantizer {self.name}")
+        else:
+            _check_float_layout(self.float_format, value, self.name)
         if getattr(self, "_granularity", None) != value:
             self._granularity = value
             self.analyzer = self.calibration.analyzer(value, self.role)
@@ -433,3 +434,10 @@ class Quantizer(Sealable):
             granularity.group_scale(self.offset, ndim), self.bitwidth, inplace, strict_symmetric=strict,
         )
         return granularity.ungrouped(out, x.shape)
+
+
+def _check_float_layout(number_format: FloatFormat, granularity: Granularity, name: str) -> None:
+    """A float format's scale (fp8) is per tensor or per channel; blocks are an integer-grid layout."""
+    if not isinstance(granularity, (PerTensor, PerChannel)):
+        raise ValueError(f"quantizer {name}: {number_format.name} takes a per-tensor or per-channel scale, not "
+                         f"{granularity.describe()}")
