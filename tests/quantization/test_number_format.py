@@ -4,8 +4,8 @@ scale, and a quantizer's format is set from a config or from Python and survives
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
