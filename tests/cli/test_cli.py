@@ -69,6 +69,7 @@ def test_quantize_tensor_file_and_factory_writes_loadable_outputs(runner: CliRun
     encodings = json.loads((out / "quantizer_encodings.json").read_text())
     weight = encodings["conv1.0.param_quantizers.weight"]
     assert weight["bitwidth"] == 4 and weight["axis"] == 0  # per-channel preset, --param-bw 4
+    assert weight["format"] == "int4 sym"
 
     # the saved state reproduces the CLI's simulation bit for bit in a fresh sim
     spec = json.loads((out / "input_spec.json").read_text())

@@ -153,7 +153,7 @@ def _write_outputs(sim: QuantSim, summary: dict[str, Any], spec: InputSpec, out_
     sim.save(state_path)
     # keyed by quantizer name, for reading; AIMET encodings files (ONNX tensor names) come from `edgequant export`
     encodings = {
-        name: {"role": q.role, "layer": q.owner, "enabled": q.enabled,
+        name: {"role": q.role, "layer": q.owner, "enabled": q.enabled, "format": q.number_format.describe(),
                **(q.encoding.to_dict() if q.encoding is not None else {"bitwidth": q.bitwidth})}
         for name, q in sim.quantizers().items()
     }
