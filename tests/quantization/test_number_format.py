@@ -185,6 +185,10 @@ def test_set_format_from_python() -> None:
     assert torch.equal(weight_quantizer.scale, weight.abs().max() / 448.0)  # re-encoded from the weight
     sim.set_format("0", FloatFormat("float16"))
     assert sim.quantizer("0.output_quantizers.0").ready
+    sim.set_format("0", FloatFormat("float8_e4m3"), kinds=("output",))  # from the calibration's statistics
+    with torch.no_grad():
+        amax = _net()[0](x).abs().max()
+    assert torch.equal(sim.quantizer("0.output_quantizers.0").scale, amax / 448.0)
     with pytest.raises(ValueError, match="per-tensor or per-channel"):
         sim.set_granularity("2", PerBlock(8))
 

@@ -120,14 +120,14 @@ class Quantizer(Sealable):
 
     @number_format.setter
     def number_format(self, value: NumberFormat) -> None:
-        """A new format drops the encoding (it was for the old grid); a float format's bitwidth becomes this one's."""
+        """A new format drops the encoding (it was for the old grid) but keeps the calibration statistics, which do
+        not depend on the format; a float format's bitwidth becomes this one's."""
         self.check_format(value)
         if isinstance(value, IntegerFormat):
             self.float_format, self.bitwidth, self.symmetric = None, value.bitwidth, value.symmetric
         else:
             self.float_format, self.bitwidth = value, value.bitwidth
         self.scale = self.offset = None
-        self.analyzer.reset()
 
     def check_format(self, value: NumberFormat) -> None:
         """Raise unless this quantizer can take ``value`` (lets callers check many before changing any)."""

@@ -526,9 +526,10 @@ class QuantSim:
                    module_types: tuple[type, ...] | None = None) -> list[str]:
         """Give the quantizers selected as in `select` the ``number_format`` (``FloatFormat("float16")``,
         ``FloatFormat("float8_e4m3")``, ``IntegerFormat(8, True)``...). Their encodings are for the old grid and go
-        (frozen ones too); a weight quantizer that had one gets one in the new format from its weight, activations
-        in a scaled format (fp8, integer) need calibrating again. Returns the selected quantizers' names; a format
-        that does not fit a quantizer (an fp8 scale on blocks) fails before any changes."""
+        (frozen ones too); a quantizer that had one gets one in the new format, a weight's from its weight, an
+        activation's from the statistics of the last calibration (without them, as in a loaded sim, it needs
+        calibrating). Returns the selected quantizers' names; a format that does not fit a quantizer (an fp8 scale
+        on blocks) fails before any changes."""
         selected = self.select(pattern, kinds, module_types)
         for quantizer in selected.values():  # check every quantizer before changing any
             quantizer.check_format(number_format)
@@ -537,8 +538,12 @@ class QuantSim:
                 had_encoding = quantizer.ready
                 quantizer.number_format = number_format
                 quantizer.frozen = False
-                if quantizer.role == "param" and had_encoding:
+                if not had_encoding:
+                    continue
+                if quantizer.role == "param":
                     quantizer.encode_from(getattr(self.layer_of(quantizer), quantizer.key))
+                elif quantizer.analyzer.min is not None:
+                    quantizer.compute_encoding()
         return list(selected)
 
     def quantizers_enabled(self, enabled: bool, quantizers: Iterable[Quantizer] | None = None):  # noqa: ANN201
