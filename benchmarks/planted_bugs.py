@@ -45,14 +45,15 @@ BUGS = {
         "high-bias absorption at 1 sigma instead of 3 sigma"),
     "zero_point_sign_2_0_0": (
         "export/encodings_io.py",
-        ("zero_points = _ints(encoding.onnx_zero_point)", "if signed else -zp for zp in zero_points"),
-        ("zero_points = _ints(-encoding.onnx_zero_point)", "if signed else zp for zp in zero_points"),
+        ("zero_points = _ints(encoding.onnx_zero_point)", "if signed else -zero_point\n"),
+        ("zero_points = _ints(-encoding.onnx_zero_point)", "if signed else zero_point\n"),
         "AIMET 2.0.0 zero-point sign flipped in writer and reader"),
     "percentile_upper_tail_doubled": (
         "quantization/analyzers.py", "total * (1.0 - tail)", "total * (1.0 - 2 * tail)",
         "percentile analyzer: upper tail doubled"),
     "lsq_per_channel_counts_the_tensor": (
-        "qat/lsq.py", "        numel //= max(shape[quantizer.axis], 1)\n", "        numel //= 1\n",
+        "quantization/granularity.py", "return math.prod(shape) // max(math.prod(self.scale_shape(shape)), 1)",
+        "return math.prod(shape)",
         "LSQ gradient scale of a per-channel quantizer computed with the whole tensor's element count"),
     "grouped_conv_macs_ignore_groups": (
         "mixed_precision/cost.py", "per_output = module.in_channels // module.groups * math.prod",
