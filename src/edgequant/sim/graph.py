@@ -1,5 +1,6 @@
 """Which layers feed which: one dataflow view of a float model or a sim, for every technique that walks it
-(BN folding, equalization, bias correction, mixed-precision groups).
+(BN folding, equalization, bias correction, mixed-precision groups), and of what a runtime fuses after an op
+(the sim's supergroups, AdaRound's reconstruction target, the emulation's integer kernels).
 
 The model is traced with torch.fx using the simulation's own notion of leaf layers (`capture.is_leaf`), so a
 node here names the same modules a `QuantSim` wraps. Where a module cannot be traced, an ``nn.Sequential`` is
