@@ -220,3 +220,18 @@ def test_range_learning_qat_learns_the_integer_ranges_and_trains_through_float_o
     sim.model(x).square().sum().backward()
     conv = sim.model.get_submodule("0")
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0  # straight through the float16 casts
+
+
+def test_adaround_refuses_a_float_weight_and_emulation_leaves_fp8_layers_to_the_sim() -> None:
+    from edgequant.ptq import adaround
+
+    x = torch.randn(4, 3, 8, 8)
+    sim = eq.QuantSim(_net(), x[:1])
+    sim.compute_encodings(lambda m: m(x))
+    sim.set_format("2", FloatFormat("float8_e4m3"))
+    with pytest.raises(ValueError, match=r"AdaRound needs an integer grid; quantizer '2\.param_quantizers\.weight'"):
+        adaround(sim, [x], num_iterations=1, progress=False)
+    plan = sim.emulate("onnxruntime")
+    emulated = {op.name for op in plan.ops}
+    assert "0" in emulated and "2" not in emulated  # an fp8 scale is not an integer grid
+    assert plan.skipped["2"].endswith("has the float format float8_e4m3")

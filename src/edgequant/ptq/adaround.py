@@ -123,6 +123,7 @@ def adaround(
         warnings.warn("adaround: the sim has no enabled Conv/Linear weight quantizer to round", stacklevel=2)
         return result
     for target in targets:
+        target.quantizer.require_integer_grid("AdaRound")
         if target.quantizer.encoding is None:
             target.quantizer.encode_from(target.layer.weight)
     uncalibrated = [name for name, q in sim.quantizers().items() if q.enabled and q.encoding is None]

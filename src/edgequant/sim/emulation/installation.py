@@ -19,7 +19,8 @@ from edgequant.sim.ops import module_op_type
 
 
 def _ready(quantizers: list[Quantizer]) -> bool:
-    return all(q.enabled and not q.calibrating and q.scale is not None for q in quantizers)
+    """Enabled, calibrated integer grids only: a float format (fp8 has a scale too) is left to the sim."""
+    return all(q.enabled and not q.calibrating and q.scale is not None and q.float_format is None for q in quantizers)
 
 
 def _clip_bounds(module: nn.Module) -> tuple[float, float] | None:

@@ -173,6 +173,8 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str, node: fx.Node
     if output is None:
         return "its output is not quantized by one fused group (op → [ReLU/ReLU6] → quantizer)"
     for quantizer in (*inputs, output, *([weight] if weight is not None else [])):
+        if quantizer.float_format is not None:  # fp8 has a scale and 8 bits, but no integer grid
+            return f"quantizer {quantizer.name} has the float format {quantizer.float_format.name}"
         granularities = (PER_TENSOR,)
         if quantizer is weight:  # the runtime rescales its accumulator by one multiplier per output channel
             granularities += (PerChannel(weight_output_axis(module, module.weight)),)
