@@ -8,7 +8,7 @@ from references import grid_from_encoding
 from torch import nn
 
 from edgequant import QuantSim
-from edgequant.ptq.adaround import adaround
+from edgequant.ptq.adaround import AdaRoundSettings, adaround
 
 
 class SmallNet(nn.Module):
@@ -126,3 +126,29 @@ def test_conv1d_and_conv_transpose_with_one_pass_inputs() -> None:
     assert sim.model.up.param_quantizers["weight"].axis == 1  # transposed conv: output channels on axis 1
     for name in ("conv1d", "up"):
         _assert_on_floor_or_ceil(sim, name, model.get_submodule(name).weight.detach())
+
+
+def test_a_settings_object_with_keyword_overrides_rounds_as_the_keywords_alone(small_setup) -> None:
+    model, batches = small_setup
+    settings = AdaRoundSettings(num_iterations=10, seed=3, progress=False)
+    by_settings, by_keywords = _calibrated_sim(model, batches), _calibrated_sim(model, batches)
+    result = adaround(by_settings, batches, settings, learning_rate=2e-2)
+    adaround(by_keywords, batches, num_iterations=10, seed=3, learning_rate=2e-2, progress=False)
+    assert [layer.iterations for layer in result.layers] == [10, 10, 10]
+    assert settings.learning_rate == 1e-3  # the override made a copy; the settings are frozen
+    for name in ("conv", "dw", "fc"):
+        assert torch.equal(by_settings.model.get_submodule(name).weight, by_keywords.model.get_submodule(name).weight)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'iterations'"):
+        adaround(by_settings, batches, settings, iterations=5)
+
+
+@pytest.mark.parametrize(("keywords", "message"), [
+    ({"num_iterations": -1}, "num_iterations must be >= 0"),
+    ({"warm_start": 1.0}, r"warm_start is the unregularised fraction of iterations, in \[0, 1\)"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"beta_range": (20.0, 0.0)}, r"beta_range must be \(start, end\) with positive values"),
+    ({"per_layer_iterations": {"fc": -2}}, r"per_layer_iterations\['fc'\] must be >= 0, got -2"),
+])
+def test_settings_are_checked_when_made(keywords: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AdaRoundSettings(**keywords)

@@ -26,7 +26,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -85,43 +85,79 @@ class _Target:
     chain: list[tuple[nn.Module, tuple, dict]]  # ops applied to the layer output before the loss
 
 
+@dataclass(frozen=True)
+class AdaRoundSettings:
+    """How `adaround` rounds (the loss, its optimisation, the seed) and collects layer data; its keywords are
+    these field names (``adaround(sim, data, num_iterations=300)``).
+
+    ``per_layer_iterations`` overrides ``num_iterations`` by layer name (``0`` leaves that layer to nearest
+    rounding). ``learning_rate`` is Adam's on V (the paper's 1e-3 suits 10k iterations; with a few hundred, V
+    cannot move far enough to flip many roundings). ``refresh_inputs`` and ``memory_budget_mb``: see the module
+    doc.
+    """
+
+    num_iterations: int = 10000
+    reg_param: float = 0.01
+    beta_range: tuple[float, float] = (20.0, 2.0)
+    warm_start: float = 0.2
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    per_layer_iterations: dict[str, int] | None = None
+    seed: int = 0
+    num_batches: int | None = None
+    memory_budget_mb: float = 1024.0
+    refresh_inputs: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_iterations < 0:
+            raise ValueError(f"num_iterations must be >= 0, got {self.num_iterations}")
+        if not 0.0 <= self.warm_start < 1.0:
+            raise ValueError(
+                f"warm_start is the unregularised fraction of iterations, in [0, 1); got {self.warm_start}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if len(self.beta_range) != 2 or min(self.beta_range) <= 0:
+            raise ValueError(f"beta_range must be (start, end) with positive values, got {self.beta_range}")
+        for name, count in (self.per_layer_iterations or {}).items():
+            if count < 0:
+                raise ValueError(f"per_layer_iterations[{name!r}] must be >= 0, got {count}")
+
+
 def adaround(
-    sim: QuantSim,
-    data: Iterable[Any],
-    num_iterations: int = 10000,
-    reg_param: float = 0.01,
-    beta_range: tuple[float, float] = (20.0, 2.0),
-    warm_start: float = 0.2,
-    num_batches: int | None = None,
-    batch_size: int = 32,
-    learning_rate: float = 1e-3,
-    per_layer_iterations: dict[str, int] | None = None,
-    memory_budget_mb: float = 1024.0,
-    refresh_inputs: bool = True,
-    seed: int = 0,
-    progress: bool = True,
+    sim: QuantSim, data: Iterable[Any], settings: AdaRoundSettings | None = None, **keywords: Any
 ) -> AdaRoundResult:
-    """Learn the rounding of every Conv1d/Conv2d/ConvTranspose2d/Linear weight of ``sim`` (in place).
+    """Learn the rounding of every Conv1d/Conv2d/ConvTranspose2d/Linear weight of ``sim`` (in place) with
+    ``settings``, or the settings the keywords name (with ``settings``, they replace its fields).
 
     ``data`` yields calibration batches as `QuantSim.calibrate` accepts them (labels ignored); it is iterated
     once, and once more per layer (up to that layer only) with ``refresh_inputs=True``. Weight encodings are
     the sim's (computed from the weights where absent); activation quantizers without an encoding are left
     off while collecting inputs.
     Afterwards each rounded layer's weight holds its quantized-dequantized AdaRounded value and its weight
-    encoding is frozen, so later calibration keeps it. ``per_layer_iterations`` overrides ``num_iterations``
-    by layer name (``0`` leaves that layer to nearest rounding). ``learning_rate`` is Adam's on V (the paper's
-    1e-3 suits 10k iterations; with a few hundred, V cannot move far enough to flip many roundings).
+    encoding is frozen, so later calibration keeps it.
     The FP32 reference is the sim with its quantizers off, so run AdaRound once, on a sim whose weights are
     still the float ones.
     """
-    _check_arguments(num_iterations, warm_start, batch_size, beta_range)
+    settings = replace(settings or AdaRoundSettings(), **keywords)
     targets = _find_targets(sim)
-    iterations = _iterations_per_layer(targets, num_iterations, per_layer_iterations)
+    iterations = _iterations_per_layer(targets, settings.num_iterations, settings.per_layer_iterations)
     targets = [t for t in targets if iterations[t.name] > 0]
     result = AdaRoundResult()
     if not targets:
         warnings.warn("adaround: the sim has no enabled Conv/Linear weight quantizer to round", stacklevel=2)
         return result
+    _prepare_encodings(sim, targets)
+    generator = torch.Generator(device=sim.device).manual_seed(settings.seed)
+    # BatchNorm must use its running statistics, in the passes and in the activation chains
+    with training_mode(sim.model, False):
+        _run(sim, data, targets, iterations, result, generator, settings)
+    return result
+
+
+def _prepare_encodings(sim: QuantSim, targets: list[_Target]) -> None:
+    """Weight encodings from the weights where absent (an integer grid is required); a warning for activation
+    quantizers that will be left off for lack of an encoding."""
     for target in targets:
         target.quantizer.require_integer_grid("AdaRound")
         if target.quantizer.encoding is None:
@@ -131,52 +167,33 @@ def adaround(
         warnings.warn(
             f"adaround: {len(uncalibrated)} quantizers have no encoding and are left off while collecting layer "
             f"inputs (e.g. {uncalibrated[0]}); calibrate the sim first to include activation quantization",
-            stacklevel=2,
+            stacklevel=3,
         )
-    generator = torch.Generator(device=sim.device).manual_seed(seed)
-    # BatchNorm must use its running statistics, in the passes and in the activation chains
-    with training_mode(sim.model, False):
-        _run(sim, data, targets, iterations, result, generator, num_batches, memory_budget_mb, refresh_inputs,
-             (reg_param, beta_range, warm_start, batch_size, learning_rate), progress)
-    return result
 
 
 def _run(sim: QuantSim, data: Iterable[Any], targets: list[_Target], iterations: dict[str, int],
-         result: AdaRoundResult, generator: torch.Generator, num_batches: int | None, memory_budget_mb: float,
-         refresh_inputs: bool, loss_settings: tuple, progress: bool) -> None:
+         result: AdaRoundResult, generator: torch.Generator, settings: AdaRoundSettings) -> None:
     """Collect, then round layer by layer in execution order, filling ``result``."""
-    with LayerCache(memory_budget_mb) as cache:
+    with LayerCache(settings.memory_budget_mb) as cache:
         start = time.perf_counter()
-        targets = _collect(sim, targets, data, num_batches, cache, collect_inputs=not refresh_inputs,
-                           progress=progress)
+        targets = _collect(sim, targets, data, settings.num_batches, cache,
+                           collect_inputs=not settings.refresh_inputs, progress=settings.progress)
         result.collect_seconds += time.perf_counter() - start
         for target in targets:
-            if refresh_inputs:
+            if settings.refresh_inputs:
                 start = time.perf_counter()
-                _collect_inputs_up_to(sim, target, data, num_batches, cache)
+                _collect_inputs_up_to(sim, target, data, settings.num_batches, cache)
                 result.collect_seconds += time.perf_counter() - start
             start = time.perf_counter()
             inputs = cache.get((target.name, "input"), sim.device)
             outputs = cache.get((target.name, "target"), sim.device)
             cache.drop((target.name, "input"))
             cache.drop((target.name, "target"))
-            layer_result = _round_layer(target, inputs, outputs, iterations[target.name], *loss_settings,
-                                        generator, progress)
+            layer_result = _round_layer(target, inputs, outputs, iterations[target.name], settings, generator)
             layer_result.seconds = time.perf_counter() - start
             result.optimize_seconds += layer_result.seconds
             result.layers.append(layer_result)
         result.bytes_spilled = cache.bytes_spilled
-
-
-def _check_arguments(num_iterations: int, warm_start: float, batch_size: int, beta_range: tuple) -> None:
-    if num_iterations < 0:
-        raise ValueError(f"num_iterations must be >= 0, got {num_iterations}")
-    if not 0.0 <= warm_start < 1.0:
-        raise ValueError(f"warm_start is the unregularised fraction of iterations, in [0, 1); got {warm_start}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if len(beta_range) != 2 or min(beta_range) <= 0:
-        raise ValueError(f"beta_range must be (start, end) with positive values, got {beta_range}")
 
 
 # -- which layers, and what follows them ------------------------------------------------------------------
@@ -222,8 +239,6 @@ def _iterations_per_layer(
                 f"per_layer_iterations names {name!r}, which is not a layer AdaRound rounds; "
                 f"use one of: {', '.join(iterations) or '(none)'}"
             )
-        if count < 0:
-            raise ValueError(f"per_layer_iterations[{name!r}] must be >= 0, got {count}")
         iterations[name] = count
     return iterations
 
@@ -373,9 +388,8 @@ def _reconstruction_loss(out: torch.Tensor, target: torch.Tensor, layer: nn.Modu
 
 
 def _round_layer(
-    target: _Target, inputs: torch.Tensor, outputs: torch.Tensor, num_iterations: int, reg_param: float,
-    beta_range: tuple[float, float], warm_start: float, batch_size: int, learning_rate: float,
-    generator: torch.Generator, progress: bool,
+    target: _Target, inputs: torch.Tensor, outputs: torch.Tensor, num_iterations: int, settings: AdaRoundSettings,
+    generator: torch.Generator,
 ) -> LayerRounding:
     layer, encoding = target.layer, target.quantizer.encoding
     weight = layer.weight.detach()
@@ -383,17 +397,18 @@ def _round_layer(
     scaled = weight.float() / scale
     floor = torch.floor(scaled)
     v = nn.Parameter(_initial_v(scaled - floor))
-    optimizer = torch.optim.Adam([v], lr=learning_rate)
-    warm_end = int(warm_start * num_iterations)
-    num_samples = inputs.shape[0]
-    for iteration in tqdm(range(num_iterations), desc=f"adaround {target.name}", disable=not progress, leave=False):
-        index = torch.randint(num_samples, (min(batch_size, num_samples),), device=inputs.device, generator=generator)
+    optimizer = torch.optim.Adam([v], lr=settings.learning_rate)
+    warm_end = int(settings.warm_start * num_iterations)
+    num_samples, batch = inputs.shape[0], min(settings.batch_size, inputs.shape[0])
+    bar = tqdm(range(num_iterations), desc=f"adaround {target.name}", disable=not settings.progress, leave=False)
+    for iteration in bar:
+        index = torch.randint(num_samples, (batch,), device=inputs.device, generator=generator)
         h = rectified_sigmoid(v)
         soft_weight = (torch.clamp(floor + h, low, high) * scale).to(weight.dtype)
         loss = _reconstruction_loss(_layer_output(target, inputs[index], soft_weight), outputs[index], layer)
         if iteration >= warm_end:
-            beta = _beta(iteration, num_iterations, warm_start, beta_range)
-            loss = loss + reg_param * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+            beta = _beta(iteration, num_iterations, settings.warm_start, settings.beta_range)
+            loss = loss + settings.reg_param * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
