@@ -10,7 +10,7 @@ from edgequant.cli.autoquant_command import autoquant as autoquant_command
 from edgequant.demo.digits import evaluate_accuracy, load_digits_tensors, load_pretrained
 from edgequant.quantization import Percentile
 from edgequant.sim import QuantSim
-from edgequant.workflows import autoquant
+from edgequant.workflows import AutoQuantSettings, QuantSimSettings, autoquant
 from edgequant.workflows.autoquant import _recommend
 from edgequant.workflows.autoquant_result import AutoQuantResult, StepRecord
 
@@ -84,6 +84,33 @@ def test_a_method_with_settings_is_logged_and_restored_from_the_cache(digits, tm
     with torch.no_grad():
         assert torch.equal(second.sim.model(test_images), first.sim.model(test_images))
     assert not any(step.cached for step in run(Percentile(99.5)).steps)  # other settings, other cache entry
+
+
+def test_a_settings_object_and_the_same_keywords_share_one_cache_entry(digits, tmp_path) -> None:
+    model, train_images, batches, test_images, test_labels = digits
+    settings = AutoQuantSettings.build(allowed_accuracy_drop=1.0, schemes=("minmax",), param_bw=4, progress=False)
+    assert settings.sim == QuantSimSettings(param_bw=4) and settings.schemes == ("minmax",)
+
+    def accuracy(m: torch.nn.Module) -> float:
+        return evaluate_accuracy(m, test_images, test_labels)
+
+    first = autoquant(model, train_images[:2], batches, accuracy, settings, results_dir=tmp_path)
+    assert first.target_met and not any(step.cached for step in first.steps)
+    assert first.sim.model.get_submodule("fc").param_quantizers["weight"].bitwidth == 4
+    second = autoquant(model, train_images[:2], batches, accuracy, allowed_accuracy_drop=1.0, schemes=("minmax",),
+                       param_bw=4, results_dir=tmp_path, progress=False)
+    assert all(step.cached for step in second.steps)
+
+
+@pytest.mark.parametrize(("keywords", "error", "message"), [
+    ({"allowed_accuracy_drop": -0.1}, ValueError, "allowed_accuracy_drop must be >= 0"),
+    ({"schemes": ()}, ValueError, "schemes must name at least one calibration scheme"),
+    ({"scheme": "minmax"}, TypeError, "unexpected keyword argument 'scheme'"),
+])
+def test_settings_are_checked_when_built(keywords: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        AutoQuantSettings.build(**keywords)
+
 
 @pytest.mark.parametrize("config", ["default", "per_channel"])
 def test_the_recommendation_starts_from_the_settings_it_ran_with(digits, config: str, tmp_path) -> None:

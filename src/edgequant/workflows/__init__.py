@@ -1,6 +1,6 @@
 """Orchestration on top of the techniques: AutoQuant."""
 
-from edgequant.workflows.autoquant import autoquant
+from edgequant.workflows.autoquant import AutoQuantSettings, QuantSimSettings, autoquant
 from edgequant.workflows.autoquant_result import AutoQuantResult, StepRecord
 
-__all__ = ["AutoQuantResult", "StepRecord", "autoquant"]
+__all__ = ["AutoQuantResult", "AutoQuantSettings", "QuantSimSettings", "StepRecord", "autoquant"]

@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,81 +39,109 @@ MAX_BITWIDTH = 16
 LOG_NAME = "autoquant_log.json"
 
 
+@dataclass(frozen=True)
+class QuantSimSettings:
+    """The sims every step builds and calibrates: bit widths, hardware config, calibration batches, and whether
+    the model's BatchNorms are folded first (as deployment does: no step then quantizes a BatchNorm or ranks
+    one in the sensitivity sweep, and the ``bn_fold`` step is left out)."""
+
+    param_bw: int = 8
+    output_bw: int = 8
+    config: str | Path | dict | HardwareConfig = "default"
+    num_batches: int | None = None
+    fold_bn: bool = False
+
+
+@dataclass(frozen=True)
+class AutoQuantSettings:
+    """What AutoQuant searches: the allowed drop, the calibration schemes, the AdaRound step, the mixed-precision
+    candidates tried last, the sensitivity metric, and the sims they run on; where finished steps are cached.
+
+    ``sensitivity_eval_fn`` (default: the run's ``eval_fn``) is called once per layer when the target is missed;
+    pass a cheaper one for big models. ``mixed_precision_candidates`` (``(param_bw, output_bw)`` pairs): when no
+    step meets the target, a last step chooses per-layer bit widths among them on the best sim
+    (`edgequant.mixed_precision.choose_mixed_precision`).
+    """
+
+    allowed_accuracy_drop: float = 0.01
+    schemes: tuple[MethodSpec, ...] = DEFAULT_SCHEMES
+    adaround_iterations: int = 10000
+    adaround_kwargs: dict[str, Any] | None = None
+    mixed_precision_candidates: Sequence[Sequence[int]] | None = None
+    sensitivity_eval_fn: Callable[[nn.Module], float] | None = None
+    sim: QuantSimSettings = field(default_factory=QuantSimSettings)
+    results_dir: str | Path = "autoquant_results"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.allowed_accuracy_drop < 0:
+            raise ValueError(f"allowed_accuracy_drop must be >= 0, got {self.allowed_accuracy_drop}")
+        if not self.schemes:
+            raise ValueError("schemes must name at least one calibration scheme")
+
+    @classmethod
+    def build(cls, base: AutoQuantSettings | None = None, **keywords: Any) -> AutoQuantSettings:
+        """``base`` (None: the defaults) with each keyword replacing the field of that name, `QuantSimSettings`'
+        included, so that a call reads ``autoquant(model, dummy, data, eval_fn, param_bw=4, schemes=("sqnr",))``."""
+        base = base or cls()
+        sim_names = {f.name for f in fields(QuantSimSettings)}
+        sim = replace(base.sim, **{k: v for k, v in keywords.items() if k in sim_names})
+        return replace(base, sim=sim, **{k: v for k, v in keywords.items() if k not in sim_names})
+
+    def cache_key(self, config: HardwareConfig) -> dict[str, Any]:
+        """The settings that change a step's result, hashed (with the model and data) into the cache folder."""
+        return {
+            "param_bw": self.sim.param_bw, "output_bw": self.sim.output_bw, "config": config.raw,
+            "schemes": list(self.schemes), "num_batches": self.sim.num_batches,
+            "allowed_accuracy_drop": self.allowed_accuracy_drop, "adaround_iterations": self.adaround_iterations,
+            "adaround_kwargs": self.adaround_kwargs or {},
+            "mixed_precision_candidates": [list(c) for c in self.mixed_precision_candidates or []],
+            "fold_bn": self.sim.fold_bn,
+        }
+
+
 def autoquant(
-    model: nn.Module,
-    dummy_input: Any,
-    data: Iterable[Any],
-    eval_fn: Callable[[nn.Module], float],
-    allowed_accuracy_drop: float = 0.01,
-    param_bw: int = 8,
-    output_bw: int = 8,
-    config: str | Path | dict | HardwareConfig = "default",
-    results_dir: str | Path = "autoquant_results",
-    schemes: tuple[MethodSpec, ...] = DEFAULT_SCHEMES,
-    num_batches: int | None = None,
-    adaround_iterations: int = 10000,
-    adaround_kwargs: dict | None = None,
-    sensitivity_eval_fn: Callable[[nn.Module], float] | None = None,
-    mixed_precision_candidates: Sequence[Sequence[int]] | None = None,
-    fold_bn: bool = False,
-    progress: bool = True,
+    model: nn.Module, dummy_input: Any, data: Iterable[Any], eval_fn: Callable[[nn.Module], float],
+    settings: AutoQuantSettings | None = None, **keywords: Any,
 ) -> AutoQuantResult:
-    """Quantize ``model`` to meet ``eval_fn(fp32) - allowed_accuracy_drop`` with as little work as possible.
+    """Quantize ``model`` to meet ``eval_fn(fp32) - allowed_accuracy_drop`` with as little work as possible, with
+    ``settings``, or the settings the keywords name (``allowed_accuracy_drop=0.01, param_bw=4``: the fields of
+    `AutoQuantSettings` and `QuantSimSettings`; with ``settings``, they replace its fields).
 
     ``data`` yields calibration batches (re-iterable: it is used by every step); ``eval_fn(model) -> float``
-    is higher-is-better. The user's model is not modified. ``sensitivity_eval_fn`` (default ``eval_fn``) is
-    called once per layer when the target is missed; pass a cheaper one for big models.
-    ``mixed_precision_candidates`` (``(param_bw, output_bw)`` pairs): when no step meets the target, a last step
-    chooses per-layer bit widths among them on the best sim (`edgequant.mixed_precision.choose_mixed_precision`).
-    ``fold_bn`` folds the BatchNorms (of a copy) before the first step, as deployment does, so that no step
-    quantizes a BatchNorm or ranks one in the sensitivity sweep; the ``bn_fold`` step is then left out.
+    is higher-is-better. The user's model is not modified.
     """
-    if allowed_accuracy_drop < 0:
-        raise ValueError(f"allowed_accuracy_drop must be >= 0, got {allowed_accuracy_drop}")
-    if not schemes:
-        raise ValueError("schemes must name at least one calibration scheme")
+    settings = AutoQuantSettings.build(settings, **keywords)
     folded: list[str] = []
-    if fold_bn:
+    if settings.sim.fold_bn:
         model = copy.deepcopy(model).eval()
         folded = _fold_batch_norms(model, dummy_input)
-    run = _Run(model, dummy_input, data, eval_fn, param_bw, output_bw, HardwareConfig.load(config),
-               num_batches, progress)
-    settings = {
-        "param_bw": param_bw, "output_bw": output_bw, "config": run.config.raw, "schemes": list(schemes),
-        "num_batches": num_batches, "allowed_accuracy_drop": allowed_accuracy_drop,
-        "adaround_iterations": adaround_iterations, "adaround_kwargs": adaround_kwargs or {},
-        "mixed_precision_candidates": [list(c) for c in mixed_precision_candidates or []], "fold_bn": fold_bn,
-    }
-    run.open_log(Path(results_dir), settings)
-    described = f"FP32 model, {len(folded)} BatchNorms folded" if fold_bn else "FP32 model"
+    run = _Run(model, dummy_input, data, eval_fn, settings)
+    run.open_log(Path(settings.results_dir), settings.cache_key(run.config))
+    described = f"FP32 model, {len(folded)} BatchNorms folded" if settings.sim.fold_bn else "FP32 model"
     fp32 = run.step("fp32", lambda: (None, f"{described}, no quantization", folded, run.evaluate(model)),
                     diagnostic=True)
-    run.target = fp32.metric - allowed_accuracy_drop
-    _run_steps(run, schemes, adaround_iterations, adaround_kwargs or {}, fold_bn)
-    candidates = [s for s in run.steps if not s.diagnostic and s.metric is not None]
-    best = max(candidates, key=lambda s: s.metric)
-    if mixed_precision_candidates and not run.met(best):
-        mixed = run.step("mixed_precision", lambda: run.mixed_precision(best, mixed_precision_candidates,
-                                                                         allowed_accuracy_drop))
-        best = max((best, mixed), key=lambda s: s.metric)
+    run.target = fp32.metric - settings.allowed_accuracy_drop
+    _run_steps(run)
+    best = run.best()
     sim = run.restore(best)
     result = AutoQuantResult(
         sim, fp32.metric, run.target, best.name, best.metric, best.metric >= run.target,
         run.directory / best.state_file, run.directory / "autoquant_report.html", run.steps,
     )
     if not result.target_met:
-        result.sensitivity = run.sensitivity(sim, best, sensitivity_eval_fn or eval_fn)
-        result.recommendation = _recommend(result, param_bw, output_bw)
+        result.sensitivity = run.sensitivity(sim, best, settings.sensitivity_eval_fn or eval_fn)
+        result.recommendation = _recommend(result, settings.sim.param_bw, settings.sim.output_bw)
     write_report(result, result.report_path)
     return result
 
 
-def _run_steps(run: _Run, schemes: tuple[MethodSpec, ...], adaround_iterations: int, adaround_kwargs: dict,
-               folded_first: bool) -> None:
-    """The ladder of techniques; returns as soon as a candidate meets the target. ``folded_first``: the model's
+def _run_steps(run: _Run) -> None:
+    """The ladder of techniques; returns as soon as a candidate meets the target. With ``fold_bn`` the model's
     BatchNorms are already folded, so the best calibration is the folded stage."""
     calibrated = [
-        run.step(f"calibration:{s}", lambda s=s: run.calibrated("original", s, "calibrated")) for s in schemes
+        run.step(f"calibration:{s}", lambda s=s: run.calibrated("original", s, "calibrated"))
+        for s in run.settings.schemes
     ]
     best = max(calibrated, key=lambda s: s.metric)
     scheme = best.scheme
@@ -121,7 +149,7 @@ def _run_steps(run: _Run, schemes: tuple[MethodSpec, ...], adaround_iterations: 
     if run.met(best):
         return
     folded = best
-    if not folded_first:
+    if not run.settings.sim.fold_bn:
         folded = run.step("bn_fold", lambda: run.calibrated("bn_fold", scheme, "BatchNorms folded, then calibrated"))
         if run.met(folded):
             return
@@ -132,18 +160,18 @@ def _run_steps(run: _Run, schemes: tuple[MethodSpec, ...], adaround_iterations: 
     corrected = run.step("bias_correction", lambda: run.bias_corrected(stage, scheme))
     if corrected.metric is not None and run.met(corrected):
         return
-    run.step("adaround", lambda: run.adarounded(stage, scheme, adaround_iterations, adaround_kwargs))
+    run.step("adaround", lambda: run.adarounded(stage, scheme))
 
 
 class _Run:
     """State shared by the steps: the data, the stage models, the cache directory and the log."""
 
     def __init__(self, model: nn.Module, dummy_input: Any, data: Iterable[Any], eval_fn: Callable,
-                 param_bw: int, output_bw: int, config: HardwareConfig, num_batches: int | None,
-                 progress: bool) -> None:
+                 settings: AutoQuantSettings) -> None:
         self.model, self.dummy_input, self.data, self.eval_fn = model, dummy_input, data, eval_fn
-        self.param_bw, self.output_bw, self.config = param_bw, output_bw, config
-        self.num_batches, self.progress = num_batches, progress
+        self.settings, self.config = settings, HardwareConfig.load(settings.sim.config)
+        self.param_bw, self.output_bw = settings.sim.param_bw, settings.sim.output_bw
+        self.num_batches, self.progress = settings.sim.num_batches, settings.progress
         self.steps: list[StepRecord] = []
         self.target = float("-inf")
         self._stages: dict[str, tuple[nn.Module, list[str], str]] = {}
@@ -191,6 +219,16 @@ class _Run:
     def met(self, record: StepRecord) -> bool:
         return record.metric is not None and record.metric >= self.target
 
+    def best(self) -> StepRecord:
+        """The best candidate so far; when it misses the target and mixed-precision candidates are given, the
+        better of it and the mixed-precision step."""
+        best = max((s for s in self.steps if not s.diagnostic and s.metric is not None), key=lambda s: s.metric)
+        candidates = self.settings.mixed_precision_candidates
+        if candidates and not self.met(best):
+            mixed = self.step("mixed_precision", lambda: self.mixed_precision(best, candidates))
+            best = max((best, mixed), key=lambda s: s.metric)
+        return best
+
     # -- models and sims ---------------------------------------------------------------------------------
     def stage_model(self, stage: str) -> tuple[nn.Module, list[str], str]:
         """Float model of a stage (built once per run), the layers the stage changed, and what it did."""
@@ -237,19 +275,20 @@ class _Run:
         report = correct_bias(sim, self.data, progress=self.progress)
         return sim, f"{description}; empirical bias correction", _layer_names(report), self.evaluate(sim.model)
 
-    def adarounded(self, stage: str, scheme: MethodSpec, iterations: int, kwargs: dict) -> tuple:
+    def adarounded(self, stage: str, scheme: MethodSpec) -> tuple:
         sim, description, _, _ = self.calibrated(stage, scheme, "calibrated")
+        iterations = self.settings.adaround_iterations
         result = adaround(sim, self.data, num_iterations=iterations, num_batches=self.num_batches,
-                          progress=self.progress, **kwargs)
+                          progress=self.progress, **(self.settings.adaround_kwargs or {}))
         sim.calibrate(self.data, self.num_batches, progress=False)  # activations see the rounded weights
         layers = [f"{r.name}: output MSE {r.nearest_mse:.4g} -> {r.adaround_mse:.4g}, {r.flipped_fraction:.1%} "
                   f"flipped" for r in result.layers]
         return sim, f"{description}; AdaRound ({iterations} iterations per layer)", layers, self.evaluate(sim.model)
 
-    def mixed_precision(self, best: StepRecord, candidates: Sequence[Sequence[int]], allowed_drop: float) -> tuple:
+    def mixed_precision(self, best: StepRecord, candidates: Sequence[Sequence[int]]) -> tuple:
         # from the plain calibration of the best step's stage: bias correction and AdaRound fit one bit width
         sim, description, _, _ = self.calibrated(best.stage, best.scheme, "calibrated")
-        result = choose_mixed_precision(sim, self.data, self.eval_fn, candidates, allowed_drop,
+        result = choose_mixed_precision(sim, self.data, self.eval_fn, candidates, self.settings.allowed_accuracy_drop,
                                         out_dir=self.directory / "mixed_precision", progress=self.progress)
         layers = [f"{group}: W{c[0]}A{c[1]}" for group, c in result.choice.items()]
         description = (f"{description}; mixed precision among {list(map(tuple, candidates))} "
