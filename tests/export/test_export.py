@@ -13,6 +13,7 @@ import pytest
 import torch
 import torchvision
 from onnx import TensorProto
+from references import assert_within_grid_steps
 
 import edgequant as eq
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
@@ -102,12 +103,18 @@ def test_bert_exports_with_keyword_inputs(tmp_path: Path) -> None:
     sim = eq.QuantSim(transformers.BertModel(config).eval(), inputs)
     sim.compute_encodings(lambda m: m(**inputs))
     result = sim.export(tmp_path, inputs)
-    assert "embeddings.word_embeddings.weight" in _encoding_names(result.encodings)
+    names = _encoding_names(result.encodings)
+    assert "embeddings.word_embeddings.weight" in names
+    # both embedding sums are quantized in the export as in the sim: under tracing, BERT's shape arithmetic
+    # becomes tensor ops, which must not take the recorded positions of the functional adds
+    assert sum(n.startswith("/embeddings/") and n.endswith("Add_output_0") for n in names) == 2
     outputs = _run_qdq(result.qdq_model, inputs)
     with torch.no_grad():
         hidden = sim.model(**inputs).last_hidden_state
     assert outputs[0].shape == tuple(hidden.shape)
-    assert np.abs(outputs[0] - hidden.numpy()).max() < 0.1 * float(hidden.abs().max())
+    # LayerNorm, Softmax and GELU run in float in ONNX Runtime: another summation order may flip a value one step
+    step = float(sim.quantizer("encoder.layer.0.output.LayerNorm.output_quantizers.0").scale)
+    assert_within_grid_steps(torch.from_numpy(outputs[0]), hidden, step, max_steps=1, max_share=0.01)
 
 
 def test_int4_weights_and_int16_activations_use_opset_21(tmp_path: Path) -> None:

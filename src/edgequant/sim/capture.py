@@ -31,6 +31,7 @@ from edgequant.sim.ops import (
     function_name,
     function_op_type,
     is_data_movement,
+    is_float_math_call,
     is_pass_through,
     module_op_type,
 )
@@ -78,7 +79,7 @@ class _OpRecorder(TorchFunctionMode):
         self.records = records
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        if self.stack and function_op_type(func) is not None:
+        if self.stack and is_float_math_call(func, args, kwargs or {}):
             record = self.records.get(self.stack[-1])
             if record is not None and not record.finished:  # first call only
                 record.float_ops.append(func)

@@ -18,7 +18,7 @@ import warnings
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from edgequant.sim.ops import function_name, function_op_type
+from edgequant.sim.ops import function_name, function_op_type, is_float_math_call
 from edgequant.sim.quantized_module import FunctionalOp
 
 
@@ -43,7 +43,7 @@ class _OpRouter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         owner = self.owner
-        if owner.child_depth or function_op_type(func) is None:
+        if owner.child_depth or not is_float_math_call(func, args, kwargs):
             return func(*args, **kwargs)
         names = owner.functional_op_names
         if self.position < len(names):

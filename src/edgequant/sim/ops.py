@@ -197,6 +197,19 @@ def function_op_type(target: object) -> str | None:
     return op_type
 
 
+def is_float_math_call(func: object, args: tuple, kwargs: dict) -> bool:
+    """A math op on floating-point data: what an untraceable module's recorded op sequence holds.
+
+    Ops on integer tensors only (shape and index arithmetic, integer masks) are left out: they are never quantized,
+    and under tracing (ONNX export) shape arithmetic that ran on Python ints in eager mode becomes tensor ops, which
+    would otherwise shift every later op onto the wrong recorded position."""
+    if function_op_type(func) is None:
+        return False
+    values = [*args, *kwargs.values()]
+    values += [v for value in values if isinstance(value, (list, tuple)) for v in value]
+    return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in values)
+
+
 def is_data_movement(target: object) -> bool:
     return function_name(target).strip("_") in DATA_MOVEMENT
 
