@@ -4,7 +4,7 @@ the float model is `aimet_fixtures.mobilenet`) was trained and evaluated on, rec
 The fixture's 128 test inputs are, to 1e-4, sklearn's digits upsampled bilinearly to 16x16 and standardised with
 the training images' mean and std, in the order of ``train_test_split(test_size=0.3, stratify=labels,
 random_state=0)``'s test split (1257 training / 540 test images). With that data the float model scores 0.9907 on the
-540 test images, the FP32 figure the issue quotes for the reference toolkit's MobileNetV2, so the QAT recipe
+540 test images, the published FP32 figure of the reference toolkit's MobileNetV2, so the QAT recipe
 can be compared on the same weights and the same images.
 """
 

@@ -1,4 +1,4 @@
-"""AIMET interoperability on a real network (issue 11): AIMET 2.42's export of a whole MobileNetV2
+"""AIMET interoperability on a real network: AIMET 2.42's export of a whole MobileNetV2
 (tests/fixtures/aimet-2.42/mobilenet_v2_digits) imported into an edgequant sim of the same float model.
 
 Prints, for each of AIMET's two exporters: how the 134 encodings were placed (by name / through the ONNX graph /

@@ -1,4 +1,4 @@
-"""Integer-kernel emulation (issue 13): does the sim predict ONNX Runtime output for output, and at what cost?
+"""Integer-kernel emulation: does the sim predict ONNX Runtime output for output, and at what cost?
 
 For each model (W8A8, ``per_channel`` config, BN folded, min-max calibration) the QDQ export runs in ONNX Runtime
 (CPU, ``ORT_ENABLE_ALL``, i.e. its integer kernels) and the sim runs in its default mode and emulating

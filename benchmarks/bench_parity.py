@@ -1,4 +1,4 @@
-"""Sim-vs-ONNX Runtime parity (issue 3): W8A8 per-channel, BN folded, int32 bias, ORT CPU integer kernels.
+"""Sim-vs-ONNX Runtime parity: W8A8 per-channel, BN folded, int32 bias, ORT CPU integer kernels.
 
 Prints, per model, the share of final-output elements within 1 LSB, identical on the integer grid, top-1
 agreement, the integer kernels ORT used, and the first tensor off by more than one step. Random-weight torchvision

@@ -1,6 +1,6 @@
-"""Quantization-aware training on the bundled digits (issue 8): accuracy and training-epoch cost.
+"""Quantization-aware training on the bundled digits: accuracy and training-epoch cost.
 
-Recipe (the issue's): W4A4 with per-channel weights (``per_channel`` config), BN folded into the FP32 model
+Recipe (the reference toolkit's): W4A4 with per-channel weights (``per_channel`` config), BN folded into the FP32 model
 before building the sim, min-max initialisation on the train split, Adam lr 1e-4, batch 64, 3 epochs on the
 train split; test accuracy of FP32, PTQ, regular QAT and range-learning QAT, trained with the labels
 (cross-entropy, as the reference toolkit was run) and label-free (`edgequant.qat.finetune`'s default
@@ -10,7 +10,7 @@ distillation). Epoch time: one training epoch of the prepared sim vs one FP32 tr
 Models: ``digits_cnn`` (bundled weights); ``mobilenet_v2``, torchvision's at width 0.5 with a 1-channel stem of
 stride 1 and strides fitted to 8x8 inputs, trained here on the digits train split (cached in ``--cache``); and
 ``aimet_mobilenet_v2``, the reference toolkit's own full-width MobileNetV2 (tests/fixtures/aimet-2.42) on its
-own 16x16 data (:mod:`aimet_mobilenet_digits`), so that its figures compare with the issue's on the same weights.
+own 16x16 data (:mod:`aimet_mobilenet_digits`), so that its figures compare with the reference's on the same weights.
 
     python benchmarks/bench_qat.py [--models digits_cnn,mobilenet_v2,aimet_mobilenet_v2] [--repeats 3]
 """

@@ -1,4 +1,4 @@
-"""One QAT epoch on 1 process vs 2 DDP processes (gloo, CPU, one thread each), the digits CNN (issue 8).
+"""One QAT epoch on 1 process vs 2 DDP processes (gloo, CPU, one thread each), the digits CNN.
 
 Each process runs `finetune` (label-free, batch 64 per process) for one epoch of the 1348-image train split,
 ``--repeats`` times after a warm-up epoch; with 2 processes each rank trains on half of the split (a

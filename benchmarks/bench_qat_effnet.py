@@ -1,4 +1,4 @@
-"""Label-free QAT on ImageNet-pretrained EfficientNet-Lite0, W4A8 per-channel, BN folded (issue 8).
+"""Label-free QAT on ImageNet-pretrained EfficientNet-Lite0, W4A8 per-channel, BN folded.
 
 Training data: ``--train-crops`` natural-image crops (scikit-image photos, seed 1), no labels: `finetune`
 distils the FP32 model. Metric: top-1 agreement with FP32 and mean KL(FP32 || quantized) on the training crops

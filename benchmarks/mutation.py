@@ -1,4 +1,4 @@
-"""Mutation testing of the numeric core with mutmut (issue 14); not part of the normal test run.
+"""Mutation testing of the numeric core with mutmut; not part of the normal test run.
 
 For each package below, a scratch project is laid out in ``build/mutation/<package>/`` (a copy of ``src/`` and
 of only that package's fast test files), mutmut mutates the listed files there, and each mutant runs only the

@@ -1,4 +1,4 @@
-"""Re-run issue 14's table of planted bugs: plant each one in a scratch copy of src/, run the reference tests
+"""Re-run the table of planted bugs: plant each one in a scratch copy of src/, run the reference tests
 against it, and print which tests catch it. The working tree is never modified.
 
     python benchmarks/planted_bugs.py            # all bugs; about a minute per bug on the 2-core dev VM
@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# key: (file, original text, planted text, description as in the issue)
+# key: (file, original text, planted text, description of the planted bug)
 BUGS = {
     "round_half_up_no_grad": (
         "quantization/affine.py", "    out.round_()\n", "    out.add_(0.5).floor_()\n",

@@ -175,7 +175,7 @@ def _metric_line(label: str, value: float, name: str) -> str:
     return f"{label} {name}: {shown}"
 
 
-# Commands contributed by the export (issue 3) and PTQ (issue 4) packages.
+# Commands contributed by the export and PTQ packages.
 main.add_command(export)
 main.add_command(verify)
 main.add_command(autoquant)
