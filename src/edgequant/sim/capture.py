@@ -207,6 +207,9 @@ def try_trace(module: nn.Module, record: CallRecord) -> tuple[fx.GraphModule | N
                     return None, f"tensors passed through **{name} cannot be traced"
                 concrete[f"**{name}"] = folded
             elif not isinstance(value, torch.Tensor):
+                if not _plain_constant(value):
+                    kind = type(value).__name__
+                    return None, f"argument {name!r} ({kind}) would be baked into the graph as a constant"
                 concrete[name] = value
         graph = _trace_unwrapped(module, concrete)
         traced = fx.GraphModule(module, graph, class_name=type(module).__name__)
@@ -220,6 +223,18 @@ def try_trace(module: nn.Module, record: CallRecord) -> tuple[fx.GraphModule | N
     if not _same_output(output, record.output):
         return None, "traced graph does not reproduce the module's output"
     return traced, ""
+
+
+def _plain_constant(value: object) -> bool:
+    """Values fx may fix to their recorded value: no tensor inside (rotary ``(cos, sin)`` tuples change with the
+    positions) and no object with state (a KV cache)."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_plain_constant(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _plain_constant(item) for key, item in value.items())
+    return False
 
 
 def functionalize_graph(traced: fx.GraphModule, prefix: str) -> list[CoverageNote]:

@@ -96,7 +96,12 @@ def clamp_bounds(module: nn.Module) -> tuple[float, float]:
 
 
 def is_pass_through(module: nn.Module) -> bool:
-    return isinstance(module, PASS_THROUGH_MODULES) or type(module).__name__ in PASS_THROUGH_NAMES
+    """Modules whose outputs hold their inputs' values; a class declares it with ``holds_input_values = True``."""
+    return (
+        isinstance(module, PASS_THROUGH_MODULES)
+        or type(module).__name__ in PASS_THROUGH_NAMES
+        or getattr(type(module), "holds_input_values", False)
+    )
 
 FUNCTION_OP_TYPES: dict[object, str] = {
     operator.add: "Add", operator.iadd: "Add", torch.add: "Add", "add": "Add", "add_": "Add",

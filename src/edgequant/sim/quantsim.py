@@ -151,6 +151,10 @@ class QuantSim:
             if "MatmulAdd" in self.config.supergroup_pass_list:
                 self._find_matmul_add(traced, prefix)
             return traced
+        for child_name, child in list(module.named_children()):  # before interception: it hooks the children
+            replacement = self._capture(child, f"{prefix}{child_name}.", records)
+            if replacement is not child:
+                setattr(module, child_name, replacement)
         own_ops = record.float_ops if record is not None else []
         if own_ops and not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             intercept_functional_ops(module, own_ops)
@@ -162,10 +166,6 @@ class QuantSim:
                         f"called {count}x by a container that could not be traced ({reason}): stays in float",
                     )
                 )
-        for child_name, child in list(module.named_children()):
-            replacement = self._capture(child, f"{prefix}{child_name}.", records)
-            if replacement is not child:
-                setattr(module, child_name, replacement)
         return module
 
     def _find_supergroups(self, traced: fx.GraphModule, prefix: str) -> None:

@@ -1,0 +1,122 @@
+"""Build and calibrate the sim of a Hugging Face causal language model for a recipe."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgequant.llm.attention import is_llama_attention, make_quantizable
+from edgequant.llm.recipes import Recipe, recipe_named
+from edgequant.quantization.granularity import Lpbq, PerBlock, PerChannel
+from edgequant.quantization.number_format import IntegerFormat
+from edgequant.sim import QuantSim
+
+NORM_OP_TYPE = "RMSNormalization"  # ONNX's name for the op (opset 23); the hardware runs a norm as one op
+
+
+@dataclass(frozen=True)
+class KvCacheQuantizers:
+    """The names of the quantizers whose outputs one decoder layer's KV cache stores."""
+
+    key: str
+    value: str
+
+
+def quantize(model: nn.Module, calibration_ids: torch.Tensor | Iterable[torch.Tensor], *, recipe: str = "w4a16-lpbq",
+             block_size: int = 64, kv_cache_bw: int | None = None, config: str = "htp", batch_size: int = 1,
+             progress: bool = True) -> QuantSim:
+    """A calibrated `QuantSim` of the causal LM ``model`` (which is not modified) for the named ``recipe``.
+
+    ``calibration_ids`` is a LongTensor ``[N, T]`` of token ids (run ``batch_size`` sequences at a time) or an
+    iterable of such tensors (each one batch). ``kv_cache_bw`` quantizes the keys and values the cache stores to
+    that many bits (None: the activations' bitwidth)."""
+    chosen = recipe_named(recipe)
+    batches = list(_id_batches(calibration_ids, batch_size))
+    if not batches:
+        raise ValueError("calibration_ids holds no token sequence: pass a LongTensor [N, T] with N >= 1")
+    prepared = prepare_causal_lm(model)
+    sim = QuantSim(prepared, (batches[0],), config=config, param_bw=8, output_bw=chosen.activation_bw,
+                   in_place=True)
+    apply_recipe(sim, chosen, block_size=block_size, kv_cache_bw=kv_cache_bw)
+    sim.calibrate(batches, progress=progress)
+    return sim
+
+
+def prepare_causal_lm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose attention and norms the sim quantizes op by op (see `edgequant.llm.attention`)."""
+    prepared = copy.deepcopy(model).eval()
+    set_attention = getattr(prepared, "set_attn_implementation", None)
+    if set_attention is not None:  # additive float masks: the quantized attention adds them to its scores
+        set_attention("eager")
+    elif hasattr(prepared, "config"):
+        prepared.config._attn_implementation = "eager"
+    attentions = [m for m in prepared.modules() if is_llama_attention(m)]
+    if not attentions:
+        raise ValueError(
+            f"{type(model).__name__} has no Llama-family attention (q_proj, k_proj, v_proj, o_proj and rotary "
+            "positions): edgequant.llm supports Llama, Mistral, Qwen2, Qwen3 and SmolLM models; quantize other "
+            "models with edgequant.QuantSim"
+        )
+    for attention in attentions:
+        make_quantizable(attention)
+    _untie_weights(prepared)
+    for module in prepared.modules():
+        if type(module).__name__.endswith("RMSNorm") and not any(True for _ in module.children()):
+            module.onnx_op_type = NORM_OP_TYPE
+    return prepared
+
+
+def _untie_weights(model: nn.Module) -> None:
+    """Give each layer its own copy of a shared weight (tied embedding and ``lm_head``): the device stores the two
+    tensors on different grids (an int8 embedding table, a 4-bit ``lm_head``), as the leading toolkit does."""
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) in seen:
+                setattr(module, name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+            seen.add(id(param))
+
+
+def apply_recipe(sim: QuantSim, recipe: Recipe, *, block_size: int, kv_cache_bw: int | None) -> None:
+    """Set the weight grids, the KV cache bits and the float-by-design ops of ``recipe`` on ``sim``."""
+    sim.set_format("*", IntegerFormat(recipe.linear_bw, True), kinds=("param",), module_types=(nn.Linear,))
+    grids = {"per_channel": PerChannel(), "per_block": PerBlock(block_size),
+             "lpbq": Lpbq(block_size, decompressed_bw=8)}
+    sim.set_granularity("*", grids[recipe.linear_grid], module_types=(nn.Linear,))
+    sim.set_granularity("*", PerChannel(axis=0), module_types=(nn.Embedding,))
+    norms = [name for name, module in sim.model.named_modules()
+             if getattr(module, "onnx_op_type", None) == NORM_OP_TYPE]
+    for name in norms:
+        sim.set_format(name, IntegerFormat(8, False), kinds=("param",))
+    if kv_cache_bw is not None:
+        for names in kv_cache_quantizers(sim).values():
+            for name in (names.key, names.value):
+                quantizer = sim.quantizer(name)
+                quantizer.number_format = IntegerFormat(kv_cache_bw, quantizer.symmetric)
+
+
+def kv_cache_quantizers(sim: QuantSim) -> dict[int, KvCacheQuantizers]:
+    """For each decoder layer index, the quantizers of the keys (after the rotary embedding) and the values its
+    KV cache stores."""
+    found = {}
+    for name, module in sim.model.named_modules():
+        if hasattr(module, "cache_write") and hasattr(module, "layer_idx"):
+            found[module.layer_idx] = KvCacheQuantizers(
+                f"{name}.rope_k.add.output_quantizers.0", f"{name}.v_proj.output_quantizers.0"
+            )
+    return found
+
+
+def _id_batches(ids: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"calibration_ids must be a LongTensor [N, T] of token ids, got {ids.dtype} "
+                             f"{list(ids.shape)}")
+        yield from ids.long().split(batch_size)
+        return
+    for batch in ids:
+        yield from _id_batches(batch if batch.dim() == 2 else batch.unsqueeze(0), batch.shape[0] or 1)

@@ -1,0 +1,40 @@
+"""Named quantization recipes for causal language models: which bits and grids each tensor gets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a recipe quantizes how. Every Linear layer (``lm_head`` included) gets ``linear_bw``-bit symmetric
+    weights on ``linear_grid`` (``"per_channel"``, ``"per_block"`` or ``"lpbq"``: blocks of ``block_size`` along
+    the input features, LPBQ's block scales on an 8-bit per-channel grid); embedding and norm weights are 8-bit,
+    activations ``activation_bw``-bit, all from min-max statistics. ``techniques`` then refine the weight
+    encodings or the weights, in order."""
+
+    name: str
+    linear_bw: int
+    linear_grid: str
+    activation_bw: int = 16
+    techniques: tuple[str, ...] = ()
+    summary: str = ""
+
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe("w8a16", 8, "per_channel", summary="8-bit per-channel Linear weights, 16-bit activations"),
+        Recipe("w4a16", 4, "per_channel", summary="4-bit per-channel Linear weights, 16-bit activations"),
+        Recipe("w4a16-block", 4, "per_block", summary="4-bit Linear weights per block, 16-bit activations"),
+        Recipe("w4a16-lpbq", 4, "lpbq",
+               summary="4-bit Linear weights per block on an 8-bit per-channel grid (LPBQ), 16-bit activations"),
+    )
+}
+
+
+def recipe_named(name: str) -> Recipe:
+    """The recipe called ``name``; an unknown name is one line listing the known ones."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]
