@@ -8,20 +8,45 @@ from edgequant.llm.evaluation import (
     next_token_agreement,
     perplexity,
 )
+from edgequant.llm.gptq import GptqLayer, GptqReport, GptqSettings, gptq, gptq_round
+from edgequant.llm.loading import ModelLoadError, ModelNotFoundError, load_causal_lm
 from edgequant.llm.quantize import KvCacheQuantizers, kv_cache_quantizers, prepare_causal_lm, quantize
 from edgequant.llm.recipes import RECIPES, Recipe
+from edgequant.llm.sequential_mse import (
+    SequentialMseLayer,
+    SequentialMseReport,
+    SequentialMseSettings,
+    sequential_mse,
+)
+from edgequant.llm.text_data import TextDataError, TextSplit, pydoc_topics_split, token_sequences
 
 __all__ = [
     "RECIPES",
     "GenerationMatch",
+    "GptqLayer",
+    "GptqReport",
+    "GptqSettings",
     "KvCacheQuantizers",
+    "ModelLoadError",
+    "ModelNotFoundError",
     "Recipe",
+    "SequentialMseLayer",
+    "SequentialMseReport",
+    "SequentialMseSettings",
+    "TextDataError",
+    "TextSplit",
     "TokenAgreement",
     "generation_match",
+    "gptq",
+    "gptq_round",
     "greedy_generate",
     "kv_cache_quantizers",
+    "load_causal_lm",
     "next_token_agreement",
     "perplexity",
     "prepare_causal_lm",
+    "pydoc_topics_split",
     "quantize",
+    "sequential_mse",
+    "token_sequences",
 ]

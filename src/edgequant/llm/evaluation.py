@@ -3,6 +3,7 @@ greedy generation."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -60,11 +61,12 @@ def greedy_generate(model: nn.Module | QuantSim, prompt_ids: torch.Tensor, max_n
     generated = []
     with _evaluating(model) as network:
         cache = DynamicCache()
+        cache_keyword = "cache" if "cache" in inspect.signature(network.forward).parameters else "past_key_values"
         step_ids = _check_ids(prompt_ids)
         position = 0
         for _ in range(max_new_tokens):
             positions = torch.arange(position, position + step_ids.shape[1]).unsqueeze(0)
-            output = network(input_ids=step_ids, past_key_values=cache, use_cache=True, position_ids=positions)
+            output = network(input_ids=step_ids, use_cache=True, position_ids=positions, **{cache_keyword: cache})
             position += step_ids.shape[1]
             step_ids = output.logits[:, -1:].argmax(-1)
             generated.append(step_ids)

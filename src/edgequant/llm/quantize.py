@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from edgequant.llm.attention import is_llama_attention, make_quantizable
+from edgequant.llm.gptq import GptqSettings, gptq
 from edgequant.llm.recipes import Recipe, recipe_named
+from edgequant.llm.sequential_mse import SequentialMseSettings, sequential_mse
 from edgequant.quantization.granularity import Lpbq, PerBlock, PerChannel
 from edgequant.quantization.number_format import IntegerFormat
 from edgequant.sim import QuantSim
@@ -28,12 +30,13 @@ class KvCacheQuantizers:
 
 def quantize(model: nn.Module, calibration_ids: torch.Tensor | Iterable[torch.Tensor], *, recipe: str = "w4a16-lpbq",
              block_size: int = 64, kv_cache_bw: int | None = None, config: str = "htp", batch_size: int = 1,
-             progress: bool = True) -> QuantSim:
+             technique_batches: int | None = 4, progress: bool = True) -> QuantSim:
     """A calibrated `QuantSim` of the causal LM ``model`` (which is not modified) for the named ``recipe``.
 
     ``calibration_ids`` is a LongTensor ``[N, T]`` of token ids (run ``batch_size`` sequences at a time) or an
     iterable of such tensors (each one batch). ``kv_cache_bw`` quantizes the keys and values the cache stores to
-    that many bits (None: the activations' bitwidth)."""
+    that many bits (None: the activations' bitwidth). The recipe's techniques (sequential MSE, GPTQ) use the first
+    ``technique_batches`` batches (None: all); the activations are calibrated again after them."""
     chosen = recipe_named(recipe)
     batches = list(_id_batches(calibration_ids, batch_size))
     if not batches:
@@ -43,7 +46,23 @@ def quantize(model: nn.Module, calibration_ids: torch.Tensor | Iterable[torch.Te
                    in_place=True)
     apply_recipe(sim, chosen, block_size=block_size, kv_cache_bw=kv_cache_bw)
     sim.calibrate(batches, progress=progress)
+    if chosen.techniques:
+        for technique in chosen.techniques:
+            TECHNIQUES[technique](sim, batches[:technique_batches], progress)
+        sim.calibrate(batches, progress=progress)  # the activations of the new weights
     return sim
+
+
+def _sequential_mse(sim: QuantSim, batches: list[torch.Tensor], progress: bool) -> None:
+    sequential_mse(sim, batches, SequentialMseSettings(progress=progress))
+
+
+def _gptq(sim: QuantSim, batches: list[torch.Tensor], progress: bool) -> None:
+    gptq(sim, batches, GptqSettings(progress=progress))
+
+
+TECHNIQUES = {"seqmse": _sequential_mse, "gptq": _gptq}
+"""A recipe's technique names and what they run on the calibrated sim."""
 
 
 def prepare_causal_lm(model: nn.Module) -> nn.Module:

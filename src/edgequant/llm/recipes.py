@@ -29,6 +29,14 @@ RECIPES: dict[str, Recipe] = {
         Recipe("w4a16-block", 4, "per_block", summary="4-bit Linear weights per block, 16-bit activations"),
         Recipe("w4a16-lpbq", 4, "lpbq",
                summary="4-bit Linear weights per block on an 8-bit per-channel grid (LPBQ), 16-bit activations"),
+        Recipe("w4a16-lpbq-seqmse", 4, "lpbq", techniques=("seqmse",),
+               summary="w4a16-lpbq with block scales chosen by sequential MSE"),
+        Recipe("w4a16-lpbq-gptq", 4, "lpbq", techniques=("gptq",),
+               summary="w4a16-lpbq with weights rounded by GPTQ"),
+        Recipe("w4a16-lpbq-seqmse-gptq", 4, "lpbq", techniques=("seqmse", "gptq"),
+               summary="w4a16-lpbq, block scales by sequential MSE, then weights rounded by GPTQ"),
+        Recipe("w4a16-block-gptq", 4, "per_block", techniques=("gptq",),
+               summary="w4a16-block with weights rounded by GPTQ"),
     )
 }
 
