@@ -109,5 +109,6 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     assert 'id="edgequant.ptq.adaround.adaround"' in page("api/ptq")
     assert 'id="edgequant.workflows.autoquant.autoquant"' in page("api/workflows")
     assert 'id="edgequant.quantization.PerBlock"' in page("api/quantization")
+    assert 'id="edgequant.llm.quantize.quantize"' in page("api/llm")
     assert (site / "assets/analysis_report.png").is_file()
     assert 'src="../../assets/analysis_report.png"' in page("guides/analysis")
