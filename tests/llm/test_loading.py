@@ -15,8 +15,8 @@ import torch
 pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from tiny_llm import HEADS, KV_HEADS, SPECIALS, tiny_llama, tiny_tokenizer  # noqa: E402
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from edgequant.llm.loading import ModelLoadError, ModelNotFoundError, load_causal_lm  # noqa: E402
 from edgequant.llm.text_data import (  # noqa: E402
@@ -27,39 +27,15 @@ from edgequant.llm.text_data import (  # noqa: E402
     token_sequences,
 )
 
-HEADS, KV_HEADS, LAYERS, HIDDEN = 4, 2, 2, 64
-SPECIALS = ("<s>", "</s>")
-
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE of 300 tokens trained on a few pydoc topics (any text encodes: bytes are in the vocabulary)."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=list(SPECIALS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator([topics[name] for name in sorted(topics)[:10]], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=SPECIALS[0], eos_token=SPECIALS[1])
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    """A random tiny Llama with untied head; every weight random, the norms included (they start at one)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=128,
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, rms_norm_eps=1e-5, rope_theta=10000.0,
-        attn_implementation="eager",
-    )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(std=0.2)
-    return model
+    return tiny_llama(tokenizer)
 
 
 @pytest.fixture(scope="module")

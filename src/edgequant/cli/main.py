@@ -22,6 +22,7 @@ from edgequant.cli.data import InputSpec, bitwidth_options, data_options, device
 from edgequant.cli.errors import ErrorHandlingGroup, debug_option
 from edgequant.cli.export_commands import export, verify
 from edgequant.cli.job import Job, JobOptions, SimSettings, build_job, pass_job_options
+from edgequant.cli.llm_command import llm
 from edgequant.cli.qat_command import qat
 from edgequant.quantization import QUANT_SCHEMES
 from edgequant.sim import QuantSim
@@ -181,3 +182,4 @@ main.add_command(verify)
 main.add_command(autoquant)
 main.add_command(qat)
 main.add_command(analyze)
+main.add_command(llm)
