@@ -197,10 +197,12 @@ def trace_sim(
     opset: int | None = None,
     dynamic_batch: bool = True,
     include_disabled: bool = False,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> TracedSim:
     """Export ``sim.model`` with quantizer markers and derive the float model and the quantizer mapping.
 
-    Disabled quantizers get markers too when ``include_disabled`` (to map names for loading encodings)."""
+    Disabled quantizers get markers too when ``include_disabled`` (to map names for loading encodings).
+    ``dynamic_axes`` (torch.onnx's, by input/output name) replaces the dynamic batch axis of ``dynamic_batch``."""
     args, kwargs = split_model_input(dummy_input)
     model = sim.model
     input_names = input_names or default_input_names(model, args, kwargs)
@@ -213,7 +215,8 @@ def trace_sim(
         output_names = output_names or (
             ["output"] if len(flat_outputs) == 1 else [f"output_{i}" for i in range(len(flat_outputs))]
         )
-        dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]} if dynamic_batch else None
+        if dynamic_axes is None and dynamic_batch:
+            dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
         tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
         with training_mode(model, False), _quantizers_as_markers(sim, include_disabled), \
                 _keyword_inputs_as_positional(model, len(args), kwargs), warnings.catch_warnings():

@@ -89,12 +89,14 @@ def export_onnx(
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     dynamic_batch: bool = True,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> ExportResult:
     """Write ``{name}.onnx`` (float), ``{name}.encodings`` (AIMET ``encoding_version``) and ``{name}_qdq.onnx``.
 
     ``dummy_input`` defaults to the sim's; the single input is named ``input`` and a single output ``output``
     (AIMET's convention) unless ``input_names``/``output_names`` say otherwise. ``opset`` defaults to 17, or 21
-    where int4/int16 tensors need it.
+    where int4/int16 tensors need it. ``dynamic_axes`` (torch.onnx's, by input/output name; sequence and cache
+    lengths of a language model) replaces the dynamic batch axis of ``dynamic_batch``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +117,8 @@ def export_onnx(
             "or an integer format with sim.set_format before exporting"
         )
     traced = trace_sim(
-        sim, sim.dummy_input if dummy_input is None else dummy_input, input_names, output_names, opset, dynamic_batch
+        sim, sim.dummy_input if dummy_input is None else dummy_input, input_names, output_names, opset, dynamic_batch,
+        dynamic_axes=dynamic_axes,
     )
     encodings = {n: q.float_format or q.encoding for n, q in quantizers.items() if q.enabled}
     derived_bias = derived_bias_encodings(traced, encodings, sim)

@@ -122,8 +122,10 @@ class _QdqBuilder:
     def constant(self, name: str, values: np.ndarray | torch.Tensor, data_type: int) -> str:
         name = self.unique(name)
         array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
-        if data_type in (TensorProto.INT4, TensorProto.UINT4):  # packed two per byte by make_tensor
-            tensor = helper.make_tensor(name, data_type, list(array.shape), array.reshape(-1).tolist())
+        if data_type in (TensorProto.INT4, TensorProto.UINT4):  # two per byte, the first in the low nibble
+            nibbles = np.append(array.reshape(-1), np.zeros(array.size % 2, array.dtype)).astype(np.uint8) & 0xF
+            packed = (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+            tensor = helper.make_tensor(name, data_type, list(array.shape), packed, raw=True)
         else:
             tensor = numpy_helper.from_array(array.astype(helper.tensor_dtype_to_np_dtype(data_type)), name)
         self.new_initializers.append(tensor)
@@ -223,7 +225,7 @@ class _QdqBuilder:
                 nodes += self.param_nodes(site.tensor, constant, output, encoding)
             else:
                 nodes += self.activation_nodes(site.tensor, node.input[0], output, encoding, [site.quantizer])
-        nodes = self.propagate(nodes, traced, tensor_encodings)
+        nodes = self.drop_unread_identities(self.propagate(nodes, traced, tensor_encodings))
         del self.model.graph.node[:]
         self.model.graph.node.extend(nodes)
         self.model.graph.initializer.extend(self.new_initializers)
@@ -237,6 +239,19 @@ class _QdqBuilder:
         helper.set_model_props(self.model, {QDQ_METADATA_KEY: json.dumps(self.metadata)})
         onnx.checker.check_model(self.model)
         return self.model
+
+    def drop_unread_identities(self, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        """Identity nodes nobody reads: the exporter reads a weight equal to another (a tied one) through an Identity
+        of the first, which the weight's own integer copy replaces; left in place it would keep the float weight."""
+        read, kept = set(self.graph_outputs), []
+        for node in reversed(nodes):
+            if node.op_type != "Identity" or node.output[0] in read:
+                kept.append(node)
+                read.update(node.input)
+                for attribute in node.attribute:  # names an If/Loop body reads from the graph around it
+                    for graph in (attribute.g, *attribute.graphs):
+                        read.update(name for inner in graph.node for name in inner.input)
+        return kept[::-1]
 
     def drop_unused_initializers(self) -> None:
         """The float weights are replaced by their integer versions; keep only what nodes read."""

@@ -1,0 +1,132 @@
+"""ONNX export of a quantized causal LM with its KV cache as graph inputs and outputs.
+
+A runtime decodes with such a graph one call per step: the prefill takes the prompt and empty past tensors (past
+length 0), each later call takes one token and the previous call's ``present_*`` outputs as its ``past_*`` inputs.
+The graph is `edgequant.export.export_onnx`'s QDQ model of the sim, traced through a forward that builds a
+transformers ``DynamicCache`` from the past tensors, so that the keys and values appended to the cache are the
+sim's quantized ``rope_k``/``v_proj`` outputs (see `edgequant.llm.attention`) and the past a runtime feeds back is
+already on those grids.
+
+The attention mask is the additive float mask the eager attention adds to its scores, ``[B, 1, S, P + S]``: 0
+where a query may attend to a key, the float32 minimum elsewhere (`causal_mask`). Taking it as an input keeps
+transformers' mask construction out of the traced graph and leaves padding and batching to the caller.
+
+ONNX Runtime runs the graph as the sim computes at every optimization level once `ORT_SESSION_CONFIG` is set:
+from ``ORT_ENABLE_EXTENDED`` on, it fuses an int8 weight's DequantizeLinear and its MatMul into ``MatMulNBits``,
+which by default (accuracy level 4) rounds the layer's input to int8, not to the sim's 16-bit grid.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgequant.sim import QuantSim
+
+ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+"""ONNX Runtime session config entries (``SessionOptions.add_session_config_entry``): fused weight-only MatMuls
+compute in float32 on the activations as the QDQ graph states them."""
+INPUT_IDS, POSITION_IDS, ATTENTION_MASK, LOGITS = "input_ids", "position_ids", "attention_mask", "logits"
+_TRACE_BATCH, _TRACE_LENGTH, _TRACE_PAST = 2, 3, 2  # not 0 or 1, which the tracer would bake into the graph
+
+
+@dataclass(frozen=True)
+class CausalLmExport:
+    """What `export_causal_lm` wrote and the graph's input and output names, in order."""
+
+    onnx_path: Path  # the QDQ model a runtime runs
+    float_path: Path
+    encodings_path: Path
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def empty_past(self, batch: int = 1) -> dict[str, torch.Tensor]:
+        """The ``past_*`` inputs of a prefill: no cached positions yet."""
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return {name: torch.zeros(shape) for name in self.input_names[3:]}
+
+
+def cache_names(kind: str, num_layers: int) -> list[str]:
+    """``{kind}_key_0, {kind}_value_0, {kind}_key_1...`` (``kind``: past or present), the order of the graph's
+    cache inputs and outputs."""
+    return [f"{kind}_{part}_{layer}" for layer in range(num_layers) for part in ("key", "value")]
+
+
+def causal_mask(past_length: int, length: int, batch: int = 1) -> torch.Tensor:
+    """The additive mask ``[batch, 1, length, past_length + length]`` of ``length`` new tokens after
+    ``past_length`` cached ones: each token sees the cache and itself and the new tokens before it."""
+    queries = torch.arange(length).unsqueeze(1) + past_length
+    keys = torch.arange(past_length + length).unsqueeze(0)
+    mask = torch.zeros(length, past_length + length)
+    mask[keys > queries] = torch.finfo(torch.float32).min
+    return mask.expand(batch, 1, length, past_length + length).contiguous()
+
+
+def export_causal_lm(sim: QuantSim, out_dir: str | Path, *, name: str = "model", opset: int = 21) -> CausalLmExport:
+    """Write ``{name}.onnx`` (float), ``{name}_qdq.onnx`` and ``{name}.encodings`` for the sim of a causal LM
+    (`edgequant.llm.quantize`) with inputs ``input_ids``, ``position_ids`` [B, S], ``attention_mask``
+    [B, 1, S, P + S] (`causal_mask`) and ``past_key_<i>``/``past_value_<i>`` [B, kv_heads, P, head_dim], and
+    outputs ``logits`` [B, S, vocab] and ``present_key_<i>``/``present_value_<i>`` (the past and this call's
+    keys and values, P + S positions). Batch, sequence and past lengths are dynamic."""
+    config = sim.model.config
+    num_layers = config.num_hidden_layers
+    num_kv_heads = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    past_names, present_names = cache_names("past", num_layers), cache_names("present", num_layers)
+    input_names = [INPUT_IDS, POSITION_IDS, ATTENTION_MASK, *past_names]
+    output_names = [LOGITS, *present_names]
+    dynamic_axes = {
+        INPUT_IDS: {0: "batch", 1: "sequence"}, POSITION_IDS: {0: "batch", 1: "sequence"},
+        ATTENTION_MASK: {0: "batch", 2: "sequence", 3: "total_length"}, LOGITS: {0: "batch", 1: "sequence"},
+        **{past: {0: "batch", 2: "past_length"} for past in past_names},
+        **{present: {0: "batch", 2: "total_length"} for present in present_names},
+    }
+    generator = torch.Generator().manual_seed(0)
+    past = [torch.randn(_TRACE_BATCH, num_kv_heads, _TRACE_PAST, head_dim, generator=generator) for _ in past_names]
+    dummy_input = (
+        torch.randint(0, config.vocab_size, (_TRACE_BATCH, _TRACE_LENGTH), generator=generator),
+        torch.arange(_TRACE_PAST, _TRACE_PAST + _TRACE_LENGTH).expand(_TRACE_BATCH, -1),
+        causal_mask(_TRACE_PAST, _TRACE_LENGTH, _TRACE_BATCH),
+        *past,
+    )
+    with _cache_as_tensors(sim.model, num_layers):
+        result = sim.export(out_dir, dummy_input, name, opset=opset, input_names=input_names,
+                            output_names=output_names, dynamic_axes=dynamic_axes)
+    return CausalLmExport(result.qdq_model, result.float_model, result.encodings, tuple(input_names),
+                          tuple(output_names), num_layers, num_kv_heads, head_dim)
+
+
+@contextmanager
+def _cache_as_tensors(model: nn.Module, num_layers: int) -> Iterator[None]:
+    """Let ``model`` take (input_ids, position_ids, attention_mask, *past) and return (logits, *present) for a
+    while: an instance attribute, so that parameter names and module scopes, which name the graph's tensors and
+    the sim's quantizers, stay as they are."""
+    from transformers import DynamicCache  # noqa: PLC0415 - transformers is needed only for language models
+
+    original = model.forward
+    parameters = inspect.signature(original).parameters
+    cache_keyword = "cache" if "cache" in parameters else "past_key_values"  # older transformers
+
+    def forward(input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache = DynamicCache()
+        for layer in range(num_layers):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        output = original(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                          use_cache=True, **{cache_keyword: cache})
+        return output.logits, *(tensor for layer in cache.layers for tensor in (layer.keys, layer.values))
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward
