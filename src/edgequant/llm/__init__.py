@@ -8,6 +8,7 @@ from edgequant.llm.evaluation import (
     next_token_agreement,
     perplexity,
 )
+from edgequant.llm.export import ORT_SESSION_CONFIG, CausalLmExport, cache_names, causal_mask, export_causal_lm
 from edgequant.llm.gptq import GptqLayer, GptqReport, GptqSettings, gptq, gptq_round
 from edgequant.llm.loading import ModelLoadError, ModelNotFoundError, load_causal_lm
 from edgequant.llm.quantize import KvCacheQuantizers, kv_cache_quantizers, prepare_causal_lm, quantize
@@ -21,7 +22,9 @@ from edgequant.llm.sequential_mse import (
 from edgequant.llm.text_data import TextDataError, TextSplit, pydoc_topics_split, token_sequences
 
 __all__ = [
+    "ORT_SESSION_CONFIG",
     "RECIPES",
+    "CausalLmExport",
     "GenerationMatch",
     "GptqLayer",
     "GptqReport",
@@ -36,6 +39,9 @@ __all__ = [
     "TextDataError",
     "TextSplit",
     "TokenAgreement",
+    "cache_names",
+    "causal_mask",
+    "export_causal_lm",
     "generation_match",
     "gptq",
     "gptq_round",
