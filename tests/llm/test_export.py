@@ -3,6 +3,8 @@ present keys and values fed back as the past) to the sim's greedy tokens and the
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -180,3 +182,18 @@ def test_causal_mask() -> None:
     assert allowed.tolist() == [[True, True, True, False, False], [True, True, True, True, False],
                                 [True, True, True, True, True]]
     assert (mask[~allowed.expand_as(mask)] == torch.finfo(torch.float32).min).all()
+
+
+def test_encodings_are_aimet_2_with_lpbq_entries_for_the_blocked_weights(exported) -> None:
+    recipe, sim, export = exported
+    document = json.loads(export.encodings_path.read_text())
+    assert document["version"] == "2.0.0"
+    blocked = [entry for entry in document["encodings"] if "per_block_int_scale" in entry]
+    if recipe == "w4a16-lpbq":
+        assert len(blocked) == 15  # the 14 projections and lm_head
+        assert all(entry["block_size"] == 32 and entry["output_dtype"] == "int4" for entry in blocked)
+        lm_head = sim.quantizer("lm_head.param_quantizers.weight")
+        entry = next(e for e in blocked if e["per_block_int_scale"] and len(e["per_channel_float_scale"]) == 128)
+        assert len(entry["per_channel_float_scale"]) == lm_head.scale.shape[0]
+    else:
+        assert not blocked

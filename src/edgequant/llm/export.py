@@ -71,12 +71,14 @@ def causal_mask(past_length: int, length: int, batch: int = 1) -> torch.Tensor:
     return mask.expand(batch, 1, length, past_length + length).contiguous()
 
 
-def export_causal_lm(sim: QuantSim, out_dir: str | Path, *, name: str = "model", opset: int = 21) -> CausalLmExport:
+def export_causal_lm(sim: QuantSim, out_dir: str | Path, *, name: str = "model", opset: int = 21,
+                     encoding_version: str = "2.0.0") -> CausalLmExport:
     """Write ``{name}.onnx`` (float), ``{name}_qdq.onnx`` and ``{name}.encodings`` for the sim of a causal LM
     (`edgequant.llm.quantize`) with inputs ``input_ids``, ``position_ids`` [B, S], ``attention_mask``
     [B, 1, S, P + S] (`causal_mask`) and ``past_key_<i>``/``past_value_<i>`` [B, kv_heads, P, head_dim], and
     outputs ``logits`` [B, S, vocab] and ``present_key_<i>``/``present_value_<i>`` (the past and this call's
-    keys and values, P + S positions). Batch, sequence and past lengths are dynamic."""
+    keys and values, P + S positions). Batch, sequence and past lengths are dynamic. The encodings are AIMET's
+    ``encoding_version`` format (2.0.0, with LPBQ entries, is what Qualcomm's converter reads for blocked weights)."""
     config = sim.model.config
     num_layers = config.num_hidden_layers
     num_kv_heads = config.num_key_value_heads
@@ -100,7 +102,7 @@ def export_causal_lm(sim: QuantSim, out_dir: str | Path, *, name: str = "model",
     )
     with _cache_as_tensors(sim.model, num_layers):
         result = sim.export(out_dir, dummy_input, name, opset=opset, input_names=input_names,
-                            output_names=output_names, dynamic_axes=dynamic_axes)
+                            output_names=output_names, dynamic_axes=dynamic_axes, encoding_version=encoding_version)
     return CausalLmExport(result.qdq_model, result.float_model, result.encodings, tuple(input_names),
                           tuple(output_names), num_layers, num_kv_heads, head_dim)
 
