@@ -226,3 +226,26 @@ def test_prepare_rejects_bad_input(digits):
         prepare_qat(_sim(digits, calibrate=False), "lsq")
     with pytest.raises(RuntimeError, match="calibrate"):
         prepare_qat(_sim(digits, calibrate=False), "regular")
+
+
+@pytest.mark.parametrize("activation, top", [(nn.ReLU6(), 6.0), (nn.ReLU(), None)])
+def test_learned_ranges_after_clamping_activations_stay_inside_them(activation, top) -> None:
+    """A grid past 6 after ReLU6 (or below 0 after ReLU) makes ONNX Runtime leave the convolution in float."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), activation, nn.Conv2d(8, 4, 1))
+    images = torch.randn(16, 3, 8, 8) * 3
+    sim = QuantSim(model, images[:1], config="per_channel")
+    sim.calibrate(images.split(4), progress=False)
+    prepare_qat(sim, "range_learning")
+    quantizer = sim.quantizer("1.output_quantizers.0")
+    with torch.no_grad():  # what an optimizer step pushing the range outwards does
+        quantizer.scale.mul_(3.0)
+        quantizer.offset.fill_(-40.0)
+    sim.model(images[:1])  # the learned grid is constrained before every forward
+    low = float(quantizer.scale * quantizer.offset.round())
+    high = float(quantizer.scale * (quantizer.offset.round() + 255))
+    assert low == 0.0
+    if top is not None:
+        assert top * 0.9 < high <= top * (1 + 1e-6)
+    else:
+        assert high > 10  # no ceiling after ReLU: the wider range is kept

@@ -10,9 +10,11 @@ parameter, before accumulation, so any optimizer and ``DistributedDataParallel``
 
 Constraints. Whatever the optimizer does, a learned scale stays ``>= floor`` (``min_scale_fraction`` times the
 calibrated scale, and never below ``MIN_RANGE / num_steps``) and a learned offset stays in
-``[-num_steps, 0]`` so that zero remains on the grid. The stored offset is a real number (so that small
-updates accumulate); the quantizer always uses it rounded, with a straight-through gradient, so the offset
-that simulates, exports and runs on the device is an integer.
+``[-num_steps, 0]`` so that zero remains on the grid. After a clamping activation the grid stays inside its range:
+offset 0 after ReLU, and at most 6 at the top after ReLU6, so that ONNX Runtime still fuses the activation into
+the integer convolution before it (a grid reaching past 6 leaves the convolution in float). The stored offset is a
+real number (so that small updates accumulate); the quantizer always uses it rounded, with a straight-through
+gradient, so the offset that simulates, exports and runs on the device is an integer.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class LearnedRange:
     fixed_offset: torch.Tensor
     """The offset a quantizer that does not learn it keeps (a symmetric grid's ``-2**(b-1)``)."""
 
+    value_range: tuple[float, float] | None = None
+    """What the op before the quantizer can output (ReLU: [0, inf), ReLU6: [0, 6]): the learned grid stays inside,
+    so that ORT still fuses the activation into the integer kernel before it."""
+
     _checked_versions: tuple[int, int] = (-1, -1)
 
     def constrain(self) -> None:
@@ -65,19 +71,26 @@ class LearnedRange:
         scale, offset = self.quantizer.scale, self.quantizer.offset
         if (scale._version, offset._version) == self._checked_versions:
             return
+        num_steps = 2**self.quantizer.bitwidth - 1
         with torch.no_grad():
             torch.fmax(scale, self.scale_floor.to(scale.device), out=scale)  # fmax also replaces NaN
             if self.learns_offset:
-                offset.nan_to_num_(nan=0.0).clamp_(-float(2**self.quantizer.bitwidth - 1), 0.0)
+                lowest = 0.0 if self.value_range is not None and self.value_range[0] >= 0 else -float(num_steps)
+                offset.nan_to_num_(nan=0.0).clamp_(lowest, 0.0)  # a grid from 0 after a ReLU
             elif offset._version != self._checked_versions[1]:
                 offset.copy_(self.fixed_offset.to(offset.device))
+            if self.value_range is not None and math.isfinite(self.value_range[1]):
+                top = offset.detach().round() + num_steps
+                torch.minimum(scale, self.value_range[1] / top.clamp_min(1), out=scale)  # a grid up to 6 after ReLU6
         self._checked_versions = (scale._version, offset._version)
 
 
 def learn_range(
-    quantizer: Quantizer, grad_scale: float, min_scale_fraction: float = DEFAULT_MIN_SCALE_FRACTION
+    quantizer: Quantizer, grad_scale: float, min_scale_fraction: float = DEFAULT_MIN_SCALE_FRACTION,
+    value_range: tuple[float, float] | None = None,
 ) -> tuple[LearnedRange, list[torch.utils.hooks.RemovableHandle]]:
-    """Turn ``quantizer``'s scale (and asymmetric offset) into trained parameters with the LSQ gradient scale."""
+    """Turn ``quantizer``'s scale (and asymmetric offset) into trained parameters with the LSQ gradient scale;
+    ``value_range``: what the op before it outputs, which the learned grid must not exceed."""
     if not quantizer.range_learning:
         quantizer.enable_range_learning()
     learns_offset = not quantizer.symmetric
@@ -89,7 +102,7 @@ def learn_range(
     if learns_offset:
         handles.append(quantizer.offset.register_hook(_times(grad_scale)))
     learned = LearnedRange(quantizer, grad_scale, quantizer.scale.detach().clone(), floor, learns_offset,
-                           quantizer.offset.detach().clone())
+                           quantizer.offset.detach().clone(), value_range)
     learned.constrain()
     return learned, handles
 

@@ -47,7 +47,7 @@ from edgequant.qat.lsq import (
 from edgequant.quantization import PerChannel, Quantizer
 from edgequant.sim import QuantSim
 from edgequant.sim.modes import training_mode
-from edgequant.sim.ops import weight_output_axis
+from edgequant.sim.ops import CLAMP_ACTIVATIONS, clamp_bounds, weight_output_axis
 
 MODES = ("regular", "range_learning")
 BATCH_NORM_CHOICES = ("fold", "keep")
@@ -206,7 +206,10 @@ def prepare_qat(
             factor = grad_scale if grad_scale != "lsq" else lsq_grad_scale(
                 values_per_scale(quantizer, shapes[name], batched=not is_param), quantizer.bitwidth,
                 quantizer.symmetric)
-            setup.learned[name], handles = learn_range(quantizer, float(factor), min_scale_fraction)
+            layer = sim.layer_of(quantizer)
+            clamped = quantizer.role == "output" and isinstance(layer, CLAMP_ACTIVATIONS)
+            setup.learned[name], handles = learn_range(quantizer, float(factor), min_scale_fraction,
+                                                       clamp_bounds(layer) if clamped else None)
             setup._handles += handles
             continue
         if quantizer.range_learning:  # learned by an earlier setup: now fixed
