@@ -9,6 +9,7 @@ A run is ``recipe[:kv_bits][@block_size]``."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import time
@@ -20,6 +21,18 @@ import edgequant.llm as llm
 
 DEFAULT_RUNS = ("w8a16:16,w8a16:8,w4a16:16,w4a16-block:16,w4a16-block:16@128,w4a16-lpbq:16,w4a16-lpbq:8,"
                 "w4a16-lpbq:16@128,w4a16-lpbq-seqmse:16,w4a16-lpbq-gptq:16,w4a16-lpbq-seqmse-gptq:16")
+
+
+def evaluate(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Perplexity and the top-1 next tokens in one pass (`edgequant.llm.perplexity` and `next_token_agreement`
+    compute the same figures, each with a pass of its own)."""
+    total, top1 = 0.0, []
+    with torch.no_grad():
+        for row in ids.split(1):
+            logits = model(input_ids=row, use_cache=False).logits[:, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits[0], row[0, 1:], reduction="sum"))
+            top1.append(logits.argmax(-1))
+    return math.exp(total / (ids.shape[0] * (ids.shape[1] - 1))), torch.cat(top1)
 
 
 def main() -> None:
@@ -36,7 +49,7 @@ def main() -> None:
     model, tokenizer = llm.load_causal_lm(gguf)
     split = llm.pydoc_topics_split(tokenizer, seq_len=256, num_calibration=16, num_evaluation=args.evaluation)
     started = time.perf_counter()
-    float_ppl = llm.perplexity(model, split.evaluation, progress=False)
+    float_ppl, float_top1 = evaluate(model, split.evaluation)
     float_eval = time.perf_counter() - started
     print(f"model {gguf.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
           f"{len(split.calibration)} calibration / {len(split.evaluation)} evaluation sequences of 256 tokens, "
@@ -53,9 +66,10 @@ def main() -> None:
                            kv_cache_bw=int(kv_bits) if kv_bits else None, progress=False)
         calibration = time.perf_counter() - started
         started = time.perf_counter()
-        ppl = llm.perplexity(sim, split.evaluation, progress=False)
+        with torch.no_grad(), sim.frozen_weights():
+            ppl, top1 = evaluate(sim.model, split.evaluation)
         evaluation = time.perf_counter() - started
-        agreement = llm.next_token_agreement(model, sim, split.evaluation, progress=False).share
+        agreement = float((top1 == float_top1).float().mean())
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(f"| {run} | {ppl:.3f} | {100 * (ppl / float_ppl - 1):+.2f} % | {100 * agreement:.2f} % | "
               f"{calibration:.0f} ({calibration / float_eval:.2f}) | {evaluation:.0f} ({evaluation / float_eval:.2f}) "
