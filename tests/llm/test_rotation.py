@@ -1,0 +1,219 @@
+"""QuaRot-style rotations: the rotated model computes the original logits, its matrices are orthogonal Hadamard
+matrices, a planted outlier channel is spread out of activations and weights, and the sim quantizes the result."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+import edgequant.llm as llm
+from edgequant.llm.rotation import RotationSettings, hadamard, randomised_hadamard, rotate_causal_lm
+
+VOCAB, HIDDEN, OUTLIER = 96, 64, 5
+
+
+def tiny_llama(tied: bool = True, biases: bool = False, hidden: int = HIDDEN, heads: int = 4,
+               kv_heads: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                         tie_word_embeddings=tied, attention_bias=biases, mlp_bias=biases, attn_implementation="eager")
+    return _randomised(LlamaForCausalLM(config).eval())
+
+
+def tiny_qwen3() -> Qwen3ForCausalLM:
+    torch.manual_seed(1)
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                         tie_word_embeddings=False, attn_implementation="eager")
+    return _randomised(Qwen3ForCausalLM(config).eval())
+
+
+def _randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """Norm weights away from one (fusion has something to move) and projections of the same size as the rest."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+            else:
+                parameter.normal_(std=0.2)
+    return model
+
+
+def planted_outlier_llama() -> LlamaForCausalLM:
+    """Residual channel OUTLIER 50 times the others (embedding column, o_proj and down_proj output rows) and read
+    through an input_layernorm weight of 50 there, as the massive activations of trained LLMs."""
+    model = tiny_llama(tied=False)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.fill_(1.0)
+        model.model.embed_tokens.weight[:, OUTLIER] *= 50
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[OUTLIER] *= 50
+            layer.mlp.down_proj.weight[OUTLIER] *= 50
+            layer.input_layernorm.weight[OUTLIER] = 50
+    return model
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(3))
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+MODELS = {"llama-tied": tiny_llama, "llama-untied": lambda: tiny_llama(tied=False),
+          "llama-biases": lambda: tiny_llama(biases=True), "qwen3": tiny_qwen3,
+          "smollm-shape": lambda: tiny_llama(hidden=72, heads=9, kv_heads=3),  # Paley 36 ⊗ 2, 3 query heads per kv
+          "no-hadamard": lambda: tiny_llama(hidden=18, heads=3, kv_heads=1)}  # 2 ⊗ random 9, heads 2 ⊗ random 3
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["eager", "prepared"])
+@pytest.mark.parametrize("make", MODELS.values(), ids=MODELS.keys())
+def test_rotated_model_computes_the_original_logits(make, prepared, ids) -> None:
+    model = make()
+    rotated = llm.prepare_causal_lm(model) if prepared else copy.deepcopy(model)
+    report = rotate_causal_lm(rotated, probe_ids=ids)
+    expected, got = _logits(model, ids), _logits(rotated, ids)
+    assert report.rotations == ("norm fusion", "R1", "R2")
+    assert torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+    assert report.max_logit_difference == pytest.approx(float((got - expected).abs().max()), abs=1e-6)
+    assert not torch.allclose(rotated.model.embed_tokens.weight, model.model.embed_tokens.weight, atol=1e-2)
+    for name, parameter in rotated.named_parameters():
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            assert torch.equal(parameter, torch.ones_like(parameter)), name
+    if hasattr(model.model.layers[0].self_attn, "q_norm"):  # per-head norms stay as they are
+        for layer, original in zip(rotated.model.layers, model.model.layers, strict=True):
+            assert torch.equal(layer.self_attn.q_norm.weight, original.self_attn.q_norm.weight)
+
+
+@pytest.mark.parametrize("residual, heads, rotations", [(True, False, ("norm fusion", "R1")),
+                                                        (False, True, ("norm fusion", "R2")),
+                                                        (False, False, ("norm fusion",))])
+def test_each_rotation_alone_keeps_the_logits(residual, heads, rotations, ids) -> None:
+    model = tiny_llama()
+    fused, rotated = copy.deepcopy(model), copy.deepcopy(model)
+    rotate_causal_lm(fused, RotationSettings(residual=False, heads=False))
+    report = rotate_causal_lm(rotated, RotationSettings(residual=residual, heads=heads))
+    expected = _logits(model, ids)
+    assert report.rotations == rotations
+    assert torch.allclose(_logits(rotated, ids), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+    changed = {name: not torch.allclose(parameter, fused.state_dict()[name], atol=1e-3)
+               for name, parameter in rotated.state_dict().items()}
+    assert changed["model.embed_tokens.weight"] == changed["model.layers.0.self_attn.q_proj.weight"] == residual
+    assert changed["model.layers.0.self_attn.v_proj.weight"] == (residual or heads)
+    assert changed["model.layers.0.self_attn.o_proj.weight"] == (residual or heads)
+
+
+def test_rotation_is_deterministic_for_a_seed() -> None:
+    first, second, other = tiny_llama(), tiny_llama(), tiny_llama()
+    rotate_causal_lm(first)
+    rotate_causal_lm(second)
+    rotate_causal_lm(other, RotationSettings(seed=1))
+    assert all(torch.equal(v, second.state_dict()[k]) for k, v in first.state_dict().items())
+    assert not torch.equal(first.model.embed_tokens.weight, other.model.embed_tokens.weight)
+
+
+def test_tied_embedding_is_untied_and_the_rotated_model_saves_and_loads(tmp_path, ids) -> None:
+    model = tiny_llama(tied=True)
+    expected = _logits(model, ids)
+    rotate_causal_lm(model)
+    model.tie_weights()
+    assert model.lm_head.weight is not model.model.embed_tokens.weight and not model.config.tie_word_embeddings
+    model.save_pretrained(tmp_path)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.allclose(_logits(loaded, ids), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("n, paley", [(12, "Paley I (q=11) 12"), (36, "Paley II (q=17) 36"), (64, None),
+                                      (576, "Paley II (q=17) 36 ⊗ Sylvester 16"),
+                                      (1536, "Paley I (q=11) 12 ⊗ Sylvester 128")])
+def test_hadamard_matrices_are_orthogonal_with_entries_one_over_root_n(n, paley) -> None:
+    matrix = hadamard(n)
+    assert torch.allclose(matrix @ matrix.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(matrix.abs(), torch.full_like(matrix, 1 / math.sqrt(n)), rtol=0, atol=1e-15)
+    randomised, construction = randomised_hadamard(n, torch.Generator().manual_seed(0))
+    assert torch.allclose(randomised @ randomised.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(randomised.abs(), matrix.abs()) and not torch.equal(randomised, matrix)
+    assert (paley or f"Sylvester {n}") in construction
+
+
+@pytest.mark.parametrize("n, hadamard_factor", [(9, 1), (100, 20)])
+def test_sizes_without_a_hadamard_matrix_get_a_random_orthogonal_factor(n, hadamard_factor) -> None:
+    with pytest.raises(ValueError, match=f"no Hadamard construction of size {n}"):
+        hadamard(n)
+    matrix, construction = randomised_hadamard(n, torch.Generator().manual_seed(0))
+    assert torch.allclose(matrix @ matrix.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert f"Hadamard {hadamard_factor} =" in construction
+    assert f"random orthogonal {n // hadamard_factor}" in construction
+
+
+def test_rms_norm_with_unit_weight_commutes_with_an_orthogonal_matrix() -> None:
+    norm = LlamaRMSNorm(HIDDEN)
+    q = randomised_hadamard(HIDDEN, torch.Generator().manual_seed(0))[0].float()
+    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(1)) * 3
+    with torch.no_grad():
+        assert torch.allclose(norm(x @ q), norm(x) @ q, atol=1e-5)
+        norm.weight.uniform_(0.5, 1.5)  # why the weights move into the next Linear layers first
+        assert not torch.allclose(norm(x @ q), norm(x) @ q, atol=1e-2)
+
+
+def _q_proj_inputs(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    seen = []
+    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+             for layer in model.model.layers]
+    _logits(model, ids)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def _fake_quantized_4_bit(weight: torch.Tensor) -> torch.Tensor:
+    """Round to nearest on a symmetric 4-bit grid per output channel."""
+    scale = weight.abs().amax(dim=1, keepdim=True) / 7
+    return torch.clamp(torch.round(weight / scale), -8, 7) * scale
+
+
+def test_rotation_spreads_a_planted_outlier_channel_out_of_activations_and_weights(ids) -> None:
+    fused = planted_outlier_llama()  # the same weights the rotated model quantizes, without the rotation
+    rotate_causal_lm(fused, RotationSettings(residual=False, heads=False))
+    rotated = planted_outlier_llama()
+    rotate_causal_lm(rotated)
+    for before, after in zip(_q_proj_inputs(fused, ids), _q_proj_inputs(rotated, ids), strict=True):
+        ratio_before = float(before.abs().max() / before.pow(2).mean().sqrt())
+        ratio_after = float(after.abs().max() / after.pow(2).mean().sqrt())
+        assert ratio_before > 7 and ratio_after < ratio_before / 2, (ratio_before, ratio_after)
+    for unrotated, layer in zip(fused.model.layers, rotated.model.layers, strict=True):
+        for name in ("q_proj", "k_proj", "v_proj"):
+            weights = [getattr(layer_.self_attn, name).weight.detach() for layer_ in (unrotated, layer)]
+            error_before, error_after = (float((w - _fake_quantized_4_bit(w)).norm() / w.norm()) for w in weights)
+            assert error_after < 0.6 * error_before, (name, error_before, error_after)
+
+
+def test_the_sim_quantizes_a_rotated_model(ids) -> None:
+    rotated = tiny_llama()
+    rotate_causal_lm(rotated)
+    sim = llm.quantize(rotated, ids, recipe="w4a16", progress=False)
+    quantized, float_ = llm.perplexity(sim, ids, progress=False), llm.perplexity(rotated, ids, progress=False)
+    assert math.isfinite(quantized) and quantized == pytest.approx(float_, rel=0.5)
+
+
+def test_models_it_cannot_rotate_exactly_are_refused_untouched() -> None:
+    with pytest.raises(ValueError, match="not a Llama-family causal LM"):
+        rotate_causal_lm(torch.nn.Linear(4, 4))
+    model = tiny_llama()
+    model.model.layers[1].input_layernorm = Gemma3RMSNorm(HIDDEN)  # (1 + w)·x/rms(x) cannot move into q/k/v
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="Gemma3RMSNorm is not an RMSNorm"):
+        rotate_causal_lm(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
