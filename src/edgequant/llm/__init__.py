@@ -13,6 +13,7 @@ from edgequant.llm.gptq import GptqLayer, GptqReport, GptqSettings, gptq, gptq_r
 from edgequant.llm.loading import ModelLoadError, ModelNotFoundError, load_causal_lm
 from edgequant.llm.quantize import KvCacheQuantizers, kv_cache_quantizers, prepare_causal_lm, quantize
 from edgequant.llm.recipes import RECIPES, Recipe
+from edgequant.llm.rotation import RotationReport, RotationSettings, rotate_causal_lm
 from edgequant.llm.sequential_mse import (
     SequentialMseLayer,
     SequentialMseReport,
@@ -33,6 +34,8 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "Recipe",
+    "RotationReport",
+    "RotationSettings",
     "SequentialMseLayer",
     "SequentialMseReport",
     "SequentialMseSettings",
@@ -53,6 +56,7 @@ __all__ = [
     "prepare_causal_lm",
     "pydoc_topics_split",
     "quantize",
+    "rotate_causal_lm",
     "sequential_mse",
     "token_sequences",
 ]

@@ -12,6 +12,7 @@ from torch import nn
 from edgequant.llm.attention import is_llama_attention, make_quantizable
 from edgequant.llm.gptq import GptqSettings, gptq
 from edgequant.llm.recipes import Recipe, recipe_named
+from edgequant.llm.rotation import RotationSettings, rotate_causal_lm
 from edgequant.llm.sequential_mse import SequentialMseSettings, sequential_mse
 from edgequant.quantization.granularity import Lpbq, PerBlock, PerChannel
 from edgequant.quantization.number_format import IntegerFormat
@@ -42,6 +43,8 @@ def quantize(model: nn.Module, calibration_ids: torch.Tensor | Iterable[torch.Te
     if not batches:
         raise ValueError("calibration_ids holds no token sequence: pass a LongTensor [N, T] with N >= 1")
     prepared = prepare_causal_lm(model)
+    for transform in chosen.transforms:
+        TRANSFORMS[transform](prepared, batches, progress)
     sim = QuantSim(prepared, (batches[0],), config=config, param_bw=8, output_bw=chosen.activation_bw,
                    in_place=True)
     apply_recipe(sim, chosen, block_size=block_size, kv_cache_bw=kv_cache_bw)
@@ -63,6 +66,14 @@ def _gptq(sim: QuantSim, batches: list[torch.Tensor], progress: bool) -> None:
 
 TECHNIQUES = {"seqmse": _sequential_mse, "gptq": _gptq}
 """A recipe's technique names and what they run on the calibrated sim."""
+
+
+def _rotate(model: nn.Module, batches: list[torch.Tensor], progress: bool) -> None:
+    rotate_causal_lm(model, RotationSettings())
+
+
+TRANSFORMS = {"rotate": _rotate}
+"""A recipe's transform names and what they do to the float copy of the model before it is quantized."""
 
 
 def prepare_causal_lm(model: nn.Module) -> nn.Module:

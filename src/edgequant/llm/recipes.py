@@ -10,14 +10,16 @@ class Recipe:
     """What a recipe quantizes how. Every Linear layer (``lm_head`` included) gets ``linear_bw``-bit symmetric
     weights on ``linear_grid`` (``"per_channel"``, ``"per_block"`` or ``"lpbq"``: blocks of ``block_size`` along
     the input features, LPBQ's block scales on an 8-bit per-channel grid); embedding and norm weights are 8-bit,
-    activations ``activation_bw``-bit, all from min-max statistics. ``techniques`` then refine the weight
-    encodings or the weights, in order."""
+    activations ``activation_bw``-bit, all from min-max statistics. ``transforms`` change the float model (the
+    sim's copy) before it is quantized, keeping its function (``"rotate"``: QuaRot's Hadamard rotations);
+    ``techniques`` then refine the weight encodings or the weights of the calibrated sim, in order."""
 
     name: str
     linear_bw: int
     linear_grid: str
     activation_bw: int = 16
     techniques: tuple[str, ...] = ()
+    transforms: tuple[str, ...] = ()
     summary: str = ""
 
 
@@ -37,6 +39,10 @@ RECIPES: dict[str, Recipe] = {
                summary="w4a16-lpbq, block scales by sequential MSE, then weights rounded by GPTQ"),
         Recipe("w4a16-block-gptq", 4, "per_block", techniques=("gptq",),
                summary="w4a16-block with weights rounded by GPTQ"),
+        Recipe("w4a16-rotated-lpbq", 4, "lpbq", transforms=("rotate",),
+               summary="w4a16-lpbq on the model rotated by Hadamard matrices (QuaRot R1 and R2)"),
+        Recipe("w4a16-rotated-gptq", 4, "lpbq", transforms=("rotate",), techniques=("gptq",),
+               summary="w4a16-lpbq on the rotated model, weights rounded by GPTQ"),
     )
 }
 
