@@ -153,3 +153,14 @@ def test_bad_input_is_one_line() -> None:
     with pytest.raises(ValueError, match="no Llama-family attention"):
         llm.quantize(torch.nn.Sequential(torch.nn.Embedding(4, 4)), torch.zeros(1, 4, dtype=torch.long),
                      progress=False)
+
+
+def test_w4a8_gives_linear_outputs_8_bits_and_keeps_the_htp_16_bit_ops(ids) -> None:
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    sim = llm.quantize(model, ids, recipe="w4a8", block_size=16, progress=False)
+    bits = {q.owner: q.bitwidth for q in sim.quantizers("output").values() if q.enabled}
+    assert bits["model.layers.0.self_attn.q_proj"] == bits["model.layers.1.mlp.down_proj"] == 8
+    assert bits["model.layers.0.self_attn.attend.softmax"] == bits["model.layers.0.add"] == 16
+    assert math.isfinite(llm.perplexity(sim, ids, progress=False))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # rotated and smoothed: a copy

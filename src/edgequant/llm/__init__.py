@@ -20,11 +20,22 @@ from edgequant.llm.sequential_mse import (
     SequentialMseSettings,
     sequential_mse,
 )
+from edgequant.llm.smoothing import (
+    AwqReport,
+    AwqSettings,
+    ScaledGroup,
+    SmoothingReport,
+    SmoothingSettings,
+    awq_causal_lm,
+    smooth_causal_lm,
+)
 from edgequant.llm.text_data import TextDataError, TextSplit, pydoc_topics_split, token_sequences
 
 __all__ = [
     "ORT_SESSION_CONFIG",
     "RECIPES",
+    "AwqReport",
+    "AwqSettings",
     "CausalLmExport",
     "GenerationMatch",
     "GptqLayer",
@@ -36,12 +47,16 @@ __all__ = [
     "Recipe",
     "RotationReport",
     "RotationSettings",
+    "ScaledGroup",
     "SequentialMseLayer",
     "SequentialMseReport",
     "SequentialMseSettings",
+    "SmoothingReport",
+    "SmoothingSettings",
     "TextDataError",
     "TextSplit",
     "TokenAgreement",
+    "awq_causal_lm",
     "cache_names",
     "causal_mask",
     "export_causal_lm",
@@ -58,5 +73,6 @@ __all__ = [
     "quantize",
     "rotate_causal_lm",
     "sequential_mse",
+    "smooth_causal_lm",
     "token_sequences",
 ]

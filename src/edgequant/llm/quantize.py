@@ -14,6 +14,7 @@ from edgequant.llm.gptq import GptqSettings, gptq
 from edgequant.llm.recipes import Recipe, recipe_named
 from edgequant.llm.rotation import RotationSettings, rotate_causal_lm
 from edgequant.llm.sequential_mse import SequentialMseSettings, sequential_mse
+from edgequant.llm.smoothing import AwqSettings, SmoothingSettings, awq_causal_lm, smooth_causal_lm
 from edgequant.quantization.granularity import Lpbq, PerBlock, PerChannel
 from edgequant.quantization.number_format import IntegerFormat
 from edgequant.sim import QuantSim
@@ -36,15 +37,16 @@ def quantize(model: nn.Module, calibration_ids: torch.Tensor | Iterable[torch.Te
 
     ``calibration_ids`` is a LongTensor ``[N, T]`` of token ids (run ``batch_size`` sequences at a time) or an
     iterable of such tensors (each one batch). ``kv_cache_bw`` quantizes the keys and values the cache stores to
-    that many bits (None: the activations' bitwidth). The recipe's techniques (sequential MSE, GPTQ) use the first
-    ``technique_batches`` batches (None: all); the activations are calibrated again after them."""
+    that many bits (None: the activations' bitwidth). The recipe's transforms (rotation, smoothing, AWQ) and
+    techniques (sequential MSE, GPTQ) use the first ``technique_batches`` batches (None: all); the activations are
+    calibrated again after the techniques."""
     chosen = recipe_named(recipe)
     batches = list(_id_batches(calibration_ids, batch_size))
     if not batches:
         raise ValueError("calibration_ids holds no token sequence: pass a LongTensor [N, T] with N >= 1")
     prepared = prepare_causal_lm(model)
     for transform in chosen.transforms:
-        TRANSFORMS[transform](prepared, batches, progress)
+        TRANSFORMS[transform](prepared, torch.cat(batches[:technique_batches]), block_size, progress)
     sim = QuantSim(prepared, (batches[0],), config=config, param_bw=8, output_bw=chosen.activation_bw,
                    in_place=True)
     apply_recipe(sim, chosen, block_size=block_size, kv_cache_bw=kv_cache_bw)
@@ -68,11 +70,19 @@ TECHNIQUES = {"seqmse": _sequential_mse, "gptq": _gptq}
 """A recipe's technique names and what they run on the calibrated sim."""
 
 
-def _rotate(model: nn.Module, batches: list[torch.Tensor], progress: bool) -> None:
+def _rotate(model: nn.Module, ids: torch.Tensor, block_size: int, progress: bool) -> None:
     rotate_causal_lm(model, RotationSettings())
 
 
-TRANSFORMS = {"rotate": _rotate}
+def _smooth(model: nn.Module, ids: torch.Tensor, block_size: int, progress: bool) -> None:
+    smooth_causal_lm(model, ids, SmoothingSettings(alpha=None, progress=progress))
+
+
+def _awq(model: nn.Module, ids: torch.Tensor, block_size: int, progress: bool) -> None:
+    awq_causal_lm(model, ids, AwqSettings(bits=4, block_size=block_size, progress=progress))
+
+
+TRANSFORMS = {"rotate": _rotate, "smooth": _smooth, "awq": _awq}
 """A recipe's transform names and what they do to the float copy of the model before it is quantized."""
 
 

@@ -11,8 +11,9 @@ class Recipe:
     weights on ``linear_grid`` (``"per_channel"``, ``"per_block"`` or ``"lpbq"``: blocks of ``block_size`` along
     the input features, LPBQ's block scales on an 8-bit per-channel grid); embedding and norm weights are 8-bit,
     activations ``activation_bw``-bit, all from min-max statistics. ``transforms`` change the float model (the
-    sim's copy) before it is quantized, keeping its function (``"rotate"``: QuaRot's Hadamard rotations);
-    ``techniques`` then refine the weight encodings or the weights of the calibrated sim, in order."""
+    sim's copy) before it is quantized, keeping its function (``"rotate"``: QuaRot's Hadamard rotations,
+    ``"smooth"``: SmoothQuant, ``"awq"``: AWQ's weight scaling); ``techniques`` then refine the weight encodings
+    or the weights of the calibrated sim, in order."""
 
     name: str
     linear_bw: int
@@ -43,6 +44,10 @@ RECIPES: dict[str, Recipe] = {
                summary="w4a16-lpbq on the model rotated by Hadamard matrices (QuaRot R1 and R2)"),
         Recipe("w4a16-rotated-gptq", 4, "lpbq", transforms=("rotate",), techniques=("gptq",),
                summary="w4a16-lpbq on the rotated model, weights rounded by GPTQ"),
+        Recipe("w4a16-lpbq-awq", 4, "lpbq", transforms=("awq",),
+               summary="w4a16-lpbq after AWQ's activation-aware weight scaling"),
+        Recipe("w4a8", 4, "lpbq", activation_bw=8, transforms=("rotate", "smooth"), techniques=("gptq",),
+               summary="4-bit LPBQ weights, 8-bit activations: rotation, SmoothQuant, then GPTQ"),
     )
 }
 
