@@ -25,6 +25,7 @@ from edgequant.llm.export import (  # noqa: E402
     cache_names,
     causal_mask,
     export_causal_lm,
+    onnxruntime_generate,
 )
 
 NEW_TOKENS = 16
@@ -197,3 +198,11 @@ def test_encodings_are_aimet_2_with_lpbq_entries_for_the_blocked_weights(exporte
         assert len(entry["per_channel_float_scale"]) == lm_head.scale.shape[0]
     else:
         assert not blocked
+
+
+def test_onnxruntime_generate_decodes_the_sims_tokens(exported, prompts) -> None:
+    _, sim, export = exported
+    expected = torch.cat([greedy_generate(sim, prompt[None], 6) for prompt in prompts])
+    assert torch.equal(onnxruntime_generate(export, prompts, 6, optimization="basic"), expected)
+    with pytest.raises(ValueError, match="optimization must be one of basic, all"):
+        onnxruntime_generate(export, prompts, 1, optimization="extended")

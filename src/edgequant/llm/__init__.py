@@ -8,7 +8,14 @@ from edgequant.llm.evaluation import (
     next_token_agreement,
     perplexity,
 )
-from edgequant.llm.export import ORT_SESSION_CONFIG, CausalLmExport, cache_names, causal_mask, export_causal_lm
+from edgequant.llm.export import (
+    ORT_SESSION_CONFIG,
+    CausalLmExport,
+    cache_names,
+    causal_mask,
+    export_causal_lm,
+    onnxruntime_generate,
+)
 from edgequant.llm.gptq import GptqLayer, GptqReport, GptqSettings, gptq, gptq_round
 from edgequant.llm.loading import ModelLoadError, ModelNotFoundError, load_causal_lm
 from edgequant.llm.quantize import KvCacheQuantizers, kv_cache_quantizers, prepare_causal_lm, quantize
@@ -67,6 +74,7 @@ __all__ = [
     "kv_cache_quantizers",
     "load_causal_lm",
     "next_token_agreement",
+    "onnxruntime_generate",
     "perplexity",
     "prepare_causal_lm",
     "pydoc_topics_split",

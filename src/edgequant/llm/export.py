@@ -132,3 +132,35 @@ def _cache_as_tensors(model: nn.Module, num_layers: int) -> Iterator[None]:
         yield
     finally:
         del model.forward
+
+
+def onnxruntime_generate(export: CausalLmExport, prompt_ids: torch.Tensor, max_new_tokens: int, *,
+                         optimization: str = "all") -> torch.Tensor:
+    """Greedy decoding of ``prompt_ids`` [B, T] with the exported graph in ONNX Runtime (CPU; ``optimization``:
+    ``"basic"`` or ``"all"``, with `ORT_SESSION_CONFIG`): a prefill, then one token per call with the present keys
+    and values fed back as the past. Returns the ``max_new_tokens`` new token ids [B, N], as
+    `edgequant.llm.greedy_generate` does for the sim."""
+    import onnxruntime as ort  # noqa: PLC0415 - the runtime is needed only here
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if optimization not in levels:
+        raise ValueError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[optimization]
+    for key, value in ORT_SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(export.onnx_path), options, providers=["CPUExecutionProvider"])
+    batch, length = prompt_ids.shape
+    feeds = {INPUT_IDS: prompt_ids.long(), POSITION_IDS: torch.arange(length).expand(batch, -1),
+             ATTENTION_MASK: causal_mask(0, length, batch), **export.empty_past(batch)}
+    feeds = {name: value.numpy() for name, value in feeds.items()}
+    position, generated = 0, []
+    for _ in range(max_new_tokens):
+        logits, *present = session.run(None, feeds)
+        step = torch.from_numpy(logits[:, -1]).argmax(-1, keepdim=True)
+        generated.append(step)
+        position += feeds[INPUT_IDS].shape[1]
+        feeds = {INPUT_IDS: step.numpy(), POSITION_IDS: torch.full((batch, 1), position).numpy(),
+                 ATTENTION_MASK: causal_mask(position, 1, batch).numpy(),
+                 **dict(zip(cache_names("past", export.num_layers), present, strict=True))}
+    return torch.cat(generated, dim=1)
