@@ -164,3 +164,10 @@ def test_w4a8_gives_linear_outputs_8_bits_and_keeps_the_htp_16_bit_ops(ids) -> N
     assert bits["model.layers.0.self_attn.attend.softmax"] == bits["model.layers.0.add"] == 16
     assert math.isfinite(llm.perplexity(sim, ids, progress=False))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # rotated and smoothed: a copy
+
+
+def test_lm_head_bits_override_the_recipe(ids) -> None:
+    sim = llm.quantize(tiny_llama(), ids, recipe="w4a16-lpbq", block_size=16, lm_head_bw=8, progress=False)
+    lm_head = sim.quantizer("lm_head.param_quantizers.weight")
+    assert lm_head.bitwidth == 8 and type(lm_head.granularity) is PerChannel and lm_head.ready
+    assert type(sim.quantizer("model.layers.0.mlp.up_proj.param_quantizers.weight").granularity) is Lpbq

@@ -31,15 +31,17 @@ class KvCacheQuantizers:
 
 
 def quantize(model: nn.Module, calibration_ids: torch.Tensor | Iterable[torch.Tensor], *, recipe: str = "w4a16-lpbq",
-             block_size: int = 64, kv_cache_bw: int | None = None, config: str = "htp", batch_size: int = 1,
-             technique_batches: int | None = 4, progress: bool = True) -> QuantSim:
+             block_size: int = 64, kv_cache_bw: int | None = None, lm_head_bw: int | None = None,
+             config: str = "htp", batch_size: int = 1, technique_batches: int | None = 4,
+             progress: bool = True) -> QuantSim:
     """A calibrated `QuantSim` of the causal LM ``model`` (which is not modified) for the named ``recipe``.
 
     ``calibration_ids`` is a LongTensor ``[N, T]`` of token ids (run ``batch_size`` sequences at a time) or an
     iterable of such tensors (each one batch). ``kv_cache_bw`` quantizes the keys and values the cache stores to
-    that many bits (None: the activations' bitwidth). The recipe's transforms (rotation, smoothing, AWQ) and
-    techniques (sequential MSE, GPTQ) use the first ``technique_batches`` batches (None: all); the activations are
-    calibrated again after the techniques."""
+    that many bits (None: the activations' bitwidth). ``lm_head_bw`` gives ``lm_head`` per-channel weights of that
+    many bits instead of the recipe's (targets often keep it at 8 bits). The recipe's transforms (rotation,
+    smoothing, AWQ) and techniques (sequential MSE, GPTQ) use the first ``technique_batches`` batches (None: all);
+    the activations are calibrated again after the techniques."""
     chosen = recipe_named(recipe)
     batches = list(_id_batches(calibration_ids, batch_size))
     if not batches:
@@ -50,6 +52,9 @@ def quantize(model: nn.Module, calibration_ids: torch.Tensor | Iterable[torch.Te
     sim = QuantSim(prepared, (batches[0],), config=config, param_bw=8, output_bw=chosen.activation_bw,
                    in_place=True)
     apply_recipe(sim, chosen, block_size=block_size, kv_cache_bw=kv_cache_bw)
+    if lm_head_bw is not None:
+        sim.set_granularity("lm_head", PerChannel())
+        sim.set_format("lm_head", IntegerFormat(lm_head_bw, True), kinds=("param",))
     sim.calibrate(batches, progress=progress)
     if chosen.techniques:
         for technique in chosen.techniques:
