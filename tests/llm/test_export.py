@@ -25,6 +25,7 @@ from edgequant.llm.export import (  # noqa: E402
     cache_names,
     causal_mask,
     export_causal_lm,
+    load_causal_lm_encodings,
     onnxruntime_generate,
 )
 
@@ -206,3 +207,16 @@ def test_onnxruntime_generate_decodes_the_sims_tokens(exported, prompts) -> None
     assert torch.equal(onnxruntime_generate(export, prompts, 6, optimization="basic"), expected)
     with pytest.raises(ValueError, match="optimization must be one of basic, all"):
         onnxruntime_generate(export, prompts, 1, optimization="extended")
+
+
+def test_encodings_load_back_into_a_sim_calibrated_on_other_text(exported, tiny_llama) -> None:
+    recipe, sim, export = exported
+    other = quantize(tiny_llama, torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(9)),
+                     recipe=recipe, block_size=32, progress=False)
+    mine, theirs = sim.quantizers(), other.quantizers()
+    enabled = [name for name, quantizer in mine.items() if quantizer.enabled]
+    assert any(not torch.equal(mine[n].scale, theirs[n].scale) for n in enabled)  # the other text moved them
+    report = load_causal_lm_encodings(other, export.encodings_path)
+    assert sorted(report.loaded) == sorted(enabled)
+    for name in enabled:
+        assert torch.equal(mine[name].scale, theirs[name].scale) and torch.equal(mine[name].offset, theirs[name].offset)

@@ -14,6 +14,7 @@ from edgequant.llm.export import (
     cache_names,
     causal_mask,
     export_causal_lm,
+    load_causal_lm_encodings,
     onnxruntime_generate,
 )
 from edgequant.llm.gptq import GptqLayer, GptqReport, GptqSettings, gptq, gptq_round
@@ -73,6 +74,7 @@ __all__ = [
     "greedy_generate",
     "kv_cache_quantizers",
     "load_causal_lm",
+    "load_causal_lm_encodings",
     "next_token_agreement",
     "onnxruntime_generate",
     "perplexity",

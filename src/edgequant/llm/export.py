@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,32 +80,67 @@ def export_causal_lm(sim: QuantSim, out_dir: str | Path, *, name: str = "model",
     outputs ``logits`` [B, S, vocab] and ``present_key_<i>``/``present_value_<i>`` (the past and this call's
     keys and values, P + S positions). Batch, sequence and past lengths are dynamic. The encodings are AIMET's
     ``encoding_version`` format (2.0.0, with LPBQ entries, is what Qualcomm's converter reads for blocked weights)."""
-    config = sim.model.config
-    num_layers = config.num_hidden_layers
-    num_kv_heads = config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    past_names, present_names = cache_names("past", num_layers), cache_names("present", num_layers)
-    input_names = [INPUT_IDS, POSITION_IDS, ATTENTION_MASK, *past_names]
-    output_names = [LOGITS, *present_names]
-    dynamic_axes = {
-        INPUT_IDS: {0: "batch", 1: "sequence"}, POSITION_IDS: {0: "batch", 1: "sequence"},
-        ATTENTION_MASK: {0: "batch", 2: "sequence", 3: "total_length"}, LOGITS: {0: "batch", 1: "sequence"},
-        **{past: {0: "batch", 2: "past_length"} for past in past_names},
-        **{present: {0: "batch", 2: "total_length"} for present in present_names},
-    }
-    generator = torch.Generator().manual_seed(0)
-    past = [torch.randn(_TRACE_BATCH, num_kv_heads, _TRACE_PAST, head_dim, generator=generator) for _ in past_names]
-    dummy_input = (
-        torch.randint(0, config.vocab_size, (_TRACE_BATCH, _TRACE_LENGTH), generator=generator),
-        torch.arange(_TRACE_PAST, _TRACE_PAST + _TRACE_LENGTH).expand(_TRACE_BATCH, -1),
-        causal_mask(_TRACE_PAST, _TRACE_LENGTH, _TRACE_BATCH),
-        *past,
-    )
-    with _cache_as_tensors(sim.model, num_layers):
-        result = sim.export(out_dir, dummy_input, name, opset=opset, input_names=input_names,
-                            output_names=output_names, dynamic_axes=dynamic_axes, encoding_version=encoding_version)
-    return CausalLmExport(result.qdq_model, result.float_model, result.encodings, tuple(input_names),
-                          tuple(output_names), num_layers, num_kv_heads, head_dim)
+    interface = _GraphInterface.of(sim)
+    with _cache_as_tensors(sim.model, interface.num_layers):
+        result = sim.export(out_dir, interface.dummy_input(), name, opset=opset, input_names=interface.input_names,
+                            output_names=interface.output_names, dynamic_axes=interface.dynamic_axes(),
+                            encoding_version=encoding_version)
+    return CausalLmExport(result.qdq_model, result.float_model, result.encodings, tuple(interface.input_names),
+                          tuple(interface.output_names), interface.num_layers, interface.num_kv_heads,
+                          interface.head_dim)
+
+
+def load_causal_lm_encodings(sim: QuantSim, path: str | Path, *, strict: bool = True) -> Any:
+    """Load the encodings file `export_causal_lm` wrote (or one written for its ONNX graph by another tool) into
+    the sim of the same causal LM: tensors are matched through the graph with the KV cache as inputs and
+    outputs, as it was exported. Returns the loader's report (`edgequant.export.LoadReport`)."""
+    interface = _GraphInterface.of(sim)
+    with _cache_as_tensors(sim.model, interface.num_layers):
+        return sim.load_encodings(path, strict=strict, dummy_input=interface.dummy_input(),
+                                  input_names=interface.input_names, output_names=interface.output_names)
+
+
+@dataclass(frozen=True)
+class _GraphInterface:
+    """The exported graph's inputs and outputs for a causal LM's config, and a small input to trace it with."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @classmethod
+    def of(cls, sim: QuantSim) -> _GraphInterface:
+        config = sim.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim, config.vocab_size)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [INPUT_IDS, POSITION_IDS, ATTENTION_MASK, *cache_names("past", self.num_layers)]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [LOGITS, *cache_names("present", self.num_layers)]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {
+            INPUT_IDS: {0: "batch", 1: "sequence"}, POSITION_IDS: {0: "batch", 1: "sequence"},
+            ATTENTION_MASK: {0: "batch", 2: "sequence", 3: "total_length"}, LOGITS: {0: "batch", 1: "sequence"},
+            **{past: {0: "batch", 2: "past_length"} for past in cache_names("past", self.num_layers)},
+            **{present: {0: "batch", 2: "total_length"} for present in cache_names("present", self.num_layers)},
+        }
+
+    def dummy_input(self) -> tuple[torch.Tensor, ...]:
+        generator = torch.Generator().manual_seed(0)
+        past = [torch.randn(_TRACE_BATCH, self.num_kv_heads, _TRACE_PAST, self.head_dim, generator=generator)
+                for _ in range(2 * self.num_layers)]
+        return (
+            torch.randint(0, self.vocab_size, (_TRACE_BATCH, _TRACE_LENGTH), generator=generator),
+            torch.arange(_TRACE_PAST, _TRACE_PAST + _TRACE_LENGTH).expand(_TRACE_BATCH, -1),
+            causal_mask(_TRACE_PAST, _TRACE_LENGTH, _TRACE_BATCH),
+            *past,
+        )
 
 
 @contextmanager
