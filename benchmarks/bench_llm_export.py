@@ -43,7 +43,7 @@ def main() -> None:
         graph = onnx.load(export.onnx_path)
         size = export.onnx_path.stat().st_size
         weight_bits = sum(_BITS.get(i.data_type, 32) * max(1, int(torch.tensor(list(i.dims)).prod()))
-                          for i in graph.initializer)
+                          for i in graph.graph.initializer)
         parameters = sum(p.numel() for p in model.parameters())
         prompts = split.evaluation[:, : args.prompt_length]
         started = time.perf_counter()

@@ -46,6 +46,8 @@ RECIPES: dict[str, Recipe] = {
                summary="w4a16-lpbq on the rotated model, weights rounded by GPTQ"),
         Recipe("w4a16-lpbq-awq", 4, "lpbq", transforms=("awq",),
                summary="w4a16-lpbq after AWQ's activation-aware weight scaling"),
+        Recipe("w4a16-lpbq-awq-gptq", 4, "lpbq", transforms=("awq",), techniques=("gptq",),
+               summary="w4a16-lpbq after AWQ's scaling, weights rounded by GPTQ"),
         Recipe("w4a8", 4, "lpbq", activation_bw=8, transforms=("rotate", "smooth"), techniques=("gptq",),
                summary="4-bit LPBQ weights, 8-bit activations: rotation, SmoothQuant, then GPTQ"),
     )
