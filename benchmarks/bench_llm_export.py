@@ -20,6 +20,14 @@ _BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.I
          onnx.TensorProto.INT16: 16, onnx.TensorProto.UINT16: 16, onnx.TensorProto.FLOAT: 32}
 
 
+def _session(export: llm.CausalLmExport) -> object:
+    import onnxruntime as ort  # noqa: PLC0415
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(str(export.onnx_path), options, providers=["CPUExecutionProvider"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="w4a16-lpbq")
@@ -50,14 +58,32 @@ def main() -> None:
         with torch.no_grad():
             expected = torch.cat([llm.greedy_generate(sim, prompt[None], args.new_tokens) for prompt in prompts])
         sim_seconds = time.perf_counter() - started
+        step = float(sim.quantizer("lm_head.output_quantizers.0").scale)
+        session = _session(export)
+        steps, agree, positions = [], 0, 0
+        for sequence in split.evaluation:  # teacher-forced: the same context for both, every position compared
+            feeds = {"input_ids": sequence[None], "position_ids": torch.arange(sequence.numel())[None],
+                     "attention_mask": llm.causal_mask(0, sequence.numel(), 1), **export.empty_past(1)}
+            ort_logits = torch.from_numpy(session.run(["logits"], {k: v.numpy() for k, v in feeds.items()})[0])
+            with torch.no_grad(), sim.frozen_weights():
+                sim_logits = sim.model(input_ids=sequence[None], use_cache=False).logits
+            steps.append(((ort_logits - sim_logits).abs() / step).flatten())
+            agree += int((ort_logits.argmax(-1) == sim_logits.argmax(-1)).sum())
+            positions += sequence.numel()
+        steps = torch.cat(steps)
+        shape = tuple(split.evaluation.shape)
+        print(f"teacher-forced, {shape[0]} x {shape[1]} tokens (ORT basic): top-1 agreement {agree} of "
+              f"{positions}; logits differ by at most {float(steps.max()):.0f} output steps, mean "
+              f"{float(steps.mean()):.2f}, {float((steps < 0.5).float().mean()):.1%} identical")
         for level in ("basic", "all"):
             started = time.perf_counter()
             tokens = llm.onnxruntime_generate(export, prompts, args.new_tokens, optimization=level)
             seconds = time.perf_counter() - started
             same = tokens == expected
+            prefix = same.long().cumprod(dim=1).sum(dim=1)
             print(f"ORT {level}: {int(same.sum())} of {same.numel()} generated tokens identical to the sim's "
-                  f"({int(same.all(dim=1).sum())} of {len(prompts)} prompts entirely), {seconds:.0f} s "
-                  f"(sim {sim_seconds:.0f} s)")
+                  f"({int(same.all(dim=1).sum())} of {len(prompts)} prompts entirely; identical prefixes "
+                  f"{prefix.tolist()}), {seconds:.0f} s (sim {sim_seconds:.0f} s)")
     print(f"{args.recipe}, KV cache {args.kv_cache_bits} bit: export {exported:.0f} s, QDQ file {size / 2**20:.1f} MiB "
           f"= {8 * size / parameters:.2f} bits per parameter ({parameters / 1e6:.1f} M); initializers "
           f"{weight_bits / parameters:.2f} bits per parameter")
