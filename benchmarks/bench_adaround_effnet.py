@@ -29,6 +29,22 @@ def agreement(model: torch.nn.Module, crops: torch.Tensor, reference: torch.Tens
     return top1, kl
 
 
+def w4a8_sim(calibration_crops: int, crops: int, device: str = "cpu"
+             ) -> tuple[QuantSim, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The task: EfficientNet-Lite0 with BN folded, W4A8 per channel, calibrated; its calibration batches, the
+    evaluation crops and the FP32 logits on them."""
+    model = load_efficientnet_lite0().to(device)
+    calibration = natural_image_crops(calibration_crops, seed=1).to(device)
+    evaluation = natural_image_crops(crops, seed=0).to(device)
+    fold_batch_norms(model, calibration[:1])
+    with torch.no_grad():
+        reference = torch.cat([model(batch) for batch in evaluation.split(32)])
+    batches = list(calibration.split(16))
+    sim = QuantSim(model, calibration[:1], param_bw=4, output_bw=8, config="per_channel")
+    sim.calibrate(batches, progress=False)
+    return sim, batches, evaluation, reference
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=1000)
@@ -36,15 +52,7 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=64)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_efficientnet_lite0().to(device)
-    calibration = natural_image_crops(args.calibration_crops, seed=1).to(device)
-    evaluation = natural_image_crops(args.crops, seed=0).to(device)
-    fold_batch_norms(model, calibration[:1])
-    with torch.no_grad():
-        reference = torch.cat([model(batch) for batch in evaluation.split(32)])
-    batches = list(calibration.split(16))
-    sim = QuantSim(model, calibration[:1], param_bw=4, output_bw=8, config="per_channel")
-    sim.calibrate(batches, progress=False)
+    sim, batches, evaluation, reference = w4a8_sim(args.calibration_crops, args.crops, device)
     nearest = agreement(sim.model, evaluation, reference)
     started = time.perf_counter()
     result = adaround(sim, batches, num_iterations=args.iterations, progress=False)

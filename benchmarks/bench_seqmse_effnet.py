@@ -10,13 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from benchmarks.bench_adaround_effnet import agreement
-from benchmarks.real_models import load_efficientnet_lite0, natural_image_crops
-from edgequant import QuantSim
+from benchmarks.bench_adaround_effnet import agreement, w4a8_sim
 from edgequant.llm import SequentialMseSettings, sequential_mse
-from edgequant.ptq.batch_norm_fold import fold_batch_norms
 
 
 def main() -> None:
@@ -25,15 +20,7 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=128)
     parser.add_argument("--candidates", type=int, default=20)
     args = parser.parse_args()
-    model = load_efficientnet_lite0()
-    calibration = natural_image_crops(args.calibration_crops, seed=1)
-    evaluation = natural_image_crops(args.crops, seed=0)
-    fold_batch_norms(model, calibration[:1])
-    with torch.no_grad():
-        reference = torch.cat([model(batch) for batch in evaluation.split(32)])
-    batches = list(calibration.split(16))
-    sim = QuantSim(model, calibration[:1], param_bw=4, output_bw=8, config="per_channel")
-    sim.calibrate(batches, progress=False)
+    sim, batches, evaluation, reference = w4a8_sim(args.calibration_crops, args.crops)
     nearest = agreement(sim.model, evaluation, reference)
     started = time.perf_counter()
     report = sequential_mse(sim, batches, SequentialMseSettings(num_candidates=args.candidates, progress=False))
