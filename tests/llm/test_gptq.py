@@ -307,3 +307,29 @@ def test_settings_are_checked() -> None:
         GptqSettings(damping=-0.1)
     with pytest.raises(ValueError, match="block_size"):
         GptqSettings(block_size=0)
+
+
+def test_layers_reading_the_same_input_share_one_pass_and_round_as_if_alone() -> None:
+    """q/k/v (and gate/up) read the very same tensor: one pass gives all their Hessians, and rounding one cannot
+    change another's input, so the result is that of rounding them one call at a time."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import edgequant.llm as llm
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    batches = list(ids.split(1))
+    together = llm.quantize(model, ids, recipe="w4a16-block", block_size=16, progress=False)
+    forwards = []
+    together.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    report = gptq(together, batches, GptqSettings(progress=False))
+    assert len(report.layers) == 15
+    assert len(forwards) == 1 + 9 * len(batches)  # order pass; per decoder layer qkv, o, gate+up, down; lm_head
+    alone = llm.quantize(model, ids, recipe="w4a16-block", block_size=16, progress=False)
+    for layer in report.layers:
+        gptq(alone, batches, GptqSettings(progress=False), layers=[layer.name])
+    for name, module in together.quantized_modules().items():
+        if isinstance(module, nn.Linear):
+            assert torch.equal(module.weight, alone.model.get_submodule(name).weight), name

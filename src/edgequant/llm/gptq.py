@@ -105,11 +105,18 @@ def gptq(sim: QuantSim, batches: Iterable[Any], settings: GptqSettings = GptqSet
     try:
         targets = _targets(sim, layers)
         with torch.no_grad(), training_mode(sim.model, False), _encoded_quantizers_only(sim):
-            order = _execution_order(sim, targets, data)
-            bar = tqdm(order, desc="gptq", disable=not settings.progress, leave=False)
-            for name, calls in bar:
-                bar.set_postfix_str(name)
-                report.layers.append(_round_layer(sim, name, targets[name], calls, data, settings))
+            groups = [[(name, calls) for name, calls, _ in group]  # the inputs were needed only to compare them
+                      for group in _input_sharing_groups(_execution_order(sim, targets, data))]
+            bar = tqdm(total=sum(len(group) for group in groups), desc="gptq", disable=not settings.progress,
+                       leave=False)
+            for group in groups:
+                bar.set_postfix_str(group[0][0])
+                hessians = _hessians(sim, {name: (targets[name], calls) for name, calls in group}, data,
+                                     settings.num_batches)
+                for name, _ in group:
+                    report.layers.append(_round_layer(name, targets[name], *hessians[name], settings))
+                    bar.update()
+            bar.close()
     finally:
         if was_frozen:
             sim.freeze_weights()
@@ -166,14 +173,18 @@ def _encoded_quantizers_only(sim: QuantSim):  # noqa: ANN202 - a context manager
     return sim.quantizers_enabled(False, [q for q in sim.quantizers().values() if not q.ready])
 
 
-def _execution_order(sim: QuantSim, targets: dict[str, nn.Linear], data: Iterable[Any]) -> list[tuple[str, int]]:
-    """(name, calls per forward) of the targets in the order the first batch first reaches them; layers it never
-    reaches are skipped with a warning."""
+def _execution_order(sim: QuantSim, targets: dict[str, nn.Linear],
+                     data: Iterable[Any]) -> list[tuple[str, int, torch.Tensor]]:
+    """(name, calls per forward, its first input tensor) of the targets in the order the first batch first reaches
+    them; layers it never reaches are skipped with a warning. Holding the inputs keeps their memory from being
+    reused, so that the same object means the same input."""
     calls: dict[str, int] = {}
+    first_input: dict[str, torch.Tensor] = {}
 
     def counter(name: str):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple) -> None:
             calls[name] = calls.get(name, 0) + 1
+            first_input.setdefault(name, args[0])
         return hook
 
     handles = [layer.register_forward_pre_hook(counter(name)) for name, layer in targets.items()]
@@ -186,14 +197,26 @@ def _execution_order(sim: QuantSim, targets: dict[str, nn.Linear], data: Iterabl
     unused = [name for name in targets if name not in calls]
     if unused:
         warnings.warn(f"gptq: skipping Linears the data never reaches: {unused}", stacklevel=3)
-    return list(calls.items())
+    return [(name, count, first_input[name]) for name, count in calls.items()]
+
+
+def _input_sharing_groups(order: list[tuple[str, int, torch.Tensor]]) -> list[list[tuple[str, int, torch.Tensor]]]:
+    """Consecutive layers called once per forward on the very same input tensor (q, k and v; gate and up): rounding
+    one cannot change another's input, so one pass collects all their Hessians."""
+    groups: list[list[tuple[str, int, torch.Tensor]]] = []
+    for entry in order:
+        previous = groups[-1][-1] if groups else None
+        if previous is not None and entry[1] == previous[1] == 1 and entry[2] is previous[2]:
+            groups[-1].append(entry)
+        else:
+            groups.append([entry])
+    return groups
 
 
 # -- one layer ----------------------------------------------------------------------------------------------
-def _round_layer(sim: QuantSim, name: str, layer: nn.Linear, calls: int, data: Iterable[Any],
+def _round_layer(name: str, layer: nn.Linear, hessian: torch.Tensor, tokens: int, seconds: float,
                  settings: GptqSettings) -> GptqLayer:
     start = time.perf_counter()
-    hessian, tokens = _hessian(sim, layer, calls, data, settings.num_batches)
     quantizer = param_quantizer(layer)
     weight = layer.weight.detach().float()
     rounded = gptq_round(weight, hessian, quantizer, settings.damping, settings.act_order, settings.block_size)
@@ -202,37 +225,45 @@ def _round_layer(sim: QuantSim, name: str, layer: nn.Linear, calls: int, data: I
     gptq_error = _relative_error(weight, rounded, hessian)
     layer.weight.copy_(rounded.to(layer.weight.dtype))
     quantizer.frozen = True
-    return GptqLayer(name, tokens, nearest_error, gptq_error, time.perf_counter() - start)
+    return GptqLayer(name, tokens, nearest_error, gptq_error, seconds + time.perf_counter() - start)
 
 
-def _hessian(sim: QuantSim, layer: nn.Linear, calls: int, data: Iterable[Any],
-             num_batches: int | None) -> tuple[torch.Tensor, int]:
-    """``Σ x xᵀ`` (float64) over the tokens of the layer's quantized inputs (constant factors cancel in GPTQ), and
-    the token count; each forward stops after the layer's last call."""
-    hessian = torch.zeros(layer.in_features, layer.in_features, device=layer.weight.device, dtype=torch.float64)
-    seen = {"calls": 0, "tokens": 0}
+def _hessians(sim: QuantSim, layers: dict[str, tuple[nn.Linear, int]], data: Iterable[Any],
+              num_batches: int | None) -> dict[str, tuple[torch.Tensor, int, float]]:
+    """Per layer, ``Σ x xᵀ`` (float64) over the tokens of its quantized inputs (constant factors cancel in GPTQ),
+    the token count and the seconds its share of the pass took; each forward stops after the last call of the
+    last of ``layers``."""
+    start = time.perf_counter()
+    hessians = {name: torch.zeros(layer.in_features, layer.in_features, device=layer.weight.device,
+                                  dtype=torch.float64) for name, (layer, _) in layers.items()}
+    tokens = dict.fromkeys(layers, 0)
+    seen = dict.fromkeys(layers, 0)
 
-    def hook(module: nn.Module, args: tuple) -> None:
-        quantizers = module.input_quantizers
-        x = quantizers["0"](args[0]) if "0" in quantizers else args[0]
-        x = x.detach().reshape(-1, layer.in_features).double()  # float32 sums over many tokens lose digits
-        hessian.addmm_(x.T, x)
-        seen["tokens"] += x.shape[0]
-        seen["calls"] += 1
-        if seen["calls"] == calls:
-            raise _LayerDone
+    def collector(name: str):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple) -> None:
+            quantizers = module.input_quantizers
+            x = quantizers["0"](args[0]) if "0" in quantizers else args[0]
+            x = x.detach().reshape(-1, module.in_features).double()  # float32 sums over many tokens lose digits
+            hessians[name].addmm_(x.T, x)
+            tokens[name] += x.shape[0]
+            seen[name] += 1
+            if all(seen[other] == count for other, (_, count) in layers.items()):
+                raise _LayerDone
+        return hook
 
-    handle = layer.register_forward_pre_hook(hook)
+    handles = [layer.register_forward_pre_hook(collector(name)) for name, (layer, _) in layers.items()]
     try:
         for args, kwargs in sim.batches(data, num_batches):
-            seen["calls"] = 0
+            seen.update(dict.fromkeys(layers, 0))
             try:
                 sim.model(*args, **kwargs)
             except _LayerDone:
                 pass
     finally:
-        handle.remove()
-    return hessian, seen["tokens"]
+        for handle in handles:
+            handle.remove()
+    share = (time.perf_counter() - start) / len(layers)
+    return {name: (hessians[name], tokens[name], share) for name in layers}
 
 
 def _relative_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor) -> float:
