@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from edgequant.llm.input_sharing import input_sharing_groups
 from edgequant.quantization import Quantizer, quantize_dequantize
 from edgequant.sim import QuantSim
 from edgequant.sim.modes import training_mode
@@ -105,8 +106,10 @@ def gptq(sim: QuantSim, batches: Iterable[Any], settings: GptqSettings = GptqSet
     try:
         targets = _targets(sim, layers)
         with torch.no_grad(), training_mode(sim.model, False), _encoded_quantizers_only(sim):
-            groups = [[(name, calls) for name, calls, _ in group]  # the inputs were needed only to compare them
-                      for group in _input_sharing_groups(_execution_order(sim, targets, data))]
+            sharing = input_sharing_groups(_execution_order(sim, targets, data), calls=lambda entry: entry[1],
+                                           first_input=lambda entry: entry[2])
+            groups = [[(name, calls) for name, calls, _ in group] for group in sharing]  # inputs only compared
+            del sharing
             bar = tqdm(total=sum(len(group) for group in groups), desc="gptq", disable=not settings.progress,
                        leave=False)
             for group in groups:
@@ -198,19 +201,6 @@ def _execution_order(sim: QuantSim, targets: dict[str, nn.Linear],
     if unused:
         warnings.warn(f"gptq: skipping Linears the data never reaches: {unused}", stacklevel=3)
     return [(name, count, first_input[name]) for name, count in calls.items()]
-
-
-def _input_sharing_groups(order: list[tuple[str, int, torch.Tensor]]) -> list[list[tuple[str, int, torch.Tensor]]]:
-    """Consecutive layers called once per forward on the very same input tensor (q, k and v; gate and up): rounding
-    one cannot change another's input, so one pass collects all their Hessians."""
-    groups: list[list[tuple[str, int, torch.Tensor]]] = []
-    for entry in order:
-        previous = groups[-1][-1] if groups else None
-        if previous is not None and entry[1] == previous[1] == 1 and entry[2] is previous[2]:
-            groups[-1].append(entry)
-        else:
-            groups.append([entry])
-    return groups
 
 
 # -- one layer ----------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from edgequant.llm.input_sharing import input_sharing_groups
 from edgequant.quantization import Encoding, Lpbq, PerBlock, PerChannel, PerTensor, Quantizer, quantize_dequantize
 from edgequant.sim import QuantizedModule, QuantSim
 from edgequant.sim.modes import training_mode
@@ -107,6 +108,7 @@ class _Target:
     layer: QuantizedModule
     quantizer: Quantizer
     calls: int = 0  # calls per forward, from the first batch
+    first_input: torch.Tensor | None = None  # held during the order pass only: the same object, the same input
 
 
 def sequential_mse(
@@ -136,13 +138,23 @@ def sequential_mse(
             sim.compute_param_encodings()
             held = list(sim.batches(batches, settings.num_batches, progress=settings.progress,
                                     desc="sequential MSE: reading batches"))
-            for target in tqdm(_in_execution_order(sim, targets, held[0]), desc="sequential MSE",
-                               disable=not settings.progress, leave=False):
-                layer_start = time.perf_counter()
-                gram, rows = _input_gram(sim, target, held, settings.inputs)
-                result = _search(sim, target, gram, rows, settings.num_candidates)
-                result.seconds = time.perf_counter() - layer_start
-                report.layers.append(result)
+            order = _in_execution_order(sim, targets, held[0])
+            groups = input_sharing_groups(order, calls=lambda t: t.calls, first_input=lambda t: t.first_input)
+            for target in order:
+                target.first_input = None  # the order pass's tensors are no longer needed
+            bar = tqdm(total=sum(len(group) for group in groups), desc="sequential MSE",
+                       disable=not settings.progress, leave=False)
+            for group in groups:
+                group_start = time.perf_counter()
+                grams = _input_grams(sim, group, held, settings.inputs)
+                share = (time.perf_counter() - group_start) / len(group)
+                for target, (gram, rows) in zip(group, grams, strict=True):
+                    layer_start = time.perf_counter()
+                    result = _search(sim, target, gram, rows, settings.num_candidates)
+                    result.seconds = share + time.perf_counter() - layer_start
+                    report.layers.append(result)
+                    bar.update()
+            bar.close()
     finally:
         if was_frozen:
             sim.freeze_weights()
@@ -194,6 +206,7 @@ def _in_execution_order(sim: QuantSim, targets: list[_Target], batch: tuple[tupl
         def hook(module: nn.Module, args: tuple) -> None:
             target.calls += 1
             if target.calls == 1:
+                target.first_input = args[0]
                 order.append(target)
         return hook
 
@@ -212,42 +225,47 @@ def _in_execution_order(sim: QuantSim, targets: list[_Target], batch: tuple[tupl
 
 
 # -- the inputs ----------------------------------------------------------------------------------------------
-def _input_gram(sim: QuantSim, target: _Target, batches: list[tuple[tuple, dict]],
-                inputs: str) -> tuple[torch.Tensor, int]:
-    """``X^T X`` of the layer's input rows, (groups, D, D) in float64, and the number of rows, from one pass per
-    batch that stops after the layer's last call."""
-    layer = target.layer
-    gram: list[torch.Tensor] = []
-    count = {"rows": 0, "calls": 0}
+def _input_grams(sim: QuantSim, targets: list[_Target], batches: list[tuple[tuple, dict]],
+                 inputs: str) -> list[tuple[torch.Tensor, int]]:
+    """Per target, ``X^T X`` of the layer's input rows, (groups, D, D) in float64, and the number of rows, from one
+    pass per batch that stops after the last call of the last target."""
+    grams: list[list[torch.Tensor]] = [[] for _ in targets]
+    rows_seen = [0] * len(targets)
+    calls_seen = [0] * len(targets)
 
-    def hook(module: nn.Module, args: tuple) -> None:
-        x = args[0]
-        if "0" in layer.input_quantizers:  # the quantizer the layer applies first (identity while it is off)
-            x = layer.input_quantizers["0"](x)
-        rows = _input_rows(layer, x).double()
-        product = torch.bmm(rows.transpose(1, 2), rows)
-        if gram:
-            gram[0] += product
-        else:
-            gram.append(product)
-        count["rows"] += rows.shape[1]
-        count["calls"] += 1
-        if count["calls"] == target.calls:
-            raise _StopForward
+    def collector(index: int) -> Callable[[nn.Module, tuple], None]:
+        layer = targets[index].layer
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if "0" in layer.input_quantizers:  # the quantizer the layer applies first (identity while it is off)
+                x = layer.input_quantizers["0"](x)
+            rows = _input_rows(layer, x).double()
+            product = torch.bmm(rows.transpose(1, 2), rows)
+            if grams[index]:
+                grams[index][0] += product
+            else:
+                grams[index].append(product)
+            rows_seen[index] += rows.shape[1]
+            calls_seen[index] += 1
+            if all(seen == target.calls for seen, target in zip(calls_seen, targets, strict=True)):
+                raise _StopForward
+        return hook
 
     off = sim.quantizers().values() if inputs == "float" else [q for q in sim.quantizers().values() if not q.ready]
-    handle = layer.register_forward_pre_hook(hook)
+    handles = [target.layer.register_forward_pre_hook(collector(index)) for index, target in enumerate(targets)]
     try:
         with sim.quantizers_enabled(False, off):
             for args, kwargs in batches:
-                count["calls"] = 0
+                calls_seen[:] = [0] * len(targets)
                 try:
                     sim.model(*args, **kwargs)
                 except _StopForward:
                     pass
     finally:
-        handle.remove()
-    return gram[0], count["rows"]
+        for handle in handles:
+            handle.remove()
+    return [(gram[0], rows) for gram, rows in zip(grams, rows_seen, strict=True)]
 
 
 def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
