@@ -41,3 +41,22 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
             parameter.normal_(std=0.2)
     return model
 
+
+
+def sharing_check_sim(recipe: str = "w4a16-block") -> tuple[object, list[torch.Tensor], list[int], object]:
+    """A 2-layer Llama (hidden 32) quantized for ``recipe`` with blocks of 16, its 3 calibration batches, a list
+    that grows by one per forward of the sim, and a function making a second, identical sim: for checking that
+    techniques gathering inputs layer by layer share passes between layers that read the same input."""
+    import edgequant.llm as llm  # noqa: PLC0415 - the sim is the subject of the tests that import this
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+
+    def make() -> object:
+        return llm.quantize(model, ids, recipe=recipe, block_size=16, progress=False)
+
+    sim, forwards = make(), []
+    sim.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    return sim, list(ids.split(1)), forwards, make

@@ -9,6 +9,7 @@ from importlib import resources
 
 import pytest
 import torch
+from tiny_llm import sharing_check_sim
 from torch import nn
 
 from edgequant import QuantSim
@@ -312,22 +313,11 @@ def test_settings_are_checked() -> None:
 def test_layers_reading_the_same_input_share_one_pass_and_round_as_if_alone() -> None:
     """q/k/v (and gate/up) read the very same tensor: one pass gives all their Hessians, and rounding one cannot
     change another's input, so the result is that of rounding them one call at a time."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import edgequant.llm as llm
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
-    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
-    batches = list(ids.split(1))
-    together = llm.quantize(model, ids, recipe="w4a16-block", block_size=16, progress=False)
-    forwards = []
-    together.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    together, batches, forwards, make_sim = sharing_check_sim()
     report = gptq(together, batches, GptqSettings(progress=False))
     assert len(report.layers) == 15
     assert len(forwards) == 1 + 9 * len(batches)  # order pass; per decoder layer qkv, o, gate+up, down; lm_head
-    alone = llm.quantize(model, ids, recipe="w4a16-block", block_size=16, progress=False)
+    alone = make_sim()
     for layer in report.layers:
         gptq(alone, batches, GptqSettings(progress=False), layers=[layer.name])
     for name, module in together.quantized_modules().items():
