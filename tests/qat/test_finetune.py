@@ -83,7 +83,7 @@ def test_labelled_loss_best_state_and_accuracy(digits, tmp_path):
     (images, labels), (test_images, test_labels) = digits
     sim = _prepared(digits, "regular")
     before = evaluate_accuracy(sim.model, test_images, test_labels)
-    snapshots, metrics = [], iter([0.5, 0.9, 0.7])
+    snapshots, metrics = [], iter([0.3, 0.5, 0.9, 0.7])  # the calibrated start, then each epoch
 
     def evaluate(model):
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
@@ -92,9 +92,10 @@ def test_labelled_loss_best_state_and_accuracy(digits, tmp_path):
     result = finetune(sim, TensorDataset(images, labels), epochs=3, lr=1e-4, progress=False, eval_fn=evaluate,
                       loss_fn=lambda output, batch: F.cross_entropy(output, batch[1]), checkpoint_dir=tmp_path)
     assert result.best_metric == 0.9 and result.best_step == 2 * math.ceil(len(images) / 64)
+    assert result.start_metric == 0.3 and not result.kept_start
     assert [round(h["metric"], 2) for h in result.history] == [0.5, 0.9, 0.7]
     for key, value in sim.model.state_dict().items():  # the best epoch's state was restored
-        assert torch.equal(value, snapshots[1][key]), key
+        assert torch.equal(value, snapshots[2][key]), key
     assert (tmp_path / "best_sim.pt").exists() and (tmp_path / "last.pt").exists()
     assert evaluate_accuracy(sim.model, test_images, test_labels) >= before
 
@@ -168,3 +169,17 @@ def test_kept_batch_norms_train_while_dropout_is_off(digits):
     before = norm.running_mean.clone()
     finetune(sim, images[:128], epochs=1, lr=1e-9, batch_size=64, progress=False)
     assert not torch.equal(norm.running_mean, before)
+
+
+def test_a_run_that_only_worsens_the_metric_ends_at_its_start(digits):
+    (images, labels), _ = digits
+    sim = _prepared(digits, "regular")
+    start = {k: v.clone() for k, v in sim.model.state_dict().items()}
+    metrics = iter([0.8, 0.5, 0.6])  # the calibrated start is the best
+
+    result = finetune(sim, TensorDataset(images[:256], labels[:256]), epochs=2, lr=1e-2, progress=False,
+                      eval_fn=lambda model: next(metrics),
+                      loss_fn=lambda output, batch: F.cross_entropy(output, batch[1]))
+    assert result.kept_start and result.best_step == 0 and result.best_metric == result.start_metric == 0.8
+    for key, value in sim.model.state_dict().items():
+        assert torch.equal(value, start[key]), key

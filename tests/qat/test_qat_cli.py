@@ -33,6 +33,8 @@ def test_qat_command_demo_writes_state_export_and_summary(tmp_path, monkeypatch)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["mode"] == "regular" and summary["steps"] == 22
     assert set(summary["metric"]) == {"fp32", "ptq", "qat"} and summary["metric"]["qat"] > 0.9
+    assert 0 < summary["start_metric"] <= summary["best_metric"]  # the prepared start competes for best
+    assert summary["kept_start"] == ("did not improve --eval" in result.output)
     assert len(summary["quantizers"]["recomputed_each_step"]) == 4
     assert summary["batch_norms_folded"] == ["conv1.1", "conv2.1", "conv3.1"]
     assert (out / "export" / "model_qdq.onnx").is_file() and (out / "export" / "model.encodings").is_file()

@@ -76,6 +76,9 @@ def qat(
     if job.evaluate is not None:
         metrics["qat"] = float(job.evaluate(sim.model))
         click.echo(f"metric: FP32 {metrics['fp32']:.4f}  PTQ {metrics['ptq']:.4f}  QAT ({mode}) {metrics['qat']:.4f}")
+        if result.kept_start:
+            click.echo(f"QAT did not improve --eval over its start ({result.start_metric:.4f}): the calibrated start "
+                       "is kept and written")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     sim.save(out_dir / "sim_state.pt")
@@ -91,6 +94,7 @@ def qat(
                        "recomputed_each_step": list(setup.recomputed), "constant": list(setup.constant)},
         "batch_norms_folded": [bn for _, bn in setup.folded_batch_norms + folded],
         "steps": result.steps, "history": result.history, "best_metric": result.best_metric,
+        "start_metric": result.start_metric, "kept_start": result.kept_start,
         "metric": metrics or None, "timings": timings,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))

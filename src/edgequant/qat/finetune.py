@@ -14,8 +14,9 @@ Its settings are `FinetuneSettings`, grouped as `TrainingSchedule`, `LossSetting
 * Optimizer: Adam by default (``optimizer=`` takes a factory of parameter groups); each learned scale has its own
   group whose rate is ``range_lr`` times its calibrated size, offsets ``range_lr`` grid steps (`DEFAULT_RANGE_LR`).
   Learning rate: linear warm-up then cosine decay to 0 (``schedule``).
-* Evaluation: ``eval_fn(model) -> float`` (higher is better) every ``eval_every`` steps and after each epoch;
-  the best state is kept (``checkpoint_dir/best_sim.pt``) and restored at the end (``restore_best``).
+* Evaluation: ``eval_fn(model) -> float`` (higher is better) on the calibrated start, every ``eval_every`` steps
+  and after each epoch; the best state is kept (``checkpoint_dir/best_sim.pt``) and restored at the end
+  (``restore_best``), the start included, so a run that only worsens the metric ends where it began.
 * Checkpoints: every ``checkpoint_every`` steps and after each epoch into ``checkpoint_dir/last.pt``;
   ``resume=True`` continues from it and ends bit-identical to an uninterrupted run (same machine and threads).
 * Distributed: in an initialised process group the model trains as ``DistributedDataParallel``; a dataset
@@ -65,6 +66,14 @@ class FinetuneResult:
     best_metric: float | None
     best_step: int | None
     resumed_from_step: int
+    start_metric: float | None = None
+    """``eval_fn`` on the calibrated sim before the first step (None without ``eval_fn`` or when resumed)."""
+
+    @property
+    def kept_start(self) -> bool:
+        """No evaluation after training beat the start, so the start state is what the sim holds (with
+        ``restore_best``)."""
+        return self.best_step == 0
 
 
 @dataclass(frozen=True)
@@ -175,6 +184,8 @@ def finetune(
     """
     run = _Run(sim, data, FinetuneSettings.build(settings, **keywords))
     try:
+        if run.progress.step == 0:  # the calibrated start competes for best: training never silently worsens it
+            run.start_metric = run.evaluate()
         while run.progress.epoch < run.training.epochs:
             run.epoch()
     finally:
@@ -201,6 +212,7 @@ class _Run:
         self.directory = Path(directory) if directory is not None else None
         self.progress, self.best_state = self._resumed()
         self.resumed_from = self.progress.step
+        self.start_metric: float | None = None
         self.model = torch.nn.parallel.DistributedDataParallel(sim.model) if is_distributed() else sim.model
         self.bar = tqdm(total=total_steps, initial=self.progress.step, desc="QAT", leave=False,
                         disable=not settings.progress or self.rank != 0)
@@ -308,7 +320,7 @@ class _Run:
         self.setup.sync_weight_encodings()
         progress = self.progress
         return FinetuneResult(self.setup, progress.step, progress.history, progress.best_metric,
-                              progress.best_step, self.resumed_from)
+                              progress.best_step, self.resumed_from, self.start_metric)
 
 
 def _optimizer(sim: QuantSim, setup: QatSetup, training: TrainingSchedule) -> torch.optim.Optimizer:
