@@ -72,8 +72,8 @@ def own_text_run(model_folder: Path, texts: dict[str, Path], tmp_path_factory: p
                  ) -> tuple[Result, Path]:
     out = tmp_path_factory.mktemp("out")
     result = _run(model_folder, "--calibration", texts["calibration"], "--evaluation", texts["evaluation"],
-                  "--recipe", "w4a16-block", "--block-size", "32", "--kv-cache-bits", "8", "--prompt", "The if",
-                  "--output", out, *SMALL)
+                  "--recipe", "w4a16-block", "--block-size", "32", "--kv-cache-bits", "8", "--lm-head-bits", "8",
+                  "--prompt", "The if", "--output", out, *SMALL)
     assert result.exit_code == 0, result.output
     return result, out
 
@@ -84,7 +84,8 @@ def test_figures_are_the_python_api_ones_on_the_same_text(own_text_run, model_fo
     model, tokenizer = load_causal_lm(model_folder)
     calibration = token_sequences(tokenizer, texts["calibration"], 24, 2)
     evaluation = token_sequences(tokenizer, texts["evaluation"], 24, 3)
-    sim = quantize(model, calibration, recipe="w4a16-block", block_size=32, kv_cache_bw=8, progress=False)
+    sim = quantize(model, calibration, recipe="w4a16-block", block_size=32, kv_cache_bw=8, lm_head_bw=8,
+                   progress=False)
     float_perplexity = perplexity(model, evaluation, progress=False)
     quantized_perplexity = perplexity(sim, evaluation, progress=False)
     agreement = next_token_agreement(model, sim, evaluation, progress=False)
@@ -103,8 +104,10 @@ def test_figures_are_the_python_api_ones_on_the_same_text(own_text_run, model_fo
                                                               skip_special_tokens=True)
     assert (summary["generation"]["identical"], summary["generation"]["matching_prefix"]) == (
         match.identical[0], match.matching_prefix[0])
-    assert {key: summary[key] for key in ("model", "recipe", "block_size", "kv_cache_bits", "seq_len")} == {
-        "model": str(model_folder), "recipe": "w4a16-block", "block_size": 32, "kv_cache_bits": 8, "seq_len": 24}
+    keys = ("model", "recipe", "block_size", "kv_cache_bits", "lm_head_bits", "seq_len")
+    assert {key: summary[key] for key in keys} == {"model": str(model_folder), "recipe": "w4a16-block",
+                                                   "block_size": 32, "kv_cache_bits": 8, "lm_head_bits": 8,
+                                                   "seq_len": 24}
     assert summary["calibration"] == {"source": str(texts["calibration"]), "sequences": 2}
     assert summary["evaluation"] == {"source": str(texts["evaluation"]), "sequences": 3}
     assert set(summary["timings"]) == {"load_s", "calibrate_s", "evaluate_s", "generate_s"}

@@ -53,6 +53,8 @@ PYDOC_SOURCE = "pydoc {side} topics (Python's own help text)"
               help="Input features per weight block, for the recipes with blocks.")
 @click.option("--kv-cache-bits", type=click.Choice([8, 16]),
               help="Bits of the keys and values the KV cache stores [default: the recipe's activation bits].")
+@click.option("--lm-head-bits", type=click.IntRange(min=2, max=16),
+              help="Bits of lm_head's weight, per channel, instead of the recipe's (many targets keep it at 8).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
               help="Tokens per sequence.")
 @click.option("--num-calibration", type=click.IntRange(min=1), default=16, show_default=True,
@@ -67,8 +69,8 @@ PYDOC_SOURCE = "pydoc {side} topics (Python's own help text)"
 @quiet_option
 @debug_option
 def llm(model_path: Path, calibration: Path | None, evaluation: Path | None, recipe: str, block_size: int,
-        kv_cache_bits: int | None, seq_len: int, num_calibration: int, num_evaluation: int, prompt: str,
-        new_tokens: int, out_dir: Path, quiet: bool) -> None:
+        kv_cache_bits: int | None, lm_head_bits: int | None, seq_len: int, num_calibration: int,
+        num_evaluation: int, prompt: str, new_tokens: int, out_dir: Path, quiet: bool) -> None:
     """Quantize a causal LM (a transformers folder or a .gguf file) and compare it with the float model.
 
     Prints float and quantized perplexity, next-token agreement and a greedy continuation of --prompt by both
@@ -86,7 +88,8 @@ def llm(model_path: Path, calibration: Path | None, evaluation: Path | None, rec
         _check_block_size(model, block_size)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     click.echo(f"model: {model_path} ({type(model).__name__}, {parameters / 1e6:.1f} M parameters)  |  "
-               f"recipe {recipe}{f', block size {block_size}' if blocks else ''}, KV cache {kv_bits}-bit")
+               f"recipe {recipe}{f', block size {block_size}' if blocks else ''}, KV cache {kv_bits}-bit"
+               f"{f', lm_head {lm_head_bits}-bit' if lm_head_bits else ''}")
 
     calibration_ids, calibration_source = _sequences(tokenizer, calibration, "calibration", seq_len, num_calibration)
     evaluation_ids, evaluation_source = _sequences(tokenizer, evaluation, "evaluation", seq_len, num_evaluation)
@@ -103,7 +106,7 @@ def llm(model_path: Path, calibration: Path | None, evaluation: Path | None, rec
 
     started = time.perf_counter()
     sim = quantize(model, calibration_ids, recipe=recipe, block_size=block_size, kv_cache_bw=kv_cache_bits,
-                   progress=not quiet)
+                   lm_head_bw=lm_head_bits, progress=not quiet)
     timings["calibrate_s"] = time.perf_counter() - started
     click.echo(f"calibrated on {_described(calibration_ids, calibration_source)} in {timings['calibrate_s']:.2f} s")
 
@@ -144,6 +147,7 @@ def llm(model_path: Path, calibration: Path | None, evaluation: Path | None, rec
         "recipe_summary": chosen.summary,
         "block_size": block_size,
         "kv_cache_bits": kv_bits,
+        "lm_head_bits": lm_head_bits or chosen.linear_bw,
         "seq_len": seq_len,
         "calibration": {"source": calibration_source, "sequences": len(calibration_ids)},
         "evaluation": {"source": evaluation_source, "sequences": len(evaluation_ids)},
