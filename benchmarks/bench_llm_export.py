@@ -20,14 +20,6 @@ _BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.I
          onnx.TensorProto.INT16: 16, onnx.TensorProto.UINT16: 16, onnx.TensorProto.FLOAT: 32}
 
 
-def _session(export: llm.CausalLmExport) -> object:
-    import onnxruntime as ort  # noqa: PLC0415
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(str(export.onnx_path), options, providers=["CPUExecutionProvider"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="w4a16-lpbq")
@@ -59,12 +51,10 @@ def main() -> None:
             expected = torch.cat([llm.greedy_generate(sim, prompt[None], args.new_tokens) for prompt in prompts])
         sim_seconds = time.perf_counter() - started
         step = float(sim.quantizer("lm_head.output_quantizers.0").scale)
-        session = _session(export)
+        session = llm.onnxruntime_session(export, "basic")
         steps, agree, positions = [], 0, 0
         for sequence in split.evaluation:  # teacher-forced: the same context for both, every position compared
-            feeds = {"input_ids": sequence[None], "position_ids": torch.arange(sequence.numel())[None],
-                     "attention_mask": llm.causal_mask(0, sequence.numel(), 1), **export.empty_past(1)}
-            ort_logits = torch.from_numpy(session.run(["logits"], {k: v.numpy() for k, v in feeds.items()})[0])
+            ort_logits = torch.from_numpy(session.run(["logits"], llm.prefill_feeds(export, sequence[None]))[0])
             with torch.no_grad(), sim.frozen_weights():
                 sim_logits = sim.model(input_ids=sequence[None], use_cache=False).logits
             steps.append(((ort_logits - sim_logits).abs() / step).flatten())

@@ -19,21 +19,20 @@ from edgequant.llm import greedy_generate, kv_cache_quantizers, quantize  # noqa
 from edgequant.llm.export import (  # noqa: E402
     ATTENTION_MASK,
     INPUT_IDS,
-    ORT_SESSION_CONFIG,
     POSITION_IDS,
-    CausalLmExport,
     cache_names,
     causal_mask,
     export_causal_lm,
     load_causal_lm_encodings,
     onnxruntime_generate,
+    onnxruntime_session,
+    prefill_feeds,
 )
 
 NEW_TOKENS = 16
 MAX_LOGITS_STEPS = 8
 """Measured: 1 step (w8a16), 4 steps (w4a16-lpbq). The graph's SiLU (Sigmoid, Mul) differs from torch's kernel in
 the last float bit, one 16-bit activation in a thousand rounds to the next step, and the flips spread."""
-LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
 @pytest.fixture(scope="module")
@@ -58,36 +57,6 @@ def exported(request: pytest.FixtureRequest, tiny_llama: LlamaForCausalLM,
     calibration = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
     sim = quantize(tiny_llama, calibration, recipe=request.param, block_size=32, progress=False)
     return request.param, sim, export_causal_lm(sim, tmp_path_factory.mktemp(request.param))
-
-
-def _session(export: CausalLmExport, level: str) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = LEVELS[level]
-    for key, value in ORT_SESSION_CONFIG.items():
-        options.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(export.onnx_path), options, providers=["CPUExecutionProvider"])
-
-
-def _prefill_feeds(export: CausalLmExport, prompts: torch.Tensor) -> dict[str, np.ndarray]:
-    batch, length = prompts.shape
-    feeds = {INPUT_IDS: prompts, POSITION_IDS: torch.arange(length).expand(batch, -1),
-             ATTENTION_MASK: causal_mask(0, length, batch), **export.empty_past(batch)}
-    return {name: value.numpy() for name, value in feeds.items()}
-
-
-def _ort_generate(session: ort.InferenceSession, export: CausalLmExport, prompts: torch.Tensor) -> np.ndarray:
-    """Greedy decoding of the batch ``prompts``: prefill, then one token per call, present -> past."""
-    batch = prompts.shape[0]
-    feeds, position, generated = _prefill_feeds(export, prompts), 0, []
-    for _ in range(NEW_TOKENS):
-        logits, *present = session.run(None, feeds)
-        step = logits[:, -1].argmax(-1)[:, None]
-        generated.append(step)
-        position += feeds[INPUT_IDS].shape[1]
-        feeds = {INPUT_IDS: step, POSITION_IDS: np.full((batch, 1), position),
-                 ATTENTION_MASK: causal_mask(position, 1, batch).numpy(),
-                 **dict(zip(cache_names("past", export.num_layers), present, strict=True))}
-    return np.concatenate(generated, axis=1)
 
 
 def _logits_scale(sim: object) -> float:
@@ -135,7 +104,7 @@ def test_graph_has_cache_inputs_outputs_and_qdq(exported: tuple) -> None:
 def test_present_keys_and_values_are_on_the_cache_grids(exported: tuple, prompts: torch.Tensor) -> None:
     """What the runtime feeds back as the past is what the sim's cache stores: the quantized keys and values."""
     _, sim, export = exported
-    _, *present = _session(export, "basic").run(None, _prefill_feeds(export, prompts))
+    _, *present = onnxruntime_session(export, "basic").run(None, prefill_feeds(export, prompts))
     for layer, names in kv_cache_quantizers(sim).items():
         for name, values in zip((names.key, names.value), present[2 * layer: 2 * layer + 2], strict=True):
             scale = float(sim.quantizer(name).encoding.scale)
@@ -146,7 +115,7 @@ def test_present_keys_and_values_are_on_the_cache_grids(exported: tuple, prompts
 @pytest.mark.parametrize("level", ["basic", "all"])
 def test_prefill_logits_match_the_sim(exported: tuple, prompts: torch.Tensor, level: str) -> None:
     _, sim, export = exported
-    logits = _session(export, level).run(None, _prefill_feeds(export, prompts))[0]
+    logits = onnxruntime_session(export, level).run(None, prefill_feeds(export, prompts))[0]
     with torch.no_grad(), sim.frozen_weights():
         expected = sim.model(input_ids=prompts, use_cache=False).logits.numpy()
     scale = _logits_scale(sim)
@@ -159,16 +128,17 @@ def test_ort_greedy_decoding_equals_the_sim(exported: tuple, prompts: torch.Tens
     _, sim, export = exported
     expected = torch.cat([greedy_generate(sim, prompt.unsqueeze(0), NEW_TOKENS) for prompt in prompts]).numpy()
     assert all(np.unique(row).size >= 8 for row in expected)  # continuations that depend on the context
-    np.testing.assert_array_equal(_ort_generate(_session(export, level), export, prompts), expected)
+    np.testing.assert_array_equal(onnxruntime_generate(export, prompts, NEW_TOKENS, optimization=level).numpy(),
+                                  expected)
 
 
 def test_decode_step_reads_its_past(exported: tuple, prompts: torch.Tensor) -> None:
     """A decode step given the prefill's present differs from one given no past: the cache is a real input (at
     batch size 1, which the graph was not traced with)."""
     _, sim, export = exported
-    session = _session(export, "basic")
+    session = onnxruntime_session(export, "basic")
     prompt = prompts[:1]
-    _, *present = session.run(None, _prefill_feeds(export, prompt))
+    _, *present = session.run(None, prefill_feeds(export, prompt))
     step = {INPUT_IDS: prompt[:, -1:].numpy(), POSITION_IDS: np.full((1, 1), 8)}
     with_past = session.run(None, {**step, ATTENTION_MASK: causal_mask(8, 1).numpy(),
                                    **dict(zip(cache_names("past", 2), present, strict=True))})[0]

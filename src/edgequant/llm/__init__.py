@@ -16,6 +16,8 @@ from edgequant.llm.export import (
     export_causal_lm,
     load_causal_lm_encodings,
     onnxruntime_generate,
+    onnxruntime_session,
+    prefill_feeds,
 )
 from edgequant.llm.gptq import GptqLayer, GptqReport, GptqSettings, gptq, gptq_round
 from edgequant.llm.loading import ModelLoadError, ModelNotFoundError, load_causal_lm
@@ -77,7 +79,9 @@ __all__ = [
     "load_causal_lm_encodings",
     "next_token_agreement",
     "onnxruntime_generate",
+    "onnxruntime_session",
     "perplexity",
+    "prefill_feeds",
     "prepare_causal_lm",
     "pydoc_topics_split",
     "quantize",

@@ -170,12 +170,9 @@ def _cache_as_tensors(model: nn.Module, num_layers: int) -> Iterator[None]:
         del model.forward
 
 
-def onnxruntime_generate(export: CausalLmExport, prompt_ids: torch.Tensor, max_new_tokens: int, *,
-                         optimization: str = "all") -> torch.Tensor:
-    """Greedy decoding of ``prompt_ids`` [B, T] with the exported graph in ONNX Runtime (CPU; ``optimization``:
-    ``"basic"`` or ``"all"``, with `ORT_SESSION_CONFIG`): a prefill, then one token per call with the present keys
-    and values fed back as the past. Returns the ``max_new_tokens`` new token ids [B, N], as
-    `edgequant.llm.greedy_generate` does for the sim."""
+def onnxruntime_session(export: CausalLmExport, optimization: str = "all") -> Any:
+    """An ONNX Runtime CPU session of the exported graph (``optimization``: ``"basic"`` or ``"all"``), with
+    `ORT_SESSION_CONFIG` set so that it computes what the sim computes."""
     import onnxruntime as ort  # noqa: PLC0415 - the runtime is needed only here
 
     levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
@@ -185,12 +182,26 @@ def onnxruntime_generate(export: CausalLmExport, prompt_ids: torch.Tensor, max_n
     options.graph_optimization_level = levels[optimization]
     for key, value in ORT_SESSION_CONFIG.items():
         options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(str(export.onnx_path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(export.onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def prefill_feeds(export: CausalLmExport, prompt_ids: torch.Tensor) -> dict[str, Any]:
+    """The graph's inputs (numpy arrays) for a prefill of ``prompt_ids`` [B, T]: positions from 0, the causal
+    mask and empty past tensors."""
     batch, length = prompt_ids.shape
     feeds = {INPUT_IDS: prompt_ids.long(), POSITION_IDS: torch.arange(length).expand(batch, -1),
              ATTENTION_MASK: causal_mask(0, length, batch), **export.empty_past(batch)}
-    feeds = {name: value.numpy() for name, value in feeds.items()}
-    position, generated = 0, []
+    return {name: value.numpy() for name, value in feeds.items()}
+
+
+def onnxruntime_generate(export: CausalLmExport, prompt_ids: torch.Tensor, max_new_tokens: int, *,
+                         optimization: str = "all") -> torch.Tensor:
+    """Greedy decoding of ``prompt_ids`` [B, T] with the exported graph in ONNX Runtime (`onnxruntime_session`):
+    a prefill, then one token per call with the present keys and values fed back as the past. Returns the
+    ``max_new_tokens`` new token ids [B, N], as `edgequant.llm.greedy_generate` does for the sim."""
+    session = onnxruntime_session(export, optimization)
+    batch = prompt_ids.shape[0]
+    feeds, position, generated = prefill_feeds(export, prompt_ids), 0, []
     for _ in range(max_new_tokens):
         logits, *present = session.run(None, feeds)
         step = torch.from_numpy(logits[:, -1]).argmax(-1, keepdim=True)

@@ -141,7 +141,7 @@ def apply_recipe(sim: QuantSim, recipe: Recipe, *, block_size: int, kv_cache_bw:
         for names in kv_cache_quantizers(sim).values():
             for name in (names.key, names.value):
                 quantizer = sim.quantizer(name)
-                quantizer.number_format = IntegerFormat(kv_cache_bw, quantizer.symmetric)
+                sim.set_format(quantizer.owner, IntegerFormat(kv_cache_bw, quantizer.symmetric), kinds=("output",))
 
 
 def kv_cache_quantizers(sim: QuantSim) -> dict[int, KvCacheQuantizers]:
