@@ -192,3 +192,30 @@ def test_ptq_techniques_refuse_frozen_weights_and_export_unfreezes_around_itself
     assert frozen_files.float_model.read_bytes() == live_files.float_model.read_bytes()
     result = adaround(sim, [images[:32]], num_iterations=2, progress=False)  # works once unfrozen
     assert result is not None
+
+
+def test_frozen_weights_with_a_weight_two_layers_share() -> None:
+    """A tied embedding and output layer: each layer folds the shared float weight on its own grid, and unfreezing
+    gives the shared tensor its values back whichever layer unseals first."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(10, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.embedding.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embedding(ids))
+
+    torch.manual_seed(0)
+    ids = torch.arange(10)[None]
+    sim = eq.QuantSim(Tied(), ids, param_bw=4, config="per_channel")
+    sim.calibrate([ids], progress=False)
+    with torch.no_grad():
+        live = sim.model(ids)
+        weight = sim.model.embedding.weight.detach().clone()
+        with sim.frozen_weights():
+            frozen = sim.model(ids)
+    assert torch.equal(frozen, live)
+    assert sim.model.head.weight is sim.model.embedding.weight and torch.equal(sim.model.embedding.weight, weight)

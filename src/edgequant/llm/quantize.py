@@ -117,7 +117,8 @@ def prepare_causal_lm(model: nn.Module) -> nn.Module:
 
 def _untie_weights(model: nn.Module) -> None:
     """Give each layer its own copy of a shared weight (tied embedding and ``lm_head``): the device stores the two
-    tensors on different grids (an int8 embedding table, a 4-bit ``lm_head``), as the leading toolkit does."""
+    tensors on different grids (an int8 embedding table, a 4-bit ``lm_head``), as the leading toolkit does, and
+    the recipes' techniques (GPTQ, rotations, AWQ) change one without the other."""
     seen: set[int] = set()
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):

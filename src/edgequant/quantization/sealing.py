@@ -24,6 +24,17 @@ class SealedTensorError(RuntimeError):
     not mistake a sealed weight for a missing one."""
 
 
+_HELD: dict[int, list[Any]] = {}
+"""id(tensor) -> [its values, how many modules have it sealed]: a tensor two modules share (tied weights) keeps its
+values until the last seal is lifted, and the second seal records the values, not the emptied tensor."""
+
+
+def live_data(tensor: torch.Tensor) -> torch.Tensor:
+    """The values of ``tensor``, also while a module (another owner of a shared tensor) has it sealed."""
+    held = _HELD.get(id(tensor))
+    return held[0] if held is not None else tensor.data
+
+
 class Sealable(nn.Module):
     """Mixin for modules whose parameters and buffers can be sealed (see the module docstring)."""
 
@@ -35,13 +46,20 @@ class Sealable(nn.Module):
         for name in names:
             store = self._parameters if name in self._parameters else self._buffers
             tensor = store.pop(name)
-            sealed[name] = (store is self._parameters, tensor, tensor.data, message)
+            held = _HELD.setdefault(id(tensor), [tensor.data, 0])
+            held[1] += 1
+            sealed[name] = (store is self._parameters, tensor, held[0], message)
             tensor.data = tensor.data.new_empty(0)
 
     def unseal_tensors(self) -> None:
-        """Put every sealed tensor back where it was, with its values."""
+        """Put every sealed tensor back where it was, with its values (a shared tensor gets them back when the
+        last module that sealed it unseals it)."""
         for name, (is_parameter, tensor, data, _) in self.__dict__.pop("_sealed", {}).items():
-            tensor.data = data
+            held = _HELD[id(tensor)]
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[id(tensor)]
+                tensor.data = data
             (self._parameters if is_parameter else self._buffers)[name] = tensor
 
     def sealed_data(self, name: str) -> torch.Tensor:

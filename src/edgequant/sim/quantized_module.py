@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from edgequant.quantization import Granularity, Quantizer
-from edgequant.quantization.sealing import Sealable
+from edgequant.quantization.sealing import Sealable, live_data
 from edgequant.sim.ops import CLAMP_ACTIVATIONS, clamp_bounds, function_name
 
 
@@ -135,7 +135,7 @@ class QuantizedModule(Sealable):
                 param = self._parameters.get(name)
                 if param is None or not quantizer.enabled or quantizer.calibrating or quantizer.scale is None:
                     continue  # stays live: quantized (or refused) per forward as before
-                frozen[name] = FrozenParam(quantizer(param), quantizer.bitwidth, quantizer.granularity)
+                frozen[name] = FrozenParam(quantizer(live_data(param)), quantizer.bitwidth, quantizer.granularity)
         for name in frozen:
             quantizer = self.param_quantizers[name]
             message = (f"the encoding of '{quantizer.name}' is sealed while the sim's weights are frozen "
