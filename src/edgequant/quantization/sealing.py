@@ -24,14 +24,15 @@ class SealedTensorError(RuntimeError):
     not mistake a sealed weight for a missing one."""
 
 
-_HELD: dict[int, list[Any]] = {}
-"""id(tensor) -> [its values, how many modules have it sealed]: a tensor two modules share (tied weights) keeps its
-values until the last seal is lifted, and the second seal records the values, not the emptied tensor."""
+_HELD = "_edgequant_sealed_values"
+"""Attribute of a sealed tensor: [its values, how many modules have it sealed]. A tensor two modules share (tied
+weights) keeps its values until the last seal is lifted, and the second seal records the values, not the emptied
+tensor; on the tensor itself, the record lives and dies with it."""
 
 
 def live_data(tensor: torch.Tensor) -> torch.Tensor:
     """The values of ``tensor``, also while a module (another owner of a shared tensor) has it sealed."""
-    held = _HELD.get(id(tensor))
+    held = getattr(tensor, _HELD, None)
     return held[0] if held is not None else tensor.data
 
 
@@ -46,7 +47,10 @@ class Sealable(nn.Module):
         for name in names:
             store = self._parameters if name in self._parameters else self._buffers
             tensor = store.pop(name)
-            held = _HELD.setdefault(id(tensor), [tensor.data, 0])
+            held = getattr(tensor, _HELD, None)
+            if held is None:
+                held = [tensor.data, 0]
+                setattr(tensor, _HELD, held)
             held[1] += 1
             sealed[name] = (store is self._parameters, tensor, held[0], message)
             tensor.data = tensor.data.new_empty(0)
@@ -55,10 +59,10 @@ class Sealable(nn.Module):
         """Put every sealed tensor back where it was, with its values (a shared tensor gets them back when the
         last module that sealed it unseals it)."""
         for name, (is_parameter, tensor, data, _) in self.__dict__.pop("_sealed", {}).items():
-            held = _HELD[id(tensor)]
+            held = getattr(tensor, _HELD)
             held[1] -= 1
             if held[1] == 0:
-                del _HELD[id(tensor)]
+                delattr(tensor, _HELD)
                 tensor.data = data
             (self._parameters if is_parameter else self._buffers)[name] = tensor
 
