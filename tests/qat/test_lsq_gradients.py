@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from edgequant.qat.lsq import learn_range, lsq_grad_scale, values_per_scale
+from edgequant.qat.lsq import has_unsigned_grid, learn_range, lsq_grad_scale, values_per_scale
 from edgequant.quantization import Encoding, PerChannel, Quantizer
 from edgequant.quantization.affine import quantize_dequantize
 
@@ -56,6 +56,29 @@ def test_lsq_grad_scale_is_one_over_sqrt_n_qp():
     assert values_per_scale(weight_quantizer, torch.Size([16, 8, 3, 3]), batched=False) == 72
     activation = Quantizer(4, False, role="output")
     assert values_per_scale(activation, torch.Size([2, 8, 4, 4]), batched=True) == 128
+
+
+def test_lsq_grad_scale_counts_the_whole_grid_of_an_unsigned_symmetric_quantizer():
+    # 8 bits, 64 values per scale: signed symmetric levels -128..127 (strict: -127..127) have Qp = 127; the unsigned
+    # symmetric grid 0..255 (offset 0) has Qp = 255, as an asymmetric one does
+    assert lsq_grad_scale(64, 8, True) == pytest.approx(1 / math.sqrt(64 * 127))
+    assert lsq_grad_scale(64, 8, True, unsigned=True) == pytest.approx(1 / math.sqrt(64 * 255))
+    assert lsq_grad_scale(64, 8, True, unsigned=True) == pytest.approx(lsq_grad_scale(64, 8, False))
+    non_negative, signed = torch.linspace(0, 3, 64), torch.linspace(-1, 3, 64)
+    unsigned = Quantizer(8, True, role="output", unsigned_symmetric=True)
+    unsigned.encode_from(non_negative)
+    assert unsigned.offset.item() == 0 and has_unsigned_grid(unsigned)
+    unsigned.encode_from(signed)
+    assert unsigned.offset.item() == -128 and not has_unsigned_grid(unsigned)
+    strict = Quantizer(8, True, role="output", strict_symmetric=True)
+    strict.encode_from(non_negative)
+    assert strict.offset.item() == -127 and not has_unsigned_grid(strict)
+    asymmetric = Quantizer(8, False, role="output")
+    asymmetric.encode_from(non_negative)
+    assert asymmetric.offset.item() == 0 and not has_unsigned_grid(asymmetric)  # Qp from symmetric=False already
+    mixed = Quantizer(8, True, granularity=PerChannel(0), role="param", unsigned_symmetric=True)
+    mixed.encode_from(torch.stack([non_negative, signed]))
+    assert mixed.offset.flatten().tolist() == [0, -128] and not has_unsigned_grid(mixed)
 
 
 def test_range_learning_scales_the_gradients_by_g():

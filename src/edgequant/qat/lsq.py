@@ -4,9 +4,11 @@ gradient scale of their scale/offset, and the constraints that keep a learned gr
 Gradient scale. LSQ multiplies the step-size gradient by ``g = 1 / sqrt(N * Qp)`` so that the scale's update
 is of the same relative size as the weights' updates: ``N`` is the number of values one scale quantizes (the
 weights of one output channel per channel, of one block per block, all of them per tensor; the features of one
-sample for an activation) and ``Qp`` the largest positive integer of the grid (``2**(b-1) - 1`` symmetric, ``2**b - 1``
-asymmetric). The same ``g`` scales the offset's gradient (LSQ+). It is applied by a gradient hook on the
-parameter, before accumulation, so any optimizer and ``DistributedDataParallel`` see the scaled gradient.
+sample for an activation) and ``Qp`` the largest positive integer of the grid: ``2**(b-1) - 1`` on the signed
+symmetric grid (strict or not), ``2**b - 1`` on an asymmetric grid and on the unsigned symmetric one (offset 0,
+levels ``0 .. 2**b - 1``, which ``unsigned_symmetric`` gives non-negative data). The same ``g`` scales the offset's
+gradient (LSQ+). It is applied by a gradient hook on the parameter, before accumulation, so any optimizer and
+``DistributedDataParallel`` see the scaled gradient.
 
 Constraints. Whatever the optimizer does, a learned scale stays ``>= floor`` (``min_scale_fraction`` times the
 calibrated scale, and never below ``MIN_RANGE / num_steps``) and a learned offset stays in
@@ -34,10 +36,19 @@ MAX_LEARNED_BITWIDTH = 16
 DEFAULT_MIN_SCALE_FRACTION = 1e-3
 
 
-def lsq_grad_scale(values_per_scale: int, bitwidth: int, symmetric: bool) -> float:
-    """``1 / sqrt(N * Qp)``, the LSQ gradient scale for one scale quantizing ``N`` values (see module doc)."""
-    positive_max = 2 ** (bitwidth - 1) - 1 if symmetric else 2**bitwidth - 1
+def lsq_grad_scale(values_per_scale: int, bitwidth: int, symmetric: bool, *, unsigned: bool = False) -> float:
+    """``1 / sqrt(N * Qp)``, the LSQ gradient scale for one scale quantizing ``N`` values (see module doc);
+    ``unsigned``: a symmetric grid at offset 0, whose ``Qp`` is that of the whole grid."""
+    positive_max = 2 ** (bitwidth - 1) - 1 if symmetric and not unsigned else 2**bitwidth - 1
     return 1.0 / math.sqrt(max(values_per_scale, 1) * positive_max)
+
+
+def has_unsigned_grid(quantizer: Quantizer) -> bool:
+    """Whether a symmetric quantizer sits on the unsigned grid (``unsigned_symmetric`` calibrated on non-negative
+    data: offset 0 on every channel). Its offset does not train, so the grid stays unsigned. One factor serves the
+    quantizer: a weight whose channels mix signed and unsigned grids counts as signed (the smaller ``Qp``)."""
+    return (quantizer.symmetric and quantizer.unsigned_symmetric and quantizer.offset is not None
+            and bool((quantizer.offset == 0).all()))
 
 
 def values_per_scale(quantizer: Quantizer, shape: torch.Size, batched: bool) -> int:
