@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from references import grid_from_encoding
 from torch import nn
 
 from edgequant import QuantSim
-from edgequant.ptq.adaround import AdaRoundSettings, adaround
+from edgequant.ptq.adaround import AdaRoundSettings, LayerRounding, adaround, time_estimate
+
+ADAROUND_MODULE = sys.modules["edgequant.ptq.adaround"]  # the package re-exports the function under this name
 
 
 class SmallNet(nn.Module):
@@ -152,3 +156,35 @@ def test_a_settings_object_with_keyword_overrides_rounds_as_the_keywords_alone(s
 def test_settings_are_checked_when_made(keywords: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AdaRoundSettings(**keywords)
+
+
+class _TickingClock:
+    """Stands in for the `time` module: each reading is one second after the last."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_the_time_estimate_after_the_first_layer_projects_the_whole_run(small_setup, monkeypatch, capsys) -> None:
+    model, batches = small_setup
+    sim = _calibrated_sim(model, batches)
+    monkeypatch.setattr(ADAROUND_MODULE, "time", _TickingClock())
+    result = adaround(sim, batches, num_iterations=10, per_layer_iterations={"fc": 30}, progress=True)
+    # each clocked step takes 1 s: collection 1 s, then per layer 1 s of inputs and 1 s of rounding, so the
+    # first layer ends at 3 s and the others cost 1 s of inputs plus 0.1 s per iteration: 3 + 2 + 4 = 9 s
+    assert [r.name for r in result.layers] == ["conv", "dw", "fc"]
+    assert ("adaround: first layer (conv, 10 iterations) done after 3.0 s; all 3 layers (50 iterations) will take "
+            "about 9.0 s") in capsys.readouterr().out.splitlines()
+    sim = _calibrated_sim(model, batches)
+    adaround(sim, batches, num_iterations=10, progress=False)
+    assert "adaround" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(3.04, "3.0 s"), (95, "95 s"), (1500, "25 min"), (36000, "10.0 h")])
+def test_the_estimate_picks_a_readable_unit(seconds: float, shown: str) -> None:
+    first = LayerRounding("conv", 100, 0.0, 0.0, 0.0, seconds)
+    assert time_estimate(first, seconds, 0.0, [100]).endswith(f"about {shown}")

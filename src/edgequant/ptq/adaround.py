@@ -173,17 +173,20 @@ def _prepare_encodings(sim: QuantSim, targets: list[_Target]) -> None:
 
 def _run(sim: QuantSim, data: Iterable[Any], targets: list[_Target], iterations: dict[str, int],
          result: AdaRoundResult, generator: torch.Generator, settings: AdaRoundSettings) -> None:
-    """Collect, then round layer by layer in execution order, filling ``result``."""
+    """Collect, then round layer by layer in execution order, filling ``result``; with ``progress``, print the
+    projected total time once the first layer is rounded."""
     with LayerCache(settings.memory_budget_mb) as cache:
         start = time.perf_counter()
         targets = _collect(sim, targets, data, settings.num_batches, cache,
                            collect_inputs=not settings.refresh_inputs, progress=settings.progress)
         result.collect_seconds += time.perf_counter() - start
         for target in targets:
+            inputs_seconds = 0.0
             if settings.refresh_inputs:
                 start = time.perf_counter()
                 _collect_inputs_up_to(sim, target, data, settings.num_batches, cache)
-                result.collect_seconds += time.perf_counter() - start
+                inputs_seconds = time.perf_counter() - start
+                result.collect_seconds += inputs_seconds
             start = time.perf_counter()
             inputs = cache.get((target.name, "input"), sim.device)
             outputs = cache.get((target.name, "target"), sim.device)
@@ -193,7 +196,33 @@ def _run(sim: QuantSim, data: Iterable[Any], targets: list[_Target], iterations:
             layer_result.seconds = time.perf_counter() - start
             result.optimize_seconds += layer_result.seconds
             result.layers.append(layer_result)
+            if settings.progress and len(result.layers) == 1:
+                elapsed = result.collect_seconds + result.optimize_seconds
+                tqdm.write(time_estimate(layer_result, elapsed, inputs_seconds, [iterations[t.name] for t in targets]))
         result.bytes_spilled = cache.bytes_spilled
+
+
+def time_estimate(first: LayerRounding, elapsed: float, inputs_seconds: float, iterations: list[int]) -> str:
+    """One line projecting the whole run from its first rounded layer, so a user learns early whether the
+    iteration count fits the machine (the paper's 10,000 per layer take hours on a CPU).
+
+    ``elapsed``: seconds so far, ``inputs_seconds``: of them, refreshing the first layer's inputs; ``iterations``:
+    per layer, in the order rounded. Each later layer is assumed to cost the first one's time per iteration and
+    its input refresh (a lower bound: refreshing a deeper layer's inputs runs more of the model).
+    """
+    per_iteration = first.seconds / max(first.iterations, 1)
+    remaining = iterations[1:]
+    total = elapsed + per_iteration * sum(remaining) + inputs_seconds * len(remaining)
+    return (f"adaround: first layer ({first.name}, {first.iterations:,} iterations) done after {_duration(elapsed)}; "
+            f"all {len(iterations)} layers ({sum(iterations):,} iterations) will take about {_duration(total)}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 # -- which layers, and what follows them ------------------------------------------------------------------
