@@ -10,6 +10,9 @@ attention masks) are sentinels, not data: they are left out as well (counted in 
 warning) so that they do not stretch the grid; at run time they saturate to the grid's ends, as on the device.
 An analyzer that saw no usable value at all raises `CalibrationError`.
 
+Searching analyzers (SQNR, MSE) score each candidate on the grid the quantizer will use: `compute_range` takes
+``strict_symmetric`` (the ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` grid), which the quantizer passes when its grid is strict.
+
 Statistics are kept per row of `Granularity.rows`: one row per scale (per tensor: one row; per channel: one per
 channel; per block: one per block of each channel, the per-channel statistics of the grouped view), so every
 analyzer computes per-block ranges with its per-channel code.
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from edgequant.quantization.encoding import MIN_RANGE
+from edgequant.quantization.encoding import MIN_RANGE, grid_steps, strict_symmetric_offset
 from edgequant.quantization.granularity import PER_TENSOR, Granularity, PerChannel, as_granularity
 
 SENTINEL_MAGNITUDE = 1e30
@@ -111,8 +114,11 @@ class EncodingAnalyzer:
     def _device(self, other: EncodingAnalyzer) -> torch.device:
         return self.min.device if self.min is not None else other.min.device
 
-    def compute_range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel (min, max) the encoding should cover."""
+    def compute_range(
+        self, bitwidth: int, symmetric: bool, *, strict_symmetric: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (min, max) the encoding should cover, on the grid of ``bitwidth``, ``symmetric`` and
+        ``strict_symmetric`` (applies when symmetric)."""
         self._require_data()
         return self.min, self.max
 
@@ -213,7 +219,9 @@ class PercentileAnalyzer(HistogramAnalyzer):
         self.percentile = percentile
         super().__init__(granularity, num_bins)
 
-    def compute_range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_range(
+        self, bitwidth: int, symmetric: bool, *, strict_symmetric: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self._require_data()
         cdf = self.hist.cumsum(dim=1)
         total = cdf[:, -1:]
@@ -247,16 +255,19 @@ class SqnrAnalyzer(HistogramAnalyzer):
         self.num_offsets = num_offsets
         super().__init__(granularity, num_bins)
 
-    def compute_range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_range(
+        self, bitwidth: int, symmetric: bool, *, strict_symmetric: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self._require_data()
-        num_steps = 2**bitwidth - 1
+        num_steps = grid_steps(bitwidth, symmetric and strict_symmetric)
         low = torch.minimum(self.min, torch.zeros_like(self.min))
         high = torch.maximum(self.max, torch.zeros_like(self.max))
         fractions = torch.arange(1, self.num_scales + 1, device=low.device) / self.num_scales
         if symmetric:
             abs_max = torch.maximum(-low, high).clamp_min(MIN_RANGE)
-            scales = abs_max[:, None] * fractions[None] / (num_steps // 2)  # (C, S)
-            offsets = torch.full_like(scales, -float(2 ** (bitwidth - 1)))[..., None]  # (C, S, 1)
+            scales = abs_max[:, None] * fractions[None] / (num_steps // 2)  # (C, S); 2**(b-1) - 1 steps, strict or not
+            lowest = strict_symmetric_offset(bitwidth) if strict_symmetric else -(2 ** (bitwidth - 1))
+            offsets = torch.full_like(scales, float(lowest))[..., None]  # (C, S, 1)
         else:
             scales = (high - low).clamp_min(MIN_RANGE)[:, None] * fractions[None] / num_steps
             spread = torch.linspace(-num_steps, 0, self.num_offsets, device=low.device).round()
@@ -330,28 +341,36 @@ class MseAnalyzer(EncodingAnalyzer):
         values = other.values.to(self.min.device)
         self.values = values if self.values is None else torch.cat([self.values, values], dim=1)
 
-    def compute_range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_range(
+        self, bitwidth: int, symmetric: bool, *, strict_symmetric: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self._require_data()
+        strict = symmetric and strict_symmetric
         coarse = torch.linspace(self.min_ratio, 1.0, self.num_candidates, device=self.min.device)
         step = float(coarse[1] - coarse[0]) if self.num_candidates > 1 else 0.0
-        best_ratio, best_error = self._search(coarse[:, None].expand(-1, self.min.shape[0]), bitwidth, symmetric)
+        best_ratio, best_error = self._search(coarse[:, None].expand(-1, self.min.shape[0]), bitwidth, symmetric,
+                                              strict)
         offsets = torch.linspace(-step, step, self.num_candidates, device=self.min.device)
         fine = (best_ratio[None] + offsets[:, None]).clamp(1e-3, 1.0)
-        fine_ratio, fine_error = self._search(fine, bitwidth, symmetric)
+        fine_ratio, fine_error = self._search(fine, bitwidth, symmetric, strict)
         ratio = torch.where(fine_error < best_error, fine_ratio, best_ratio)
         return self.min * ratio, self.max * ratio
 
-    def _search(self, ratios: torch.Tensor, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best of ``ratios`` (candidates x channels) per channel, and its error."""
+    def _search(
+        self, ratios: torch.Tensor, bitwidth: int, symmetric: bool, strict_symmetric: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best of ``ratios`` (candidates x channels) per channel, and its error on the grid the quantizer uses."""
         from edgequant.quantization.affine import quantize_dequantize
         from edgequant.quantization.encoding import Encoding
 
         best_error = torch.full_like(self.min, torch.inf)
         best_ratio = torch.ones_like(self.min)
         for ratio in ratios:
-            encoding = Encoding.from_range(self.min * ratio, self.max * ratio, bitwidth, symmetric, PerChannel(0))
+            encoding = Encoding.from_range(self.min * ratio, self.max * ratio, bitwidth, symmetric, PerChannel(0),
+                                           strict_symmetric=strict_symmetric)
             scale, offset = encoding.scale[:, None], encoding.offset[:, None]
-            error = (quantize_dequantize(self.values, scale, offset, bitwidth) - self.values).square().mean(dim=1)
+            quantized = quantize_dequantize(self.values, scale, offset, bitwidth, strict_symmetric=strict_symmetric)
+            error = (quantized - self.values).square().mean(dim=1)
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             best_ratio = torch.where(better, ratio, best_ratio)

@@ -279,7 +279,10 @@ class Quantizer(Sealable):
 
     def _analyzer_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The analyzer's (low, high) per channel. An unsigned symmetric quantizer searches the channels whose data
-        is all non-negative as asymmetric ranges starting at 0 (AIMET: such a range gets the unsigned grid)."""
+        is all non-negative as asymmetric ranges starting at 0 (AIMET: such a range gets the unsigned grid); a strict
+        symmetric one searches on its strict grid."""
+        if self.strict_grid:
+            return self.analyzer.compute_range(self.bitwidth, True, strict_symmetric=True)
         if not (self.symmetric and self.unsigned_symmetric) or self.analyzer.min is None:
             return self.analyzer.compute_range(self.bitwidth, self.symmetric)
         unsigned = self.analyzer.min >= 0
