@@ -18,9 +18,20 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
     multiplier ``M = fl32(fl32(s_x·s_w) / s_y)`` (per output channel for per-channel weights).
   - QLinearAdd (8-bit, AVX2 kernel): ``r_a = fl32(s_a/s_c)``, ``r_b = fl32(s_b/s_c)``,
     ``c = fl32(z_c - fma(r_a, z_a, fl32(r_b·z_b)))``, then ``y = sat(rne(fma(q_a, r_a, fma(q_b, r_b, c))))``.
-  - QLinearMul (SSE2 kernel): ``y = sat(rne(fl32(fl32(fl32((q_a - z_a)(q_b - z_b)) · fl32(s_a·s_b/s_c)) + z_c)))``.
+    Broadcast operands (a squeeze-excitation's ``[N, C, 1, 1]``): ORT's broadcaster hands the kernel one
+    scalar per span, always as ``b``, so where the first operand is the scalar the two swap roles.
+  - QLinearMul (SSE2 kernel): ``y = sat(rne(fl32(fl32(fl32((q_a - z_a)(q_b - z_b)) · fl32(s_a·s_b/s_c)) + z_c)))``,
+    broadcast alike (the formula is symmetric).
   - QLinearAveragePool: float32 sum of the dequantized window in row-major order, divided by the count,
-    ``y = sat(rne(fl32(y / s_y) + z_y))``.
+    ``y = sat(rne(fl32(y / s_y) + z_y))``. With ``count_include_pad`` the count is the whole kernel, also for
+    a ``ceil_mode`` window that runs past the padding (PyTorch divides by the part inside the padded input
+    there: on those positions ORT's output differs from the PyTorch model's, and the emulation follows ORT).
+  - QLinearConcat, QLinearLeakyRelu: 256-entry tables ``rne(f(fl32(s_x·k)) / s_y)`` (true division), i.e. the
+    sim's quantizer applied to the float32 op on dequantized inputs, which is how they are emulated.
+  - A constant zero ``Pad`` (``nn.ZeroPad2d``, ``F.pad``) whose only consumer is a convolution is folded into
+    the convolution's pads by ORT (PadFusion) and the QLinearConv pads with the zero point: the convolution
+    reads the grid of the padded tensor, and is emulated as usual. A Pad with its own quantizer stays a float
+    Pad between Q/DQ in ORT, exact in both.
   - QLinearSigmoid: a 256-entry table of MLAS's own logistic (Eigen's rational approximation, FMA3 kernel),
     quantized with a true division; emulated as that logistic followed by the sim's output quantizer.
   - QLinearGlobalAveragePool: ``acc = Σ q - z_x·N``, requantized as above with
@@ -39,13 +50,16 @@ What stays approximate (computed by the default fake-quantized path even in emul
 * ops whose grids are not 8-bit, or whose producers cannot be read off the fx graph (a quantized input that
   reaches the op through a module the sim could not trace): ORT does not fuse them the same way, or the sim
   does not know which grid the runtime sees;
-* ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; Softmax, LayerNorm,
-  Gelu...: float in ORT too, so the default sim's float32 math is already the runtime's, up to op order);
-* QLinearConcat (ORT requantizes each input through a lookup table) and ConvTranspose: not emulated yet;
-* broadcast adds and muls (a scalar operand takes another path in ORT's kernels), average pools with
-  ``ceil_mode`` or a ``divisor_override``;
+* ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; LayerNorm, Gelu,
+  HardSwish...: float in ORT too, so the default sim's float32 math is already the runtime's, up to op order);
+* ConvTranspose (float in ORT 1.32 between Q/DQ), QLinearSoftmax (listed as not emulated), a Linear on inputs
+  of rank > 2 (exported as MatMul + Add, which ORT runs as MatMulIntegerToFloat + a float Add: the emulation
+  still models it as QGemm), average pools with a ``divisor_override``;
 * on CPUs without AVX-512 VNNI / AVX-VNNI, ORT's u8s8 kernels use ``vpmaddubsw``, whose int16 pair sums
   saturate for large operands; the emulation accumulates exactly (as VNNI CPUs and ARM do).
+
+`sim.emulate` warns in one line when an op the runtime computes in integer is not emulated (the share covered and
+the first ones; ``plan.coverage()``), and ``plan.summary()`` gives every reason.
 
 Emulation is for evaluation: it computes under ``no_grad`` and falls back to the default path while the sim
 calibrates, while a quantizer involved is disabled or uncalibrated, and during ONNX export.

@@ -91,11 +91,11 @@ class RuntimeModel(ABC):
 
     @abstractmethod
     def add(self, a: torch.Tensor, a_grid: Grid, b: torch.Tensor, b_grid: Grid, output: Grid) -> torch.Tensor:
-        """Elementwise ``a + b`` of two quantized tensors of the same shape, on the output grid."""
+        """Elementwise ``a + b`` of two broadcastable quantized tensors, on the output grid."""
 
     @abstractmethod
     def mul(self, a: torch.Tensor, a_grid: Grid, b: torch.Tensor, b_grid: Grid, output: Grid) -> torch.Tensor:
-        """Elementwise ``a · b`` of two quantized tensors of the same shape, on the output grid."""
+        """Elementwise ``a · b`` of two broadcastable quantized tensors, on the output grid."""
 
     @abstractmethod
     def average_pool(self, windows: torch.Tensor, counts: torch.Tensor, source: Grid, output: Grid) -> torch.Tensor:
@@ -105,6 +105,19 @@ class RuntimeModel(ABC):
     def sigmoid(self, values: torch.Tensor) -> torch.Tensor:
         """The float logistic function the runtime tabulates for its quantized Sigmoid (float32 in and out)."""
         return torch.sigmoid(values)
+
+
+def scalar_operand(a: torch.Size, b: torch.Size) -> int | None:
+    """Which operand of a broadcast binary op ONNX Runtime's broadcaster hands to the kernel as one scalar per
+    span (0 or 1), or None when both run along the span. The span is the innermost run of output axes; an
+    operand of size 1 on the last axis longer than 1 (an SE block's ``[N, C, 1, 1]``) is a scalar there."""
+    shape = torch.broadcast_shapes(a, b)
+    axis = next((i for i in range(len(shape) - 1, -1, -1) if shape[i] > 1), None)
+    for operand, operand_shape in enumerate((a, b)):
+        padded = (1,) * (len(shape) - len(operand_shape)) + tuple(operand_shape)
+        if axis is None or padded[axis] == 1:
+            return operand
+    return None
 
 
 def fma_float32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -135,12 +148,14 @@ class OnnxRuntimeCPU(RuntimeModel):
         return output.clamp((sums.float() * multiplier).round_())
 
     def add(self, a: torch.Tensor, a_grid: Grid, b: torch.Tensor, b_grid: Grid, output: Grid) -> torch.Tensor:
+        if scalar_operand(a.shape, b.shape) == 0:  # the kernel takes the operand along the span as `a`
+            a, a_grid, b, b_grid = b, b_grid, a, a_grid  # (checked on all input pairs against ORT 1.32)
         ratio_a, ratio_b = a_grid.scale / output.scale, b_grid.scale / output.scale
         # `z_c - (r_a·z_a + r_b·z_b)` in C++, which the compiler contracts to an FMA (checked on all 65536 input
         # pairs for 300 random grids against ORT 1.32: exact; without the FMA 32 elements differ)
         fixed = output.zero_point - fma_float32(ratio_a, a_grid.zero_point, ratio_b * b_grid.zero_point)
         q_a, q_b = a + a_grid.zero_point.double(), b + b_grid.zero_point.double()
-        total = fma_float32(q_a, ratio_a, fma_float32(q_b, ratio_b, fixed))
+        total = fma_float32(q_a, ratio_a, fma_float32(q_b, ratio_b, fixed))  # a scalar `b`'s FMA runs first too
         rounded = total.round_() - output.zero_point  # the zero point is inside `fixed`
         return output.clamp(rounded)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -50,23 +51,27 @@ def _emulated_forward(op: EmulatedOp, runtime: RuntimeModel, default: Callable[.
     quantizers = [*op.inputs, op.output, *([weight] if weight is not None else [])]
     own_output = op.module.output_quantizers["0"] if "0" in op.module.output_quantizers else None
 
-    def forward(self: nn.Module, *args: Any) -> torch.Tensor:
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not _ready(quantizers) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
-            return default(*args)
+            return default(*args, **kwargs)
         output = Grid.of(op.output)
         if op.activation is not None and not _activation_implied(op.activation, output):
-            return default(*args)  # the runtime keeps this activation in float, and the op with it
+            return default(*args, **kwargs)  # the runtime keeps this activation in float, and the op with it
+        positional = (*args, *(kwargs[k] for k in kernel.keywords if k in kwargs))  # keywords planned in order
         with torch.no_grad():
-            values = kernel.compute(op.module, runtime, args, [Grid.of(q) for q in op.inputs], output)
+            values = kernel.compute(op.module, runtime, positional, [Grid.of(q) for q in op.inputs], output)
         if values is None:
-            return default(*args)
+            return default(*args, **kwargs)
         return own_output(values) if own_output is not None else values
 
     return forward
 
 
 def install(plan: EmulationPlan) -> None:
-    """Replace the forward of every planned op by its emulating forward (an instance attribute)."""
+    """Replace the forward of every planned op by its emulating forward (an instance attribute); warns in one
+    line when some op the runtime computes in integer is not emulated."""
+    if plan.skipped:
+        warnings.warn(plan.coverage(), stacklevel=3)
     for op in plan.ops:
         default = types.MethodType(type(op.module).forward, op.module)
         op.module.forward = types.MethodType(_emulated_forward(op, plan.runtime, default), op.module)

@@ -30,10 +30,11 @@ class Kernel:
     inputs (the default fake-quantized forward then runs).
     """
 
-    num_inputs: int
+    num_inputs: int | None  # None: a sequence of tensors as the first argument (Concat)
     covers: Callable[[nn.Module], bool]
     compute: Compute
     weighted: bool = False  # a Conv/Gemm: its weight's grid is read too, and must be quantized
+    keywords: tuple[str, ...] = ()  # keyword arguments taken, in the order they follow the positional ones
 
 
 def _functional(kind: str) -> Callable[[nn.Module], bool]:
@@ -123,11 +124,9 @@ def _matmul(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[G
 
 
 def _elementwise(name: str) -> Compute:
-    """Add and Mul of two tensors of one shape (a broadcast operand takes another path in the runtime)."""
+    """Add and Mul of two broadcastable tensors (the runtime model picks its kernel's path from the shapes)."""
     def compute(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
-                output: Grid) -> torch.Tensor | None:
-        if args[0].shape != args[1].shape:
-            return None
+                output: Grid) -> torch.Tensor:
         operation = getattr(runtime, name)
         return output.values(operation(grids[0].indices(args[0]), grids[0], grids[1].indices(args[1]), grids[1],
                                        output))
@@ -138,6 +137,25 @@ def _elementwise(name: str) -> Compute:
 def _sigmoid(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid], output: Grid) -> torch.Tensor:
     """A table of the runtime's logistic, quantized as the sim's quantizer does."""
     return runtime.sigmoid(args[0])
+
+
+def _leaky_relu(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                output: Grid) -> torch.Tensor:
+    """A table of float32 ``x if x >= 0 else alpha·x`` on the input levels, quantized as the sim's quantizer does."""
+    slope = module.negative_slope if isinstance(module, nn.LeakyReLU) else _argument(args, 1, 0.01)
+    return F.leaky_relu(args[0], slope)
+
+
+def _concat(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+            output: Grid) -> torch.Tensor:
+    """Each input's levels dequantized in float32 and joined; the sim's output quantizer then requantizes them with
+    the runtime's table (``rne(fl32(s_x·k) / s_y)``, a copy where the grids are equal)."""
+    tensors = [grid.values(grid.indices(x)) for x, grid in zip(args[0], grids, strict=True)]
+    return FunctionalOp.forward(module, tensors, *args[1:])
+
+
+def _argument(args: tuple, position: int, default: float) -> float:
+    return float(args[position]) if len(args) > position else default
 
 
 def _global_average_pool(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
@@ -152,23 +170,40 @@ def _pool(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Gri
     return output.values(_average_pool(module, runtime, args[0], grids[0], output))
 
 
+def _pooled_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """PyTorch's (and the exported model's) output length; in ceil mode a last window that would start in the
+    right padding is dropped."""
+    span = size + 2 * padding - kernel
+    count = (-(-span // stride) if ceil_mode else span // stride) + 1
+    return count - 1 if ceil_mode and (count - 1) * stride >= size + padding else count
+
+
 def _average_pool(module: nn.AvgPool2d, runtime: RuntimeModel, x: torch.Tensor, source: Grid,
                   output: Grid) -> torch.Tensor:
-    """Windows of ``x`` in the runtime's order (row-major), the divisor of each output position, pooled."""
+    """Windows of ``x`` in the runtime's order (row-major), the divisor of each output position, pooled.
+
+    The divisors are ONNX Runtime's: with ``count_include_pad`` every window counts the whole kernel, also a
+    last window of ``ceil_mode`` that runs past the padding (PyTorch counts only the part inside the padded
+    input there, so the runtime's output differs from the PyTorch model's on those positions); without it, the
+    input elements the window covers.
+    """
     kernel, stride, padding = (torch.nn.modules.utils._pair(v) for v in (module.kernel_size,
                                                                           module.stride or module.kernel_size,
                                                                           module.padding))
-    height = (x.shape[-2] + 2 * padding[0] - kernel[0]) // stride[0] + 1
-    width = (x.shape[-1] + 2 * padding[1] - kernel[1]) // stride[1] + 1
-    windows = F.unfold(x.float(), kernel, padding=padding, stride=stride)  # (N, C·K, L)
+    sizes = [_pooled_size(x.shape[-2 + axis], kernel[axis], stride[axis], padding[axis], module.ceil_mode)
+             for axis in range(2)]
+    beyond = [(sizes[axis] - 1) * stride[axis] + kernel[axis] - x.shape[-2 + axis] - 2 * padding[axis]
+              for axis in range(2)]  # how far the last window runs past the padded input (ceil mode)
+    pads = (padding[1], padding[1] + max(beyond[1], 0), padding[0], padding[0] + max(beyond[0], 0))
+    windows = F.unfold(F.pad(x.float(), pads), kernel, stride=stride)  # (N, C·K, L)
     windows = windows.view(x.shape[0], x.shape[1], kernel[0] * kernel[1], -1)
     if module.count_include_pad:
         counts = torch.full((windows.shape[-1],), float(kernel[0] * kernel[1]))
     else:
-        ones = torch.ones(1, 1, *x.shape[-2:])
-        counts = F.unfold(ones, kernel, padding=padding, stride=stride).sum(dim=1)[0]
+        ones = F.pad(torch.ones(1, 1, *x.shape[-2:]), pads)
+        counts = F.unfold(ones, kernel, stride=stride).sum(dim=1)[0]
     pooled = runtime.average_pool(windows, counts, source, output)
-    return pooled.view(x.shape[0], x.shape[1], height, width)
+    return pooled.view(x.shape[0], x.shape[1], *sizes)
 
 
 KERNELS: dict[str, Kernel] = {
@@ -180,11 +215,17 @@ KERNELS: dict[str, Kernel] = {
     "GlobalAveragePool": Kernel(1, lambda m: _functional("GlobalAveragePool")(m) or (
         isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d))
         and is_global_pool_size(m.output_size)), _global_average_pool),
-    "AveragePool": Kernel(1, lambda m: isinstance(m, nn.AvgPool2d) and not m.ceil_mode and m.divisor_override is None,
-                          _pool),
+    "AveragePool": Kernel(1, lambda m: isinstance(m, nn.AvgPool2d) and m.divisor_override is None, _pool),
     "Sigmoid": Kernel(1, lambda m: isinstance(m, nn.Sigmoid) or _functional("Sigmoid")(m), _sigmoid),
+    "LeakyRelu": Kernel(1, lambda m: isinstance(m, nn.LeakyReLU) or _functional("LeakyRelu")(m), _leaky_relu,
+                        keywords=("negative_slope",)),
+    "Concat": Kernel(None, _functional("Concat"), _concat, keywords=("dim",)),
 }
 """The ops an integer runtime fuses into one kernel, by ONNX op type."""
+
+NOT_EMULATED: dict[str, str] = {"Softmax": "QLinearSoftmax"}
+"""Ops ONNX Runtime 1.32 also runs as an integer kernel (seen in the graph it optimizes), that no `Kernel` here
+emulates yet: op type → the runtime's kernel. They count against the plan's coverage."""
 
 
 def op_kind(module: nn.Module) -> str | None:

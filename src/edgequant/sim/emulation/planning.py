@@ -12,7 +12,7 @@ from torch import nn
 from edgequant.quantization import PerChannel, Quantizer
 from edgequant.quantization.granularity import PER_TENSOR
 from edgequant.sim.emulation.arithmetic import RuntimeModel
-from edgequant.sim.emulation.kernels import KERNELS, is_global_pool_size, op_kind
+from edgequant.sim.emulation.kernels import KERNELS, NOT_EMULATED, is_global_pool_size, op_kind
 from edgequant.sim.graph import FUSED_ACTIVATIONS, ModelGraph
 from edgequant.sim.ops import is_data_movement, is_pass_through, module_op_type, weight_output_axis
 from edgequant.sim.quantized_module import FunctionalOp
@@ -23,7 +23,7 @@ class EmulatedOp:
     """One fused integer op: the module whose forward is replaced, the grids it reads and writes."""
 
     name: str
-    kind: str  # a key of `KERNELS`: Conv, Gemm, MatMul, Add, Mul, GlobalAveragePool, AveragePool, Sigmoid
+    kind: str  # a key of `KERNELS`: Conv, Gemm, MatMul, Add, Mul, GlobalAveragePool, AveragePool, Sigmoid, ...
     module: nn.Module
     inputs: list[Quantizer]
     output: Quantizer
@@ -38,12 +38,22 @@ class EmulationPlan:
     ops: list[EmulatedOp] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
+    def coverage(self, named: int = 3) -> str:
+        """One line: how many of the ops the runtime computes in integer are emulated, and the first ``named``
+        that are not."""
+        total = len(self.ops) + len(self.skipped)
+        if not self.skipped:
+            return f"emulating {self.runtime.name}: every integer op emulated ({total} of {total})"
+        first = ", ".join(list(self.skipped)[:named]) + (", ..." if len(self.skipped) > named else "")
+        return (f"emulating {self.runtime.name}: {len(self.ops)} of {total} integer ops emulated "
+                f"({len(self.ops) / total:.0%}); not emulated: {first} (plan.summary() says why)")
+
     def summary(self) -> str:
         counts: dict[str, int] = {}
         for op in self.ops:
             counts[op.kind] = counts.get(op.kind, 0) + 1
-        lines = [f"emulating {self.runtime.name}: " + (", ".join(f"{k}×{n}" for k, n in sorted(counts.items()))
-                                                      or "no op")]
+        lines = [self.coverage(), "  emulated: " + (", ".join(f"{k}×{n}" for k, n in sorted(counts.items()))
+                                                   or "no op")]
         lines += [f"  not emulated: {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -101,6 +111,27 @@ class _GraphIndex:
             return None
         return None
 
+    def through_fused_pad(self, prefix: str, node: Any, spatial_axes: int) -> Any:
+        """The input of a constant zero padding that ONNX Runtime folds into the convolution reading ``node``
+        (its PadFusion: a Pad with one consumer, pads ≥ 0 on spatial axes only, value 0), else ``node``. The
+        fused QLinearConv pads with the input's zero point, the sim's padded zeros are index 0 of the same grid:
+        the convolution reads the grid of what the padding pads."""
+        if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.users) != 1 or not node.args:
+            return node
+        module = self.module(prefix, node)
+        if isinstance(module, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)) and not node.kwargs:
+            pads, value = module.padding, module.value
+        elif (module_op_type(module) == "Pad" and isinstance(module, FunctionalOp) and len(node.args) == 2
+              and not any(q.enabled for q in getattr(module, "output_quantizers", {}).values() if q is not None)):
+            pads, value = node.args[1], node.kwargs.get("value")
+            if node.kwargs.get("mode", "constant") != "constant" or set(node.kwargs) - {"mode", "value"}:
+                return node
+        else:
+            return node
+        fused = (isinstance(pads, (tuple, list)) and all(isinstance(p, int) and p >= 0 for p in pads)
+                 and len(pads) <= 2 * spatial_axes and not value)
+        return node.args[0] if fused else node
+
     def fused_output(self, prefix: str, node: fx.Node) -> tuple[Quantizer | None, nn.Module | None]:
         """The quantizer that ends ``node``'s fused group (its own, or that of the activation the graph says is
         fused after it), and that activation; no quantizer where an unfolded BatchNorm is in between."""
@@ -135,6 +166,10 @@ def plan_emulation(model: nn.Module, runtime: RuntimeModel) -> EmulationPlan:
             module = index.module(prefix, node)
             kind = op_kind(module)
             if kind is None:
+                unemulated = NOT_EMULATED.get(module_op_type(module) or "")
+                quantizers = getattr(module, "output_quantizers", {})
+                if unemulated and "0" in quantizers and quantizers["0"].enabled:
+                    plan.skipped[name] = f"the runtime computes it as {unemulated}, which is not emulated"
                 continue
             reason = _plan_op(plan, index, prefix, node, name, module, kind)
             if reason:
@@ -145,20 +180,27 @@ def plan_emulation(model: nn.Module, runtime: RuntimeModel) -> EmulationPlan:
 def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str, node: fx.Node, name: str,
              module: nn.Module, kind: str) -> str:
     """Add ``node``'s op to the plan; returns why not where it is not emulated."""
-    if node.kwargs:
-        return "called with keyword arguments"
     kernel = KERNELS[kind]
-    num_inputs = kernel.num_inputs
+    if set(node.kwargs) - set(kernel.keywords):
+        return "called with keyword arguments"
     args = node.args
     if kind == "GlobalAveragePool" and isinstance(module, FunctionalOp):  # F.adaptive_avg_pool2d(x, 1)
         if len(args) != 2 or not is_global_pool_size(args[1]):
             return "not a global average pool"
         args = args[:1]
-    if len(args) != num_inputs or not all(isinstance(a, fx.Node) for a in args):
-        return f"expects {num_inputs} tensor input(s)"
+    if kernel.num_inputs is None:  # torch.cat([a, b], dim)
+        args = tuple(args[0]) if args and isinstance(args[0], (tuple, list)) else ()
+    elif len(args) == kernel.num_inputs + len(kernel.keywords) and kernel.keywords:  # F.leaky_relu(x, 0.2)
+        args = args[:kernel.num_inputs]
+    if not args or (kernel.num_inputs is not None and len(args) != kernel.num_inputs) or not all(
+            isinstance(a, fx.Node) for a in args):
+        return f"expects {kernel.num_inputs or 'a list of'} tensor input(s)"
+    if kind == "Conv":
+        args = (index.through_fused_pad(prefix, args[0], module.weight.dim() - 2),)
     inputs = []
     for position, arg in enumerate(args):
-        own = module.input_quantizers[str(position)] if str(position) in module.input_quantizers else None
+        key = str(position) if kernel.num_inputs is not None else None  # a list's own quantizers are not per item
+        own = module.input_quantizers[key] if key in module.input_quantizers else None
         quantizer = own if own is not None and own.enabled else index.producer_quantizer(prefix, arg)
         if quantizer is None:
             return f"input {position} does not come from a quantizer the sim can trace"
