@@ -3,6 +3,7 @@ clearly more on the calibration data."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,11 +54,14 @@ def _quantize(model_file: Path, factory: str, *options: str) -> str:
     return result.output
 
 
-def test_uneven_channel_ranges_get_the_hint(model_file: Path) -> None:
+def test_uneven_channel_ranges_get_the_hint_and_the_written_sim_keeps_per_tensor_weights(model_file: Path) -> None:
     hints = [line for line in _quantize(model_file, "uneven").splitlines() if line.startswith("hint:")]
     assert len(hints) == 1 and hints[0].endswith("try --config per_channel"), hints
     default_db, per_channel_db = (float(word) for word in hints[0].split() if word.replace(".", "").isdigit())
     assert per_channel_db - default_db >= 3.0
+    encodings = json.loads((model_file.parent / "out_uneven" / "quantizer_encodings.json").read_text())
+    weight = encodings["0.param_quantizers.weight"]
+    assert weight["granularity"] == {"kind": "per_tensor"} and isinstance(weight["scale"], float)
 
 
 def test_even_channel_ranges_and_an_explicit_config_get_none(model_file: Path) -> None:

@@ -6,10 +6,10 @@ with one command and no data.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import click
 import torch
 
 from edgequant import __version__
-from edgequant.analysis.fidelity import OutputFidelity, sqnr_db
+from edgequant.analysis.fidelity import OutputFidelity, float_leaves, power, sqnr_db
 from edgequant.cli.analyze_command import analyze
 from edgequant.cli.autoquant_command import autoquant
 from edgequant.cli.data import InputSpec, bitwidth_options, data_options, device_option, fold_bn_option, quiet_option
@@ -148,24 +148,39 @@ def _per_channel_hint(sim: QuantSim, batch: Any) -> str | None:
 
     Per-tensor weights are the default config's one difference from ``per_channel``; a layer whose output channels
     have very different weight ranges (a BatchNorm folded into a depthwise conv) loses its small channels to them.
-    The estimate needs no second calibration: a copy of the sim gets per-channel weight encodings computed from
-    its weights and keeps the calibrated activation encodings.
+    The estimate needs no second calibration: the calibrated activation encodings stay, only the weights get
+    per-channel encodings, for the one forward.
     """
-    if not any(q.enabled and getattr(sim.layer_of(q), q.key).dim() >= 2
-               for q in sim.quantizers(role="param").values()):
+    weights = [q for q in sim.quantizers(role="param").values()
+               if q.enabled and getattr(sim.layer_of(q), q.key).dim() >= 2]
+    if not weights or any(q.granularity.kind != "per_tensor" for q in weights):  # none, or granularity chosen
         return None
     call = next(sim.batches([batch], 1))
     with torch.no_grad(), training_mode(sim.model, False), quantizers_disabled(sim.model):
         reference = sim.model(*call[0], **call[1])
+    signal = sum(power(leaf) for leaf in float_leaves(reference))
+    if signal == 0.0:
+        return None
     fidelity = OutputFidelity([call], [reference])
-    per_channel = copy.deepcopy(sim)
-    per_channel.set_granularity("*", PerChannel())
-    default_db = sqnr_db(fidelity.signal_power, fidelity.noise_power(sim.model))
-    per_channel_db = sqnr_db(fidelity.signal_power, fidelity.noise_power(per_channel.model))
+    default_db = sqnr_db(signal, fidelity.noise_power(sim.model))
+    with _per_channel_weights(sim):
+        per_channel_db = sqnr_db(signal, fidelity.noise_power(sim.model))
     if per_channel_db - default_db < PER_CHANNEL_HINT_GAIN_DB:
         return None
     return (f"hint: per-channel weights raise the output SQNR on the first calibration batch from {default_db:.1f} dB "
             f"to {per_channel_db:.1f} dB; try --config per_channel")
+
+
+@contextmanager
+def _per_channel_weights(sim: QuantSim) -> Iterator[None]:
+    """Every weight quantizer per channel (encoded from its weight) inside the block; the sim's own ones after."""
+    originals = [(sim.layer_of(q), q) for q in sim.quantizers(role="param").values()]
+    sim.set_granularity("*", PerChannel())
+    try:
+        yield
+    finally:
+        for layer, quantizer in originals:
+            layer.param_quantizers[quantizer.key] = quantizer
 
 
 def _summary(job: Job, sim: QuantSim, metric: dict | None, timings: dict, num_calibrated: int) -> dict[str, Any]:
