@@ -1,6 +1,7 @@
 """The job every quantizing command runs (quantize, demo, qat, analyze, autoquant), built in one place from the
 options they share: the user's model, data and metric (or the bundled digits demo without them), the device, and
-the quantization settings."""
+the quantization settings (including ``--weight-granularity``, the one sim option declared here, with the settings it
+fills)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,19 @@ import torch
 from torch import nn
 
 from edgequant.cli.data import InputSpec, resolve_data, resolve_device
+from edgequant.cli.errors import one_line
 from edgequant.cli.inputs import dtype_name, forward_failure, load_model, load_object, one_line_of
 from edgequant.ptq import fold_batch_norms
+from edgequant.quantization.granularity import Granularity, Lpbq, PerBlock, PerChannel, PerTensor
 from edgequant.sim import QuantSim
 from edgequant.sim.batches import move_to
 
 DEMO_MODEL = "digits_cnn"
+
+WEIGHT_GRANULARITY_OPTION = "--weight-granularity"
+GRANULARITY_SPELLINGS = "per-tensor, per-channel, per-block:B or lpbq:B[:DECOMPRESSED_BW]"
+BLOCKED_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+"""The layers ``--weight-granularity`` changes (their weights have output and input channels)."""
 
 
 @dataclass(frozen=True)
@@ -42,24 +50,77 @@ class JobOptions:
 
 @dataclass(frozen=True)
 class SimSettings:
-    """The quantization choices: bit widths, calibration scheme (autoquant compares several instead) and config."""
+    """The quantization choices: bit widths, calibration scheme (autoquant compares several instead), config and
+    the weight granularities."""
 
     param_bw: int = 8
     output_bw: int = 8
     scheme: str = "minmax"
     config: str = "default"
+    weight_granularity: tuple[str, ...] = ()
+    """``--weight-granularity`` values as typed (``[LAYERS=]GRANULARITY``), applied in order after the config."""
 
     @property
     def label(self) -> str:
         return f"W{self.param_bw}A{self.output_bw}"
 
     def quantsim_kwargs(self) -> dict[str, Any]:
-        """The keywords `QuantSim` (and `QuantAnalyzer`) take for these settings."""
+        """The keywords `QuantSim` (and `QuantAnalyzer`) take for these settings; weight granularities have none,
+        so a command building its sims from these keywords refuses them."""
+        if self.weight_granularity:
+            raise click.UsageError(f"{WEIGHT_GRANULARITY_OPTION} applies to quantize, demo and qat only; leave it out")
         return {"param_bw": self.param_bw, "output_bw": self.output_bw, "quant_scheme": self.scheme,
                 "config": self.config}
 
     def sim(self, model: nn.Module, dummy_input: Any) -> QuantSim:
-        return QuantSim(model, dummy_input, **self.quantsim_kwargs())
+        """The sim of these settings, its Conv/Linear weights at the granularities asked for."""
+        sim = QuantSim(model, dummy_input, param_bw=self.param_bw, output_bw=self.output_bw,
+                       quant_scheme=self.scheme, config=self.config)
+        for text in self.weight_granularity:
+            layers, granularity = parse_weight_granularity(text)
+            try:
+                sim.set_granularity(layers, granularity, BLOCKED_WEIGHT_LAYERS)
+            except (KeyError, ValueError) as error:  # no such layer, a block that does not divide, LPBQ widths
+                message = error.args[0] if isinstance(error, KeyError) else one_line(error)
+                raise click.BadParameter(f"{text!r}: {message}", param_hint=f"'{WEIGHT_GRANULARITY_OPTION}'") from None
+        return sim
+
+
+def parse_weight_granularity(text: str) -> tuple[str, Granularity]:
+    """``[LAYERS=]GRANULARITY`` as (layer-name glob, granularity): ``per-block:64`` for every Conv/Linear layer,
+    ``'fc*=lpbq:64:8'`` for those matching ``fc*``. A malformed value is a `click.BadParameter` naming the option."""
+    layers, _, spelled = text.rpartition("=")
+    kind, *numbers = spelled.strip().split(":")
+    try:
+        sizes = [int(number) for number in numbers]
+        granularity = _GRANULARITY_PARSERS[kind](*sizes)
+    except (KeyError, TypeError, ValueError):
+        raise click.BadParameter(f"{text!r} is not a granularity; use {GRANULARITY_SPELLINGS}, optionally after "
+                                 "LAYERS= (a layer-name glob)", param_hint=f"'{WEIGHT_GRANULARITY_OPTION}'") from None
+    return layers.strip() or "*", granularity
+
+
+_GRANULARITY_PARSERS: dict[str, Callable[..., Granularity]] = {
+    "per-tensor": lambda: PerTensor(),
+    "per-channel": lambda: PerChannel(),  # the layer's output channels
+    "per-block": lambda block_size: PerBlock(block_size),
+    "lpbq": lambda block_size, decompressed_bw=8: Lpbq(block_size, decompressed_bw=decompressed_bw),
+}
+"""Each spelling's granularity from the integers after it (a wrong count is a TypeError)."""
+
+
+def _checked_granularities(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    for text in values:
+        parse_weight_granularity(text)
+    return values
+
+
+weight_granularity_option = click.option(
+    WEIGHT_GRANULARITY_OPTION, "weight_granularity", metavar="[LAYERS=]GRANULARITY", multiple=True,
+    callback=_checked_granularities,
+    help=f"Weight granularity of the Conv/Linear layers: {GRANULARITY_SPELLINGS} (LPBQ's channel grid defaults to "
+         "8 bits); after LAYERS= only the layers matching that name glob. Repeatable, applied in order after "
+         "--config. Recorded in the sim state, so export and verify reuse it.")
 
 
 @dataclass
@@ -93,7 +154,7 @@ class Job:
 
 def pass_job_options(command: Callable) -> Callable:
     """Hand ``command`` the shared options it has flags for as ``(options: JobOptions, settings: SimSettings,
-    **its_own_options)``, instead of one parameter per flag."""
+    **its_own_options)``, instead of one parameter per flag; adds `weight_granularity_option`."""
 
     @functools.wraps(command)
     def gathered(**params: Any) -> Any:
@@ -101,7 +162,7 @@ def pass_job_options(command: Callable) -> Callable:
                              for type_ in (JobOptions, SimSettings))
         return command(options, settings, **params)
 
-    return gathered
+    return weight_granularity_option(gathered)
 
 
 def build_job(
