@@ -3,8 +3,9 @@
 Specs understood:
 
 * objects: ``package.module:attr`` or ``path/to/file.py:attr`` (``attr`` may be dotted);
-* models: such an object (an ``nn.Module``, or a class/factory called without arguments), a saved
-  ``torch.export`` program (``.pt2``) or a TorchScript file (``.pt``/``.ts``/``.jit``, converted with torch's
+* models: such an object (an ``nn.Module``, or a class/factory called without arguments), an ONNX file (``.onnx``,
+  converted with onnx2torch; export then writes into its own graph), a saved ``torch.export`` program (``.pt2``)
+  or a TorchScript file (``.pt``/``.ts``/``.jit``, converted with torch's
   TorchScript-to-export converter because hooks and graph capture cannot see inside ScriptModules);
 * calibration data: a folder of images, a ``.pt``/``.pth`` or ``.npy`` tensor file (split into batches
   along dim 0), or an object whose call returns an iterable of batches.
@@ -33,12 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgequant.onnx import load_onnx
 from edgequant.sim.batches import split_model_input
 from edgequant.sim.state_file import load_without_code
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy")
 EXPORTED_PROGRAM_SUFFIXES = (".pt2",)
+ONNX_SUFFIX = ".onnx"
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".torchscript")
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
@@ -96,11 +99,13 @@ def load_model(spec: str, example_inputs: Callable[[], tuple]) -> nn.Module:
         )
     if path.suffix in EXPORTED_PROGRAM_SUFFIXES:
         return _load_exported_program(path)
+    if path.suffix == ONNX_SUFFIX:
+        return load_onnx(path).eval()
     if path.suffix in TORCHSCRIPT_SUFFIXES:
         _refuse_state_dict(path)
         return _load_torchscript(path, example_inputs)
     raise ValueError(
-        f"model file {spec!r}: unknown suffix {path.suffix!r}; expected .pt2 (torch.export.save) or "
+        f"model file {spec!r}: unknown suffix {path.suffix!r}; expected .onnx, .pt2 (torch.export.save) or "
         f"TorchScript ({', '.join(TORCHSCRIPT_SUFFIXES)})"
     )
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 import torch
 
+from edgequant.onnx.op_types import DATA_MOVEMENT_OPS
 from edgequant.quantization import Encoding, FloatFormat, PerBlock, Quantizer
 from edgequant.sim.batches import split_model_input
 from edgequant.sim.modes import training_mode
@@ -36,13 +37,6 @@ MARKER_DOMAIN = "edgequant"
 MARKER_OP = "QuantMarker"
 DEFAULT_OPSET = 17
 INT4_INT16_OPSET = 21  # first opset whose QuantizeLinear has int4/uint4/int16/uint16 outputs
-
-DATA_MOVEMENT_OPS = frozenset({
-    "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Expand", "Slice", "Split", "Tile",
-    "DepthToSpace", "SpaceToDepth",
-})
-"""ONNX ops whose outputs hold values of their first input, so they share its encoding."""
-
 
 @dataclass
 class QuantSite:
@@ -71,6 +65,7 @@ class TracedSim:
     propagated: dict[str, str] = field(default_factory=dict)  # data-movement output -> tensor it inherits from
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    param_tensors: dict[str, str] = field(default_factory=dict)  # "layer.bias" -> graph tensor, where not so named
 
     def tensors_of(self, quantizer: str) -> list[str]:
         return [site.tensor for site in self.sites if site.quantizer == quantizer]
@@ -235,7 +230,7 @@ def trace_sim(
     sites = _read_sites(marked, sim.quantizers())
     float_model = _strip_markers(marked)
     return TracedSim(
-        marked, float_model, sites, _propagation(float_model, {s.tensor for s in sites if not s.is_param}),
+        marked, float_model, sites, data_movement_propagation(float_model, {s.tensor for s in sites if not s.is_param}),
         list(input_names), list(output_names),
     )
 
@@ -298,7 +293,7 @@ def _strip_markers(marked: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _propagation(float_model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
+def data_movement_propagation(float_model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
     """Outputs of data-movement ops fed by a quantized tensor -> the tensor whose encoding they inherit."""
     initializers = {i.name for i in float_model.graph.initializer}
     propagated: dict[str, str] = {}

@@ -11,6 +11,7 @@ import onnx
 from edgequant.export.bias import check_bias_encodings, derived_bias_encodings
 from edgequant.export.encodings_io import TensorEncoding, write_encodings
 from edgequant.export.graph_map import TracedSim, trace_sim
+from edgequant.export.original_graph import check_original_graph_opset, trace_original_graph
 from edgequant.export.qdq import build_qdq_model
 from edgequant.quantization import Encoding, FloatFormat, Quantizer
 from edgequant.quantization.granularity import PER_TENSOR
@@ -61,8 +62,9 @@ def tensor_encoding_entries(
         entries.append(TensorEncoding(site.tensor, by_tensor[site.tensor], site.is_param))
         bias = f"{site.owner}.bias"
         if site.is_param and site.key == "weight" and bias in float_bias:
-            seen.add(bias)
-            entries.append(TensorEncoding(bias, float_bias[bias], True))
+            tensor = traced.param_tensors.get(bias, bias)
+            seen.add(tensor)
+            entries.append(TensorEncoding(tensor, float_bias[bias], True))
     entries += [TensorEncoding(t, by_tensor[t], False) for t in traced.propagated if t not in seen]
     return entries
 
@@ -116,11 +118,15 @@ def export_onnx(
             "encodings files state no other, and the QDQ model has no fp8/bfloat16 form here); set it to float16 "
             "or an integer format with sim.set_format before exporting"
         )
-    traced = trace_sim(
-        sim, sim.dummy_input if dummy_input is None else dummy_input, input_names, output_names, opset, dynamic_batch,
-        dynamic_axes=dynamic_axes,
-    )
     encodings = {n: q.float_format or q.encoding for n, q in quantizers.items() if q.enabled}
+    if sim.onnx_source is not None:
+        check_original_graph_opset(sim, opset)
+        traced, encodings = trace_original_graph(sim)
+    else:
+        traced = trace_sim(
+            sim, sim.dummy_input if dummy_input is None else dummy_input, input_names, output_names, opset,
+            dynamic_batch, dynamic_axes=dynamic_axes,
+        )
     derived_bias = derived_bias_encodings(traced, encodings, sim)
     check_bias_encodings(quantizers, derived_bias)
     by_tensor = traced.tensor_encodings(encodings)

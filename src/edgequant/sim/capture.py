@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from edgequant.onnx import ONNX_NODE_ATTRIBUTE
 from edgequant.sim.aten_layers import lift_aten_layers
 from edgequant.sim.ops import (
     function_name,
@@ -246,6 +247,10 @@ def functionalize_graph(traced: fx.GraphModule, prefix: str) -> list[CoverageNot
     for node in list(traced.graph.nodes):
         if node.op == "call_module":
             module = traced.get_submodule(node.target)
+            function = getattr(module, "computes_function", None)
+            if function is not None and not node.kwargs:
+                _replace_by_function(traced, node, module, function)
+                continue
             if node.target in seen_targets and not any(True for _ in module.parameters()):
                 node.target = add_submodule(traced, node.target.replace(".", "_"), copy.deepcopy(module))
             seen_targets.add(node.target)
@@ -277,6 +282,15 @@ def functionalize_graph(traced: fx.GraphModule, prefix: str) -> list[CoverageNot
     traced.graph.lint()
     traced.recompile()
     return notes
+
+
+def _replace_by_function(traced: fx.GraphModule, node: fx.Node, module: nn.Module, function: object) -> None:
+    """A module that declares ``computes_function`` (a converted ONNX ``Add``) becomes the `FunctionalOp` the sim
+    makes of that call, so it is quantized and emulated as ``x + y`` is; the module's ONNX node goes along."""
+    replacement = FunctionalOp(function, module_op_type(module) or function_op_type(function))
+    if ONNX_NODE_ATTRIBUTE in module.__dict__:
+        setattr(replacement, ONNX_NODE_ATTRIBUTE, module.__dict__[ONNX_NODE_ATTRIBUTE])
+    traced.add_submodule(node.target, replacement)
 
 
 def add_submodule(traced: fx.GraphModule, name: str, module: nn.Module) -> str:

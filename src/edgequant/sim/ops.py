@@ -96,11 +96,12 @@ def clamp_bounds(module: nn.Module) -> tuple[float, float]:
 
 
 def is_pass_through(module: nn.Module) -> bool:
-    """Modules whose outputs hold their inputs' values; a class declares it with ``holds_input_values = True``."""
+    """Modules whose outputs hold their inputs' values; a class or instance declares it with
+    ``holds_input_values = True``."""
     return (
         isinstance(module, PASS_THROUGH_MODULES)
         or type(module).__name__ in PASS_THROUGH_NAMES
-        or getattr(type(module), "holds_input_values", False)
+        or getattr(module, "holds_input_values", False)  # the class's, or this instance's (a converted ONNX node)
     )
 
 FUNCTION_OP_TYPES: dict[object, str] = {

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 import torch.fx as fx
 from torch import nn
 
 from edgequant.config import HardwareConfig
+from edgequant.onnx import ONNX_SOURCE_ATTRIBUTE, OnnxSource, load_onnx, onnx_dummy_input
 from edgequant.quantization import (
     CalibrationError,
     Encoding,
@@ -103,6 +105,8 @@ class QuantSim:
         check_bitwidth(output_bw, "output_bw")
         self.param_bw, self.output_bw, self.quant_scheme = param_bw, output_bw, scheme
         self.config = HardwareConfig.load(config)
+        self.onnx_source: OnnxSource | None = getattr(model, ONNX_SOURCE_ATTRIBUTE, None)
+        """The ONNX model ``model`` was converted from (`edgequant.onnx.load_onnx`): export writes into its graph."""
         self.model_input = ModelInput.of(dummy_input)
         self._in_place = in_place
         self.model = model if in_place else copy.deepcopy(model)
@@ -112,6 +116,18 @@ class QuantSim:
         self._model_outputs: dict[str, set[int]] = {}  # layer -> its float outputs that are the model's outputs
         self._emulation: EmulationPlan | None = None
         self._prepare()
+
+    @classmethod
+    def from_onnx(cls, model: str | Path | onnx.ModelProto, dummy_input: Any = None, **options: Any) -> QuantSim:
+        """A sim of the ONNX model ``model`` (a path or a ``ModelProto``), converted with `edgequant.onnx.load_onnx`.
+
+        ``dummy_input`` defaults to one batch of the graph inputs' declared shapes (`onnx_dummy_input`); the other
+        options are `QuantSim`'s. ``sim.export`` then writes Q/DQ into the original graph, under its own names.
+        """
+        converted = load_onnx(model)
+        if dummy_input is None:
+            dummy_input = onnx_dummy_input(getattr(converted, ONNX_SOURCE_ATTRIBUTE))
+        return cls(converted, dummy_input, in_place=True, **options)
 
     # -- preparation -----------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -219,6 +235,10 @@ class QuantSim:
             self._notes.append(note)
             return
         op_type = module_op_type(module)
+        float_reason = getattr(module, "float_reason", None)  # a module that says why it cannot be quantized
+        if float_reason is not None:
+            self._notes.append(CoverageNote(name, type(module).__name__, float_reason))
+            return
         if op_type is None:
             self._notes.append(
                 CoverageNote(
