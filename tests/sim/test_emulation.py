@@ -19,12 +19,14 @@ from edgequant.export import export_onnx
 from edgequant.export.verify import verify
 from edgequant.ptq.batch_norm_fold import fold_batch_norms
 from edgequant.sim.emulation import (
+    KERNELS,
     FixedPointRequantization,
     Grid,
     OnnxRuntimeCPU,
     _average_pool,
     quantize_multiplier,
 )
+from edgequant.sim.quantized_module import FunctionalOp
 
 
 def _folded_sim(model: torch.nn.Module, calibration: torch.Tensor) -> eq.QuantSim:
@@ -154,9 +156,12 @@ def test_wide_layers_accumulate_exactly(tmp_path: Path, in_features: int) -> Non
     assert report.integer_kernels.get("QGemm") == 1 and report.outputs[0].share_identical == 1.0
 
 
-def _single_op_qdq(op: str, grids: list[tuple[float, int]], shape: list[int], **attrs: object) -> bytes:
-    """DQ(inputs) → op → Q(output) with uint8 grids ``(scale, zero point)``: ORT fuses it into its integer kernel."""
+def _single_op_qdq(op: str, grids: list[tuple[float, int]], shape: list[int] | list[list[int]],
+                   **attrs: object) -> bytes:
+    """DQ(inputs) → op → Q(output) with uint8 grids ``(scale, zero point)``: ORT fuses it into its integer kernel.
+    ``shape``: of every input, or a list of one shape per input."""
     names = [f"x{i}" for i in range(len(grids) - 1)]
+    shapes = shape if isinstance(shape[0], list) else [shape] * len(names)
     inits = []
     for name, (scale, zero_point) in zip([*names, "y"], grids, strict=True):
         inits += [helper.make_tensor(f"{name}_s", TensorProto.FLOAT, [], [scale]),
@@ -164,7 +169,8 @@ def _single_op_qdq(op: str, grids: list[tuple[float, int]], shape: list[int], **
     nodes = [helper.make_node("DequantizeLinear", [n, f"{n}_s", f"{n}_z"], [f"{n}_f"]) for n in names]
     nodes.append(helper.make_node(op, [f"{n}_f" for n in names], ["y_f"], **attrs))
     nodes.append(helper.make_node("QuantizeLinear", ["y_f", "y_s", "y_z"], ["y"]))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.UINT8, shape) for n in names],
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.UINT8, input_shape)
+                                           for n, input_shape in zip(names, shapes, strict=True)],
                               [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
@@ -237,7 +243,146 @@ def test_cli_verify_emulating(tmp_path: Path) -> None:
                                                  "--min-identical", "100", "--export-dir", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "emulating onnxruntime" in result.output and "no tensor differs" in result.output
+    assert "\n  emulating onnxruntime: 3 of 6 integer ops emulated (50%); not emulated: conv1.0," in result.output
     assert "|diff| in LSB" in result.output  # the per-tensor table
     result = CliRunner().invoke(verify_command, ["--emulate", "onnxruntime", "--data", str(tmp_path / "data.pt"),
                                                  "--export-dir", str(tmp_path / "out")])
     assert result.exit_code != 0 and "--emulate needs the sim" in result.output
+
+
+def _all_levels(shape: list[int]) -> np.ndarray:
+    """uint8 levels 0..255 laid along the last axes that hold 256 elements, repeated along the others."""
+    axis, count = len(shape), 1
+    while count < 256:
+        axis -= 1
+        count *= shape[axis]
+    return np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(shape[axis:]), shape).copy()
+
+
+@pytest.mark.parametrize("op", ["Add", "Mul"])
+@pytest.mark.parametrize("shapes", [([256, 256], [256, 1]), ([256, 1], [256, 256]), ([1, 256, 16, 16], [1, 256, 1, 1])])
+def test_broadcast_binary_kernels_match_onnxruntime_on_every_input_pair(op: str, shapes: tuple[list[int], ...]) -> None:
+    """One operand broadcast along the innermost axes (an SE block's [N, C, 1, 1]), as the first or second input:
+    ORT's broadcaster gives the kernel one scalar per span, and a scalar first input swaps the operands' roles."""
+    rng = np.random.default_rng(2)
+    feeds = [_all_levels(shape) for shape in shapes]  # every pair of levels meets in the output
+    runtime = OnnxRuntimeCPU()
+    for _ in range(8):
+        grids = _random_grids(rng, 3)
+        if op == "Mul":
+            grids[2] = (grids[0][0] * grids[1][0] * float(rng.uniform(20, 60)), grids[2][1])
+        expected = _run_ort(_single_op_qdq(op, grids, list(shapes)), {"x0": feeds[0], "x1": feeds[1]})
+        indices = [torch.tensor(v.astype(np.int64) - zero_point, dtype=torch.float32)
+                   for v, (_, zero_point) in zip(feeds, grids[:2], strict=True)]
+        method = runtime.add if op == "Add" else runtime.mul
+        got = method(indices[0], _as_grid(*grids[0]), indices[1], _as_grid(*grids[1]), _as_grid(*grids[2]))
+        assert np.array_equal(got.numpy() + grids[2][1], expected)
+
+
+def test_concat_leaky_relu_and_ceil_mode_pools_match_onnxruntime() -> None:
+    rng = np.random.default_rng(3)
+    runtime = OnnxRuntimeCPU()
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
+    for _ in range(8):
+        grids = _random_grids(rng, 3)
+        x = [_as_grid(*grid).values(torch.tensor(levels.astype(np.int64) - grid[1], dtype=torch.float32))
+             for grid in grids[:2]]
+        requantize = lambda values, grid: torch.clamp(torch.round(values / grid[0]) + grid[1], 0, 255)  # noqa: E731
+        concat = KERNELS["Concat"].compute(FunctionalOp(torch.cat, "Concat"), runtime, ([x[0], x[1]], 1),
+                                           [_as_grid(*g) for g in grids[:2]], _as_grid(*grids[2]))
+        expected = _run_ort(_single_op_qdq("Concat", grids, [1, 1, 16, 16], axis=1), {"x0": levels, "x1": levels})
+        assert np.array_equal(requantize(concat, grids[2]).numpy(), expected)
+        leaky = KERNELS["LeakyRelu"].compute(torch.nn.LeakyReLU(0.15), runtime, (x[0],), [_as_grid(*grids[0])],
+                                             _as_grid(*grids[2]))
+        expected = _run_ort(_single_op_qdq("LeakyRelu", [grids[0], grids[2]], [1, 1, 16, 16], alpha=0.15),
+                            {"x0": levels})
+        assert np.array_equal(requantize(leaky, grids[2]).numpy(), expected)
+        shuffled = rng.permutation(levels.reshape(-1)).reshape(1, 1, 16, 16)
+        source = _as_grid(*grids[0])
+        values = source.values(torch.tensor(shuffled.astype(np.int64) - grids[0][1], dtype=torch.float32))
+        for include_pad in (True, False):  # the last window of each row runs past the padding: 9 outputs, not 8
+            pool = torch.nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=include_pad)
+            model = _single_op_qdq("AveragePool", [grids[0], grids[2]], [1, 1, 16, 16], kernel_shape=[3, 3],
+                                   strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1, count_include_pad=int(include_pad))
+            expected = _run_ort(model, {"x0": shuffled})
+            got = _average_pool(pool, runtime, values, source, _as_grid(*grids[2]))
+            assert got.shape == pool(values).shape == expected.shape == (1, 1, 9, 9)
+            assert np.array_equal(got.numpy() + grids[2][1], expected)
+
+
+class _SqueezeExcitation(torch.nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.reduce = torch.nn.Conv2d(channels, 4, 1)
+        self.expand = torch.nn.Conv2d(4, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.sigmoid(self.expand(torch.relu(self.reduce(torch.nn.functional.adaptive_avg_pool2d(x, 1)))))
+        return x * scale
+
+
+class _TfStyleNet(torch.nn.Module):
+    """TF-style "same" padding as explicit zero pads before the convolutions (EfficientNet-Lite ports), an SE
+    block, a broadcast bias add, a two-branch concat, LeakyReLU and ceil-mode average pools."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem_pad = torch.nn.ZeroPad2d((0, 1, 0, 1))
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.depthwise_pad = torch.nn.ZeroPad2d(1)
+        self.depthwise = torch.nn.Conv2d(8, 8, 3, groups=8)
+        self.excite = _SqueezeExcitation(8)
+        self.branch_a = torch.nn.Conv2d(8, 8, 1)
+        self.branch_b = torch.nn.Conv2d(8, 8, 3)
+        self.leaky = torch.nn.LeakyReLU(0.1)
+        self.pool = torch.nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.pool_no_pad = torch.nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.relu6(self.stem(self.stem_pad(x)))
+        x = torch.relu(self.depthwise(self.depthwise_pad(x)))
+        x = self.excite(x)
+        x = x + torch.nn.functional.adaptive_avg_pool2d(x, 1)
+        branches = [torch.relu(self.branch_a(x)), self.leaky(self.branch_b(torch.nn.functional.pad(x, (1, 1, 1, 1))))]
+        x = self.pool_no_pad(self.pool(torch.cat(branches, dim=1)))
+        return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_padded_squeeze_excitation_concat_net_is_identical_to_onnxruntime(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    sim = _folded_sim(_TfStyleNet().eval(), torch.randn(32, 3, 33, 33))
+    export_onnx(sim, tmp_path, torch.randn(1, 3, 33, 33))
+    plan = sim.emulate("onnxruntime")
+    assert not plan.skipped, plan.summary()
+    emulated = {op.name for op in plan.ops}
+    assert {"stem", "depthwise", "mul", "add", "cat", "leaky", "pool", "pool_no_pad"} <= emulated
+    assert plan.coverage() == f"emulating onnxruntime: every integer op emulated ({len(plan.ops)} of {len(plan.ops)})"
+    report = verify(tmp_path, sim, torch.randn(64, 3, 33, 33), progress=False)
+    assert {"QLinearConcat", "QLinearMul", "QLinearAdd", "QLinearAveragePool", "QLinearLeakyRelu"} <= set(
+        report.integer_kernels)
+    assert report.integer_kernels["QLinearConv"] == 6  # the zero pads folded into the convolutions
+    assert report.outputs[0].share_identical == 1.0 and report.first_difference is None
+    assert plan.coverage() in report.summary()
+
+
+def test_padding_the_runtime_keeps_apart_is_not_emulated_and_warns(tmp_path: Path) -> None:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pad = torch.nn.ZeroPad2d(1)
+            self.filled = torch.nn.ConstantPad2d(1, 0.5)
+            self.a, self.b, self.c = (torch.nn.Conv2d(3, 3, 3) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            padded = self.pad(x)  # two consumers: ORT keeps the Pad, and the convolutions stay float
+            return self.a(padded) + self.b(padded) + self.c(self.filled(x))  # a non-zero pad value is not folded
+
+    sim = _folded_sim(Net().eval(), torch.randn(8, 3, 8, 8))
+    export_onnx(sim, tmp_path, torch.randn(1, 3, 8, 8))
+    assert "QLinearConv" not in verify(tmp_path, sim, torch.randn(4, 3, 8, 8), progress=False).integer_kernels
+    with pytest.warns(UserWarning, match=r"^emulating onnxruntime: 2 of 5 integer ops emulated \(40%\); "
+                                         r"not emulated: a, b, c \(plan.summary\(\) says why\)$"):
+        plan = sim.emulate("onnxruntime")
+    assert [op.kind for op in plan.ops] == ["Add", "Add"]
+    assert all("input 0 does not come from a quantizer" in why for why in plan.skipped.values())

@@ -105,6 +105,8 @@ class ParityReport:
     float_kernels: dict[str, int] = field(default_factory=dict)
     unsigned_weights: int = 0
     """int8 weights run as the identical uint8 + 128 (see `edgequant.export.runtime_cpu`); 0 when run as exported."""
+    emulation: str | None = None
+    """The emulating sim's coverage (``EmulationPlan.coverage()``); None for the default sim."""
 
     @property
     def first_divergence(self) -> TensorParity | None:
@@ -137,6 +139,8 @@ class ParityReport:
 
     def summary(self) -> str:
         lines = [f"ONNX Runtime (CPU, integer kernels) vs {self.reference} on {self.num_samples} samples"]
+        if self.emulation:
+            lines.append(f"  {self.emulation}")
         kernels = ", ".join(f"{op}×{n}" for op, n in sorted(self.integer_kernels.items())) or "none"
         lines.append(f"  integer kernels: {kernels}")
         if self.float_kernels:
@@ -286,6 +290,7 @@ def verify(
     input_names = [i.name for i in runtime.get_inputs()]
     output_names = [o.name for o in runtime.get_outputs()]
     report = ParityReport(_reference_label(sim))
+    report.emulation = sim.emulation.coverage() if sim is not None and sim.emulation is not None else None
     report.integer_kernels, report.float_kernels = integer_kernels, float_kernels
     report.unsigned_weights = rewritten
     report.outputs = [OutputParity(n) for n in output_names]

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgequant.quantization import Quantizer
@@ -17,6 +18,7 @@ from edgequant.sim.emulation.arithmetic import Grid, RuntimeModel
 from edgequant.sim.emulation.kernels import KERNELS
 from edgequant.sim.emulation.planning import EmulatedOp, EmulationPlan
 from edgequant.sim.ops import module_op_type
+from edgequant.sim.quantized_module import FunctionalOp
 
 
 def _ready(quantizers: list[Quantizer]) -> bool:
@@ -27,7 +29,7 @@ def _ready(quantizers: list[Quantizer]) -> bool:
 def _clip_bounds(module: nn.Module) -> tuple[float, float] | None:
     if module_op_type(module) == "Relu":
         return 0.0, math.inf
-    if isinstance(module, nn.ReLU6):
+    if isinstance(module, nn.ReLU6) or (isinstance(module, FunctionalOp) and module.target is F.relu6):
         return 0.0, 6.0
     if isinstance(module, nn.Hardtanh):
         return float(module.min_val), float(module.max_val)
