@@ -5,9 +5,11 @@ added. ONNX Runtime fuses ``DQ → Conv → Q`` into QLinearConv only when the b
 it then *assumes* the bias scale is ``s_x·s_w``. `quantize_bias_int32` makes the sim round the bias the same way,
 so that simulation and runtime agree; export refuses int32 bias encodings that no longer match ``s_x·s_w``.
 
-Per-block (and LPBQ) weights have no single ``s_w`` per output channel, and a layer whose input or weight has a float
-format (`FloatFormat`) has no integer accumulator: those layers get no derived bias encoding, and their biases stay in
-float.
+Blocked weights take AIMET's grids (its 2.0.0 encodings state them): an LPBQ weight's ``s_w`` is its per-channel scale
+on the decompressed grid (every block scale is an integer multiple of it, so each product lies on ``s_x·s_w``); a
+per-block weight's is its channel's largest block scale (only the widest block's products lie on that grid). A layer
+whose input or weight has a float format (`FloatFormat`) has no integer accumulator: it gets no derived bias
+encoding, and its bias stays in float.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from edgequant.export.graph_map import (
     node_by_output,
     trace_sim,
 )
-from edgequant.quantization import Encoding, Granularity, PerChannel, PerTensor, Quantizer
+from edgequant.quantization import Encoding, Granularity, Lpbq, PerBlock, PerChannel, PerTensor, Quantizer
 from edgequant.quantization.number_format import FloatFormat
 from edgequant.sim.quantized_module import param_quantizer
 
@@ -73,22 +75,33 @@ def _quantizer_upstream(tensor: str, producers: dict) -> str | None:
 
 def bias_granularity(weight: Granularity) -> Granularity | None:
     """The granularity of a bias on the ``s_x·s_w`` grid: per tensor, or per channel (the bias's only axis) for a
-    per-channel weight; None where the weight has no single scale per output channel (per block, LPBQ)."""
+    per-channel or blocked weight; None where the weight has no scale per output channel (several channel axes)."""
     match weight:
         case PerTensor():
             return weight
-        case PerChannel(axis=int()):
+        case PerChannel(axis=int()) | PerBlock():
             return PerChannel(0)
     return None
 
 
+def weight_channel_scale(weight_encoding: Encoding) -> torch.Tensor:
+    """``s_w`` of the bias grid, one per output channel (one for a per-tensor weight; see the module doc for blocks)."""
+    granularity, scale = weight_encoding.granularity, weight_encoding.scale
+    match granularity:
+        case Lpbq():
+            return granularity.channel_scale(scale, weight_encoding.bitwidth).reshape(-1)
+        case PerBlock():
+            return scale.amax(dim=granularity.block_axis).reshape(-1)
+    return scale
+
+
 def derived_bias_encoding(input_encoding: Encoding, weight_encoding: Encoding) -> Encoding:
-    """Symmetric int32 encoding with scale ``s_x·s_w`` (per output channel when the weight is per-channel)."""
+    """Symmetric int32 encoding with scale ``s_x·s_w`` (per output channel when the weight has channel scales)."""
     granularity = bias_granularity(weight_encoding.granularity)
     if granularity is None:
         raise ValueError(f"a {weight_encoding.granularity.describe()} weight has no single scale per output channel: "
                          "no int32 bias grid s_x·s_w exists for it")
-    scale = input_encoding.scale.to(weight_encoding.scale.device) * weight_encoding.scale
+    scale = input_encoding.scale.to(weight_encoding.scale.device) * weight_channel_scale(weight_encoding)
     offset = torch.full_like(scale, -float(2 ** (BIAS_BITWIDTH - 1)))
     return Encoding(scale, offset, BIAS_BITWIDTH, True, granularity)
 
