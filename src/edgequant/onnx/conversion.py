@@ -26,7 +26,7 @@ from torch import nn
 
 from edgequant.onnx.op_types import DATA_MOVEMENT_OPS
 from edgequant.onnx.reading import OnnxModelError, read_onnx
-from edgequant.onnx.runtime_node import runtime_node_supported, wrap_for_onnxruntime
+from edgequant.onnx.runtime_node import FALLBACK_DOMAIN, runtime_node_supported, wrap_for_onnxruntime
 from edgequant.onnx.source import ONNX_NODE_ATTRIBUTE, ONNX_SOURCE_ATTRIBUTE, OnnxNodeRef, OnnxSource
 
 PASS_THROUGH_OPS = DATA_MOVEMENT_OPS | {"Dropout"}
@@ -135,8 +135,8 @@ def _run_in_onnxruntime(
         )
     index = next(i for i, candidate in enumerate(work.graph.node) if list(candidate.output) == list(node.output))
     work.graph.node[index].CopyFrom(wrap_for_onnxruntime(node, opsets))
-    if not any(entry.domain == "edgequant.onnxruntime" for entry in work.opset_import):
-        work.opset_import.append(onnx.helper.make_opsetid("edgequant.onnxruntime", 1))
+    if not any(entry.domain == FALLBACK_DOMAIN for entry in work.opset_import):
+        work.opset_import.append(onnx.helper.make_opsetid(FALLBACK_DOMAIN, 1))
     source.float_nodes[node.name] = f"{reason}: run by ONNX Runtime in float"
 
 
@@ -177,7 +177,7 @@ def _annotate(converted: fx.GraphModule, graph: OnnxGraph, types: _TensorTypes) 
         module = getattr(converted, fx_node.target)
         proto = onnx_node.proto
         op_type = proto.op_type
-        wrapped = proto.domain == "edgequant.onnxruntime"
+        wrapped = proto.domain == FALLBACK_DOMAIN
         if wrapped:
             original = onnx.NodeProto.FromString(next(a.s for a in proto.attribute if a.name == "node"))
             op_type, domain = original.op_type, original.domain

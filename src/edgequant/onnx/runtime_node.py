@@ -19,7 +19,7 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
 from torch import nn
 
-FALLBACK_DOMAIN = "edgequant.onnxruntime"
+FALLBACK_DOMAIN = "edgequant_onnxruntime"  # no dot: onnx2torch names modules after it
 FALLBACK_OP = "OnnxRuntimeNode"
 _NODE_ATTRIBUTE = "node"
 _OPSETS_ATTRIBUTE = "opsets"

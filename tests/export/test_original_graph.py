@@ -1,0 +1,151 @@
+"""Export of a sim built from an ONNX file: Q/DQ go into the user's own graph, under its names, and ONNX Runtime
+computes what the emulating sim computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from onnx_models import branching_cnn, conv_batch_norm, save
+from torch import nn
+
+from edgequant import QuantSim
+from edgequant.export import read_encodings
+from edgequant.onnx import load_onnx
+from edgequant.ptq import correct_bias, fold_batch_norms
+
+
+def _run(path: Path, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _emulated(sim: QuantSim, x: torch.Tensor) -> np.ndarray:
+    sim.emulate("onnxruntime")
+    try:
+        with torch.no_grad():
+            return sim.model(x).numpy()
+    finally:
+        sim.emulate(None)
+
+
+@pytest.fixture
+def calibrated(tmp_path: Path) -> tuple[QuantSim, Path, torch.Tensor]:
+    path = save(branching_cnn(), tmp_path / "model.onnx")
+    sim = QuantSim.from_onnx(path, config="per_channel")
+    data = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    sim.compute_encodings(lambda m: m(data))
+    return sim, path, data
+
+
+def test_qdq_model_is_the_users_graph_with_qdq_added(calibrated: tuple, tmp_path: Path) -> None:
+    sim, path, _ = calibrated
+    original = onnx.load(path)
+    result = sim.export(tmp_path / "out")
+    float_model, qdq = onnx.load(result.float_model), onnx.load(result.qdq_model)
+    assert [(n.name, n.op_type, list(n.input), list(n.output)) for n in float_model.graph.node] == [
+        (n.name, n.op_type, list(n.input), list(n.output)) for n in original.graph.node]
+    assert {i.name for i in float_model.graph.initializer} == {i.name for i in original.graph.initializer}
+    kept = {n.name: n.op_type for n in qdq.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")}
+    assert kept == {n.name: n.op_type for n in original.graph.node}
+    assert [i.name for i in qdq.graph.input] == ["image"] and [o.name for o in qdq.graph.output] == ["logits"]
+    _, entries = read_encodings(result.encodings)
+    names = {entry.name: entry for entry in entries}
+    assert {"conv_a.weight", "conv_b.weight", "head.weight", "image", "relu_a", "sum", "joined", "logits"} <= set(names)
+    # the Gemm stores its weight [in, out]: one scale per output channel, along axis 1 of the stored tensor
+    assert names["head.weight"].encoding.scale.numel() == 10
+    dequantize = next(n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.output[0].startswith("head.w"))
+    assert next(a.i for a in dequantize.attribute if a.name == "axis") == 1
+
+
+def test_onnx_runtime_computes_the_emulating_sims_outputs(calibrated: tuple, tmp_path: Path) -> None:
+    sim, _, _ = calibrated
+    result = sim.export(tmp_path / "out")
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    np.testing.assert_array_equal(_run(result.qdq_model, x), _emulated(sim, x))
+
+
+def test_weights_changed_by_a_technique_are_written_into_the_graph(tmp_path: Path) -> None:
+    path = save(branching_cnn(), tmp_path / "model.onnx")
+    sim = QuantSim.from_onnx(path, config="per_channel")
+    data = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    sim.compute_encodings(lambda m: m(data))
+    correct_bias(sim, [data[:16]], progress=False)
+    head_bias = sim.model.get_submodule("head").bias.detach().numpy()
+    conv_b_bias = sim.model.get_submodule("conv_b").bias  # conv_b had no bias: correction adds one
+    assert conv_b_bias is not None
+    result = sim.export(tmp_path / "out")
+    exported = {i.name: numpy_helper.to_array(i) for i in onnx.load(result.float_model).graph.initializer}
+    np.testing.assert_array_equal(exported["head.bias"], head_bias)
+    conv_b = next(n for n in onnx.load(result.float_model).graph.node if n.name == "conv_b")
+    np.testing.assert_array_equal(exported[conv_b.input[2]], conv_b_bias.detach().numpy())
+    x = torch.randn(16, 3, 8, 8)
+    np.testing.assert_array_equal(_run(result.qdq_model, x), _emulated(sim, x))
+
+
+def test_a_batch_norm_is_folded_in_the_graph_only_when_the_sim_folded_it(tmp_path: Path) -> None:
+    path = save(conv_batch_norm(), tmp_path / "model.onnx")
+    data = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    kept = QuantSim.from_onnx(path, config="per_channel")
+    kept.compute_encodings(lambda m: m(data))
+    kept_export = kept.export(tmp_path / "kept")
+    assert "BatchNormalization" in {n.op_type for n in onnx.load(kept_export.float_model).graph.node}
+
+    model = load_onnx(path)
+    assert len(fold_batch_norms(model, data[:1])) == 1
+    folded = QuantSim(model, data[:1], config="per_channel")
+    folded.compute_encodings(lambda m: m(data))
+    result = folded.export(tmp_path / "folded")
+    nodes = onnx.load(result.float_model).graph.node
+    assert [n.name for n in nodes] == ["conv1", "relu", "conv2"]
+    assert list(nodes[1].input) == ["c1"]  # the Relu reads the Conv's own output
+    x = torch.randn(16, 3, 8, 8)
+    np.testing.assert_allclose(_run(result.float_model, x), _run(path, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(_run(result.qdq_model, x), _emulated(folded, x))
+
+
+class _SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = y + self.branch(y)
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+def test_onnx_path_gives_the_torch_paths_encodings_and_outputs(tmp_path: Path) -> None:
+    """The same weights (BatchNorms folded before torch's exporter runs) give bit-identical encodings and outputs."""
+    torch.manual_seed(0)
+    net = _SmallNet().eval()
+    for bn in (net.stem[1], net.branch[1]):  # statistics a trained net would have
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+    data = torch.randn(32, 3, 12, 12)
+    fold_batch_norms(net, data[:1])
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, (data[:1],), path, dynamo=False, opset_version=17, input_names=["pixels"],
+                      output_names=["scores"], dynamic_axes={"pixels": {0: "n"}, "scores": {0: "n"}})
+    torch_sim = QuantSim(net, data[:1], config="per_channel")
+    onnx_sim = QuantSim.from_onnx(path, config="per_channel")
+    for sim in (torch_sim, onnx_sim):
+        sim.compute_encodings(lambda m: m(data))
+
+    def scales(sim: QuantSim) -> list[list[float]]:
+        return sorted(q.encoding.scale.flatten().tolist() for q in sim.quantizers().values())
+
+    assert scales(torch_sim) == scales(onnx_sim)
+    x = torch.randn(16, 3, 12, 12)
+    with torch.no_grad():
+        np.testing.assert_array_equal(torch_sim.model(x).numpy(), onnx_sim.model(x).numpy())
+    result = onnx_sim.export(tmp_path / "out")
+    np.testing.assert_array_equal(_run(result.qdq_model, x), _emulated(onnx_sim, x))

@@ -1,0 +1,95 @@
+"""Reading and converting a user's ONNX file: what converts, what runs in ONNX Runtime, and the refusals."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx_models import branching_cnn, save
+from torch import nn
+
+from edgequant import QuantSim
+from edgequant.onnx import ONNX_NODE_ATTRIBUTE, OnnxModelError, load_onnx, onnx_dummy_input
+
+
+def _ort(path: Path, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_converted_model_computes_what_onnx_runtime_computes(tmp_path: Path) -> None:
+    path = save(branching_cnn(), tmp_path / "model.onnx")
+    model = load_onnx(path)
+    x = torch.randn(4, 3, 8, 8)
+    np.testing.assert_allclose(model(x).detach().numpy(), _ort(path, x), rtol=1e-5, atol=1e-5)
+
+
+def test_every_layer_knows_its_node_and_constant_weights_become_layers(tmp_path: Path) -> None:
+    model = load_onnx(save(branching_cnn(), tmp_path / "model.onnx"))
+    refs = {m.__dict__[ONNX_NODE_ATTRIBUTE].name: m for m in model.modules() if ONNX_NODE_ATTRIBUTE in m.__dict__}
+    assert {"conv_a", "relu_a", "conv_b", "add", "concat", "custom", "flatten", "head"} <= set(refs)
+    head = refs["head"].__dict__[ONNX_NODE_ATTRIBUTE]
+    assert isinstance(refs["head"], nn.Linear)
+    assert head.params == {"weight": "head.weight", "bias": "head.bias"} and head.transposed == {"weight"}
+    assert refs["conv_a"].__dict__[ONNX_NODE_ATTRIBUTE].inputs == ("image",)
+    assert refs["add"].__dict__[ONNX_NODE_ATTRIBUTE].outputs == ("sum",)
+    assert refs["flatten"].holds_input_values  # data movement: shares its input's encoding
+
+
+def test_node_without_converter_runs_in_onnx_runtime_and_is_reported_float(tmp_path: Path) -> None:
+    sim = QuantSim.from_onnx(save(branching_cnn(), tmp_path / "model.onnx"))
+    custom = [e for e in sim.coverage() if e.tensor.endswith("/custom")]
+    assert len(custom) == 1 and custom[0].category == "left in float"
+    assert "ONNX Runtime" in custom[0].reason
+
+
+def test_op_neither_converter_nor_runtime_knows_is_one_line_naming_the_node(tmp_path: Path) -> None:
+    path = save(branching_cnn(custom_op=("com.acme", "Sharpen")), tmp_path / "model.onnx")
+    with pytest.raises(OnnxModelError) as error:
+        load_onnx(path)
+    message = str(error.value)
+    assert "node 'custom' (com.acme:Sharpen)" in message and "add_converter" in message and "\n" not in message
+
+
+def test_a_file_that_is_not_onnx_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "weights.onnx"
+    path.write_bytes(b"\x00\x01not a protobuf at all" * 10)
+    with pytest.raises(OnnxModelError, match="is not an ONNX model"):
+        load_onnx(path)
+    with pytest.raises(OnnxModelError, match="does not exist"):
+        load_onnx(tmp_path / "missing.onnx")
+
+
+def test_a_model_failing_the_checker_is_refused(tmp_path: Path) -> None:
+    model = branching_cnn()
+    model.graph.node[1].input[0] = "no_such_tensor"  # Relu reads a tensor nothing produces
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, path)
+    with pytest.raises(OnnxModelError, match="fails onnx.checker"):
+        load_onnx(path)
+
+
+def test_the_users_file_is_never_written(tmp_path: Path) -> None:
+    path = save(branching_cnn(), tmp_path / "model.onnx")
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    sim = QuantSim.from_onnx(path)
+    sim.compute_encodings(lambda m: m(torch.randn(8, 3, 8, 8)))
+    sim.export(tmp_path / "out")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_dummy_input_follows_the_declared_shapes(tmp_path: Path) -> None:
+    model = load_onnx(save(branching_cnn(), tmp_path / "model.onnx"))
+    (x,) = onnx_dummy_input(model.onnx_source, batch_size=3)
+    assert x.shape == (3, 3, 8, 8) and x.dtype == torch.float32
+    sequence = branching_cnn()
+    sequence.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
+    with pytest.raises(OnnxModelError, match="dynamic dimension 'height' on axis 2"):
+        onnx_dummy_input(load_onnx(sequence).onnx_source)
+    (x,) = onnx_dummy_input(load_onnx(sequence).onnx_source, dims={"height": 8})
+    assert x.shape == (1, 3, 8, 8)
