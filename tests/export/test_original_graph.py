@@ -149,3 +149,14 @@ def test_onnx_path_gives_the_torch_paths_encodings_and_outputs(tmp_path: Path) -
         np.testing.assert_array_equal(torch_sim.model(x).numpy(), onnx_sim.model(x).numpy())
     result = onnx_sim.export(tmp_path / "out")
     np.testing.assert_array_equal(_run(result.qdq_model, x), _emulated(onnx_sim, x))
+
+
+def test_encodings_written_under_original_names_load_back_into_a_new_sim(calibrated: tuple, tmp_path: Path) -> None:
+    sim, path, _ = calibrated
+    result = sim.export(tmp_path / "out")
+    fresh = QuantSim.from_onnx(path, config="per_channel")
+    report = fresh.load_encodings(result.encodings)
+    assert not report.skipped
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        np.testing.assert_array_equal(fresh.model(x).numpy(), sim.model(x).numpy())
