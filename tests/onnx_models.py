@@ -16,9 +16,9 @@ def _weight(name: str, shape: tuple[int, ...], seed: int, scale: float = 0.3) ->
     return numpy_helper.from_array(values, name)
 
 
-def branching_cnn(custom_op: tuple[str, str] = ("com.microsoft", "Gelu")) -> onnx.ModelProto:
+def branching_cnn(custom_op: tuple[str, str] = ("com.microsoft", "Gelu"), width: int = 8) -> onnx.ModelProto:
     """Conv, Relu, Add, Concat, a ``custom_op`` (domain, op type), GlobalAveragePool, Reshape and a Gemm whose
-    weight is stored ``[in, out]`` (transB=0): image ``[N, 3, 8, 8]`` -> ``logits [N, 10]``."""
+    weight is stored ``[in, out]`` (transB=0): image ``[N, 3, 8, 8]`` -> ``logits [N, 10]``; ``width`` channels."""
     domain, op_type = custom_op
     nodes = [
         helper.make_node("Conv", ["image", "conv_a.weight", "conv_a.bias"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
@@ -32,9 +32,10 @@ def branching_cnn(custom_op: tuple[str, str] = ("com.microsoft", "Gelu")) -> onn
         helper.make_node("Gemm", ["flat", "head.weight", "head.bias"], ["logits"], name="head"),
     ]
     initializers = [
-        _weight("conv_a.weight", (8, 3, 3, 3), 0), _weight("conv_a.bias", (8,), 1, 0.1),
-        _weight("conv_b.weight", (8, 3, 1, 1), 2), _weight("head.weight", (16, 10), 3),
-        _weight("head.bias", (10,), 4, 0.1), numpy_helper.from_array(np.array([-1, 16], np.int64), "flat_shape"),
+        _weight("conv_a.weight", (width, 3, 3, 3), 0), _weight("conv_a.bias", (width,), 1, 0.1),
+        _weight("conv_b.weight", (width, 3, 1, 1), 2), _weight("head.weight", (2 * width, 10), 3),
+        _weight("head.bias", (10,), 4, 0.1),
+        numpy_helper.from_array(np.array([-1, 2 * width], np.int64), "flat_shape"),
     ]
     graph = helper.make_graph(
         nodes, "branching_cnn",

@@ -18,6 +18,7 @@ from edgequant import QuantSim
 from edgequant.export import read_encodings
 from edgequant.onnx import load_onnx
 from edgequant.ptq import correct_bias, fold_batch_norms
+from edgequant.quantization import IntegerFormat
 
 
 def _run(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -160,3 +161,37 @@ def test_encodings_written_under_original_names_load_back_into_a_new_sim(calibra
     x = torch.randn(16, 3, 8, 8)
     with torch.no_grad():
         np.testing.assert_array_equal(fresh.model(x).numpy(), sim.model(x).numpy())
+
+
+def test_a_model_with_external_data_is_exported_with_external_data(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    onnx.save(branching_cnn(width=64), path, save_as_external_data=True, location="model.weights")
+    sim = QuantSim.from_onnx(path, config="per_channel")
+    sim.compute_encodings(lambda m: m(torch.randn(32, 3, 8, 8)))
+    result = sim.export(tmp_path / "out")
+    for written in (result.float_model, result.qdq_model):
+        assert written.with_name(written.name + ".data").is_file()
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in onnx.load(written, load_external_data=False).graph.initializer)
+    x = torch.randn(8, 3, 8, 8)
+    np.testing.assert_array_equal(_run(result.qdq_model, x), _emulated(sim, x))
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_the_graph_keeps_its_opset(opset: int, tmp_path: Path) -> None:
+    model = branching_cnn()
+    model.opset_import[0].version = opset
+    path = save(model, tmp_path / "model.onnx")
+    sim = QuantSim.from_onnx(path, config="per_channel")
+    sim.compute_encodings(lambda m: m(torch.randn(32, 3, 8, 8)))
+    result = sim.export(tmp_path / "out")
+    assert result.opset == opset
+    x = torch.randn(8, 3, 8, 8)
+    np.testing.assert_array_equal(_run(result.qdq_model, x), _emulated(sim, x))
+
+
+def test_int16_activations_in_an_opset_17_graph_are_refused_with_the_fix(calibrated: tuple, tmp_path: Path) -> None:
+    sim, _, _ = calibrated
+    sim.set_format("*", IntegerFormat(16, False), kinds=("output",))
+    with pytest.raises(ValueError, match="convert_version"):
+        sim.export(tmp_path / "out")

@@ -43,6 +43,17 @@ class ExportResult:
         )
 
 
+def save_onnx(model: onnx.ModelProto, path: Path, external_data: bool) -> None:
+    """Write ``model``; with ``external_data``, its tensors go to ``<file>.data`` beside it (models over 2 GB, and
+    models the user gave that way)."""
+    if external_data:
+        data = path.with_name(path.name + ".data")
+        data.unlink(missing_ok=True)  # onnx appends to an existing data file
+        onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    else:
+        onnx.save(model, path)
+
+
 def model_opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
@@ -139,8 +150,9 @@ def export_onnx(
     }
     entries = tensor_encoding_entries(traced, by_tensor, float_bias)
     float_path, qdq_path = out_dir / f"{name}.onnx", out_dir / f"{name}_qdq.onnx"
-    onnx.save(traced.float_model, float_path)
-    onnx.save(qdq_model, qdq_path)
+    external = sim.onnx_source is not None and sim.onnx_source.external_data
+    save_onnx(traced.float_model, float_path, external)
+    save_onnx(qdq_model, qdq_path, external)
     encodings_path = write_encodings(
         entries, out_dir / f"{name}.encodings", encoding_version, _quantizer_args(sim, quantizers)
     )

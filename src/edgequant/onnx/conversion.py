@@ -30,6 +30,7 @@ from edgequant.onnx.runtime_node import FALLBACK_DOMAIN, runtime_node_supported,
 from edgequant.onnx.source import ONNX_NODE_ATTRIBUTE, ONNX_SOURCE_ATTRIBUTE, OnnxNodeRef, OnnxSource
 
 PASS_THROUGH_OPS = DATA_MOVEMENT_OPS | {"Dropout"}
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf files stop at 2 GiB: larger models keep their tensors beside them
 
 
 def load_onnx(model: str | Path | onnx.ModelProto) -> fx.GraphModule:
@@ -39,9 +40,9 @@ def load_onnx(model: str | Path | onnx.ModelProto) -> fx.GraphModule:
     every node, tensor name and initializer.
     """
     path = None if isinstance(model, onnx.ModelProto) else Path(model)
-    original = model if path is None else read_onnx(path)
+    original, external = (model, False) if path is None else read_onnx(path)
     work = _conversion_copy(original)
-    source = OnnxSource(original, path)
+    source = OnnxSource(original, path, external or _tensor_bytes(original) > EXTERNAL_DATA_BYTES)
     graph = OnnxGraph(work.graph)
     opsets = {entry.domain: entry.version for entry in work.opset_import}
     for node in graph.nodes.values():
@@ -62,6 +63,10 @@ def load_onnx(model: str | Path | onnx.ModelProto) -> fx.GraphModule:
     _annotate(converted, OnnxGraph(work.graph), _TensorTypes.of(work))
     setattr(converted, ONNX_SOURCE_ATTRIBUTE, source)
     return converted
+
+
+def _tensor_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) for t in model.graph.initializer)
 
 
 def _where(path: Path | None) -> str:

@@ -43,6 +43,7 @@ class OnnxSource:
 
     model: onnx.ModelProto
     path: Path | None
+    external_data: bool = False  # its tensors were in files beside it: exports keep them so
     float_nodes: dict[str, str] = field(default_factory=dict)  # node name -> why it runs in float
 
     def __deepcopy__(self, memo: dict) -> OnnxSource:
