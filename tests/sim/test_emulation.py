@@ -386,3 +386,18 @@ def test_padding_the_runtime_keeps_apart_is_not_emulated_and_warns(tmp_path: Pat
         plan = sim.emulate("onnxruntime")
     assert [op.kind for op in plan.ops] == ["Add", "Add"]
     assert all("input 0 does not come from a quantizer" in why for why in plan.skipped.values())
+
+
+def test_a_fused_clamp_with_unknown_bounds_is_not_emulated() -> None:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.clamp(self.conv(x), 0.0, 4.0)  # fused into the conv's group, bounds held by the call
+
+    sim = _folded_sim(Net().eval(), torch.randn(8, 3, 8, 8))
+    with pytest.warns(UserWarning, match="0 of 1 integer ops emulated"):
+        plan = sim.emulate("onnxruntime")
+    assert plan.skipped == {"conv": "the bounds of its fused Clip are not known to the emulation"}

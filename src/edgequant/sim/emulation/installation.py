@@ -3,22 +3,18 @@ operands and runs the op's `Kernel`, falling back to the default forward where t
 
 from __future__ import annotations
 
-import math
 import types
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgequant.quantization import Quantizer
 from edgequant.sim.emulation.arithmetic import Grid, RuntimeModel
 from edgequant.sim.emulation.kernels import KERNELS
-from edgequant.sim.emulation.planning import EmulatedOp, EmulationPlan
-from edgequant.sim.ops import module_op_type
-from edgequant.sim.quantized_module import FunctionalOp
+from edgequant.sim.emulation.planning import EmulatedOp, EmulationPlan, clip_bounds
 
 
 def _ready(quantizers: list[Quantizer]) -> bool:
@@ -26,19 +22,9 @@ def _ready(quantizers: list[Quantizer]) -> bool:
     return all(q.enabled and not q.calibrating and q.scale is not None and q.float_format is None for q in quantizers)
 
 
-def _clip_bounds(module: nn.Module) -> tuple[float, float] | None:
-    if module_op_type(module) == "Relu":
-        return 0.0, math.inf
-    if isinstance(module, nn.ReLU6) or (isinstance(module, FunctionalOp) and module.target is F.relu6):
-        return 0.0, 6.0
-    if isinstance(module, nn.Hardtanh):
-        return float(module.min_val), float(module.max_val)
-    return None
-
-
 def _activation_implied(module: nn.Module, grid: Grid) -> bool:
     """Does the output grid already clamp what ``module`` clamps (so the runtime drops the activation)?"""
-    bounds = _clip_bounds(module)
+    bounds = clip_bounds(module)
     if bounds is None:
         return False
     low = float(grid.offset * grid.scale)

@@ -3,10 +3,12 @@ the others are left to the default fake-quantized path."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from edgequant.quantization import PerChannel, Quantizer
@@ -150,6 +152,17 @@ class _GraphIndex:
         return (quantizers["0"] if quantizers["0"].enabled else None), activation
 
 
+def clip_bounds(module: nn.Module) -> tuple[float, float] | None:
+    """What a ReLU/ReLU6/Hardtanh fused after an op clamps to; None for an activation whose bounds are unknown."""
+    if module_op_type(module) == "Relu":
+        return 0.0, math.inf
+    if isinstance(module, nn.ReLU6) or (isinstance(module, FunctionalOp) and module.target is F.relu6):
+        return 0.0, 6.0
+    if isinstance(module, nn.Hardtanh):
+        return float(module.min_val), float(module.max_val)
+    return None
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -214,6 +227,8 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str, node: fx.Node
     output, activation = index.fused_output(prefix, node)
     if output is None:
         return "its output is not quantized by one fused group (op → [ReLU/ReLU6] → quantizer)"
+    if activation is not None and clip_bounds(activation) is None:
+        return f"the bounds of its fused {module_op_type(activation)} are not known to the emulation"
     for quantizer in (*inputs, output, *([weight] if weight is not None else [])):
         if quantizer.float_format is not None:  # fp8 has a scale and 8 bits, but no integer grid
             return f"quantizer {quantizer.name} has the float format {quantizer.float_format.name}"
