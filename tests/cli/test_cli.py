@@ -60,7 +60,8 @@ def test_quantize_tensor_file_and_factory_writes_loadable_outputs(runner: CliRun
     assert {"model", "calibration_data", "num_calibration_batches", "settings", "quantized", "coverage",
             "timings", "metric"} <= set(summary)
     assert summary["num_calibration_batches"] == 4  # 100 samples in batches of 32
-    assert summary["settings"] == {"param_bw": 4, "output_bw": 8, "scheme": "percentile", "config": "per_channel"}
+    assert summary["settings"] == {"param_bw": 4, "output_bw": 8, "scheme": "percentile", "config": "per_channel",
+                                   "weight_granularity": []}
     assert summary["quantized"]["modules"]["conv1.0"] == "Conv"
     assert {"fp32", "quantized", "delta"} <= set(summary["metric"])
     assert {"build_sim_s", "calibrate_s"} <= set(summary["timings"])

@@ -16,12 +16,14 @@ from edgequant.cli.data import (
 )
 from edgequant.cli.errors import debug_option
 from edgequant.cli.job import JobOptions, SimSettings, build_job, pass_job_options
+from edgequant.cli.sim_state import from_option, options_from_run
 from edgequant.quantization import QUANT_SCHEMES
 
 RANKED_LINES = 5
 
 
 @click.command()
+@from_option
 @demo_model_option
 @data_options
 @click.option("--eval", "eval_spec", metavar="SPEC",
@@ -38,7 +40,8 @@ RANKED_LINES = 5
 @quiet_option
 @debug_option
 @pass_job_options
-def analyze(options: JobOptions, settings: SimSettings, fold_bn: bool, out_dir: Path, quiet: bool) -> None:
+def analyze(options: JobOptions, settings: SimSettings, fold_bn: bool, out_dir: Path, quiet: bool,
+            from_dir: Path | None) -> None:
     """Find where quantization loses accuracy: per-layer sensitivity, output SQNR along the network, ranges.
 
     Writes analysis.json (its settings list the BatchNorms left unfolded), an interactive report.html and the
@@ -46,6 +49,7 @@ def analyze(options: JobOptions, settings: SimSettings, fold_bn: bool, out_dir: 
     """
     from edgequant.analysis import QuantAnalyzer
 
+    options, settings, fold_bn = options_from_run(from_dir, options, settings, fold_bn)
     job = build_job(options, settings, demo_batch_size=32)
     analyzer = QuantAnalyzer(job.float_model(fold_bn), job.dummy_input, job.batches, job.evaluate,
                              **settings.quantsim_kwargs(), progress=not quiet)

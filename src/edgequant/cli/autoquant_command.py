@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import click
@@ -15,12 +17,17 @@ from edgequant.cli.data import (
     quiet_option,
 )
 from edgequant.cli.errors import debug_option
-from edgequant.cli.job import JobOptions, SimSettings, build_job, pass_job_options
+from edgequant.cli.job import Job, JobOptions, SimSettings, build_job, pass_job_options
+from edgequant.cli.sim_state import EQUALIZED_KEY, SUMMARY_FILE, from_option, options_from_run, sources
 from edgequant.quantization import QUANT_SCHEMES
 from edgequant.workflows.autoquant import DEFAULT_SCHEMES
+from edgequant.workflows.autoquant_result import AutoQuantResult
+
+BEST_FOLDER = "best"
 
 
 @click.command()
+@from_option
 @demo_model_option
 @data_options
 @click.option("--eval", "eval_spec", metavar="SPEC",
@@ -44,12 +51,14 @@ from edgequant.workflows.autoquant import DEFAULT_SCHEMES
 @pass_job_options
 def autoquant(
     options: JobOptions, settings: SimSettings, allowed_drop: float, schemes: tuple[str, ...], fold_bn: bool,
-    adaround_iterations: int, mixed_precision: str | None, out_dir: Path, quiet: bool,
+    adaround_iterations: int, mixed_precision: str | None, out_dir: Path, quiet: bool, from_dir: Path | None,
 ) -> None:
-    """Find the cheapest PTQ recipe meeting FP32 - allowed drop; writes the best sim and an HTML report (its
-    settings record --fold-bn; with it, the ladder starts from the folded model and has no bn_fold step)."""
+    """Find the cheapest PTQ recipe meeting FP32 - allowed drop; writes an HTML report and the best sim in OUT/best,
+    laid out as quantize's output folder for export, verify and --from (the settings record --fold-bn; with it, the
+    ladder starts from the folded model and has no bn_fold step)."""
     from edgequant.workflows import autoquant as run_autoquant
 
+    options, settings, fold_bn = options_from_run(from_dir, options, settings, fold_bn)
     job = build_job(options, settings, demo_batch_size=64, eval_required=True)
     result = run_autoquant(
         job.model, job.dummy_input, job.batches, job.evaluate, allowed_accuracy_drop=allowed_drop,
@@ -68,7 +77,32 @@ def autoquant(
                f"target {result.target_metric:.4f})")
     if result.recommendation:
         click.echo(result.recommendation)
-    click.echo(f"sim state: {result.sim_state_path}\nreport:    {result.report_path}")
+    best = _write_best(result, job, options, settings, fold_bn, out_dir / BEST_FOLDER)
+    click.echo(f"sim state: {best}\nreport:    {result.report_path}")
+
+
+def _write_best(result: AutoQuantResult, job: Job, options: JobOptions, settings: SimSettings, fold_bn: bool,
+                folder: Path) -> Path:
+    """The best candidate as quantize writes a sim: ``sim_state.pt`` with the ``input_spec.json`` and
+    ``summary.json`` that rebuild its float model (BNs folded at or after the bn_fold step, equalized in the cle
+    stage), so that ``export --sim-state`` and ``--from`` take it as it is."""
+    record = next(step for step in result.steps if step.name == result.best_step)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = folder / "sim_state.pt"
+    shutil.copyfile(result.sim_state_path, state)
+    job.spec.fold_bn = fold_bn or record.stage != "original"
+    job.spec.save(folder)
+    scheme = {"scheme": record.scheme} if isinstance(record.scheme, str) else {}  # a dict: not an option's value
+    summary = {
+        "settings": {"param_bw": settings.param_bw, "output_bw": settings.output_bw, "config": settings.config,
+                     **scheme},
+        "autoquant": {"best_step": result.best_step, "best_metric": result.best_metric,
+                      "fp32_metric": result.fp32_metric, "target_metric": result.target_metric,
+                      "target_met": result.target_met, "candidate": str(result.sim_state_path)},
+        EQUALIZED_KEY: record.stage == "cle", **sources(options),
+    }
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    return state
 
 
 def _candidates(text: str) -> list[tuple[int, int]]:

@@ -27,6 +27,7 @@ from edgequant.cli.export_commands import export, verify
 from edgequant.cli.job import Job, JobOptions, SimSettings, build_job, pass_job_options
 from edgequant.cli.llm_command import llm
 from edgequant.cli.qat_command import qat
+from edgequant.cli.sim_state import sources
 from edgequant.quantization import QUANT_SCHEMES
 from edgequant.quantization.granularity import PerChannel
 from edgequant.sim import QuantSim
@@ -76,7 +77,8 @@ def quantize(options: JobOptions, settings: SimSettings, fold_bn: bool, out_dir:
 
     With no --model and no --data, runs the bundled digits demo.
     """
-    _run(build_job(options, settings, demo_batch_size=DEMO_BATCH_SIZE, single_pass=True), fold_bn, out_dir, quiet)
+    _run(build_job(options, settings, demo_batch_size=DEMO_BATCH_SIZE, single_pass=True), options, fold_bn, out_dir,
+         quiet)
 
 
 @main.command()
@@ -84,12 +86,12 @@ def quantize(options: JobOptions, settings: SimSettings, fold_bn: bool, out_dir:
 @pass_job_options
 def demo(options: JobOptions, settings: SimSettings, fold_bn: bool, out_dir: Path, quiet: bool) -> None:
     """Quantize the bundled digits CNN and print FP32 vs quantized accuracy (no data or download needed)."""
-    _run(build_job(options, settings, demo_batch_size=DEMO_BATCH_SIZE), fold_bn, out_dir, quiet)
+    _run(build_job(options, settings, demo_batch_size=DEMO_BATCH_SIZE), options, fold_bn, out_dir, quiet)
 
 
-def _run(job: Job, fold_bn: bool, out_dir: Path, quiet: bool) -> dict[str, Any]:
-    """Build the sim (BatchNorms folded first with ``fold_bn``), calibrate, evaluate, write the output folder and
-    print what happened."""
+def _run(job: Job, options: JobOptions, fold_bn: bool, out_dir: Path, quiet: bool) -> dict[str, Any]:
+    """Build the sim (BatchNorms folded first with ``fold_bn``), calibrate, evaluate, write the output folder (its
+    summary records the sources in ``options`` for ``--from``) and print what happened."""
     settings, timings = job.settings, {"load_s": job.load_s}
     click.echo(f"model: {job.model_name}  |  {settings.label}, scheme {settings.scheme}, config {settings.config}")
 
@@ -136,7 +138,7 @@ def _run(job: Job, fold_bn: bool, out_dir: Path, quiet: bool) -> dict[str, Any]:
     if metric is not None:
         click.echo(_metric_line("FP32", metric["fp32"], job.metric_name))
         click.echo(_metric_line(settings.label, metric["quantized"], job.metric_name))
-    summary = _summary(job, sim, metric, timings, num_calibrated)
+    summary = {**_summary(job, sim, metric, timings, num_calibrated), **sources(options)}
     files = _write_outputs(sim, summary, job.spec, out_dir)
     click.echo(f"wrote {', '.join(str(f) for f in files)}")
     return summary

@@ -18,10 +18,12 @@ from edgequant import __version__
 from edgequant.cli.data import bitwidth_options, data_options, demo_model_option, device_option, quiet_option
 from edgequant.cli.errors import debug_option
 from edgequant.cli.job import JobOptions, SimSettings, build_job, pass_job_options
+from edgequant.cli.sim_state import from_option, options_from_run, sources
 from edgequant.quantization import QUANT_SCHEMES
 
 
 @click.command()
+@from_option
 @demo_model_option
 @data_options
 @click.option("--eval", "eval_spec", metavar="SPEC",
@@ -49,11 +51,12 @@ from edgequant.quantization import QUANT_SCHEMES
 @pass_job_options
 def qat(
     options: JobOptions, settings: SimSettings, mode: str, epochs: int, lr: float, batch_norm: str,
-    freeze_bn_after: int | None, resume: bool, out_dir: Path, quiet: bool,
+    freeze_bn_after: int | None, resume: bool, out_dir: Path, quiet: bool, from_dir: Path | None,
 ) -> None:
     """Quantization-aware training: calibrate, fine-tune, and write the sim state, the export and a summary."""
     from edgequant.qat import finalize, finetune, prepare_qat
 
+    options, settings, _ = options_from_run(from_dir, options, settings)
     job = build_job(options, settings, demo_batch_size=64)
     timings: dict[str, float] = {}
 
@@ -95,7 +98,7 @@ def qat(
         "batch_norms_folded": [bn for _, bn in setup.folded_batch_norms + folded],
         "steps": result.steps, "history": result.history, "best_metric": result.best_metric,
         "start_metric": result.start_metric, "kept_start": result.kept_start,
-        "metric": metrics or None, "timings": timings,
+        "metric": metrics or None, "timings": timings, **sources(options),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     click.echo(f"wrote {out_dir / 'sim_state.pt'}, {exported.qdq_model}, {out_dir / 'summary.json'}")

@@ -1,27 +1,111 @@
-"""Rebuilding the sim a ``quantize`` run saved, for the commands that work on its output folder."""
+"""What a command's output folder records (``sim_state.pt``, ``input_spec.json``, ``summary.json``) and how the
+next command reads it back: the sim rebuilt for ``export``/``verify``, and ``--from`` for the commands that start
+from the model and data again (``analyze``, ``autoquant``, ``qat``), so that nothing is typed twice."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
+from click.core import ParameterSource
 from torch.serialization import get_unsafe_globals_in_checkpoint
 
 from edgequant.cli.data import InputSpec
-from edgequant.cli.inputs import forward_failure, load_model, one_line_of, parse_shape
+from edgequant.cli.inputs import forward_failure, is_object_spec, load_model, one_line_of, parse_shape
+from edgequant.cli.job import JobOptions, SimSettings
 from edgequant.ptq import fold_batch_norms
+from edgequant.ptq.cross_layer_equalization import equalize
 from edgequant.sim import QuantSim
 from edgequant.sim.state_file import SimState, load_without_code, read_sim_state
 
 SUMMARY_FILE = "summary.json"
+SOURCES_KEY = "sources"
+"""summary.json entry: ``--model``, ``--data`` and ``--eval`` as typed (all None: the bundled digits demo)."""
+EQUALIZED_KEY = "cross_layer_equalized"
+"""summary.json entry: the float model was cross-layer equalized after BN folding (an AutoQuant ``cle`` step), which
+replaces ReLU6 by per-channel clamps, so the sim is rebuilt on an equalized model."""
+DEMO_MODEL_SPEC = "edgequant.demo.digits:load_pretrained"
+"""``--model`` of the bundled digits CNN, for the sims a demo run saved."""
+RECORDED_SETTINGS = ("param_bw", "output_bw", "scheme", "config", "weight_granularity")
+"""The `SimSettings` fields ``--from`` carries over (those the command takes and the user did not type)."""
+
+from_option = click.option(
+    "--from", "from_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Output folder of an earlier quantize/autoquant/qat run: its --model, --data, --eval, input spec, BN "
+         "folding and quantization settings are the defaults; options typed here override them.")
+
+
+def sources(options: JobOptions) -> dict[str, dict[str, str | None]]:
+    """The summary.json entry recording where a run's model, data and metric came from."""
+    return {SOURCES_KEY: {"model": options.model_spec, "data": options.data_spec, "eval": options.eval_spec}}
+
+
+def read_summary(folder: Path) -> dict[str, Any] | None:
+    """The summary.json a command wrote into ``folder`` (None when there is none, or it is not a summary)."""
+    try:
+        summary = json.loads((folder / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def options_from_run(
+    from_dir: Path | None, options: JobOptions, settings: SimSettings, fold_bn: bool | None = None
+) -> tuple[JobOptions, SimSettings, bool | None]:
+    """``options``, ``settings`` and ``fold_bn`` with what the run in ``from_dir`` recorded in place of each option
+    the user did not type (the data options only where that kind of data takes them: ``resolve_data`` refuses the
+    others). Unchanged without ``--from``."""
+    if from_dir is None:
+        return options, settings, fold_bn
+    summary = read_summary(from_dir)
+    spec = InputSpec.beside(from_dir / "sim_state.pt")
+    if summary is None or SOURCES_KEY not in summary or spec is None:
+        raise click.BadParameter(f"{from_dir} holds no summary.json with its sources and input_spec.json; pass an "
+                                 "output folder of quantize, autoquant (its best/ folder) or qat", param_hint="--from")
+    typed = _typed_parameters()
+    recorded = summary[SOURCES_KEY]
+    options = replace(options, **{name: recorded[key] for name, key in
+                                  (("model_spec", "model"), ("data_spec", "data"), ("eval_spec", "eval"))
+                                  if name not in typed and recorded.get(key) is not None})
+    data = options.data_spec
+    from_spec: dict[str, Any] = {}
+    if data is not None and spec.shape:
+        from_spec["input_shape"] = ",".join(str(size) for size in spec.shape)
+    if data is not None and not is_object_spec(data):
+        from_spec["batch_size"] = spec.batch_size
+    if data is not None and Path(data).is_dir():
+        from_spec["mean"], from_spec["std"] = (",".join(str(v) for v in values) for values in (spec.mean, spec.std))
+    options = replace(options, **{name: value for name, value in from_spec.items() if name not in typed})
+    takes = set(click.get_current_context().params)
+    carried = {name: summary.get("settings", {}).get(name) for name in RECORDED_SETTINGS
+               if name in takes and name not in typed}
+    if carried.get("weight_granularity"):
+        carried["weight_granularity"] = tuple(carried["weight_granularity"])
+    settings = replace(settings, **{name: value for name, value in carried.items() if value is not None})
+    if fold_bn is not None and "fold_bn" not in typed:
+        fold_bn = spec.fold_bn
+    return options, settings, fold_bn
+
+
+def _typed_parameters() -> set[str]:
+    """The parameters of the running command given on the command line or in the environment."""
+    context = click.get_current_context()
+    return {name for name in context.params
+            if context.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
 
 
 def sim_from_state(
     model_spec: str | None, state_path: Path | None, input_shape: str | None
 ) -> tuple[QuantSim, InputSpec]:
-    """The sim ``edgequant quantize`` saved (same config, bitwidths, BN folding, input spec), encodings restored."""
+    """The sim ``edgequant quantize`` saved (same config, bitwidths, BN folding, input spec), encodings restored;
+    without ``model_spec``, on the model the summary.json beside the state records."""
+    summary = read_summary(state_path.parent) if state_path is not None else None
+    if not model_spec and summary is not None and SOURCES_KEY in summary:
+        model_spec = summary[SOURCES_KEY].get("model") or DEMO_MODEL_SPEC
     if not model_spec or state_path is None:
         raise click.UsageError("needs --model and --sim-state (the sim_state.pt written by 'edgequant quantize')")
     recorded = InputSpec.beside(state_path)
@@ -38,6 +122,8 @@ def sim_from_state(
     _check_model_runs(model, dummy, model_spec, state_path, input_shape)
     if spec.fold_bn:
         fold_batch_norms(model, dummy)
+    if summary is not None and summary.get(EQUALIZED_KEY):
+        equalize(model, dummy)  # the structure (per-channel clamps); the state restores every value
     settings = state.settings
     sim = QuantSim(model, dummy, param_bw=settings["param_bw"], output_bw=settings["output_bw"],
                    quant_scheme=settings["quant_scheme"], config=settings["config"])
