@@ -2,6 +2,7 @@
 
 from edgequant import export  # noqa: F401 - registers sim.export / sim.load_encodings
 from edgequant.config import ConfigError, HardwareConfig
+from edgequant.onnx import OnnxModelError, load_onnx
 from edgequant.quantization import (
     CalibrationError,
     CalibrationMethod,
@@ -25,10 +26,12 @@ __all__ = [
     "HardwareConfig",
     "MinMax",
     "Mse",
+    "OnnxModelError",
     "Percentile",
     "QuantSim",
     "Quantizer",
     "Sqnr",
     "autoquant",
+    "load_onnx",
     "register_module",
 ]

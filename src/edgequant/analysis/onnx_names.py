@@ -1,6 +1,6 @@
 """Names of the sim's layer outputs in the exported ONNX model, so a dump can be compared with the device.
 
-The mapping is read off the same marker export that `sim.export` uses (`trace_sim`), never guessed from
+The mapping is read off the same marker graph that `sim.export` uses (`trace_any`), never guessed from
 module names: a layer's output is the tensor its output quantizer quantizes; a layer without one (a
 convolution fused with the next op) produces the output of the ONNX node that consumes its quantized weight.
 """
@@ -11,7 +11,8 @@ import warnings
 
 from torch import nn
 
-from edgequant.export.graph_map import consumers, trace_sim
+from edgequant.export.graph_map import consumers
+from edgequant.export.original_graph import trace_any
 from edgequant.sim import QuantSim
 
 
@@ -20,7 +21,7 @@ def layer_tensor_names(sim: QuantSim, layers: dict[str, nn.Module]) -> tuple[dic
     """``{layer: [(output index, ONNX tensor name)]}`` and the ONNX input names; empty (with a warning) when
     the sim cannot be exported to ONNX."""
     try:
-        traced = trace_sim(sim, sim.dummy_input, include_disabled=True)
+        traced = trace_any(sim, include_disabled=True)
     except RuntimeError as error:
         warnings.warn(f"layer outputs are dumped under sim layer names: {error}", stacklevel=3)
         return {}, []

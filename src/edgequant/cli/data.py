@@ -188,9 +188,10 @@ def quiet_option(command: Callable) -> Callable:
 
 demo_model_option = click.option(
     "--model", "-m", "model_spec", metavar="SPEC",
-    help="'package.module:factory', 'file.py:factory', a .pt2 or a TorchScript file; default: the bundled digits "
-         "CNN with its test-set accuracy as metric. A factory spec imports and runs that Python code and a "
-         "TorchScript file is a program: give only models you trust (.pt2 files are read without running code).")
+    help="'package.module:factory', 'file.py:factory', an ONNX file (exported into its own graph), a .pt2 or a "
+         "TorchScript file; default: the bundled digits CNN with its test-set accuracy as metric. A factory spec "
+         "imports and runs that Python code and a TorchScript file is a program: give only models you trust (.onnx "
+         "and .pt2 files are read without running code).")
 
 
 def bitwidth_options(command: Callable) -> Callable:

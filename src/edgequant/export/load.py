@@ -30,8 +30,8 @@ from torch import nn
 from edgequant.export.bias import BIAS_BITWIDTH, install_bias_quantizer
 from edgequant.export.encodings_io import EncodingsFileError, TensorEncoding, read_encodings
 from edgequant.export.graph_align import TRANSPARENT_OPS, align_tensors, load_reference_graph
-from edgequant.export.graph_map import TracedSim, consumers, node_by_output, trace_sim
-from edgequant.export.original_graph import trace_original_graph
+from edgequant.export.graph_map import TracedSim, consumers, node_by_output
+from edgequant.export.original_graph import trace_any
 from edgequant.quantization import Encoding, FloatFormat, PerBlock, PerChannel, Quantizer
 from edgequant.quantization.granularity import PER_TENSOR
 from edgequant.sim.batches import split_model_input
@@ -334,10 +334,7 @@ def load_encodings(
     probes = _install_output_probes(sim, dummy_input)
     kept_probes: set[str] = set()
     try:
-        if sim.onnx_source is not None:  # the file names the original graph's tensors
-            traced, _ = trace_original_graph(sim, include_disabled=True)
-        else:
-            traced = trace_sim(sim, dummy_input, input_names, output_names, include_disabled=True)
+        traced = trace_any(sim, dummy_input, include_disabled=True, input_names=input_names, output_names=output_names)
         quantizers = sim.quantizers()
         device = sim.device
         report = LoadReport(version)

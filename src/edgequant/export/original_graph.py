@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import heapq
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
@@ -27,6 +27,7 @@ from edgequant.export.graph_map import (
     TracedSim,
     data_movement_propagation,
     required_opset,
+    trace_sim,
 )
 from edgequant.onnx import ONNX_NODE_ATTRIBUTE, OnnxNodeRef, OnnxSource
 from edgequant.quantization import Encoding, FloatFormat, PerBlock, PerChannel, Quantizer
@@ -71,6 +72,15 @@ def trace_original_graph(
         param_tensors=param_tensors,
     )
     return traced, encodings
+
+
+def trace_any(sim: QuantSim, dummy_input: Any = None, include_disabled: bool = False, **options: Any) -> TracedSim:
+    """The quantizer/tensor mapping of ``sim`` under the names its encodings use: the original graph's for a sim
+    of an ONNX model, the exported graph's (`trace_sim`, with ``options``) otherwise."""
+    if sim.onnx_source is not None:
+        return trace_original_graph(sim, include_disabled)[0]
+    return trace_sim(sim, sim.dummy_input if dummy_input is None else dummy_input,
+                     include_disabled=include_disabled, **options)
 
 
 def check_original_graph_opset(sim: QuantSim, opset: int | None) -> None:
