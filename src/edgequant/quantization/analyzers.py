@@ -20,6 +20,8 @@ analyzer computes per-block ranges with its per-channel code.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from edgequant.quantization.encoding import MIN_RANGE, grid_steps, strict_symmetric_offset
@@ -39,6 +41,9 @@ class EncodingAnalyzer:
     observed tensors need (set by `observe`); ``tensor_name`` names the tensor in errors (the quantizer sets it)."""
 
     tensor_name = "analyzer"
+    large_statistics: ClassVar[bool] = False
+    """Whether the statistics of one scale are large (a histogram, the values), so that `Quantizer.encode_from` takes
+    a tensor of many scales (blocks) a chunk at a time."""
 
     def __init__(self, granularity: Granularity | int | None = PER_TENSOR) -> None:
         self.granularity = as_granularity(granularity)
@@ -147,6 +152,8 @@ class HistogramAnalyzer(EncodingAnalyzer):
     When a batch falls outside the current range the old counts are moved to the bins of the widened
     range (each old bin lands whole in the new bin holding its centre), so memory stays fixed.
     """
+
+    large_statistics = True
 
     def __init__(self, granularity: Granularity | int | None = PER_TENSOR, num_bins: int = 512) -> None:
         self.num_bins = num_bins
@@ -320,6 +327,8 @@ class MseAnalyzer(EncodingAnalyzer):
     It keeps the observed values, so it is meant for weights (observed once); the ``mse`` calibration method
     gives activations a histogram-based search instead (`SqnrAnalyzer` with ``gamma=1``).
     """
+
+    large_statistics = True
 
     def __init__(
         self, granularity: Granularity | int | None = PER_TENSOR, num_candidates: int = 24, min_ratio: float = 0.2

@@ -30,6 +30,7 @@ max``) in ``scale`` with a zero ``offset``. Techniques that need an integer grid
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -63,6 +64,9 @@ ROLES = ("model_input", "input", "param", "output")
 
 _GROUP_OF_ROLE = {"model_input": "model_input_quantizers", "input": "input_quantizers",
                   "param": "param_quantizers", "output": "output_quantizers"}
+
+ENCODE_CHUNK_VALUES = 2**16
+"""About how many values of a tensor `Quantizer.encode_from` searches at a time with a large-statistics analyzer."""
 
 EXTRA_STATE_VERSION = 3
 """Extra state ``[-3, enabled, frozen, bitwidth, symmetric, strict, unsigned, float format (0: integer grid, see
@@ -249,13 +253,12 @@ class Quantizer(Sealable):
         has none: float16/bfloat16 calibrate nothing, fp8 sets its scale from the range's absolute maximum."""
         if self.float_format is not None and not self.float_format.scaled:
             return None
-        try:
-            low, high = self._analyzer_range()
-        except CalibrationError as error:
-            raise CalibrationError(
-                f"quantizer '{self.name}': {error}. Check that the calibration data reaches this layer "
-                "and contains finite values, or disable this quantizer."
-            ) from None
+        low, high = self._analyzer_range(self.analyzer)
+        return self._encode_range(low.reshape(self.analyzer.scale_shape), high.reshape(self.analyzer.scale_shape))
+
+    def _encode_range(self, low: torch.Tensor, high: torch.Tensor) -> Encoding | None:
+        """Install the encoding (fp8: the scale) of the searched range (``low``/``high`` shaped like the scale), after
+        the config's range constraints."""
         if self.min_constraint is not None and self.max_constraint is not None:
             # a fixed output range (e.g. Softmax in [0, 1]) that the hardware kernel assumes
             low, high = torch.full_like(low, self.min_constraint), torch.full_like(high, self.max_constraint)
@@ -265,7 +268,6 @@ class Quantizer(Sealable):
         elif self.max_constraint is not None:
             high = high.clamp_max(self.max_constraint)
             low = torch.minimum(low, high)
-        low, high = low.reshape(self.analyzer.scale_shape), high.reshape(self.analyzer.scale_shape)
         if self.float_format is not None:
             self.scale = self.float_format.scale_from_amax(torch.maximum(-low, high))
             self.offset = torch.zeros_like(self.scale)
@@ -277,28 +279,67 @@ class Quantizer(Sealable):
         self.set_encoding(encoding)
         return encoding
 
-    def _analyzer_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The analyzer's (low, high) per channel. An unsigned symmetric quantizer searches the channels whose data
-        is all non-negative as asymmetric ranges starting at 0 (AIMET: such a range gets the unsigned grid); a strict
-        symmetric one searches on its strict grid."""
+    def _analyzer_range(self, analyzer: EncodingAnalyzer) -> tuple[torch.Tensor, torch.Tensor]:
+        """``analyzer``'s (low, high) per scale, an error naming this quantizer when it saw no data."""
+        try:
+            return self._searched_range(analyzer)
+        except CalibrationError as error:
+            raise CalibrationError(
+                f"quantizer '{self.name}': {error}. Check that the calibration data reaches this layer "
+                "and contains finite values, or disable this quantizer."
+            ) from None
+
+    def _searched_range(self, analyzer: EncodingAnalyzer) -> tuple[torch.Tensor, torch.Tensor]:
+        """An unsigned symmetric quantizer searches the channels whose data is all non-negative as asymmetric ranges
+        starting at 0 (AIMET: such a range gets the unsigned grid); a strict symmetric one searches on its strict
+        grid."""
         if self.strict_grid:
-            return self.analyzer.compute_range(self.bitwidth, True, strict_symmetric=True)
-        if not (self.symmetric and self.unsigned_symmetric) or self.analyzer.min is None:
-            return self.analyzer.compute_range(self.bitwidth, self.symmetric)
-        unsigned = self.analyzer.min >= 0
+            return analyzer.compute_range(self.bitwidth, True, strict_symmetric=True)
+        if not (self.symmetric and self.unsigned_symmetric) or analyzer.min is None:
+            return analyzer.compute_range(self.bitwidth, self.symmetric)
+        unsigned = analyzer.min >= 0
         if not bool(unsigned.any()):
-            return self.analyzer.compute_range(self.bitwidth, True)
-        low, high = self.analyzer.compute_range(self.bitwidth, False)
+            return analyzer.compute_range(self.bitwidth, True)
+        low, high = analyzer.compute_range(self.bitwidth, False)
         if not bool(unsigned.all()):
-            signed_low, signed_high = self.analyzer.compute_range(self.bitwidth, True)
+            signed_low, signed_high = analyzer.compute_range(self.bitwidth, True)
             low, high = torch.where(unsigned, low, signed_low), torch.where(unsigned, high, signed_high)
         return torch.where(unsigned, low.clamp_min(0.0), low), high
 
     def encode_from(self, tensor: torch.Tensor) -> Encoding | None:
-        """(Re)compute the encoding from ``tensor`` alone (a weight, or a tensor chosen by a technique)."""
+        """(Re)compute the encoding from ``tensor`` alone (a weight, or a tensor chosen by a technique).
+
+        An analyzer whose statistics of one scale are large (`EncodingAnalyzer.large_statistics`: a histogram, the
+        values) takes a tensor of many scales a chunk of scales at a time (about `ENCODE_CHUNK_VALUES` values), each
+        chunk by a fresh analyzer of the same method: scales are searched independently, so the encoding is the same,
+        and only one chunk's statistics exist at a time (one histogram per block of an LLM-sized weight would take
+        gigabytes). Such an analyzer keeps no statistics of ``tensor`` afterwards."""
         self.analyzer.reset()
-        self.analyzer.observe(tensor.detach())
-        return self.compute_encoding()
+        tensor = tensor.detach()
+        scale_shape = self.granularity.scale_shape(tensor.shape, self.name)
+        unscaled_float = self.float_format is not None and not self.float_format.scaled  # no range to search
+        if not self.analyzer.large_statistics or math.prod(scale_shape) < 2 or unscaled_float:
+            self.analyzer.observe(tensor)
+            return self.compute_encoding()
+        low, high = self._range_in_chunks(self.granularity.rows(tensor, self.name))
+        return self._encode_range(low.reshape(scale_shape), high.reshape(scale_shape))
+
+    def _range_in_chunks(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low, high) of each row of ``rows`` (scales, values), searched about `ENCODE_CHUNK_VALUES` values at a time
+        by one analyzer of this quantizer's method, reset between chunks."""
+        num_rows = rows.shape[0]
+        starts = list(range(0, num_rows, max(2, ENCODE_CHUNK_VALUES // max(rows.shape[1], 1))))
+        if len(starts) > 1 and num_rows - starts[-1] == 1:
+            starts.pop()  # no one-row chunk: the analyzers take a single row by their whole-tensor path
+        analyzer = self.calibration.analyzer(PerChannel(0), self.role)
+        analyzer.tensor_name = self.name
+        ranges = []
+        for start, end in zip(starts, [*starts[1:], num_rows], strict=True):
+            analyzer.reset()
+            analyzer.observe(rows[start:end])
+            ranges.append(self._analyzer_range(analyzer))
+        low, high = (torch.cat(bounds) for bounds in zip(*ranges, strict=True))
+        return low, high
 
     def refresh_from(self, tensor: torch.Tensor) -> None:
         """`encode_from` without returning an `Encoding`, for a tensor that changes at every step (QAT's weights).
