@@ -211,6 +211,9 @@ def _annotate(converted: fx.GraphModule, graph: OnnxGraph, types: _TensorTypes) 
         if (function is not None and replacement is None and len(inputs) == 2 and set(inputs) <= types.float_tensors
                 and getattr(layer, "broadcast", None) != 1):
             layer.computes_function = function
+        elif op_type == "Concat" and set(inputs) <= types.float_tensors:
+            layer.computes_function, layer.packs_inputs = torch.cat, True
+            layer.function_keywords = {"dim": layer.axis}
     converted.graph.eliminate_dead_code()
     converted.delete_all_unused_submodules()
     converted.recompile()

@@ -286,7 +286,12 @@ def functionalize_graph(traced: fx.GraphModule, prefix: str) -> list[CoverageNot
 
 def _replace_by_function(traced: fx.GraphModule, node: fx.Node, module: nn.Module, function: object) -> None:
     """A module that declares ``computes_function`` (a converted ONNX ``Add``) becomes the `FunctionalOp` the sim
-    makes of that call, so it is quantized and emulated as ``x + y`` is; the module's ONNX node goes along."""
+    makes of that call, so it is quantized and emulated as ``x + y`` is; the module's ONNX node goes along.
+
+    ``packs_inputs`` passes the inputs as one sequence (``torch.cat``), ``function_keywords`` are added keywords."""
+    if getattr(module, "packs_inputs", False):
+        node.args = (tuple(node.args),)
+    node.kwargs = dict(getattr(module, "function_keywords", {}))
     replacement = FunctionalOp(function, module_op_type(module) or function_op_type(function))
     if ONNX_NODE_ATTRIBUTE in module.__dict__:
         setattr(replacement, ONNX_NODE_ATTRIBUTE, module.__dict__[ONNX_NODE_ATTRIBUTE])
