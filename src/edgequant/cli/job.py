@@ -1,7 +1,7 @@
 """The job every quantizing command runs (quantize, demo, qat, analyze, autoquant), built in one place from the
 options they share: the user's model, data and metric (or the bundled digits demo without them), the device, and
-the quantization settings (including ``--weight-granularity``, the one sim option declared here, with the settings it
-fills)."""
+the quantization settings. `pass_job_options` also adds ``--weight-granularity`` to each of them: that option and its
+parsing live here, beside the settings it fills."""
 
 from __future__ import annotations
 
