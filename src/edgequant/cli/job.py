@@ -68,7 +68,10 @@ class SimSettings:
         """The keywords `QuantSim` (and `QuantAnalyzer`) take for these settings; weight granularities have none,
         so a command building its sims from these keywords refuses them."""
         if self.weight_granularity:
-            raise click.UsageError(f"{WEIGHT_GRANULARITY_OPTION} applies to quantize, demo and qat only; leave it out")
+            raise click.UsageError(
+                f"{WEIGHT_GRANULARITY_OPTION} {' '.join(self.weight_granularity)} (typed, or recorded by the run "
+                "--from names) is not taken here: this command builds its sims from --param-bw, --output-bw, "
+                "--scheme and --config only; quantize, demo and qat take it")
         return {"param_bw": self.param_bw, "output_bw": self.output_bw, "quant_scheme": self.scheme,
                 "config": self.config}
 
