@@ -195,3 +195,22 @@ def test_int16_activations_in_an_opset_17_graph_are_refused_with_the_fix(calibra
     sim.set_format("*", IntegerFormat(16, False), kinds=("output",))
     with pytest.raises(ValueError, match="convert_version"):
         sim.export(tmp_path / "out")
+
+
+def test_nodes_without_names_and_weights_in_constant_nodes(tmp_path: Path) -> None:
+    """Exporters may leave node names empty, and Paddle's writes weights as Constant nodes: nodes are found by their
+    outputs, and a quantized weight's Constant becomes an initializer of the same name."""
+    model = branching_cnn()
+    for node in model.graph.node:
+        node.name = ""
+    weight = next(i for i in model.graph.initializer if i.name == "conv_a.weight")
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["conv_a.weight"], value=weight))
+    model.graph.initializer.remove(weight)
+    path = save(model, tmp_path / "model.onnx")
+    sim = QuantSim.from_onnx(path, config="per_channel")
+    sim.compute_encodings(lambda m: m(torch.randn(32, 3, 8, 8)))
+    result = sim.export(tmp_path / "out")
+    _, entries = read_encodings(result.encodings)
+    assert "conv_a.weight" in {entry.name for entry in entries}
+    x = torch.randn(8, 3, 8, 8)
+    np.testing.assert_array_equal(_run(result.qdq_model, x), _emulated(sim, x))

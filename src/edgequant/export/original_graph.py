@@ -45,7 +45,8 @@ class OriginalGraphError(ValueError):
 
 @dataclasses.dataclass
 class _Slot:
-    """Where a quantizer acts: on ``tensor``, seen by ``node``'s inputs (None: by every reader of an output)."""
+    """Where a quantizer acts: on ``tensor``, seen by the inputs of the node whose first output is ``node`` (None: by
+    every reader of an output)."""
 
     tensor: str
     node: str | None
@@ -125,10 +126,10 @@ def _slot(name: str, quantizer: Quantizer, refs: dict, param_tensors: dict[str, 
                 f"parameter '{quantizer.owner}.{quantizer.key}' has no initializer in {ref.describe()} (an alpha or "
                 "beta other than 1, or a computed weight); disable its quantizer to export into the original graph"
             )
-        return _Slot(tensor, ref.name)
+        return _Slot(tensor, ref.outputs[0])
     index = int(quantizer.key)
     if quantizer.role == "input":
-        return _Slot(ref.inputs[index], ref.name)
+        return _Slot(ref.inputs[index], ref.outputs[0])
     return _Slot(ref.outputs[index], None)
 
 
@@ -137,16 +138,17 @@ def _float_model(source: OnnxSource, refs: dict) -> tuple[onnx.ModelProto, dict[
     the tensor each layer parameter is (``layer.weight`` -> name in that graph)."""
     model = copy.deepcopy(source.model)
     graph = model.graph
+    _weights_as_initializers(graph, {tensor for _, ref in refs.values() for tensor in ref.params.values()})
     initializers = {init.name: init for init in graph.initializer}
     producers = {output: node for node in graph.node for output in node.output}
     readers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
-    nodes = {node.name: node for node in graph.node}
+    nodes = {node.output[0]: node for node in graph.node}  # outputs name nodes: node names may be empty
     param_tensors: dict[str, str] = {}
     for layer, (module, ref) in refs.items():
-        node = nodes.get(ref.name)
+        node = nodes.get(ref.outputs[0])
         if node is None:
             continue
         for param_name, param in module.named_parameters(recurse=False):
@@ -165,13 +167,13 @@ def _float_model(source: OnnxSource, refs: dict) -> tuple[onnx.ModelProto, dict[
             if stored.name == tensor and readers.get(tensor, 0) == 1:
                 stored.CopyFrom(numpy_helper.from_array(values.numpy().astype(current.dtype), tensor))
             else:  # shared (or read through an Identity): this node gets its own copy
-                name = _unique(f"{tensor}_{ref.name}", initializers, producers)
+                name = _unique(f"{tensor}_{ref.name or ref.outputs[0]}", initializers, producers)
                 copy_ = numpy_helper.from_array(values.numpy().astype(current.dtype), name)
                 graph.initializer.append(copy_)
                 initializers[name] = graph.initializer[-1]
                 node.input[:] = [name if i == tensor else i for i in node.input]
                 param_tensors[f"{layer}.{param_name}"] = name
-    _remove_folded_batch_norms(model, {ref.name for _, ref in refs.values()})
+    _remove_folded_batch_norms(model, {ref.outputs[0] for _, ref in refs.values()})
     return model, param_tensors
 
 
@@ -185,6 +187,23 @@ def _add_missing_parameter(
     graph.initializer.append(numpy_helper.from_array(values.numpy(), name))
     node.input.append(name)
     return name
+
+
+def _weights_as_initializers(graph: onnx.GraphProto, weights: set[str]) -> None:
+    """Weights a ``Constant`` node holds (Paddle's exporter writes them so) become initializers of the same name:
+    the same graph, in the form the QDQ model stores quantized weights in."""
+    kept = []
+    for node in graph.node:
+        if (node.op_type == "Constant" and node.output[0] in weights and len(node.attribute) == 1
+                and node.attribute[0].name == "value"):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _initializer_of(tensor: str, initializers: dict, producers: dict) -> onnx.TensorProto:
@@ -213,7 +232,7 @@ def _remove_folded_batch_norms(model: onnx.ModelProto, computed: set[str]) -> No
     kept = []
     for node in graph.node:
         node.input[:] = [rename.get(i, i) for i in node.input]
-        if node.op_type == "BatchNormalization" and node.name not in computed:
+        if node.op_type == "BatchNormalization" and node.output[0] not in computed:
             if node.output[0] in outputs:
                 raise OriginalGraphError(f"BatchNormalization '{node.name}' computes a graph output; export without "
                                          "folding it")
@@ -235,7 +254,7 @@ def _insert_markers(
     graph_outputs = {o.name for o in graph.output}
     markers_after: dict[str, list[onnx.NodeProto]] = {}  # tensor -> markers to put after its producer
     sites = []
-    nodes = {node.name: node for node in graph.node}
+    nodes = {node.output[0]: node for node in graph.node}
     order = sorted(slots, key=lambda name: slots[name].node is not None)  # every-reader markers first
     for name in order:
         slot = slots[name]

@@ -22,11 +22,12 @@ import torch.fx as fx
 from onnx2torch import convert
 from onnx2torch.node_converters import get_converter
 from onnx2torch.onnx_graph import OnnxGraph
+from onnx2torch.utils.safe_shape_inference import safe_shape_inference
 from torch import nn
 
 from edgequant.onnx.op_types import DATA_MOVEMENT_OPS
 from edgequant.onnx.reading import OnnxModelError, read_onnx
-from edgequant.onnx.runtime_node import FALLBACK_DOMAIN, runtime_node_supported, wrap_for_onnxruntime
+from edgequant.onnx.runtime_node import FALLBACK_DOMAIN, runtime_node_supported, wrap_for_onnxruntime, wrapped_node
 from edgequant.onnx.source import ONNX_NODE_ATTRIBUTE, ONNX_SOURCE_ATTRIBUTE, OnnxNodeRef, OnnxSource
 
 PASS_THROUGH_OPS = DATA_MOVEMENT_OPS | {"Dropout"}
@@ -36,8 +37,8 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf files stop at 2 GiB: larger mode
 def load_onnx(model: str | Path | onnx.ModelProto) -> fx.GraphModule:
     """The ONNX model ``model`` (a path or a loaded ``ModelProto``) as a torch module that `QuantSim` accepts.
 
-    The result carries the original graph (``.onnx_source``): a sim built on it exports into that graph, keeping
-    every node, tensor name and initializer.
+    The result is in eval mode and carries the original graph (``.onnx_source``): a sim built on it exports into
+    that graph, keeping every node, tensor name and initializer.
     """
     path = None if isinstance(model, onnx.ModelProto) else Path(model)
     original, external = (model, False) if path is None else read_onnx(path)
@@ -51,7 +52,7 @@ def load_onnx(model: str | Path | onnx.ModelProto) -> fx.GraphModule:
     try:
         converted = convert(work, attach_onnx_mapping=True)
     except Exception:  # noqa: BLE001 - onnx2torch raises many kinds; find the node and route it to ONNX Runtime
-        current = OnnxGraph(work.graph)
+        current = OnnxGraph(safe_shape_inference(work).graph)  # the value infos converters read, as convert's
         for node in current.nodes.values():
             reason = _conversion_failure(node, current, opsets)
             if reason is not None:
@@ -62,7 +63,7 @@ def load_onnx(model: str | Path | onnx.ModelProto) -> fx.GraphModule:
             raise OnnxModelError(_where(path) + f"cannot be converted to torch ({_first_line(error)})") from None
     _annotate(converted, OnnxGraph(work.graph), _TensorTypes.of(work))
     setattr(converted, ONNX_SOURCE_ATTRIBUTE, source)
-    return converted
+    return converted.eval()  # an ONNX graph computes inference: BatchNorms use their running statistics
 
 
 def _tensor_bytes(model: onnx.ModelProto) -> int:
@@ -184,7 +185,7 @@ def _annotate(converted: fx.GraphModule, graph: OnnxGraph, types: _TensorTypes) 
         op_type = proto.op_type
         wrapped = proto.domain == FALLBACK_DOMAIN
         if wrapped:
-            original = onnx.NodeProto.FromString(next(a.s for a in proto.attribute if a.name == "node"))
+            original = wrapped_node(proto)
             op_type, domain = original.op_type, original.domain
         else:
             domain = proto.domain

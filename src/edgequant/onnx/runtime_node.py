@@ -6,6 +6,7 @@ quantizes; it stays in float (the coverage report says so) and passes no gradien
 
 from __future__ import annotations
 
+import base64
 import functools
 
 import numpy as np
@@ -28,10 +29,17 @@ _OPSETS_ATTRIBUTE = "opsets"
 def wrap_for_onnxruntime(node: onnx.NodeProto, opsets: dict[str, int]) -> onnx.NodeProto:
     """A stand-in node of the fallback domain that carries ``node`` (and the opsets it needs) serialized."""
     opset_text = ",".join(f"{domain}={version}" for domain, version in sorted(opsets.items()))
+    node_text = base64.b64encode(node.SerializeToString()).decode()  # onnx2torch reads string attributes as UTF-8
     return helper.make_node(
         FALLBACK_OP, list(node.input), list(node.output), name=node.name, domain=FALLBACK_DOMAIN,
-        **{_NODE_ATTRIBUTE: node.SerializeToString(), _OPSETS_ATTRIBUTE: opset_text},
+        **{_NODE_ATTRIBUTE: node_text, _OPSETS_ATTRIBUTE: opset_text},
     )
+
+
+def wrapped_node(wrapper: onnx.NodeProto) -> onnx.NodeProto:
+    """The original node a `wrap_for_onnxruntime` stand-in carries."""
+    text = next(attribute.s for attribute in wrapper.attribute if attribute.name == _NODE_ATTRIBUTE)
+    return onnx.NodeProto.FromString(base64.b64decode(text))
 
 
 class OnnxRuntimeNode(nn.Module):
@@ -60,8 +68,8 @@ class OnnxRuntimeNode(nn.Module):
 
 @add_converter(operation_type=FALLBACK_OP, version=1, domain=FALLBACK_DOMAIN)
 def _convert_wrapped_node(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
-    attributes = {attribute.name: attribute.s for attribute in node.proto.attribute}
-    module = OnnxRuntimeNode(attributes[_NODE_ATTRIBUTE], attributes[_OPSETS_ATTRIBUTE].decode())
+    opsets = next(attribute.s for attribute in node.proto.attribute if attribute.name == _OPSETS_ATTRIBUTE)
+    module = OnnxRuntimeNode(wrapped_node(node.proto).SerializeToString(), opsets.decode())
     return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
 
 
