@@ -401,3 +401,24 @@ def test_a_fused_clamp_with_unknown_bounds_is_not_emulated() -> None:
     with pytest.warns(UserWarning, match="0 of 1 integer ops emulated"):
         plan = sim.emulate("onnxruntime")
     assert plan.skipped == {"conv": "the bounds of its fused Clip are not known to the emulation"}
+
+
+def test_linear_layers_on_sequences_are_identical_to_onnxruntime(tmp_path: Path) -> None:
+    """A Linear on [N, T, C] is exported as MatMul + Add: ORT runs MatMulIntegerToFloat and a float Add (with a
+    bias) or QLinearMatMul (without), not QGemm."""
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = torch.nn.Linear(64, 256), torch.nn.Linear(64, 32)
+            self.b = torch.nn.Linear(256, 64, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    torch.manual_seed(2)
+    sim = _folded_sim(Net().eval(), torch.randn(32, 10, 64))
+    export_onnx(sim, tmp_path, torch.randn(1, 10, 64))
+    sim.emulate("onnxruntime")
+    report = verify(tmp_path, sim, torch.randn(64, 10, 64), progress=False)
+    assert report.integer_kernels == {"MatMulIntegerToFloat": 2, "QLinearMatMul": 1}
+    assert report.outputs[0].share_identical == 1.0 and report.first_difference is None

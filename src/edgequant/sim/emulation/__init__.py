@@ -16,6 +16,9 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
     ``bias_int32 = round_half_even(b / fl32(s_x·s_w))`` (ORT quantizes a float bias itself, with this
     formula, when it fuses ``DQ→Conv→Q``); ``y = sat(rne(fl32(fl32(acc) · M)) + z_y)`` with the float32
     multiplier ``M = fl32(fl32(s_x·s_w) / s_y)`` (per output channel for per-channel weights).
+  - A Linear on inputs of rank > 2 is exported as MatMul + Add, which ORT does not fuse into QGemm: with a bias
+    MatMulIntegerToFloat (``fl32(fl32(acc) · fl32(s_x·s_w))``), a float32 Add of the bias and QuantizeLinear
+    (``rne(v / s_y)``); without one QLinearMatMul, requantized as QGemm.
   - QLinearAdd (8-bit, AVX2 kernel): ``r_a = fl32(s_a/s_c)``, ``r_b = fl32(s_b/s_c)``,
     ``c = fl32(z_c - fma(r_a, z_a, fl32(r_b·z_b)))``, then ``y = sat(rne(fma(q_a, r_a, fma(q_b, r_b, c))))``.
     Broadcast operands (a squeeze-excitation's ``[N, C, 1, 1]``): ORT's broadcaster hands the kernel one
@@ -52,9 +55,8 @@ What stays approximate (computed by the default fake-quantized path even in emul
   does not know which grid the runtime sees;
 * ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; LayerNorm, Gelu,
   HardSwish...: float in ORT too, so the default sim's float32 math is already the runtime's, up to op order);
-* ConvTranspose (float in ORT 1.32 between Q/DQ), QLinearSoftmax (listed as not emulated), a Linear on inputs
-  of rank > 2 (exported as MatMul + Add, which ORT runs as MatMulIntegerToFloat + a float Add: the emulation
-  still models it as QGemm), average pools with a ``divisor_override``;
+* ConvTranspose (float in ORT 1.32 between Q/DQ), QLinearSoftmax (listed as not emulated), average pools with a
+  ``divisor_override``;
 * on CPUs without AVX-512 VNNI / AVX-VNNI, ORT's u8s8 kernels use ``vpmaddubsw``, whose int16 pair sums
   saturate for large operands; the emulation accumulates exactly (as VNNI CPUs and ARM do).
 

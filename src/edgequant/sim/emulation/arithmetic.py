@@ -85,6 +85,14 @@ class RuntimeModel(ABC):
         """Requantize ``accumulator`` (scale ``input_scale·weight_scale``; ``weight_scale`` per channel along
         ``channel_axis`` or a scalar) to the output grid."""
 
+    def matmul_add(self, accumulator: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None, output: Grid) -> torch.Tensor:
+        """A MatMul by a quantized weight (``weight_scale`` per last-axis channel or a scalar) followed by a float
+        bias Add, then the output's quantizer; ``accumulator`` holds no bias. By default fused like a Gemm."""
+        if bias is not None:
+            accumulator = accumulator.double() + self.bias_to_int32(bias, input_scale, weight_scale)
+        return self.requantize(accumulator, input_scale, weight_scale, output, accumulator.dim() - 1)
+
     @abstractmethod
     def average(self, sums: torch.Tensor, count: int, source: Grid, output: Grid) -> torch.Tensor:
         """Global average pool: requantize sums of ``count`` input indices to the output grid."""
@@ -142,6 +150,15 @@ class OnnxRuntimeCPU(RuntimeModel):
         multiplier = input_scale.float() * weight_scale.float() / output.scale  # float32, left to right
         scaled = accumulator.float() * channels(multiplier, accumulator.dim(), channel_axis)  # cvtdq2ps, mulps
         return output.clamp(scaled.round_())  # cvtps2dq rounds half to even; then saturate
+
+    def matmul_add(self, accumulator: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None, output: Grid) -> torch.Tensor:
+        if bias is None:  # DQ → MatMul → Q: QLinearMatMul, requantized as QGemm
+            return super().matmul_add(accumulator, input_scale, weight_scale, None, output)
+        # DQ → MatMul → Add → Q is not fused into one kernel: MatMulIntegerToFloat scales the int32 accumulator
+        # to float32 (`fl32(acc) · fl32(s_x·s_w)`), the bias is a float32 Add, and QuantizeLinear divides
+        values = accumulator.float() * (input_scale.float() * weight_scale.float()) + bias.float()
+        return output.clamp(torch.div(values, output.scale).round_())
 
     def average(self, sums: torch.Tensor, count: int, source: Grid, output: Grid) -> torch.Tensor:
         multiplier = source.scale / (output.scale * float(count))

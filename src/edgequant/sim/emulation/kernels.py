@@ -74,7 +74,7 @@ EXACT_FLOAT32 = 2**24
 
 
 def _accumulate(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor, source: Grid,
-                bias_axis: int) -> torch.Tensor:
+                bias_axis: int, with_bias: bool = True) -> torch.Tensor:
     """Exact int32 accumulator (bias included) of a Conv/Gemm, from float arithmetic on integer-valued tensors.
 
     A float32 convolution is exact when ``max|k_x| · max_c Σ|k_w[c]|`` bounds every partial sum below 2**24
@@ -98,7 +98,7 @@ def _accumulate(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor, sourc
     else:
         accumulator = _float_forward(module, indices.double(), weights.double())
     bias = module._parameters.get("bias")
-    if bias is None:
+    if bias is None or not with_bias:
         return accumulator
     bias_int = runtime.bias_to_int32(bias, source.scale, Grid.of(weight_quantizer).scale)
     if largest + float(bias_int.abs().max()) >= EXACT_FLOAT32:
@@ -107,10 +107,17 @@ def _accumulate(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor, sourc
 
 
 def _weighted(channel_axis: int) -> Compute:
-    """Conv (channels on axis 1) and Gemm (channels last): exact accumulator, requantized per output channel."""
+    """Conv (channels on axis 1) and Gemm (channels last): exact accumulator, requantized per output channel.
+    A Linear on inputs of rank > 2 is exported as MatMul + Add, which the runtime may compute otherwise
+    (`RuntimeModel.matmul_add`)."""
     def compute(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid], output: Grid) -> torch.Tensor:
-        accumulator = _accumulate(module, runtime, args[0], grids[0], channel_axis)
         weight_scale = Grid.of(module.param_quantizers["weight"]).scale
+        if channel_axis == -1 and args[0].dim() > 2:
+            accumulator = _accumulate(module, runtime, args[0], grids[0], channel_axis, with_bias=False)
+            bias = module._parameters.get("bias")
+            return output.values(runtime.matmul_add(accumulator, grids[0].scale, weight_scale,
+                                                    None if bias is None else bias.detach(), output))
+        accumulator = _accumulate(module, runtime, args[0], grids[0], channel_axis)
         indices = runtime.requantize(accumulator, grids[0].scale, weight_scale, output,
                                      channel_axis % accumulator.dim())
         return output.values(indices)
