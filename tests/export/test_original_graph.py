@@ -15,7 +15,7 @@ from onnx_models import branching_cnn, conv_batch_norm, save
 from torch import nn
 
 from edgequant import QuantSim
-from edgequant.export import read_encodings
+from edgequant.export import quantize_bias_int32, read_encodings
 from edgequant.onnx import load_onnx
 from edgequant.ptq import correct_bias, fold_batch_norms
 from edgequant.quantization import IntegerFormat
@@ -213,4 +213,15 @@ def test_nodes_without_names_and_weights_in_constant_nodes(tmp_path: Path) -> No
     _, entries = read_encodings(result.encodings)
     assert "conv_a.weight" in {entry.name for entry in entries}
     x = torch.randn(8, 3, 8, 8)
+    np.testing.assert_array_equal(_run(result.qdq_model, x), _emulated(sim, x))
+
+
+def test_int32_biases_of_an_onnx_model_are_on_the_integer_kernels_grid(calibrated: tuple, tmp_path: Path) -> None:
+    sim, _, _ = calibrated
+    assert quantize_bias_int32(sim) == ["conv_a.bias"]  # the head reads the float custom op's path
+    result = sim.export(tmp_path / "out")
+    qdq = onnx.load(result.qdq_model)
+    integer = {i.name: i.data_type for i in qdq.graph.initializer}
+    assert integer["conv_a.bias_quantized"] == onnx.TensorProto.INT32
+    x = torch.randn(16, 3, 8, 8)
     np.testing.assert_array_equal(_run(result.qdq_model, x), _emulated(sim, x))

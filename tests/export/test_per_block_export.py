@@ -198,11 +198,13 @@ def test_blocked_entries_that_a_format_cannot_state_are_refused(tmp_path: Path) 
         sim.export(tmp_path, opset=17)
 
 
-def test_per_block_weights_keep_their_bias_in_float(tmp_path: Path) -> None:
-    """No s_x·s_w grid exists for a per-block weight: no int32 bias encoding is derived for its layer."""
+def test_per_block_weights_list_their_int32_bias_grid_and_keep_the_bias_float(tmp_path: Path) -> None:
+    """A blocked layer's 2.0.0 file lists the int32 bias grid AIMET 2.42 writes (s_x times the channel's largest
+    block scale); the sim, not asked to quantize the bias, keeps it float in the QDQ model."""
     images, _ = load_digits_tensors("test")
     sim = _digits_sim(images)
     new = json.loads(sim.export(tmp_path, images[:1], encoding_version="2.0.0").encodings.read_text())["encodings"]
-    assert "fc.bias" not in {e["name"] for e in new}
+    bias = next(e for e in new if e["name"] == "fc.bias")
+    assert bias["output_dtype"] == "int32" and len(bias["y_scale"]) == 10
     initializers = {i.name: i for i in onnx.load(tmp_path / "model_qdq.onnx").graph.initializer}
     assert initializers["fc.bias"].data_type == TensorProto.FLOAT

@@ -99,6 +99,27 @@ def test_lsq_grad_scale_of_each_quantizer_counts_the_values_of_one_scale():
                                                                                                   rel=1e-12)
 
 
+def test_an_unsigned_symmetric_grid_scales_its_gradient_with_the_whole_grid():
+    """A symmetric activation on the unsigned grid (offset 0 after a ReLU) has Qp = 2**b - 1, not 2**(b-1) - 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    x = torch.randn(2, 3, 6, 6)
+    config = {
+        "defaults": {"ops": {"is_output_quantized": "True", "is_symmetric": "True"},
+                     "params": {"is_quantized": "True", "is_symmetric": "True"},
+                     "unsigned_symmetric": "True"},
+        "params": {"bias": {"is_quantized": "False"}},
+        "supergroups": [{"op_list": ["Conv", "Relu"]}],
+    }
+    sim = QuantSim(model, x, config=config)
+    sim.calibrate([x], progress=False)
+    relu = sim.quantizers()["1.output_quantizers.0"]
+    assert relu.symmetric and relu.encoding.offset.item() == 0
+    setup = prepare_qat(sim, "range_learning")
+    assert setup.learned["1.output_quantizers.0"].grad_scale == pytest.approx(1 / math.sqrt(4 * 4 * 4 * 255))
+    assert setup.learned["3.output_quantizers.0"].grad_scale == pytest.approx(1 / math.sqrt(5 * 127))  # signed
+
+
 def test_prepared_quantizers_scale_their_range_gradients_by_their_own_g():
     x = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(1))
     grads, factors = {}, {}

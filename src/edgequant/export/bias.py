@@ -25,8 +25,8 @@ from edgequant.export.graph_map import (
     consumers,
     marker_quantizer,
     node_by_output,
-    trace_sim,
 )
+from edgequant.export.original_graph import trace_any
 from edgequant.quantization import Encoding, Granularity, Lpbq, PerBlock, PerChannel, PerTensor, Quantizer
 from edgequant.quantization.number_format import FloatFormat
 from edgequant.sim.quantized_module import param_quantizer
@@ -127,7 +127,7 @@ def quantize_bias_int32(sim: QuantSim, dummy_input: Any = None) -> list[str]:
     """Give every layer with a bias, a quantized weight and a quantized input an int32 bias quantizer with
     scale = input scale × weight scale (frozen), as integer runtimes do. Call it after calibration, and again
     after anything that changes those encodings. Returns the biases it quantized."""
-    traced = trace_sim(sim, sim.dummy_input if dummy_input is None else dummy_input)
+    traced = trace_any(sim, dummy_input)
     encodings = {name: q.encoding for name, q in sim.quantizers().items() if q.enabled and q.encoding is not None}
     derived = derived_bias_encodings(traced, encodings, sim)
     for bias_name, encoding in derived.items():

@@ -40,6 +40,7 @@ from edgequant.qat.lsq import (
     DEFAULT_MIN_SCALE_FRACTION,
     MAX_LEARNED_BITWIDTH,
     LearnedRange,
+    has_unsigned_grid,
     learn_range,
     lsq_grad_scale,
     values_per_scale,
@@ -205,7 +206,7 @@ def prepare_qat(
         if mode == "range_learning" and learnable and name in shapes:
             factor = grad_scale if grad_scale != "lsq" else lsq_grad_scale(
                 values_per_scale(quantizer, shapes[name], batched=not is_param), quantizer.bitwidth,
-                quantizer.symmetric)
+                quantizer.symmetric, unsigned=has_unsigned_grid(quantizer))
             layer = sim.layer_of(quantizer)
             clamped = quantizer.role == "output" and isinstance(layer, CLAMP_ACTIVATIONS)
             setup.learned[name], handles = learn_range(quantizer, float(factor), min_scale_fraction,
