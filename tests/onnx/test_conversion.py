@@ -93,3 +93,29 @@ def test_dummy_input_follows_the_declared_shapes(tmp_path: Path) -> None:
         onnx_dummy_input(load_onnx(sequence).onnx_source)
     (x,) = onnx_dummy_input(load_onnx(sequence).onnx_source, dims={"height": 8})
     assert x.shape == (1, 3, 8, 8)
+
+
+def test_flatten_follows_onnx_where_onnx2torch_does_not(tmp_path: Path) -> None:
+    """ONNX Flatten is always 2-D: axis = rank gives a column (transformers' exported attention masks)."""
+    nodes = [onnx.helper.make_node("Flatten", ["x"], ["column"], axis=2),
+             onnx.helper.make_node("Flatten", ["x"], ["rows"], axis=1)]
+    graph = onnx.helper.make_graph(
+        nodes, "flatten", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", "s"])],
+        [onnx.helper.make_tensor_value_info("column", onnx.TensorProto.FLOAT, ["bs", 1]),
+         onnx.helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, ["b", "s"])])
+    path = save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]),
+                tmp_path / "flatten.onnx")
+    column, rows = load_onnx(path)(torch.arange(6.0).reshape(2, 3))
+    assert column.shape == (6, 1) and rows.shape == (2, 3)
+
+
+def test_a_node_run_by_onnx_runtime_keeps_a_scalar_output_scalar(tmp_path: Path) -> None:
+    node = onnx.helper.make_node("GreaterOrEqual", ["a", "b"], ["ge"])  # onnx2torch has no converter for it
+    scalar = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, []) for n in ("a", "b")]
+    graph = onnx.helper.make_graph([node], "ge", scalar,
+                                   [onnx.helper.make_tensor_value_info("ge", onnx.TensorProto.BOOL, [])])
+    path = save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "ge.onnx")
+    model = load_onnx(path)
+    assert model.onnx_source.float_nodes
+    result = model(torch.tensor(2.0), torch.tensor(1.0))
+    assert result.shape == () and bool(result)

@@ -25,6 +25,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.utils.safe_shape_inference import safe_shape_inference
 from torch import nn
 
+from edgequant.onnx.modules import FlattenToMatrix
 from edgequant.onnx.op_types import DATA_MOVEMENT_OPS
 from edgequant.onnx.reading import OnnxModelError, read_onnx
 from edgequant.onnx.runtime_node import FALLBACK_DOMAIN, runtime_node_supported, wrap_for_onnxruntime, wrapped_node
@@ -243,6 +244,9 @@ def _as_layer(
         layer = nn.Linear(weight.shape[0], weight.shape[1], bias=False)
         layer.weight = nn.Parameter(weight.t().contiguous())
         kept, inputs = (args[0],), (node_inputs[0],)
+    elif op_type == "Flatten" and len(args) == 1:
+        layer = FlattenToMatrix(getattr(module, "axis", getattr(module, "start_dim", 1)))
+        kept, inputs = args, node_inputs
     elif op_type == "GlobalAveragePool" and len(args) == 1 and types.ranks.get(node_inputs[0]) == 4:
         layer = nn.AdaptiveAvgPool2d(1)  # the same mean over H and W; emulated as ORT's QLinearGlobalAveragePool
         kept, inputs = args, node_inputs

@@ -62,7 +62,7 @@ class OnnxRuntimeNode(nn.Module):
         session, names = _session(self.node_bytes, self.opsets, dtypes, tuple(x is not None for x in inputs))
         device = present[0].device if present else torch.device("cpu")
         feeds = {name: x.detach().cpu().numpy() for name, x in zip(names, present, strict=True)}
-        outputs = [torch.from_numpy(np.ascontiguousarray(value)).to(device) for value in session.run(None, feeds)]
+        outputs = [torch.from_numpy(np.array(value)).to(device) for value in session.run(None, feeds)]  # 0-d kept
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 

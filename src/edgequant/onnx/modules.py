@@ -1,0 +1,23 @@
+"""Torch modules for ONNX ops whose onnx2torch version departs from the ONNX definition."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class FlattenToMatrix(nn.Module):
+    """ONNX ``Flatten``: always 2-D, ``[prod(shape[:axis]), prod(shape[axis:])]`` (``axis`` equal to the rank gives
+    a column; onnx2torch's version fails there, as transformers' exported attention masks have it)."""
+
+    holds_input_values = True
+
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axis = self.axis if self.axis >= 0 else self.axis + x.dim()
+        return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
