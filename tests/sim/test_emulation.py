@@ -190,6 +190,11 @@ def _as_grid(scale: float, zero_point: int) -> Grid:
     return _grid(scale, -float(zero_point))
 
 
+def _levels_of(values: torch.Tensor, grid: tuple[float, int]) -> np.ndarray:
+    """uint8 levels of float values, as QuantizeLinear stores them (true division, half to even)."""
+    return torch.clamp(torch.round(values / grid[0]) + grid[1], 0, 255).numpy()
+
+
 @pytest.mark.parametrize("op", ["Add", "Mul"])
 def test_binary_kernels_match_onnxruntime_on_every_input_pair(op: str) -> None:
     rng = np.random.default_rng(0)
@@ -243,7 +248,7 @@ def test_cli_verify_emulating(tmp_path: Path) -> None:
                                                  "--min-identical", "100", "--export-dir", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "emulating onnxruntime" in result.output and "no tensor differs" in result.output
-    assert "\n  emulating onnxruntime: 3 of 6 integer ops emulated (50%); not emulated: conv1.0," in result.output
+    assert "\n  emulating onnxruntime: 3 of 6 ops emulated (50%); not emulated: conv1.0," in result.output
     assert "|diff| in LSB" in result.output  # the per-tensor table
     result = CliRunner().invoke(verify_command, ["--emulate", "onnxruntime", "--data", str(tmp_path / "data.pt"),
                                                  "--export-dir", str(tmp_path / "out")])
@@ -287,16 +292,15 @@ def test_concat_leaky_relu_and_ceil_mode_pools_match_onnxruntime() -> None:
         grids = _random_grids(rng, 3)
         x = [_as_grid(*grid).values(torch.tensor(levels.astype(np.int64) - grid[1], dtype=torch.float32))
              for grid in grids[:2]]
-        requantize = lambda values, grid: torch.clamp(torch.round(values / grid[0]) + grid[1], 0, 255)  # noqa: E731
         concat = KERNELS["Concat"].compute(FunctionalOp(torch.cat, "Concat"), runtime, ([x[0], x[1]], 1),
                                            [_as_grid(*g) for g in grids[:2]], _as_grid(*grids[2]))
         expected = _run_ort(_single_op_qdq("Concat", grids, [1, 1, 16, 16], axis=1), {"x0": levels, "x1": levels})
-        assert np.array_equal(requantize(concat, grids[2]).numpy(), expected)
+        assert np.array_equal(_levels_of(concat, grids[2]), expected)
         leaky = KERNELS["LeakyRelu"].compute(torch.nn.LeakyReLU(0.15), runtime, (x[0],), [_as_grid(*grids[0])],
                                              _as_grid(*grids[2]))
         expected = _run_ort(_single_op_qdq("LeakyRelu", [grids[0], grids[2]], [1, 1, 16, 16], alpha=0.15),
                             {"x0": levels})
-        assert np.array_equal(requantize(leaky, grids[2]).numpy(), expected)
+        assert np.array_equal(_levels_of(leaky, grids[2]), expected)
         shuffled = rng.permutation(levels.reshape(-1)).reshape(1, 1, 16, 16)
         source = _as_grid(*grids[0])
         values = source.values(torch.tensor(shuffled.astype(np.int64) - grids[0][1], dtype=torch.float32))
@@ -357,7 +361,7 @@ def test_padded_squeeze_excitation_concat_net_is_identical_to_onnxruntime(tmp_pa
     assert not plan.skipped, plan.summary()
     emulated = {op.name for op in plan.ops}
     assert {"stem", "depthwise", "mul", "add", "cat", "leaky", "pool", "pool_no_pad"} <= emulated
-    assert plan.coverage() == f"emulating onnxruntime: every integer op emulated ({len(plan.ops)} of {len(plan.ops)})"
+    assert plan.coverage() == f"emulating onnxruntime: every op emulated ({len(plan.ops)} of {len(plan.ops)})"
     report = verify(tmp_path, sim, torch.randn(64, 3, 33, 33), progress=False)
     assert {"QLinearConcat", "QLinearMul", "QLinearAdd", "QLinearAveragePool", "QLinearLeakyRelu"} <= set(
         report.integer_kernels)
@@ -381,7 +385,7 @@ def test_padding_the_runtime_keeps_apart_is_not_emulated_and_warns(tmp_path: Pat
     sim = _folded_sim(Net().eval(), torch.randn(8, 3, 8, 8))
     export_onnx(sim, tmp_path, torch.randn(1, 3, 8, 8))
     assert "QLinearConv" not in verify(tmp_path, sim, torch.randn(4, 3, 8, 8), progress=False).integer_kernels
-    with pytest.warns(UserWarning, match=r"^emulating onnxruntime: 2 of 5 integer ops emulated \(40%\); "
+    with pytest.warns(UserWarning, match=r"^emulating onnxruntime: 2 of 5 ops emulated \(40%\); "
                                          r"not emulated: a, b, c \(plan.summary\(\) says why\)$"):
         plan = sim.emulate("onnxruntime")
     assert [op.kind for op in plan.ops] == ["Add", "Add"]
@@ -398,7 +402,7 @@ def test_a_fused_clamp_with_unknown_bounds_is_not_emulated() -> None:
             return torch.clamp(self.conv(x), 0.0, 4.0)  # fused into the conv's group, bounds held by the call
 
     sim = _folded_sim(Net().eval(), torch.randn(8, 3, 8, 8))
-    with pytest.warns(UserWarning, match="0 of 1 integer ops emulated"):
+    with pytest.warns(UserWarning, match="0 of 1 ops emulated"):
         plan = sim.emulate("onnxruntime")
     assert plan.skipped == {"conv": "the bounds of its fused Clip are not known to the emulation"}
 
@@ -422,3 +426,43 @@ def test_linear_layers_on_sequences_are_identical_to_onnxruntime(tmp_path: Path)
     report = verify(tmp_path, sim, torch.randn(64, 10, 64), progress=False)
     assert report.integer_kernels == {"MatMulIntegerToFloat": 2, "QLinearMatMul": 1}
     assert report.outputs[0].share_identical == 1.0 and report.first_difference is None
+
+
+def _silu_qdq(grids: list[tuple[float, int]], shape: list[int]) -> bytes:
+    """DQ → Sigmoid → Mul(x, ·) → Q: SiLU as exported, float between DQ and Q in ORT."""
+    (scale_x, zero_x), (scale_y, zero_y) = grids
+    inits = [helper.make_tensor("x_s", TensorProto.FLOAT, [], [scale_x]),
+             helper.make_tensor("x_z", TensorProto.UINT8, [], [zero_x]),
+             helper.make_tensor("y_s", TensorProto.FLOAT, [], [scale_y]),
+             helper.make_tensor("y_z", TensorProto.UINT8, [], [zero_y])]
+    nodes = [helper.make_node("DequantizeLinear", ["x0", "x_s", "x_z"], ["x"]),
+             helper.make_node("Sigmoid", ["x"], ["sigmoid"]), helper.make_node("Mul", ["x", "sigmoid"], ["silu"]),
+             helper.make_node("QuantizeLinear", ["silu", "y_s", "y_z"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x0", TensorProto.UINT8, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_hard_sigmoid_hard_swish_and_silu_follow_onnxruntime_formulas() -> None:
+    """Float ops between DQ and Q in ORT, computed with its own formulas: on scales from 1e-8 to 1 (tiny ones are
+    what random weights produce) PyTorch's HardSwish and SiLU round some levels otherwise, the runtime model's
+    formulas none."""
+    rng = np.random.default_rng(5)
+    runtime = OnnxRuntimeCPU()
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
+    pytorch_differs = {"HardSigmoid": 0, "HardSwish": 0, "Silu": 0}
+    for _ in range(60):
+        scale = float(10 ** rng.uniform(-8, 0))
+        ratio = float(rng.choice([0.5, 1.0, 2.0, rng.uniform(0.3, 3)]))  # output steps of the input's: many ties
+        grids = [(scale, int(rng.integers(0, 256))), (scale * ratio, int(rng.integers(0, 256)))]
+        x = _as_grid(*grids[0]).values(torch.tensor(levels.astype(np.int64) - grids[0][1], dtype=torch.float32))
+        hard_sigmoid = _single_op_qdq("HardSigmoid", grids, [1, 1, 16, 16], alpha=1 / 6, beta=0.5)
+        for kind, model, pytorch in (("HardSigmoid", hard_sigmoid, torch.nn.functional.hardsigmoid),
+                                     ("HardSwish", _single_op_qdq("HardSwish", grids, [1, 1, 16, 16]),
+                                      torch.nn.functional.hardswish),
+                                     ("Silu", _silu_qdq(grids, [1, 1, 16, 16]), torch.nn.functional.silu)):
+            expected = _run_ort(model, {"x0": levels})
+            got = KERNELS[kind].compute(torch.nn.Identity(), runtime, (x,), [_as_grid(*grids[0])], _as_grid(*grids[1]))
+            assert np.array_equal(_levels_of(got, grids[1]), expected), kind
+            pytorch_differs[kind] += int((_levels_of(pytorch(x), grids[1]) != expected).sum())
+    assert pytorch_differs["HardSwish"] > 0 and pytorch_differs["Silu"] > 0, pytorch_differs

@@ -39,6 +39,10 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
     quantized with a true division; emulated as that logistic followed by the sim's output quantizer.
   - QLinearGlobalAveragePool: ``acc = Σ q - z_x·N``, requantized as above with
     ``M = fl32(s_x / fl32(s_y · N))``.
+  - HardSigmoid, HardSwish and SiLU stay float between DQ and Q in ORT, with formulas of their own:
+    HardSigmoid ``clip(fl32(x · fl32(1/6)) + 0.5, 0, 1)``, HardSwish as the ONNX function body (that times
+    ``x``), SiLU exported as Sigmoid (MLAS's logistic, above) and Mul. Emulated as those formulas followed by the
+    sim's output quantizer (PyTorch's HardSwish and SiLU round a few levels otherwise, mostly at tiny scales).
   - A ReLU / ReLU6 between the op and its output quantizer is removed by ORT when the output grid already
     clamps it (ReLU: zero point at the grid's lowest value; Clip: the clip range covers the grid); those are
     emulated as part of the fused op. Otherwise ORT keeps the op in float and so does the emulating sim.
@@ -53,8 +57,8 @@ What stays approximate (computed by the default fake-quantized path even in emul
 * ops whose grids are not 8-bit, or whose producers cannot be read off the fx graph (a quantized input that
   reaches the op through a module the sim could not trace): ORT does not fuse them the same way, or the sim
   does not know which grid the runtime sees;
-* ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; LayerNorm, Gelu,
-  HardSwish...: float in ORT too, so the default sim's float32 math is already the runtime's, up to op order);
+* ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; LayerNorm, Gelu...:
+  float in ORT too, so the default sim's float32 math is already the runtime's, up to op order);
 * ConvTranspose (float in ORT 1.32 between Q/DQ), QLinearSoftmax (listed as not emulated), average pools with a
   ``divisor_override``;
 * on CPUs without AVX-512 VNNI / AVX-VNNI, ORT's u8s8 kernels use ``vpmaddubsw``, whose int16 pair sums

@@ -114,6 +114,10 @@ class RuntimeModel(ABC):
         """The float logistic function the runtime tabulates for its quantized Sigmoid (float32 in and out)."""
         return torch.sigmoid(values)
 
+    def hard_sigmoid(self, values: torch.Tensor) -> torch.Tensor:
+        """The runtime's float32 HardSigmoid (what its HardSwish multiplies by)."""
+        return torch.nn.functional.hardsigmoid(values)
+
 
 def scalar_operand(a: torch.Size, b: torch.Size) -> int | None:
     """Which operand of a broadcast binary op ONNX Runtime's broadcaster hands to the kernel as one scalar per
@@ -193,6 +197,11 @@ class OnnxRuntimeCPU(RuntimeModel):
 
     def sigmoid(self, values: torch.Tensor) -> torch.Tensor:
         return mlas_logistic(values)
+
+    def hard_sigmoid(self, values: torch.Tensor) -> torch.Tensor:
+        # ONNX HardSigmoid(alpha=fl32(1/6), beta=0.5), as exported and as ORT's HardSwish function body runs it
+        # (PyTorch's `clip(x + 3, 0, 6)/6` rounds otherwise at some levels)
+        return (values.float() * _ONE_SIXTH + 0.5).clamp_(0.0, 1.0)
 
 
 def quantize_multiplier(real_multiplier: float) -> tuple[int, int]:
@@ -293,6 +302,8 @@ class FixedPointRequantization(RuntimeModel):
             result[..., where] = self.average(sums[..., where], int(count), source, output)
         return result
 
+
+_ONE_SIXTH = torch.tensor(1 / 6, dtype=torch.float32)
 
 _LOGISTIC_ALPHA = torch.tensor([4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05,
                                 8.51377133304701e-03, 2.48287947061529e-01])

@@ -146,6 +146,23 @@ def _sigmoid(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[
     return runtime.sigmoid(args[0])
 
 
+def _hard_sigmoid(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                  output: Grid) -> torch.Tensor:
+    """A float op in the runtime, between DQ and Q, with its own formula; the sim's quantizer follows."""
+    return runtime.hard_sigmoid(args[0])
+
+
+def _hard_swish(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                output: Grid) -> torch.Tensor:
+    """The ONNX function body the runtime runs: HardSigmoid, then a float32 Mul by the input."""
+    return args[0] * runtime.hard_sigmoid(args[0])
+
+
+def _silu(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid], output: Grid) -> torch.Tensor:
+    """Exported as Sigmoid and Mul, both float in the runtime (its own logistic); the sim's quantizer follows."""
+    return args[0] * runtime.sigmoid(args[0])
+
+
 def _leaky_relu(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
                 output: Grid) -> torch.Tensor:
     """A table of float32 ``x if x >= 0 else alpha·x`` on the input levels, quantized as the sim's quantizer does."""
@@ -227,8 +244,13 @@ KERNELS: dict[str, Kernel] = {
     "LeakyRelu": Kernel(1, lambda m: isinstance(m, nn.LeakyReLU) or _functional("LeakyRelu")(m), _leaky_relu,
                         keywords=("negative_slope",)),
     "Concat": Kernel(None, _functional("Concat"), _concat, keywords=("dim",)),
+    "HardSigmoid": Kernel(1, lambda m: isinstance(m, nn.Hardsigmoid) or _functional("HardSigmoid")(m),
+                          _hard_sigmoid),
+    "HardSwish": Kernel(1, lambda m: isinstance(m, nn.Hardswish) or _functional("HardSwish")(m), _hard_swish),
+    "Silu": Kernel(1, lambda m: isinstance(m, nn.SiLU) or _functional("Silu")(m), _silu),
 }
-"""The ops an integer runtime fuses into one kernel, by ONNX op type."""
+"""The ops an integer runtime fuses into one kernel, and the float ops between Q/DQ it computes with another
+formula than PyTorch (HardSigmoid, HardSwish, SiLU), by ONNX op type."""
 
 NOT_EMULATED: dict[str, str] = {"Softmax": "QLinearSoftmax"}
 """Ops ONNX Runtime 1.32 also runs as an integer kernel (seen in the graph it optimizes), that no `Kernel` here

@@ -41,13 +41,14 @@ class EmulationPlan:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def coverage(self, named: int = 3) -> str:
-        """One line: how many of the ops the runtime computes in integer are emulated, and the first ``named``
-        that are not."""
+        """One line: how many of the ops the runtime computes with its own arithmetic are emulated (its integer
+        kernels, and the float ops it computes with another formula than PyTorch: the kinds in `KERNELS` and
+        `NOT_EMULATED`), and the first ``named`` that are not."""
         total = len(self.ops) + len(self.skipped)
         if not self.skipped:
-            return f"emulating {self.runtime.name}: every integer op emulated ({total} of {total})"
+            return f"emulating {self.runtime.name}: every op emulated ({total} of {total})"
         first = ", ".join(list(self.skipped)[:named]) + (", ..." if len(self.skipped) > named else "")
-        return (f"emulating {self.runtime.name}: {len(self.ops)} of {total} integer ops emulated "
+        return (f"emulating {self.runtime.name}: {len(self.ops)} of {total} ops emulated "
                 f"({len(self.ops) / total:.0%}); not emulated: {first} (plan.summary() says why)")
 
     def summary(self) -> str:
