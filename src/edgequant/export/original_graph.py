@@ -90,13 +90,17 @@ def check_original_graph_opset(sim: QuantSim, opset: int | None) -> None:
     if opset is not None and opset != graph_opset:
         raise ValueError(f"the ONNX model is opset {graph_opset} and its graph is kept as it is; leave opset unset")
     quantizers = {name: q for name, q in sim.quantizers().items() if q.enabled}
-    needed = required_opset(quantizers, None)
-    needed = needed if needed == INT4_INT16_OPSET else PER_CHANNEL_OPSET
+    needed = PER_CHANNEL_OPSET
+    try:
+        required_opset(quantizers, graph_opset)
+    except ValueError as error:  # a quantizer needs opset 21 (the message names it)
+        needed, reason = INT4_INT16_OPSET, f" ({error})"
+    else:
+        reason = " (per-channel and per-tensor axes)"
     if graph_opset < needed:
         raise ValueError(
-            f"the ONNX model is opset {graph_opset}; its quantizers need Q/DQ from opset {needed} (per-channel axis: "
-            f"13; int4, int16 and per-block: 21); convert it first with onnx.version_converter.convert_version(model, "
-            f"{needed}) and quantize that file"
+            f"the ONNX model is opset {graph_opset}; its Q/DQ need opset {needed}{reason}; convert the model first "
+            f"with onnx.version_converter.convert_version(model, {needed}) and quantize that file"
         )
 
 
