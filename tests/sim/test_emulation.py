@@ -466,3 +466,35 @@ def test_hard_sigmoid_hard_swish_and_silu_follow_onnxruntime_formulas() -> None:
             assert np.array_equal(_levels_of(got, grids[1]), expected), kind
             pytorch_differs[kind] += int((_levels_of(pytorch(x), grids[1]) != expected).sum())
     assert pytorch_differs["HardSwish"] > 0 and pytorch_differs["Silu"] > 0, pytorch_differs
+
+
+@pytest.mark.parametrize("value", [0.0, None])
+def test_functional_zero_pad_without_its_own_quantizer(tmp_path: Path, value: float | None) -> None:
+    """DQ → Pad → Conv: ORT folds the Pad into the convolution when its constant value is given (F.pad without
+    one is exported without the input PadFusion reads, and the Pad and the Conv stay float)."""
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            padding = (0, 1, 0, 1)
+            padded = torch.nn.functional.pad(x, padding) if value is None else torch.nn.functional.pad(
+                x, padding, value=value)
+            return self.conv(padded)
+
+    torch.manual_seed(0)
+    sim = _folded_sim(Net().eval(), torch.randn(32, 3, 17, 17))
+    (pad,) = [m for m in sim.model.modules() if isinstance(m, FunctionalOp) and m.onnx_op_type == "Pad"]
+    pad.output_quantizers["0"].enabled = False
+    export_onnx(sim, tmp_path, torch.randn(1, 3, 17, 17))
+    report = verify(tmp_path, sim, torch.randn(4, 3, 17, 17), progress=False)
+    if value is None:
+        assert "QLinearConv" not in report.integer_kernels
+        with pytest.warns(UserWarning, match="0 of 1 ops emulated"):
+            sim.emulate("onnxruntime")
+        return
+    assert report.integer_kernels == {"QLinearConv": 1}
+    plan = sim.emulate("onnxruntime")
+    assert [op.name for op in plan.ops] == ["conv"]
+    assert verify(tmp_path, sim, torch.randn(64, 3, 17, 17), progress=False).outputs[0].share_identical == 1.0

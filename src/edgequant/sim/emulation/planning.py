@@ -116,7 +116,8 @@ class _GraphIndex:
 
     def through_fused_pad(self, prefix: str, node: Any, spatial_axes: int) -> Any:
         """The input of a constant zero padding that ONNX Runtime folds into the convolution reading ``node``
-        (its PadFusion: a Pad with one consumer, pads ≥ 0 on spatial axes only, value 0), else ``node``. The
+        (its PadFusion: a Pad with one consumer, pads ≥ 0 on spatial axes only, a constant value 0 given), else
+        ``node``. The
         fused QLinearConv pads with the input's zero point, the sim's padded zeros are index 0 of the same grid:
         the convolution reads the grid of what the padding pads."""
         if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.users) != 1 or not node.args:
@@ -127,6 +128,8 @@ class _GraphIndex:
         elif (module_op_type(module) == "Pad" and isinstance(module, FunctionalOp) and len(node.args) == 2
               and not any(q.enabled for q in getattr(module, "output_quantizers", {}).values() if q is not None)):
             pads, value = node.args[1], node.kwargs.get("value")
+            if value is None:  # exported without a constant-value input, which PadFusion does not fold
+                return node
             if node.kwargs.get("mode", "constant") != "constant" or set(node.kwargs) - {"mode", "value"}:
                 return node
         else:
