@@ -34,3 +34,16 @@ def test_a_folder_without_a_run_is_refused_naming_from(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["analyze", "--from", str(tmp_path), "--quiet"])
     assert result.exit_code == 2
     assert "Invalid value for --from" in result.output and "holds no summary.json" in result.output
+
+
+def test_weight_granularity_reaches_only_the_commands_that_simulate_it(tmp_path: Path) -> None:
+    train, _ = load_digits_tensors("train")
+    torch.save(train[:64], tmp_path / "digits.pt")
+    runner = CliRunner()
+    quantized = runner.invoke(main, ["quantize", "--model", MODEL, "--data", str(tmp_path / "digits.pt"),
+                                     "--weight-granularity", "per-channel", "--quiet", "--out", str(tmp_path / "q")])
+    assert quantized.exit_code == 0, quantized.output
+    analyzed = runner.invoke(main, ["analyze", "--from", str(tmp_path / "q"), "--quiet"])
+    assert analyzed.exit_code == 2 and "--weight-granularity per-channel, which analyze cannot" in analyzed.output
+    searched = runner.invoke(main, ["autoquant", "--weight-granularity", "per-channel", "--quiet"])
+    assert searched.exit_code == 2 and "applies to quantize, demo and qat only" in searched.output

@@ -17,7 +17,7 @@ from edgequant.cli.data import (
     quiet_option,
 )
 from edgequant.cli.errors import debug_option
-from edgequant.cli.job import Job, JobOptions, SimSettings, build_job, pass_job_options
+from edgequant.cli.job import WEIGHT_GRANULARITY_OPTION, Job, JobOptions, SimSettings, build_job, pass_job_options
 from edgequant.cli.sim_state import EQUALIZED_KEY, SUMMARY_FILE, from_option, options_from_run, sources
 from edgequant.quantization import QUANT_SCHEMES
 from edgequant.workflows.autoquant import DEFAULT_SCHEMES
@@ -59,6 +59,8 @@ def autoquant(
     from edgequant.workflows import autoquant as run_autoquant
 
     options, settings, fold_bn = options_from_run(from_dir, options, settings, fold_bn)
+    if settings.weight_granularity:  # AutoQuant's sims come from --config alone
+        raise click.UsageError(f"{WEIGHT_GRANULARITY_OPTION} applies to quantize, demo and qat only; leave it out")
     job = build_job(options, settings, demo_batch_size=64, eval_required=True)
     result = run_autoquant(
         job.model, job.dummy_input, job.batches, job.evaluate, allowed_accuracy_drop=allowed_drop,

@@ -56,7 +56,7 @@ def qat(
     """Quantization-aware training: calibrate, fine-tune, and write the sim state, the export and a summary."""
     from edgequant.qat import finalize, finetune, prepare_qat
 
-    options, settings, _ = options_from_run(from_dir, options, settings)
+    options, settings, _ = options_from_run(from_dir, options, settings, takes_weight_granularity=True)
     job = build_job(options, settings, demo_batch_size=64)
     timings: dict[str, float] = {}
 

@@ -54,11 +54,13 @@ def read_summary(folder: Path) -> dict[str, Any] | None:
 
 
 def options_from_run(
-    from_dir: Path | None, options: JobOptions, settings: SimSettings, fold_bn: bool | None = None
+    from_dir: Path | None, options: JobOptions, settings: SimSettings, fold_bn: bool | None = None,
+    takes_weight_granularity: bool = False,
 ) -> tuple[JobOptions, SimSettings, bool | None]:
     """``options``, ``settings`` and ``fold_bn`` with what the run in ``from_dir`` recorded in place of each option
     the user did not type (the data options only where that kind of data takes them: ``resolve_data`` refuses the
-    others). Unchanged without ``--from``."""
+    others). A recorded ``--weight-granularity`` is refused by a command that does not ``takes_weight_granularity``
+    (its sim would not be the recorded one). Unchanged without ``--from``."""
     if from_dir is None:
         return options, settings, fold_bn
     summary = read_summary(from_dir)
@@ -84,6 +86,11 @@ def options_from_run(
     carried = {name: summary.get("settings", {}).get(name) for name in RECORDED_SETTINGS
                if name in takes and name not in typed}
     if carried.get("weight_granularity"):
+        if not takes_weight_granularity:
+            raise click.BadParameter(
+                f"{from_dir} was quantized with --weight-granularity {' '.join(carried['weight_granularity'])}, which "
+                f"{click.get_current_context().info_name} cannot simulate; start it from --model and --data instead",
+                param_hint="--from")
         carried["weight_granularity"] = tuple(carried["weight_granularity"])
     settings = replace(settings, **{name: value for name, value in carried.items() if value is not None})
     if fold_bn is not None and "fold_bn" not in typed:
