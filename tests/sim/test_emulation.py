@@ -498,3 +498,43 @@ def test_functional_zero_pad_without_its_own_quantizer(tmp_path: Path, value: fl
     plan = sim.emulate("onnxruntime")
     assert [op.name for op in plan.ops] == ["conv"]
     assert verify(tmp_path, sim, torch.randn(64, 3, 17, 17), progress=False).outputs[0].share_identical == 1.0
+
+
+def test_softmax_matches_onnxruntime() -> None:
+    """QLinearSoftmax: a float32 exp table of the distance to the row's maximum level, a float32 sum, and the
+    output scale read as floor(1 / s_y)."""
+    rng = np.random.default_rng(6)
+    runtime = OnnxRuntimeCPU()
+    for length in (4, 10, 64, 197):
+        for output_grid in ((1 / 255, 0), (1 / 256, 0), (float(rng.uniform(0.001, 0.01)), 3)):
+            source = (float(rng.uniform(0.01, 0.3)), int(rng.integers(0, 256)))
+            levels = rng.integers(0, 256, size=(2, length, 8)).astype(np.uint8)  # softmax over the middle axis
+            model = _single_op_qdq("Softmax", [source, output_grid], [2, length, 8], axis=1)
+            expected = _run_ort(model, {"x0": levels})
+            x = _as_grid(*source).values(torch.tensor(levels.astype(np.int64) - source[1], dtype=torch.float32))
+            got = runtime.softmax(x, _as_grid(*source), _as_grid(*output_grid), 1)
+            assert np.array_equal(got.numpy() + output_grid[1], expected)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(32, 96), torch.nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.out(torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v)
+
+
+def test_attention_block_is_identical_to_onnxruntime(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    sim = _folded_sim(_Attention().eval(), torch.randn(32, 16, 32))
+    export_onnx(sim, tmp_path, torch.randn(1, 16, 32))
+    data = torch.randn(64, 16, 32)
+    default = verify(tmp_path, sim, data, progress=False)
+    plan = sim.emulate("onnxruntime")
+    assert sorted(op.kind for op in plan.ops) == ["Gemm", "Gemm", "MatMul", "MatMul", "Softmax"]
+    report = verify(tmp_path, sim, data, progress=False)
+    assert report.integer_kernels == {"MatMulIntegerToFloat": 2, "QLinearMatMul": 2, "QLinearSoftmax": 1}
+    assert default.outputs[0].share_identical < 0.9  # the default sim's float softmax is not QLinearSoftmax
+    assert report.outputs[0].share_identical == 1.0 and report.first_difference is None

@@ -39,6 +39,10 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
     quantized with a true division; emulated as that logistic followed by the sim's output quantizer.
   - QLinearGlobalAveragePool: ``acc = Σ q - z_x·N``, requantized as above with
     ``M = fl32(s_x / fl32(s_y · N))``.
+  - QLinearSoftmax (uint8): a float32 table ``e[d] = fl32(exp((d + shift)·s_x))`` of the distance ``d`` of each
+    level to its row's maximum (``shift`` keeps the sum below FLT_MAX), a float32 sum in order along the axis,
+    ``y = min(nearbyint(fl32(fl32(e·floor(1/s_y)) / sum)) + z_y, 255)``: the output scale is read as
+    ``1/floor(1/s_y)``, which PyTorch's softmax does not know.
   - HardSigmoid, HardSwish and SiLU stay float between DQ and Q in ORT, with formulas of their own:
     HardSigmoid ``clip(fl32(x · fl32(1/6)) + 0.5, 0, 1)``, HardSwish as the ONNX function body (that times
     ``x``), SiLU exported as Sigmoid (MLAS's logistic, above) and Mul. Emulated as those formulas followed by the
@@ -59,7 +63,7 @@ What stays approximate (computed by the default fake-quantized path even in emul
   does not know which grid the runtime sees;
 * ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; LayerNorm, Gelu...:
   float in ORT too, so the default sim's float32 math is already the runtime's, up to op order);
-* ConvTranspose (float in ORT 1.32 between Q/DQ), QLinearSoftmax (listed as not emulated), average pools with a
+* ConvTranspose (float in ORT 1.32 between Q/DQ), a softmax on a signed (int8) grid, average pools with a
   ``divisor_override``;
 * on CPUs without AVX-512 VNNI / AVX-VNNI, ORT's u8s8 kernels use ``vpmaddubsw``, whose int16 pair sums
   saturate for large operands; the emulation accumulates exactly (as VNNI CPUs and ARM do).

@@ -118,6 +118,10 @@ class RuntimeModel(ABC):
         """The runtime's float32 HardSigmoid (what its HardSwish multiplies by)."""
         return torch.nn.functional.hardsigmoid(values)
 
+    def softmax(self, values: torch.Tensor, source: Grid, output: Grid, dim: int) -> torch.Tensor:
+        """Softmax along ``dim`` of values on the ``source`` grid, as output grid indices."""
+        return output.indices(torch.softmax(values.float(), dim))
+
 
 def scalar_operand(a: torch.Size, b: torch.Size) -> int | None:
     """Which operand of a broadcast binary op ONNX Runtime's broadcaster hands to the kernel as one scalar per
@@ -197,6 +201,24 @@ class OnnxRuntimeCPU(RuntimeModel):
 
     def sigmoid(self, values: torch.Tensor) -> torch.Tensor:
         return mlas_logistic(values)
+
+    def softmax(self, values: torch.Tensor, source: Grid, output: Grid, dim: int) -> torch.Tensor:
+        # contrib QLinearSoftmax (uint8): a 256-entry float32 table e[d] = exp((d + shift)·s_x) of the distance
+        # d = q - max(q) in [-255, 0] (shift keeps the sum below FLT_MAX), a float32 sum in order along the axis,
+        # then `nearbyint(fl32(e · floor(1/s_y)) / sum) + z_y`, saturated at 255 only
+        levels = (source.indices(values) + source.zero_point).movedim(dim, -1)
+        length = levels.shape[-1]
+        scale = float(source.scale)
+        shift = max(0.0, math.log(torch.finfo(torch.float32).max / length) - 5) / scale
+        table = torch.exp((torch.arange(256, dtype=torch.float64) - 255 + shift) * scale).float()
+        exps = table[(levels - levels.amax(dim=-1, keepdim=True) + 255).long()]
+        total = exps[..., 0].clone()
+        for index in range(1, length):
+            total += exps[..., index]
+        inverse = math.floor(float(torch.tensor(1.0) / output.scale))
+        quotient = (exps * inverse).div_(total.unsqueeze(-1)).round_()
+        indices = quotient.add_(output.zero_point).clamp_(max=255).sub_(output.zero_point)
+        return indices.movedim(-1, dim)
 
     def hard_sigmoid(self, values: torch.Tensor) -> torch.Tensor:
         # ONNX HardSigmoid(alpha=fl32(1/6), beta=0.5), as exported and as ORT's HardSwish function body runs it

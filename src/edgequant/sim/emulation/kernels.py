@@ -146,6 +146,16 @@ def _sigmoid(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[
     return runtime.sigmoid(args[0])
 
 
+def softmax_dim(module: nn.Module, args: tuple) -> int | None:
+    """The axis of a softmax, None where the call leaves it implicit (PyTorch then picks one by rank)."""
+    return module.dim if isinstance(module, nn.Softmax) else args[1] if len(args) > 1 else None
+
+
+def _softmax(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+             output: Grid) -> torch.Tensor:
+    return output.values(runtime.softmax(args[0], grids[0], output, softmax_dim(module, args)))
+
+
 def _hard_sigmoid(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
                   output: Grid) -> torch.Tensor:
     """A float op in the runtime, between DQ and Q, with its own formula; the sim's quantizer follows."""
@@ -244,6 +254,8 @@ KERNELS: dict[str, Kernel] = {
     "LeakyRelu": Kernel(1, lambda m: isinstance(m, nn.LeakyReLU) or _functional("LeakyRelu")(m), _leaky_relu,
                         keywords=("negative_slope",)),
     "Concat": Kernel(None, _functional("Concat"), _concat, keywords=("dim",)),
+    "Softmax": Kernel(1, lambda m: isinstance(m, nn.Softmax) or _functional("Softmax")(m), _softmax,
+                      keywords=("dim",)),
     "HardSigmoid": Kernel(1, lambda m: isinstance(m, nn.Hardsigmoid) or _functional("HardSigmoid")(m),
                           _hard_sigmoid),
     "HardSwish": Kernel(1, lambda m: isinstance(m, nn.Hardswish) or _functional("HardSwish")(m), _hard_swish),
@@ -251,11 +263,6 @@ KERNELS: dict[str, Kernel] = {
 }
 """The ops an integer runtime fuses into one kernel, and the float ops between Q/DQ it computes with another
 formula than PyTorch (HardSigmoid, HardSwish, SiLU), by ONNX op type."""
-
-NOT_EMULATED: dict[str, str] = {"Softmax": "QLinearSoftmax"}
-"""Ops ONNX Runtime 1.32 also runs as an integer kernel (seen in the graph it optimizes), that no `Kernel` here
-emulates yet: op type → the runtime's kernel. They count against the plan's coverage."""
-
 
 def op_kind(module: nn.Module) -> str | None:
     """The emulated op ``module`` of the sim is, if any."""

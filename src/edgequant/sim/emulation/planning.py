@@ -14,7 +14,7 @@ from torch import nn
 from edgequant.quantization import PerChannel, Quantizer
 from edgequant.quantization.granularity import PER_TENSOR
 from edgequant.sim.emulation.arithmetic import RuntimeModel
-from edgequant.sim.emulation.kernels import KERNELS, NOT_EMULATED, is_global_pool_size, op_kind
+from edgequant.sim.emulation.kernels import KERNELS, is_global_pool_size, op_kind, softmax_dim
 from edgequant.sim.graph import FUSED_ACTIVATIONS, ModelGraph
 from edgequant.sim.ops import is_data_movement, is_pass_through, module_op_type, weight_output_axis
 from edgequant.sim.quantized_module import FunctionalOp
@@ -42,8 +42,8 @@ class EmulationPlan:
 
     def coverage(self, named: int = 3) -> str:
         """One line: how many of the ops the runtime computes with its own arithmetic are emulated (its integer
-        kernels, and the float ops it computes with another formula than PyTorch: the kinds in `KERNELS` and
-        `NOT_EMULATED`), and the first ``named`` that are not."""
+        kernels, and the float ops it computes with another formula than PyTorch: the kinds in `KERNELS`), and the
+        first ``named`` that are not."""
         total = len(self.ops) + len(self.skipped)
         if not self.skipped:
             return f"emulating {self.runtime.name}: every op emulated ({total} of {total})"
@@ -183,10 +183,6 @@ def plan_emulation(model: nn.Module, runtime: RuntimeModel) -> EmulationPlan:
             module = index.module(prefix, node)
             kind = op_kind(module)
             if kind is None:
-                unemulated = NOT_EMULATED.get(module_op_type(module) or "")
-                quantizers = getattr(module, "output_quantizers", {})
-                if unemulated and "0" in quantizers and quantizers["0"].enabled:
-                    plan.skipped[name] = f"the runtime computes it as {unemulated}, which is not emulated"
                 continue
             reason = _plan_op(plan, index, prefix, node, name, module, kind)
             if reason:
@@ -233,6 +229,10 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str, node: fx.Node
         return "its output is not quantized by one fused group (op → [ReLU/ReLU6] → quantizer)"
     if activation is not None and clip_bounds(activation) is None:
         return f"the bounds of its fused {module_op_type(activation)} are not known to the emulation"
+    if kind == "Softmax" and softmax_dim(module, (*node.args, *node.kwargs.values())) is None:
+        return "a softmax without an explicit dim"
+    if kind == "Softmax" and any(q.symmetric for q in (*inputs, output)):
+        return "a signed grid (the runtime's int8 QLinearSoftmax wraps around above 127; not emulated)"
     for quantizer in (*inputs, output, *([weight] if weight is not None else [])):
         if quantizer.float_format is not None:  # fp8 has a scale and 8 bits, but no integer grid
             return f"quantizer {quantizer.name} has the float format {quantizer.float_format.name}"
