@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from edgequant.llm.block_inputs import BlockForwards
 from edgequant.llm.input_sharing import input_sharing_groups
 from edgequant.quantization import Quantizer, quantize_dequantize
 from edgequant.sim import QuantSim
@@ -91,8 +92,8 @@ def gptq(sim: QuantSim, batches: Iterable[Any], settings: GptqSettings = GptqSet
     is enabled and has an integer encoding, with GPTQ on the encoding's grid, in place.
 
     ``batches`` are calibration batches as `QuantSim.calibrate` takes them (tensors, tuples of inputs, dicts of
-    keyword inputs); they are iterated once per layer, up to that layer (an iterator is first read into a list), and
-    once more on the first batch to find the execution order. Calibrate the sim
+    keyword inputs); the first ``num_batches`` are held and run once per group of layers up to that group, from the
+    cached inputs of its decoder block where the model is a decoder stack (`BlockForwards`). Calibrate the sim
     before: activation quantizers without an encoding are left off while the inputs are collected. Afterwards each
     rounded weight holds its dequantized GPTQ values, which its quantizer maps onto the same integers, and its
     encoding is frozen so that later calibration keeps the grid GPTQ rounded onto. Linears whose weight another
@@ -112,10 +113,10 @@ def gptq(sim: QuantSim, batches: Iterable[Any], settings: GptqSettings = GptqSet
             del sharing
             bar = tqdm(total=sum(len(group) for group in groups), desc="gptq", disable=not settings.progress,
                        leave=False)
+            forwards = BlockForwards(sim, list(sim.batches(data, settings.num_batches)), targets)
             for group in groups:
                 bar.set_postfix_str(group[0][0])
-                hessians = _hessians(sim, {name: (targets[name], calls) for name, calls in group}, data,
-                                     settings.num_batches)
+                hessians = _hessians(forwards, {name: (targets[name], calls) for name, calls in group})
                 for name, _ in group:
                     report.layers.append(_round_layer(name, targets[name], *hessians[name], settings))
                     bar.update()
@@ -218,11 +219,11 @@ def _round_layer(name: str, layer: nn.Linear, hessian: torch.Tensor, tokens: int
     return GptqLayer(name, tokens, nearest_error, gptq_error, seconds + time.perf_counter() - start)
 
 
-def _hessians(sim: QuantSim, layers: dict[str, tuple[nn.Linear, int]], data: Iterable[Any],
-              num_batches: int | None) -> dict[str, tuple[torch.Tensor, int, float]]:
+def _hessians(forwards: BlockForwards, layers: dict[str, tuple[nn.Linear, int]]
+              ) -> dict[str, tuple[torch.Tensor, int, float]]:
     """Per layer, ``Σ x xᵀ`` (float64) over the tokens of its quantized inputs (constant factors cancel in GPTQ),
-    the token count and the seconds its share of the pass took; each forward stops after the last call of the
-    last of ``layers``."""
+    the token count and the seconds its share of the pass took; each forward (from the layers' decoder block where
+    there is one) stops after the last call of the last of ``layers``."""
     start = time.perf_counter()
     hessians = {name: torch.zeros(layer.in_features, layer.in_features, device=layer.weight.device,
                                   dtype=torch.float64) for name, (layer, _) in layers.items()}
@@ -243,12 +244,7 @@ def _hessians(sim: QuantSim, layers: dict[str, tuple[nn.Linear, int]], data: Ite
 
     handles = [layer.register_forward_pre_hook(collector(name)) for name, (layer, _) in layers.items()]
     try:
-        for args, kwargs in sim.batches(data, num_batches):
-            seen.update(dict.fromkeys(layers, 0))
-            try:
-                sim.model(*args, **kwargs)
-            except _LayerDone:
-                pass
+        forwards.run(list(layers), _LayerDone, before_each=lambda: seen.update(dict.fromkeys(layers, 0)))
     finally:
         for handle in handles:
             handle.remove()

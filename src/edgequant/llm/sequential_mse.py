@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from edgequant.llm.block_inputs import BlockForwards
 from edgequant.llm.input_sharing import input_sharing_groups
 from edgequant.quantization import Encoding, Lpbq, PerBlock, PerChannel, PerTensor, Quantizer, quantize_dequantize
 from edgequant.sim import QuantizedModule, QuantSim
@@ -122,7 +123,8 @@ def sequential_mse(
     minimise each layer's output error; see the module doc.
 
     ``batches`` are what `QuantSim.calibrate` takes; the first ``num_batches`` are held for the run (one pass per
-    layer, up to that layer). Weight encodings of every layer are computed from the weights first, as calibration
+    group of layers, up to that group, from the cached inputs of its decoder block where the model is a decoder
+    stack: `BlockForwards`). Weight encodings of every layer are computed from the weights first, as calibration
     would, so that the inputs carry the weight quantization of layers not searched here. Weight quantizers must be
     on an integer grid, per tensor, per output channel, or in blocks along the input channels (PerBlock, LPBQ)."""
     start = time.perf_counter()
@@ -144,9 +146,10 @@ def sequential_mse(
                 target.first_input = None  # the order pass's tensors are no longer needed
             bar = tqdm(total=sum(len(group) for group in groups), desc="sequential MSE",
                        disable=not settings.progress, leave=False)
+            forwards = BlockForwards(sim, held, [target.name for target in order])
             for group in groups:
                 group_start = time.perf_counter()
-                grams = _input_grams(sim, group, held, settings.inputs)
+                grams = _input_grams(sim, forwards, group, settings.inputs)
                 share = (time.perf_counter() - group_start) / len(group)
                 for target, (gram, rows) in zip(group, grams, strict=True):
                     layer_start = time.perf_counter()
@@ -225,10 +228,11 @@ def _in_execution_order(sim: QuantSim, targets: list[_Target], batch: tuple[tupl
 
 
 # -- the inputs ----------------------------------------------------------------------------------------------
-def _input_grams(sim: QuantSim, targets: list[_Target], batches: list[tuple[tuple, dict]],
+def _input_grams(sim: QuantSim, forwards: BlockForwards, targets: list[_Target],
                  inputs: str) -> list[tuple[torch.Tensor, int]]:
     """Per target, ``X^T X`` of the layer's input rows, (groups, D, D) in float64, and the number of rows, from one
-    pass per batch that stops after the last call of the last target."""
+    pass per batch (from the targets' decoder block where there is one) that stops after the last call of the last
+    target."""
     grams: list[list[torch.Tensor]] = [[] for _ in targets]
     rows_seen = [0] * len(targets)
     calls_seen = [0] * len(targets)
@@ -255,13 +259,11 @@ def _input_grams(sim: QuantSim, targets: list[_Target], batches: list[tuple[tupl
     off = sim.quantizers().values() if inputs == "float" else [q for q in sim.quantizers().values() if not q.ready]
     handles = [target.layer.register_forward_pre_hook(collector(index)) for index, target in enumerate(targets)]
     try:
+        def new_batch() -> None:
+            calls_seen[:] = [0] * len(targets)
+
         with sim.quantizers_enabled(False, off):
-            for args, kwargs in batches:
-                calls_seen[:] = [0] * len(targets)
-                try:
-                    sim.model(*args, **kwargs)
-                except _StopForward:
-                    pass
+            forwards.run([target.name for target in targets], _StopForward, before_each=new_batch)
     finally:
         for handle in handles:
             handle.remove()
