@@ -127,7 +127,7 @@ class QuantSim:
         converted = load_onnx(model)
         if dummy_input is None:
             dummy_input = onnx_dummy_input(getattr(converted, ONNX_SOURCE_ATTRIBUTE))
-        return cls(converted, dummy_input, in_place=True, **options)
+        return cls(converted, dummy_input, **{"in_place": True, **options})  # the converted module is ours
 
     # -- preparation -----------------------------------------------------------------------------------
     def _prepare(self) -> None:
