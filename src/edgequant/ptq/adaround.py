@@ -173,48 +173,53 @@ def _prepare_encodings(sim: QuantSim, targets: list[_Target]) -> None:
 
 def _run(sim: QuantSim, data: Iterable[Any], targets: list[_Target], iterations: dict[str, int],
          result: AdaRoundResult, generator: torch.Generator, settings: AdaRoundSettings) -> None:
-    """Collect, then round layer by layer in execution order, filling ``result``; with ``progress``, print the
-    projected total time once the first layer is rounded."""
+    """Collect, then round layer by layer in execution order, filling ``result``; with ``progress``, one bar over all
+    iterations (its ETA includes the input refreshes) and, once the first layer is rounded, the projected total."""
     with LayerCache(settings.memory_budget_mb) as cache:
         start = time.perf_counter()
         targets = _collect(sim, targets, data, settings.num_batches, cache,
                            collect_inputs=not settings.refresh_inputs, progress=settings.progress)
-        result.collect_seconds += time.perf_counter() - start
-        for target in targets:
-            inputs_seconds = 0.0
-            if settings.refresh_inputs:
+        pass_seconds = time.perf_counter() - start
+        result.collect_seconds += pass_seconds
+        counts = [iterations[t.name] for t in targets]
+        with tqdm(total=sum(counts), desc="adaround", unit="it", disable=not settings.progress) as bar:
+            for target in targets:
+                bar.set_postfix_str(target.name)
+                if settings.refresh_inputs:
+                    start = time.perf_counter()
+                    _collect_inputs_up_to(sim, target, data, settings.num_batches, cache)
+                    result.collect_seconds += time.perf_counter() - start
                 start = time.perf_counter()
-                _collect_inputs_up_to(sim, target, data, settings.num_batches, cache)
-                inputs_seconds = time.perf_counter() - start
-                result.collect_seconds += inputs_seconds
-            start = time.perf_counter()
-            inputs = cache.get((target.name, "input"), sim.device)
-            outputs = cache.get((target.name, "target"), sim.device)
-            cache.drop((target.name, "input"))
-            cache.drop((target.name, "target"))
-            layer_result = _round_layer(target, inputs, outputs, iterations[target.name], settings, generator)
-            layer_result.seconds = time.perf_counter() - start
-            result.optimize_seconds += layer_result.seconds
-            result.layers.append(layer_result)
-            if settings.progress and len(result.layers) == 1:
-                elapsed = result.collect_seconds + result.optimize_seconds
-                tqdm.write(time_estimate(layer_result, elapsed, inputs_seconds, [iterations[t.name] for t in targets]))
+                inputs = cache.get((target.name, "input"), sim.device)
+                outputs = cache.get((target.name, "target"), sim.device)
+                cache.drop((target.name, "input"))
+                cache.drop((target.name, "target"))
+                layer_result = _round_layer(target, inputs, outputs, iterations[target.name], settings, generator,
+                                            bar)
+                layer_result.seconds = time.perf_counter() - start
+                result.optimize_seconds += layer_result.seconds
+                result.layers.append(layer_result)
+                if settings.progress and len(result.layers) == 1:
+                    elapsed = result.collect_seconds + result.optimize_seconds
+                    bar.write(time_estimate(layer_result, elapsed, pass_seconds if settings.refresh_inputs else 0.0,
+                                            counts))
         result.bytes_spilled = cache.bytes_spilled
 
 
-def time_estimate(first: LayerRounding, elapsed: float, inputs_seconds: float, iterations: list[int]) -> str:
+def time_estimate(first: LayerRounding, elapsed: float, pass_seconds: float, iterations: list[int]) -> str:
     """One line projecting the whole run from its first rounded layer, so a user learns early whether the
     iteration count fits the machine (the paper's 10,000 per layer take hours on a CPU).
 
-    ``elapsed``: seconds so far, ``inputs_seconds``: of them, refreshing the first layer's inputs; ``iterations``:
-    per layer, in the order rounded. Each later layer is assumed to cost the first one's time per iteration and
-    its input refresh (a lower bound: refreshing a deeper layer's inputs runs more of the model).
+    ``elapsed``: seconds so far; ``iterations``: per layer, in the order rounded. Each later layer is taken to cost
+    the first one's time per iteration, plus refreshing its inputs: ``k / L`` of ``pass_seconds`` (one pass over
+    the data; 0 without refreshed inputs) for the k-th of L layers, as the model runs up to that layer.
     """
     per_iteration = first.seconds / max(first.iterations, 1)
-    remaining = iterations[1:]
-    total = elapsed + per_iteration * sum(remaining) + inputs_seconds * len(remaining)
+    count = len(iterations)
+    refreshes = pass_seconds * sum(k / count for k in range(1, count))
+    total = elapsed + per_iteration * sum(iterations[1:]) + refreshes
     return (f"adaround: first layer ({first.name}, {first.iterations:,} iterations) done after {_duration(elapsed)}; "
-            f"all {len(iterations)} layers ({sum(iterations):,} iterations) will take about {_duration(total)}")
+            f"all {count} layers ({sum(iterations):,} iterations) will take about {_duration(total)}")
 
 
 def _duration(seconds: float) -> str:
@@ -418,7 +423,7 @@ def _reconstruction_loss(out: torch.Tensor, target: torch.Tensor, layer: nn.Modu
 
 def _round_layer(
     target: _Target, inputs: torch.Tensor, outputs: torch.Tensor, num_iterations: int, settings: AdaRoundSettings,
-    generator: torch.Generator,
+    generator: torch.Generator, bar: tqdm,
 ) -> LayerRounding:
     layer, encoding = target.layer, target.quantizer.encoding
     weight = layer.weight.detach()
@@ -429,8 +434,7 @@ def _round_layer(
     optimizer = torch.optim.Adam([v], lr=settings.learning_rate)
     warm_end = int(settings.warm_start * num_iterations)
     num_samples, batch = inputs.shape[0], min(settings.batch_size, inputs.shape[0])
-    bar = tqdm(range(num_iterations), desc=f"adaround {target.name}", disable=not settings.progress, leave=False)
-    for iteration in bar:
+    for iteration in range(num_iterations):
         index = torch.randint(num_samples, (batch,), device=inputs.device, generator=generator)
         h = rectified_sigmoid(v)
         soft_weight = (torch.clamp(floor + h, low, high) * scale).to(weight.dtype)
@@ -441,6 +445,7 @@ def _round_layer(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        bar.update()
     with torch.no_grad():
         rounded = (torch.clamp(floor + (v >= 0).float(), low, high) * scale).to(weight.dtype)
         nearest = quantize_dequantize(weight, scale, low, encoding.bitwidth, strict_symmetric=encoding.strict_symmetric)
