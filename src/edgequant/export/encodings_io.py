@@ -20,10 +20,13 @@ are marked as AIMET marks them (its ``get_symmetric_properties``): a symmetric e
 ``-(2**(bw-1) - 1)`` is strict symmetric, one with offset 0 unsigned symmetric. 2.0.0 has no way to state the
 strict grid (QuantizeLinear's int8 range is [-128, 127]): writing a strict encoding in it is refused.
 
-Float16 tensors (a `FloatFormat` in place of an `Encoding`) are written and read as AIMET does (its ``FloatEncoding``):
-0.6.1 ``[{"bitwidth": 16, "dtype": "float"}]``, 1.0.0 ``{name, dtype "FLOAT", bw 16, enc_type "PER_TENSOR"}``; 2.0.0
-has no entry for them (AIMET writes none: the tensor stays float in that QuantizeLinear view). AIMET's files state no
-other float format, so bfloat16 and fp8 tensors are refused by every version.
+Float tensors are written as AIMET writes them (its ``FloatEncoding``). Float16 (a `FloatFormat` in place of an
+`Encoding`): 0.6.1 ``[{"bitwidth": 16, "dtype": "float"}]``, 1.0.0 ``{name, dtype "FLOAT", bw 16, enc_type
+"PER_TENSOR"}``; float16 and bfloat16 have no 2.0.0 entry (the tensor stays float in that QuantizeLinear view). Fp8
+(`Fp8Encoding`, the format with its scale) is a 2.0.0 QuantizeLinear entry ``{name, output_dtype "float8e4m3fn" |
+"float8e5m2", y_scale, axis (per channel)}`` with no zero point (0). 0.6.1 and 1.0.0 have no bfloat16 or fp8 form
+(AIMET refuses to write one; its 16-bit float entry reads back as float16): those tensors are left out of the file,
+with one warning naming them. Files with fp8 entries are written, not read back.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,12 +50,31 @@ SUPPORTED_VERSIONS = ("0.6.1", "1.0.0", "2.0.0")
 PRODUCER = {"package": "edgequant", "version": "0.1.0"}
 
 
+_AIMET_FP8_DTYPES = {"float8_e4m3": "float8e4m3fn", "float8_e5m2": "float8e5m2"}
+"""AIMET's 2.0.0 ``output_dtype`` of each fp8 format (ONNX's type name, lower case)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Fp8Encoding:
+    """An fp8 tensor's format with its calibrated scale (per tensor, or per channel of ``granularity``): what export
+    states as QuantizeLinear to float8 with zero point 0 (the `FloatFormat` alone has no scale)."""
+
+    number_format: FloatFormat
+    scale: torch.Tensor
+    granularity: PerTensor | PerChannel
+
+    def equals(self, other: object) -> bool:
+        """`Encoding.equals`'s counterpart: same format, layout and scale."""
+        return (isinstance(other, Fp8Encoding) and other.number_format == self.number_format
+                and other.granularity == self.granularity and torch.equal(other.scale.cpu(), self.scale.cpu()))
+
+
 @dataclass
 class TensorEncoding:
     """The encoding of one named ONNX tensor; ``is_param`` is None where the format does not say (2.0.0)."""
 
     name: str
-    encoding: Encoding | FloatFormat
+    encoding: Encoding | FloatFormat | Fp8Encoding
     is_param: bool | None
 
 
@@ -76,15 +99,8 @@ def _ints(values: torch.Tensor) -> list[int]:
 _FLOAT16 = FloatFormat("float16")
 
 
-def _check_float16(name: str, encoding: FloatFormat) -> None:
-    if encoding != _FLOAT16:
-        raise ValueError(f"tensor '{name}' has format {encoding.name}, which AIMET encodings files cannot state "
-                         "(float16 is the only float format they have)")
-
-
 def _entry_0_6_1(name: str, encoding: Encoding | FloatFormat) -> list[dict[str, Any]]:
-    if isinstance(encoding, FloatFormat):
-        _check_float16(name, encoding)
+    if isinstance(encoding, FloatFormat):  # float16: the only float format this version states
         return [{"bitwidth": 16, "dtype": "float"}]
     if isinstance(encoding.granularity, PerBlock):
         raise ValueError(f"tensor '{name}' is quantized {encoding.granularity.describe()}, which encodings version "
@@ -111,8 +127,7 @@ def _lpbq_parts(name: str, encoding: Encoding) -> tuple[Lpbq, torch.Tensor, torc
 
 
 def _entry_1_0_0(name: str, encoding: Encoding | FloatFormat) -> dict[str, Any]:
-    if isinstance(encoding, FloatFormat):
-        _check_float16(name, encoding)
+    if isinstance(encoding, FloatFormat):  # float16: the only float format this version states
         return {"name": name, "dtype": "FLOAT", "bw": 16, "enc_type": "PER_TENSOR"}
     entry = {"name": name, "dtype": "INT", "bw": encoding.bitwidth, "is_sym": encoding.symmetric}
     match encoding.granularity:
@@ -135,7 +150,20 @@ def _entry_1_0_0(name: str, encoding: Encoding | FloatFormat) -> dict[str, Any]:
     return entry | {"scale": _floats(encoding.scale), "offset": _ints(encoding.offset), "enc_type": enc_type}
 
 
-def _entry_2_0_0(name: str, encoding: Encoding) -> dict[str, Any]:
+def _fp8_entry_2_0_0(name: str, encoding: Fp8Encoding) -> dict[str, Any]:
+    """AIMET's 2.0.0 fp8 entry: QuantizeLinear to float8 with zero point 0 (written by none), ``axis`` per channel."""
+    entry: dict[str, Any] = {"name": name, "output_dtype": _AIMET_FP8_DTYPES[encoding.number_format.name]}
+    if isinstance(encoding.granularity, PerChannel):
+        return entry | {"y_scale": _floats(encoding.scale), "axis": encoding.granularity.axis}
+    return entry | {"y_scale": float(encoding.scale)}
+
+
+def _entry_2_0_0(name: str, encoding: Encoding | FloatFormat | Fp8Encoding) -> dict[str, Any]:
+    if isinstance(encoding, Fp8Encoding):
+        return _fp8_entry_2_0_0(name, encoding)
+    if isinstance(encoding, FloatFormat):
+        raise ValueError(f"tensor '{name}' has format {encoding.name} without its scale; give an Fp8Encoding (format "
+                         "and scale) to write it")
     if encoding.strict_symmetric:
         raise ValueError(
             f"tensor '{name}' has a strict symmetric encoding ([-{2 ** (encoding.bitwidth - 1) - 1}, "
@@ -184,12 +212,10 @@ def encodings_document(
         raise ValueError(f"encoding_version {version!r} is not supported; choose one of {choices}")
     document: dict[str, Any] = {"producer": dict(PRODUCER), "version": version}
     if version == "2.0.0":
-        for entry in entries:
-            if isinstance(entry.encoding, FloatFormat):
-                _check_float16(entry.name, entry.encoding)
         document["encodings"] = [_entry_2_0_0(e.name, e.encoding) for e in entries
-                                 if not isinstance(e.encoding, FloatFormat)]
+                                 if not _unquantized_float(e.encoding)]
         return document
+    entries = _stated_in_0_6_1_or_1_0_0(entries, version)
     params = [e for e in entries if e.is_param]
     activations = [e for e in entries if not e.is_param]
     if version == "0.6.1":
@@ -201,6 +227,23 @@ def encodings_document(
     document["excluded_layers"] = []
     document["quantizer_args"] = dict(quantizer_args or {})
     return document
+
+
+def _unquantized_float(encoding: Encoding | FloatFormat | Fp8Encoding) -> bool:
+    """float16/bfloat16: no 2.0.0 entry (not quantized in QuantizeLinear terms; AIMET writes none)."""
+    return isinstance(encoding, FloatFormat) and not encoding.scaled
+
+
+def _stated_in_0_6_1_or_1_0_0(entries: list[TensorEncoding], version: str) -> list[TensorEncoding]:
+    """The entries ``version`` can state (integer and float16), with one warning naming the tensors it cannot."""
+    stated = [e for e in entries if isinstance(e.encoding, Encoding) or e.encoding == _FLOAT16]
+    left_out = [e.name for e in entries if not any(e is kept for kept in stated)]
+    if left_out:
+        warnings.warn(
+            f"encodings version {version} has no form for bfloat16 or fp8 tensors; left out of the file: "
+            f"{', '.join(left_out)} (version 2.0.0 states fp8)", stacklevel=4,
+        )
+    return stated
 
 
 def write_encodings(

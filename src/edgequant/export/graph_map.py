@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 MARKER_DOMAIN = "edgequant"
 MARKER_OP = "QuantMarker"
 DEFAULT_OPSET = 17
+FP8_OPSET = 21  # float8 QuantizeLinear/DequantizeLinear (19), QuantizeLinear's output_dtype (21; see qdq)
 INT4_INT16_OPSET = 21  # first opset whose QuantizeLinear has int4/uint4/int16/uint16 outputs
 
 @dataclass
@@ -158,29 +159,31 @@ def default_input_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> li
     return names + [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
 
 
-def _opset_21_reason(quantizer: Quantizer) -> str | None:
-    """Why ``quantizer`` needs opset 21 (16-bit activations; blocked DequantizeLinear), None where it does not."""
+def _opset_need(quantizer: Quantizer) -> tuple[int, str] | None:
+    """The opset ``quantizer`` needs and why (fp8 QuantizeLinear; 16-bit activations; blocked DequantizeLinear), None
+    where the default does."""
     if not quantizer.enabled:
         return None
+    if quantizer.float_format is not None and quantizer.float_format.scaled:
+        return FP8_OPSET, f"is {quantizer.float_format.name}: ONNX QuantizeLinear takes a float8 output_dtype"
     if 8 < quantizer.bitwidth <= 16 and quantizer.role != "param" and quantizer.float_format is None:
-        return f"is {quantizer.bitwidth}-bit: ONNX QuantizeLinear supports 16-bit outputs"
+        return INT4_INT16_OPSET, f"is {quantizer.bitwidth}-bit: ONNX QuantizeLinear supports 16-bit outputs"
     if isinstance(quantizer.granularity, PerBlock):
-        return f"is {quantizer.granularity.describe()}: ONNX DequantizeLinear takes a block_size"
+        return INT4_INT16_OPSET, f"is {quantizer.granularity.describe()}: ONNX DequantizeLinear takes a block_size"
     return None
 
 
 def required_opset(quantizers: dict[str, Quantizer], opset: int | None) -> int:
-    """Opset to export with: int16 (and 9..15-bit) activations and per-block weights need opset 21, which the user
-    may not rule out."""
-    needs_21 = {name: reason for name, q in quantizers.items() if (reason := _opset_21_reason(q)) is not None}
+    """Opset to export with: fp8 tensors, int16 (and 9..15-bit) activations and per-block weights need opset 21, which
+    the user may not rule out; int4 weights get 21 by default (their own ONNX type)."""
+    needs = {name: need for name, q in quantizers.items() if (need := _opset_need(q)) is not None}
     if opset is None:
         wants_int4 = any(q.enabled and q.bitwidth <= 4 for q in quantizers.values())
-        return INT4_INT16_OPSET if needs_21 or wants_int4 else DEFAULT_OPSET
-    if needs_21 and opset < INT4_INT16_OPSET:
-        name, reason = next(iter(needs_21.items()))
-        raise ValueError(
-            f"quantizer '{name}' {reason} from opset {INT4_INT16_OPSET}; pass opset={INT4_INT16_OPSET} or higher"
-        )
+        wanted = [needed for needed, _ in needs.values()] + ([INT4_INT16_OPSET] if wants_int4 else [])
+        return max([DEFAULT_OPSET, *wanted])
+    for name, (needed, reason) in needs.items():
+        if opset < needed:
+            raise ValueError(f"quantizer '{name}' {reason} from opset {needed}; pass opset={needed} or higher")
     return opset
 
 

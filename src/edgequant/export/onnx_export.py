@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from edgequant.export.bias import check_bias_encodings, derived_bias_encodings
-from edgequant.export.encodings_io import TensorEncoding, write_encodings
+from edgequant.export.encodings_io import Fp8Encoding, TensorEncoding, write_encodings
 from edgequant.export.graph_map import TracedSim, trace_sim
 from edgequant.export.original_graph import check_original_graph_opset, trace_original_graph
-from edgequant.export.qdq import build_qdq_model
-from edgequant.quantization import Encoding, FloatFormat, Quantizer
+from edgequant.export.qdq import AnyEncoding, build_qdq_model
+from edgequant.quantization import Encoding, Quantizer
 from edgequant.quantization.granularity import PER_TENSOR
 from edgequant.sim.quantized_module import param_quantizer
 
@@ -59,7 +59,7 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 
 def tensor_encoding_entries(
-    traced: TracedSim, by_tensor: dict[str, Encoding | FloatFormat], float_bias: dict[str, Encoding]
+    traced: TracedSim, by_tensor: dict[str, AnyEncoding], float_bias: dict[str, Encoding]
 ) -> list[TensorEncoding]:
     """One entry per quantized ONNX tensor (``by_tensor``: `TracedSim.tensor_encodings`), in graph order; each
     weight is followed by its layer's ``float_bias`` entry (``layer.bias`` -> int32 s_x·s_w encoding of a bias
@@ -78,6 +78,16 @@ def tensor_encoding_entries(
             entries.append(TensorEncoding(tensor, float_bias[bias], True))
     entries += [TensorEncoding(t, by_tensor[t], False) for t in traced.propagated if t not in seen]
     return entries
+
+
+def export_encoding(quantizer: Quantizer) -> AnyEncoding:
+    """What ``quantizer`` is exported as: its integer encoding, its 16-bit float format, or fp8 with its scale."""
+    number_format = quantizer.float_format
+    if number_format is None:
+        return quantizer.encoding
+    if number_format.scaled:
+        return Fp8Encoding(number_format, quantizer.scale.detach().float().cpu().clone(), quantizer.granularity)
+    return number_format
 
 
 def _quantizer_args(sim: QuantSim, quantizers: dict[str, Quantizer]) -> dict[str, Any]:
@@ -108,8 +118,8 @@ def export_onnx(
 
     ``dummy_input`` defaults to the sim's; the single input is named ``input`` and a single output ``output``
     (AIMET's convention) unless ``input_names``/``output_names`` say otherwise. ``opset`` defaults to 17, or 21
-    where int4/int16 tensors need it. ``dynamic_axes`` (torch.onnx's, by input/output name; sequence and cache
-    lengths of a language model) replaces the dynamic batch axis of ``dynamic_batch``.
+    where fp8, int4 or int16 tensors need it. ``dynamic_axes`` (torch.onnx's, by input/output name;
+    sequence and cache lengths of a language model) replaces the dynamic batch axis of ``dynamic_batch``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,16 +130,13 @@ def export_onnx(
             f"{len(missing)} enabled quantizers have no encoding (e.g. {', '.join(missing[:3])}); calibrate the sim "
             "(sim.compute_encodings / sim.calibrate / sim.load_encodings) or disable them before exporting"
         )
-    unexportable = [(n, q.float_format.name) for n, q in quantizers.items()
-                    if q.enabled and q.float_format is not None and q.float_format.name != "float16"]
-    if unexportable:
-        name, format_name = unexportable[0]
+    fp8 = [n for n, q in quantizers.items() if q.enabled and q.float_format is not None and q.float_format.scaled]
+    if fp8 and sim.onnx_source is not None:
         raise ValueError(
-            f"quantizer '{name}' has format {format_name}: export writes float16 as the only float format (AIMET "
-            "encodings files state no other, and the QDQ model has no fp8/bfloat16 form here); set it to float16 "
-            "or an integer format with sim.set_format before exporting"
+            f"quantizer '{fp8[0]}' is {quantizers[fp8[0]].float_format.name}: fp8 tensors of a sim of an ONNX model "
+            "are not exported (its graph keeps its own opset and weight layouts); use float16 or an integer format"
         )
-    encodings = {n: q.float_format or q.encoding for n, q in quantizers.items() if q.enabled}
+    encodings = {n: export_encoding(q) for n, q in quantizers.items() if q.enabled}
     if sim.onnx_source is not None:
         check_original_graph_opset(sim, opset)
         traced, encodings = trace_original_graph(sim)

@@ -18,8 +18,18 @@ Per-block weights are DequantizeLinear with ``axis`` (the blocked axis) and ``bl
 and zero point laid out with the weight's shape but for the blocks; an LPBQ weight runs as the per-block grid of its
 block scales (per-channel scale x integer multiplier, the same float32 products the sim uses).
 
-A float16 tensor (`FloatFormat`) is ``Cast`` to float16 and back to float, parameters and activations alike: ONNX's
-Cast rounds to nearest even and overflows to inf as torch's cast does, so ORT computes the sim's values bit for bit.
+A float16 or bfloat16 tensor (`FloatFormat`) is ``Cast`` to that type and back to float, parameters and activations
+alike: ONNX's Cast rounds to nearest even and overflows to inf as torch's cast does, so ORT computes the sim's values
+bit for bit.
+
+An fp8 tensor (`Fp8Encoding`: the format and its scale) is QuantizeLinear → DequantizeLinear to a float8 type
+(``axis`` per channel): QuantizeLinear divides by the scale, saturates to the finite maximum (``saturate=1``, the
+default) and rounds to nearest even, exactly the sim's ``(x / scale).clamp(-max, max)`` cast; an fp8 weight is stored
+as a float8 initializer computed that way, followed by DequantizeLinear. DequantizeLinear reads a float8 zero point 0;
+QuantizeLinear states its float8 type by ``output_dtype`` (opset 21) instead, because ONNX Runtime's optimizer removes
+a Relu in front of a QuantizeLinear with a zero point of any type but int8/uint8 (ReluQuantFusion), as if a float8
+zero were the bottom of the range (negative values would then pass). Only integer QuantizeLinear outputs are listed in
+the `QDQ_METADATA_KEY` metadata (they hold grid indices; fp8 values do not).
 """
 
 from __future__ import annotations
@@ -32,8 +42,12 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from edgequant.export.encodings_io import Fp8Encoding
 from edgequant.export.graph_map import INT4_INT16_OPSET, MARKER_DOMAIN, TracedSim, marker_quantizer, node_by_output
 from edgequant.quantization import Encoding, FloatFormat, Granularity, PerBlock, PerChannel, PerTensor
+
+AnyEncoding = Encoding | FloatFormat | Fp8Encoding
+"""What a quantizer or tensor is exported as: an integer grid, a 16-bit float cast, or fp8 with its scale."""
 
 QDQ_METADATA_KEY = "edgequant.qdq"
 """metadata_props key: JSON ``{quantized tensor in the QDQ model: {"tensor": encodings name, "quantizers": [...]}}``."""
@@ -64,6 +78,21 @@ def onnx_type(encoding: Encoding, opset: int) -> int:
             "use a signed symmetric encoding"
         )
     return _TYPES[(bits, encoding.signed)]
+
+
+_FLOAT_TYPES = {
+    torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
+    torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN, torch.float8_e5m2: TensorProto.FLOAT8E5M2,
+}
+"""The ONNX type of each float format's torch dtype."""
+
+
+def fp8_values(tensor: torch.Tensor, encoding: Fp8Encoding) -> torch.Tensor:
+    """``tensor`` as the sim rounds it onto fp8, before the scale multiplies back: ``(x / scale).clamp(-max, max)``
+    cast to the fp8 dtype."""
+    number_format = encoding.number_format
+    scale = encoding.granularity.group_scale(encoding.scale.float().to(tensor.device), tensor.dim())
+    return (tensor.float() / scale).clamp(-number_format.max, number_format.max).to(number_format.dtype)
 
 
 def integer_values(tensor: torch.Tensor, encoding: Encoding) -> torch.Tensor:
@@ -121,6 +150,10 @@ class _QdqBuilder:
 
     def constant(self, name: str, values: np.ndarray | torch.Tensor, data_type: int) -> str:
         name = self.unique(name)
+        if data_type in (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2):  # one byte each, as torch stores them
+            raw = values.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+            self.new_initializers.append(helper.make_tensor(name, data_type, list(values.shape), raw, raw=True))
+            return name
         array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
         if data_type in (TensorProto.INT4, TensorProto.UINT4):  # two per byte, the first in the low nibble
             nibbles = np.append(array.reshape(-1), np.zeros(array.size % 2, array.dtype)).astype(np.uint8) & 0xF
@@ -142,6 +175,13 @@ class _QdqBuilder:
         zero_point_name = self.constant(f"{tensor}_zero_point", zero_point, onnx_type(encoding, self.opset))
         return scale_name, zero_point_name
 
+    def fp8_scale_and_zero_point(self, tensor: str, encoding: Fp8Encoding) -> tuple[str, str]:
+        """Initializers of an fp8 encoding's scale and its float8 zero point 0."""
+        dtype = encoding.number_format.dtype
+        scale_name = self.constant(f"{tensor}_scale", encoding.scale.float(), TensorProto.FLOAT)
+        zero_point = torch.zeros(encoding.scale.shape, dtype=dtype)
+        return scale_name, self.constant(f"{tensor}_zero_point", zero_point, _FLOAT_TYPES[dtype])
+
     def constant_source(self, tensor: str) -> str | None:
         """The initializer holding ``tensor`` (the exporter turns duplicate initializers into Identity nodes)."""
         while tensor not in self.initializers:
@@ -151,12 +191,19 @@ class _QdqBuilder:
             tensor = producer.input[0]
         return tensor
 
-    def param_nodes(self, tensor: str, source: str, output: str, encoding: Encoding) -> list[onnx.NodeProto]:
-        """Integer initializer + DequantizeLinear for a quantized parameter."""
+    def param_nodes(
+        self, tensor: str, source: str, output: str, encoding: Encoding | Fp8Encoding
+    ) -> list[onnx.NodeProto]:
+        """Integer (fp8: float8) initializer + DequantizeLinear for a quantized parameter."""
         weight = torch.from_numpy(numpy_helper.to_array(self.initializers[source]).copy())
-        values = integer_values(weight, encoding)
-        quantized = self.constant(f"{tensor}_quantized", values, onnx_type(encoding, self.opset))
-        scale, zero_point = self.scale_and_zero_point(tensor, encoding, weight.shape)
+        if isinstance(encoding, Fp8Encoding):
+            values = fp8_values(weight, encoding)
+            quantized = self.constant(f"{tensor}_quantized", values, _FLOAT_TYPES[values.dtype])
+            scale, zero_point = self.fp8_scale_and_zero_point(tensor, encoding)
+        else:
+            quantized = self.constant(f"{tensor}_quantized", integer_values(weight, encoding),
+                                      onnx_type(encoding, self.opset))
+            scale, zero_point = self.scale_and_zero_point(tensor, encoding, weight.shape)
         return [helper.make_node(
             "DequantizeLinear", [quantized, scale, zero_point], [output],
             name=self.unique(f"{tensor}_DequantizeLinear"),
@@ -164,23 +211,30 @@ class _QdqBuilder:
         )]
 
     def cast_nodes(self, tensor: str, source: str, output: str, number_format: FloatFormat) -> list[onnx.NodeProto]:
-        """Cast to the float format and back: the float16 counterpart of Q → DQ."""
-        if number_format.dtype != torch.float16:
-            raise ValueError(f"tensor '{tensor}' has format {number_format.name}; the QDQ export writes float16 only")
-        narrowed = self.unique(f"{tensor}_float16")
+        """Cast to the 16-bit float format and back: its counterpart of Q → DQ."""
+        if number_format.scaled:
+            raise ValueError(f"tensor '{tensor}' has format {number_format.name} without its scale; export it as an "
+                             "Fp8Encoding")
+        narrowed = self.unique(f"{tensor}_{number_format.name}")
         return [
-            helper.make_node("Cast", [source], [narrowed], name=self.unique(f"{tensor}_CastFloat16"),
-                             to=TensorProto.FLOAT16),
+            helper.make_node("Cast", [source], [narrowed], name=self.unique(f"{tensor}_Cast_{number_format.name}"),
+                             to=_FLOAT_TYPES[number_format.dtype]),
             helper.make_node("Cast", [narrowed], [output], name=self.unique(f"{tensor}_CastFloat"),
                              to=TensorProto.FLOAT),
         ]
 
     def activation_nodes(
-        self, tensor: str, source: str, output: str, encoding: Encoding | FloatFormat, quantizers: list[str]
+        self, tensor: str, source: str, output: str, encoding: AnyEncoding, quantizers: list[str]
     ) -> list[onnx.NodeProto]:
-        """(Clip →) QuantizeLinear → DequantizeLinear on an activation (Cast → Cast in a float format)."""
+        """(Clip →) QuantizeLinear → DequantizeLinear on an activation (Cast → Cast in a 16-bit float format)."""
         if isinstance(encoding, FloatFormat):
             return self.cast_nodes(tensor, source, output, encoding)
+        if isinstance(encoding, Fp8Encoding):
+            scale, zero_point = self.fp8_scale_and_zero_point(tensor, encoding)
+            return self.quantize_dequantize_nodes(
+                tensor, source, output, scale, zero_point, encoding.granularity,
+                output_dtype=_FLOAT_TYPES[encoding.number_format.dtype],
+            )
         if encoding.bitwidth > 16:
             raise ValueError(f"tensor '{tensor}': 32-bit activations cannot be expressed with ONNX QuantizeLinear")
         nodes = []
@@ -191,21 +245,35 @@ class _QdqBuilder:
             clipped = self.unique(f"{tensor}_clipped")
             nodes.append(helper.make_node("Clip", [source, low, high], [clipped], name=self.unique(f"{tensor}_Clip")))
             source = clipped
+        quantize, dequantize = self.quantize_dequantize_nodes(
+            tensor, source, output, scale, zero_point, encoding.granularity
+        )
+        self.metadata[quantize.output[0]] = {"tensor": tensor, "quantizers": quantizers}
+        return [*nodes, quantize, dequantize]
+
+    def quantize_dequantize_nodes(
+        self, tensor: str, source: str, output: str, scale: str, zero_point: str, granularity: Granularity,
+        output_dtype: int | None = None,
+    ) -> list[onnx.NodeProto]:
+        """QuantizeLinear → DequantizeLinear of ``source`` into ``output`` with the given scale and zero point; with
+        ``output_dtype`` (fp8), QuantizeLinear states its type by that attribute instead of reading the zero point."""
         quantized = self.unique(f"{tensor}_quantized")
-        nodes.append(helper.make_node(
-            "QuantizeLinear", [source, scale, zero_point], [quantized], name=self.unique(f"{tensor}_QuantizeLinear"),
-            **axis_attributes(encoding.granularity),
-        ))
-        nodes.append(helper.make_node(
-            "DequantizeLinear", [quantized, scale, zero_point], [output],
-            name=self.unique(f"{tensor}_DequantizeLinear"), **axis_attributes(encoding.granularity),
-        ))
-        self.metadata[quantized] = {"tensor": tensor, "quantizers": quantizers}
-        return nodes
+        quantize_inputs, attributes = [source, scale, zero_point], axis_attributes(granularity)
+        if output_dtype is not None:
+            quantize_inputs, attributes = [source, scale], attributes | {"output_dtype": output_dtype}
+        return [
+            helper.make_node(
+                "QuantizeLinear", quantize_inputs, [quantized], name=self.unique(f"{tensor}_QuantizeLinear"),
+                **attributes,
+            ),
+            helper.make_node(
+                "DequantizeLinear", [quantized, scale, zero_point], [output],
+                name=self.unique(f"{tensor}_DequantizeLinear"), **axis_attributes(granularity),
+            ),
+        ]
 
     def build(
-        self, traced: TracedSim, encodings: dict[str, Encoding | FloatFormat],
-        tensor_encodings: dict[str, Encoding | FloatFormat],
+        self, traced: TracedSim, encodings: dict[str, AnyEncoding], tensor_encodings: dict[str, AnyEncoding],
     ) -> onnx.ModelProto:
         sites = {site.marker_output: site for site in traced.sites}
         rename: dict[str, str] = {}
@@ -221,7 +289,7 @@ class _QdqBuilder:
             if output not in self.graph_outputs:
                 rename[node.output[0]] = output = self.unique(f"{site.tensor}_dequantized")
             constant = self.constant_source(node.input[0]) if site.is_param else None
-            if constant is not None and isinstance(encoding, Encoding):
+            if constant is not None and isinstance(encoding, (Encoding, Fp8Encoding)):
                 nodes += self.param_nodes(site.tensor, constant, output, encoding)
             else:
                 nodes += self.activation_nodes(site.tensor, node.input[0], output, encoding, [site.quantizer])
@@ -261,7 +329,7 @@ class _QdqBuilder:
         self.model.graph.initializer.extend(kept)
 
     def propagate(
-        self, nodes: list[onnx.NodeProto], traced: TracedSim, tensor_encodings: dict[str, Encoding | FloatFormat]
+        self, nodes: list[onnx.NodeProto], traced: TracedSim, tensor_encodings: dict[str, AnyEncoding]
     ) -> list[onnx.NodeProto]:
         """Q/DQ after data-movement outputs that inherit an encoding (see `TracedSim.propagated`)."""
         result, rename = [], {}
@@ -276,8 +344,7 @@ class _QdqBuilder:
 
 
 def build_qdq_model(
-    traced: TracedSim, encodings: dict[str, Encoding | FloatFormat],
-    tensor_encodings: dict[str, Encoding | FloatFormat], opset: int,
+    traced: TracedSim, encodings: dict[str, AnyEncoding], tensor_encodings: dict[str, AnyEncoding], opset: int,
 ) -> onnx.ModelProto:
     """QDQ model of the traced sim; ``encodings`` maps every enabled quantizer's name to its encoding (or float format),
     ``tensor_encodings`` is ``traced.tensor_encodings(encodings)``."""
