@@ -538,3 +538,25 @@ def test_attention_block_is_identical_to_onnxruntime(tmp_path: Path) -> None:
     assert report.integer_kernels == {"MatMulIntegerToFloat": 2, "QLinearMatMul": 2, "QLinearSoftmax": 1}
     assert default.outputs[0].share_identical < 0.9  # the default sim's float softmax is not QLinearSoftmax
     assert report.outputs[0].share_identical == 1.0 and report.first_difference is None
+
+
+def test_products_with_float_constants_are_float_in_the_runtime(tmp_path: Path) -> None:
+    """A layer scale (ConvNeXt) or a number has no DQ in the export: ORT multiplies in float32 as the sim does, so
+    these are neither emulated nor reported as missing."""
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.layer_scale = torch.nn.Parameter(torch.rand(8, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.layer_scale * self.conv(x)) * 0.5 + 1.0
+
+    torch.manual_seed(0)
+    sim = _folded_sim(Net().eval(), torch.randn(32, 3, 8, 8))
+    export_onnx(sim, tmp_path, torch.randn(1, 3, 8, 8))
+    plan = sim.emulate("onnxruntime")
+    assert [op.kind for op in plan.ops] == ["Conv"] and not plan.skipped
+    report = verify(tmp_path, sim, torch.randn(64, 3, 8, 8), progress=False)
+    assert report.integer_kernels == {"QLinearConv": 1} and report.float_kernels.get("Mul") == 2
+    assert report.outputs[0].share_identical == 1.0 and report.first_difference is None

@@ -182,12 +182,26 @@ def plan_emulation(model: nn.Module, runtime: RuntimeModel) -> EmulationPlan:
             name = _join(prefix, node.target)
             module = index.module(prefix, node)
             kind = op_kind(module)
-            if kind is None:
+            if kind is None or _by_float_constant(module, node, kind):
                 continue
             reason = _plan_op(plan, index, prefix, node, name, module, kind)
             if reason:
                 plan.skipped[name] = reason
     return plan
+
+
+def _by_float_constant(module: nn.Module, node: fx.Node, kind: str) -> bool:
+    """An Add/Mul of a tensor and an unquantized constant (a number, a parameter such as ConvNeXt's layer scale):
+    the export has no DQ on the constant, so the runtime computes it in float32 between DQ and Q, as the default
+    sim does: not an integer op."""
+    if kind not in ("Add", "Mul") or len(node.args) != 2:
+        return False
+    for position, arg in enumerate(node.args):
+        own = module.input_quantizers[str(position)] if str(position) in module.input_quantizers else None
+        constant = not isinstance(arg, fx.Node) or arg.op == "get_attr"
+        if constant and (own is None or not own.enabled):
+            return True
+    return False
 
 
 def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str, node: fx.Node, name: str,
