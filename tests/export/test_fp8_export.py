@@ -17,7 +17,8 @@ from onnx_models import branching_cnn, save
 from torch import nn
 
 import edgequant as eq
-from edgequant.export import export_onnx
+from edgequant.export import export_onnx, read_encodings
+from edgequant.export.encodings_io import EncodingsFileError
 from edgequant.quantization import FloatFormat, PerChannel
 
 FP8_TYPES = {"float8_e4m3": TensorProto.FLOAT8E4M3FN, "float8_e5m2": TensorProto.FLOAT8E5M2}
@@ -157,6 +158,9 @@ def test_fp8_encodings_entries_as_aimet_writes_them(tmp_path: Path) -> None:
     assert entries["/relu/Relu_output_0"] == {"name": "/relu/Relu_output_0", "output_dtype": "float8e4m3fn",
                                               "y_scale": relu_scale}
     assert entries["input"]["output_dtype"] == "uint8"  # the integer model input, as before
+
+    with pytest.raises(EncodingsFileError, match=r'"conv.weight": output_dtype "float8e4m3fn" \(fp8\) is written but'):
+        read_encodings(result.encodings)
 
     with pytest.warns(UserWarning, match="encodings version 1.0.0 has no form for bfloat16 or fp8 tensors; left out "
                                          "of the file: conv.weight, /relu/Relu_output_0, .*fc.weight"):

@@ -462,6 +462,9 @@ class _Reader:
         name = self.name(entry)
         dtype = self.field(entry, "output_dtype", name)
         match = _DTYPE.match(dtype) if isinstance(dtype, str) else None
+        if dtype in _AIMET_FP8_DTYPES.values():
+            raise self.fail(name, f"output_dtype {_show(dtype)} (fp8) is written but not read back; set the tensor's "
+                                  "format with sim.set_format and calibrate it instead")
         if match is None:
             raise self.fail(name, f"output_dtype {_show(dtype)} is not supported (int<N> or uint<N>)")
         signed = not match.group(1)
