@@ -116,29 +116,56 @@ def test_relu_before_fp8_quantize_linear_survives_ort_optimizations(tmp_path: Pa
     assert len(relu_quantize.input) == 2
 
 
-def test_fp8_hand_computed_values_saturate_beyond_the_calibrated_range(tmp_path: Path) -> None:
+def _identity_fp8_sim(format_name: str) -> eq.QuantSim:
+    """An identity Linear (exact in float32) whose output is quantized to ``format_name`` with scale 0.5."""
     layer = nn.Linear(6, 6)
     with torch.no_grad():
         layer.weight.copy_(torch.eye(6))
         layer.bias.zero_()
-    calibration = torch.tensor([[224.0, -224.0, 1.0, 0.0, 3.0, -5.0]])  # amax 224: scale 224 / 448 = 0.5
+    amax = FloatFormat(format_name).max / 2
+    calibration = torch.tensor([[amax, -amax, 1.0, 0.0, 3.0, -5.0]])
     sim = eq.QuantSim(nn.Sequential(layer), calibration)
     sim.quantizers()["model_input_quantizers.0"].enabled = False
     sim.quantizers()["0.param_quantizers.weight"].enabled = False
-    sim.set_format("*", FloatFormat("float8_e4m3"), kinds=("output",))
+    sim.set_format("*", FloatFormat(format_name), kinds=("output",))
     sim.compute_encodings(lambda m: m(calibration))
     assert float(sim.quantizers()["0.output_quantizers.0"].scale) == 0.5
+    return sim
+
+
+def _sim_ort_and_reference(sim: eq.QuantSim, x: torch.Tensor, tmp_path: Path) -> tuple[np.ndarray, ...]:
+    result = export_onnx(sim, tmp_path, x[:1], encoding_version="2.0.0")
+    with torch.no_grad():
+        simulated = sim.model(x).numpy()
+    (reference,) = ReferenceEvaluator(str(result.qdq_model)).run(None, {"input": x.numpy()})
+    return simulated, _run(result.qdq_model, x), reference
+
+
+def test_fp8_hand_computed_values_saturate_beyond_the_calibrated_range(tmp_path: Path) -> None:
     # x / 0.5 on e4m3: 0.6 -> 0.625 (step 1/16 in [0.5, 1)); -2.2 -> -2.25 (step 1/4); 200 is halfway between 192
-    # and 208 and goes to the even mantissa, 192; 600 and -2000 are beyond the calibrated 448 and saturate;
-    # 0.02 -> 0.01953125 (step 2^-9 just above the smallest normal 2^-6)
+    # and 208 and goes to the even mantissa, 192; 600 and -2000 are beyond the calibrated amax (448 * 0.5) and
+    # saturate; 0.02 -> 0.01953125 (step 2^-9 just above the smallest normal 2^-6)
     x = torch.tensor([[0.3, -1.1, 100.0, 300.0, -1000.0, 0.01]])
     expected = np.array([[0.3125, -1.125, 96.0, 224.0, -224.0, 0.009765625]], np.float32)
-    with torch.no_grad():
-        np.testing.assert_array_equal(sim.model(x).numpy(), expected)
-    result = export_onnx(sim, tmp_path, x, encoding_version="2.0.0")
-    np.testing.assert_array_equal(_run(result.qdq_model, x), expected)
-    (reference,) = ReferenceEvaluator(str(result.qdq_model)).run(None, {"input": x.numpy()})
-    np.testing.assert_array_equal(reference, expected)
+    for computed in _sim_ort_and_reference(_identity_fp8_sim("float8_e4m3"), x, tmp_path):
+        np.testing.assert_array_equal(computed, expected)
+
+
+@pytest.mark.parametrize("format_name", ["float8_e4m3", "float8_e5m2"])
+def test_fp8_rounding_of_every_value_and_midpoint_as_ort(format_name: str, tmp_path: Path) -> None:
+    """Every finite fp8 value, the midpoints between neighbours (ties to even) and the floats either side of them,
+    subnormals and values beyond the range included: the sim, ORT and ONNX's reference agree bit for bit."""
+    dtype = FloatFormat(format_name).dtype
+    grid = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = grid[grid.isfinite()].unique()
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    values = torch.cat([grid, midpoints, midpoints.nextafter(grid[1:]), midpoints.nextafter(grid[:-1]),
+                        grid * 1.5, torch.tensor([1e30, -1e30])])
+    x = torch.nn.functional.pad(values * 0.5, (0, -len(values) % 6)).reshape(-1, 6)
+    simulated, in_ort, reference = _sim_ort_and_reference(_identity_fp8_sim(format_name), x, tmp_path)
+    np.testing.assert_array_equal(in_ort, simulated)
+    np.testing.assert_array_equal(reference, simulated)
+    assert (simulated != x.numpy()).sum() > len(grid)  # most midpoints and beyond-range values change
 
 
 def test_fp8_needs_opset_21(tmp_path: Path) -> None:
