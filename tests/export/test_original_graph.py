@@ -18,7 +18,7 @@ from edgequant import QuantSim
 from edgequant.export import quantize_bias_int32, read_encodings
 from edgequant.onnx import load_onnx
 from edgequant.ptq import correct_bias, fold_batch_norms
-from edgequant.quantization import IntegerFormat
+from edgequant.quantization import FloatFormat, IntegerFormat
 
 
 def _run(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -225,3 +225,21 @@ def test_int32_biases_of_an_onnx_model_are_on_the_integer_kernels_grid(calibrate
     assert integer["conv_a.bias_quantized"] == onnx.TensorProto.INT32
     x = torch.randn(16, 3, 8, 8)
     np.testing.assert_array_equal(_run(result.qdq_model, x), _emulated(sim, x))
+
+
+def test_fp8_tensors_of_an_onnx_model_export_into_its_graph(tmp_path: Path) -> None:
+    """fp8 activations and weights (the Gemm's stored transposed) at the graph's opset 21; ORT computes the sim's
+    outputs with its int32 rounding of float biases after fp8 inputs switched off (see the fp8 export)."""
+    model = branching_cnn()
+    model.opset_import[0].version = 21
+    path = save(model, tmp_path / "model.onnx")
+    sim = QuantSim.from_onnx(path, config="per_channel")
+    sim.set_format("*", FloatFormat("float8_e4m3"))
+    data = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    sim.compute_encodings(lambda m: m(data))
+    result = sim.export(tmp_path / "out")
+    options = ort.SessionOptions()
+    session = ort.InferenceSession(str(result.qdq_model), options, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=["WeightBiasQuantization"])
+    with torch.no_grad():
+        np.testing.assert_array_equal(session.run(None, {"image": data.numpy()})[0], sim.model(data).numpy())

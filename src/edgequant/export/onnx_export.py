@@ -130,16 +130,10 @@ def export_onnx(
             f"{len(missing)} enabled quantizers have no encoding (e.g. {', '.join(missing[:3])}); calibrate the sim "
             "(sim.compute_encodings / sim.calibrate / sim.load_encodings) or disable them before exporting"
         )
-    fp8 = [n for n, q in quantizers.items() if q.enabled and q.float_format is not None and q.float_format.scaled]
-    if fp8 and sim.onnx_source is not None:
-        raise ValueError(
-            f"quantizer '{fp8[0]}' is {quantizers[fp8[0]].float_format.name}: fp8 tensors of a sim of an ONNX model "
-            "are not exported (its graph keeps its own opset and weight layouts); use float16 or an integer format"
-        )
     encodings = {n: export_encoding(q) for n, q in quantizers.items() if q.enabled}
     if sim.onnx_source is not None:
         check_original_graph_opset(sim, opset)
-        traced, encodings = trace_original_graph(sim)
+        traced, encodings = trace_original_graph(sim, encodings)
     else:
         traced = trace_sim(
             sim, sim.dummy_input if dummy_input is None else dummy_input, input_names, output_names, opset,

@@ -29,8 +29,9 @@ from edgequant.export.graph_map import (
     required_opset,
     trace_sim,
 )
+from edgequant.export.qdq import AnyEncoding
 from edgequant.onnx import ONNX_NODE_ATTRIBUTE, OnnxNodeRef, OnnxSource
-from edgequant.quantization import Encoding, FloatFormat, PerBlock, PerChannel, Quantizer
+from edgequant.quantization import FloatFormat, PerBlock, PerChannel, Quantizer
 
 if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim
@@ -53,33 +54,30 @@ class _Slot:
 
 
 def trace_original_graph(
-    sim: QuantSim, include_disabled: bool = False
-) -> tuple[TracedSim, dict[str, Encoding | FloatFormat]]:
-    """The original graph with markers (as `TracedSim`), and each quantizer's encoding laid out as the graph stores
-    its tensor (a transposed weight's axes swapped)."""
+    sim: QuantSim, encodings: dict[str, AnyEncoding] | None = None, include_disabled: bool = False
+) -> tuple[TracedSim, dict[str, AnyEncoding]]:
+    """The original graph with markers (as `TracedSim`), and ``encodings`` (quantizer name -> what it exports as)
+    laid out as the graph stores each tensor (a transposed weight's axes swapped)."""
     source: OnnxSource = sim.onnx_source
     refs = _layer_refs(sim)
     float_model, param_tensors = _float_model(source, refs)
     quantizers = {name: q for name, q in sim.quantizers().items() if q.enabled or include_disabled}
     slots = {name: _slot(name, q, refs, param_tensors, source) for name, q in quantizers.items()}
     marked, sites = _insert_markers(float_model, slots, quantizers)
-    encodings = {
-        name: _graph_layout(q.float_format or q.encoding, q, refs)
-        for name, q in quantizers.items() if q.float_format is not None or q.encoding is not None
-    }
+    laid_out = {name: _graph_layout(encoding, quantizers[name], refs) for name, encoding in (encodings or {}).items()}
     traced = TracedSim(
         marked, float_model, sites, data_movement_propagation(float_model, {s.tensor for s in sites if not s.is_param}),
         source.input_names, source.output_names,
         param_tensors=param_tensors,
     )
-    return traced, encodings
+    return traced, laid_out
 
 
 def trace_any(sim: QuantSim, dummy_input: Any = None, include_disabled: bool = False, **options: Any) -> TracedSim:
     """The quantizer/tensor mapping of ``sim`` under the names its encodings use: the original graph's for a sim
     of an ONNX model, the exported graph's (`trace_sim`, with ``options``) otherwise."""
     if sim.onnx_source is not None:
-        return trace_original_graph(sim, include_disabled)[0]
+        return trace_original_graph(sim, include_disabled=include_disabled)[0]
     return trace_sim(sim, sim.dummy_input if dummy_input is None else dummy_input,
                      include_disabled=include_disabled, **options)
 
@@ -336,18 +334,19 @@ def _place_markers(graph: onnx.GraphProto, markers_after: dict[str, list[onnx.No
     graph.node.extend(ordered)
 
 
-def _graph_layout(encoding: Encoding | FloatFormat, quantizer: Quantizer, refs: dict) -> Encoding | FloatFormat:
+def _graph_layout(encoding: AnyEncoding, quantizer: Quantizer, refs: dict) -> AnyEncoding:
     """``encoding`` for the tensor as the graph stores it: a weight kept transposed there swaps its two axes."""
-    if quantizer.role != "param" or not isinstance(encoding, Encoding):
+    if quantizer.role != "param" or isinstance(encoding, FloatFormat):
         return encoding
     _, ref = refs[quantizer.owner]
     if quantizer.key not in ref.transposed:
         return encoding
     granularity = encoding.granularity
     if isinstance(granularity, PerBlock):
-        granularity = granularity._with(channel_axis=granularity.block_axis, block_axis=granularity.channel_axis)
+        swapped = dataclasses.replace(granularity, channel_axis=granularity.block_axis,
+                                      block_axis=granularity.channel_axis)
         return dataclasses.replace(encoding, scale=encoding.scale.t(), offset=encoding.offset.t(),
-                                   granularity=granularity)
+                                   granularity=swapped)
     if isinstance(granularity, PerChannel) and len(granularity.axes) == 1:
         return dataclasses.replace(encoding, granularity=PerChannel(1 - granularity.axes[0]))
     return encoding
