@@ -362,6 +362,7 @@ def test_padded_squeeze_excitation_concat_net_is_identical_to_onnxruntime(tmp_pa
     emulated = {op.name for op in plan.ops}
     assert {"stem", "depthwise", "mul", "add", "cat", "leaky", "pool", "pool_no_pad"} <= emulated
     assert plan.coverage() == f"emulating onnxruntime: every op emulated ({len(plan.ops)} of {len(plan.ops)})"
+    assert "\n  models: ONNX Runtime 1.32's CPU kernels on x86-64 with AVX2 and FMA" in plan.summary()
     report = verify(tmp_path, sim, torch.randn(64, 3, 33, 33), progress=False)
     assert {"QLinearConcat", "QLinearMul", "QLinearAdd", "QLinearAveragePool", "QLinearLeakyRelu"} <= set(
         report.integer_kernels)

@@ -74,6 +74,8 @@ class RuntimeModel(ABC):
     """
 
     name: str = ""
+    models: str = ""
+    """Which runtime, version and CPU class the arithmetic reproduces (printed by `EmulationPlan.summary`)."""
 
     @abstractmethod
     def bias_to_int32(self, bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -148,6 +150,8 @@ class OnnxRuntimeCPU(RuntimeModel):
     """ONNX Runtime's CPU execution provider (MLAS kernels on x86-64): see the module docstring."""
 
     name = "onnxruntime"
+    models = ("ONNX Runtime 1.32's CPU kernels on x86-64 with AVX2 and FMA, int32 accumulation exact as on CPUs with "
+              "AVX-512 VNNI / AVX-VNNI (without VNNI, ORT's u8s8 pair sums can saturate)")
 
     def bias_to_int32(self, bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
         bias_scale = input_scale.float() * weight_scale.float()  # float32, as ORT's Mul of the two scales
@@ -271,6 +275,7 @@ class FixedPointRequantization(RuntimeModel):
     """
 
     name = "fixed-point"
+    models = "gemmlowp / TFLite reference integer arithmetic (not checked against a device)"
     add_left_shift = 20
 
     def bias_to_int32(self, bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:

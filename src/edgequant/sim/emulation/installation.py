@@ -57,7 +57,7 @@ def _emulated_forward(op: EmulatedOp, runtime: RuntimeModel, default: Callable[.
 
 def install(plan: EmulationPlan) -> None:
     """Replace the forward of every planned op by its emulating forward (an instance attribute); warns in one
-    line when some op the runtime computes in integer is not emulated."""
+    line (`EmulationPlan.coverage`) when an op the runtime computes with its own arithmetic is not emulated."""
     if plan.skipped:
         warnings.warn(plan.coverage(), stacklevel=3)
     for op in plan.ops:

@@ -55,8 +55,8 @@ class EmulationPlan:
         counts: dict[str, int] = {}
         for op in self.ops:
             counts[op.kind] = counts.get(op.kind, 0) + 1
-        lines = [self.coverage(), "  emulated: " + (", ".join(f"{k}×{n}" for k, n in sorted(counts.items()))
-                                                   or "no op")]
+        lines = [self.coverage(), f"  models: {self.runtime.models or self.runtime.name}",
+                 "  emulated: " + (", ".join(f"{k}×{n}" for k, n in sorted(counts.items())) or "no op")]
         lines += [f"  not emulated: {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -117,9 +117,8 @@ class _GraphIndex:
     def through_fused_pad(self, prefix: str, node: Any, spatial_axes: int) -> Any:
         """The input of a constant zero padding that ONNX Runtime folds into the convolution reading ``node``
         (its PadFusion: a Pad with one consumer, pads ≥ 0 on spatial axes only, a constant value 0 given), else
-        ``node``. The
-        fused QLinearConv pads with the input's zero point, the sim's padded zeros are index 0 of the same grid:
-        the convolution reads the grid of what the padding pads."""
+        ``node``. The fused QLinearConv pads with the input's zero point, and the sim's padded zeros are index 0
+        of the same grid: the convolution reads the grid of what the padding pads."""
         if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.users) != 1 or not node.args:
             return node
         module = self.module(prefix, node)
