@@ -214,8 +214,8 @@ class OnnxRuntimeCPU(RuntimeModel):
         length = levels.shape[-1]
         scale = float(source.scale)
         shift = max(0.0, math.log(torch.finfo(torch.float32).max / length) - 5) / scale
-        table = torch.exp((torch.arange(256, dtype=torch.float64) - 255 + shift) * scale).float()
-        exps = table[(levels - levels.amax(dim=-1, keepdim=True) + 255).long()]
+        table = torch.exp((torch.arange(256, dtype=torch.float64, device=levels.device) - 255 + shift) * scale)
+        exps = table.float()[(levels - levels.amax(dim=-1, keepdim=True) + 255).long()]
         total = exps[..., 0].clone()
         for index in range(1, length):
             total += exps[..., index]

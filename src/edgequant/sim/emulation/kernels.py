@@ -232,9 +232,9 @@ def _average_pool(module: nn.AvgPool2d, runtime: RuntimeModel, x: torch.Tensor, 
     windows = F.unfold(F.pad(x.float(), pads), kernel, stride=stride)  # (N, C·K, L)
     windows = windows.view(x.shape[0], x.shape[1], kernel[0] * kernel[1], -1)
     if module.count_include_pad:
-        counts = torch.full((windows.shape[-1],), float(kernel[0] * kernel[1]))
+        counts = torch.full((windows.shape[-1],), float(kernel[0] * kernel[1]), device=x.device)
     else:
-        ones = F.pad(torch.ones(1, 1, *x.shape[-2:]), pads)
+        ones = F.pad(torch.ones(1, 1, *x.shape[-2:], device=x.device), pads)
         counts = F.unfold(ones, kernel, stride=stride).sum(dim=1)[0]
     pooled = runtime.average_pool(windows, counts, source, output)
     return pooled.view(x.shape[0], x.shape[1], *sizes)
