@@ -561,3 +561,27 @@ def test_products_with_float_constants_are_float_in_the_runtime(tmp_path: Path) 
     report = verify(tmp_path, sim, torch.randn(64, 3, 8, 8), progress=False)
     assert report.integer_kernels == {"QLinearConv": 1} and report.float_kernels.get("Mul") == 2
     assert report.outputs[0].share_identical == 1.0 and report.first_difference is None
+
+
+def test_a_dead_channels_int32_bias_overflows_as_in_onnxruntime(tmp_path: Path) -> None:
+    """A channel with weights near 0 (its scale at the floor) and a large bias: ``b / (s_x·s_w)`` leaves int32, ORT
+    converts it to INT32_MIN whatever its sign, and the int32 accumulator wraps around."""
+    bias = OnnxRuntimeCPU().bias_to_int32(torch.tensor([1.0, 2.0, 3.0, -3.0]), torch.tensor(2.0**-10),
+                                          torch.tensor(2.0**-20))
+    assert bias.tolist() == [2**30, -(2**31), -(2**31), -(2**31)]  # 2**31 and beyond: INT32_MIN, not saturated
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 1)).eval()
+    with torch.no_grad():
+        model[0].weight[1].mul_(1e-7)  # dead channel with a large bias of either sign
+        model[0].bias[1] = 40.0
+        model[0].weight[2].mul_(1e-7)
+        model[0].bias[2] = -40.0
+    sim = _folded_sim(model, torch.randn(32, 3, 8, 8))
+    export_onnx(sim, tmp_path, torch.randn(1, 3, 8, 8))
+    data = torch.randn(16, 3, 8, 8)
+    default = verify(tmp_path, sim, data, progress=False)
+    sim.emulate("onnxruntime")
+    report = verify(tmp_path, sim, data, progress=False)
+    assert default.first_difference is not None and default.first_difference.max_lsb_diff > 1
+    assert report.first_difference is None and report.outputs[0].share_identical == 1.0

@@ -14,8 +14,10 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
 
   - QLinearConv / QGemm / QLinearMatMul: ``acc = Σ (q_x - z_x)(q_w - z_w) + bias_int32``;
     ``bias_int32 = round_half_even(b / fl32(s_x·s_w))`` (ORT quantizes a float bias itself, with this
-    formula, when it fuses ``DQ→Conv→Q``); ``y = sat(rne(fl32(fl32(acc) · M)) + z_y)`` with the float32
-    multiplier ``M = fl32(fl32(s_x·s_w) / s_y)`` (per output channel for per-channel weights).
+    formula, when it fuses ``DQ→Conv→Q``; a quotient outside int32, as on a dead channel whose weight scale
+    sits at the floor under a large bias, becomes INT32_MIN whatever its sign, and the int32 accumulator wraps
+    around); ``y = sat(rne(fl32(fl32(acc) · M)) + z_y)`` with the float32 multiplier
+    ``M = fl32(fl32(s_x·s_w) / s_y)`` (per output channel for per-channel weights).
   - A Linear on inputs of rank > 2 is exported as MatMul + Add, which ORT does not fuse into QGemm: with a bias
     MatMulIntegerToFloat (``fl32(fl32(acc) · fl32(s_x·s_w))``), a float32 Add of the bias and QuantizeLinear
     (``rne(v / s_y)``); without one QLinearMatMul, requantized as QGemm.

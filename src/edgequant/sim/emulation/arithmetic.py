@@ -155,7 +155,10 @@ class OnnxRuntimeCPU(RuntimeModel):
 
     def bias_to_int32(self, bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
         bias_scale = input_scale.float() * weight_scale.float()  # float32, as ORT's Mul of the two scales
-        return torch.round(bias.detach().float() / bias_scale).double().clamp_(INT32_MIN, INT32_MAX)
+        quantized = torch.round(bias.detach().float() / bias_scale).double()
+        # a quotient outside int32 converts to 0x80000000 (x86's "integer indefinite"), whatever its sign: a dead
+        # channel (tiny weight scale, large bias) gets INT32_MIN, not a saturated bias
+        return quantized.masked_fill_((quantized < INT32_MIN) | (quantized > INT32_MAX), INT32_MIN)
 
     def requantize(self, accumulator: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor,
                    output: Grid, channel_axis: int = 1) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgequant.quantization import Quantizer
-from edgequant.sim.emulation.arithmetic import Grid, RuntimeModel, channels
+from edgequant.sim.emulation.arithmetic import INT32_MAX, INT32_MIN, Grid, RuntimeModel, channels
 from edgequant.sim.quantized_module import FunctionalOp, QuantizedModule
 
 Compute = Callable[[nn.Module, RuntimeModel, tuple, list[Grid], Grid], "torch.Tensor | None"]
@@ -101,9 +101,13 @@ def _accumulate(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor, sourc
     if bias is None or not with_bias:
         return accumulator
     bias_int = runtime.bias_to_int32(bias, source.scale, Grid.of(weight_quantizer).scale)
-    if largest + float(bias_int.abs().max()) >= EXACT_FLOAT32:
+    bound = largest + float(bias_int.abs().max())
+    if bound >= EXACT_FLOAT32:
         accumulator = accumulator.double()
-    return accumulator.add_(channels(bias_int.to(accumulator.dtype), accumulator.dim(), bias_axis))
+    accumulator.add_(channels(bias_int.to(accumulator.dtype), accumulator.dim(), bias_axis))
+    if bound > INT32_MAX:  # the int32 accumulator wraps around (two's complement)
+        accumulator = torch.remainder(accumulator - INT32_MIN, 2**32).add_(INT32_MIN)
+    return accumulator
 
 
 def _weighted(channel_axis: int) -> Compute:
