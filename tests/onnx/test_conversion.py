@@ -110,12 +110,39 @@ def test_flatten_follows_onnx_where_onnx2torch_does_not(tmp_path: Path) -> None:
 
 
 def test_a_node_run_by_onnx_runtime_keeps_a_scalar_output_scalar(tmp_path: Path) -> None:
-    node = onnx.helper.make_node("GreaterOrEqual", ["a", "b"], ["ge"])  # onnx2torch has no converter for it
-    scalar = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, []) for n in ("a", "b")]
-    graph = onnx.helper.make_graph([node], "ge", scalar,
-                                   [onnx.helper.make_tensor_value_info("ge", onnx.TensorProto.BOOL, [])])
-    path = save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "ge.onnx")
+    node = onnx.helper.make_node("Size", ["x"], ["count"])  # onnx2torch has no converter for it
+    graph = onnx.helper.make_graph([node], "size", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                      ["n", 3])],
+                                   [onnx.helper.make_tensor_value_info("count", onnx.TensorProto.INT64, [])])
+    path = save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "s.onnx")
     model = load_onnx(path)
     assert model.onnx_source.float_nodes
-    result = model(torch.tensor(2.0), torch.tensor(1.0))
-    assert result.shape == () and bool(result)
+    result = model(torch.zeros(4, 3))
+    assert result.shape == () and int(result) == 12
+
+
+def test_opset_21_ops_the_dynamo_exporter_writes_convert(tmp_path: Path) -> None:
+    """Reductions with axes as an input, Reshape with allowzero, Gelu, Pad and Split of opsets 18 to 21 convert to
+    torch (nothing left to ONNX Runtime) and compute what ONNX Runtime computes."""
+    helper, tensor = onnx.helper, onnx.numpy_helper.from_array
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "axes"], ["mean"], keepdims=1),
+        helper.make_node("Sub", ["x", "mean"], ["centred"]),
+        helper.make_node("Gelu", ["centred"], ["gelu"], approximate="tanh"),
+        helper.make_node("Pad", ["gelu", "pads"], ["padded"]),
+        helper.make_node("Split", ["padded", "halves"], ["left", "right"], axis=3),
+        helper.make_node("Add", ["left", "right"], ["summed"]),
+        helper.make_node("Reshape", ["summed", "shape"], ["flat"], allowzero=1),
+        helper.make_node("ReduceMax", ["flat", "last"], ["peak"], keepdims=0),
+    ]
+    initializers = [tensor(np.array([2, 3], np.int64), "axes"), tensor(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+                    "pads"), tensor(np.array([5, 5], np.int64), "halves"), tensor(np.array([-1, 60], np.int64),
+                    "shape"), tensor(np.array([1], np.int64), "last")]
+    graph = helper.make_graph(nodes, "opset21", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                              ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("peak", onnx.TensorProto.FLOAT, ["m"])], initializers)
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "opset21.onnx")
+    model = load_onnx(path)
+    assert model.onnx_source.float_nodes == {}
+    x = torch.randn(2, 3, 8, 8)
+    np.testing.assert_allclose(model(x).detach().numpy(), _ort(path, x), rtol=1e-5, atol=1e-5)

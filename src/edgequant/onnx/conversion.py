@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 import torch
 import torch.fx as fx
 from onnx2torch import convert
@@ -25,6 +26,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.utils.safe_shape_inference import safe_shape_inference
 from torch import nn
 
+from edgequant.onnx import converters  # noqa: F401 - registers the op versions onnx2torch lacks
 from edgequant.onnx.modules import FlattenToMatrix
 from edgequant.onnx.op_types import DATA_MOVEMENT_OPS
 from edgequant.onnx.reading import OnnxModelError, read_onnx
@@ -97,7 +99,19 @@ def _conversion_copy(original: onnx.ModelProto) -> onnx.ModelProto:
         constants[tensor.name] = tensor
     del work.graph.node[:]
     work.graph.node.extend(kept)
+    for node in work.graph.node:
+        _drop_idle_allowzero(node, constants)
     return work
+
+
+def _drop_idle_allowzero(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> None:
+    """A Reshape's ``allowzero=1`` (torch's dynamo exporter sets it) only matters for a 0 in its shape: without one,
+    drop it, as onnx2torch converts no Reshape that has it."""
+    if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
+        return
+    allowzero = [a for a in node.attribute if a.name == "allowzero"]
+    if allowzero and 0 not in onnx.numpy_helper.to_array(constants[node.input[1]]).tolist():
+        node.attribute.remove(allowzero[0])
 
 
 def _constant_value(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
