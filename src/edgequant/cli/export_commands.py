@@ -20,7 +20,7 @@ import torch
 from edgequant.cli.data import InputSpec, data_options, quiet_option, resolve_data
 from edgequant.cli.errors import debug_option
 from edgequant.cli.inputs import dummy_from_batch
-from edgequant.cli.sim_state import sim_from_state
+from edgequant.cli.sim_state import recorded_source, sim_from_state
 from edgequant.export.encodings_io import SUPPORTED_VERSIONS
 from edgequant.export.onnx_export import export_onnx
 from edgequant.export.qdq import QDQ_METADATA_KEY
@@ -91,6 +91,7 @@ def verify(model_spec: str | None, sim_state: Path | None, data_spec: str | None
     if export_dir is None:
         raise click.UsageError("verify needs --export-dir (or --sim-state, whose folder holds the export)")
     recorded = spec or InputSpec.beside(sim_state)
+    data_spec = data_spec or recorded_source(sim_state, "data")  # the calibration data of the run, by default
     data = resolve_data(data_spec, input_shape, batch_size, num_batches, mean, std, recorded)
     _check_export_fits(export_dir / f"{name}_qdq.onnx", sim, data.dummy_input, data_spec)
     inputs = (dummy_from_batch(b) for b in itertools.islice(data.batches, num_batches))  # stop reading early

@@ -44,6 +44,13 @@ def sources(options: JobOptions) -> dict[str, dict[str, str | None]]:
     return {SOURCES_KEY: {"model": options.model_spec, "data": options.data_spec, "eval": options.eval_spec}}
 
 
+def recorded_source(sim_state: Path | None, source: str) -> str | None:
+    """``source`` (``model``, ``data`` or ``eval``) as the run that wrote ``sim_state`` recorded it, if it did."""
+    summary = read_summary(sim_state.parent) if sim_state is not None else None
+    recorded = (summary or {}).get(SOURCES_KEY)
+    return recorded.get(source) if isinstance(recorded, dict) else None
+
+
 def read_summary(folder: Path) -> dict[str, Any] | None:
     """The summary.json a command wrote into ``folder`` (None when there is none, or it is not a summary)."""
     try:
