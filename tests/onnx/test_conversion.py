@@ -146,3 +146,22 @@ def test_opset_21_ops_the_dynamo_exporter_writes_convert(tmp_path: Path) -> None
     assert model.onnx_source.float_nodes == {}
     x = torch.randn(2, 3, 8, 8)
     np.testing.assert_allclose(model(x).detach().numpy(), _ort(path, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_reshape_allowing_zero_to_a_computed_shape_converts(tmp_path: Path) -> None:
+    """torch's dynamo exporter writes allowzero=1 on Reshapes whose shape it computes (Shape -> Slice -> Concat)."""
+    helper, tensor = onnx.helper, onnx.numpy_helper.from_array
+    nodes = [helper.make_node("Shape", ["x"], ["shape_x"]),
+             helper.make_node("Slice", ["shape_x", "start", "end"], ["batch"]),
+             helper.make_node("Concat", ["batch", "rest"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["y"], allowzero=1)]
+    initializers = [tensor(np.array([0], np.int64), "start"), tensor(np.array([1], np.int64), "end"),
+                    tensor(np.array([-1], np.int64), "rest")]
+    graph = helper.make_graph(nodes, "reshape", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                              ["n", 3, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 12])], initializers)
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "reshape.onnx")
+    model = load_onnx(path)
+    assert model.onnx_source.float_nodes == {}
+    x = torch.randn(2, 3, 4)
+    np.testing.assert_array_equal(model(x).numpy(), _ort(path, x))

@@ -26,7 +26,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.utils.safe_shape_inference import safe_shape_inference
 from torch import nn
 
-from edgequant.onnx import converters  # noqa: F401 - registers the op versions onnx2torch lacks
+from edgequant.onnx.converters import TORCH_DOMAIN  # importing it registers the op versions onnx2torch lacks
 from edgequant.onnx.modules import FlattenToMatrix
 from edgequant.onnx.op_types import DATA_MOVEMENT_OPS
 from edgequant.onnx.reading import OnnxModelError, read_onnx
@@ -100,18 +100,22 @@ def _conversion_copy(original: onnx.ModelProto) -> onnx.ModelProto:
     del work.graph.node[:]
     work.graph.node.extend(kept)
     for node in work.graph.node:
-        _drop_idle_allowzero(node, constants)
+        _normalize_allowzero(node, constants)
+    if any(node.domain == TORCH_DOMAIN for node in work.graph.node):
+        work.opset_import.append(onnx.helper.make_opsetid(TORCH_DOMAIN, 1))
     return work
 
 
-def _drop_idle_allowzero(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> None:
-    """A Reshape's ``allowzero=1`` (torch's dynamo exporter sets it) only matters for a 0 in its shape: without one,
-    drop it, as onnx2torch converts no Reshape that has it."""
-    if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
+def _normalize_allowzero(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> None:
+    """A Reshape's ``allowzero=1`` (torch's dynamo exporter sets it), which onnx2torch refuses: dropped where the
+    shape is a constant without a 0 (it changes nothing there), else the node goes to `ReshapeAllowingZero`."""
+    allowzero = [a for a in node.attribute if a.name == "allowzero" and a.i == 1]
+    if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or not allowzero:
         return
-    allowzero = [a for a in node.attribute if a.name == "allowzero"]
-    if allowzero and 0 not in onnx.numpy_helper.to_array(constants[node.input[1]]).tolist():
-        node.attribute.remove(allowzero[0])
+    node.attribute.remove(allowzero[0])
+    shape = constants.get(node.input[1])
+    if shape is None or 0 in onnx.numpy_helper.to_array(shape).tolist():
+        node.domain = TORCH_DOMAIN
 
 
 def _constant_value(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
@@ -203,7 +207,7 @@ def _annotate(converted: fx.GraphModule, graph: OnnxGraph, types: _TensorTypes) 
             original = wrapped_node(proto)
             op_type, domain = original.op_type, original.domain
         else:
-            domain = proto.domain
+            domain = "" if proto.domain == TORCH_DOMAIN else proto.domain
         mapping = module.onnx_mapping
         del module.onnx_mapping
         replacement = _as_layer(converted, fx_node, op_type, mapping.inputs, types)

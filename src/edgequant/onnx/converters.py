@@ -19,6 +19,11 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OperationConverterResult, get_const_value
 from torch import nn
 
+from edgequant.onnx.modules import ReshapeAllowingZero
+
+TORCH_DOMAIN = "edgequant_torch"  # no dot: onnx2torch names modules after the domain
+"""Domain the conversion copy moves nodes to whose onnx2torch converter departs from ONNX (their op type kept)."""
+
 Converter = Callable[[OnnxNode, OnnxGraph], OperationConverterResult]
 
 TYPE_ONLY_VERSIONS: dict[str, tuple[int, tuple[int, ...]]] = {
@@ -94,3 +99,6 @@ for _op, (_known, _versions, _added) in ADDED_ATTRIBUTE_VERSIONS.items():
 for _op in REDUCTIONS:
     _register(_op, (18, 20) if _op in ("ReduceMax", "ReduceMin") else (18,), _reduction)
 _register("Gelu", (20,), _gelu)
+add_converter(operation_type="Reshape", version=1, domain=TORCH_DOMAIN)(
+    lambda node, graph: OperationConverterResult(ReshapeAllowingZero(), OnnxMapping(
+        inputs=tuple(node.input_values[:2]), outputs=node.output_values)))
