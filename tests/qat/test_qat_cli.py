@@ -64,3 +64,16 @@ def test_qat_command_with_model_and_tensor_file(tmp_path):
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["steps"] == 4
     missing = CliRunner().invoke(main, ["qat", "-m", "edgequant.demo.digits:DigitsCNN"])
     assert missing.exit_code != 0 and "--model needs --data" in missing.output
+
+
+def test_qat_trains_on_num_batches_and_verify_finds_its_export(tmp_path):
+    images, _ = load_digits_tensors("train")
+    torch.save(images[:128], tmp_path / "data.pt")
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["qat", "-m", "edgequant.demo.digits:DigitsCNN", "-d", str(tmp_path / "data.pt"),
+                                       "--batch-size", "32", "--num-batches", "2", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2  # one epoch of the 2 batches asked for
+    verified = CliRunner().invoke(main, ["verify", "--sim-state", str(out / "sim_state.pt"), "--quiet"])
+    assert verified.exit_code == 0, verified.output  # the export qat wrote to OUT/export, data as recorded
+    assert "on 128 samples" in verified.output

@@ -87,7 +87,7 @@ def verify(model_spec: str | None, sim_state: Path | None, data_spec: str | None
         with warnings.catch_warnings():  # the report prints the plan's coverage line
             warnings.simplefilter("ignore")
             sim.emulate(emulate)
-    export_dir = export_dir or (sim_state.parent if sim_state is not None else None)
+    export_dir = export_dir or (_export_beside(sim_state, name) if sim_state is not None else None)
     if export_dir is None:
         raise click.UsageError("verify needs --export-dir (or --sim-state, whose folder holds the export)")
     recorded = spec or InputSpec.beside(sim_state)
@@ -103,6 +103,14 @@ def verify(model_spec: str | None, sim_state: Path | None, data_spec: str | None
     if failures:
         click.echo("FAILED: " + "; ".join(failures), err=True)
         sys.exit(1)
+
+
+def _export_beside(sim_state: Path, name: str) -> Path:
+    """Where the export of ``sim_state`` is: its folder (``edgequant export``), or ``export/`` in it (``qat``)."""
+    qat_export = sim_state.parent / "export"
+    if not (sim_state.parent / f"{name}_qdq.onnx").is_file() and (qat_export / f"{name}_qdq.onnx").is_file():
+        return qat_export
+    return sim_state.parent
 
 
 def _check_export_fits(path: Path, sim: QuantSim | None, example: Any, data_spec: str) -> None:

@@ -6,6 +6,7 @@ no --data it runs on the bundled digits CNN and reports its test accuracy before
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import asdict
@@ -72,7 +73,8 @@ def qat(
     click.echo(setup.describe().splitlines()[0])
 
     started = time.perf_counter()
-    result = finetune(sim, job.batches, epochs=epochs, lr=lr, eval_fn=job.evaluate,
+    training = job.batches if job.num_batches is None else list(itertools.islice(job.batches, job.num_batches))
+    result = finetune(sim, training, epochs=epochs, lr=lr, eval_fn=job.evaluate,
                       checkpoint_dir=out_dir / "checkpoints", resume=resume, progress=not quiet)
     folded = finalize(sim, job.batches, num_batches=job.num_batches or 100, progress=not quiet)
     timings["qat_s"] = time.perf_counter() - started
