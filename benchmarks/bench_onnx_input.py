@@ -51,7 +51,6 @@ from torch import nn
 
 from benchmarks.real_models import load_efficientnet_lite0, load_minilm, natural_image_crops, sentences
 from edgequant import QuantSim
-from edgequant.export import calibrate_in_onnxruntime
 from edgequant.export.runtime_cpu import u8s8_saturates, with_unsigned_weights
 from edgequant.ptq import fold_batch_norms
 
@@ -222,20 +221,6 @@ def calibrate(sim: QuantSim, case: Case, onnx_module: bool, repeats: int = 1) ->
     return float(np.median(times)), float(np.median(cpu_times))
 
 
-def calibrate_in_ort(path: Path, case: Case, reference: Counter, threads: int, repeats: int) -> tuple[float, bool]:
-    """Median seconds of ``repeats`` calibrations of a fresh sim with its float graph in ONNX Runtime
-    (`calibrate_in_onnxruntime`), and whether its encodings are ``reference`` (the torch modules' calibration)."""
-    sim = QuantSim.from_onnx(path, case.dummy, config="per_channel", quant_scheme="minmax")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = threads
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        calibrate_in_onnxruntime(sim, case.calibration, progress=False, session_options=options)
-        times.append(time.perf_counter() - started)
-    return float(np.median(times)), encoding_multiset(sim) == reference
-
-
 def accuracy(case: Case, reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
     """Top-1 agreement with FP32 (CNNs) or the mean cosine of mean-pooled, normalised embeddings (MiniLM)."""
     if not case.text:
@@ -373,8 +358,6 @@ def bench(case: Case, exporter: str, args: argparse.Namespace, torch_path: dict,
         return row
     row["setup_s"] = time.perf_counter() - started
     row["calibration_s"], row["calibration_cpu_s"] = calibrate(sim, case, onnx_module=True, repeats=args.repeats)
-    row["ort_calibration_s"], row["ort_calibration_same"] = calibrate_in_ort(path, case, encoding_multiset(sim),
-                                                                             args.threads, args.repeats)
     row["float_gaps"] = [f"{e.tensor} ({e.op})" for e in sim.coverage() if e.category == "left in float"]
     outputs = run_torch(sim.model, case, onnx_module=True)
     row["accuracy"] = accuracy(case, reference, outputs)
@@ -453,8 +436,7 @@ def print_rows(rows: list[dict], aimet: bool) -> None:
           "| ONNX path vs torch path: distinct encodings equal / outputs identical (max diff) "
           "| ORT QDQ vs emulating sim: identical (max diff) "
           "| accuracy: torch-path sim / ONNX-path sim / emulating / ORT QDQ "
-          "| aimet-onnx accuracy | calibration s: edgequant / aimet-onnx (ratio); CPU s (ratio); torch path; "
-          "edgequant calibrating in ORT (ratio) "
+          "| aimet-onnx accuracy | calibration s: edgequant / aimet-onnx (ratio); CPU s (ratio); torch path "
           "| setup s: edgequant / aimet-onnx |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -476,16 +458,13 @@ def print_rows(rows: list[dict], aimet: bool) -> None:
             fourth = f"{row['aimet_accuracy']:.4f}" + (" (repeat calibration changes it)" * row["aimet_repeat_changes"])
             ratio = row["calibration_s"] / row["aimet_calibration_s"]
             cpu_ratio = row["calibration_cpu_s"] / row["aimet_calibration_cpu_s"]
-            ort_ratio = row["ort_calibration_s"] / row["aimet_calibration_s"]
             fifth = (f"{row['calibration_s']:.2f} / {row['aimet_calibration_s']:.2f} ({ratio:.2f}×); CPU "
                      f"{row['calibration_cpu_s']:.2f} / {row['aimet_calibration_cpu_s']:.2f} ({cpu_ratio:.2f}×); "
-                     f"{row['torch_calibration_s']:.2f}; in ORT {row['ort_calibration_s']:.2f} ({ort_ratio:.2f}×"
-                     f"{', same encodings' if row['ort_calibration_same'] else ', encodings differ'})")
+                     f"{row['torch_calibration_s']:.2f}")
             sixth = f"{row['setup_s']:.2f} / {row['aimet_setup_s']:.2f}"
         else:
             fourth = f"failed: {row['aimet_error']}" if "aimet_error" in row else ("skipped" if not aimet else "—")
-            fifth = (f"{row['calibration_s']:.2f} / —; {row['torch_calibration_s']:.2f}; in ORT "
-                     f"{row['ort_calibration_s']:.2f}")
+            fifth = f"{row['calibration_s']:.2f} / —; {row['torch_calibration_s']:.2f}"
             sixth = f"{row['setup_s']:.2f} / —"
         print(f"| {row['model']} | {row['exporter']} | {row['opset']} | {first} | {second} | {third} | {fourth} "
               f"| {fifth} | {sixth} |")

@@ -15,7 +15,7 @@ from onnx_models import branching_cnn, conv_batch_norm, save
 from torch import nn
 
 from edgequant import QuantSim
-from edgequant.export import calibrate_in_onnxruntime, quantize_bias_int32, read_encodings
+from edgequant.export import quantize_bias_int32, read_encodings
 from edgequant.onnx import load_onnx
 from edgequant.ptq import correct_bias, fold_batch_norms
 from edgequant.quantization import FloatFormat, IntegerFormat
@@ -244,21 +244,3 @@ def test_fp8_tensors_of_an_onnx_model_export_into_its_graph(tmp_path: Path) -> N
     with torch.no_grad():
         np.testing.assert_array_equal(session.run(None, {"image": data.numpy()})[0], sim.model(data).numpy())
 
-
-def test_calibrating_in_onnx_runtime_gives_the_sims_encodings(tmp_path: Path) -> None:
-    """The float graph in ORT's kernels: every quantizer observes its tensor, the encodings are the torch
-    calibration's (to a last bit of float rounding), and the export still computes what the emulating sim does."""
-    path = save(branching_cnn(), tmp_path / "model.onnx")
-    data = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    in_torch = QuantSim.from_onnx(path, config="per_channel")
-    in_torch.calibrate(data.split(16), progress=False)
-    in_ort = QuantSim.from_onnx(path, config="per_channel")
-    calibrate_in_onnxruntime(in_ort, data.split(16), progress=False)
-    for name, quantizer in in_torch.quantizers().items():
-        other = in_ort.quantizer(name)
-        torch.testing.assert_close(other.encoding.scale, quantizer.encoding.scale, rtol=1e-6, atol=0, msg=name)
-        assert torch.equal(other.encoding.offset, quantizer.encoding.offset), name
-    result = in_ort.export(tmp_path / "out")
-    np.testing.assert_array_equal(_run(result.qdq_model, data), _emulated(in_ort, data))
-    with pytest.raises(ValueError, match="needs a sim of an ONNX model"):
-        calibrate_in_onnxruntime(QuantSim(nn.Sequential(nn.Linear(4, 2)), torch.randn(1, 4)), [torch.randn(2, 4)])

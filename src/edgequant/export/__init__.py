@@ -4,7 +4,6 @@ from edgequant.export.bias import quantize_bias_int32
 from edgequant.export.encodings_io import EncodingsFileError, TensorEncoding, read_encodings, write_encodings
 from edgequant.export.load import LoadReport, load_encodings
 from edgequant.export.onnx_export import ExportResult, export_onnx
-from edgequant.export.onnxruntime_calibration import calibrate_in_onnxruntime
 from edgequant.sim.services import register_service
 
 __all__ = [
@@ -12,7 +11,6 @@ __all__ = [
     "ExportResult",
     "LoadReport",
     "TensorEncoding",
-    "calibrate_in_onnxruntime",
     "export_onnx",
     "load_encodings",
     "quantize_bias_int32",
