@@ -1,5 +1,5 @@
 """ONNX models as input: edgequant's sim of an ONNX file made by another tool, against the PyTorch path, ONNX Runtime
-and aimet-onnx (issue 27).
+and aimet-onnx.
 
 For each ONNX file (torchvision mobilenet_v3_large / resnet50 with random weights and re-estimated BatchNorm
 statistics, exported by torch's TorchScript exporter and by its dynamo exporter; EfficientNet-Lite0 (ImageNet) and
