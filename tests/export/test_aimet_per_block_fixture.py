@@ -12,9 +12,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from aimet_fixtures import FIXTURES
+from aimet_fixtures import FIXTURES, BlockModel
 from onnx import numpy_helper
-from torch import nn
 
 import edgequant as eq
 from edgequant.export import LoadReport
@@ -23,17 +22,6 @@ from edgequant.quantization import Lpbq, PerBlock
 PER_BLOCK = FIXTURES / "per_block"
 LAYERS = {"conv": (16, 2), "fc": (4, 2)}  # (output channels, blocks of 32 input channels) of each weight
 VERSIONS = ["1.0.0", "2.0.0"]
-
-
-class BlockModel(nn.Module):
-    """The float model of the per-block fixture (its README)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.relu, self.fc = nn.Conv2d(64, 16, 3), nn.ReLU(), nn.Linear(16 * 2 * 2, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.relu(self.conv(x)), 1))
 
 
 def _load(name: str) -> torch.Tensor:

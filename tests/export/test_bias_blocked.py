@@ -12,9 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from aimet_fixtures import FIXTURES
+from aimet_fixtures import FIXTURES, BlockModel
 from onnx import numpy_helper
-from torch import nn
 
 import edgequant as eq
 from edgequant.export import quantize_bias_int32
@@ -38,17 +37,6 @@ def test_lpbq_bias_scale_is_input_scale_times_the_channel_scale() -> None:
 def test_per_block_bias_scale_is_input_scale_times_the_largest_block_scale() -> None:
     weight = Encoding(BLOCK_SCALES, torch.full((2, 2), -8.0), 4, True, PerBlock(64, 0, 1))
     assert torch.equal(derived_bias_encoding(INPUT, weight).scale, torch.tensor([0.5, 0.25]))  # 0.5 x [1, 0.5]
-
-
-class BlockModel(nn.Module):
-    """The fixture's float model (its README)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.relu, self.fc = nn.Conv2d(64, 16, 3), nn.ReLU(), nn.Linear(16 * 2 * 2, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.relu(self.conv(x)), 1))
 
 
 def _aimet_sim(kind: str) -> tuple[eq.QuantSim, torch.Tensor]:
