@@ -324,3 +324,14 @@ def test_torch_export_graph_gets_its_layers_back():
     with torch.no_grad():
         agreement = (sim.model(images).argmax(1) == eager.model(images).argmax(1)).float().mean()
     assert agreement > 0.97
+
+
+def test_zero_padding_is_reported_as_folded_by_the_runtime_and_other_padding_as_a_gap():
+    """TF-style explicit "same" padding (nn.ZeroPad2d before a Conv) is no gap: ORT folds it into the Conv's pads.
+    A pad of another value computes something the convolution cannot, and stays a gap."""
+    model = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(),
+                          nn.ConstantPad2d(1, 0.5), nn.Conv2d(4, 4, 3)).eval()
+    sim = eq.QuantSim(model, torch.randn(1, 3, 9, 9))
+    categories = {entry.tensor: (entry.category, entry.reason) for entry in sim.coverage()}
+    assert categories["0"] == ("by design", "zero padding: the runtime folds it into the next convolution's padding")
+    assert categories["3"][0] == "left in float"

@@ -104,6 +104,16 @@ def is_pass_through(module: nn.Module) -> bool:
         or getattr(module, "holds_input_values", False)  # the class's, or this instance's (a converted ONNX node)
     )
 
+ZERO_PADDING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+)
+
+
+def is_zero_padding(module: nn.Module) -> bool:
+    """A constant padding of zeros: the runtime folds it into the next convolution's own padding."""
+    return isinstance(module, ZERO_PADDING_MODULES) and float(getattr(module, "value", 0.0)) == 0.0
+
+
 FUNCTION_OP_TYPES: dict[object, str] = {
     operator.add: "Add", operator.iadd: "Add", torch.add: "Add", "add": "Add", "add_": "Add",
     operator.sub: "Sub", operator.isub: "Sub", torch.sub: "Sub", "sub": "Sub", operator.neg: "Neg",

@@ -53,6 +53,7 @@ from edgequant.sim.ops import (
     is_custom_module,
     is_data_movement,
     is_pass_through,
+    is_zero_padding,
     module_op_type,
     weight_input_axis,
     weight_output_axis,
@@ -233,6 +234,10 @@ class QuantSim:
         if is_pass_through(module):
             note = CoverageNote(name, type(module).__name__, "pass-through: output holds input values", True)
             self._notes.append(note)
+            return
+        if is_zero_padding(module):
+            reason = "zero padding: the runtime folds it into the next convolution's padding"
+            self._notes.append(CoverageNote(name, type(module).__name__, reason, True))
             return
         op_type = module_op_type(module)
         float_reason = getattr(module, "float_reason", None)  # a module that says why it cannot be quantized
