@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 import onnx
 import torch
 
-from edgequant.onnx.op_types import DATA_MOVEMENT_OPS
 from edgequant.quantization import Encoding, FloatFormat, PerBlock, Quantizer
 from edgequant.sim.batches import split_model_input
 from edgequant.sim.modes import training_mode
+from edgequant.sim.ops import DATA_MOVEMENT_OPS
 
 if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim

@@ -30,8 +30,8 @@ from edgequant.export.graph_map import (
     trace_sim,
 )
 from edgequant.export.qdq import AnyEncoding
-from edgequant.onnx import ONNX_NODE_ATTRIBUTE, OnnxNodeRef, OnnxSource
 from edgequant.quantization import FloatFormat, PerBlock, PerChannel, Quantizer
+from edgequant.sim.onnx_source import ONNX_NODE_ATTRIBUTE, OnnxNodeRef, OnnxSource
 
 if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim

@@ -28,10 +28,10 @@ from torch import nn
 
 from edgequant.onnx.converters import TORCH_DOMAIN  # importing it registers the op versions onnx2torch lacks
 from edgequant.onnx.modules import FlattenToMatrix
-from edgequant.onnx.op_types import DATA_MOVEMENT_OPS
 from edgequant.onnx.reading import OnnxModelError, read_onnx
 from edgequant.onnx.runtime_node import FALLBACK_DOMAIN, runtime_node_supported, wrap_for_onnxruntime, wrapped_node
-from edgequant.onnx.source import ONNX_NODE_ATTRIBUTE, ONNX_SOURCE_ATTRIBUTE, OnnxNodeRef, OnnxSource
+from edgequant.sim.onnx_source import ONNX_NODE_ATTRIBUTE, ONNX_SOURCE_ATTRIBUTE, OnnxNodeRef, OnnxSource
+from edgequant.sim.ops import DATA_MOVEMENT_OPS
 
 PASS_THROUGH_OPS = DATA_MOVEMENT_OPS | {"Dropout"}
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf files stop at 2 GiB: larger models keep their tensors beside them

@@ -7,7 +7,7 @@ import torch
 from onnx import helper
 
 from edgequant.onnx.reading import OnnxModelError
-from edgequant.onnx.source import OnnxSource
+from edgequant.sim.onnx_source import OnnxSource
 
 
 def onnx_dummy_input(

@@ -26,8 +26,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from edgequant.onnx import ONNX_NODE_ATTRIBUTE
 from edgequant.sim.aten_layers import lift_aten_layers
+from edgequant.sim.onnx_source import ONNX_NODE_ATTRIBUTE
 from edgequant.sim.ops import (
     function_name,
     function_op_type,

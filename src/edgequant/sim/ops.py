@@ -104,6 +104,12 @@ def is_pass_through(module: nn.Module) -> bool:
         or getattr(module, "holds_input_values", False)  # the class's, or this instance's (a converted ONNX node)
     )
 
+DATA_MOVEMENT_OPS = frozenset({
+    "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Expand", "Slice", "Split", "Tile",
+    "DepthToSpace", "SpaceToDepth",
+})
+"""ONNX ops whose outputs hold values of their first input, so they share its encoding."""
+
 ZERO_PADDING_MODULES: tuple[type[nn.Module], ...] = (
     nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
 )

@@ -18,7 +18,6 @@ import torch.fx as fx
 from torch import nn
 
 from edgequant.config import HardwareConfig
-from edgequant.onnx import ONNX_SOURCE_ATTRIBUTE, OnnxSource, load_onnx, onnx_dummy_input
 from edgequant.quantization import (
     CalibrationError,
     Encoding,
@@ -48,6 +47,7 @@ from edgequant.sim.interception import intercept_functional_ops
 from edgequant.sim.model_inputs import quantize_model_inputs
 from edgequant.sim.model_outputs import model_output_producers
 from edgequant.sim.modes import quantizers_enabled
+from edgequant.sim.onnx_source import ONNX_SOURCE_ATTRIBUTE, OnnxSource
 from edgequant.sim.ops import (
     function_name,
     is_custom_module,
@@ -125,9 +125,9 @@ class QuantSim:
         ``dummy_input`` defaults to one batch of the graph inputs' declared shapes (`onnx_dummy_input`); the other
         options are `QuantSim`'s. ``sim.export`` then writes Q/DQ into the original graph, under its own names.
         """
-        converted = load_onnx(model)
+        converted = service("load_onnx", "edgequant.onnx")(model)
         if dummy_input is None:
-            dummy_input = onnx_dummy_input(getattr(converted, ONNX_SOURCE_ATTRIBUTE))
+            dummy_input = service("onnx_dummy_input", "edgequant.onnx")(getattr(converted, ONNX_SOURCE_ATTRIBUTE))
         return cls(converted, dummy_input, **{"in_place": True, **options})  # the converted module is ours
 
     # -- preparation -----------------------------------------------------------------------------------

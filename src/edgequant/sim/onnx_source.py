@@ -1,4 +1,6 @@
-"""What the sim keeps of an ONNX model it was built from: the user's graph, and which node each layer computes."""
+"""What the sim keeps of an ONNX model it was built from: the user's graph, and which node each layer computes.
+
+`edgequant.onnx` fills these in when it converts a file; the sim carries them and the export reads them."""
 
 from __future__ import annotations
 
