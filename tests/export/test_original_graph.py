@@ -244,3 +244,24 @@ def test_fp8_tensors_of_an_onnx_model_export_into_its_graph(tmp_path: Path) -> N
     with torch.no_grad():
         np.testing.assert_array_equal(session.run(None, {"image": data.numpy()})[0], sim.model(data).numpy())
 
+
+
+def test_a_graph_output_other_nodes_also_read_is_quantized_for_them_too(tmp_path: Path) -> None:
+    """The Relu's output is a graph output and the second Conv's input: both see its quantized value, as in the
+    sim, where the output quantizer feeds every reader."""
+    model = conv_batch_norm()
+    model.graph.output.append(onnx.helper.make_tensor_value_info("r1", onnx.TensorProto.FLOAT, ["batch", 6, 8, 8]))
+    path = save(model, tmp_path / "model.onnx")
+    sim = QuantSim.from_onnx(path, config="per_channel")
+    data = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    sim.compute_encodings(lambda m: m(data))
+    result = sim.export(tmp_path / "out")
+    session = ort.InferenceSession(str(result.qdq_model), providers=["CPUExecutionProvider"])
+    sim.emulate("onnxruntime")
+    try:
+        with torch.no_grad():
+            expected = [t.numpy() for t in sim.model(data)]
+    finally:
+        sim.emulate(None)
+    for got, want in zip(session.run(["output", "r1"], {"image": data.numpy()}), expected, strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import heapq
+from collections.abc import Container
 from typing import TYPE_CHECKING, Any
 
 import onnx
@@ -219,7 +220,7 @@ def _initializer_of(tensor: str, initializers: dict, producers: dict) -> onnx.Te
     return initializers[name]
 
 
-def _unique(name: str, *taken: dict) -> str:
+def _unique(name: str, *taken: Container[str]) -> str:
     candidate, index = name, 1
     while any(candidate in names for names in taken):
         candidate, index = f"{name}_{index}", index + 1
@@ -254,30 +255,37 @@ def _insert_markers(
     graph = marked.graph
     taken = {t for node in graph.node for t in (*node.input, *node.output)} | {i.name for i in graph.initializer}
     graph_outputs = {o.name for o in graph.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}  # tensor name as nodes read it now -> those nodes
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):
+            readers.setdefault(name, []).append(node)
     markers_after: dict[str, list[onnx.NodeProto]] = {}  # tensor -> markers to put after its producer
+    source: dict[str, str] = {}  # marker output -> the tensor the marker quantizes
     sites = []
     nodes = {node.output[0]: node for node in graph.node}
     order = sorted(slots, key=lambda name: slots[name].node is not None)  # every-reader markers first
     for name in order:
         slot = slots[name]
         quantizer = quantizers[name]
-        marker_output = _unique(f"{slot.tensor}_{MARKER_OP}", {t: 0 for t in taken})
+        marker_output = _unique(f"{slot.tensor}_{MARKER_OP}", taken)
         taken.add(marker_output)
         if slot.node is None:
-            current = _current_name(graph, slot.tensor, markers_after)
+            chain = markers_after.get(slot.tensor)
+            current = chain[-1].output[0] if chain else slot.tensor  # what every reader sees now
             if slot.tensor in graph_outputs and current == slot.tensor:
                 current = _rename_graph_output(graph, slot.tensor, taken)
-                marker_output = slot.tensor
+                marker_output = slot.tensor  # its readers, inside the graph too, now read the marker's output
             else:
-                for node in graph.node:
-                    node.input[:] = [marker_output if i == current else i for i in node.input]
+                _rewire(readers.pop(current, []), current, marker_output, readers)
         else:
             node = nodes[slot.node]
-            current = next((i for i in node.input if _source_of(i, markers_after) == slot.tensor), slot.tensor)
-            node.input[:] = [marker_output if i == current else i for i in node.input]
+            current = next((i for i in node.input if source.get(i, i) == slot.tensor), slot.tensor)
+            readers[current] = [n for n in readers.get(current, []) if n is not node]
+            _rewire([node], current, marker_output, readers)
         marker = helper.make_node(MARKER_OP, [current], [marker_output], domain=MARKER_DOMAIN, name=name)
         marker.attribute.append(helper.make_attribute("name", name))
         markers_after.setdefault(slot.tensor, []).append(marker)
+        source[marker_output] = slot.tensor
         sites.append(QuantSite(name, slot.tensor, quantizer.role, quantizer.owner, quantizer.key, current,
                                marker_output))
     _place_markers(graph, markers_after)
@@ -286,26 +294,19 @@ def _insert_markers(
     return marked, sites
 
 
-def _current_name(graph: onnx.GraphProto, tensor: str, markers_after: dict) -> str:
-    """The name readers of ``tensor`` see now: the last every-reader marker's output, or the tensor itself."""
-    chain = markers_after.get(tensor, [])
-    return chain[-1].output[0] if chain else tensor
-
-
-def _source_of(name: str, markers_after: dict) -> str:
-    for tensor, chain in markers_after.items():
-        if any(marker.output[0] == name for marker in chain):
-            return tensor
-    return name
+def _rewire(nodes: list[onnx.NodeProto], old: str, new: str, readers: dict[str, list[onnx.NodeProto]]) -> None:
+    """``nodes`` read ``new`` where they read ``old``."""
+    for node in nodes:
+        node.input[:] = [new if i == old else i for i in node.input]
+    readers.setdefault(new, []).extend(nodes)
 
 
 def _rename_graph_output(graph: onnx.GraphProto, tensor: str, taken: set[str]) -> str:
     """Let the producer of graph output ``tensor`` write a new name, so a marker can produce ``tensor`` itself."""
-    renamed = _unique(f"{tensor}_float", {t: 0 for t in taken})
+    renamed = _unique(f"{tensor}_float", taken)
     taken.add(renamed)
     for node in graph.node:
         node.output[:] = [renamed if o == tensor else o for o in node.output]
-        node.input[:] = [renamed if i == tensor else i for i in node.input]
     return renamed
 
 
