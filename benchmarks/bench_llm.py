@@ -2,7 +2,8 @@
 pydoc topics (every 4th sorted topic held out): perplexity on the evaluation sequences, next-token agreement with
 the float model, calibration and evaluation time as ratios to the float model's evaluation, peak memory.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_llm.py [--threads 1] [--evaluation 32] [--runs w8a16:16,w4a16-lpbq:8]
+    HF_HUB_OFFLINE=1 python benchmarks/bench_llm.py [--threads 1] [--evaluation 32] [--technique-batches 4]
+        [--runs w8a16:16,w4a16-lpbq:8]
 
 A run is ``recipe[:kv_bits][@block_size][^lm_head_bits][~aimet]``; ``~aimet`` leaves in float what AIMET's
 QuantSim leaves in float on a Hugging Face model (functional ops: residual adds, the attention's matmuls and
@@ -45,6 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--evaluation", type=int, default=32, help="evaluation sequences of 256 tokens")
+    parser.add_argument("--technique-batches", type=int, default=4,
+                        help="calibration sequences the transforms and techniques use (0: all 16)")
     parser.add_argument("--runs", default=DEFAULT_RUNS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,6 +62,7 @@ def main() -> None:
     float_eval = time.perf_counter() - started
     print(f"model {gguf.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
           f"{len(split.calibration)} calibration / {len(split.evaluation)} evaluation sequences of 256 tokens, "
+          f"transforms and techniques on {args.technique_batches or len(split.calibration)}, "
           f"torch threads {args.threads}")
     print(f"float perplexity {float_ppl:.3f}, evaluation {float_eval:.1f} s")
     print("| run | perplexity | vs float | next-token agreement | calibration s (x float eval) | "
@@ -72,7 +76,8 @@ def main() -> None:
         started = time.perf_counter()
         sim = llm.quantize(model, split.calibration, recipe=recipe, block_size=int(block or 64),
                            kv_cache_bw=int(kv_bits) if kv_bits else None,
-                           lm_head_bw=int(lm_head_bits) if lm_head_bits else None, progress=False)
+                           lm_head_bw=int(lm_head_bits) if lm_head_bits else None,
+                           technique_batches=args.technique_batches or None, progress=False)
         calibration = time.perf_counter() - started
         if placement == "aimet":
             sim.set_enabled(False, "*", kinds=("output",), module_types=(FunctionalOp,))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -217,3 +218,14 @@ def test_models_it_cannot_rotate_exactly_are_refused_untouched() -> None:
     with pytest.raises(ValueError, match="Gemma3RMSNorm is not an RMSNorm"):
         rotate_causal_lm(model)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_w8a16_rotated_narrows_the_residual_adds_grids_of_a_massive_activation(ids) -> None:
+    steps = {}
+    for recipe in ("w8a16", "w8a16-rotated"):
+        sim = llm.quantize(planted_outlier_llama(), ids, recipe=recipe, progress=False)
+        residual_adds = [q for q in sim.quantizers(("output",)).values()
+                         if re.fullmatch(r"model\.layers\.\d+\.add(_1)?", q.owner)]
+        assert len(residual_adds) == 4 and all(q.bitwidth == 16 for q in residual_adds)
+        steps[recipe] = max(float(q.scale) for q in residual_adds)
+    assert steps["w8a16-rotated"] < steps["w8a16"] / 3, steps

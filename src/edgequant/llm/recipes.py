@@ -28,6 +28,8 @@ RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
         Recipe("w8a16", 8, "per_channel", summary="8-bit per-channel Linear weights, 16-bit activations"),
+        Recipe("w8a16-rotated", 8, "per_channel", transforms=("rotate",),
+               summary="w8a16 on the model rotated by Hadamard matrices (QuaRot R1 and R2)"),
         Recipe("w4a16", 4, "per_channel", summary="4-bit per-channel Linear weights, 16-bit activations"),
         Recipe("w4a16-block", 4, "per_block", summary="4-bit Linear weights per block, 16-bit activations"),
         Recipe("w4a16-lpbq", 4, "lpbq",
