@@ -11,6 +11,7 @@ import torch
 import torchvision
 from click.testing import CliRunner
 from onnx import TensorProto, helper
+from segmentation_models import UNet
 
 import edgequant as eq
 from edgequant.cli.export_commands import verify as verify_command
@@ -22,6 +23,7 @@ from edgequant.sim.emulation import (
     KERNELS,
     FixedPointRequantization,
     Grid,
+    Interpolation,
     OnnxRuntimeCPU,
     _average_pool,
     quantize_multiplier,
@@ -157,17 +159,19 @@ def test_wide_layers_accumulate_exactly(tmp_path: Path, in_features: int) -> Non
 
 
 def _single_op_qdq(op: str, grids: list[tuple[float, int]], shape: list[int] | list[list[int]],
-                   **attrs: object) -> bytes:
+                   constants: tuple[list[float] | None, ...] = (), **attrs: object) -> bytes:
     """DQ(inputs) → op → Q(output) with uint8 grids ``(scale, zero point)``: ORT fuses it into its integer kernel.
-    ``shape``: of every input, or a list of one shape per input."""
+    ``shape``: of every input, or a list of one shape per input; ``constants``: float inputs after the quantized
+    ones (None: an omitted input, as Resize's roi)."""
     names = [f"x{i}" for i in range(len(grids) - 1)]
     shapes = shape if isinstance(shape[0], list) else [shape] * len(names)
-    inits = []
+    inits = [helper.make_tensor(f"c{i}", TensorProto.FLOAT, [len(c)], c) for i, c in enumerate(constants) if c]
     for name, (scale, zero_point) in zip([*names, "y"], grids, strict=True):
         inits += [helper.make_tensor(f"{name}_s", TensorProto.FLOAT, [], [scale]),
                   helper.make_tensor(f"{name}_z", TensorProto.UINT8, [], [zero_point])]
     nodes = [helper.make_node("DequantizeLinear", [n, f"{n}_s", f"{n}_z"], [f"{n}_f"]) for n in names]
-    nodes.append(helper.make_node(op, [f"{n}_f" for n in names], ["y_f"], **attrs))
+    constant_inputs = [f"c{i}" if c else "" for i, c in enumerate(constants)]
+    nodes.append(helper.make_node(op, [*(f"{n}_f" for n in names), *constant_inputs], ["y_f"], **attrs))
     nodes.append(helper.make_node("QuantizeLinear", ["y_f", "y_s", "y_z"], ["y"]))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.UINT8, input_shape)
                                            for n, input_shape in zip(names, shapes, strict=True)],
@@ -585,3 +589,80 @@ def test_a_dead_channels_int32_bias_overflows_as_in_onnxruntime(tmp_path: Path) 
     report = verify(tmp_path, sim, data, progress=False)
     assert default.first_difference is not None and default.first_difference.max_lsb_diff > 1
     assert report.first_difference is None and report.outputs[0].share_identical == 1.0
+
+
+@pytest.mark.parametrize(("call", "scales", "attributes"), [
+    (Interpolation(scale_factor=2, mode="bilinear", align_corners=False), [2.0, 2.0],
+     {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}),
+    (Interpolation(scale_factor=(1.5, 2.5), mode="bilinear", align_corners=False), [1.5, 2.5],
+     {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}),
+    (Interpolation(scale_factor=2, mode="bilinear", align_corners=True), [2.0, 2.0],
+     {"mode": "linear", "coordinate_transformation_mode": "align_corners"}),
+    (Interpolation(scale_factor=0.5, mode="nearest"), [0.5, 0.5],
+     {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}),
+    (Interpolation(scale_factor=3, mode="nearest"), [3.0, 3.0],
+     {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}),
+])
+def test_resize_matches_onnxruntime_on_every_input_level(call: Interpolation, scales: list[float],
+                                                         attributes: dict[str, str]) -> None:
+    """DQ → Resize → Q, as ``F.interpolate`` exports it: float in ORT between DQ and Q, with its own source
+    coordinates and tap weights (bilinear: four taps summed left to right, where PyTorch lerps twice)."""
+    rng = np.random.default_rng(7)
+    runtime = OnnxRuntimeCPU()
+    pytorch_differs = 0
+    for _ in range(20):
+        grids = _random_grids(rng, 2)
+        ratio = float(rng.choice([0.5, 1.0, 2.0, rng.uniform(0.3, 3)]))  # output steps of the input's: many ties
+        grids[1] = (grids[0][0] * ratio, grids[1][1])
+        levels = rng.permutation(np.arange(256, dtype=np.uint8).repeat(2)).reshape(1, 2, 16, 16)
+        model = _single_op_qdq("Resize", grids, [1, 2, 16, 16], (None, [1.0, 1.0, *scales]), **attributes)
+        expected = _run_ort(model, {"x0": levels})
+        x = _as_grid(*grids[0]).values(torch.tensor(levels.astype(np.int64) - grids[0][1], dtype=torch.float32))
+        got = KERNELS["Resize"].compute(FunctionalOp(torch.nn.functional.interpolate, "Resize"), runtime, (x, *call),
+                                        [_as_grid(*grids[0])], _as_grid(*grids[1]))
+        assert np.array_equal(_levels_of(got, grids[1]), expected)
+        pytorch = torch.nn.functional.interpolate(x, scale_factor=call.scale_factor, mode=call.mode,
+                                                  align_corners=call.align_corners)
+        pytorch_differs += int((_levels_of(pytorch, grids[1]) != expected).sum())
+    assert (pytorch_differs > 0) == (call.mode == "bilinear")  # PyTorch's nearest copies what ORT's does here
+
+
+@pytest.mark.parametrize("layer", [
+    {"kernel_size": 2, "stride": 2},  # a U-Net's up-sampling: the taps do not overlap
+    {"kernel_size": 3, "stride": 2, "padding": 1, "output_padding": 1},  # overlapping taps, cropped, padded out
+    {"kernel_size": 4, "stride": 2, "padding": 1, "groups": 2},
+    {"kernel_size": 2, "stride": 2, "in_channels": 160},  # MLAS sums the 160 input channels in two slices
+])
+def test_conv_transpose_matches_onnxruntime_on_every_input_level(tmp_path: Path, layer: dict[str, int]) -> None:
+    """DQ → ConvTranspose → Q: float in ORT, an MLAS SGEMM (FMA chains) and Col2im in tap order, plus the bias ORT
+    quantizes to int32 and dequantizes itself."""
+    torch.manual_seed(0)
+    in_channels = layer.pop("in_channels", 16)
+    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(in_channels, 8, **layer)).eval()
+    calibration = torch.randn(16, in_channels, 8, 8)
+    sim = _folded_sim(model, calibration)
+    export_onnx(sim, tmp_path, calibration[:1])
+    grid = Grid.of(sim.model.model_input_quantizers["0"])
+    levels = torch.randperm(4 * in_channels * 64) % 256  # every input level, in random places
+    data = grid.values(levels.float().add(grid.offset).reshape(4, in_channels, 8, 8))
+    plan = sim.emulate("onnxruntime")
+    assert [op.kind for op in plan.ops] == ["ConvTranspose"]
+    report = verify(tmp_path, sim, data, progress=False)
+    assert report.outputs[0].share_identical == 1.0 and report.first_difference is None
+
+
+def test_unet_is_identical_to_onnxruntime(tmp_path: Path) -> None:
+    """ConvTranspose, bilinear and nearest Resize between DQ and Q, QLinearConv and QLinearConcat: every quantized
+    tensor identical; the default sim rounds some outputs otherwise."""
+    torch.manual_seed(0)
+    calibration = torch.randn(16, 3, 32, 32)
+    sim = _folded_sim(UNet().eval(), calibration)
+    export_onnx(sim, tmp_path, calibration[:1])
+    data = torch.randn(8, 3, 32, 32)
+    default = verify(tmp_path, sim, data, progress=False)
+    plan = sim.emulate("onnxruntime")
+    assert not plan.skipped and sum(op.kind == "Resize" for op in plan.ops) == 2
+    assert {op.kind for op in plan.ops} == {"Conv", "ConvTranspose", "Resize", "Concat"}
+    report = verify(tmp_path, sim, data, progress=False)
+    assert report.outputs[0].share_identical == 1.0 and report.first_difference is None
+    assert default.outputs[0].share_identical < 1.0

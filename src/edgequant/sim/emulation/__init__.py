@@ -49,6 +49,20 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
     HardSigmoid ``clip(fl32(x · fl32(1/6)) + 0.5, 0, 1)``, HardSwish as the ONNX function body (that times
     ``x``), SiLU exported as Sigmoid (MLAS's logistic, above) and Mul. Emulated as those formulas followed by the
     sim's output quantizer (PyTorch's HardSwish and SiLU round a few levels otherwise, mostly at tiny scales).
+  - ConvTranspose (2-D) stays float between DQ and Q (``cpu/nn/conv_transpose.cc``): per group an MLAS SGEMM
+    ``col = W^T·X`` on the dequantized tensors (each slice of 128 input channels an FMA chain from zero, the
+    slices added in order), ``Col2im`` adding each kernel tap's column into the zeroed output in row-major tap
+    order, then the bias: ORT's BiasQuantization has made it ``fl32(fl32(bias_int32) · fl32(s_x·s_w))`` with
+    the int32 bias above (a float bias where groups leave fewer weight scales than channels). Emulated as that
+    float32 arithmetic followed by the sim's output quantizer (a 1×1 input takes MLAS's M = 1 kernel: default).
+  - Resize (``F.interpolate``, ``nn.Upsample``; 2-D nearest and bilinear) stays float between DQ and Q
+    (``cpu/tensor/upsample.h``), except a nearest one between equal grids, which runs on uint8 (the same copy).
+    Nearest reads ``floor(fl32(y / scale))`` ("asymmetric", "floor" as exported); bilinear maps each output
+    position to ``fl32(fl32(y + 0.5) / scale) - 0.5`` ("half_pixel"; ``align_corners``: ``y·(in-1)/(out-1)``),
+    clamps it, takes ``d1 = |c - i1|``, ``d2 = |c - i2|`` (both 0.5 at the border) and sums
+    ``(dx2·dy2)·X11 + (dx1·dy2)·X21 + (dx2·dy1)·X12 + (dx1·dy1)·X22`` left to right in float32, with the scales
+    the export writes (the scale factors, or ``out/in`` where it writes sizes). PyTorch lerps twice, which
+    rounds some output levels otherwise.
   - A ReLU / ReLU6 between the op and its output quantizer is removed by ORT when the output grid already
     clamps it (ReLU: zero point at the grid's lowest value; Clip: the clip range covers the grid); those are
     emulated as part of the fused op. Otherwise ORT keeps the op in float and so does the emulating sim.
@@ -65,8 +79,8 @@ What stays approximate (computed by the default fake-quantized path even in emul
   does not know which grid the runtime sees;
 * ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; LayerNorm, Gelu...:
   float in ORT too, so the default sim's float32 math is already the runtime's, up to op order);
-* ConvTranspose (float in ORT 1.32 between Q/DQ), a softmax on a signed (int8) grid, average pools with a
-  ``divisor_override``;
+* a softmax on a signed (int8) grid, average pools with a ``divisor_override``, 1-D/3-D ConvTranspose, other
+  Resize modes (bicubic, area, antialiased);
 * on CPUs without AVX-512 VNNI / AVX-VNNI, ORT's u8s8 kernels use ``vpmaddubsw``, whose int16 pair sums
   saturate for large operands; the emulation accumulates exactly (as VNNI CPUs and ARM do).
 
@@ -93,12 +107,12 @@ from edgequant.sim.emulation.arithmetic import (
     runtime_model,
 )
 from edgequant.sim.emulation.installation import install, uninstall
-from edgequant.sim.emulation.kernels import KERNELS, Kernel
+from edgequant.sim.emulation.kernels import KERNELS, Interpolation, Kernel
 from edgequant.sim.emulation.kernels import _average_pool as _average_pool
 from edgequant.sim.emulation.planning import EmulatedOp, EmulationPlan, plan_emulation
 
 __all__ = [
     "INT32_MAX", "INT32_MIN", "KERNELS", "RUNTIME_MODELS", "EmulatedOp", "EmulationPlan", "FixedPointRequantization",
-    "Grid", "Kernel", "OnnxRuntimeCPU", "RuntimeModel", "install", "mlas_logistic", "plan_emulation",
+    "Grid", "Interpolation", "Kernel", "OnnxRuntimeCPU", "RuntimeModel", "install", "mlas_logistic", "plan_emulation",
     "quantize_multiplier", "runtime_model", "uninstall",
 ]

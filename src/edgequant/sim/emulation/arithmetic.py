@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from edgequant.quantization import Quantizer
 from edgequant.quantization.encoding import grid_steps
@@ -124,6 +125,21 @@ class RuntimeModel(ABC):
         """Softmax along ``dim`` of values on the ``source`` grid, as output grid indices."""
         return output.indices(torch.softmax(values.float(), dim))
 
+    def conv_transpose(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       input_scale: torch.Tensor, weight_scale: torch.Tensor,
+                       module: nn.ConvTranspose2d) -> torch.Tensor | None:
+        """A ConvTranspose2d on dequantized float32 ``x`` and ``weight`` (scales ``input_scale``, ``weight_scale``
+        per output channel), before the output's quantizer; None where the runtime computes what PyTorch does
+        (the sim's default forward then runs)."""
+        return None
+
+    def resize(self, values: torch.Tensor, size: tuple[int, int], scales: tuple[float, float], mode: str,
+               align_corners: bool) -> torch.Tensor | None:
+        """A 2-D ``nearest`` or ``bilinear`` resize of float32 values to ``size`` with the ``scales`` the exported
+        model gives the runtime, before the output's quantizer; None where the runtime computes what PyTorch
+        does."""
+        return None
+
 
 def scalar_operand(a: torch.Size, b: torch.Size) -> int | None:
     """Which operand of a broadcast binary op ONNX Runtime's broadcaster hands to the kernel as one scalar per
@@ -227,10 +243,119 @@ class OnnxRuntimeCPU(RuntimeModel):
         indices = quotient.add_(output.zero_point).clamp_(max=255).sub_(output.zero_point)
         return indices.movedim(-1, dim)
 
+    def conv_transpose(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       input_scale: torch.Tensor, weight_scale: torch.Tensor,
+                       module: nn.ConvTranspose2d) -> torch.Tensor | None:
+        # float ConvTranspose between DQ and Q (cpu/nn/conv_transpose.cc): per group an MLAS SGEMM with a transposed
+        # filter, `col = W^T · X`, then Col2im adds each kernel tap's column into the zeroed output in row-major tap
+        # order, then the bias (a float32 Add per channel)
+        if x.shape[-2] * x.shape[-1] == 1:  # SGEMM with N = 1 takes MLAS's M1 kernel, whose order is not modelled
+            return None
+        groups = module.groups
+        batch, in_channels, height, width = x.shape
+        taps = module.kernel_size[0] * module.kernel_size[1]
+        filters = weight.reshape(groups, in_channels // groups, -1)  # (G, K, M): M = output channels per group · taps
+        inputs = x.float().reshape(batch, groups, in_channels // groups, height * width)
+        columns = mlas_sgemm_columns(filters, inputs)  # (N, G, M, H·W)
+        columns = columns.reshape(batch, module.out_channels, taps, height, width)
+        output = _col2im(columns, module)
+        if bias is not None and weight_scale.numel() in (1, bias.numel()):
+            # ORT's BiasQuantization turns the float bias of DQ → ConvTranspose into DQ(int32): the int32 is the
+            # runtime's own `bias_to_int32`, dequantized as fl32(fl32(int32) · fl32(s_x·s_w)); with groups, the
+            # weight has fewer scales than the bias, and the bias stays float
+            bias = self.bias_to_int32(bias, input_scale, weight_scale).float() * (input_scale * weight_scale)
+        return output if bias is None else output + channels(bias.float(), output.dim())
+
+    def resize(self, values: torch.Tensor, size: tuple[int, int], scales: tuple[float, float], mode: str,
+               align_corners: bool) -> torch.Tensor | None:
+        # float Resize between DQ and Q (cpu/tensor/upsample.h, .cc), NCHW and NHWC alike: nearest reads
+        # floor(fl32(y / scale)) ("asymmetric", "floor", as exported); bilinear maps each output position to a
+        # float32 source coordinate, clamps it, and sums the four taps left to right with float32 weights
+        # fl32(d_x·d_y) (checked on every input level against ORT 1.32; PyTorch's nested lerp rounds otherwise)
+        if mode == "nearest":
+            rows, columns = (_nearest_sources(length, values.shape[axis - 2], scale)
+                             for axis, (length, scale) in enumerate(zip(size, scales, strict=True)))
+            return values.float()[..., rows[:, None], columns]
+        (top, bottom, near_y, far_y), (left, right, near_x, far_x) = (
+            _bilinear_taps(length, values.shape[axis - 2], scale, align_corners)
+            for axis, (length, scale) in enumerate(zip(size, scales, strict=True)))
+        near_y, far_y = near_y[:, None], far_y[:, None]
+        x = values.float()
+        rows_top, rows_bottom = x[..., top, :], x[..., bottom, :]
+        return ((far_x * far_y) * rows_top[..., left] + (near_x * far_y) * rows_top[..., right]
+                + (far_x * near_y) * rows_bottom[..., left] + (near_x * near_y) * rows_bottom[..., right])
+
     def hard_sigmoid(self, values: torch.Tensor) -> torch.Tensor:
         # ONNX HardSigmoid(alpha=fl32(1/6), beta=0.5), as exported and as ORT's HardSwish function body runs it
         # (PyTorch's `clip(x + 3, 0, 6)/6` rounds otherwise at some levels)
         return (values.float() * _ONE_SIXTH + 0.5).clamp_(0.0, 1.0)
+
+
+MLAS_SGEMM_STRIDE_K = 128
+"""MLAS's SGEMM sums the reduction in slices of this length when the filter is transposed (its A panel)."""
+
+
+def mlas_sgemm_columns(filters: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """``Σ_k filters[g, k, m] · inputs[n, g, k, l]`` in MLAS's float32 order (FMA3 / AVX-512 kernels): each slice of
+    `MLAS_SGEMM_STRIDE_K` terms is an FMA chain in ``k`` from zero, and the slices add up in order."""
+    total = None
+    for start in range(0, filters.shape[1], MLAS_SGEMM_STRIDE_K):
+        chain = torch.zeros(inputs.shape[0], filters.shape[0], filters.shape[2], inputs.shape[-1],
+                            device=inputs.device)
+        for k in range(start, min(start + MLAS_SGEMM_STRIDE_K, filters.shape[1])):
+            chain = fma_float32(filters[None, :, k, :, None], inputs[:, :, k, None, :], chain)
+        total = chain if total is None else total + chain
+    return total
+
+
+def _col2im(columns: torch.Tensor, module: nn.ConvTranspose2d) -> torch.Tensor:
+    """ORT's Col2im: every kernel tap's column (``columns``: N, C, taps, H, W) added, tap after tap in row-major
+    order, into a zeroed output (float32), cropped by the pads; ``output_padding`` rows stay zero."""
+    (kernel_h, kernel_w), (stride_h, stride_w), (dilation_h, dilation_w) = (
+        module.kernel_size, module.stride, module.dilation)
+    height, width = columns.shape[-2:]
+    out_h, out_w = ((size - 1) * stride - 2 * pad + dilation * (kernel - 1) + 1 + extra
+                    for size, stride, pad, dilation, kernel, extra in zip(
+                        (height, width), module.stride, module.padding, module.dilation, module.kernel_size,
+                        module.output_padding, strict=True))
+    pad_h, pad_w = module.padding
+    full = columns.new_zeros(*columns.shape[:2], max((height - 1) * stride_h + dilation_h * (kernel_h - 1) + 1,
+                                                     pad_h + out_h),
+                             max((width - 1) * stride_w + dilation_w * (kernel_w - 1) + 1, pad_w + out_w))
+    for tap in range(kernel_h * kernel_w):
+        row, column = divmod(tap, kernel_w)
+        top, left = row * dilation_h, column * dilation_w
+        full[..., top:top + (height - 1) * stride_h + 1:stride_h,
+             left:left + (width - 1) * stride_w + 1:stride_w] += columns[:, :, tap]
+    return full[..., pad_h:pad_h + out_h, pad_w:pad_w + out_w]
+
+
+def _source_coordinates(length: int, source_length: int, scale: float, align_corners: bool) -> torch.Tensor:
+    """ORT's float32 source coordinate of each output position ("half_pixel" or "align_corners", as exported)."""
+    positions = torch.arange(length, dtype=torch.float32)
+    if align_corners:
+        return positions * float(source_length - 1) / float(length - 1) if length > 1 else positions * 0
+    return (positions + 0.5) / torch.tensor(scale, dtype=torch.float32) - 0.5
+
+
+def _bilinear_taps(length: int, source_length: int, scale: float, align_corners: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORT's ``SetupUpsampleBilinear`` on one axis: the two source indices of each output position and their
+    float32 weights ``|c - i1|`` (for the second) and ``|c - i2|`` (for the first), both 0.5 at the border."""
+    coordinates = (torch.arange(length, dtype=torch.float32) if scale == 1
+                   else _source_coordinates(length, source_length, scale, align_corners))
+    coordinates = coordinates.clamp(0.0, float(source_length - 1))
+    first = coordinates.long().clamp_(max=source_length - 1)
+    second = (first + 1).clamp_(max=source_length - 1)
+    near, far = (coordinates - first.float()).abs(), (coordinates - second.float()).abs()
+    border = first == second
+    return first, second, near.masked_fill(border, 0.5), far.masked_fill(border, 0.5)
+
+
+def _nearest_sources(length: int, source_length: int, scale: float) -> torch.Tensor:
+    """ORT's nearest source index ("asymmetric", "floor"): ``floor(fl32(y / scale))``, clamped to the input."""
+    positions = torch.arange(length, dtype=torch.float32) / torch.tensor(scale, dtype=torch.float32)
+    return positions.floor_().long().clamp_(0, source_length - 1)
 
 
 def quantize_multiplier(real_multiplier: float) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from edgequant.quantization import Quantizer
 from edgequant.sim.emulation.arithmetic import Grid, RuntimeModel
-from edgequant.sim.emulation.kernels import KERNELS
+from edgequant.sim.emulation.kernels import KERNELS, Kernel
 from edgequant.sim.emulation.planning import EmulatedOp, EmulationPlan, clip_bounds
 
 
@@ -33,6 +33,16 @@ def _activation_implied(module: nn.Module, grid: Grid) -> bool:
     return bounds[0] <= low + half and (bounds[0] >= low - half) and high <= bounds[1] + half
 
 
+def _bound(kernel: Kernel, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """The call's arguments by position: the keywords follow the positional ones in the kernel's order (planned
+    so); with defaults, an omitted keyword is its default, so that every argument keeps its position."""
+    if not kernel.defaults:
+        return (*args, *(kwargs[k] for k in kernel.keywords if k in kwargs))
+    given = len(args) - (kernel.num_inputs or 1)
+    return (*args, *(kwargs.get(k, default) for k, default in zip(kernel.keywords[given:], kernel.defaults[given:],
+                                                                   strict=True)))
+
+
 def _emulated_forward(op: EmulatedOp, runtime: RuntimeModel, default: Callable[..., Any]) -> Callable[..., Any]:
     kernel = KERNELS[op.kind]
     weight = op.module.param_quantizers["weight"] if kernel.weighted else None
@@ -45,7 +55,7 @@ def _emulated_forward(op: EmulatedOp, runtime: RuntimeModel, default: Callable[.
         output = Grid.of(op.output)
         if op.activation is not None and not _activation_implied(op.activation, output):
             return default(*args, **kwargs)  # the runtime keeps this activation in float, and the op with it
-        positional = (*args, *(kwargs[k] for k in kernel.keywords if k in kwargs))  # keywords planned in order
+        positional = _bound(kernel, args, kwargs)
         with torch.no_grad():
             values = kernel.compute(op.module, runtime, positional, [Grid.of(q) for q in op.inputs], output)
         if values is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ class Kernel:
     compute: Compute
     weighted: bool = False  # a Conv/Gemm: its weight's grid is read too, and must be quantized
     keywords: tuple[str, ...] = ()  # keyword arguments taken, in the order they follow the positional ones
+    defaults: tuple[Any, ...] = ()  # where given, every keyword's default: an omitted one keeps its position
 
 
 def _functional(kind: str) -> Callable[[nn.Module], bool]:
@@ -244,6 +245,67 @@ def _average_pool(module: nn.AvgPool2d, runtime: RuntimeModel, x: torch.Tensor, 
     return pooled.view(x.shape[0], x.shape[1], *sizes)
 
 
+def _conv_transpose(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                    output: Grid) -> torch.Tensor | None:
+    """A float op in the runtime, between DQ and Q, on the dequantized input and weight; the sim's quantizer
+    follows."""
+    quantizer = module.param_quantizers["weight"]
+    weight_scale = Grid.of(quantizer).scale
+    weight = _weight_indices(module, quantizer) * quantizer.granularity.broadcast(weight_scale, module.weight.shape)
+    bias = module._parameters.get("bias")
+    return runtime.conv_transpose(args[0], weight, None if bias is None else bias.detach(), grids[0].scale,
+                                  weight_scale, module)
+
+
+class Interpolation(NamedTuple):
+    """The arguments of ``F.interpolate`` (or an ``nn.Upsample``'s), in its order."""
+
+    size: Any = None
+    scale_factor: Any = None
+    mode: str = "nearest"
+    align_corners: bool | None = None
+    recompute_scale_factor: bool | None = None
+    antialias: bool = False
+
+    @classmethod
+    def of(cls, module: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None) -> Interpolation:
+        if isinstance(module, nn.Upsample):
+            return cls(module.size, module.scale_factor, module.mode, module.align_corners,
+                       module.recompute_scale_factor)
+        return cls(*args[1:], **(kwargs or {}))
+
+    def unsupported(self) -> str:
+        """Why the emulation does not compute this resize ("" where it does)."""
+        if self.mode not in ("nearest", "bilinear") or self.antialias:
+            kind = f"{'antialiased ' if self.antialias else ''}{self.mode}"
+            return f"a {kind} resize (2-D nearest and bilinear are emulated)"
+        return ""
+
+    def geometry(self, x: torch.Tensor) -> tuple[tuple[int, int], tuple[float, float]]:
+        """The output size PyTorch gives and the float32 scales the exported Resize gives the runtime: the scale
+        factors as written, or ``output / input`` where the export writes sizes (``size``, recomputed scales)."""
+        inputs = tuple(x.shape[-2:])
+        if self.size is not None:
+            size = tuple(torch.nn.modules.utils._pair(self.size))
+        else:
+            factors = torch.nn.modules.utils._pair(self.scale_factor)
+            size = tuple(math.floor(n * float(f)) for n, f in zip(inputs, factors, strict=True))
+            if not self.recompute_scale_factor:
+                return size, tuple(float(torch.tensor(float(f), dtype=torch.float32)) for f in factors)
+        scales = (torch.tensor(size, dtype=torch.float32) / torch.tensor(inputs, dtype=torch.float32)).tolist()
+        return size, tuple(scales)
+
+
+def _resize(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+            output: Grid) -> torch.Tensor | None:
+    """A float op in the runtime, between DQ and Q (a copy for nearest); the sim's quantizer follows."""
+    call = Interpolation.of(module, args)
+    if args[0].dim() != 4:
+        return None
+    size, scales = call.geometry(args[0])
+    return runtime.resize(args[0], size, scales, call.mode, bool(call.align_corners))
+
+
 KERNELS: dict[str, Kernel] = {
     "Conv": Kernel(1, lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), _weighted(1), weighted=True),
     "Gemm": Kernel(1, lambda m: isinstance(m, nn.Linear), _weighted(-1), weighted=True),
@@ -264,9 +326,12 @@ KERNELS: dict[str, Kernel] = {
                           _hard_sigmoid),
     "HardSwish": Kernel(1, lambda m: isinstance(m, nn.Hardswish) or _functional("HardSwish")(m), _hard_swish),
     "Silu": Kernel(1, lambda m: isinstance(m, nn.SiLU) or _functional("Silu")(m), _silu),
+    "ConvTranspose": Kernel(1, lambda m: isinstance(m, nn.ConvTranspose2d), _conv_transpose, weighted=True),
+    "Resize": Kernel(1, lambda m: isinstance(m, nn.Upsample) or _functional("Resize")(m), _resize,
+                     keywords=Interpolation._fields, defaults=tuple(Interpolation())),
 }
 """The ops an integer runtime fuses into one kernel, and the float ops between Q/DQ it computes with another
-formula than PyTorch (HardSigmoid, HardSwish, SiLU), by ONNX op type."""
+formula than PyTorch (HardSigmoid, HardSwish, SiLU, ConvTranspose, bilinear Resize), by ONNX op type."""
 
 def op_kind(module: nn.Module) -> str | None:
     """The emulated op ``module`` of the sim is, if any."""

@@ -14,7 +14,7 @@ from torch import nn
 from edgequant.quantization import PerChannel, Quantizer
 from edgequant.quantization.granularity import PER_TENSOR
 from edgequant.sim.emulation.arithmetic import RuntimeModel
-from edgequant.sim.emulation.kernels import KERNELS, is_global_pool_size, op_kind, softmax_dim
+from edgequant.sim.emulation.kernels import KERNELS, Interpolation, is_global_pool_size, op_kind, softmax_dim
 from edgequant.sim.graph import FUSED_ACTIVATIONS, ModelGraph
 from edgequant.sim.ops import is_data_movement, is_pass_through, module_op_type, weight_output_axis
 from edgequant.sim.quantized_module import FunctionalOp
@@ -242,6 +242,8 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str, node: fx.Node
         return "its output is not quantized by one fused group (op → [ReLU/ReLU6] → quantizer)"
     if activation is not None and clip_bounds(activation) is None:
         return f"the bounds of its fused {module_op_type(activation)} are not known to the emulation"
+    if kind == "Resize" and (unsupported := Interpolation.of(module, node.args, node.kwargs).unsupported()):
+        return unsupported
     if kind == "Softmax" and softmax_dim(module, (*node.args, *node.kwargs.values())) is None:
         return "a softmax without an explicit dim"
     if kind == "Softmax" and any(q.symmetric for q in (*inputs, output)):
