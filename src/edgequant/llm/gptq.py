@@ -17,10 +17,12 @@ Hessian is held at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from edgequant.llm.block_inputs import BlockForwards
 from edgequant.llm.input_sharing import input_sharing_groups
+from edgequant.llm.resume import open_progress
 from edgequant.quantization import Quantizer, quantize_dequantize
 from edgequant.sim import QuantSim
 from edgequant.sim.modes import training_mode
@@ -40,13 +43,16 @@ class GptqSettings:
     """How `gptq` rounds. ``damping`` is the paper's percdamp (a fraction of the mean Hessian diagonal added to the
     diagonal, so that ``H`` inverts stably); ``act_order`` rounds the columns with the largest Hessian diagonal first;
     ``block_size`` is the number of columns between two lazy batch updates (speed only, the result is the same up to
-    float rounding); ``num_batches`` limits the calibration batches used."""
+    float rounding); ``num_batches`` limits the calibration batches used. With ``resume_dir``, each rounded layer is
+    kept there as it finishes and a rerun of the same rounding goes on from where the last one stopped
+    (`edgequant.llm.resume`)."""
 
     damping: float = 0.01
     act_order: bool = True
     block_size: int = 128
     num_batches: int | None = None
     progress: bool = True
+    resume_dir: str | Path | None = None
 
     def __post_init__(self) -> None:
         if not self.damping >= 0.0:
@@ -113,12 +119,25 @@ def gptq(sim: QuantSim, batches: Iterable[Any], settings: GptqSettings = GptqSet
             del sharing
             bar = tqdm(total=sum(len(group) for group in groups), desc="gptq", disable=not settings.progress,
                        leave=False)
-            forwards = BlockForwards(sim, list(sim.batches(data, settings.num_batches)), targets)
+            held = list(sim.batches(data, settings.num_batches))
+            forwards = BlockForwards(sim, held, targets)
+            progress = open_progress("gptq", settings, [name for group in groups for name, _ in group], held, sim)
             for group in groups:
                 bar.set_postfix_str(group[0][0])
-                hessians = _hessians(forwards, {name: (targets[name], calls) for name, calls in group})
-                for name, _ in group:
+                pending = []
+                for name, calls in group:
+                    restored = progress.restore(name, targets[name])
+                    if restored is None:
+                        pending.append((name, calls))
+                    else:
+                        report.layers.append(GptqLayer(**restored))
+                        bar.update()
+                if not pending:
+                    continue
+                hessians = _hessians(forwards, {name: (targets[name], calls) for name, calls in pending})
+                for name, _ in pending:
                     report.layers.append(_round_layer(name, targets[name], *hessians[name], settings))
+                    progress.save(name, targets[name], dataclasses.asdict(report.layers[-1]))
                     bar.update()
             bar.close()
     finally:

@@ -29,10 +29,12 @@ as AIMET always does), and layers wider than 4 bits are searched too.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +44,7 @@ from tqdm.auto import tqdm
 
 from edgequant.llm.block_inputs import BlockForwards
 from edgequant.llm.input_sharing import input_sharing_groups
+from edgequant.llm.resume import open_progress
 from edgequant.quantization import Encoding, Lpbq, PerBlock, PerChannel, PerTensor, Quantizer, quantize_dequantize
 from edgequant.sim import QuantizedModule, QuantSim
 from edgequant.sim.modes import training_mode
@@ -55,12 +58,15 @@ INPUT_MODES = ("quantized", "float")
 @dataclass(frozen=True)
 class SequentialMseSettings:
     """How `sequential_mse` searches: ``num_candidates`` ranges per scale, over the first ``num_batches`` batches
-    (None: all), with ``inputs`` from the quantized sim or the float model (`INPUT_MODES`)."""
+    (None: all), with ``inputs`` from the quantized sim or the float model (`INPUT_MODES`). With ``resume_dir``,
+    each searched layer is kept there as it finishes and a rerun of the same search goes on from where the last one
+    stopped (`edgequant.llm.resume`)."""
 
     num_candidates: int = 20
     num_batches: int | None = None
     inputs: str = "quantized"
     progress: bool = True
+    resume_dir: str | Path | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.num_candidates, bool) or not isinstance(self.num_candidates, int) or \
@@ -146,16 +152,29 @@ def sequential_mse(
                 target.first_input = None  # the order pass's tensors are no longer needed
             bar = tqdm(total=sum(len(group) for group in groups), desc="sequential MSE",
                        disable=not settings.progress, leave=False)
-            forwards = BlockForwards(sim, held, [target.name for target in order])
+            names = [target.name for target in order]
+            forwards = BlockForwards(sim, held, names)
+            progress = open_progress("sequential_mse", settings, names, held, sim)
             for group in groups:
+                pending = []
+                for target in group:
+                    restored = progress.restore(target.name, target.layer)
+                    if restored is None:
+                        pending.append(target)
+                    else:
+                        report.layers.append(SequentialMseLayer(**restored))
+                        bar.update()
+                if not pending:
+                    continue
                 group_start = time.perf_counter()
-                grams = _input_grams(sim, forwards, group, settings.inputs)
-                share = (time.perf_counter() - group_start) / len(group)
-                for target, (gram, rows) in zip(group, grams, strict=True):
+                grams = _input_grams(sim, forwards, pending, settings.inputs)
+                share = (time.perf_counter() - group_start) / len(pending)
+                for target, (gram, rows) in zip(pending, grams, strict=True):
                     layer_start = time.perf_counter()
                     result = _search(sim, target, gram, rows, settings.num_candidates)
                     result.seconds = share + time.perf_counter() - layer_start
                     report.layers.append(result)
+                    progress.save(target.name, target.layer, dataclasses.asdict(result))
                     bar.update()
             bar.close()
     finally:
