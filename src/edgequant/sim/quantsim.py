@@ -687,7 +687,7 @@ class QuantSim:
             self._emulation = None
         if runtime is None:
             return None
-        plan = plan_emulation(self.model, runtime_model(runtime))
+        plan = plan_emulation(self.model, runtime_model(runtime), self.model_input.args, self.model_input.kwargs)
         install(plan)
         self._emulation = plan
         return plan

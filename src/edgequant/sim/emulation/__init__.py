@@ -74,9 +74,10 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
 
 What stays approximate (computed by the default fake-quantized path even in emulation mode), and why:
 
-* ops whose grids are not 8-bit, or whose producers cannot be read off the fx graph (a quantized input that
-  reaches the op through a module the sim could not trace): ORT does not fuse them the same way, or the sim
-  does not know which grid the runtime sees;
+* ops whose grids are not 8-bit, or whose input no quantizer is known to produce: ORT does not fuse them the same
+  way, or the sim does not know which grid the runtime sees. Where a model is traced piece by piece (Hugging
+  Face's BERT: each layer's dense blocks are graphs of their own, the attention an untraced module with
+  intercepted ops), one run of the dummy input tells which quantizer produced each input (`provenance`);
 * ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; LayerNorm, Gelu...:
   float in ORT too, so the default sim's float32 math is already the runtime's, up to op order);
 * a softmax on a signed (int8) grid, average pools with a ``divisor_override``, 1-D/3-D ConvTranspose, other
@@ -91,7 +92,8 @@ Emulation is for evaluation: it computes under ``no_grad`` and falls back to the
 calibrates, while a quantizer involved is disabled or uncalibrated, and during ONNX export.
 
 The package is split by concern: `arithmetic` (each runtime's integer math), `kernels` (one `KERNELS` entry
-per emulated op), `planning` (which ops are emulated, and why not) and `installation` (the emulating forwards).
+per emulated op), `planning` (which ops are emulated, and why not), `provenance` (the quantizer behind each input
+where no fx graph says) and `installation` (the emulating forwards).
 """
 
 from edgequant.sim.emulation.arithmetic import (

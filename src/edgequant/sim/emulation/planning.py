@@ -15,6 +15,7 @@ from edgequant.quantization import PerChannel, Quantizer
 from edgequant.quantization.granularity import PER_TENSOR
 from edgequant.sim.emulation.arithmetic import RuntimeModel
 from edgequant.sim.emulation.kernels import KERNELS, Interpolation, is_global_pool_size, op_kind, softmax_dim
+from edgequant.sim.emulation.provenance import RecordedCall, RecordedTensor, record_calls
 from edgequant.sim.graph import FUSED_ACTIVATIONS, ModelGraph
 from edgequant.sim.ops import is_data_movement, is_pass_through, module_op_type, weight_output_axis
 from edgequant.sim.quantized_module import FunctionalOp
@@ -62,10 +63,12 @@ class EmulationPlan:
 
 
 class _GraphIndex:
-    """The sim's fx graphs (the root's and nested ones), to follow a tensor to the quantizer that produced it."""
+    """The sim's fx graphs (the root's and nested ones), to follow a tensor to the quantizer that produced it;
+    where a graph's input comes from outside every graph, the recorded call of that graph says (`provenance`)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, recorded: dict[str, RecordedCall]) -> None:
         self.model = model
+        self.recorded = recorded
         self.graphs: dict[str, fx.GraphModule] = {
             name: m for name, m in model.named_modules() if isinstance(m, fx.GraphModule)
         }
@@ -82,7 +85,8 @@ class _GraphIndex:
         return self.model.get_submodule(_join(prefix, node.target))
 
     def producer_quantizer(self, prefix: str, node: Any) -> Quantizer | None:
-        """The enabled quantizer whose output ``node`` holds (through pass-through and data-movement ops)."""
+        """The enabled quantizer whose output ``node`` (a traced node or a recorded tensor) holds, through
+        pass-through and data-movement ops and from one graph into the next."""
         while isinstance(node, fx.Node):
             if node.op == "placeholder":
                 index = [n for n in self.graphs[prefix].graph.nodes if n.op == "placeholder"].index(node)
@@ -90,6 +94,10 @@ class _GraphIndex:
                     prefix, call = self.calls[prefix]
                     node = call.args[index] if index < len(call.args) else None
                     continue
+                if prefix in self.recorded:  # a graph called by code outside every graph
+                    call = self.recorded[prefix]
+                    node = call.args[index] if index < len(call.args) else call.kwargs.get(node.target)
+                    break
                 quantizers = getattr(self.model, "model_input_quantizers", {})
                 quantizer = quantizers[str(index)] if str(index) in quantizers else None
                 return quantizer if quantizer is not None and quantizer.enabled else None
@@ -112,6 +120,8 @@ class _GraphIndex:
                 node = node.args[0] if node.args else None
                 continue
             return None
+        if isinstance(node, RecordedTensor) and node.quantizer is not None and node.quantizer.enabled:
+            return node.quantizer
         return None
 
     def through_fused_pad(self, prefix: str, node: Any, spatial_axes: int) -> Any:
@@ -137,13 +147,14 @@ class _GraphIndex:
                  and len(pads) <= 2 * spatial_axes and not value)
         return node.args[0] if fused else node
 
-    def fused_output(self, prefix: str, node: fx.Node) -> tuple[Quantizer | None, nn.Module | None]:
+    def fused_output(self, prefix: str | None, node: Any) -> tuple[Quantizer | None, nn.Module | None]:
         """The quantizer that ends ``node``'s fused group (its own, or that of the activation the graph says is
-        fused after it), and that activation; no quantizer where an unfolded BatchNorm is in between."""
-        view = self.views[prefix]
-        quantizers = getattr(self.module(prefix, node), "output_quantizers", {})
+        fused after it), and that activation; no quantizer where an unfolded BatchNorm is in between. An op
+        outside every graph (``prefix`` None: no graph says what follows it) ends with its own quantizer."""
+        quantizers = getattr(node.module if prefix is None else self.module(prefix, node), "output_quantizers", {})
         activation = None
-        for fused in view.fused_after(view.node_of(node)):
+        view = self.views[prefix] if prefix is not None else None
+        for fused in view.fused_after(view.node_of(node)) if view is not None else ():
             if "0" in quantizers:
                 break
             if module_op_type(fused.module) not in FUSED_ACTIVATIONS:
@@ -170,42 +181,70 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def plan_emulation(model: nn.Module, runtime: RuntimeModel) -> EmulationPlan:
-    """Find every op the runtime fuses into an integer kernel, with the quantizers of its inputs and output."""
+@dataclass
+class _UntracedCall:
+    """A module called outside every fx graph (a layer of a module fx could not trace, or one of its functional
+    ops, `edgequant.sim.interception`), as called with the dummy input."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+
+
+def plan_emulation(model: nn.Module, runtime: RuntimeModel, args: tuple = (), kwargs: dict | None = None
+                   ) -> EmulationPlan:
+    """Find every op the runtime fuses into an integer kernel, with the quantizers of its inputs and output.
+
+    ``model`` runs once on ``(args, kwargs)`` (the dummy input) to follow tensors where no fx graph does: from
+    one graph into another through untraced code, into the layers and ops of untraced modules (`provenance`).
+    Without an input only what the graphs show is followed."""
     plan = EmulationPlan(runtime)
-    index = _GraphIndex(model)
+    recorded = record_calls(model, args, kwargs or {}) if args or kwargs else {}
+    index = _GraphIndex(model, recorded)
+    candidates: list[tuple[str | None, Any, str, nn.Module]] = []
     for prefix, graph_module in index.graphs.items():
-        for node in graph_module.graph.nodes:
-            if node.op != "call_module":
-                continue
-            name = _join(prefix, node.target)
-            module = index.module(prefix, node)
-            kind = op_kind(module)
-            if kind is None or _by_float_constant(module, node, kind):
-                continue
-            reason = _plan_op(plan, index, prefix, node, name, module, kind)
-            if reason:
-                plan.skipped[name] = reason
+        candidates += [(prefix, node, _join(prefix, node.target), index.module(prefix, node))
+                       for node in graph_module.graph.nodes if node.op == "call_module"]
+    in_graphs = {name for _, _, name, _ in candidates}
+    for name, call in recorded.items():
+        module = model.get_submodule(name)
+        if name not in in_graphs and not isinstance(module, fx.GraphModule):
+            # torch's dispatch spells out a function's defaults (F.softmax: dtype=None, _stacklevel=3)
+            kwargs = {k: v for k, v in call.kwargs.items() if v is not None and k != "_stacklevel"}
+            candidates.append((None, _UntracedCall(module, call.args, kwargs), name, module))
+    for prefix, node, name, module in candidates:
+        kind = op_kind(module)
+        if kind is None or _by_float_constant(module, node, kind):
+            continue
+        reason = _plan_op(plan, index, prefix, node, name, module, kind)
+        if reason:
+            plan.skipped[name] = reason
     return plan
 
 
-def _by_float_constant(module: nn.Module, node: fx.Node, kind: str) -> bool:
-    """An Add/Mul of a tensor and an unquantized constant (a number, a parameter such as ConvNeXt's layer scale):
-    the export has no DQ on the constant, so the runtime computes it in float32 between DQ and Q, as the default
-    sim does: not an integer op."""
+def _is_tensor(arg: Any) -> bool:
+    return isinstance(arg, (fx.Node, RecordedTensor))
+
+
+def _by_float_constant(module: nn.Module, node: fx.Node | _UntracedCall, kind: str) -> bool:
+    """An Add/Mul of a tensor and an unquantized constant (a number, a parameter such as ConvNeXt's layer scale)
+    or a tensor that no quantizer produced (BERT's attention mask, added to the scores): the export has no DQ on
+    it, so the runtime computes it in float32 between DQ and Q, as the default sim does: not an integer op."""
     if kind not in ("Add", "Mul") or len(node.args) != 2:
         return False
     for position, arg in enumerate(node.args):
         own = module.input_quantizers[str(position)] if str(position) in module.input_quantizers else None
-        constant = not isinstance(arg, fx.Node) or arg.op == "get_attr"
+        constant = (not _is_tensor(arg) or (isinstance(arg, fx.Node) and arg.op == "get_attr")
+                    or (isinstance(arg, RecordedTensor) and arg.quantizer is None))
         if constant and (own is None or not own.enabled):
             return True
     return False
 
 
-def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str, node: fx.Node, name: str,
-             module: nn.Module, kind: str) -> str:
-    """Add ``node``'s op to the plan; returns why not where it is not emulated."""
+def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: fx.Node | _UntracedCall,
+             name: str, module: nn.Module, kind: str) -> str:
+    """Add ``node``'s op to the plan (``prefix``: its graph, None outside every graph); returns why not where
+    it is not emulated."""
     kernel = KERNELS[kind]
     if set(node.kwargs) - set(kernel.keywords):
         return "called with keyword arguments"
@@ -219,7 +258,7 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str, node: fx.Node
     elif len(args) == kernel.num_inputs + len(kernel.keywords) and kernel.keywords:  # F.leaky_relu(x, 0.2)
         args = args[:kernel.num_inputs]
     if not args or (kernel.num_inputs is not None and len(args) != kernel.num_inputs) or not all(
-            isinstance(a, fx.Node) for a in args):
+            _is_tensor(a) for a in args):
         return f"expects {kernel.num_inputs or 'a list of'} tensor input(s)"
     if kind == "Conv":
         args = (index.through_fused_pad(prefix, args[0], module.weight.dim() - 2),)

@@ -1,0 +1,108 @@
+"""Which quantizer produced each tensor argument of a module call, recorded by running the sim once.
+
+The fx graphs of a sim do not always meet: where a model is traced piece by piece (Hugging Face's BERT: each
+layer's dense blocks are graphs of their own, its attention an untraced module whose ops are intercepted at run
+time), a graph's input comes from code no graph describes. One forward of the dummy input tells what no graph
+does: every `Quantizer` call labels its output, data movement (``view``, ``transpose``, ``contiguous``...) and
+pass-through modules hand the label on, and each module's first call keeps the labels of its arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from edgequant.quantization import Quantizer
+from edgequant.sim.modes import quantizers_disabled, training_mode
+from edgequant.sim.ops import is_data_movement, is_pass_through
+from edgequant.sim.quantized_module import QuantizedModule
+
+
+@dataclass(frozen=True)
+class RecordedTensor:
+    """A tensor argument of a recorded call: the quantizer whose output it holds (None: no quantizer's)."""
+
+    quantizer: Quantizer | None
+
+
+@dataclass
+class RecordedCall:
+    """A module's first call: its arguments, each tensor replaced by a `RecordedTensor`."""
+
+    args: tuple
+    kwargs: dict
+
+
+class _Labels:
+    """Tensor → quantizer whose output it holds; the tensors are kept alive so that ids are not reused."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, tuple[torch.Tensor, Quantizer]] = {}
+
+    def of(self, value: Any) -> Quantizer | None:
+        found = self.by_id.get(id(value)) if isinstance(value, torch.Tensor) else None
+        return found[1] if found is not None else None
+
+    def label(self, output: Any, quantizer: Quantizer | None) -> None:
+        if quantizer is None:
+            return
+        for leaf in tree_flatten(output)[0]:
+            if isinstance(leaf, torch.Tensor):
+                self.by_id[id(leaf)] = (leaf, quantizer)
+
+    def recorded(self, value: Any) -> Any:
+        return RecordedTensor(self.of(value)) if isinstance(value, torch.Tensor) else value
+
+
+class _DataMovement(TorchFunctionMode):
+    """Hands the label of a data-movement call's first argument on to its outputs."""
+
+    def __init__(self, labels: _Labels) -> None:
+        super().__init__()
+        self.labels = labels
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        output = func(*args, **(kwargs or {}))
+        if args and is_data_movement(func):
+            self.labels.label(output, self.labels.of(args[0]))
+        return output
+
+
+def record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, RecordedCall]:
+    """Run ``model`` once in float on ``(args, kwargs)``; the first call of every quantized module and nested
+    graph, by name, with the quantizer behind each tensor argument."""
+    labels, calls = _Labels(), {}
+    handles = []
+
+    def before(name: str):
+        def hook(module: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
+            if name not in calls:
+                calls[name] = RecordedCall(tree_map(labels.recorded, call_args),
+                                           tree_map(labels.recorded, call_kwargs))
+
+        return hook
+
+    def after(module: nn.Module, call_args: tuple, output: Any) -> None:
+        if isinstance(module, Quantizer):
+            labels.label(output, module)
+        elif is_pass_through(module) and call_args:
+            labels.label(output, labels.of(call_args[0]))
+
+    for name, module in model.named_modules():
+        if name and isinstance(module, (QuantizedModule, fx.GraphModule)):
+            handles.append(module.register_forward_pre_hook(before(name), with_kwargs=True))
+        if isinstance(module, Quantizer) or is_pass_through(module):
+            handles.append(module.register_forward_hook(after))
+    try:
+        with torch.no_grad(), training_mode(model, False), quantizers_disabled(model), _DataMovement(labels):
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
