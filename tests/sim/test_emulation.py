@@ -651,6 +651,24 @@ def test_conv_transpose_matches_onnxruntime_on_every_input_level(tmp_path: Path,
     assert report.outputs[0].share_identical == 1.0 and report.first_difference is None
 
 
+@pytest.mark.parametrize("upsample", [
+    torch.nn.Upsample(scale_factor=2, mode="bilinear"),
+    torch.nn.UpsamplingBilinear2d(scale_factor=2),  # align_corners
+    torch.nn.Upsample(size=(20, 28), mode="bilinear"),  # exported with sizes: ORT's scales are out / in
+    torch.nn.Upsample(scale_factor=1.5, mode="nearest"),
+], ids=["bilinear", "align_corners", "size", "nearest"])
+def test_upsample_modules_are_identical_to_onnxruntime(tmp_path: Path, upsample: torch.nn.Module) -> None:
+    torch.manual_seed(0)
+    calibration = torch.randn(16, 3, 12, 12)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), upsample, torch.nn.Conv2d(8, 4, 1)).eval()
+    sim = _folded_sim(model, calibration)
+    export_onnx(sim, tmp_path, calibration[:1])
+    plan = sim.emulate("onnxruntime")
+    assert [op.kind for op in plan.ops] == ["Conv", "Resize", "Conv"]
+    report = verify(tmp_path, sim, torch.randn(8, 3, 12, 12), progress=False)
+    assert report.outputs[0].share_identical == 1.0 and report.first_difference is None
+
+
 def test_unet_is_identical_to_onnxruntime(tmp_path: Path) -> None:
     """ConvTranspose, bilinear and nearest Resize between DQ and Q, QLinearConv and QLinearConcat: every quantized
     tensor identical; the default sim rounds some outputs otherwise."""
