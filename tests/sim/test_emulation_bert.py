@@ -4,14 +4,18 @@ the pieces; the emulating sim then computes what ONNX Runtime computes, padded s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper
 
 import edgequant as eq
 from edgequant.export.verify import verify
-from edgequant.sim.emulation import plan_emulation, runtime_model
+from edgequant.sim.emulation import Grid, OnnxRuntimeCPU, plan_emulation, runtime_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,3 +77,42 @@ def test_without_an_input_the_planner_follows_the_graphs_only() -> None:
     scores = next(op for op in followed.ops if op.name == "encoder.layer.0.attention.self.matmul")
     assert scores.inputs == [sim.quantizer(f"encoder.layer.0.attention.self.{name}.output_quantizers.0")
                              for name in ("query", "key")]
+
+
+def _softmax_qdq(input_grid: tuple[float, int], output_scale: float, length: int) -> ort.InferenceSession:
+    """DQ → Softmax(axis -1) → Q on uint8 grids, which ORT fuses into its QLinearSoftmax."""
+    inits = [helper.make_tensor("x_s", TensorProto.FLOAT, [], [input_grid[0]]),
+             helper.make_tensor("x_z", TensorProto.UINT8, [], [input_grid[1]]),
+             helper.make_tensor("y_s", TensorProto.FLOAT, [], [output_scale]),
+             helper.make_tensor("y_z", TensorProto.UINT8, [], [0])]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "x_s", "x_z"], ["x_f"]),
+             helper.make_node("Softmax", ["x_f"], ["y_f"], axis=-1),
+             helper.make_node("QuantizeLinear", ["y_f", "y_s", "y_z"], ["y"])]
+    graph = helper.make_graph(nodes, "softmax", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", length])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_attention_softmax_rounds_as_onnxruntime_next_to_ties() -> None:
+    """QLinearSoftmax's last step rounds ``e·floor(1/s_y) / sum``; where that lies within a float32 step of a
+    half, the float32 rounding of the product or quotient, or the table's shift taken with a log in double, would
+    decide otherwise than ORT. Rows of attention-like scores (half of them near the maximum) are screened for such
+    outputs, and those rows compared."""
+    rng = np.random.default_rng(0)
+    runtime, compared = OnnxRuntimeCPU(), 0
+    for length, x_scale, output_scale in ((21, 0.1875, 1 / 256), (64, 0.05078125, 1 / 255), (97, 0.21875, 1 / 255)):
+        levels = rng.integers(0, 256, (200_000, length))
+        levels[:, :length // 2] = levels[:, :length // 2] // 8 + 220
+        rows = torch.from_numpy(levels).double()
+        exps = torch.exp((rows - rows.amax(-1, keepdim=True)) * x_scale)
+        ratio = exps / exps.sum(-1, keepdim=True) * math.floor(1 / np.float32(output_scale))
+        near = ((ratio - ratio.floor() - 0.5).abs() < 1e-5).any(-1)
+        levels = levels[near.numpy()].astype(np.uint8)
+        source, output = Grid(torch.tensor(x_scale), torch.tensor(-7.0), 255, False), Grid(
+            torch.tensor(output_scale), torch.tensor(0.0), 255, False)
+        expected = _softmax_qdq((x_scale, 7), output_scale, length).run(None, {"x": levels})[0]
+        emulated = runtime.softmax(source.values(torch.from_numpy(levels).float() - 7), source, output, -1)
+        assert np.array_equal(emulated.numpy(), expected)
+        compared += len(levels)
+    assert compared > 100

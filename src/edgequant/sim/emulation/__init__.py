@@ -42,9 +42,10 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
   - QLinearGlobalAveragePool: ``acc = Σ q - z_x·N``, requantized as above with
     ``M = fl32(s_x / fl32(s_y · N))``.
   - QLinearSoftmax (uint8): a float32 table ``e[d] = fl32(exp((d + shift)·s_x))`` of the distance ``d`` of each
-    level to its row's maximum (``shift`` keeps the sum below FLT_MAX), a float32 sum in order along the axis,
-    ``y = min(nearbyint(fl32(fl32(e·floor(1/s_y)) / sum)) + z_y, 255)``: the output scale is read as
-    ``1/floor(1/s_y)``, which PyTorch's softmax does not know.
+    level to its row's maximum (``shift = max(0, logf(fl32(FLT_MAX / D)) - 5) / s_x`` keeps the sum below
+    FLT_MAX), a float32 sum in order along the axis, ``y = min(nearbyint(e·floor(1/s_y) / sum) + z_y, 255)`` on
+    the exact quotient (neither product nor quotient rounded to float32: ORT's binary, checked output for
+    output): the output scale is read as ``1/floor(1/s_y)``, which PyTorch's softmax does not know.
   - HardSigmoid, HardSwish and SiLU stay float between DQ and Q in ORT, with formulas of their own:
     HardSigmoid ``clip(fl32(x · fl32(1/6)) + 0.5, 0, 1)``, HardSwish as the ONNX function body (that times
     ``x``), SiLU exported as Sigmoid (MLAS's logistic, above) and Mul. Emulated as those formulas followed by the
