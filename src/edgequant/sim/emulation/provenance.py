@@ -9,6 +9,7 @@ pass-through modules hand the label on, and each module's first call keeps the l
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,21 +41,22 @@ class RecordedCall:
 
 
 class _Labels:
-    """Tensor → quantizer whose output it holds; the tensors are kept alive so that ids are not reused."""
+    """Tensor → quantizer whose output it holds. Tensors are held weakly (the forward frees its activations as
+    usual); a label whose tensor is gone belongs to no later tensor that reuses its id."""
 
     def __init__(self) -> None:
-        self.by_id: dict[int, tuple[torch.Tensor, Quantizer]] = {}
+        self.by_id: dict[int, tuple[weakref.ref, Quantizer]] = {}
 
     def of(self, value: Any) -> Quantizer | None:
         found = self.by_id.get(id(value)) if isinstance(value, torch.Tensor) else None
-        return found[1] if found is not None else None
+        return found[1] if found is not None and found[0]() is value else None
 
     def label(self, output: Any, quantizer: Quantizer | None) -> None:
         if quantizer is None:
             return
         for leaf in tree_flatten(output)[0]:
             if isinstance(leaf, torch.Tensor):
-                self.by_id[id(leaf)] = (leaf, quantizer)
+                self.by_id[id(leaf)] = (weakref.ref(leaf), quantizer)
 
     def recorded(self, value: Any) -> Any:
         return RecordedTensor(self.of(value)) if isinstance(value, torch.Tensor) else value
