@@ -50,6 +50,11 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
     HardSigmoid ``clip(fl32(x · fl32(1/6)) + 0.5, 0, 1)``, HardSwish as the ONNX function body (that times
     ``x``), SiLU exported as Sigmoid (MLAS's logistic, above) and Mul. Emulated as those formulas followed by the
     sim's output quantizer (PyTorch's HardSwish and SiLU round a few levels otherwise, mostly at tiny scales).
+  - LayerNormalization stays float between DQ and Q, in its own order: the mean summed in double and rounded,
+    ``d = fl32(x - mean)``, ``Σd²`` in 8 float32 FMA lanes added pairwise, ``inv = 1/sqrtf(Σd²/n + eps)``,
+    ``y = fma(fl32(d·inv), scale, bias)`` (a third of its float outputs differ from PyTorch's ``layer_norm`` in the
+    last bit; on BERT that flipped about one 8-bit output in a few million, and the next layers spread it).
+    Emulated for a length that is a multiple of 8, followed by the sim's output quantizer.
   - ConvTranspose (2-D) stays float between DQ and Q (``cpu/nn/conv_transpose.cc``): per group an MLAS SGEMM
     ``col = W^T·X`` on the dequantized tensors (each slice of 128 input channels an FMA chain from zero, the
     slices added in order), ``Col2im`` adding each kernel tap's column into the zeroed output in row-major tap
@@ -79,8 +84,9 @@ What stays approximate (computed by the default fake-quantized path even in emul
   way, or the sim does not know which grid the runtime sees. Where a model is traced piece by piece (Hugging
   Face's BERT: each layer's dense blocks are graphs of their own, the attention an untraced module with
   intercepted ops), one run of the dummy input tells which quantizer produced each input (`provenance`);
-* ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; LayerNorm, Gelu...:
-  float in ORT too, so the default sim's float32 math is already the runtime's, up to op order);
+* ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; Gelu...: float in ORT
+  too, so the default sim's float32 math is already the runtime's, up to op order), a LayerNorm whose length is not
+  a multiple of 8 or that normalises more than the last axis;
 * a softmax on a signed (int8) grid, average pools with a ``divisor_override``, 1-D/3-D ConvTranspose, other
   Resize modes (bicubic, area, antialiased);
 * on CPUs without AVX-512 VNNI / AVX-VNNI, ORT's u8s8 kernels use ``vpmaddubsw``, whose int16 pair sums

@@ -55,11 +55,15 @@ def _weight_indices(module: nn.Module, quantizer: Quantizer) -> torch.Tensor:
     return torch.clamp(torch.round(weight / scale), low, low + grid.num_steps)
 
 
+def _layer_class(module: nn.Module) -> type:
+    """The class whose forward the quantized ``module`` runs (the user's subclass, or the torch layer)."""
+    return next(c for c in type(module).__mro__[1:] if "forward" in vars(c) and not issubclass(c, QuantizedModule))
+
+
 def _float_forward(module: nn.Module, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The layer's own (unquantized) forward on integer indices, with integer weights and no bias: keeps what a
     subclass adds around the convolution (e.g. the static "same" padding of EfficientNet's convs)."""
-    layer_class = next(c for c in type(module).__mro__[1:]
-                       if "forward" in vars(c) and not issubclass(c, QuantizedModule))
+    layer_class = _layer_class(module)
     saved = dict(module._parameters)
     module._parameters["weight"] = weights
     if "bias" in saved:
@@ -176,6 +180,28 @@ def _hard_swish(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: li
 def _silu(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid], output: Grid) -> torch.Tensor:
     """Exported as Sigmoid and Mul, both float in the runtime (its own logistic); the sim's quantizer follows."""
     return args[0] * runtime.sigmoid(args[0])
+
+
+def _is_layer_norm(module: nn.Module) -> bool:
+    """A LayerNorm running torch's own forward (a subclass that permutes first, as ConvNeXt's, normalises another
+    axis than the one the runtime's kernel is modelled on)."""
+    return isinstance(module, nn.LayerNorm) and _layer_class(module).forward is nn.LayerNorm.forward
+
+
+def _layer_norm(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                output: Grid) -> torch.Tensor | None:
+    """A float op between DQ and Q in the runtime, with its own order of operations, on the scale as the export's
+    DQ gives it; the sim's quantizer follows. Other shapes and a quantized bias take the default path."""
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    quantizers = module.param_quantizers
+    scale_quantizer = quantizers["weight"] if "weight" in quantizers and quantizers["weight"].enabled else None
+    if weight is None or tuple(module.normalized_shape) != (args[0].shape[-1],) or (
+            "bias" in quantizers and quantizers["bias"].enabled) or (
+            scale_quantizer is not None and scale_quantizer.scale is None):
+        return None
+    if scale_quantizer is not None:
+        weight = Grid.of(scale_quantizer).values(_weight_indices(module, scale_quantizer))
+    return runtime.layer_norm(args[0], weight.detach(), None if bias is None else bias.detach(), module.eps)
 
 
 def _leaky_relu(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
@@ -326,12 +352,13 @@ KERNELS: dict[str, Kernel] = {
                           _hard_sigmoid),
     "HardSwish": Kernel(1, lambda m: isinstance(m, nn.Hardswish) or _functional("HardSwish")(m), _hard_swish),
     "Silu": Kernel(1, lambda m: isinstance(m, nn.SiLU) or _functional("Silu")(m), _silu),
+    "LayerNormalization": Kernel(1, _is_layer_norm, _layer_norm),
     "ConvTranspose": Kernel(1, lambda m: isinstance(m, nn.ConvTranspose2d), _conv_transpose, weighted=True),
     "Resize": Kernel(1, lambda m: isinstance(m, nn.Upsample) or _functional("Resize")(m), _resize,
                      keywords=Interpolation._fields, defaults=tuple(Interpolation())),
 }
 """The ops an integer runtime fuses into one kernel, and the float ops between Q/DQ it computes with another
-formula than PyTorch (HardSigmoid, HardSwish, SiLU, ConvTranspose, bilinear Resize), by ONNX op type."""
+formula than PyTorch (HardSigmoid, HardSwish, SiLU, ConvTranspose, bilinear Resize, LayerNorm), by ONNX op type."""
 
 def op_kind(module: nn.Module) -> str | None:
     """The emulated op ``module`` of the sim is, if any."""
