@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torchvision
 from onnx import TensorProto, helper, numpy_helper
 
 import edgequant as eq
@@ -142,3 +143,32 @@ def test_layer_norm_is_onnxruntimes_float_kernel(width: int, with_bias: bool) ->
     assert np.array_equal(emulated.numpy(), expected)
     pytorch = torch.nn.functional.layer_norm(torch.from_numpy(x), (width,), torch.from_numpy(scale), bias_tensor, 1e-12)
     assert not np.array_equal(pytorch.numpy(), expected)
+
+
+class _ChannelsLastBlock(torch.nn.Module):
+    """ConvNeXt's block order: a depthwise conv, a permute module the sim knows nothing of, then LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.permute = torchvision.ops.misc.Permute([0, 2, 3, 1])
+        self.norm = torch.nn.LayerNorm(16, eps=1e-6)
+        self.head = torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.permute(self.conv(x))))
+
+
+def test_layer_norm_reads_values_whatever_grid_they_come_from(tmp_path: Path) -> None:
+    """A float op between DQ and Q needs no input grid: the LayerNorm after an unknown module is emulated too."""
+    torch.manual_seed(0)
+    model = _ChannelsLastBlock().eval()
+    torch.nn.init.uniform_(model.norm.weight, 0.5, 1.5)
+    data = torch.randn(64, 16, 8, 8)
+    sim = eq.QuantSim(model, data[:1], config="per_channel")
+    sim.calibrate(data.split(32), progress=False)
+    sim.export(tmp_path, data[:1])
+    plan = sim.emulate("onnxruntime")
+    assert not plan.skipped and "norm" in {op.name for op in plan.ops}
+    report = verify(tmp_path, sim, torch.randn(64, 16, 8, 8), progress=False)
+    assert report.first_difference is None and report.outputs[0].share_identical == 1.0

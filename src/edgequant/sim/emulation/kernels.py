@@ -36,6 +36,7 @@ class Kernel:
     weighted: bool = False  # a Conv/Gemm: its weight's grid is read too, and must be quantized
     keywords: tuple[str, ...] = ()  # keyword arguments taken, in the order they follow the positional ones
     defaults: tuple[Any, ...] = ()  # where given, every keyword's default: an omitted one keeps its position
+    float_inputs: bool = False  # a float op between DQ and Q: reads its inputs' values, whatever grid they are on
 
 
 def _functional(kind: str) -> Callable[[nn.Module], bool]:
@@ -352,7 +353,7 @@ KERNELS: dict[str, Kernel] = {
                           _hard_sigmoid),
     "HardSwish": Kernel(1, lambda m: isinstance(m, nn.Hardswish) or _functional("HardSwish")(m), _hard_swish),
     "Silu": Kernel(1, lambda m: isinstance(m, nn.SiLU) or _functional("Silu")(m), _silu),
-    "LayerNormalization": Kernel(1, _is_layer_norm, _layer_norm),
+    "LayerNormalization": Kernel(1, _is_layer_norm, _layer_norm, float_inputs=True),
     "ConvTranspose": Kernel(1, lambda m: isinstance(m, nn.ConvTranspose2d), _conv_transpose, weighted=True),
     "Resize": Kernel(1, lambda m: isinstance(m, nn.Upsample) or _functional("Resize")(m), _resize,
                      keywords=Interpolation._fields, defaults=tuple(Interpolation())),

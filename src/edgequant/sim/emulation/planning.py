@@ -263,7 +263,7 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
     if kind == "Conv":
         args = (index.through_fused_pad(prefix, args[0], module.weight.dim() - 2),)
     inputs = []
-    for position, arg in enumerate(args):
+    for position, arg in enumerate(() if kernel.float_inputs else args):  # a float op needs no input grid
         key = str(position) if kernel.num_inputs is not None else None  # a list's own quantizers are not per item
         own = module.input_quantizers[key] if key in module.input_quantizers else None
         quantizer = own if own is not None and own.enabled else index.producer_quantizer(prefix, arg)
