@@ -172,3 +172,27 @@ def test_layer_norm_reads_values_whatever_grid_they_come_from(tmp_path: Path) ->
     assert not plan.skipped and "norm" in {op.name for op in plan.ops}
     report = verify(tmp_path, sim, torch.randn(64, 16, 8, 8), progress=False)
     assert report.first_difference is None and report.outputs[0].share_identical == 1.0
+
+
+class _SharedLayer(torch.nn.Module):
+    """An untraceable forward (it branches on a value) that calls one Linear on the outputs of two others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.shared = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1e9:
+            return self.shared(self.first(x)) * 2.0 + self.shared(self.second(x))
+        return x
+
+
+def test_a_layer_called_on_inputs_of_several_quantizers_is_not_emulated() -> None:
+    """One emulated forward serves every call of a module: it must read one input grid in all of them."""
+    torch.manual_seed(0)
+    data = torch.randn(32, 8)
+    sim = eq.QuantSim(_SharedLayer().eval(), data[:1], config="per_channel")
+    sim.calibrate([data], progress=False)
+    plan = sim.emulate("onnxruntime")
+    assert {op.name for op in plan.ops} >= {"first", "second"}
+    assert "called more than once" in plan.skipped["shared"]

@@ -97,6 +97,7 @@ class _GraphIndex:
                 if prefix in self.recorded:  # a graph called by code outside every graph
                     call = self.recorded[prefix]
                     node = call.args[index] if index < len(call.args) else call.kwargs.get(node.target)
+                    node = node if call.uniform else None  # called again with inputs of other quantizers
                     break
                 quantizers = getattr(self.model, "model_input_quantizers", {})
                 quantizer = quantizers[str(index)] if str(index) in quantizers else None
@@ -189,6 +190,7 @@ class _UntracedCall:
     module: nn.Module
     args: tuple
     kwargs: dict
+    uniform: bool
 
 
 def plan_emulation(model: nn.Module, runtime: RuntimeModel, args: tuple = (), kwargs: dict | None = None
@@ -211,7 +213,7 @@ def plan_emulation(model: nn.Module, runtime: RuntimeModel, args: tuple = (), kw
         if name not in in_graphs and not isinstance(module, fx.GraphModule):
             # torch's dispatch spells out a function's defaults (F.softmax: dtype=None, _stacklevel=3)
             kwargs = {k: v for k, v in call.kwargs.items() if v is not None and k != "_stacklevel"}
-            candidates.append((None, _UntracedCall(module, call.args, kwargs), name, module))
+            candidates.append((None, _UntracedCall(module, call.args, kwargs, call.uniform), name, module))
     for prefix, node, name, module in candidates:
         kind = op_kind(module)
         if kind is None or _by_float_constant(module, node, kind):
@@ -246,6 +248,8 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
     """Add ``node``'s op to the plan (``prefix``: its graph, None outside every graph); returns why not where
     it is not emulated."""
     kernel = KERNELS[kind]
+    if isinstance(node, _UntracedCall) and not node.uniform:
+        return "called more than once, with inputs from other quantizers (one emulated forward serves every call)"
     if set(node.kwargs) - set(kernel.keywords):
         return "called with keyword arguments"
     args = node.args

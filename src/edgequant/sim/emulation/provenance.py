@@ -34,10 +34,12 @@ class RecordedTensor:
 
 @dataclass
 class RecordedCall:
-    """A module's first call: its arguments, each tensor replaced by a `RecordedTensor`."""
+    """A module's first call: its arguments, each tensor replaced by a `RecordedTensor`; ``uniform``: every later
+    call in the run was alike (the same quantizers behind its tensors), so one emulated forward serves them all."""
 
     args: tuple
     kwargs: dict
+    uniform: bool = True
 
 
 class _Labels:
@@ -78,15 +80,16 @@ class _DataMovement(TorchFunctionMode):
 
 def record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, RecordedCall]:
     """Run ``model`` once in float on ``(args, kwargs)``; the first call of every quantized module and nested
-    graph, by name, with the quantizer behind each tensor argument."""
+    graph, by name, with the quantizer behind each tensor argument (and whether later calls were alike)."""
     labels, calls = _Labels(), {}
     handles = []
 
     def before(name: str):
         def hook(module: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
-            if name not in calls:
-                calls[name] = RecordedCall(tree_map(labels.recorded, call_args),
-                                           tree_map(labels.recorded, call_kwargs))
+            call = RecordedCall(tree_map(labels.recorded, call_args), tree_map(labels.recorded, call_kwargs))
+            first = calls.setdefault(name, call)
+            if first is not call and (first.args, first.kwargs) != (call.args, call.kwargs):
+                first.uniform = False
 
         return hook
 
