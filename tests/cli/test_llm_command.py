@@ -4,6 +4,7 @@ option."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -219,3 +220,33 @@ def test_recipe_choices_and_their_summaries_come_from_the_library():
     for name, recipe in RECIPES.items():
         assert "".join(f"{name}: {recipe.summary}".split()) in help_text
 
+
+
+def test_a_recipe_with_techniques_resumes_from_its_progress_folder(model_folder, tmp_path, monkeypatch):
+    interrupted = tmp_path / "interrupted"
+    gptq_module = importlib.import_module("edgequant.llm.gptq")
+    original, rounded = gptq_module._round_layer, []
+
+    def round_four(*args, **kwargs):
+        if len(rounded) == 4:
+            raise KeyboardInterrupt
+        rounded.append(1)
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gptq_module, "_round_layer", round_four)
+        first = _run(model_folder, "--recipe", "w4a16-lpbq-gptq", "--block-size", "32", "--output", interrupted,
+                     *SMALL)
+    assert first.exit_code == 1  # the interruption, as Ctrl-C ends a command
+    assert "run the same command again" in first.output
+    assert len(list((interrupted / "progress" / "gptq").glob("layer_*.pt"))) == 4
+
+    resumed = _run(model_folder, "--recipe", "w4a16-lpbq-gptq", "--block-size", "32", "--output", interrupted,
+                   *SMALL)
+    assert resumed.exit_code == 0, resumed.output
+    assert not (interrupted / "progress").exists()  # sim.pt holds the result
+    whole = _run(model_folder, "--recipe", "w4a16-lpbq-gptq", "--block-size", "32", "--output", tmp_path / "whole",
+                 *SMALL)
+    assert whole.exit_code == 0, whole.output
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (interrupted, tmp_path / "whole")]
+    assert summaries[0]["perplexity"] == summaries[1]["perplexity"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from edgequant.llm import (
 
 DEFAULT_RECIPE = inspect.signature(quantize).parameters["recipe"].default
 DEFAULT_PROMPT = "The for statement is used to iterate over the elements of a sequence"
+PROGRESS_FOLDER = "progress"  # in --output: the finished layers of a recipe's techniques, until sim.pt is written
 PYDOC_SOURCE = "pydoc {side} topics (Python's own help text)"
 
 
@@ -104,9 +106,13 @@ def llm(model_path: Path, calibration: Path | None, evaluation: Path | None, rec
     with _naming("--output"):  # before the long part, which a folder that cannot be written would waste
         out_dir.mkdir(parents=True, exist_ok=True)
 
+    resume_dir = out_dir / PROGRESS_FOLDER if chosen.techniques else None
+    if resume_dir is not None:
+        click.echo(f"{' and '.join(chosen.techniques)} keep their finished layers in {resume_dir}: after an "
+                   f"interruption, run the same command again to go on from there")
     started = time.perf_counter()
     sim = quantize(model, calibration_ids, recipe=recipe, block_size=block_size, kv_cache_bw=kv_cache_bits,
-                   lm_head_bw=lm_head_bits, progress=not quiet)
+                   lm_head_bw=lm_head_bits, progress=not quiet, resume_dir=resume_dir)
     timings["calibrate_s"] = time.perf_counter() - started
     click.echo(f"calibrated on {_described(calibration_ids, calibration_source)} in {timings['calibrate_s']:.2f} s")
 
@@ -161,6 +167,8 @@ def llm(model_path: Path, calibration: Path | None, evaluation: Path | None, rec
     files = [out_dir / "summary.json", out_dir / "sim.pt"]
     files[0].write_text(json.dumps(summary, indent=1))
     sim.save(files[1])
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir)  # the sim state holds the result now
     click.echo(f"wrote {', '.join(str(file) for file in files)}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ class KvCacheQuantizers:
 def quantize(model: nn.Module, calibration_ids: torch.Tensor | Iterable[torch.Tensor], *, recipe: str = "w4a16-lpbq",
              block_size: int = 64, kv_cache_bw: int | None = None, lm_head_bw: int | None = None,
              config: str = "htp", batch_size: int = 1, technique_batches: int | None = 4,
-             progress: bool = True) -> QuantSim:
+             progress: bool = True, resume_dir: str | Path | None = None) -> QuantSim:
     """A calibrated `QuantSim` of the causal LM ``model`` (which is not modified) for the named ``recipe``.
 
     ``calibration_ids`` is a LongTensor ``[N, T]`` of token ids (run ``batch_size`` sequences at a time) or an
@@ -41,7 +42,9 @@ def quantize(model: nn.Module, calibration_ids: torch.Tensor | Iterable[torch.Te
     that many bits (None: the activations' bitwidth). ``lm_head_bw`` gives ``lm_head`` per-channel weights of that
     many bits instead of the recipe's (targets often keep it at 8 bits). The recipe's transforms (rotation,
     smoothing, AWQ) and techniques (sequential MSE, GPTQ) use the first ``technique_batches`` batches (None: all);
-    the activations are calibrated again after the techniques."""
+    the activations are calibrated again after the techniques. With ``resume_dir``, each technique keeps its finished
+    layers in a folder of that name there, so that the same call run again after an interruption goes on from the
+    next layer (`edgequant.llm.resume`)."""
     chosen = recipe_named(recipe)
     batches = list(_id_batches(calibration_ids, batch_size))
     if not batches:
@@ -58,17 +61,18 @@ def quantize(model: nn.Module, calibration_ids: torch.Tensor | Iterable[torch.Te
     sim.calibrate(batches, progress=progress)
     if chosen.techniques:
         for technique in chosen.techniques:
-            TECHNIQUES[technique](sim, batches[:technique_batches], progress)
+            TECHNIQUES[technique](sim, batches[:technique_batches], progress,
+                                  None if resume_dir is None else Path(resume_dir) / technique)
         sim.calibrate(batches, progress=progress)  # the activations of the new weights
     return sim
 
 
-def _sequential_mse(sim: QuantSim, batches: list[torch.Tensor], progress: bool) -> None:
-    sequential_mse(sim, batches, SequentialMseSettings(progress=progress))
+def _sequential_mse(sim: QuantSim, batches: list[torch.Tensor], progress: bool, resume_dir: Path | None) -> None:
+    sequential_mse(sim, batches, SequentialMseSettings(progress=progress, resume_dir=resume_dir))
 
 
-def _gptq(sim: QuantSim, batches: list[torch.Tensor], progress: bool) -> None:
-    gptq(sim, batches, GptqSettings(progress=progress))
+def _gptq(sim: QuantSim, batches: list[torch.Tensor], progress: bool, resume_dir: Path | None) -> None:
+    gptq(sim, batches, GptqSettings(progress=progress, resume_dir=resume_dir))
 
 
 TECHNIQUES = {"seqmse": _sequential_mse, "gptq": _gptq}
