@@ -53,7 +53,8 @@ def test_prepared_model_computes_the_float_function_and_leaves_the_users_model_a
 @pytest.mark.parametrize("recipe, grid, bits", [("w8a16", PerChannel, 8), ("w8a16-rotated", PerChannel, 8),
                                                 ("w4a16", PerChannel, 4),
                                                 ("w4a16-block", PerBlock, 4), ("w4a16-lpbq", Lpbq, 4),
-                                                ("w4a16-rotated-gptq", Lpbq, 4)])
+                                                ("w4a16-rotated-gptq", Lpbq, 4),
+                                                ("w4a16-rotated-seqmse-gptq", Lpbq, 4)])
 def test_recipes_put_every_linear_lm_head_included_on_their_grid(recipe, grid, bits, ids) -> None:
     sim = llm.quantize(tiny_llama(), ids, recipe=recipe, block_size=16, progress=False)
     weights = {q.owner: q for q in sim.quantizers("param").values()}

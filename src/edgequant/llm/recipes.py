@@ -46,6 +46,8 @@ RECIPES: dict[str, Recipe] = {
                summary="w4a16-lpbq on the model rotated by Hadamard matrices (QuaRot R1 and R2)"),
         Recipe("w4a16-rotated-gptq", 4, "lpbq", transforms=("rotate",), techniques=("gptq",),
                summary="w4a16-lpbq on the rotated model, weights rounded by GPTQ"),
+        Recipe("w4a16-rotated-seqmse-gptq", 4, "lpbq", transforms=("rotate",), techniques=("seqmse", "gptq"),
+               summary="w4a16-lpbq on the rotated model, block scales by sequential MSE, then weights rounded by GPTQ"),
         Recipe("w4a16-lpbq-awq", 4, "lpbq", transforms=("awq",),
                summary="w4a16-lpbq after AWQ's activation-aware weight scaling"),
         Recipe("w4a16-lpbq-awq-gptq", 4, "lpbq", transforms=("awq",), techniques=("gptq",),
