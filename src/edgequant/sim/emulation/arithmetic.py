@@ -146,6 +146,38 @@ class RuntimeModel(ABC):
         computes what PyTorch does."""
         return None
 
+    def float_softmax(self, values: torch.Tensor) -> torch.Tensor | None:
+        """A float Softmax over the last axis of float32 values (between DQ and Q, where the runtime does not fuse
+        a QLinearSoftmax), before the output's quantizer; None where the runtime computes what PyTorch does."""
+        return None
+
+    def rms_norm(self, values: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+        """Llama's RMSNorm ``weight · x / sqrt(mean(x²) + eps)`` over the last axis of float32 values, before the
+        output's quantizer; None where the runtime computes what PyTorch does."""
+        return None
+
+
+def eigen_sum_float32(values: torch.Tensor) -> torch.Tensor | None:
+    """The float32 sum over the last axis in the order of Eigen's vectorised ``sum()`` on SSE packets of 4 (what
+    ORT's CPU reductions call, e.g. ReduceMean over the last axis): two packet accumulators over alternate
+    packets, added, an odd last packet added, then the lanes as ``(l0 + l2) + (l1 + l3)``. Rows must start on a
+    16-byte boundary for that order (Eigen sums a misaligned head apart): None unless the length is a multiple
+    of 4."""
+    length = values.shape[-1]
+    if length % 4:
+        return None
+    packets = values.float().unflatten(-1, (length // 4, 4))
+    first = packets[..., 0, :].clone()
+    if length >= 8:
+        second = packets[..., 1, :].clone()
+        for pair in range(1, length // 8):
+            first += packets[..., 2 * pair, :]
+            second += packets[..., 2 * pair + 1, :]
+        first += second
+        if (length // 4) % 2:
+            first += packets[..., -1, :]
+    return (first[..., 0] + first[..., 2]) + (first[..., 1] + first[..., 3])
+
 
 def scalar_operand(a: torch.Size, b: torch.Size) -> int | None:
     """Which operand of a broadcast binary op ONNX Runtime's broadcaster hands to the kernel as one scalar per
@@ -327,6 +359,24 @@ class OnnxRuntimeCPU(RuntimeModel):
         normalized = deviation * inverse
         return normalized * weight if bias is None else fma_float32(normalized, weight.float(), bias.float())
 
+    def float_softmax(self, values: torch.Tensor) -> torch.Tensor | None:
+        # MLAS's softmax (AVX-512F kernels): the row's maximum, e = MLAS's exp of fl32(x - max), summed in
+        # 16 float32 lanes and reduced, each e times fl32(1 / sum)
+        exponentials = mlas_exp(values.float() - values.float().amax(-1, keepdim=True))
+        return exponentials * torch.reciprocal(_mlas_lane_sum(exponentials)).unsqueeze(-1)
+
+    def rms_norm(self, values: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+        # exported as Pow(x, 2), ReduceMean, Add eps, Sqrt, Div(1, ·), Mul by x, Mul by the scale; ORT's
+        # DivMulFusion makes it x / sqrt: all float32 and correctly rounded (x·x, sqrtf, the division), except
+        # ReduceMean's sum (Eigen's order, `eigen_sum_float32`) divided by the length. PyTorch's x·rsqrt(...)
+        # rounds otherwise.
+        x = values.float()
+        sums = eigen_sum_float32(x * x)
+        if sums is None:
+            return None
+        variance = (sums / x.shape[-1]).unsqueeze(-1) + torch.tensor(eps, dtype=torch.float32)
+        return weight.float() * (x / variance.double().sqrt_().float())
+
 
 MLAS_SGEMM_STRIDE_K = 128
 """MLAS's SGEMM sums the reduction in slices of this length when the filter is transposed (its A panel)."""
@@ -501,6 +551,47 @@ _LOGISTIC_ALPHA = torch.tensor([4.37031012579801e-11, 1.15627324459942e-07, 6.08
                                 8.51377133304701e-03, 2.48287947061529e-01])
 _LOGISTIC_BETA = torch.tensor([6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06,
                                1.70198817374094e-03, 1.16817656904453e-01, 9.93151921023180e-01])
+
+
+_EXP_LOWER_RANGE = -103.9720840454
+_EXP_ROUNDING_BIAS = 12582912.0
+_EXP_LOG2_RECIPROCAL = 1.44269504088896341
+_EXP_LOG2_HIGH, _EXP_LOG2_LOW = -6.93145752e-1, -1.42860677e-6
+_EXP_POLYNOMIAL = (*map(float.fromhex, ("0x1.694p-10", "0x1.125edcp-7", "0x1.555b5ap-5", "0x1.55545p-3",
+                                         "0x1.fffff6p-2")), 1.0, 1.0)
+
+
+def _float32(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def mlas_exp(values: torch.Tensor) -> torch.Tensor:
+    """MLAS's float32 exp (``TransKernelAvx512F.S``, as its softmax computes it): clamp below at -103.97,
+    ``m = fl32(fma(x, 1/ln2, 1.5·2**23)) - 1.5·2**23``, ``r = fma(m, -ln2_low, fma(m, -ln2_high, x))``, a
+    degree-6 polynomial in FMA steps and ``p·2**m`` rounded once (``vscalefps``)."""
+    x = torch.maximum(values.float(), _float32(_EXP_LOWER_RANGE))
+    bias = _float32(_EXP_ROUNDING_BIAS)
+    m = fma_float32(x, _float32(_EXP_LOG2_RECIPROCAL), bias) - bias
+    r = fma_float32(m, _float32(_EXP_LOG2_LOW), fma_float32(m, _float32(_EXP_LOG2_HIGH), x))
+    p = torch.full_like(r, _EXP_POLYNOMIAL[0])
+    for coefficient in _EXP_POLYNOMIAL[1:]:
+        p = fma_float32(p, r, _float32(coefficient))
+    return (p.double() * torch.exp2(m.double())).float()
+
+
+def _mlas_lane_sum(values: torch.Tensor) -> torch.Tensor:
+    """The float32 sum over the last axis as MLAS's AVX-512F sum-of-exp kernel accumulates it: element i into
+    lane i mod 16 in order, then the lanes as ``((s0+s1)+(s2+s3)) + ((s4+s5)+(s6+s7))`` with
+    ``s_l = l_{l+8} + l_l``."""
+    padded = torch.nn.functional.pad(values.float(), (0, -values.shape[-1] % 16))
+    blocks = padded.unflatten(-1, (-1, 16))
+    lanes = torch.zeros_like(blocks[..., 0, :])
+    for block in range(blocks.shape[-2]):
+        lanes += blocks[..., block, :]
+    halves = lanes[..., 8:] + lanes[..., :8]
+    pairs = halves[..., 0::2] + halves[..., 1::2]
+    quads = pairs[..., 0::2] + pairs[..., 1::2]
+    return quads[..., 0] + quads[..., 1]
 
 
 def mlas_logistic(values: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,18 @@ def _softmax(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[
     return output.values(runtime.softmax(args[0], grids[0], output, softmax_dim(module, args)))
 
 
+def _is_masked_softmax(module: nn.Module) -> bool:
+    """``softmax(scores + mask)`` over the last axis as one op (`edgequant.llm.attention`'s ``masked_softmax``):
+    the export adds the float mask between DQ and Softmax, so the runtime runs a float Softmax, not QLinearSoftmax."""
+    return _functional("Softmax")(module) and getattr(module.target, "__name__", "") == "masked_softmax"
+
+
+def _masked_softmax(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                    output: Grid) -> torch.Tensor | None:
+    """The float32 Add of the mask, then the runtime's float Softmax; the sim's quantizer follows."""
+    return runtime.float_softmax(args[0] + args[1])
+
+
 def _hard_sigmoid(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
                   output: Grid) -> torch.Tensor:
     """A float op in the runtime, between DQ and Q, with its own formula; the sim's quantizer follows."""
@@ -203,6 +215,25 @@ def _layer_norm(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: li
     if scale_quantizer is not None:
         weight = Grid.of(scale_quantizer).values(_weight_indices(module, scale_quantizer))
     return runtime.layer_norm(args[0], weight.detach(), None if bias is None else bias.detach(), module.eps)
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    """A Hugging Face Llama-style RMSNorm (``weight · x·rsqrt(mean(x²) + variance_epsilon)``) that
+    `edgequant.llm.prepare_causal_lm` names RMSNormalization; Gemma's ``(1 + weight)`` norm keeps ``eps``."""
+    return getattr(module, "onnx_op_type", None) == "RMSNormalization" and hasattr(module, "variance_epsilon")
+
+
+def _rms_norm(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+              output: Grid) -> torch.Tensor | None:
+    """Float ops between DQ and Q in the runtime, in their exported order, on the scale as the export's DQ gives
+    it; the sim's quantizer follows."""
+    quantizer = module.param_quantizers["weight"] if "weight" in module.param_quantizers else None
+    weight = module._parameters["weight"].detach()
+    if quantizer is not None and quantizer.enabled:
+        if quantizer.scale is None:
+            return None
+        weight = Grid.of(quantizer).values(_weight_indices(module, quantizer))
+    return runtime.rms_norm(args[0], weight, module.variance_epsilon)
 
 
 def _leaky_relu(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
@@ -347,19 +378,22 @@ KERNELS: dict[str, Kernel] = {
     "LeakyRelu": Kernel(1, lambda m: isinstance(m, nn.LeakyReLU) or _functional("LeakyRelu")(m), _leaky_relu,
                         keywords=("negative_slope",)),
     "Concat": Kernel(None, _functional("Concat"), _concat, keywords=("dim",)),
-    "Softmax": Kernel(1, lambda m: isinstance(m, nn.Softmax) or _functional("Softmax")(m), _softmax,
-                      keywords=("dim",)),
+    "Softmax": Kernel(1, lambda m: isinstance(m, nn.Softmax) or (_functional("Softmax")(m) and not
+                      _is_masked_softmax(m)), _softmax, keywords=("dim",)),
+    "MaskedSoftmax": Kernel(2, _is_masked_softmax, _masked_softmax, float_inputs=True),
     "HardSigmoid": Kernel(1, lambda m: isinstance(m, nn.Hardsigmoid) or _functional("HardSigmoid")(m),
                           _hard_sigmoid),
     "HardSwish": Kernel(1, lambda m: isinstance(m, nn.Hardswish) or _functional("HardSwish")(m), _hard_swish),
-    "Silu": Kernel(1, lambda m: isinstance(m, nn.SiLU) or _functional("Silu")(m), _silu),
+    "Silu": Kernel(1, lambda m: isinstance(m, nn.SiLU) or getattr(m, "onnx_op_type", None) == "Silu", _silu),
     "LayerNormalization": Kernel(1, _is_layer_norm, _layer_norm, float_inputs=True),
+    "RMSNormalization": Kernel(1, _is_rms_norm, _rms_norm, float_inputs=True),
     "ConvTranspose": Kernel(1, lambda m: isinstance(m, nn.ConvTranspose2d), _conv_transpose, weighted=True),
     "Resize": Kernel(1, lambda m: isinstance(m, nn.Upsample) or _functional("Resize")(m), _resize,
                      keywords=Interpolation._fields, defaults=tuple(Interpolation())),
 }
 """The ops an integer runtime fuses into one kernel, and the float ops between Q/DQ it computes with another
-formula than PyTorch (HardSigmoid, HardSwish, SiLU, ConvTranspose, bilinear Resize, LayerNorm), by ONNX op type."""
+formula than PyTorch (HardSigmoid, HardSwish, SiLU, ConvTranspose, bilinear Resize, LayerNorm, RMSNorm), by ONNX op
+type."""
 
 def op_kind(module: nn.Module) -> str | None:
     """The emulated op ``module`` of the sim is, if any."""

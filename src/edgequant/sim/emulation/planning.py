@@ -95,9 +95,7 @@ class _GraphIndex:
                     node = call.args[index] if index < len(call.args) else None
                     continue
                 if prefix in self.recorded:  # a graph called by code outside every graph
-                    call = self.recorded[prefix]
-                    node = call.args[index] if index < len(call.args) else call.kwargs.get(node.target)
-                    node = node if call.uniform else None  # called again with inputs of other quantizers
+                    node = self.recorded_argument(prefix, node)  # unless called again with other quantizers' inputs
                     break
                 quantizers = getattr(self.model, "model_input_quantizers", {})
                 quantizer = quantizers[str(index)] if str(index) in quantizers else None
@@ -124,6 +122,16 @@ class _GraphIndex:
         if isinstance(node, RecordedTensor) and node.quantizer is not None and node.quantizer.enabled:
             return node.quantizer
         return None
+
+    def recorded_argument(self, prefix: str | None, node: Any) -> Any:
+        """What the recorded run passed for ``node`` where it is an input of a graph called by code outside every
+        graph, each call alike (`RecordedCall.uniform`): a `RecordedTensor`; else ``node``."""
+        if not (isinstance(node, fx.Node) and node.op == "placeholder" and prefix is not None
+                and prefix not in self.calls and prefix in self.recorded and self.recorded[prefix].uniform):
+            return node
+        index = [n for n in self.graphs[prefix].graph.nodes if n.op == "placeholder"].index(node)
+        call = self.recorded[prefix]
+        return call.args[index] if index < len(call.args) else call.kwargs.get(node.target)
 
     def through_fused_pad(self, prefix: str, node: Any, spatial_axes: int) -> Any:
         """The input of a constant zero padding that ONNX Runtime folds into the convolution reading ``node``
@@ -216,7 +224,7 @@ def plan_emulation(model: nn.Module, runtime: RuntimeModel, args: tuple = (), kw
             candidates.append((None, _UntracedCall(module, call.args, kwargs, call.uniform), name, module))
     for prefix, node, name, module in candidates:
         kind = op_kind(module)
-        if kind is None or _by_float_constant(module, node, kind):
+        if kind is None or _by_float_constant(module, node, kind, index, prefix):
             continue
         reason = _plan_op(plan, index, prefix, node, name, module, kind)
         if reason:
@@ -228,13 +236,16 @@ def _is_tensor(arg: Any) -> bool:
     return isinstance(arg, (fx.Node, RecordedTensor))
 
 
-def _by_float_constant(module: nn.Module, node: fx.Node | _UntracedCall, kind: str) -> bool:
+def _by_float_constant(module: nn.Module, node: fx.Node | _UntracedCall, kind: str, index: _GraphIndex,
+                       prefix: str | None) -> bool:
     """An Add/Mul of a tensor and an unquantized constant (a number, a parameter such as ConvNeXt's layer scale)
-    or a tensor that no quantizer produced (BERT's attention mask, added to the scores): the export has no DQ on
-    it, so the runtime computes it in float32 between DQ and Q, as the default sim does: not an integer op."""
+    or a tensor that no quantizer produced (BERT's attention mask, added to the scores; a rotary embedding's cos
+    and sin tables, inputs of a graph the recorded run called): the export has no DQ on it, so the runtime
+    computes it in float32 between DQ and Q, as the default sim does: not an integer op."""
     if kind not in ("Add", "Mul") or len(node.args) != 2:
         return False
     for position, arg in enumerate(node.args):
+        arg = index.recorded_argument(prefix, arg)
         own = module.input_quantizers[str(position)] if str(position) in module.input_quantizers else None
         constant = (not _is_tensor(arg) or (isinstance(arg, fx.Node) and arg.op == "get_attr")
                     or (isinstance(arg, RecordedTensor) and arg.quantizer is None))

@@ -1,0 +1,113 @@
+"""Integer-kernel emulation of a Llama decoder block: ORT's float RMSNorm and masked softmax, and a whole block
+tensor for tensor against ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from tiny_llm import FirstDecoderBlock, tiny_llama, tiny_tokenizer
+
+import edgequant as eq
+import edgequant.llm as llm
+from edgequant.export.verify import verify
+from edgequant.sim.emulation import OnnxRuntimeCPU
+
+EPS = 1e-5
+
+
+def _float_graph(nodes: list, initializers: list, length: int) -> ort.InferenceSession:
+    """A float graph of uint8 levels ``x0`` (DQ by ``x_s``, ``x_z``) ending in float ``y``, as ORT_ENABLE_ALL
+    optimizes it."""
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x0", TensorProto.UINT8, ["r", length])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _grid_inputs(rng: np.random.Generator, rows: int, length: int) -> tuple[np.ndarray, list, torch.Tensor]:
+    """Random uint8 levels on a random grid, its DQ initializers and the dequantized float32 values."""
+    scale, zero_point = float(10 ** rng.uniform(-3, 0)), int(rng.integers(0, 256))
+    levels = rng.integers(0, 256, (rows, length)).astype(np.uint8)
+    values = (torch.from_numpy(levels.astype(np.float32)) - zero_point) * torch.tensor(scale, dtype=torch.float32)
+    initializers = [helper.make_tensor("x_s", TensorProto.FLOAT, [], [scale]),
+                    helper.make_tensor("x_z", TensorProto.UINT8, [], [zero_point])]
+    return levels, initializers, values
+
+
+@pytest.mark.parametrize("length", [576, 64, 100, 12])
+def test_rms_norm_is_bit_identical_to_onnxruntime(length: int) -> None:
+    """Llama's RMSNorm as exported (Pow, ReduceMean, Add, Sqrt, Div(1, ·), Mul, Mul by the dequantized scale; ORT
+    makes x / sqrt of it): every float output of ORT, on 20 random grids, where PyTorch's x·rsqrt differs."""
+    rng = np.random.default_rng(length)
+    runtime = OnnxRuntimeCPU()
+    pytorch_differs = 0
+    for _ in range(20):
+        levels, initializers, x = _grid_inputs(rng, 500, length)
+        weight = torch.from_numpy(rng.integers(-127, 128, length).astype(np.float32)) * float(rng.uniform(0.001, 0.05))
+        initializers += [helper.make_tensor("w", TensorProto.FLOAT, [length], weight.tolist()),
+                         helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+                         helper.make_tensor("eps", TensorProto.FLOAT, [], [EPS]),
+                         helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])]
+        nodes = [helper.make_node("DequantizeLinear", ["x0", "x_s", "x_z"], ["x"]),
+                 helper.make_node("Pow", ["x", "two"], ["squares"]),
+                 helper.make_node("ReduceMean", ["squares"], ["mean"], axes=[-1], keepdims=1),
+                 helper.make_node("Add", ["mean", "eps"], ["variance"]),
+                 helper.make_node("Sqrt", ["variance"], ["root"]),
+                 helper.make_node("Div", ["one", "root"], ["inverse"]),
+                 helper.make_node("Mul", ["x", "inverse"], ["normalized"]),
+                 helper.make_node("Mul", ["w", "normalized"], ["y"])]
+        expected = _float_graph(nodes, initializers, length).run(None, {"x0": levels})[0]
+        got = runtime.rms_norm(x, weight, EPS)
+        assert np.array_equal(got.numpy(), expected)
+        pytorch = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS))
+        pytorch_differs += int((pytorch.numpy() != expected).sum())
+    assert pytorch_differs > 0
+
+
+@pytest.mark.parametrize("length", [5, 16, 32, 47, 48, 100])
+def test_masked_softmax_is_bit_identical_to_onnxruntime(length: int) -> None:
+    """Add of a causal mask (0 or float32's lowest) and a float Softmax, as a decoder's attention exports it: every
+    float output of ORT (MLAS's exp, its lane sums and 1/sum), on 20 random grids, where torch.softmax differs."""
+    rng = np.random.default_rng(length)
+    runtime = OnnxRuntimeCPU()
+    mask = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)
+    pytorch_differs = 0
+    for _ in range(20):
+        levels, initializers, x = _grid_inputs(rng, length * 8, length)
+        initializers.append(helper.make_tensor("mask", TensorProto.FLOAT, [length * 8, length],
+                                               mask.repeat(8, 1).flatten().tolist()))
+        nodes = [helper.make_node("DequantizeLinear", ["x0", "x_s", "x_z"], ["x"]),
+                 helper.make_node("Add", ["x", "mask"], ["masked"]),
+                 helper.make_node("Softmax", ["masked"], ["y"], axis=-1)]
+        expected = _float_graph(nodes, initializers, length).run(None, {"x0": levels})[0]
+        masked = x + mask.repeat(8, 1)
+        assert np.array_equal(runtime.float_softmax(masked).numpy(), expected)
+        pytorch_differs += int((torch.softmax(masked, -1).numpy() != expected).sum())
+    assert pytorch_differs > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_llama_decoder_block_is_identical_to_onnxruntime(tmp_path: Path, seed: int) -> None:
+    """A random tiny Llama's first decoder layer (grouped-query attention, rotary products, masked softmax, SiLU
+    gate), W8A8 per-channel: every op emulated and every quantized tensor identical to ORT's."""
+    torch.manual_seed(seed)
+    block = FirstDecoderBlock(llm.prepare_causal_lm(tiny_llama(tiny_tokenizer())), 24).eval()
+    calibration, data = torch.randn(16, 24, 64), torch.randn(48, 24, 64)
+    sim = eq.QuantSim(block, calibration[:1], config="per_channel")
+    sim.calibrate(calibration.split(8), progress=False)
+    sim.export(tmp_path, calibration[:1])
+    default = verify(tmp_path, sim, data, progress=False)
+    plan = sim.emulate("onnxruntime")
+    assert not plan.skipped, plan.summary()
+    assert {"RMSNormalization", "MaskedSoftmax", "MatMul", "Silu"} <= {op.kind for op in plan.ops}
+    report = verify(tmp_path, sim, data, progress=False)
+    assert report.first_difference is None, report.tensor_table()
+    assert default.first_difference is not None  # the default sim's float formulas round some levels otherwise
