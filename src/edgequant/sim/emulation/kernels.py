@@ -36,7 +36,8 @@ class Kernel:
     weighted: bool = False  # a Conv/Gemm: its weight's grid is read too, and must be quantized
     keywords: tuple[str, ...] = ()  # keyword arguments taken, in the order they follow the positional ones
     defaults: tuple[Any, ...] = ()  # where given, every keyword's default: an omitted one keeps its position
-    float_inputs: bool = False  # a float op between DQ and Q: reads its inputs' values, whatever grid they are on
+    float_inputs: bool = False  # a float op between DQ and Q: reads its inputs' values, whatever grid they are on,
+    # and the sim's own quantizer rounds its output, whatever the bits
 
 
 def _functional(kind: str) -> Callable[[nn.Module], bool]:
@@ -384,7 +385,8 @@ KERNELS: dict[str, Kernel] = {
     "HardSigmoid": Kernel(1, lambda m: isinstance(m, nn.Hardsigmoid) or _functional("HardSigmoid")(m),
                           _hard_sigmoid),
     "HardSwish": Kernel(1, lambda m: isinstance(m, nn.Hardswish) or _functional("HardSwish")(m), _hard_swish),
-    "Silu": Kernel(1, lambda m: isinstance(m, nn.SiLU) or getattr(m, "onnx_op_type", None) == "Silu", _silu),
+    "Silu": Kernel(1, lambda m: isinstance(m, nn.SiLU) or getattr(m, "onnx_op_type", None) == "Silu", _silu,
+                   float_inputs=True),
     "LayerNormalization": Kernel(1, _is_layer_norm, _layer_norm, float_inputs=True),
     "RMSNormalization": Kernel(1, _is_rms_norm, _rms_norm, float_inputs=True),
     "ConvTranspose": Kernel(1, lambda m: isinstance(m, nn.ConvTranspose2d), _conv_transpose, weighted=True),

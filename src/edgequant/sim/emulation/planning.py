@@ -308,7 +308,7 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
         granularities = (PER_TENSOR,)
         if quantizer is weight:  # the runtime rescales its accumulator by one multiplier per output channel
             granularities += (PerChannel(weight_output_axis(module, module.weight)),)
-        if quantizer.bitwidth != 8 or quantizer.granularity not in granularities:
+        if (quantizer.bitwidth != 8 and not kernel.float_inputs) or quantizer.granularity not in granularities:
             return (f"quantizer {quantizer.name} is not an 8-bit per-tensor activation / per-output-channel weight "
                     f"grid ({quantizer.granularity.describe()})")
     plan.ops.append(EmulatedOp(name, kind, module, inputs, output, activation))
