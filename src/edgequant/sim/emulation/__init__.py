@@ -54,7 +54,17 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
     ``d = fl32(x - mean)``, ``Σd²`` in 8 float32 FMA lanes added pairwise, ``inv = 1/sqrtf(Σd²/n + eps)``,
     ``y = fma(fl32(d·inv), scale, bias)`` (a third of its float outputs differ from PyTorch's ``layer_norm`` in the
     last bit; on BERT that flipped about one 8-bit output in a few million, and the next layers spread it).
-    Emulated for a length that is a multiple of 8, followed by the sim's output quantizer.
+    Emulated for a length that is a multiple of 8, followed by the sim's output quantizer. torchvision's
+    channels-first ``LayerNorm2d`` (ConvNeXt: permute, ``layer_norm``, permute back) is exported as Transpose,
+    LayerNormalization, Transpose, which ORT's layout optimizer folds into its NHWC neighbours: the same kernel
+    on each position's channels, emulated alike.
+  - GELU (exact, erf) is exported as ``Div(x, fl32(√2))``, Erf, Add 1, ``Mul(x, ·)``, Mul 0.5, float between DQ
+    and Q: the QDQ export gives each consumer of ``x`` its own DQ, so ORT's GeluFusion leaves the five ops apart.
+    All correctly rounded float32 steps but Erf, MLAS's own (``MlasComputeErf``: ``x86_64/ErfKernelFma3.S`` with
+    the constants of ``erf.cpp``): on ``a = min(|x|, 3.925)`` a degree-5 FMA polynomial in ``a²`` below 0.921875,
+    above ``1 - exp(-fma(Q(a), a, a))`` with a degree-6 FMA exp polynomial, the sign of ``x`` (bit-identical to
+    ORT 1.32's Erf; PyTorch's erf differs in the last bit on one value in eight). Emulated as that formula
+    followed by the sim's output quantizer.
   - Llama's RMSNorm (``edgequant.llm``'s RMSNormalization) is exported as Pow, ReduceMean, Add eps, Sqrt,
     ``Div(1, ·)``, Mul, Mul by the dequantized scale, float between DQ and Q; ORT's DivMulFusion makes it
     ``x / sqrt``. All correctly rounded float32 steps except ReduceMean's sum, Eigen's ``sum()`` on SSE packets
@@ -96,9 +106,10 @@ What stays approximate (computed by the default fake-quantized path even in emul
   way, or the sim does not know which grid the runtime sees. Where a model is traced piece by piece (Hugging
   Face's BERT: each layer's dense blocks are graphs of their own, the attention an untraced module with
   intercepted ops), one run of the dummy input tells which quantizer produced each input (`provenance`);
-* ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; Gelu...: float in ORT
-  too, so the default sim's float32 math is already the runtime's, up to op order), a LayerNorm whose length is not
-  a multiple of 8 or that normalises more than the last axis;
+* ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; the tanh GELU and
+  other float ops: float in ORT too, so the default sim's float32 math is already the runtime's, up to op order),
+  a LayerNorm whose length is not a multiple of 8 or that normalises more than the last axis (or the channels of
+  torchvision's ``LayerNorm2d``);
 * a softmax on a signed (int8) grid, average pools with a ``divisor_override``, 1-D/3-D ConvTranspose, other
   Resize modes (bicubic, area, antialiased);
 * on CPUs without AVX-512 VNNI / AVX-VNNI, ORT's u8s8 kernels use ``vpmaddubsw``, whose int16 pair sums

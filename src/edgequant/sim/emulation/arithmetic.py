@@ -156,6 +156,11 @@ class RuntimeModel(ABC):
         output's quantizer; None where the runtime computes what PyTorch does."""
         return None
 
+    def gelu(self, values: torch.Tensor) -> torch.Tensor | None:
+        """The exact (erf) GELU of float32 values, before the output's quantizer; None where the runtime computes
+        what PyTorch does."""
+        return None
+
 
 def eigen_sum_float32(values: torch.Tensor) -> torch.Tensor | None:
     """The float32 sum over the last axis in the order of Eigen's vectorised ``sum()`` on SSE packets of 4 (what
@@ -377,6 +382,13 @@ class OnnxRuntimeCPU(RuntimeModel):
         variance = (sums / x.shape[-1]).unsqueeze(-1) + torch.tensor(eps, dtype=torch.float32)
         return weight.float() * (x / variance.double().sqrt_().float())
 
+    def gelu(self, values: torch.Tensor) -> torch.Tensor | None:
+        # exported (opset 17) as Div by fl32(√2), Erf, Add 1, Mul by x, Mul by 0.5, float between DQ and Q: each
+        # consumer of x reads its own DQ, so ORT's GeluFusion does not apply. Correctly rounded float32 steps around
+        # MLAS's erf (`mlas_erf`); PyTorch's erf rounds otherwise on about one value in eight
+        x = values.float()
+        return x * (mlas_erf(x / _SQRT2) + 1) * 0.5
+
 
 MLAS_SGEMM_STRIDE_K = 128
 """MLAS's SGEMM sums the reduction in slices of this length when the filter is transposed (its A panel)."""
@@ -592,6 +604,43 @@ def _mlas_lane_sum(values: torch.Tensor) -> torch.Tensor:
     pairs = halves[..., 0::2] + halves[..., 1::2]
     quads = pairs[..., 0::2] + pairs[..., 1::2]
     return quads[..., 0] + quads[..., 1]
+
+
+_SQRT2 = _float32(math.sqrt(2))
+_ERF_UPPER, _ERF_SPLIT = 3.925, 0.921875
+_ERF_SMALL = (-5.99104969e-4, 4.99339588e-3, -2.67667342e-2, 1.12818025e-1, -3.76124859e-1, 1.28379151e-1)
+_ERF_BIG = (1.72948930e-5, -3.83208680e-4, 3.88393435e-3, -2.42545605e-2, 1.06777847e-1, 6.34846687e-1,
+            1.28717512e-1)
+_ERF_EXP_LOWER = -88.3762626647949
+_ERF_EXP_POLYNOMIAL = (1.38319808e-3, 8.37550033e-3, 4.16689515e-2, 1.66664466e-1, 4.99999851e-1, 1.0, 1.0)
+
+
+def _polynomial(start: float, coefficients: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
+    """Horner's scheme in float32 FMA steps from the constant ``start``."""
+    result, wide = torch.full_like(x, start), x.double()
+    for coefficient in coefficients:
+        result = fma_float32(result, wide, _float32(coefficient))
+    return result
+
+
+def mlas_erf(values: torch.Tensor) -> torch.Tensor:
+    """MLAS's float32 erf (``MlasComputeErf``: ``ErfKernelFma3.S`` on x86-64 with FMA3, constants of ``erf.cpp``),
+    on ``a = min(|x|, 3.925)``: below 0.921875 ``fma(P(a²), a, a)``; above, ``1 - exp(-fma(Q(a), a, a))`` with an
+    exp of its own (``m = fl32(fma(e, 1/ln2, 1.5·2**23)) - 1.5·2**23``, a two-step FMA range reduction, a degree-6
+    FMA polynomial times ``2**m``); the sign of ``x``. Bit-identical to ORT 1.32's Erf on millions of values."""
+    x = values.float()
+    a = torch.minimum(x.abs(), _float32(_ERF_UPPER))
+    result = torch.empty_like(a)
+    above = a >= _ERF_SPLIT  # the kernel computes both branches and masks; each is computed where it is kept
+    small = a[~above]
+    result[~above] = fma_float32(_polynomial(_ERF_SMALL[0], _ERF_SMALL[1:], small * small), small, small)
+    a = a[above]
+    exponent = torch.maximum(-fma_float32(_polynomial(_ERF_BIG[0], _ERF_BIG[1:], a), a, a), _float32(_ERF_EXP_LOWER))
+    bias = _float32(_EXP_ROUNDING_BIAS)
+    m = fma_float32(_float32(_EXP_LOG2_RECIPROCAL), exponent, bias) - bias
+    reduced = fma_float32(m, _float32(_EXP_LOG2_LOW), fma_float32(m, _float32(_EXP_LOG2_HIGH), exponent))
+    result[above] = 1 - _polynomial(_ERF_EXP_POLYNOMIAL[0], _ERF_EXP_POLYNOMIAL[1:], reduced) * torch.exp2(m)
+    return result.copysign_(x)
 
 
 def mlas_logistic(values: torch.Tensor) -> torch.Tensor:

@@ -218,6 +218,32 @@ def _layer_norm(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: li
     return runtime.layer_norm(args[0], weight.detach(), None if bias is None else bias.detach(), module.eps)
 
 
+CHANNELS_FIRST_LAYER_NORMS = ("torchvision.models.convnext.LayerNorm2d",)
+"""LayerNorm subclasses whose forward is ``permute(0, 2, 3, 1)``, ``F.layer_norm`` over the channels, and the
+permute back: exported as Transpose, LayerNormalization, Transpose (which ORT's layout optimizer folds into NHWC
+neighbours), so the runtime normalises each position's channels in its LayerNorm order."""
+
+
+def _is_channels_first_layer_norm(module: nn.Module) -> bool:
+    if not isinstance(module, nn.LayerNorm):
+        return False
+    layer_class = _layer_class(module)
+    return f"{layer_class.__module__}.{layer_class.__qualname__}" in CHANNELS_FIRST_LAYER_NORMS
+
+
+def _channels_first_layer_norm(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                               output: Grid) -> torch.Tensor | None:
+    """The LayerNorm of each position's channels (axis 1), as `_layer_norm` computes it on the last axis."""
+    values = _layer_norm(module, runtime, (args[0].movedim(1, -1),), grids, output)
+    return None if values is None else values.movedim(-1, 1)
+
+
+def _gelu(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid], output: Grid
+          ) -> torch.Tensor | None:
+    """Float ops between DQ and Q in the runtime (the exported erf formula); the sim's quantizer follows."""
+    return runtime.gelu(args[0])
+
+
 def _is_rms_norm(module: nn.Module) -> bool:
     """A Hugging Face Llama-style RMSNorm (``weight · x·rsqrt(mean(x²) + variance_epsilon)``) that
     `edgequant.llm.prepare_causal_lm` names RMSNormalization; Gemma's ``(1 + weight)`` norm keeps ``eps``."""
@@ -389,13 +415,15 @@ KERNELS: dict[str, Kernel] = {
                    float_inputs=True),
     "LayerNormalization": Kernel(1, _is_layer_norm, _layer_norm, float_inputs=True),
     "RMSNormalization": Kernel(1, _is_rms_norm, _rms_norm, float_inputs=True),
+    "LayerNorm2d": Kernel(1, _is_channels_first_layer_norm, _channels_first_layer_norm, float_inputs=True),
+    "Gelu": Kernel(1, lambda m: isinstance(m, nn.GELU) and m.approximate == "none", _gelu, float_inputs=True),
     "ConvTranspose": Kernel(1, lambda m: isinstance(m, nn.ConvTranspose2d), _conv_transpose, weighted=True),
     "Resize": Kernel(1, lambda m: isinstance(m, nn.Upsample) or _functional("Resize")(m), _resize,
                      keywords=Interpolation._fields, defaults=tuple(Interpolation())),
 }
 """The ops an integer runtime fuses into one kernel, and the float ops between Q/DQ it computes with another
-formula than PyTorch (HardSigmoid, HardSwish, SiLU, ConvTranspose, bilinear Resize, LayerNorm, RMSNorm), by ONNX op
-type."""
+formula than PyTorch (HardSigmoid, HardSwish, SiLU, ConvTranspose, bilinear Resize, LayerNorm, channels-first
+LayerNorm, RMSNorm, GELU), by ONNX op type."""
 
 def op_kind(module: nn.Module) -> str | None:
     """The emulated op ``module`` of the sim is, if any."""

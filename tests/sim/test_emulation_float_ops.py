@@ -1,0 +1,136 @@
+"""Float ops ONNX Runtime runs between DQ and Q with its own float32 formulas (ConvNeXt's GELU and channels-first
+LayerNorm): the emulation computes them as ORT does, where PyTorch's float32 results differ in the last bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torchvision
+from onnx import TensorProto, helper, numpy_helper
+
+import edgequant as eq
+from edgequant.export.verify import verify
+from edgequant.sim.emulation import KERNELS, Grid, OnnxRuntimeCPU
+from edgequant.sim.emulation.arithmetic import mlas_erf
+
+
+def _session(nodes: list, inputs: list, initializers: list, output_type: int) -> ort.InferenceSession:
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", output_type, None)], initializers)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _gelu_session(grid: tuple[float, int], output: tuple[float, int] | None) -> ort.InferenceSession:
+    """GELU as exported: DQ → Div(√2) → Erf → Add(1) → Mul(x, ·) → Mul(0.5) → Q (float output without ``output``),
+    x read through a DQ of its own by each consumer, as the QDQ export writes it."""
+    constants = {"sqrt2": np.float32(np.sqrt(2)), "one": np.float32(1), "half": np.float32(0.5),
+                 "x_s": np.float32(grid[0]), "x_z": np.uint8(grid[1])}
+    if output is not None:
+        constants |= {"y_s": np.float32(output[0]), "y_z": np.uint8(output[1])}
+    nodes = [helper.make_node("DequantizeLinear", ["x", "x_s", "x_z"], ["xa"]),
+             helper.make_node("DequantizeLinear", ["x", "x_s", "x_z"], ["xb"]),
+             helper.make_node("Div", ["xa", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["xb", "a"], ["m"]),
+             helper.make_node("Mul", ["m", "half"], ["g" if output is not None else "y"])]
+    if output is not None:
+        nodes.append(helper.make_node("QuantizeLinear", ["g", "y_s", "y_z"], ["y"]))
+    initializers = [numpy_helper.from_array(np.array(v), k) for k, v in constants.items()]
+    return _session(nodes, [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 256])], initializers,
+                    TensorProto.UINT8 if output is not None else TensorProto.FLOAT)
+
+
+def test_erf_is_mlas_erf_bit_for_bit() -> None:
+    """MLAS's erf polynomial (both branches, the saturation beyond 3.925, signed zeros) on two million values."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 2, 1_000_000), rng.uniform(-6, 6, 1_000_000),
+                        [0.0, -0.0, 0.921875, -0.921875, 3.925, 40.0, -40.0]]).astype(np.float32)
+    session = _session([helper.make_node("Erf", ["x"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])], [], TensorProto.FLOAT)
+    expected = session.run(None, {"x": x})[0]
+    assert np.array_equal(mlas_erf(torch.from_numpy(x)).numpy().view(np.int32), expected.view(np.int32))
+    assert not np.array_equal(torch.erf(torch.from_numpy(x)).numpy(), expected)
+
+
+def test_gelu_matches_onnxruntime_on_every_input_level() -> None:
+    """On random grids every input level's float output is ORT's bit for bit (PyTorch's gelu rounds some apart)
+    and so is every output level."""
+    rng = np.random.default_rng(1)
+    runtime = OnnxRuntimeCPU()
+    levels = np.arange(256, dtype=np.uint8)[None]
+    pytorch_differs = 0
+    for _ in range(40):
+        grid = (float(10 ** rng.uniform(-3, 0)), int(rng.integers(0, 256)))
+        output = (grid[0] * float(rng.choice([0.5, 1.0, rng.uniform(0.2, 2)])), int(rng.integers(0, 256)))
+        x = Grid(torch.tensor(grid[0]), torch.tensor(-float(grid[1])), 255, False).values(
+            torch.from_numpy(levels.astype(np.float32) - grid[1]))
+        emulated = KERNELS["Gelu"].compute(torch.nn.GELU(), runtime, (x,), [], Grid(
+            torch.tensor(output[0]), torch.tensor(-float(output[1])), 255, False))
+        expected = _gelu_session(grid, None).run(None, {"x": levels})[0]
+        assert np.array_equal(emulated.numpy().view(np.int32), expected.view(np.int32))
+        pytorch_differs += int((torch.nn.functional.gelu(x).numpy() != expected).sum())
+        quantized = torch.clamp(torch.round(emulated / output[0]) + output[1], 0, 255).numpy()
+        assert np.array_equal(quantized, _gelu_session(grid, output).run(None, {"x": levels})[0])
+    assert pytorch_differs > 0
+
+
+def test_channels_first_layer_norm_is_onnxruntimes_float_kernel() -> None:
+    """torchvision's LayerNorm2d (permute, layer_norm, permute back): ORT's Transpose → LayerNormalization →
+    Transpose, bit for bit on grid values, where PyTorch rounds some outputs apart."""
+    torch.manual_seed(0)
+    norm = torchvision.models.convnext.LayerNorm2d(96, eps=1e-6)
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    torch.nn.init.uniform_(norm.bias, -0.2, 0.2)
+    x = (torch.randint(-128, 128, (4, 96, 12, 12)) * 0.0371).float()
+    initializers = [numpy_helper.from_array(norm.weight.detach().numpy(), "scale"),
+                    numpy_helper.from_array(norm.bias.detach().numpy(), "bias")]
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("LayerNormalization", ["t", "scale", "bias"], ["n"], axis=-1, epsilon=1e-6),
+             helper.make_node("Transpose", ["n"], ["y"], perm=[0, 3, 1, 2])]
+    session = _session(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 96, 12, 12])],
+                       initializers, TensorProto.FLOAT)
+    expected = session.run(None, {"x": x.numpy()})[0]
+    module = getattr(eq.QuantSim(torch.nn.Sequential(norm), x[:1]).model, "0")
+    module.param_quantizers["weight"].enabled = False  # the float scale, as in the ORT graph above
+    assert KERNELS["LayerNorm2d"].covers(module) and not KERNELS["LayerNormalization"].covers(module)
+    emulated = KERNELS["LayerNorm2d"].compute(module, OnnxRuntimeCPU(), (x,), [], None)
+    assert np.array_equal(emulated.numpy(), expected)
+    with torch.no_grad():
+        assert not np.array_equal(norm(x).numpy(), expected)
+
+
+class _ConvNeXtStage(torch.nn.Module):
+    """ConvNeXt's stem and a block, then its downsampling: Conv, LayerNorm2d, CNBlock (depthwise conv, LayerNorm,
+    Linear, GELU, Linear, layer scale, residual Add), LayerNorm2d, strided Conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 4, stride=4),
+                                        torchvision.models.convnext.LayerNorm2d(32, eps=1e-6))
+        self.block = torchvision.models.convnext.CNBlock(32, 1.0, 0.0)
+        self.down = torch.nn.Sequential(torchvision.models.convnext.LayerNorm2d(32, eps=1e-6),
+                                        torch.nn.Conv2d(32, 16, 2, stride=2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.block(self.stem(x)))
+
+
+def test_convnext_stage_is_identical_to_onnxruntime(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _ConvNeXtStage().eval()
+    for norm in (model.stem[1], model.down[0]):
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    data = torch.randn(64, 3, 32, 32)
+    sim = eq.QuantSim(model, data[:1], config="per_channel")
+    sim.calibrate(data.split(32), progress=False)
+    sim.export(tmp_path, data[:1])
+    plan = sim.emulate("onnxruntime")
+    kinds = [op.kind for op in plan.ops]
+    assert not plan.skipped and kinds.count("LayerNorm2d") == 2 and kinds.count("Gelu") == 1
+    report = verify(tmp_path, sim, torch.randn(64, 3, 32, 32), progress=False)
+    assert report.first_difference is None and report.outputs[0].share_identical == 1.0
