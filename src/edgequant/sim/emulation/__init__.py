@@ -102,8 +102,11 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
 
 What stays approximate (computed by the default fake-quantized path even in emulation mode), and why:
 
-* ops whose grids are not 8-bit, or whose input no quantizer is known to produce: ORT does not fuse them the same
-  way, or the sim does not know which grid the runtime sees. Where a model is traced piece by piece (Hugging
+* integer ops whose grids are not 8-bit, or whose input no quantizer is known to produce: ORT does not fuse them
+  the same way, or the sim does not know which grid the runtime sees (the float ops above are emulated on any
+  grid: ORT computes them between DQ and Q whatever the bits; at 16 bits ORT fuses an 8-bit weight's DQ and
+  MatMul into MatMulNBits, which quantizes the activations to 8 bits by default, ``accuracy_level`` 4: not
+  modelled). Where a model is traced piece by piece (Hugging
   Face's BERT: each layer's dense blocks are graphs of their own, the attention an untraced module with
   intercepted ops), one run of the dummy input tells which quantizer produced each input (`provenance`);
 * ops ORT leaves in float between Q/DQ pairs (MaxPool, Flatten, Transpose: exact in both; the tanh GELU and
