@@ -63,8 +63,8 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
     All correctly rounded float32 steps but Erf, MLAS's own (``MlasComputeErf``: ``x86_64/ErfKernelFma3.S`` with
     the constants of ``erf.cpp``): on ``a = min(|x|, 3.925)`` a degree-5 FMA polynomial in ``a²`` below 0.921875,
     above ``1 - exp(-fma(Q(a), a, a))`` with a degree-6 FMA exp polynomial, the sign of ``x`` (bit-identical to
-    ORT 1.32's Erf; PyTorch's erf differs in the last bit on one value in eight). Emulated as that formula
-    followed by the sim's output quantizer.
+    ORT 1.32's Erf; PyTorch's erf differs in the last bit on one value in eight). Emulated as that formula on
+    the input grid's levels, a table, followed by the sim's output quantizer.
   - Llama's RMSNorm (``edgequant.llm``'s RMSNormalization) is exported as Pow, ReduceMean, Add eps, Sqrt,
     ``Div(1, ·)``, Mul, Mul by the dequantized scale, float between DQ and Q; ORT's DivMulFusion makes it
     ``x / sqrt``. All correctly rounded float32 steps except ReduceMean's sum, Eigen's ``sum()`` on SSE packets
