@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from edgequant.sim import FunctionalOp
+from edgequant.sim.ops import masked_softmax
 
 
 class RotaryApplication(nn.Module):
@@ -40,12 +41,6 @@ class RotaryApplication(nn.Module):
         first_half, second_half = x.chunk(2, dim=-1)
         rotated = self.rotate((self.negate(second_half), first_half), dim=-1)
         return self.add(self.times_cos(x, cos), self.times_sin(rotated, sin))
-
-
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``softmax(scores + mask)`` over the keys: the additive mask (0 or the dtype's minimum) is applied inside the
-    softmax kernel, so no grid has to hold the mask's -3.4e38."""
-    return torch.softmax(scores + mask, dim=-1)
 
 
 class ScaledDotProductAttention(nn.Module):

@@ -164,6 +164,13 @@ DATA_MOVEMENT = {
 _CUSTOM_MODULES: dict[type[nn.Module], str] = {}
 
 
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``softmax(scores + mask)`` over the last axis as one op: the additive mask (0 or the dtype's minimum) is applied
+    inside the softmax kernel, so no grid has to hold the mask's -3.4e38 (attention layers use it; the emulation
+    knows it as ORT's float softmax of a masked sum)."""
+    return torch.softmax(scores + mask, dim=-1)
+
+
 def register_module(module_type: type[nn.Module], onnx_op_type: str | None = None) -> None:
     """Treat ``module_type`` as a leaf: its parameters and outputs get quantizers like a built-in layer.
 

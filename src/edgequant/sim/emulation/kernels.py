@@ -15,6 +15,7 @@ from torch import nn
 
 from edgequant.quantization import Quantizer
 from edgequant.sim.emulation.arithmetic import INT32_MAX, INT32_MIN, Grid, RuntimeModel, channels
+from edgequant.sim.ops import masked_softmax
 from edgequant.sim.quantized_module import FunctionalOp, QuantizedModule
 
 Compute = Callable[[nn.Module, RuntimeModel, tuple, list[Grid], Grid], "torch.Tensor | None"]
@@ -168,9 +169,9 @@ def _softmax(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[
 
 
 def _is_masked_softmax(module: nn.Module) -> bool:
-    """``softmax(scores + mask)`` over the last axis as one op (`edgequant.llm.attention`'s ``masked_softmax``):
+    """``softmax(scores + mask)`` over the last axis as one op (`edgequant.sim.ops.masked_softmax`):
     the export adds the float mask between DQ and Softmax, so the runtime runs a float Softmax, not QLinearSoftmax."""
-    return _functional("Softmax")(module) and getattr(module.target, "__name__", "") == "masked_softmax"
+    return _functional("Softmax")(module) and module.target is masked_softmax
 
 
 def _masked_softmax(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
