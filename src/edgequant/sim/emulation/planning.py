@@ -17,7 +17,7 @@ from edgequant.sim.emulation.arithmetic import RuntimeModel
 from edgequant.sim.emulation.kernels import KERNELS, Interpolation, is_global_pool_size, op_kind, softmax_dim
 from edgequant.sim.emulation.provenance import RecordedCall, RecordedTensor, record_calls
 from edgequant.sim.graph import FUSED_ACTIVATIONS, ModelGraph
-from edgequant.sim.ops import is_data_movement, is_pass_through, module_op_type, weight_output_axis
+from edgequant.sim.ops import function_name, is_data_movement, is_pass_through, module_op_type, weight_output_axis
 from edgequant.sim.quantized_module import FunctionalOp
 
 
@@ -132,6 +132,20 @@ class _GraphIndex:
         index = [n for n in self.graphs[prefix].graph.nodes if n.op == "placeholder"].index(node)
         call = self.recorded[prefix]
         return call.args[index] if index < len(call.args) else call.kwargs.get(node.target)
+
+    @staticmethod
+    def gathered(node: Any) -> bool:
+        """Does ``node`` reach its producer through tensor indexing with an integer (``x[:, 0]``: BERT's pooler
+        takes the first token)? The export writes a Gather there, after the producer's DQ and with no Q of its
+        own, so the op reading ``node`` gets a float input and the runtime does not fuse it."""
+        while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and is_data_movement(
+                node.target):
+            index = node.args[1] if len(node.args) > 1 else None
+            if function_name(node.target).strip("_") == "getitem" and isinstance(index, tuple) and any(
+                    isinstance(item, int) for item in index):
+                return True
+            node = node.args[0] if node.args else None
+        return False
 
     def through_fused_pad(self, prefix: str, node: Any, spatial_axes: int) -> Any:
         """The input of a constant zero padding that ONNX Runtime folds into the convolution reading ``node``
@@ -275,6 +289,8 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
     if not args or (kernel.num_inputs is not None and len(args) != kernel.num_inputs) or not all(
             _is_tensor(a) for a in args):
         return f"expects {kernel.num_inputs or 'a list of'} tensor input(s)"
+    if kind in ("Conv", "Gemm") and index.gathered(args[0]):
+        return "its input is indexed with an integer after the DQ (a Gather): the runtime runs it in float"
     if kind == "Conv":
         args = (index.through_fused_pad(prefix, args[0], module.weight.dim() - 2),)
     inputs = []
