@@ -185,6 +185,20 @@ def run_ort(session: ort.InferenceSession, case: Case) -> list[np.ndarray]:
             for batch in case.evaluation]
 
 
+def float_forward_seconds(session: ort.InferenceSession, case: Case, repeats: int) -> float:
+    """Median wall time of the float model over the calibration batches in ONNX Runtime: the least any calibration
+    that runs the model once costs on this CPU (ORT is the fastest float engine here)."""
+    names = [i.name for i in session.get_inputs()]
+    feeds = [dict(zip(names, (x.numpy() for x in batch), strict=True)) for batch in case.calibration]
+    times = []
+    for _ in range(repeats + 1):  # the first run warms the session up and is not counted
+        started = time.perf_counter()
+        for feed in feeds:
+            session.run(None, feed)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times[1:]))
+
+
 def run_torch(model: nn.Module, case: Case, onnx_module: bool) -> list[np.ndarray]:
     """First output per evaluation batch (logits, or BERT's last hidden state)."""
     outputs = []
@@ -362,7 +376,9 @@ def bench(case: Case, exporter: str, args: argparse.Namespace, torch_path: dict,
     graph = onnx.load(str(path))
     row["opset"] = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     row["nodes"] = len(graph.graph.node)
-    reference = run_ort(ort_session(path, args.threads), case)  # FP32: the user's file in ONNX Runtime
+    float_session = ort_session(path, args.threads)
+    reference = run_ort(float_session, case)  # FP32: the user's file in ONNX Runtime
+    row["float_forward_s"] = float_forward_seconds(float_session, case, args.repeats)
 
     started = time.perf_counter()
     try:
@@ -443,7 +459,8 @@ def print_rows(rows: list[dict], aimet: bool) -> None:
           "| ONNX path vs torch path: distinct encodings equal / outputs identical (max diff) "
           "| ORT QDQ vs emulating sim: identical (max diff) "
           "| accuracy: torch-path sim / ONNX-path sim / emulating / ORT QDQ "
-          "| aimet-onnx accuracy | calibration s: edgequant / aimet-onnx (ratio); CPU s (ratio); torch path "
+          "| aimet-onnx accuracy | calibration s: edgequant / aimet-onnx (ratio); CPU s (ratio); torch path; "
+          "ORT float forward (× aimet-onnx) "
           "| setup s: edgequant / aimet-onnx |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -465,13 +482,16 @@ def print_rows(rows: list[dict], aimet: bool) -> None:
             fourth = f"{row['aimet_accuracy']:.4f}" + (" (repeat calibration changes it)" * row["aimet_repeat_changes"])
             ratio = row["calibration_s"] / row["aimet_calibration_s"]
             cpu_ratio = row["calibration_cpu_s"] / row["aimet_calibration_cpu_s"]
+            floor = row["float_forward_s"] / row["aimet_calibration_s"]
             fifth = (f"{row['calibration_s']:.2f} / {row['aimet_calibration_s']:.2f} ({ratio:.2f}×); CPU "
                      f"{row['calibration_cpu_s']:.2f} / {row['aimet_calibration_cpu_s']:.2f} ({cpu_ratio:.2f}×); "
-                     f"{row['torch_calibration_s']:.2f}")
+                     f"{row['torch_calibration_s']:.2f}; ORT float forward {row['float_forward_s']:.2f} "
+                     f"({floor:.2f}×)")
             sixth = f"{row['setup_s']:.2f} / {row['aimet_setup_s']:.2f}"
         else:
             fourth = f"failed: {row['aimet_error']}" if "aimet_error" in row else ("skipped" if not aimet else "—")
-            fifth = f"{row['calibration_s']:.2f} / —; {row['torch_calibration_s']:.2f}"
+            fifth = (f"{row['calibration_s']:.2f} / —; {row['torch_calibration_s']:.2f}; ORT float forward "
+                     f"{row['float_forward_s']:.2f}")
             sixth = f"{row['setup_s']:.2f} / —"
         print(f"| {row['model']} | {row['exporter']} | {row['opset']} | {first} | {second} | {third} | {fourth} "
               f"| {fifth} | {sixth} |")
