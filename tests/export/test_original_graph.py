@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from onnx_models import branching_cnn, conv_batch_norm, save
 from torch import nn
 
@@ -265,3 +265,49 @@ def test_a_graph_output_other_nodes_also_read_is_quantized_for_them_too(tmp_path
         sim.emulate(None)
     for got, want in zip(session.run(["output", "r1"], {"image": data.numpy()}), expected, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_graph_output_read_through_an_indexing_gather_keeps_its_own_grid(tmp_path: Path) -> None:
+    """BERT's pooler: the hidden state is a graph output and a Gather takes its first token, a view of it in torch.
+    Quantizing that view onto the Gather's own grid must not write into the hidden state ONNX Runtime returns."""
+    nodes = [
+        helper.make_node("MatMul", ["tokens", "proj.weight"], ["projected"], name="proj"),
+        helper.make_node("Relu", ["projected"], ["hidden"], name="relu"),
+        helper.make_node("Gather", ["hidden", "first"], ["cls"], name="pick", axis=1),
+        helper.make_node("MatMul", ["cls", "head.weight"], ["head"], name="head"),
+        helper.make_node("Tanh", ["head"], ["pooled"], name="tanh"),
+    ]
+    rng = np.random.default_rng(9)
+    initializers = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 8)).astype(np.float32), "proj.weight"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 4)).astype(np.float32), "head.weight"),
+        numpy_helper.from_array(np.array(0, dtype=np.int64), "first"),
+    ]
+    graph = helper.make_graph(
+        nodes, "pooler", [helper.make_tensor_value_info("tokens", onnx.TensorProto.FLOAT, ["batch", 5, 8])],
+        [helper.make_tensor_value_info("hidden", onnx.TensorProto.FLOAT, ["batch", 5, 8]),
+         helper.make_tensor_value_info("pooled", onnx.TensorProto.FLOAT, ["batch", 4])],
+        initializers,
+    )
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "model.onnx")
+    data = torch.randn(16, 5, 8, generator=torch.Generator().manual_seed(3))
+    data[:, 0] *= 0.3  # the first token's range, so the Gather's grid, is not the hidden state's
+    sim = QuantSim.from_onnx(path, config="per_channel")
+    sim.compute_encodings(lambda m: m(data))
+    result = sim.export(tmp_path / "out")
+    session = ort.InferenceSession(str(result.qdq_model), providers=["CPUExecutionProvider"])
+    got = session.run(["hidden", "pooled"], {"tokens": data.numpy()})
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # Q/DQ in float, as the sim
+    in_float = ort.InferenceSession(str(result.qdq_model), options, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        default = sim.model(data)[0].numpy()
+    np.testing.assert_allclose(default, in_float.run(["hidden"], {"tokens": data.numpy()})[0], rtol=1e-6, atol=1e-7)
+    sim.emulate("onnxruntime")
+    try:
+        with torch.no_grad():
+            emulated = [t.numpy() for t in sim.model(data)]
+    finally:
+        sim.emulate(None)
+    for runtime, emulating in zip(got, emulated, strict=True):
+        np.testing.assert_array_equal(runtime, emulating)

@@ -466,9 +466,10 @@ class Quantizer(Sealable):
                 f"quantizer '{self.name}' has no encoding: call sim.compute_encodings(...) or sim.calibrate(...) "
                 "first, or disable it."
             )
+        # an op's output may still be a view of its input (indexing, Reshape, Transpose), which other readers hold
         inplace = self.reuse_input_memory and not torch.compiler.is_compiling() and not torch.is_grad_enabled() and (
             torch.is_inference_mode_enabled() or not x.is_inference()
-        )
+        ) and not x._is_view()
         granularity, ndim = self.granularity, x.dim()
         if self.float_format is not None:
             return self.float_format.quantize_dequantize(x, granularity.group_scale(self.scale, ndim))
