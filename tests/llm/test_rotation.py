@@ -1,4 +1,5 @@
-"""QuaRot-style rotations: the rotated model computes the original logits, its matrices are orthogonal Hadamard
+"""QuaRot-style rotations: the rotated model computes the original logits (R4 too, through its online op, which
+exports as a MatMul that ONNX Runtime runs), its matrices are orthogonal Hadamard
 matrices, a planted outlier channel is spread out of activations and weights, and the sim quantizes the result."""
 
 from __future__ import annotations
@@ -229,3 +230,85 @@ def test_w8a16_rotated_narrows_the_residual_adds_grids_of_a_massive_activation(i
         assert len(residual_adds) == 4 and all(q.bitwidth == 16 for q in residual_adds)
         steps[recipe] = max(float(q.scale) for q in residual_adds)
     assert steps["w8a16-rotated"] < steps["w8a16"] / 3, steps
+
+
+def _down_proj_inputs(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    captured = []
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
+               for layer in model.model.layers]
+    _logits(model, ids)
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen3, MODELS["smollm-shape"], MODELS["no-hadamard"]],
+                         ids=["llama", "qwen3", "smollm-shape", "no-hadamard"])
+def test_online_rotation_of_down_proj_inputs_keeps_the_logits(make, ids) -> None:
+    """R4: down_proj reads its input times one orthogonal H through an op, its weight is W·H, the logits stay."""
+    model = make()
+    plain, rotated = llm.prepare_causal_lm(model), llm.prepare_causal_lm(model)
+    rotate_causal_lm(plain)
+    report = rotate_causal_lm(rotated, RotationSettings(mlp_online=True))
+    expected = _logits(model, ids)
+    assert report.rotations == ("norm fusion", "R1", "R2", "R4")
+    assert torch.allclose(_logits(rotated, ids), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+    matrix = rotated.model.layers[0].mlp.down_rotation.matrix
+    size = rotated.model.layers[0].mlp.down_proj.in_features
+    assert size in report.constructions and matrix.shape == (size, size)
+    assert torch.allclose(matrix.double() @ matrix.double().T, torch.eye(size, dtype=torch.float64), atol=1e-5)
+    assert all(layer.mlp.down_rotation.matrix is matrix for layer in rotated.model.layers)  # stored once
+    for before, after in zip(_down_proj_inputs(plain, ids), _down_proj_inputs(rotated, ids), strict=True):
+        assert torch.allclose(after, before @ matrix, atol=1e-4 * float(before.abs().max()))
+        assert not torch.allclose(after, before, atol=1e-2 * float(before.abs().max()))
+    with pytest.raises(ValueError, match="rotated already"):
+        rotate_causal_lm(rotated, RotationSettings(residual=False, heads=False, mlp_online=True))
+
+
+def test_online_rotation_spreads_a_planted_down_proj_input_outlier(ids) -> None:
+    """An up_proj row 50 times the others makes one channel of down_proj's input dominate; after R4 no channel
+    does (the ratio of the largest channel's amplitude to the median drops by an order of magnitude)."""
+    model = tiny_llama(tied=False)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[OUTLIER] *= 50
+    plain, rotated = copy.deepcopy(model), copy.deepcopy(model)
+    rotate_causal_lm(plain)
+    rotate_causal_lm(rotated, RotationSettings(mlp_online=True))
+
+    def peak_to_median(inputs: torch.Tensor) -> float:
+        amplitude = inputs.reshape(-1, inputs.shape[-1]).abs().amax(0)
+        return float(amplitude.max() / amplitude.median())
+
+    for before, after in zip(_down_proj_inputs(plain, ids), _down_proj_inputs(rotated, ids), strict=True):
+        assert peak_to_median(before) > 20 and peak_to_median(after) < peak_to_median(before) / 10
+
+
+def test_online_rotation_exports_as_a_matmul_that_onnx_runtime_runs(ids, tmp_path) -> None:
+    """The sim of a w4a8-r4 model exports; ORT's prefill logits match the sim's, and each layer's rotation is a
+    MatMul reading one float constant of the intermediate size whose output is quantized."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx  # noqa: PLC0415 - with onnxruntime only
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    from edgequant.llm.export import export_causal_lm, onnxruntime_session, prefill_feeds  # noqa: PLC0415
+
+    assert ort is not None
+    model = tiny_llama(tied=False)
+    sim = llm.quantize(model, ids, recipe="w4a8-r4", block_size=16, progress=False)
+    export = export_causal_lm(sim, tmp_path)
+    graph = onnx.load(export.onnx_path).graph
+    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    size = model.config.intermediate_size
+    consumers = {name: [n for n in graph.node if name in n.input] for name in [o for n in graph.node for o in n.output]}
+    rotations = [node for node in graph.node if node.op_type == "MatMul"
+                 and any(initializers.get(i) is not None and initializers[i].shape == (size, size) for i in node.input)]
+    assert len(rotations) == len(model.model.layers)
+    assert len({i for node in rotations for i in node.input if i in initializers}) == 1  # one shared constant
+    assert all(consumers[node.output[0]][0].op_type == "QuantizeLinear" for node in rotations)
+    prompts = ids[:2, :8]
+    logits = onnxruntime_session(export, "basic").run(None, prefill_feeds(export, prompts))[0]
+    with torch.no_grad(), sim.frozen_weights():
+        expected = sim.model(input_ids=prompts, use_cache=False).logits.numpy()
+    scale = float(sim.model.lm_head.output_quantizers["0"].encoding.scale)
+    assert float(abs(logits - expected).max()) <= 8 * scale

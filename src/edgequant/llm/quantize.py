@@ -83,6 +83,10 @@ def _rotate(model: nn.Module, ids: torch.Tensor, block_size: int, progress: bool
     rotate_causal_lm(model, RotationSettings())
 
 
+def _rotate_online(model: nn.Module, ids: torch.Tensor, block_size: int, progress: bool) -> None:
+    rotate_causal_lm(model, RotationSettings(mlp_online=True))
+
+
 def _smooth(model: nn.Module, ids: torch.Tensor, block_size: int, progress: bool) -> None:
     smooth_causal_lm(model, ids, SmoothingSettings(alpha=None, progress=progress))
 
@@ -91,7 +95,7 @@ def _awq(model: nn.Module, ids: torch.Tensor, block_size: int, progress: bool) -
     awq_causal_lm(model, ids, AwqSettings(bits=4, block_size=block_size, progress=progress))
 
 
-TRANSFORMS = {"rotate": _rotate, "smooth": _smooth, "awq": _awq}
+TRANSFORMS = {"rotate": _rotate, "rotate-online": _rotate_online, "smooth": _smooth, "awq": _awq}
 """A recipe's transform names and what they do to the float copy of the model before it is quantized."""
 
 

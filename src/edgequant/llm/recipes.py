@@ -11,7 +11,8 @@ class Recipe:
     weights on ``linear_grid`` (``"per_channel"``, ``"per_block"`` or ``"lpbq"``: blocks of ``block_size`` along
     the input features, LPBQ's block scales on an 8-bit per-channel grid); embedding and norm weights are 8-bit,
     activations ``activation_bw``-bit, all from min-max statistics. ``transforms`` change the float model (the
-    sim's copy) before it is quantized, keeping its function (``"rotate"``: QuaRot's Hadamard rotations,
+    sim's copy) before it is quantized, keeping its function (``"rotate"``: QuaRot's Hadamard rotations R1 and R2,
+    ``"rotate-online"``: those and R4, an online rotation of down_proj's input,
     ``"smooth"``: SmoothQuant, ``"awq"``: AWQ's weight scaling); ``techniques`` then refine the weight encodings
     or the weights of the calibrated sim, in order."""
 
@@ -54,6 +55,11 @@ RECIPES: dict[str, Recipe] = {
                summary="w4a16-lpbq after AWQ's scaling, weights rounded by GPTQ"),
         Recipe("w4a8", 4, "lpbq", activation_bw=8, transforms=("rotate", "smooth"), techniques=("gptq",),
                summary="4-bit LPBQ weights, 8-bit activations: rotation, SmoothQuant, then GPTQ"),
+        Recipe("w4a8-r4", 4, "lpbq", activation_bw=8, transforms=("rotate-online", "smooth"), techniques=("gptq",),
+               summary="w4a8 with QuaRot's online Hadamard rotation of down_proj's input (R4)"),
+        Recipe("w4a8-r4-seqmse-gptq", 4, "lpbq", activation_bw=8, transforms=("rotate-online", "smooth"),
+               techniques=("seqmse", "gptq"),
+               summary="w4a8-r4, block scales by sequential MSE, then weights rounded by GPTQ"),
     )
 }
 

@@ -6,14 +6,20 @@ every other value rounds to a few steps. An orthogonal ``Q`` spreads each outlie
 network computes the same function, because the residual stream is only ever written by Linear layers, read by
 Linear layers after an RMSNorm, and an RMSNorm with unit weight commutes with ``Q`` (``‖xQ‖ = ‖x‖``).
 
-`rotate_causal_lm` edits the weights only (no op is added at run time), so the rotated model is an ordinary
-Hugging Face model that `edgequant.llm.quantize` takes as it is:
+`rotate_causal_lm` edits the weights, and adds one op only where asked, so the rotated model is a Hugging Face model
+that `edgequant.llm.quantize` takes as it is:
 
 1. each RMSNorm's weight moves into the Linear layers that read it (``W ← W·diag(w)``), the norm keeps weight 1;
 2. R1 rotates the residual stream: the embedding, q/k/v/gate/up and ``lm_head`` as ``W ← W·Q``, the writers
    o_proj and down_proj as ``W ← Qᵀ·W`` (``b ← Qᵀ·b``);
 3. R2 rotates each kv head's values: v_proj's output rows of kv head ``j`` by ``H_jᵀ``, and o_proj's input columns
-   of every query head attending to kv head ``j`` by ``H_j`` (grouped-query attention shares ``H_j``).
+   of every query head attending to kv head ``j`` by ``H_j`` (grouped-query attention shares ``H_j``);
+4. R4 (``RotationSettings.mlp_online``) rotates down_proj's input, the SiLU·up product whose few huge channels set
+   an 8-bit grid's scale: an `OnlineRotation` (a MatMul by the constant ``H``, one matrix shared by all layers)
+   runs before down_proj, whose weight becomes ``W·H``. Nothing upstream can absorb ``H`` (the product is
+   element-wise), so it is an op of the graph: the sim quantizes its output, down_proj's input, at the activation
+   bits, its constant gets no weight quantizer, and the export writes it as a MatMul that ONNX Runtime runs.
+   Scale up_proj → down_proj (AWQ's ``mlp_down``) before R4, never after: the scaling does not commute with ``H``.
 
 Qwen3's per-head ``q_norm``/``k_norm`` are untouched and stay exact: R1 acts on the projections' inputs and R2 on
 the values, and neither changes a query or a key.
@@ -22,8 +28,6 @@ The matrices are randomised Hadamard matrices ``diag(±1)·H`` (entries ``±1/�
 Kronecker products of a Paley matrix and a Sylvester one for sizes like 576 = 36·16 and 1536 = 12·128. A size
 without such a construction gets the largest Hadamard factor it has, times a seeded random orthogonal matrix (QR
 of a Gaussian) for the rest.
-
-The run-time Hadamard before down_proj (QuaRot's R4) is not applied: it needs an op in the graph.
 """
 
 from __future__ import annotations
@@ -35,20 +39,24 @@ from functools import cache
 import torch
 from torch import nn
 
+from edgequant.sim import FunctionalOp
+
 
 @dataclass(frozen=True)
 class RotationSettings:
-    """Which rotations `rotate_causal_lm` applies and the seed of their random signs (and random factors)."""
+    """Which rotations `rotate_causal_lm` applies (R1 ``residual``, R2 ``heads``, R4 ``mlp_online``: an op at run
+    time) and the seed of their random signs (and random factors)."""
 
     seed: int = 0
     residual: bool = True
     heads: bool = True
+    mlp_online: bool = False
 
 
 @dataclass(frozen=True)
 class RotationReport:
-    """What `rotate_causal_lm` did: ``rotations`` in order (``"norm fusion"``, ``"R1"``, ``"R2"``), how each size's
-    matrices were built, and the largest |logit| change on the probe ids (None without a probe)."""
+    """What `rotate_causal_lm` did: ``rotations`` in order (``"norm fusion"``, ``"R1"``, ``"R2"``, ``"R4"``), how
+    each size's matrices were built, and the largest |logit| change on the probe ids (None without a probe)."""
 
     rotations: tuple[str, ...]
     constructions: dict[int, str]
@@ -82,6 +90,11 @@ def rotate_causal_lm(model: nn.Module, settings: RotationSettings = RotationSett
             for layer in parts.layers:
                 constructions.update(_rotate_heads(layer.self_attn, generator))
             rotations.append("R2")
+        if settings.mlp_online:
+            intermediate = parts.layers[0].mlp.down_proj.in_features
+            h, constructions[intermediate] = randomised_hadamard(intermediate, generator)
+            _rotate_down_proj_inputs(parts, h.to(parts.embedding.weight.device))
+            rotations.append("R4")
     after = _logits(model, probe_ids)
     difference = None if before is None else float((after - before).abs().max())
     return RotationReport(tuple(rotations), constructions, difference)
@@ -115,6 +128,31 @@ def randomised_hadamard(n: int, generator: torch.Generator) -> tuple[torch.Tenso
     return matrix, f"randomised Hadamard {_describe(size)} ⊗ random orthogonal {n // size} (QR of a Gaussian)"
 
 
+class OnlineRotation(nn.Module):
+    """``x·H`` for a constant orthogonal ``matrix`` H, as a `FunctionalOp` MatMul: the sim quantizes its output like
+    any op's and leaves the constant in float (it is no layer's weight), and the export writes a MatMul."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("matrix", matrix)
+        self.rotate = FunctionalOp(torch.matmul, "MatMul")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rotate(x, self.matrix)
+
+
+class RotatedInputMlp(nn.Module):
+    """Mixin placed before a gated MLP class: ``down_proj(down_rotation(act_fn(gate_proj(x)) · up_proj(x)))``."""
+
+    down_rotation: OnlineRotation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.down_rotation(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+
+
+_ROTATED_MLP_CLASSES: dict[type, type] = {}
+
+
 @dataclass(frozen=True)
 class _Parts:
     embedding: nn.Embedding
@@ -134,7 +172,8 @@ def _parts(model: nn.Module) -> _Parts:
         raise ValueError(f"{type(model).__name__} is not a Llama-family causal LM: no {', '.join(missing)} (expected "
                          "model.embed_tokens, model.layers, model.norm and lm_head)")
     layer_parts = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-                   "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+                   "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                   "mlp.act_fn")
     for index, layer in enumerate(found["layers"]):
         names = dict(layer.named_modules())
         absent = [part for part in layer_parts if part not in names]
@@ -205,6 +244,21 @@ def _rotate_heads(attention: nn.Module, generator: torch.Generator) -> dict[int,
     per_query_head = per_kv_head.repeat_interleave(groups, dim=0)
     _set(attention.o_proj.weight, torch.einsum("ohd,hde->ohe", o_weight, per_query_head))
     return {head_dim: constructions[0]}
+
+
+def _rotate_down_proj_inputs(parts: _Parts, h: torch.Tensor) -> None:
+    """R4: down_proj reads ``x·H`` from an `OnlineRotation` and its weight becomes ``W·H`` (``(x·H)·(W·H)ᵀ = x·Wᵀ``)."""
+    matrix = h.to(parts.embedding.weight.dtype)  # one buffer for all layers: the export stores it once
+    for layer in parts.layers:
+        mlp = layer.mlp
+        if isinstance(mlp, RotatedInputMlp):
+            raise ValueError("down_proj's input is rotated already: apply R4 once")
+        _set(mlp.down_proj.weight, mlp.down_proj.weight.double() @ h)
+        cls = type(mlp)
+        if cls not in _ROTATED_MLP_CLASSES:
+            _ROTATED_MLP_CLASSES[cls] = type(f"Rotated{cls.__name__}", (RotatedInputMlp, cls), {})
+        mlp.__class__ = _ROTATED_MLP_CLASSES[cls]
+        mlp.down_rotation = OnlineRotation(matrix)
 
 
 def _set(parameter: torch.Tensor, value: torch.Tensor) -> None:
