@@ -181,3 +181,13 @@ def test_bad_settings_and_ids_are_refused() -> None:
         smooth_causal_lm(tiny_llama(), torch.zeros(3, 4), SmoothingSettings(progress=False))
     with pytest.raises(ValueError, match="divide"):
         awq_causal_lm(tiny_llama(), torch.zeros(1, 4, dtype=torch.long), AwqSettings(block_size=48, progress=False))
+
+
+@pytest.mark.parametrize("method", SCALERS)
+def test_scaling_into_down_proj_after_the_online_rotation_is_refused(method, ids) -> None:
+    model = tiny_llama(outlier=30.0)
+    llm.rotate_causal_lm(model, llm.RotationSettings(mlp_online=True))
+    before = {name: parameter.clone() for name, parameter in model.named_parameters()}
+    with pytest.raises(ValueError, match="online rotation before down_proj"):
+        SCALERS[method](model, ids)
+    assert all(torch.equal(parameter, before[name]) for name, parameter in model.named_parameters())

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from edgequant.llm.rotation import RotatedInputMlp
 from edgequant.quantization import quantize_dequantize
 from edgequant.quantization.encoding import grid_from_range
 
@@ -236,6 +237,10 @@ def _layer_groups(name: str, layer: nn.Module, attention_output: bool, mlp_down:
                             None if per_kv_head == 1 else kv_channel))
     groups.append(group("post_attention_layernorm", "mlp", ("gate_proj", "up_proj"), hidden))
     if mlp_down:
+        if isinstance(mlp, RotatedInputMlp):  # down_proj reads (act · up)·H: a per-channel scale of up_proj's
+            raise ValueError(  # output does not pass through H, so folding 1/s into down_proj would change the model
+                f"{name}.mlp has R4's online rotation before down_proj: scale up_proj -> down_proj before rotating, "
+                "or pass mlp_down=False")
         groups.append(group("mlp.up_proj", "mlp", ("down_proj",), mlp.up_proj.out_features))
     return groups
 
