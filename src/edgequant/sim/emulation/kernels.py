@@ -58,6 +58,17 @@ def _weight_indices(module: nn.Module, quantizer: Quantizer) -> torch.Tensor:
     return torch.clamp(torch.round(weight / scale), low, low + grid.num_steps)
 
 
+def _weight_as_exported(module: nn.Module) -> torch.Tensor | None:
+    """The weight as the export's DequantizeLinear gives it to a float op (the float weight where it is not
+    quantized); None where its quantizer has no encoding yet."""
+    quantizer = module.param_quantizers["weight"] if "weight" in module.param_quantizers else None
+    if quantizer is None or not quantizer.enabled:
+        return module._parameters["weight"].detach()
+    if quantizer.scale is None:
+        return None
+    return Grid.of(quantizer).values(_weight_indices(module, quantizer))
+
+
 def _layer_class(module: nn.Module) -> type:
     """The class whose forward the quantized ``module`` runs (the user's subclass, or the torch layer)."""
     return next(c for c in type(module).__mro__[1:] if "forward" in vars(c) and not issubclass(c, QuantizedModule))
@@ -207,16 +218,14 @@ def _layer_norm(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: li
                 output: Grid) -> torch.Tensor | None:
     """A float op between DQ and Q in the runtime, with its own order of operations, on the scale as the export's
     DQ gives it; the sim's quantizer follows. Other shapes and a quantized bias take the default path."""
-    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
-    quantizers = module.param_quantizers
-    scale_quantizer = quantizers["weight"] if "weight" in quantizers and quantizers["weight"].enabled else None
-    if weight is None or tuple(module.normalized_shape) != (args[0].shape[-1],) or (
-            "bias" in quantizers and quantizers["bias"].enabled) or (
-            scale_quantizer is not None and scale_quantizer.scale is None):
+    bias, quantizers = module._parameters.get("bias"), module.param_quantizers
+    if module._parameters.get("weight") is None or tuple(module.normalized_shape) != (args[0].shape[-1],) or (
+            "bias" in quantizers and quantizers["bias"].enabled):
         return None
-    if scale_quantizer is not None:
-        weight = Grid.of(scale_quantizer).values(_weight_indices(module, scale_quantizer))
-    return runtime.layer_norm(args[0], weight.detach(), None if bias is None else bias.detach(), module.eps)
+    weight = _weight_as_exported(module)
+    if weight is None:
+        return None
+    return runtime.layer_norm(args[0], weight, None if bias is None else bias.detach(), module.eps)
 
 
 CHANNELS_FIRST_LAYER_NORMS = ("torchvision.models.convnext.LayerNorm2d",)
@@ -259,13 +268,8 @@ def _rms_norm(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list
               output: Grid) -> torch.Tensor | None:
     """Float ops between DQ and Q in the runtime, in their exported order, on the scale as the export's DQ gives
     it; the sim's quantizer follows."""
-    quantizer = module.param_quantizers["weight"] if "weight" in module.param_quantizers else None
-    weight = module._parameters["weight"].detach()
-    if quantizer is not None and quantizer.enabled:
-        if quantizer.scale is None:
-            return None
-        weight = Grid.of(quantizer).values(_weight_indices(module, quantizer))
-    return runtime.rms_norm(args[0], weight, module.variance_epsilon)
+    weight = _weight_as_exported(module)
+    return None if weight is None else runtime.rms_norm(args[0], weight, module.variance_epsilon)
 
 
 def _leaky_relu(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
