@@ -124,14 +124,9 @@ def gptq(sim: QuantSim, batches: Iterable[Any], settings: GptqSettings = GptqSet
             progress = open_progress("gptq", settings, [name for group in groups for name, _ in group], held, sim)
             for group in groups:
                 bar.set_postfix_str(group[0][0])
-                pending = []
-                for name, calls in group:
-                    restored = progress.restore(name, targets[name])
-                    if restored is None:
-                        pending.append((name, calls))
-                    else:
-                        report.layers.append(GptqLayer(**restored))
-                        bar.update()
+                pending, restored = progress.unfinished(group, lambda entry: entry[0], lambda entry: targets[entry[0]])
+                report.layers.extend(GptqLayer(**fields) for fields in restored)
+                bar.update(len(restored))
                 if not pending:
                     continue
                 hessians = _hessians(forwards, {name: (targets[name], calls) for name, calls in pending})

@@ -18,9 +18,9 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from torch import nn
 from edgequant.sim import QuantSim
 
 MANIFEST = "progress.json"
+T = TypeVar("T")
 
 
 class ResumeError(ValueError):
@@ -114,6 +115,19 @@ class LayerProgress:
             raise ResumeError(f"progress file {path} cannot be read ({type(error).__name__}: {error}); delete "
                               f"{self.directory} to start over") from error
         return saved["report"]
+
+    def unfinished(self, items: list[T], name: Callable[[T], str], layer: Callable[[T], nn.Module]
+                   ) -> tuple[list[T], list[dict[str, Any]]]:
+        """Load the finished ones of ``items`` into their layers; return the others, in order, and the report fields
+        of the finished ones."""
+        pending, reports = [], []
+        for item in items:
+            report = self.restore(name(item), layer(item))
+            if report is None:
+                pending.append(item)
+            else:
+                reports.append(report)
+        return pending, reports
 
     def save(self, name: str, layer: nn.Module, report: dict[str, Any]) -> None:
         """Record the finished layer ``name``: its state and its report fields (numbers, strings, lists)."""

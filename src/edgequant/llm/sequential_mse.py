@@ -156,14 +156,9 @@ def sequential_mse(
             forwards = BlockForwards(sim, held, names)
             progress = open_progress("sequential_mse", settings, names, held, sim)
             for group in groups:
-                pending = []
-                for target in group:
-                    restored = progress.restore(target.name, target.layer)
-                    if restored is None:
-                        pending.append(target)
-                    else:
-                        report.layers.append(SequentialMseLayer(**restored))
-                        bar.update()
+                pending, restored = progress.unfinished(group, lambda t: t.name, lambda t: t.layer)
+                report.layers.extend(SequentialMseLayer(**fields) for fields in restored)
+                bar.update(len(restored))
                 if not pending:
                     continue
                 group_start = time.perf_counter()
