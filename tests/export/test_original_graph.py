@@ -26,13 +26,15 @@ def _run(path: Path, x: torch.Tensor) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
-def _emulated(sim: QuantSim, x: torch.Tensor) -> np.ndarray:
+def _emulated(sim: QuantSim, x: torch.Tensor) -> np.ndarray | list[np.ndarray]:
+    """The emulating sim's output (each output of a model with several)."""
     sim.emulate("onnxruntime")
     try:
         with torch.no_grad():
-            return sim.model(x).numpy()
+            outputs = sim.model(x)
     finally:
         sim.emulate(None)
+    return [t.numpy() for t in outputs] if isinstance(outputs, (tuple, list)) else outputs.numpy()
 
 
 @pytest.fixture
@@ -257,13 +259,7 @@ def test_a_graph_output_other_nodes_also_read_is_quantized_for_them_too(tmp_path
     sim.compute_encodings(lambda m: m(data))
     result = sim.export(tmp_path / "out")
     session = ort.InferenceSession(str(result.qdq_model), providers=["CPUExecutionProvider"])
-    sim.emulate("onnxruntime")
-    try:
-        with torch.no_grad():
-            expected = [t.numpy() for t in sim.model(data)]
-    finally:
-        sim.emulate(None)
-    for got, want in zip(session.run(["output", "r1"], {"image": data.numpy()}), expected, strict=True):
+    for got, want in zip(session.run(["output", "r1"], {"image": data.numpy()}), _emulated(sim, data), strict=True):
         np.testing.assert_array_equal(got, want)
 
 
@@ -303,11 +299,5 @@ def test_a_graph_output_read_through_an_indexing_gather_keeps_its_own_grid(tmp_p
     with torch.no_grad():
         default = sim.model(data)[0].numpy()
     np.testing.assert_allclose(default, in_float.run(["hidden"], {"tokens": data.numpy()})[0], rtol=1e-6, atol=1e-7)
-    sim.emulate("onnxruntime")
-    try:
-        with torch.no_grad():
-            emulated = [t.numpy() for t in sim.model(data)]
-    finally:
-        sim.emulate(None)
-    for runtime, emulating in zip(got, emulated, strict=True):
+    for runtime, emulating in zip(got, _emulated(sim, data), strict=True):
         np.testing.assert_array_equal(runtime, emulating)
