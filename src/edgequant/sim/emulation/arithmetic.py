@@ -559,10 +559,10 @@ class FixedPointRequantization(RuntimeModel):
 
 _ONE_SIXTH = torch.tensor(1 / 6, dtype=torch.float32)
 
-_LOGISTIC_ALPHA = torch.tensor([4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05,
-                                8.51377133304701e-03, 2.48287947061529e-01])
-_LOGISTIC_BETA = torch.tensor([6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06,
-                               1.70198817374094e-03, 1.16817656904453e-01, 9.93151921023180e-01])
+_LOGISTIC_ALPHA = (4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05, 8.51377133304701e-03,
+                   2.48287947061529e-01)
+_LOGISTIC_BETA = (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06, 1.70198817374094e-03,
+                  1.16817656904453e-01, 9.93151921023180e-01)
 
 
 _EXP_LOWER_RANGE = -103.9720840454
@@ -581,14 +581,17 @@ def mlas_exp(values: torch.Tensor) -> torch.Tensor:
     """MLAS's float32 exp (``TransKernelAvx512F.S``, as its softmax computes it): clamp below at -103.97,
     ``m = fl32(fma(x, 1/ln2, 1.5·2**23)) - 1.5·2**23``, ``r = fma(m, -ln2_low, fma(m, -ln2_high, x))``, a
     degree-6 polynomial in FMA steps and ``p·2**m`` rounded once (``vscalefps``)."""
-    x = torch.maximum(values.float(), _float32(_EXP_LOWER_RANGE))
+    m, r = _exp_range_reduction(torch.maximum(values.float(), _float32(_EXP_LOWER_RANGE)))
+    p = _polynomial(_EXP_POLYNOMIAL[0], _EXP_POLYNOMIAL[1:], r)
+    return (p.double() * torch.exp2(m.double())).float()
+
+
+def _exp_range_reduction(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLAS's exp argument split ``x = m·ln2 + r``: ``m = fl32(fma(x, 1/ln2, 1.5·2**23)) - 1.5·2**23`` and
+    ``r = fma(m, -ln2_low, fma(m, -ln2_high, x))``."""
     bias = _float32(_EXP_ROUNDING_BIAS)
     m = fma_float32(x, _float32(_EXP_LOG2_RECIPROCAL), bias) - bias
-    r = fma_float32(m, _float32(_EXP_LOG2_LOW), fma_float32(m, _float32(_EXP_LOG2_HIGH), x))
-    p = torch.full_like(r, _EXP_POLYNOMIAL[0])
-    for coefficient in _EXP_POLYNOMIAL[1:]:
-        p = fma_float32(p, r, _float32(coefficient))
-    return (p.double() * torch.exp2(m.double())).float()
+    return m, fma_float32(m, _float32(_EXP_LOG2_LOW), fma_float32(m, _float32(_EXP_LOG2_HIGH), x))
 
 
 def _mlas_lane_sum(values: torch.Tensor) -> torch.Tensor:
@@ -636,9 +639,7 @@ def mlas_erf(values: torch.Tensor) -> torch.Tensor:
     result[~above] = fma_float32(_polynomial(_ERF_SMALL[0], _ERF_SMALL[1:], small * small), small, small)
     a = a[above]
     exponent = torch.maximum(-fma_float32(_polynomial(_ERF_BIG[0], _ERF_BIG[1:], a), a, a), _float32(_ERF_EXP_LOWER))
-    bias = _float32(_EXP_ROUNDING_BIAS)
-    m = fma_float32(_float32(_EXP_LOG2_RECIPROCAL), exponent, bias) - bias
-    reduced = fma_float32(m, _float32(_EXP_LOG2_LOW), fma_float32(m, _float32(_EXP_LOG2_HIGH), exponent))
+    m, reduced = _exp_range_reduction(exponent)
     result[above] = 1 - _polynomial(_ERF_EXP_POLYNOMIAL[0], _ERF_EXP_POLYNOMIAL[1:], reduced) * torch.exp2(m)
     return result.copysign_(x)
 
@@ -648,13 +649,8 @@ def mlas_logistic(values: torch.Tensor) -> torch.Tensor:
     ``[-18, 18]``, evaluated with fused multiply-adds in float32."""
     value = values.float().clamp(-18.0, 18.0)
     squared = value * value
-    p = fma_float32(squared, _LOGISTIC_ALPHA[0], _LOGISTIC_ALPHA[1])
-    for alpha in _LOGISTIC_ALPHA[2:]:
-        p = fma_float32(p, squared, alpha)
-    p = p * value
-    q = fma_float32(squared, _LOGISTIC_BETA[0], _LOGISTIC_BETA[1])
-    for beta in _LOGISTIC_BETA[2:]:
-        q = fma_float32(q, squared, beta)
+    p = _polynomial(_LOGISTIC_ALPHA[0], _LOGISTIC_ALPHA[1:], squared) * value
+    q = _polynomial(_LOGISTIC_BETA[0], _LOGISTIC_BETA[1:], squared)
     return (p / q + 0.5).clamp_(0.0, 1.0)
 
 
