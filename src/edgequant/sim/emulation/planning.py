@@ -4,6 +4,7 @@ the others are left to the default fake-quantized path."""
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from edgequant.sim.emulation.arithmetic import RuntimeModel
 from edgequant.sim.emulation.kernels import KERNELS, Interpolation, is_global_pool_size, op_kind, softmax_dim
 from edgequant.sim.emulation.provenance import RecordedCall, RecordedTensor, record_calls
 from edgequant.sim.graph import FUSED_ACTIVATIONS, ModelGraph
-from edgequant.sim.ops import function_name, is_data_movement, is_pass_through, module_op_type, weight_output_axis
+from edgequant.sim.ops import is_data_movement, is_pass_through, module_op_type, weight_output_axis
 from edgequant.sim.quantized_module import FunctionalOp
 
 
@@ -141,7 +142,7 @@ class _GraphIndex:
         while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and is_data_movement(
                 node.target):
             index = node.args[1] if len(node.args) > 1 else None
-            if function_name(node.target).strip("_") == "getitem" and isinstance(index, tuple) and any(
+            if node.target in (operator.getitem, "__getitem__") and isinstance(index, tuple) and any(
                     isinstance(item, int) for item in index):
                 return True
             node = node.args[0] if node.args else None
