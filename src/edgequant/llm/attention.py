@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgequant.llm.mixins import mix_in
 from edgequant.sim import FunctionalOp
 from edgequant.sim.ops import masked_softmax
 
@@ -103,7 +104,6 @@ class QuantizableAttention(nn.Module):
         return self.o_proj(context), None
 
 
-_QUANTIZABLE_CLASSES: dict[type, type] = {}
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
 
 
@@ -114,10 +114,7 @@ def is_llama_attention(module: nn.Module) -> bool:
 
 def make_quantizable(attention: nn.Module) -> nn.Module:
     """Give ``attention`` (in place) the op-per-module forward of `QuantizableAttention`."""
-    cls = type(attention)
-    if cls not in _QUANTIZABLE_CLASSES:
-        _QUANTIZABLE_CLASSES[cls] = type(f"Quantizable{cls.__name__}", (QuantizableAttention, cls), {})
-    attention.__class__ = _QUANTIZABLE_CLASSES[cls]
+    mix_in(attention, QuantizableAttention, "Quantizable")
     attention.rope_q = RotaryApplication()
     attention.rope_k = RotaryApplication()
     attention.attend = ScaledDotProductAttention()

@@ -39,6 +39,7 @@ from functools import cache
 import torch
 from torch import nn
 
+from edgequant.llm.mixins import mix_in
 from edgequant.sim import FunctionalOp
 
 
@@ -150,9 +151,6 @@ class RotatedInputMlp(nn.Module):
         return self.down_proj(self.down_rotation(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
 
 
-_ROTATED_MLP_CLASSES: dict[type, type] = {}
-
-
 @dataclass(frozen=True)
 class _Parts:
     embedding: nn.Embedding
@@ -254,10 +252,7 @@ def _rotate_down_proj_inputs(parts: _Parts, h: torch.Tensor) -> None:
         if isinstance(mlp, RotatedInputMlp):
             raise ValueError("down_proj's input is rotated already: apply R4 once")
         _set(mlp.down_proj.weight, mlp.down_proj.weight.double() @ h)
-        cls = type(mlp)
-        if cls not in _ROTATED_MLP_CLASSES:
-            _ROTATED_MLP_CLASSES[cls] = type(f"Rotated{cls.__name__}", (RotatedInputMlp, cls), {})
-        mlp.__class__ = _ROTATED_MLP_CLASSES[cls]
+        mix_in(mlp, RotatedInputMlp, "Rotated")
         mlp.down_rotation = OnlineRotation(matrix)
 
 
