@@ -25,6 +25,7 @@ import copy
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -86,28 +87,42 @@ def top1_agreement(predicted: np.ndarray, runtime: np.ndarray) -> float:
     return float((chosen == runtime.max(1)).mean())
 
 
-def row(name: str, samples: int, batch_size: int = 16) -> str:
-    model, calibration, data = load(name, samples)
-    fold_batch_norms(model, calibration[:1])
-    sim = eq.QuantSim(model, calibration[:1], config="per_channel")
-    sim.calibrate(calibration.split(batch_size), progress=False)
+def compared_cells(sim: eq.QuantSim, model: nn.Module, settings: dict, calibration: torch.Tensor,
+                   data: torch.Tensor, batch_size: int, classes: bool,
+                   probe: Callable[[str, eq.QuantSim], None] | None = None) -> tuple[object, list[str]]:
+    """Export the calibrated ``sim`` (of ``model``, built with ``settings``), run it in ORT on ``data`` and compare
+    the emulating and the default sim with it: the emulation plan and the table cells (ops emulated; identical
+    outputs and, with ``classes``, top-1 agreement for each sim; the emulating/default forward time).
+    ``probe(folder, sim)`` runs on each sim while the export is on disk."""
     with tempfile.TemporaryDirectory() as folder:
         sim.export(folder, calibration[:1])
         runtime, lsb = run_ort(Path(folder) / "model_qdq.onnx", data, batch_size)
         # a second sim with the same state (a deepcopy of a traced sim drops its model-input quantizer hook)
-        emulating = eq.QuantSim(copy.deepcopy(model), calibration[:1], config="per_channel")
+        emulating = eq.QuantSim(copy.deepcopy(model), calibration[:1], **settings)
         sim.save(Path(folder) / "sim.pt")
         emulating.load(Path(folder) / "sim.pt")
-    plan = emulating.emulate("onnxruntime")
+        plan = emulating.emulate("onnxruntime")
+        for candidate in (emulating, sim) if probe is not None else ():
+            probe(folder, candidate)
     cells = [f"{len(plan.ops)} / {len(plan.ops) + len(plan.skipped)}"]
     for candidate in (emulating, sim):
         predicted = run_model(candidate.model, data, batch_size)
         identical = float((np.round(predicted / lsb) == np.round(runtime / lsb)).mean())
-        cells.append(f"{identical:.2%} / {top1_agreement(predicted, runtime):.2%}")
+        cells.append(f"{identical:.2%} / " + (f"{top1_agreement(predicted, runtime):.2%}" if classes else "–"))
     batch = data[:batch_size]
     times: dict[str, float] = interleaved_medians(
         {"default": lambda: sim.model(batch), "emulating": lambda: emulating.model(batch)}, repeats=3)
     cells.append(f"{times['emulating'] / times['default']:.2f}× ({times['default'] * 1e3:.0f} ms)")
+    return plan, cells
+
+
+def row(name: str, samples: int, batch_size: int = 16) -> str:
+    model, calibration, data = load(name, samples)
+    fold_batch_norms(model, calibration[:1])
+    settings = {"config": "per_channel"}
+    sim = eq.QuantSim(model, calibration[:1], **settings)
+    sim.calibrate(calibration.split(batch_size), progress=False)
+    plan, cells = compared_cells(sim, model, settings, calibration, data, batch_size, classes=True)
     if plan.skipped:
         print(f"  {name}: {plan.coverage()}", file=sys.stderr)
     return f"| {name} | " + " | ".join(cells) + " |"
@@ -143,27 +158,18 @@ def decoder_row(name: str, samples: int, batch_size: int = 16) -> str:
 
     config, bits = DECODER_ROWS[name]
     block, calibration, data = load_decoder_block(samples)
-    sim = eq.QuantSim(block, calibration[:1], config=config, param_bw=8, output_bw=bits)
+    settings = {"config": config, "param_bw": 8, "output_bw": bits}
+    sim = eq.QuantSim(block, calibration[:1], **settings)
     sim.calibrate(calibration.split(batch_size), progress=False)
-    with tempfile.TemporaryDirectory() as folder:
-        sim.export(folder, calibration[:1])
-        runtime, lsb = run_ort(Path(folder) / "model_qdq.onnx", data, batch_size)
-        emulating = eq.QuantSim(copy.deepcopy(block), calibration[:1], config=config, param_bw=8, output_bw=bits)
-        sim.save(Path(folder) / "sim.pt")
-        emulating.load(Path(folder) / "sim.pt")
-        plan = emulating.emulate("onnxruntime")
-        for label, candidate in (("emulating", emulating), ("default", sim)):
-            first = verify(folder, candidate, data, batch_size=batch_size, progress=False).first_difference
-            where = "none" if first is None else f"{first.tensor} ({first.share_identical:.4%} identical)"
-            print(f"  decoder block, {label} sim: first differing quantized tensor {where}", file=sys.stderr)
-    cells = [f"{len(plan.ops)} / {len(plan.ops) + len(plan.skipped)}"]
-    for candidate in (emulating, sim):
-        predicted = run_model(candidate.model, data, batch_size)
-        cells.append(f"{float((np.round(predicted / lsb) == np.round(runtime / lsb)).mean()):.2%} / –")
-    batch = data[:batch_size]
-    times: dict[str, float] = interleaved_medians(
-        {"default": lambda: sim.model(batch), "emulating": lambda: emulating.model(batch)}, repeats=3)
-    cells.append(f"{times['emulating'] / times['default']:.2f}× ({times['default'] * 1e3:.0f} ms)")
+
+    def first_difference(folder: str, candidate: eq.QuantSim) -> None:
+        first = verify(folder, candidate, data, batch_size=batch_size, progress=False).first_difference
+        where = "none" if first is None else f"{first.tensor} ({first.share_identical:.4%} identical)"
+        label = "default" if candidate is sim else "emulating"
+        print(f"  decoder block, {label} sim: first differing quantized tensor {where}", file=sys.stderr)
+
+    plan, cells = compared_cells(sim, block, settings, calibration, data, batch_size, classes=False,
+                                 probe=first_difference)
     print(f"  decoder block: {plan.coverage()}", file=sys.stderr)
     return f"| SmolLM2-135M decoder block 0, W8A{bits} {config} | " + " | ".join(cells) + " |"
 
