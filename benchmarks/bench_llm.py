@@ -61,6 +61,17 @@ def smollm2_with_float_figures(threads: int, evaluation: int) -> tuple[Path, tor
     return gguf, model, tokenizer, split, (perplexity, top1, time.perf_counter() - started)
 
 
+def result_cells(perplexity: float, top1: torch.Tensor, float_figures: tuple[float, torch.Tensor, float],
+                 seconds: tuple[float, ...]) -> list[str]:
+    """Table cells of a quantized run: perplexity, its change over float, next-token agreement with float, and
+    each of ``seconds`` with its multiple of the float evaluation (``float_figures``: perplexity, top-1 tokens,
+    evaluation seconds, as `smollm2_with_float_figures` gives them)."""
+    float_ppl, float_top1, float_eval = float_figures
+    agreement = float((top1 == float_top1).float().mean())
+    return [f"{perplexity:.3f}", f"{100 * (perplexity / float_ppl - 1):+.2f} %", f"{100 * agreement:.2f} %",
+            *(f"{s:.0f} ({s / float_eval:.2f})" for s in seconds)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -96,11 +107,9 @@ def main() -> None:
         with torch.no_grad(), sim.frozen_weights():
             ppl, top1 = evaluate(sim.model, split.evaluation)
         evaluation = time.perf_counter() - started
-        agreement = float((top1 == float_top1).float().mean())
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"| {run} | {ppl:.3f} | {100 * (ppl / float_ppl - 1):+.2f} % | {100 * agreement:.2f} % | "
-              f"{calibration:.0f} ({calibration / float_eval:.2f}) | {evaluation:.0f} ({evaluation / float_eval:.2f}) "
-              f"| {peak:.2f} |", flush=True)
+        cells = result_cells(ppl, top1, (float_ppl, float_top1, float_eval), (calibration, evaluation))
+        print(f"| {run} | {' | '.join(cells)} | {peak:.2f} |", flush=True)
         del sim
 
 

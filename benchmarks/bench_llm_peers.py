@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from benchmarks.bench_llm import evaluate, smollm2_with_float_figures
+from benchmarks.bench_llm import evaluate, result_cells, smollm2_with_float_figures
 
 BLOCK = 64  # SmolLM2-135M's 576-wide layers allow blocks of 64 (not 128); 32 would reuse its Q4_1 grid exactly
 PEERS = ("modelopt-rtn", "modelopt-awq-lite", "modelopt-awq-full", "modelopt-gptq", "modelopt-gptq-all",
@@ -228,10 +228,8 @@ def main() -> None:
         started = time.perf_counter()
         ppl, top1 = evaluate(candidate, split.evaluation)
         evaluation = time.perf_counter() - started
-        agreement = float((top1 == float_top1).float().mean())
-        print(f"| {name} | {len(calibration)} | {ppl:.3f} | {100 * (ppl / float_ppl - 1):+.2f} % | "
-              f"{100 * agreement:.2f} % | {quantization:.0f} ({quantization / float_eval:.2f}) | "
-              f"{evaluation:.0f} ({evaluation / float_eval:.2f}) |", flush=True)
+        cells = result_cells(ppl, top1, (float_ppl, float_top1, float_eval), (quantization, evaluation))
+        print(f"| {name} | {len(calibration)} | {' | '.join(cells)} |", flush=True)
         del candidate
 
 
