@@ -157,8 +157,8 @@ def test_bad_input_is_one_line() -> None:
                      progress=False)
 
 
-@pytest.mark.parametrize("recipe", ["w4a8", "w4a8-r4"])
-def test_w4a8_gives_linear_outputs_8_bits_and_keeps_the_htp_16_bit_ops(recipe, ids) -> None:
+@pytest.mark.parametrize("recipe", ["w4a8-strict", "w4a8-strict-r4"])
+def test_w4a8_strict_gives_linear_outputs_8_bits_and_keeps_the_htp_16_bit_ops(recipe, ids) -> None:
     model = tiny_llama()
     before = copy.deepcopy(model.state_dict())
     sim = llm.quantize(model, ids, recipe=recipe, block_size=16, progress=False)
@@ -166,7 +166,7 @@ def test_w4a8_gives_linear_outputs_8_bits_and_keeps_the_htp_16_bit_ops(recipe, i
     assert bits["model.layers.0.self_attn.q_proj"] == bits["model.layers.1.mlp.down_proj"] == 8
     assert bits["model.layers.0.self_attn.attend.softmax"] == bits["model.layers.0.add"] == 16
     rotations = [name for name in bits if name.endswith("down_rotation.rotate")]
-    if recipe == "w4a8-r4":  # down_proj's input is the online rotation's output, at the activation bits
+    if recipe == "w4a8-strict-r4":  # down_proj's input is the online rotation's output, at the activation bits
         assert rotations == ["model.layers.0.mlp.down_rotation.rotate", "model.layers.1.mlp.down_rotation.rotate"]
         assert all(bits[name] == 8 for name in rotations)
         assert not [name for name in sim.quantizers("param") if "down_rotation" in name]  # its constant stays float

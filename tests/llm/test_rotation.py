@@ -285,7 +285,7 @@ def test_online_rotation_spreads_a_planted_down_proj_input_outlier(ids) -> None:
 
 
 def test_online_rotation_exports_as_a_matmul_that_onnx_runtime_runs(ids, tmp_path) -> None:
-    """The sim of a w4a8-r4 model exports; ORT's prefill logits match the sim's, and each layer's rotation is a
+    """The sim of a w4a8-strict-r4 model exports; ORT's prefill logits match the sim's, and each layer's rotation is a
     MatMul reading one float constant of the intermediate size whose output is quantized."""
     ort = pytest.importorskip("onnxruntime")
     import onnx  # noqa: PLC0415 - with onnxruntime only
@@ -295,7 +295,7 @@ def test_online_rotation_exports_as_a_matmul_that_onnx_runtime_runs(ids, tmp_pat
 
     assert ort is not None
     model = tiny_llama(tied=False)
-    sim = llm.quantize(model, ids, recipe="w4a8-r4", block_size=16, progress=False)
+    sim = llm.quantize(model, ids, recipe="w4a8-strict-r4", block_size=16, progress=False)
     export = export_causal_lm(sim, tmp_path)
     graph = onnx.load(export.onnx_path).graph
     initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}

@@ -16,9 +16,12 @@ from edgequant.llm.recipes import Recipe, recipe_named
 from edgequant.llm.rotation import RotationSettings, rotate_causal_lm
 from edgequant.llm.sequential_mse import SequentialMseSettings, sequential_mse
 from edgequant.llm.smoothing import AwqSettings, SmoothingSettings, awq_causal_lm, smooth_causal_lm
+from edgequant.quantization import Quantizer
 from edgequant.quantization.granularity import Lpbq, PerBlock, PerChannel
 from edgequant.quantization.number_format import IntegerFormat
 from edgequant.sim import QuantSim
+from edgequant.sim.batches import split_model_input
+from edgequant.sim.emulation.provenance import RecordedTensor, record_calls
 
 NORM_OP_TYPE = "RMSNormalization"  # ONNX's name for the op (opset 23); the hardware runs a norm as one op
 
@@ -136,7 +139,8 @@ def _untie_weights(model: nn.Module) -> None:
 
 
 def apply_recipe(sim: QuantSim, recipe: Recipe, *, block_size: int, kv_cache_bw: int | None) -> None:
-    """Set the weight grids, the KV cache bits and the float-by-design ops of ``recipe`` on ``sim``."""
+    """Set the weight grids, the bits of the Linear layers' inputs, the KV cache bits and the float-by-design ops of
+    ``recipe`` on ``sim``."""
     sim.set_format("*", IntegerFormat(recipe.linear_bw, True), kinds=("param",), module_types=(nn.Linear,))
     grids = {"per_channel": PerChannel(), "per_block": PerBlock(block_size),
              "lpbq": Lpbq(block_size, decompressed_bw=8)}
@@ -146,11 +150,35 @@ def apply_recipe(sim: QuantSim, recipe: Recipe, *, block_size: int, kv_cache_bw:
              if getattr(module, "onnx_op_type", None) == NORM_OP_TYPE]
     for name in norms:
         sim.set_format(name, IntegerFormat(8, False), kinds=("param",))
+    if recipe.linear_input_bw is not None:
+        for quantizer in {q.name: q for q in linear_input_quantizers(sim).values()}.values():
+            sim.set_format(quantizer.owner, IntegerFormat(recipe.linear_input_bw, quantizer.symmetric),
+                           kinds=(quantizer.role,))
     if kv_cache_bw is not None:
         for names in kv_cache_quantizers(sim).values():
             for name in (names.key, names.value):
                 quantizer = sim.quantizer(name)
                 sim.set_format(quantizer.owner, IntegerFormat(kv_cache_bw, quantizer.symmetric), kinds=("output",))
+
+
+def linear_input_quantizers(sim: QuantSim) -> dict[str, Quantizer]:
+    """For each Linear layer of ``sim`` (by name), the enabled quantizer whose grid its input is on: the layer's own
+    input quantizer where it has one, else the one whose output it reads, through reshapes and other data movement,
+    as one float forward of the sim's dummy input records it (`edgequant.sim.emulation.provenance`). Layers that
+    read a float tensor are left out. These are the operands of the integer matmuls, the activations QuaRot counts."""
+    calls = record_calls(sim.model, *split_model_input(sim.dummy_input))
+    own = {q.owner: q for q in sim.quantizers(role="input").values() if q.key == "0" and q.enabled}
+    found = {}
+    for name, layer in sim.quantized_modules().items():
+        if not isinstance(layer, nn.Linear) or name not in calls:
+            continue
+        argument = calls[name].args[0] if calls[name].args else None
+        upstream = argument.quantizer if isinstance(argument, RecordedTensor) else None
+        if name in own:
+            found[name] = own[name]
+        elif upstream is not None and upstream.enabled:
+            found[name] = upstream
+    return found
 
 
 def kv_cache_quantizers(sim: QuantSim) -> dict[int, KvCacheQuantizers]:

@@ -10,16 +10,20 @@ class Recipe:
     """What a recipe quantizes how. Every Linear layer (``lm_head`` included) gets ``linear_bw``-bit symmetric
     weights on ``linear_grid`` (``"per_channel"``, ``"per_block"`` or ``"lpbq"``: blocks of ``block_size`` along
     the input features, LPBQ's block scales on an 8-bit per-channel grid); embedding and norm weights are 8-bit,
-    activations ``activation_bw``-bit, all from min-max statistics. ``transforms`` change the float model (the
-    sim's copy) before it is quantized, keeping its function (``"rotate"``: QuaRot's Hadamard rotations R1 and R2,
-    ``"rotate-online"``: those and R4, an online rotation of down_proj's input,
-    ``"smooth"``: SmoothQuant, ``"awq"``: AWQ's weight scaling); ``techniques`` then refine the weight encodings
+    activations ``activation_bw``-bit, all from min-max statistics, except that ``linear_input_bw`` (None: no
+    exception) gives its bits to the activation quantizers whose output a Linear layer reads: the operands of the
+    integer matmuls, which is what QuaRot and SpinQuant count as a model's activation bits (W4A8 there: 8-bit Linear
+    inputs, a 16-bit residual stream, Linear outputs, element-wise ops and attention). ``transforms`` change the
+    float model (the sim's copy) before it is quantized, keeping its function (``"rotate"``: QuaRot's Hadamard
+    rotations R1 and R2, ``"rotate-online"``: those and R4, an online rotation of down_proj's input, ``"smooth"``:
+    SmoothQuant, ``"awq"``: AWQ's weight scaling); ``techniques`` then refine the weight encodings
     or the weights of the calibrated sim, in order."""
 
     name: str
     linear_bw: int
     linear_grid: str
     activation_bw: int = 16
+    linear_input_bw: int | None = None
     techniques: tuple[str, ...] = ()
     transforms: tuple[str, ...] = ()
     summary: str = ""
@@ -53,13 +57,23 @@ RECIPES: dict[str, Recipe] = {
                summary="w4a16-lpbq after AWQ's activation-aware weight scaling"),
         Recipe("w4a16-lpbq-awq-gptq", 4, "lpbq", transforms=("awq",), techniques=("gptq",),
                summary="w4a16-lpbq after AWQ's scaling, weights rounded by GPTQ"),
-        Recipe("w4a8", 4, "lpbq", activation_bw=8, transforms=("rotate", "smooth"), techniques=("gptq",),
-               summary="4-bit LPBQ weights, 8-bit activations: rotation, SmoothQuant, then GPTQ"),
-        Recipe("w4a8-r4", 4, "lpbq", activation_bw=8, transforms=("rotate-online", "smooth"), techniques=("gptq",),
-               summary="w4a8 with QuaRot's online Hadamard rotation of down_proj's input (R4)"),
-        Recipe("w4a8-r4-seqmse-gptq", 4, "lpbq", activation_bw=8, transforms=("rotate-online", "smooth"),
+        Recipe("w4a8", 4, "lpbq", linear_input_bw=8, transforms=("rotate", "smooth"), techniques=("gptq",),
+               summary="4-bit LPBQ weights, 8-bit Linear inputs (QuaRot's A8; the rest 16-bit): rotation, "
+                       "SmoothQuant, then GPTQ"),
+        Recipe("w4a8-r4", 4, "lpbq", linear_input_bw=8, transforms=("rotate-online", "smooth"),
+               techniques=("gptq",), summary="w4a8 with QuaRot's online Hadamard rotation of down_proj's input (R4)"),
+        Recipe("w4a8-r4-seqmse-gptq", 4, "lpbq", linear_input_bw=8, transforms=("rotate-online", "smooth"),
                techniques=("seqmse", "gptq"),
                summary="w4a8-r4, block scales by sequential MSE, then weights rounded by GPTQ"),
+        Recipe("w4a8-strict", 4, "lpbq", activation_bw=8, transforms=("rotate", "smooth"), techniques=("gptq",),
+               summary="4-bit LPBQ weights, 8-bit outputs of every op the htp config does not keep at 16 bits "
+                       "(Linear layers, norms, SiLU, attention's matmuls): rotation, SmoothQuant, then GPTQ"),
+        Recipe("w4a8-strict-r4", 4, "lpbq", activation_bw=8, transforms=("rotate-online", "smooth"),
+               techniques=("gptq",),
+               summary="w4a8-strict with QuaRot's online Hadamard rotation of down_proj's input (R4)"),
+        Recipe("w4a8-strict-r4-seqmse-gptq", 4, "lpbq", activation_bw=8, transforms=("rotate-online", "smooth"),
+               techniques=("seqmse", "gptq"),
+               summary="w4a8-strict-r4, block scales by sequential MSE, then weights rounded by GPTQ"),
     )
 }
 
