@@ -10,7 +10,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import edgequant.llm as llm
-from edgequant.llm.quantize import linear_input_quantizers
+from edgequant.quantization import PerTensor
 
 VOCAB, LAYERS = 96, 2
 
@@ -44,7 +44,7 @@ def _expected_feeds(down_input: str) -> dict[str, str]:
 def test_w4a8_puts_8_bits_on_exactly_the_linear_inputs(recipe, down_input, ids) -> None:
     sim = llm.quantize(tiny_llama(), ids, recipe=recipe, block_size=16, kv_cache_bw=8, progress=False)
     feeds = _expected_feeds(down_input)
-    assert {name: q.owner for name, q in linear_input_quantizers(sim).items()} == feeds
+    assert {name: q.owner for name, q in llm.linear_input_quantizers(sim).items()} == feeds
     kv_cache = {f"model.layers.{i}.self_attn.{op}" for i in range(LAYERS) for op in ("rope_k.add", "v_proj")}
     bits = {q.name: (q.owner, q.bitwidth) for q in sim.quantizers(("input", "output")).values() if q.enabled}
     eight = {owner for owner, bitwidth in bits.values() if bitwidth == 8}
@@ -74,5 +74,21 @@ def test_strict_w4a8_puts_8_bits_on_the_linear_outputs_too(ids) -> None:
     sim = llm.quantize(tiny_llama(), ids, recipe="w4a8-strict-r4", block_size=16, kv_cache_bw=8, progress=False)
     bits = {q.owner: q.bitwidth for q in sim.quantizers("output").values() if q.enabled}
     assert bits["model.layers.0.mlp.down_proj"] == bits["model.layers.0.mlp.act_fn"] == 8
-    assert all(bits[q.owner] == 8 for q in linear_input_quantizers(sim).values())
+    assert all(bits[q.owner] == 8 for q in llm.linear_input_quantizers(sim).values())
     assert bits["model.layers.0.add"] == bits["model.layers.0.mlp.mul"] == 16
+
+
+def test_smoothquant_searches_alpha_on_the_grid_of_the_8_bit_linear_inputs(ids) -> None:
+    """SmoothQuant divides a producer's output and searches α with that output quantized asymmetric, per tensor,
+    ``activation_bw`` bits: in w4a8 that output is what its Linears read, on that very grid."""
+    settings = llm.SmoothingSettings(alpha=None, progress=False)
+    report = llm.smooth_causal_lm(llm.prepare_causal_lm(tiny_llama()), ids, settings)
+    inputs = llm.linear_input_quantizers(llm.quantize(tiny_llama(), ids, recipe="w4a8", block_size=16,
+                                                      progress=False))
+    assert len(report.groups) == 2 * LAYERS
+    for group in report.groups:
+        for consumer in group.consumers:
+            quantizer = inputs[consumer]
+            assert quantizer.owner == group.name
+            assert (quantizer.bitwidth, quantizer.symmetric) == (settings.activation_bw, False)
+            assert type(quantizer.granularity) is PerTensor

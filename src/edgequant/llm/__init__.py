@@ -21,7 +21,13 @@ from edgequant.llm.export import (
 )
 from edgequant.llm.gptq import GptqLayer, GptqReport, GptqSettings, gptq, gptq_round
 from edgequant.llm.loading import ModelLoadError, ModelNotFoundError, load_causal_lm
-from edgequant.llm.quantize import KvCacheQuantizers, kv_cache_quantizers, prepare_causal_lm, quantize
+from edgequant.llm.quantize import (
+    KvCacheQuantizers,
+    kv_cache_quantizers,
+    linear_input_quantizers,
+    prepare_causal_lm,
+    quantize,
+)
 from edgequant.llm.recipes import RECIPES, Recipe
 from edgequant.llm.rotation import RotationReport, RotationSettings, rotate_causal_lm
 from edgequant.llm.sequential_mse import (
@@ -75,6 +81,7 @@ __all__ = [
     "gptq_round",
     "greedy_generate",
     "kv_cache_quantizers",
+    "linear_input_quantizers",
     "load_causal_lm",
     "load_causal_lm_encodings",
     "next_token_agreement",

@@ -40,8 +40,10 @@ class SmoothingSettings:
     """How `smooth_causal_lm` chooses its scales. ``alpha`` is the migration strength (0: weights take all the
     scaling, 1: activations become flat); None searches each group's α over ``alpha_grid`` by the output error of
     its Linears with ``activation_bw``-bit per-tensor activations and ``weight_bw``-bit per-channel weights (min-max,
-    fake-quantized). ``attention_output`` and ``mlp_down`` also smooth v_proj → o_proj and up_proj → down_proj (the
-    paper smooths only the inputs that follow a norm)."""
+    fake-quantized). The activations it quantizes are the Linears' inputs, on the grid the sim gives a Linear's
+    input in the ``w4a8`` recipes (``Recipe.linear_input_bw``: asymmetric, per tensor, min-max): the norms' outputs
+    into q/k/v and gate/up, and with ``attention_output`` and ``mlp_down`` also the inputs of o_proj and down_proj
+    (v_proj → o_proj, up_proj → down_proj; the paper smooths only the inputs that follow a norm)."""
 
     alpha: float | None = 0.5
     alpha_grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
