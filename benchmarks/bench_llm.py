@@ -27,7 +27,7 @@ from edgequant.sim import FunctionalOp
 DEFAULT_RUNS = ("w8a16:16,w8a16:8,w8a16-rotated:16,w8a16-rotated:8,w4a16:16,w4a16:8,w4a16-block:16,w4a16-block:8,"
                 "w4a16-lpbq:16,w4a16-lpbq:8,w4a16-lpbq-seqmse:16,w4a16-lpbq-gptq:16,w4a16-lpbq-seqmse-gptq:16,"
                 "w4a16-rotated-lpbq:16,w4a16-rotated-gptq:16,w4a16-rotated-seqmse-gptq:16,w4a16-lpbq-awq:16,w4a8:8,"
-                "w8a16:16~aimet,w4a16:16~aimet,w4a16-lpbq:16~aimet")
+                "w4a8-strict:8,w8a16:16~aimet,w4a16:16~aimet,w4a16-lpbq:16~aimet")
 # SmolLM2-135M's 576-wide layers do not divide into blocks of 128; blocks of 64 are the ones it allows besides 32
 # (where its Q4_1 origin would make 4-bit blocks artificially lossless) and 16.
 
