@@ -12,6 +12,7 @@ import torchvision
 from onnx import TensorProto, helper, numpy_helper
 
 import edgequant as eq
+from edgequant.export.runtime_cpu import ORT_SESSION_CONFIG
 from edgequant.export.verify import verify
 from edgequant.sim.emulation import KERNELS, Grid, OnnxRuntimeCPU
 from edgequant.sim.emulation.arithmetic import mlas_erf
@@ -134,3 +135,55 @@ def test_convnext_stage_is_identical_to_onnxruntime(tmp_path: Path) -> None:
     assert not plan.skipped and kinds.count("LayerNorm2d") == 2 and kinds.count("Gelu") == 1
     report = verify(tmp_path, sim, torch.randn(64, 3, 32, 32), progress=False)
     assert report.first_difference is None and report.outputs[0].share_identical == 1.0
+
+
+def _matmul_session(a_shape: list[int], b: np.ndarray | None, b_shape: list[int], weight_scale: np.ndarray | None
+                    ) -> ort.InferenceSession:
+    """``y = a @ b``: two float inputs, or ``b`` an int8 initializer behind a per-column DQ (which ORT fuses into
+    MatMulNBits), in a session with `ORT_SESSION_CONFIG`."""
+    inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, a_shape)]
+    nodes, initializers = [helper.make_node("MatMul", ["a", "b"], ["y"])], []
+    if b is None:
+        inputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, b_shape))
+    else:
+        nodes.insert(0, helper.make_node("DequantizeLinear", ["b_q", "b_s"], ["b"], axis=1))
+        initializers = [numpy_helper.from_array(b, "b_q"), numpy_helper.from_array(weight_scale, "b_s")]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializers)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    for key, value in ORT_SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def test_float_matmul_is_mlas_sgemm_bit_for_bit() -> None:
+    """A float MatMul (batched, as attention's q·kᵀ and probs·v) in MLAS's SGEMM order, including its reduction
+    slices of 128 to 1024 terms as the column count shrinks: every output equal to ORT's, where PyTorch's float32
+    matmul differs on most; a single row (MLAS's M1 kernel) is left to the default path."""
+    runtime, generator = OnnxRuntimeCPU(), torch.Generator().manual_seed(0)
+    torch_differs = 0
+    for a_shape, b_shape in [([2, 3, 5, 64], [2, 3, 64, 7]), ([4, 576], [576, 40]), ([3, 1024], [1024, 10]),
+                             ([6, 600], [600, 65]), ([1, 9, 32, 64], [1, 9, 64, 32])]:
+        a, b = torch.randn(a_shape, generator=generator), torch.randn(b_shape, generator=generator)
+        expected = torch.from_numpy(_matmul_session(a_shape, None, b_shape, None).run(
+            None, {"a": a.numpy(), "b": b.numpy()})[0])
+        assert torch.equal(runtime.float_matmul(a, b), expected), (a_shape, b_shape)
+        torch_differs += int(not torch.equal(a @ b, expected))
+    assert torch_differs >= 3
+    assert runtime.float_matmul(torch.randn(1, 64), torch.randn(64, 8)) is None
+
+
+def test_float_matmul_is_matmulnbits_on_8_bit_weights_at_accuracy_level_1() -> None:
+    """ORT fuses an int8 weight's DQ (per output column) and its MatMul into MatMulNBits; at accuracy level 1 it
+    multiplies the float input by the dequantized weight in the SGEMM order: identical on 16-bit-grid inputs."""
+    runtime, generator = OnnxRuntimeCPU(), torch.Generator().manual_seed(1)
+    for rows, depth, columns in [(64, 576, 192), (3, 1536, 576)]:
+        weight = torch.randint(-127, 128, (depth, columns), generator=generator, dtype=torch.int8)
+        scale = torch.rand(columns, generator=generator) * 0.01 + 1e-3
+        x = torch.randint(-32768, 32768, (rows, depth), generator=generator).float() * 1e-3
+        session = _matmul_session([rows, depth], weight.numpy(), [depth, columns], scale.numpy())
+        expected = torch.from_numpy(session.run(None, {"a": x.numpy()})[0])
+        assert torch.equal(runtime.float_matmul(x, weight.float() * scale), expected), (rows, depth, columns)

@@ -20,6 +20,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+"""ONNX Runtime session config entries (``SessionOptions.add_session_config_entry``) under which it computes what
+the QDQ graph states: ORT fuses a MatMul and its 8- or 4-bit weight's DequantizeLinear into ``MatMulNBits``
+(from ``ORT_ENABLE_EXTENDED`` on), which by default (accuracy level 4) rounds the MatMul's float input to int8 per
+block; at level 1 it multiplies the input as given, in float32."""
+
 _EXACT_U8S8_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 _CPUINFO = Path("/proc/cpuinfo")
 

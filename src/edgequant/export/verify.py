@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from edgequant.export.qdq import QDQ_METADATA_KEY
-from edgequant.export.runtime_cpu import u8s8_saturates, with_unsigned_weights
+from edgequant.export.runtime_cpu import ORT_SESSION_CONFIG, u8s8_saturates, with_unsigned_weights
 
 if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim
@@ -189,6 +189,8 @@ def _session(model: onnx.ModelProto, optimized: bool, save_to: Path | None = Non
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     options.log_severity_level = 3
+    for key, value in ORT_SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
     if save_to is not None:
         options.optimized_model_filepath = str(save_to)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -268,7 +270,9 @@ def verify(
 
     ``unsigned_weights`` runs int8 weights as the identical uint8 + 128, which ORT's exact kernels execute; by
     default exactly where this CPU's u8×s8 kernels would saturate (`edgequant.export.runtime_cpu`), so the check
-    measures the simulation rather than the CPU. ``False`` runs the model as exported."""
+    measures the simulation rather than the CPU. ``False`` runs the model as exported. The sessions run with
+    `ORT_SESSION_CONFIG` (fused weight-only MatMuls multiply their input as the QDQ graph gives it), for the same
+    reason."""
     path = _qdq_path(export, name)
     model = onnx.load(path)
     rewritten = 0

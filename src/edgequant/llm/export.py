@@ -28,11 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgequant.export.runtime_cpu import ORT_SESSION_CONFIG
 from edgequant.sim import QuantSim
 
-ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
-"""ONNX Runtime session config entries (``SessionOptions.add_session_config_entry``): fused weight-only MatMuls
-compute in float32 on the activations as the QDQ graph states them."""
 INPUT_IDS, POSITION_IDS, ATTENTION_MASK, LOGITS = "input_ids", "position_ids", "attention_mask", "logits"
 _TRACE_BATCH, _TRACE_LENGTH, _TRACE_PAST = 2, 3, 2  # not 0 or 1, which the tracer would bake into the graph
 

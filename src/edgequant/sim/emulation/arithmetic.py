@@ -161,6 +161,18 @@ class RuntimeModel(ABC):
         what PyTorch does."""
         return None
 
+    def float_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        """``a @ b`` of float32 values (batch axes broadcast) where the runtime multiplies in float between DQ and Q
+        (activations on grids it has no integer kernel for), before the output's quantizer; None where the runtime
+        computes what PyTorch does."""
+        return None
+
+    def float_gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``x @ weight.T + bias`` of float32 values (``x``: rows, ``weight``: output × input) where the runtime runs
+        a Gemm in float between DQ and Q (its input indexed after the DQ), before the output's quantizer; None where
+        the runtime computes what PyTorch does."""
+        return None
+
 
 def eigen_sum_float32(values: torch.Tensor) -> torch.Tensor | None:
     """The float32 sum over the last axis in the order of Eigen's vectorised ``sum()`` on SSE packets of 4 (what
@@ -389,22 +401,68 @@ class OnnxRuntimeCPU(RuntimeModel):
         x = values.float()
         return x * (mlas_erf(x / _SQRT2) + 1) * 0.5
 
+    def float_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        # a float MatMul (cpu/math/matmul.cc), and MatMulNBits on 8-bit weights at accuracy level 1 (ORT fuses a
+        # weight's DQ and its MatMul so; `edgequant.export.runtime_cpu.ORT_SESSION_CONFIG` sets the level, whose
+        # default 4 rounds the input to int8 instead): an MLAS SGEMM per batch item. A single row takes MLAS's M1
+        # kernels (and MatMulNBits its own), whose order is not modelled
+        if a.shape[-2] == 1:
+            return None
+        return mlas_sgemm(a, b)
 
-MLAS_SGEMM_STRIDE_K = 128
-"""MLAS's SGEMM sums the reduction in slices of this length when the filter is transposed (its A panel)."""
+    def float_gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        # a float Gemm (cpu/math/gemm.cc, transB = 1, the weight a DQ node's output, so not prepacked): the bias
+        # broadcast into the output (GemmBroadcastBias), then an MLAS SGEMM with beta = 1 adds each slice's FMA chain
+        # to it (sgemm.cpp: never ZeroMode). A single row takes MLAS's M1 kernel, whose order is not modelled
+        if x.shape[0] == 1:
+            return None
+        return mlas_sgemm(x, weight.t(), None if bias is None else bias.float())
 
 
-def mlas_sgemm_columns(filters: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    """``Σ_k filters[g, k, m] · inputs[n, g, k, l]`` in MLAS's float32 order (FMA3 / AVX-512 kernels): each slice of
-    `MLAS_SGEMM_STRIDE_K` terms is an FMA chain in ``k`` from zero, and the slices add up in order."""
-    total = None
-    for start in range(0, filters.shape[1], MLAS_SGEMM_STRIDE_K):
+MLAS_SGEMM_STRIDE = 128
+"""MLAS's SGEMM works on slices of 128 reduction terms by 128 output columns, traded one for the other by
+`mlas_sgemm_stride_k`."""
+
+
+def mlas_sgemm_stride_k(depth: int, columns: int) -> int:
+    """The reduction slice MLAS's SGEMM (``sgemm.cpp``) sums at a time for a ``depth``-long reduction into
+    ``columns`` output columns: 128, halved (the column slice doubled) while half of it still covers a short
+    reduction, doubled (the column slice halved, down to 16) while half the column slice covers few columns."""
+    stride_n = stride_k = MLAS_SGEMM_STRIDE
+    if columns >= depth:
+        while stride_k // 2 >= depth:
+            stride_n, stride_k = stride_n * 2, stride_k // 2
+    else:
+        while stride_n > 16 and stride_n // 2 >= columns:
+            stride_n, stride_k = stride_n // 2, stride_k * 2
+    return stride_k
+
+
+def mlas_sgemm_columns(filters: torch.Tensor, inputs: torch.Tensor,
+                       initial: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ_k filters[g, k, m] · inputs[n, g, k, l]`` in MLAS's float32 order (FMA3 / AVX-512 kernels, ``m`` the
+    rows and ``l`` the columns of each product): each slice of `mlas_sgemm_stride_k` terms is an FMA chain in ``k``
+    from zero, and the slices add up in order, onto ``initial`` where the output holds it (beta = 1)."""
+    total = initial
+    depth = filters.shape[1]
+    stride = mlas_sgemm_stride_k(depth, inputs.shape[-1])
+    for start in range(0, depth, stride):
         chain = torch.zeros(inputs.shape[0], filters.shape[0], filters.shape[2], inputs.shape[-1],
                             device=inputs.device)
-        for k in range(start, min(start + MLAS_SGEMM_STRIDE_K, filters.shape[1])):
+        for k in range(start, min(start + stride, depth)):
             chain = fma_float32(filters[None, :, k, :, None], inputs[:, :, k, None, :], chain)
         total = chain if total is None else total + chain
     return total
+
+
+def mlas_sgemm(a: torch.Tensor, b: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` of float32 matrices (batch axes broadcast) in MLAS's SGEMM order, for products of more than one
+    row (`mlas_sgemm_columns`), added onto ``initial`` (broadcast to the product) where given."""
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a = a.float().expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+    b = b.float().expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    product = mlas_sgemm_columns(a.transpose(-1, -2), b.unsqueeze(0), initial)[0]
+    return product.reshape(*batch, *product.shape[-2:])
 
 
 def _col2im(columns: torch.Tensor, module: nn.ConvTranspose2d) -> torch.Tensor:

@@ -66,7 +66,8 @@ def _weight_as_exported(module: nn.Module) -> torch.Tensor | None:
         return module._parameters["weight"].detach()
     if quantizer.scale is None:
         return None
-    return Grid.of(quantizer).values(_weight_indices(module, quantizer))
+    weight = module._parameters["weight"]
+    return _weight_indices(module, quantizer) * quantizer.granularity.broadcast(Grid.of(quantizer).scale, weight.shape)
 
 
 def _layer_class(module: nn.Module) -> type:
@@ -151,6 +152,56 @@ def _weighted(channel_axis: int) -> Compute:
 def _matmul(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid], output: Grid) -> torch.Tensor:
     accumulator = torch.matmul(grids[0].indices(args[0]).double(), grids[1].indices(args[1]).double())
     return output.values(runtime.requantize(accumulator, grids[0].scale, grids[1].scale, output, 1))
+
+
+def _as_dequantized(args: list[torch.Tensor], grids: list[Grid]) -> list[torch.Tensor]:
+    """Each input as its DequantizeLinear gives it to a float op: ``fl32(k·scale)`` on its grid."""
+    return [grid.values(grid.indices(x)) for x, grid in zip(args, grids, strict=True)]
+
+
+def _float_linear(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                  output: Grid) -> torch.Tensor | None:
+    """A Linear whose activations the runtime has no integer kernel for: on inputs of rank > 2 exported as MatMul,
+    which ORT fuses with its 8-bit weight's DQ (MatMulNBits) and runs in float on the rows of the flattened input;
+    the sim's quantizer follows. A rank-2 input is exported as Gemm, whose float path is not modelled."""
+    weight = _weight_as_exported(module)
+    if weight is None or args[0].dim() < 3:
+        return None
+    (x,) = _as_dequantized([args[0]], grids)
+    product = runtime.float_matmul(x.reshape(-1, x.shape[-1]), weight.t())
+    return None if product is None else product.reshape(*x.shape[:-1], -1)
+
+
+def _gathered_gemm(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                   output: Grid) -> torch.Tensor | None:
+    """A Linear whose input is indexed with an integer after its producer's DQ (ViT's class token, BERT's pooler):
+    the export's Gather leaves the Gemm a float input, so the runtime runs it in float, with the weight as its DQ
+    gives it and the float bias; the sim's quantizer follows. An input of rank > 2 (a MatMul) takes the default."""
+    weight = _weight_as_exported(module)
+    if weight is None or args[0].dim() != 2:
+        return None
+    bias = module._parameters.get("bias")
+    return runtime.float_gemm(args[0], weight, None if bias is None else bias.detach())
+
+
+def _float_matmul(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                  output: Grid) -> torch.Tensor | None:
+    """A MatMul of two activations the runtime has no integer kernel for, in float between DQ and Q; the sim's
+    quantizer follows."""
+    return runtime.float_matmul(*_as_dequantized(list(args), grids))
+
+
+def _float_elementwise(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                       output: Grid) -> torch.Tensor:
+    """An Add or Mul the runtime computes in float32 between DQ and Q (grids it has no integer kernel for): one
+    IEEE operation per element, as PyTorch computes it; the sim's quantizer follows."""
+    return FunctionalOp.forward(module, *_as_dequantized(list(args), grids))
+
+
+def _float_concat(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                  output: Grid) -> torch.Tensor:
+    """A Concat of dequantized inputs in float between DQ and Q; the sim's quantizer follows."""
+    return FunctionalOp.forward(module, _as_dequantized(list(args[0]), grids), *args[1:])
 
 
 def _elementwise(name: str) -> Compute:
@@ -283,8 +334,7 @@ def _concat(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[G
             output: Grid) -> torch.Tensor:
     """Each input's levels dequantized in float32 and joined; the sim's output quantizer then requantizes them with
     the runtime's table (``rne(fl32(s_x·k) / s_y)``, a copy where the grids are equal)."""
-    tensors = [grid.values(grid.indices(x)) for x, grid in zip(args[0], grids, strict=True)]
-    return FunctionalOp.forward(module, tensors, *args[1:])
+    return FunctionalOp.forward(module, _as_dequantized(list(args[0]), grids), *args[1:])
 
 
 def _argument(args: tuple, position: int, default: float) -> float:
@@ -343,12 +393,9 @@ def _conv_transpose(module: nn.Module, runtime: RuntimeModel, args: tuple, grids
                     output: Grid) -> torch.Tensor | None:
     """A float op in the runtime, between DQ and Q, on the dequantized input and weight; the sim's quantizer
     follows."""
-    quantizer = module.param_quantizers["weight"]
-    weight_scale = Grid.of(quantizer).scale
-    weight = _weight_indices(module, quantizer) * quantizer.granularity.broadcast(weight_scale, module.weight.shape)
     bias = module._parameters.get("bias")
-    return runtime.conv_transpose(args[0], weight, None if bias is None else bias.detach(), grids[0].scale,
-                                  weight_scale, module)
+    return runtime.conv_transpose(args[0], _weight_as_exported(module), None if bias is None else bias.detach(),
+                                  grids[0].scale, Grid.of(module.param_quantizers["weight"]).scale, module)
 
 
 class Interpolation(NamedTuple):
@@ -429,10 +476,23 @@ KERNELS: dict[str, Kernel] = {
     "ConvTranspose": Kernel(1, lambda m: isinstance(m, nn.ConvTranspose2d), _conv_transpose, weighted=True),
     "Resize": Kernel(1, lambda m: isinstance(m, nn.Upsample) or _functional("Resize")(m), _resize,
                      keywords=Interpolation._fields, defaults=tuple(Interpolation())),
+    "FloatGemm": Kernel(1, lambda m: False, _float_linear, float_inputs=True),
+    "GatheredGemm": Kernel(1, lambda m: False, _gathered_gemm, float_inputs=True),
+    "FloatMatMul": Kernel(2, lambda m: False, _float_matmul, float_inputs=True),
+    "FloatAdd": Kernel(2, lambda m: False, _float_elementwise, float_inputs=True),
+    "FloatMul": Kernel(2, lambda m: False, _float_elementwise, float_inputs=True),
+    "FloatConcat": Kernel(None, lambda m: False, _float_concat, keywords=("dim",), float_inputs=True),
 }
 """The ops an integer runtime fuses into one kernel, and the float ops between Q/DQ it computes with another
 formula than PyTorch (HardSigmoid, HardSwish, SiLU, ConvTranspose, bilinear Resize, LayerNorm, channels-first
-LayerNorm, RMSNorm, GELU), by ONNX op type."""
+LayerNorm, RMSNorm, GELU), by ONNX op type. The ``Float*`` kinds cover no module themselves: they are the
+integer kinds of `FLOAT_FALLBACKS` on grids without an integer kernel; nor does ``GatheredGemm``, the planner's
+kind for a Linear whose input is indexed after the DQ (a float Gemm in the runtime)."""
+
+FLOAT_FALLBACKS = {"Gemm": "FloatGemm", "MatMul": "FloatMatMul", "Add": "FloatAdd", "Mul": "FloatMul",
+                   "Concat": "FloatConcat"}
+"""The kind the runtime computes instead where an op's activations are not all 8-bit per-tensor grids (ONNX
+Runtime's CPU QLinear kernels take 8-bit tensors only; a 16-bit op stays float between DQ and Q)."""
 
 def op_kind(module: nn.Module) -> str | None:
     """The emulated op ``module`` of the sim is, if any."""

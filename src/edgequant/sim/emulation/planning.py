@@ -15,7 +15,14 @@ from torch import nn
 from edgequant.quantization import PerChannel, Quantizer
 from edgequant.quantization.granularity import PER_TENSOR
 from edgequant.sim.emulation.arithmetic import RuntimeModel
-from edgequant.sim.emulation.kernels import KERNELS, Interpolation, is_global_pool_size, op_kind, softmax_dim
+from edgequant.sim.emulation.kernels import (
+    FLOAT_FALLBACKS,
+    KERNELS,
+    Interpolation,
+    is_global_pool_size,
+    op_kind,
+    softmax_dim,
+)
 from edgequant.sim.emulation.provenance import RecordedCall, RecordedTensor, record_calls
 from edgequant.sim.graph import FUSED_ACTIVATIONS, ModelGraph
 from edgequant.sim.ops import is_data_movement, is_pass_through, module_op_type, weight_output_axis
@@ -190,6 +197,17 @@ class _GraphIndex:
         return (quantizers["0"] if quantizers["0"].enabled else None), activation
 
 
+def _float_gemm_unsupported(module: nn.Module, weight: Quantizer) -> str:
+    """Why a Linear on grids without an integer kernel is not emulated ("" where it is): the float path is
+    modelled for ORT's fusion of an 8-bit weight's DQ into MatMulNBits, without a bias."""
+    if weight.bitwidth != 8:
+        return (f"a {weight.bitwidth}-bit weight under activations without an integer kernel: ORT's MatMulNBits "
+                f"kernel for it sums in an order that is not modelled")
+    if module._parameters.get("bias") is not None:
+        return "a bias under activations without an integer kernel (MatMul and a float Add): not modelled"
+    return ""
+
+
 def clip_bounds(module: nn.Module) -> tuple[float, float] | None:
     """What a ReLU/ReLU6/Hardtanh fused after an op clamps to; None for an activation whose bounds are unknown."""
     if module_op_type(module) == "Relu":
@@ -315,6 +333,10 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
         return f"the bounds of its fused {module_op_type(activation)} are not known to the emulation"
     if kind == "Resize" and (unsupported := Interpolation.of(module, node.args, node.kwargs).unsupported()):
         return unsupported
+    if kind in FLOAT_FALLBACKS and any(q.bitwidth != 8 for q in (*inputs, output) if q.float_format is None):
+        kind, kernel = FLOAT_FALLBACKS[kind], KERNELS[FLOAT_FALLBACKS[kind]]
+        if kind == "FloatGemm" and (reason := _float_gemm_unsupported(module, weight)):
+            return reason
     if kind == "Softmax" and softmax_dim(module, (*node.args, *node.kwargs.values())) is None:
         return "a softmax without an explicit dim"
     if kind == "Softmax" and any(q.symmetric for q in (*inputs, output)):
