@@ -31,6 +31,7 @@ import edgequant as eq
 from benchmarks.timing import interleaved_medians
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
 from edgequant.export import export_onnx
+from edgequant.export.runtime_cpu import ORT_SESSION_CONFIG
 from edgequant.ptq.batch_norm_fold import fold_batch_norms
 
 
@@ -39,6 +40,8 @@ def run_ort(qdq_path: Path, data: torch.Tensor, batch_size: int) -> tuple[np.nda
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    for key, value in ORT_SESSION_CONFIG.items():  # fused weight-only MatMuls multiply their input as given
+        options.add_session_config_entry(key, value)
     session = ort.InferenceSession(str(qdq_path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     outputs = np.concatenate([session.run(None, {name: b.numpy()})[0] for b in data.split(batch_size)])
