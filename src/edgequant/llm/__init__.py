@@ -1,5 +1,6 @@
 """Language models on fixed-point hardware: causal LMs in the sim, their evaluation and their techniques."""
 
+from edgequant.llm.block_calibration import BlockCalibrationReport, BlockCalibrationSettings, calibrate_by_block
 from edgequant.llm.evaluation import (
     GenerationMatch,
     TokenAgreement,
@@ -23,6 +24,7 @@ from edgequant.llm.gptq import GptqLayer, GptqReport, GptqSettings, gptq, gptq_r
 from edgequant.llm.loading import ModelLoadError, ModelNotFoundError, load_causal_lm
 from edgequant.llm.quantize import (
     KvCacheQuantizers,
+    MemorySettings,
     kv_cache_quantizers,
     linear_input_quantizers,
     prepare_causal_lm,
@@ -52,12 +54,15 @@ __all__ = [
     "RECIPES",
     "AwqReport",
     "AwqSettings",
+    "BlockCalibrationReport",
+    "BlockCalibrationSettings",
     "CausalLmExport",
     "GenerationMatch",
     "GptqLayer",
     "GptqReport",
     "GptqSettings",
     "KvCacheQuantizers",
+    "MemorySettings",
     "ModelLoadError",
     "ModelNotFoundError",
     "Recipe",
@@ -74,6 +79,7 @@ __all__ = [
     "TokenAgreement",
     "awq_causal_lm",
     "cache_names",
+    "calibrate_by_block",
     "causal_mask",
     "export_causal_lm",
     "generation_match",

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from edgequant.llm.attention import is_llama_attention, make_quantizable
+from edgequant.llm.block_calibration import BlockCalibrationSettings, calibrate_by_block
+from edgequant.llm.block_inputs import BLOCK_INPUTS_MEMORY_MB
 from edgequant.llm.gptq import GptqSettings, gptq
 from edgequant.llm.recipes import Recipe, recipe_named
 from edgequant.llm.rotation import RotationSettings, rotate_causal_lm
@@ -27,6 +29,17 @@ NORM_OP_TYPE = "RMSNormalization"  # ONNX's name for the op (opset 23); the hard
 
 
 @dataclass(frozen=True)
+class MemorySettings:
+    """How `quantize` bounds its memory. ``in_place``: prepare and quantize the given model itself (it becomes
+    ``sim.model``, its attention and tied weights changed), instead of a copy: one float model in memory instead
+    of two. ``block_inputs_mb``: calibration runs one decoder block at a time (`calibrate_by_block`), keeping the
+    blocks' inputs in memory up to this many MiB and in a temporary folder beyond."""
+
+    in_place: bool = False
+    block_inputs_mb: float = BLOCK_INPUTS_MEMORY_MB
+
+
+@dataclass(frozen=True)
 class KvCacheQuantizers:
     """The names of the quantizers whose outputs one decoder layer's KV cache stores."""
 
@@ -37,8 +50,10 @@ class KvCacheQuantizers:
 def quantize(model: nn.Module, calibration_ids: torch.Tensor | Iterable[torch.Tensor], *, recipe: str = "w4a16-lpbq",
              block_size: int = 64, kv_cache_bw: int | None = None, lm_head_bw: int | None = None,
              config: str = "htp", batch_size: int = 1, technique_batches: int | None = 4,
-             progress: bool = True, resume_dir: str | Path | None = None) -> QuantSim:
-    """A calibrated `QuantSim` of the causal LM ``model`` (which is not modified) for the named ``recipe``.
+             progress: bool = True, resume_dir: str | Path | None = None,
+             memory: MemorySettings = MemorySettings()) -> QuantSim:
+    """A calibrated `QuantSim` of the causal LM ``model`` (not modified unless ``memory.in_place``) for the named
+    ``recipe``.
 
     ``calibration_ids`` is a LongTensor ``[N, T]`` of token ids (run ``batch_size`` sequences at a time) or an
     iterable of such tensors (each one batch). ``kv_cache_bw`` quantizes the keys and values the cache stores to
@@ -47,12 +62,14 @@ def quantize(model: nn.Module, calibration_ids: torch.Tensor | Iterable[torch.Te
     smoothing, AWQ) and techniques (sequential MSE, GPTQ) use the first ``technique_batches`` batches (None: all);
     the activations are calibrated again after the techniques. With ``resume_dir``, each technique keeps its finished
     layers in a folder of that name there, so that the same call run again after an interruption goes on from the
-    next layer (`edgequant.llm.resume`)."""
+    next layer (`edgequant.llm.resume`). Calibration holds one decoder block's activations at a time, with the
+    encodings of a whole-model pass (`calibrate_by_block`; ``memory`` sets its budget and whether the model is
+    copied)."""
     chosen = recipe_named(recipe)
     batches = list(_id_batches(calibration_ids, batch_size))
     if not batches:
         raise ValueError("calibration_ids holds no token sequence: pass a LongTensor [N, T] with N >= 1")
-    prepared = prepare_causal_lm(model)
+    prepared = prepare_causal_lm(model, in_place=memory.in_place)
     for transform in chosen.transforms:
         TRANSFORMS[transform](prepared, torch.cat(batches[:technique_batches]), block_size, progress)
     sim = QuantSim(prepared, (batches[0],), config=config, param_bw=8, output_bw=chosen.activation_bw,
@@ -61,12 +78,13 @@ def quantize(model: nn.Module, calibration_ids: torch.Tensor | Iterable[torch.Te
     if lm_head_bw is not None:
         sim.set_granularity("lm_head", PerChannel())
         sim.set_format("lm_head", IntegerFormat(lm_head_bw, True), kinds=("param",))
-    sim.calibrate(batches, progress=progress)
+    calibration = BlockCalibrationSettings(memory_budget_mb=memory.block_inputs_mb, progress=progress)
+    calibrate_by_block(sim, batches, calibration)
     if chosen.techniques:
         for technique in chosen.techniques:
             TECHNIQUES[technique](sim, batches[:technique_batches], progress,
                                   None if resume_dir is None else Path(resume_dir) / technique)
-        sim.calibrate(batches, progress=progress)  # the activations of the new weights
+        calibrate_by_block(sim, batches, calibration)  # the activations of the new weights
     return sim
 
 
@@ -102,9 +120,10 @@ TRANSFORMS = {"rotate": _rotate, "rotate-online": _rotate_online, "smooth": _smo
 """A recipe's transform names and what they do to the float copy of the model before it is quantized."""
 
 
-def prepare_causal_lm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose attention and norms the sim quantizes op by op (see `edgequant.llm.attention`)."""
-    prepared = copy.deepcopy(model).eval()
+def prepare_causal_lm(model: nn.Module, *, in_place: bool = False) -> nn.Module:
+    """A copy of ``model`` (``model`` itself with ``in_place``) whose attention and norms the sim quantizes op by op
+    (see `edgequant.llm.attention`)."""
+    prepared = (model if in_place else copy.deepcopy(model)).eval()
     set_attention = getattr(prepared, "set_attn_implementation", None)
     if set_attention is not None:  # additive float masks: the quantized attention adds them to its scores
         set_attention("eager")

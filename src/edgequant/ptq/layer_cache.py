@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class LayerCache:
         self.bytes_spilled = 0  # total ever written to disk (a statistic for reports)
         self._chunks: dict[object, list[torch.Tensor | Path]] = defaultdict(list)
         self._spill_dir: Path | None = None
+        self._removal: weakref.finalize | None = None  # removes the folder of a cache dropped without close()
         self._num_files = 0
 
     def __enter__(self) -> LayerCache:
@@ -46,6 +48,7 @@ class LayerCache:
             return
         if self._spill_dir is None:
             self._spill_dir = Path(tempfile.mkdtemp(prefix="edgequant-layer-cache-"))
+            self._removal = weakref.finalize(self, shutil.rmtree, self._spill_dir, ignore_errors=True)
         path = self._spill_dir / f"chunk{self._num_files}.pt"
         self._num_files += 1
         torch.save(tensor.cpu(), path)
@@ -73,6 +76,6 @@ class LayerCache:
     def close(self) -> None:
         self._chunks.clear()
         self.bytes_in_memory = 0
-        if self._spill_dir is not None:
-            shutil.rmtree(self._spill_dir, ignore_errors=True)
-            self._spill_dir = None
+        if self._removal is not None:
+            self._removal()
+            self._spill_dir = self._removal = None
