@@ -15,9 +15,13 @@ all-MiniLM-L6-v2 exported with dynamic axes), W8A8, ``per_channel`` config, min-
    ``$AIMET_ONNX_PYTHON``): its sim-construction and calibration times and its accuracy. Without it the AIMET
    columns are skipped.
 
-Calibration time is ``compute_encodings`` (all calibration batches, weights and activations), the median of
-``--repeats`` calls, wall and CPU time of the process (CPU time is steadier on a shared machine); "setup" is building
-the sim from the file (edgequant: conversion + tracing; AIMET: graph preparation + ONNX Runtime session).
+Calibration time is edgequant's ``sim.calibrate`` (min-max statistics computed inside ONNX Runtime where they are
+the torch module's, see `edgequant.onnx.calibration`) and AIMET's ``compute_encodings`` (all calibration batches,
+weights and activations), the median of ``--repeats`` calls, wall and CPU time of the process (CPU time is steadier
+on a shared machine), and edgequant's first call (which builds its ORT calibration session); the ONNX-path sim is also
+calibrated once through its torch module (``engine="torch"``) to count the encodings ORT's float rounding changes;
+"setup" is building the sim from the file (edgequant: conversion + tracing; AIMET: graph preparation + ONNX Runtime
+session).
 
     python -m benchmarks.bench_onnx_input [--models mobilenet_v3_large,resnet50,efficientnet_lite0,minilm]
         [--exporters torchscript,dynamo] [--calibration 32] [--evaluation 64] [--batch-size 16]
@@ -213,8 +217,11 @@ def run_torch(model: nn.Module, case: Case, onnx_module: bool) -> list[np.ndarra
     return outputs
 
 
-def calibrate(sim: QuantSim, case: Case, onnx_module: bool, repeats: int = 1) -> tuple[float, float]:
-    """Median wall and CPU seconds of ``repeats`` full calibrations; each must leave the encodings of the first."""
+def calibrate(sim: QuantSim, case: Case, onnx_module: bool, repeats: int = 1, engine: str = "auto"
+              ) -> tuple[float, float, float]:
+    """Median wall and CPU seconds of ``repeats`` full calibrations, and the first call's wall seconds (the ONNX
+    path builds its ORT calibration session there); each must leave the encodings of the first. The ONNX path
+    runs ``sim.calibrate`` with ``engine`` (``"auto"``: ONNX Runtime), the torch path ``sim.compute_encodings``."""
 
     def forward(model: nn.Module) -> None:
         for batch in case.calibration:
@@ -226,13 +233,34 @@ def calibrate(sim: QuantSim, case: Case, onnx_module: bool, repeats: int = 1) ->
     times, cpu_times, first = [], [], None
     for _ in range(repeats):
         started, cpu_started = time.perf_counter(), time.process_time()
-        sim.compute_encodings(forward)
+        if onnx_module:
+            sim.calibrate(case.calibration, progress=False, engine=engine)
+        else:
+            sim.compute_encodings(forward)
         times.append(time.perf_counter() - started)
         cpu_times.append(time.process_time() - cpu_started)
         first = encoding_multiset(sim) if first is None else first
     if encoding_multiset(sim) != first:
-        raise RuntimeError("a repeated compute_encodings changed the encodings: the timing repeats are not neutral")
-    return float(np.median(times)), float(np.median(cpu_times))
+        raise RuntimeError("a repeated calibration changed the encodings: the timing repeats are not neutral")
+    return float(np.median(times)), float(np.median(cpu_times)), times[0]
+
+
+def scale_difference(sim: QuantSim, case: Case) -> tuple[float, int, int]:
+    """The ONNX-path sim calibrated by ONNX Runtime against the same sim calibrated through its torch module: the
+    largest relative difference of an activation scale, how many activation encodings differ at all, of how many;
+    the sim is left with its ONNX Runtime encodings."""
+    def scales(engine: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        sim.calibrate(case.calibration, progress=False, engine=engine)
+        return {name: (q.scale.clone(), q.offset.clone()) for name, q in sim.quantizers().items()
+                if q.role != "param" and q.scale is not None}
+
+    torch_scales, ort_scales = scales("torch"), scales("auto")
+    worst, differing = 0.0, 0
+    for name, (scale, offset) in torch_scales.items():
+        other_scale, other_offset = ort_scales[name]
+        worst = max(worst, float(((other_scale - scale).abs() / scale).max()))
+        differing += int(not (torch.equal(scale, other_scale) and torch.equal(offset, other_offset)))
+    return worst, differing, len(torch_scales)
 
 
 def accuracy(case: Case, reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
@@ -388,7 +416,9 @@ def bench(case: Case, exporter: str, args: argparse.Namespace, torch_path: dict,
         row["traceback"] = traceback.format_exc()
         return row
     row["setup_s"] = time.perf_counter() - started
-    row["calibration_s"], row["calibration_cpu_s"] = calibrate(sim, case, onnx_module=True, repeats=args.repeats)
+    row["calibration_s"], row["calibration_cpu_s"], row["first_calibration_s"] = calibrate(
+        sim, case, onnx_module=True, repeats=args.repeats)
+    row["engine_worst"], row["engine_differing"], row["engine_quantizers"] = scale_difference(sim, case)
     row["float_gaps"] = [f"{e.tensor} ({e.op})" for e in sim.coverage() if e.category == "left in float"]
     outputs = run_torch(sim.model, case, onnx_module=True)
     row["accuracy"] = accuracy(case, reference, outputs)
@@ -439,7 +469,7 @@ def torch_path(case: Case, repeats: int) -> dict:
     """The PyTorch path: the same (folded) torch module, the same sim settings and calibration."""
     sim = QuantSim(case.model, case.dummy if not case.text else dict(zip(case.input_names, case.dummy, strict=True)),
                    config="per_channel", quant_scheme="minmax")
-    calibration_s, _ = calibrate(sim, case, onnx_module=False, repeats=repeats)
+    calibration_s, _, _ = calibrate(sim, case, onnx_module=False, repeats=repeats)
     return {"encodings": encoding_multiset(sim), "outputs": run_torch(sim.model, case, onnx_module=False),
             "calibration_s": calibration_s}
 
@@ -483,7 +513,8 @@ def print_rows(rows: list[dict], aimet: bool) -> None:
             ratio = row["calibration_s"] / row["aimet_calibration_s"]
             cpu_ratio = row["calibration_cpu_s"] / row["aimet_calibration_cpu_s"]
             floor = row["float_forward_s"] / row["aimet_calibration_s"]
-            fifth = (f"{row['calibration_s']:.2f} / {row['aimet_calibration_s']:.2f} ({ratio:.2f}×); CPU "
+            fifth = (f"{row['calibration_s']:.2f} / {row['aimet_calibration_s']:.2f} ({ratio:.2f}×; first call "
+                     f"{row['first_calibration_s']:.2f}); CPU "
                      f"{row['calibration_cpu_s']:.2f} / {row['aimet_calibration_cpu_s']:.2f} ({cpu_ratio:.2f}×); "
                      f"{row['torch_calibration_s']:.2f}; ORT float forward {row['float_forward_s']:.2f} "
                      f"({floor:.2f}×)")
@@ -506,6 +537,10 @@ def print_rows(rows: list[dict], aimet: bool) -> None:
         if "names_kept" in row:
             print(f"{label}: QDQ keeps every original node name/op: {row['names_kept']}; "
                   f"sim.export {row['sim_export_s']:.1f} s; torch export {row['export_s']:.1f} s; {row['nodes']} nodes")
+        if "engine_worst" in row:
+            print(f"{label}: calibrated by ONNX Runtime vs by the torch module: {row['engine_differing']} of "
+                  f"{row['engine_quantizers']} activation encodings differ, largest relative scale difference "
+                  f"{row['engine_worst']:.2g}")
         if row.get("emulation_summary"):
             print(f"{label}: emulation: {row['emulation_summary'].splitlines()[0]}")
 

@@ -451,18 +451,32 @@ class QuantSim:
         with self.calibrating():
             forward_fn(self.model, *forward_args)
 
-    def calibrate(self, data: Iterable[Any], num_batches: int | None = None, progress: bool = True) -> None:
-        """Calibrate on an iterable of batches (see `batches`)."""
+    def calibrate(self, data: Iterable[Any], num_batches: int | None = None, progress: bool = True,
+                  engine: str = "auto") -> None:
+        """Calibrate on an iterable of batches (see `batches`).
+
+        ``engine="auto"``: a sim built from an ONNX file computes the min-max statistics ONNX Runtime can compute
+        (the same float tensors) in one ORT session, which is faster than the converted module, and runs
+        ``sim.model`` only for the other quantizers (see `edgequant.onnx.calibration`); other sims run ``sim.model``.
+        ``engine="torch"``: always ``sim.model``."""
+        if engine not in ("auto", "torch"):
+            raise ValueError(f"engine must be 'auto' or 'torch', got {engine!r}")
         with self.calibrating():
             batches = self.batches(data, num_batches, progress=progress, desc="calibrating", error=CalibrationError)
+            if engine == "auto" and self.onnx_source is not None:
+                service("calibrate_in_onnxruntime", "edgequant.onnx")(self, batches, self._calibration_step)
+                return
             for index, (args, kwargs) in enumerate(batches):
-                try:
-                    self.model(*args, **kwargs)
-                except Exception as error:
-                    raise CalibrationError(
-                        f"calibration batch {index} does not run through the model ({type(error).__name__}: "
-                        f"{error}); batches must have the structure, shape and dtype of dummy_input"
-                    ) from error
+                self._calibration_step(index, args, kwargs)
+
+    def _calibration_step(self, index: int, args: tuple, kwargs: dict) -> None:
+        try:
+            self.model(*args, **kwargs)
+        except Exception as error:
+            raise CalibrationError(
+                f"calibration batch {index} does not run through the model ({type(error).__name__}: "
+                f"{error}); batches must have the structure, shape and dtype of dummy_input"
+            ) from error
 
     def compute_param_encodings(self) -> None:
         """(Re)compute the encodings of all non-frozen parameter quantizers from the current weights."""
@@ -474,7 +488,7 @@ class QuantSim:
             if quantizer.frozen:
                 continue
             param = getattr(self.layer_of(quantizer), quantizer.key)
-            if not torch.isfinite(param).all():
+            if param.numel() and not torch.isfinite(torch.stack(torch.aminmax(param.detach()))).all():  # NaN spreads
                 raise CalibrationError(
                     f"parameter '{quantizer.owner}.{quantizer.key}' contains NaN/inf values; "
                     "fix the model's weights before quantizing"

@@ -1,0 +1,385 @@
+"""Calibration of a sim of an ONNX file inside ONNX Runtime, for the quantizers whose statistics ORT can compute.
+
+A min-max quantizer of a sim built with `QuantSim.from_onnx` observes a tensor of the user's graph in float (during
+calibration every quantizer that is not frozen passes its input through, so nothing upstream is rounded). ONNX Runtime
+computes that tensor too, faster than the converted torch module: one session over the float model the export writes
+(the user's graph with the sim's current weights, folded BatchNorms removed) gets a ``ReduceMin``/``ReduceMax`` pair
+per observed tensor as graph outputs (over the channel axes kept where a quantizer is per channel), so ORT reduces
+and no activation is copied out. The running extremes go into each quantizer's analyzer through
+`EncodingAnalyzer.observe` of a tensor holding just the extremes, which leaves the min-max statistics observing the
+tensor would leave.
+
+A tensor no value of which can be negative (a ReLU's output, pooled or reshaped) in NCHW layout only gets its
+maximum, by ``GlobalMaxPool``, which ORT computes in its blocked layout (a ``ReduceMin`` would make it copy the
+tensor back to NCHW first); its minimum is recorded as 0. Every grid holds 0, so a minimum enters the encodings only
+as ``min(minimum, 0)``, which is 0 for such a tensor either way.
+
+A tensor whose extremes in a batch reach the analyzers' sentinel magnitude (``finfo.min`` attention masks) or are
+not finite is taken whole from then on (an ``Identity`` output) and observed as the torch pass observes it, so
+sentinels and non-finite values are counted and left out the same way.
+
+Quantizers ORT cannot serve so (another calibration method, a granularity other than per tensor or per channel, a
+layer whose input the converted module pads first) are observed by the torch pass, which then runs on the same
+batches with the served quantizers passing through; without such quantizers it does not run at all. Everything goes
+to the torch pass where ORT's float model is not what the torch pass runs: a frozen, enabled quantizer (AdaRound's
+weights, loaded encodings) rounds during calibration, a module in training mode, a sim the original graph no longer
+maps. The session is kept with the sim and rebuilt when its weights or quantizers change.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import helper
+from torch import nn
+
+from edgequant.export.original_graph import OriginalGraphError, trace_original_graph
+from edgequant.quantization import CalibrationError, PerChannel, PerTensor, Quantizer
+from edgequant.quantization.analyzers import SENTINEL_MAGNITUDE, MinMaxAnalyzer
+from edgequant.sim.onnx_source import ONNX_NODE_ATTRIBUTE
+
+if TYPE_CHECKING:
+    from edgequant.sim.quantsim import QuantSim
+
+ACTIVATION_ROLES = ("model_input", "input", "output")
+TorchStep = Callable[[int, tuple, dict], None]
+"""The sim's torch calibration step for one batch: ``(index, args, kwargs)``."""
+
+
+@dataclass(frozen=True)
+class OnnxCalibrationReport:
+    """Which activation quantizers ONNX Runtime calibrated, and why the others needed the torch pass."""
+
+    served: tuple[str, ...]
+    torch_reasons: dict[str, str] = field(default_factory=dict)  # quantizer name -> why the torch pass observes it
+    raw_tensors: tuple[str, ...] = ()  # tensors taken whole (sentinels or non-finite values in their extremes)
+
+    @property
+    def torch_pass(self) -> bool:
+        return bool(self.torch_reasons)
+
+
+def calibrate_in_onnxruntime(sim: QuantSim, batches: Iterable[tuple[tuple, dict]], torch_step: TorchStep
+                             ) -> OnnxCalibrationReport:
+    """Observe ``batches`` (from ``sim.batches``, inside ``sim.calibrating()``): the quantizers ORT can serve through
+    one ORT session, the others by ``torch_step`` on the same batch, which runs only where such quantizers exist."""
+    calibrator = _calibrator(sim)
+    served = [calibrator.quantizers[name] for name in calibrator.served]
+    torch_needed = bool(calibrator.reasons)
+    with sim.quantizers_enabled(False, served):  # the torch pass leaves them to ORT
+        for index, (args, kwargs) in enumerate(batches):
+            if served:
+                calibrator.run(index, args, kwargs)
+            if torch_needed:
+                torch_step(index, args, kwargs)
+    calibrator.deliver()
+    return OnnxCalibrationReport(tuple(calibrator.served), dict(calibrator.reasons), tuple(sorted(calibrator.raw)))
+
+
+def onnxruntime_calibration_plan(sim: QuantSim) -> OnnxCalibrationReport:
+    """What `calibrate_in_onnxruntime` would do with ``sim`` now (nothing is run)."""
+    calibrator = _calibrator(sim)
+    return OnnxCalibrationReport(tuple(calibrator.served), dict(calibrator.reasons), tuple(sorted(calibrator.raw)))
+
+
+@dataclass
+class _Reduction:
+    """One observed tensor reduced one way: ``axes`` None over everything (per tensor), else over those axes."""
+
+    tensor: str
+    axes: tuple[int, ...] | None
+    channel_axes: tuple[int, ...] = ()
+    pooled: bool = False  # a non-negative NCHW tensor: only its maximum, through GlobalMaxPool (see `_build_session`)
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+
+    def accumulate(self, low: np.ndarray | None, high: np.ndarray) -> None:
+        """Merge one batch's extremes (``low`` None: a pooled tensor, whose grid minimum is 0)."""
+        low = np.zeros_like(high) if low is None else low
+        if self.low is None:
+            self.low, self.high = low, high
+        else:
+            self.low, self.high = np.minimum(self.low, low), np.maximum(self.high, high)
+
+    def extremes(self) -> torch.Tensor:
+        """A tensor holding only the running extremes, shaped so that observing it gives the same statistics (and
+        scale shape) as observing the tensor: per channel, ``low`` and ``high`` side by side along a reduced axis."""
+        low, high = torch.as_tensor(self.low), torch.as_tensor(self.high)
+        if self.axes is None:
+            return torch.stack([low.reshape(()), high.reshape(())])
+        return torch.cat([low, high], dim=self.axes[0])
+
+
+class _Calibrator:
+    """The session and the quantizer/tensor plan of one sim, valid while its ``fingerprint`` holds."""
+
+    def __init__(self, sim: QuantSim, fingerprint: tuple) -> None:
+        self.fingerprint = fingerprint
+        self.quantizers = {name: q for name, q in sim.quantizers(role=ACTIVATION_ROLES).items() if not q.frozen}
+        self.reasons: dict[str, str] = {}
+        self.served: list[str] = []
+        self.reductions: dict[tuple, _Reduction] = {}
+        self.tensor_of: dict[str, tuple] = {}  # served quantizer -> its reduction's key
+        self.raw: set[str] = set()  # tensors taken whole
+        self.sessions: dict[frozenset[str], tuple[ort.InferenceSession, list[str]]] = {}
+        self.input_names = sim.onnx_source.input_names
+        self.model: onnx.ModelProto | None = None
+        self.pending: dict[str, list[torch.Tensor]] = {}
+        self._plan(sim)
+
+    # -- plan ------------------------------------------------------------------------------------------
+    def _plan(self, sim: QuantSim) -> None:
+        reason = self._whole_model_reason(sim)
+        if reason is not None:
+            self.reasons = dict.fromkeys(self.quantizers, reason)
+            return
+        try:
+            traced, _ = trace_original_graph(sim, include_disabled=True)
+        except OriginalGraphError as error:
+            self.reasons = dict.fromkeys(self.quantizers, f"the original graph does not map the sim ({error})")
+            return
+        tensors = {site.quantizer: site.tensor for site in traced.sites}
+        ranks = _ranks(traced.float_model)
+        nonnegative = _nonnegative_tensors(traced.float_model)
+        for name, quantizer in self.quantizers.items():
+            reason, key = self._reduction_key(sim, quantizer, tensors.get(name), ranks)
+            if reason is not None:
+                self.reasons[name] = reason
+                continue
+            self.served.append(name)
+            self.tensor_of[name] = key
+            if key not in self.reductions:
+                tensor, axes, channel_axes = key
+                pooled = tensor in nonnegative and ranks.get(tensor) == 4 and channel_axes in ((), (1,))
+                self.reductions[key] = _Reduction(tensor, axes, channel_axes, pooled)
+        self.model = traced.float_model
+
+    def _whole_model_reason(self, sim: QuantSim) -> str | None:
+        frozen = [name for name, q in sim.quantizers().items() if q.frozen and q.enabled]
+        if frozen:  # it quantizes during calibration: what it feeds is not the float model's tensor
+            return f"frozen quantizer '{frozen[0]}' quantizes during calibration (ORT computes the float model)"
+        if any(module.training for module in sim.model.modules()):
+            return "the model is in training mode (ORT computes the inference graph)"
+        source = sim.onnx_source
+        if source.external_data:
+            return "the ONNX model keeps its tensors in external files (ORT would need them written out)"
+        given = len(sim.model_input.args) + len(sim.model_input.kwargs)
+        if given != len(self.input_names) or not set(sim.model_input.kwargs) <= set(self.input_names):
+            return "the dummy input does not give every graph input by position or graph name"
+        if len(sim.model_input.args) > 0 and any(k in self.input_names[: len(sim.model_input.args)]
+                                                 for k in sim.model_input.kwargs):
+            return "the dummy input gives a graph input twice"
+        return None
+
+    @staticmethod
+    def _reduction_key(sim: QuantSim, quantizer: Quantizer, tensor: str | None, ranks: dict[str, int]
+                       ) -> tuple[str | None, tuple | None]:
+        if type(quantizer.analyzer) is not MinMaxAnalyzer:
+            return f"calibration method {quantizer.calibration.name} is not min-max", None
+        if tensor is None:
+            return "no tensor of the ONNX graph holds what it observes", None
+        if quantizer.role == "input" and _padded_input(sim, quantizer):
+            return "its layer pads its input before the quantizer sees it", None
+        granularity = quantizer.granularity
+        if isinstance(granularity, PerTensor):
+            return None, (tensor, None, ())
+        if not isinstance(granularity, PerChannel) or tensor not in ranks:
+            return f"granularity {granularity.describe()} (or an unknown rank) is not reduced in ORT", None
+        rank = ranks[tensor]
+        channel_axes = tuple(a % rank for a in granularity.axes) if rank else ()
+        axes = tuple(d for d in range(rank) if d not in channel_axes)
+        if not axes or len(set(channel_axes)) != len(granularity.axes) or list(channel_axes) != sorted(channel_axes):
+            return f"granularity {granularity.describe()} of a rank-{rank} tensor is not reduced in ORT", None
+        return None, (tensor, axes, channel_axes)
+
+    # -- running ---------------------------------------------------------------------------------------
+    def _session(self) -> tuple[ort.InferenceSession, list[str]]:
+        key = frozenset(self.raw)
+        if key not in self.sessions:
+            self.sessions[key] = _build_session(self.model, self.reductions.values(), sorted(self.raw))
+        return self.sessions[key]
+
+    def run(self, index: int, args: tuple, kwargs: dict) -> None:
+        feeds = {name: _numpy(value) for name, value in zip(self.input_names, args, strict=False)}
+        feeds.update({name: _numpy(value) for name, value in kwargs.items()})
+        while True:
+            session, outputs = self._session()
+            try:
+                values = dict(zip(outputs, session.run(outputs, feeds), strict=True))
+            except Exception as error:  # noqa: BLE001 - ORT raises its own kinds
+                raise CalibrationError(
+                    f"calibration batch {index} does not run in ONNX Runtime ({type(error).__name__}: "
+                    f"{str(error).strip()[:300]}); batches must have the graph inputs' dtypes and shapes, or "
+                    "calibrate with engine='torch'"
+                ) from error
+            flagged = {r.tensor for r in self.reductions.values() if r.tensor not in self.raw
+                       and not _plain(values.get(f"{_output_name(r)}_min"), values[f"{_output_name(r)}_max"])}
+            if not flagged:
+                break
+            self.raw |= flagged  # take these whole from now on, this batch included (run again)
+        for reduction in self.reductions.values():
+            if reduction.tensor in self.raw:
+                continue
+            name = _output_name(reduction)
+            reduction.accumulate(values.get(f"{name}_min"), values[f"{name}_max"])
+        for tensor in self.raw:
+            whole = torch.from_numpy(values[_raw_name(tensor)])
+            for name, key in self.tensor_of.items():
+                if key[0] == tensor:
+                    self.quantizers[name].analyzer.observe(whole)
+
+    def deliver(self) -> None:
+        """Hand the running extremes to the analyzers; reset for the next calibration."""
+        for name, key in self.tensor_of.items():
+            reduction = self.reductions[key]
+            if reduction.low is not None:
+                self.quantizers[name].analyzer.observe(reduction.extremes())
+        for reduction in self.reductions.values():
+            reduction.low = reduction.high = None
+
+
+_CALIBRATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _calibrator(sim: QuantSim) -> _Calibrator:
+    """The sim's calibrator, rebuilt when what its session was built from changed."""
+    fingerprint = _fingerprint(sim)
+    calibrator = _CALIBRATORS.get(sim)
+    if calibrator is None or calibrator.fingerprint != fingerprint:
+        calibrator = _Calibrator(sim, fingerprint)
+        _CALIBRATORS[sim] = calibrator
+    return calibrator
+
+
+def _fingerprint(sim: QuantSim) -> tuple:
+    """What the session and plan depend on: the quantizers (which observe, how; frozen ones quantize), training
+    flags, the layers that compute ONNX nodes (folded BatchNorms are gone) and their parameters' storage, version
+    counter, shape and float64 sum (``.data`` edits bypass the version counter, not the sum)."""
+    quantizers = tuple((name, q.frozen, q.enabled, type(q.analyzer).__name__, q.granularity.describe())
+                       for name, q in sim.quantizers().items())
+    training = tuple(module.training for module in sim.model.modules())
+    layers = []
+    for name, module in sim.model.named_modules():
+        if ONNX_NODE_ATTRIBUTE not in module.__dict__:
+            continue
+        params = tuple(
+            (param_name, param.data_ptr(), param._version, tuple(param.shape),
+             float(param.detach().sum(dtype=torch.float64)))
+            for param_name, param in module.named_parameters(recurse=False)
+        )
+        layers.append((name, module.__dict__[ONNX_NODE_ATTRIBUTE].outputs, params))
+    return quantizers, training, tuple(layers), len(sim.model_input.args), tuple(sim.model_input.kwargs)
+
+
+def _padded_input(sim: QuantSim, quantizer: Quantizer) -> bool:
+    """Whether the quantizer's layer is the second half of ``Sequential(pad, layer)``: it sees the padded input."""
+    parent_name, _, _ = quantizer.owner.rpartition(".")
+    parent = sim.model.get_submodule(parent_name) if parent_name else sim.model
+    return isinstance(parent, nn.Sequential)
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - then per-channel quantizers take the torch pass
+        return {}
+    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
+
+
+def _output_name(reduction: _Reduction) -> str:
+    axes = "all" if reduction.axes is None else "_".join(map(str, reduction.axes))
+    return f"{reduction.tensor}__edgequant_calibration_{axes}"
+
+
+def _raw_name(tensor: str) -> str:
+    return f"{tensor}__edgequant_calibration_whole"
+
+
+def _build_session(model: onnx.ModelProto, reductions: Iterable[_Reduction], raw: list[str]
+                   ) -> tuple[ort.InferenceSession, list[str]]:
+    """A session computing the reductions of the tensors not taken whole, and the whole ``raw`` tensors."""
+    calibration = onnx.ModelProto()
+    calibration.CopyFrom(model)
+    graph = calibration.graph
+    opset = next((o.version for o in calibration.opset_import if o.domain in ("", "ai.onnx")), 1)
+    outputs = []
+    for reduction in reductions:
+        if reduction.tensor in raw:
+            continue
+        name = _output_name(reduction)
+        if reduction.pooled:  # ORT keeps it in its blocked layout (NCHWc) and only copies out [N, C, 1, 1]
+            graph.node.append(helper.make_node("GlobalMaxPool", [reduction.tensor], [name + "_pooled"]))
+            graph.node.append(_reduce("ReduceMax", name + "_pooled", name + "_max", reduction.axes, opset, graph))
+            outputs.append(name + "_max")
+            continue
+        for op, suffix in (("ReduceMin", "_min"), ("ReduceMax", "_max")):
+            graph.node.append(_reduce(op, reduction.tensor, name + suffix, reduction.axes, opset, graph))
+            outputs.append(name + suffix)
+    for tensor in raw:
+        graph.node.append(helper.make_node("Identity", [tensor], [_raw_name(tensor)]))
+        outputs.append(_raw_name(tensor))
+    del graph.output[:]
+    graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(calibration.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session, outputs
+
+
+def _reduce(op: str, tensor: str, output: str, axes: tuple[int, ...] | None, opset: int, graph: onnx.GraphProto
+            ) -> onnx.NodeProto:
+    """``op`` (ReduceMin/ReduceMax) of ``tensor`` over ``axes`` (kept as size 1), or over everything into a scalar."""
+    if axes is None:
+        return helper.make_node(op, [tensor], [output], keepdims=0)
+    if opset < 18:
+        return helper.make_node(op, [tensor], [output], axes=list(axes), keepdims=1)
+    axes_name = f"edgequant_calibration_axes_{'_'.join(map(str, axes))}"
+    if not any(i.name == axes_name for i in graph.initializer):
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), axes_name))
+    return helper.make_node(op, [tensor, axes_name], [output], keepdims=1)
+
+
+def _plain(low: np.ndarray | None, high: np.ndarray) -> bool:
+    """Whether these batch extremes hold only data: finite and below the sentinel magnitude (NaN fails)."""
+    return bool((low is None or (low > -SENTINEL_MAGNITUDE).all()) and (high < SENTINEL_MAGNITUDE).all())
+
+
+def _nonnegative_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors no value of which is negative: outputs of ``Relu``, ``Sigmoid``, ``Softmax``, of ``Clip`` with a
+    constant lower bound of at least 0 (ReLU6), and of pooling and data movement of such tensors."""
+    constants = {i.name: i for i in model.graph.initializer}
+    found: set[str] = set()
+    for node in model.graph.node:  # in topological order, as ONNX requires
+        if node.domain not in ("", "ai.onnx") or not node.output:
+            continue
+        if node.op_type in _NONNEGATIVE_OPS:
+            found.add(node.output[0])
+        elif node.op_type in _KEEPS_SIGN_OPS and node.input and node.input[0] in found:
+            found.add(node.output[0])
+        elif node.op_type == "Concat" and all(i in found for i in node.input):
+            found.add(node.output[0])
+        elif node.op_type == "Clip":
+            bound = next((a.f for a in node.attribute if a.name == "min"), None)
+            if len(node.input) > 1 and node.input[1] in constants:
+                bound = float(onnx.numpy_helper.to_array(constants[node.input[1]]))
+            if bound is not None and bound >= 0:
+                found.add(node.output[0])
+    return found
+
+
+_NONNEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax"}
+_KEEPS_SIGN_OPS = {"MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool", "Flatten", "Reshape", "Transpose",
+                   "Identity", "Squeeze", "Unsqueeze"}
+
+
+def _numpy(value: Any) -> Any:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
