@@ -11,10 +11,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 from tiny_llm import FirstDecoderBlock, tiny_llama, tiny_tokenizer
+from torch import nn
 
 import edgequant as eq
 import edgequant.llm as llm
 from edgequant.export.verify import verify
+from edgequant.quantization.granularity import Lpbq
 from edgequant.quantization.number_format import IntegerFormat
 from edgequant.sim.emulation import OnnxRuntimeCPU
 
@@ -118,8 +120,8 @@ def test_w8a16_block_is_identical_to_onnxruntime(tmp_path: Path) -> None:
     """At 16-bit activations ORT has no integer kernels: the projections are MatMulNBits on their 8-bit weights
     (accuracy level 1, `ORT_SESSION_CONFIG`, as `verify` runs it), q·kᵀ and probs·v float MatMuls (MLAS SGEMM),
     the norms, softmax, SiLU, adds, products and concats float ops between DQ and Q. Every op emulated and every
-    quantized tensor identical to ORT's, where the default sim's float32 sums differ; a 4-bit projection (ORT's
-    4-bit MatMulNBits kernel) is reported as not emulated."""
+    quantized tensor identical to ORT's, where the default sim's float32 sums differ. The same with 4-bit LPBQ
+    projections (W4A16: ORT's 4-bit MatMulNBits sums in one FMA chain); a 3-bit one is reported as not emulated."""
     torch.manual_seed(0)
     block = FirstDecoderBlock(llm.prepare_causal_lm(tiny_llama(tiny_tokenizer())), 24).eval()
     calibration, data = torch.randn(16, 24, 64), torch.randn(48, 24, 64)
@@ -135,8 +137,17 @@ def test_w8a16_block_is_identical_to_onnxruntime(tmp_path: Path) -> None:
     assert report.first_difference is None, report.tensor_table()
     assert default.first_difference is not None
     sim.emulate(None)
+    sim.set_format("*", IntegerFormat(4, True), kinds=("param",), module_types=(nn.Linear,))
+    sim.set_granularity("*", Lpbq(32, decompressed_bw=8), module_types=(nn.Linear,))
+    sim.compute_param_encodings()
+    sim.export(tmp_path / "w4a16", calibration[:1])
+    plan = sim.emulate("onnxruntime")
+    assert not plan.skipped, plan.summary()
+    report = verify(tmp_path / "w4a16", sim, data, progress=False)
+    assert report.first_difference is None, report.tensor_table()
+    sim.emulate(None)
     projection = next(name for name, m in sim.model.named_modules() if name.endswith("mlp.down_proj"))
-    sim.set_format(projection, IntegerFormat(4, True), kinds=("param",))
+    sim.set_format(projection, IntegerFormat(3, True), kinds=("param",))
     with pytest.warns(UserWarning, match="not emulated"):
         plan = sim.emulate("onnxruntime")
-    assert "4-bit weight" in plan.skipped[projection]
+    assert "3-bit weight" in plan.skipped[projection]

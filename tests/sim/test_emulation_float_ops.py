@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 import torchvision
 from onnx import TensorProto, helper, numpy_helper
@@ -137,17 +138,21 @@ def test_convnext_stage_is_identical_to_onnxruntime(tmp_path: Path) -> None:
     assert report.first_difference is None and report.outputs[0].share_identical == 1.0
 
 
-def _matmul_session(a_shape: list[int], b: np.ndarray | None, b_shape: list[int], weight_scale: np.ndarray | None
-                    ) -> ort.InferenceSession:
-    """``y = a @ b``: two float inputs, or ``b`` an int8 initializer behind a per-column DQ (which ORT fuses into
-    MatMulNBits), in a session with `ORT_SESSION_CONFIG`."""
+def _matmul_session(a_shape: list[int], b: torch.Tensor | None, bits: int, weight_scale: torch.Tensor | None,
+                    block: int | None = None, b_shape: list[int] | None = None) -> ort.InferenceSession:
+    """``y = a @ b``: two float inputs (``b`` None, of shape ``b_shape``), or ``b`` a ``bits``-bit integer
+    initializer behind a DQ per output column or per ``block`` of the reduction (which ORT fuses into MatMulNBits),
+    in a session with `ORT_SESSION_CONFIG`."""
     inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, a_shape)]
     nodes, initializers = [helper.make_node("MatMul", ["a", "b"], ["y"])], []
     if b is None:
         inputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, b_shape))
     else:
-        nodes.insert(0, helper.make_node("DequantizeLinear", ["b_q", "b_s"], ["b"], axis=1))
-        initializers = [numpy_helper.from_array(b, "b_q"), numpy_helper.from_array(weight_scale, "b_s")]
+        axis = {"axis": 0, "block_size": block} if block else {"axis": 1}
+        nodes.insert(0, helper.make_node("DequantizeLinear", ["b_q", "b_s"], ["b"], **axis))
+        initializers = [helper.make_tensor("b_q", TensorProto.INT8 if bits == 8 else TensorProto.INT4, list(b.shape),
+                                           b.flatten().tolist()),
+                        numpy_helper.from_array(weight_scale.float().numpy(), "b_s")]
     graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               initializers)
     options = ort.SessionOptions()
@@ -168,7 +173,7 @@ def test_float_matmul_is_mlas_sgemm_bit_for_bit() -> None:
     for a_shape, b_shape in [([2, 3, 5, 64], [2, 3, 64, 7]), ([4, 576], [576, 40]), ([3, 1024], [1024, 10]),
                              ([6, 600], [600, 65]), ([1, 9, 32, 64], [1, 9, 64, 32])]:
         a, b = torch.randn(a_shape, generator=generator), torch.randn(b_shape, generator=generator)
-        expected = torch.from_numpy(_matmul_session(a_shape, None, b_shape, None).run(
+        expected = torch.from_numpy(_matmul_session(a_shape, None, 32, None, b_shape=b_shape).run(
             None, {"a": a.numpy(), "b": b.numpy()})[0])
         assert torch.equal(runtime.float_matmul(a, b), expected), (a_shape, b_shape)
         torch_differs += int(not torch.equal(a @ b, expected))
@@ -176,14 +181,18 @@ def test_float_matmul_is_mlas_sgemm_bit_for_bit() -> None:
     assert runtime.float_matmul(torch.randn(1, 64), torch.randn(64, 8)) is None
 
 
-def test_float_matmul_is_matmulnbits_on_8_bit_weights_at_accuracy_level_1() -> None:
-    """ORT fuses an int8 weight's DQ (per output column) and its MatMul into MatMulNBits; at accuracy level 1 it
-    multiplies the float input by the dequantized weight in the SGEMM order: identical on 16-bit-grid inputs."""
-    runtime, generator = OnnxRuntimeCPU(), torch.Generator().manual_seed(1)
+@pytest.mark.parametrize(("bits", "block"), [(8, None), (4, None), (4, 64), (4, 32)])
+def test_float_matmul_is_matmulnbits_at_accuracy_level_1(bits: int, block: int | None) -> None:
+    """ORT fuses an 8- or 4-bit weight's DQ (per output column, or per block of the reduction) and its MatMul into
+    MatMulNBits; at accuracy level 1 it multiplies the float input by the dequantized weight, 8-bit weights in the
+    SGEMM order, 4-bit ones in one FMA chain: identical on 16-bit-grid inputs, where the other order is not."""
+    runtime, generator = OnnxRuntimeCPU(), torch.Generator().manual_seed(bits + (block or 0))
     for rows, depth, columns in [(64, 576, 192), (3, 1536, 576)]:
-        weight = torch.randint(-127, 128, (depth, columns), generator=generator, dtype=torch.int8)
-        scale = torch.rand(columns, generator=generator) * 0.01 + 1e-3
+        weight = torch.randint(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1), (depth, columns), generator=generator)
+        scales = torch.rand(depth // (block or depth), columns, generator=generator) * 0.01 + 1e-3
         x = torch.randint(-32768, 32768, (rows, depth), generator=generator).float() * 1e-3
-        session = _matmul_session([rows, depth], weight.numpy(), [depth, columns], scale.numpy())
+        session = _matmul_session([rows, depth], weight, bits, scales if block else scales[0], block)
         expected = torch.from_numpy(session.run(None, {"a": x.numpy()})[0])
-        assert torch.equal(runtime.float_matmul(x, weight.float() * scale), expected), (rows, depth, columns)
+        dequantized = weight.float() * scales.repeat_interleave(block or depth, dim=0)
+        assert torch.equal(runtime.float_matmul(x, dequantized, weight_bits=bits), expected), (rows, depth)
+        assert not torch.equal(runtime.float_matmul(x, dequantized, weight_bits=12 - bits), expected)

@@ -161,10 +161,11 @@ class RuntimeModel(ABC):
         what PyTorch does."""
         return None
 
-    def float_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    def float_matmul(self, a: torch.Tensor, b: torch.Tensor, weight_bits: int | None = None) -> torch.Tensor | None:
         """``a @ b`` of float32 values (batch axes broadcast) where the runtime multiplies in float between DQ and Q
         (activations on grids it has no integer kernel for), before the output's quantizer; None where the runtime
-        computes what PyTorch does."""
+        computes what PyTorch does. ``weight_bits``: the bits of ``b`` where it is a dequantized weight (the
+        runtime may fuse its DQ into the product)."""
         return None
 
     def float_gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -401,14 +402,15 @@ class OnnxRuntimeCPU(RuntimeModel):
         x = values.float()
         return x * (mlas_erf(x / _SQRT2) + 1) * 0.5
 
-    def float_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-        # a float MatMul (cpu/math/matmul.cc), and MatMulNBits on 8-bit weights at accuracy level 1 (ORT fuses a
-        # weight's DQ and its MatMul so; `edgequant.export.runtime_cpu.ORT_SESSION_CONFIG` sets the level, whose
-        # default 4 rounds the input to int8 instead): an MLAS SGEMM per batch item. A single row takes MLAS's M1
-        # kernels (and MatMulNBits its own), whose order is not modelled
+    def float_matmul(self, a: torch.Tensor, b: torch.Tensor, weight_bits: int | None = None) -> torch.Tensor | None:
+        # a float MatMul (cpu/math/matmul.cc) is an MLAS SGEMM per batch item. ORT fuses a weight's DQ and its
+        # MatMul into MatMulNBits; at accuracy level 1 (`edgequant.export.runtime_cpu.ORT_SESSION_CONFIG`; the
+        # default 4 rounds the input to int8 instead) it dequantizes 8-bit weights for the SGEMM, and 4-bit weights
+        # (per channel or per block) for one FMA chain over the whole reduction (sqnbitgemm's CompFp32 path). A
+        # single row takes MLAS's M1 kernels, whose order is not modelled
         if a.shape[-2] == 1:
             return None
-        return mlas_sgemm(a, b)
+        return mlas_sgemm(a, b, whole_reduction=weight_bits == 4)
 
     def float_gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         # a float Gemm (cpu/math/gemm.cc, transB = 1, the weight a DQ node's output, so not prepacked): the bias
@@ -438,14 +440,15 @@ def mlas_sgemm_stride_k(depth: int, columns: int) -> int:
     return stride_k
 
 
-def mlas_sgemm_columns(filters: torch.Tensor, inputs: torch.Tensor,
-                       initial: torch.Tensor | None = None) -> torch.Tensor:
+def mlas_sgemm_columns(filters: torch.Tensor, inputs: torch.Tensor, initial: torch.Tensor | None = None,
+                       whole_reduction: bool = False) -> torch.Tensor:
     """``Σ_k filters[g, k, m] · inputs[n, g, k, l]`` in MLAS's float32 order (FMA3 / AVX-512 kernels, ``m`` the
-    rows and ``l`` the columns of each product): each slice of `mlas_sgemm_stride_k` terms is an FMA chain in ``k``
-    from zero, and the slices add up in order, onto ``initial`` where the output holds it (beta = 1)."""
+    rows and ``l`` the columns of each product): each slice of `mlas_sgemm_stride_k` terms (all of them with
+    ``whole_reduction``) is an FMA chain in ``k`` from zero, and the slices add up in order, onto ``initial`` where
+    the output holds it (beta = 1)."""
     total = initial
     depth = filters.shape[1]
-    stride = mlas_sgemm_stride_k(depth, inputs.shape[-1])
+    stride = depth if whole_reduction else mlas_sgemm_stride_k(depth, inputs.shape[-1])
     for start in range(0, depth, stride):
         chain = torch.zeros(inputs.shape[0], filters.shape[0], filters.shape[2], inputs.shape[-1],
                             device=inputs.device)
@@ -455,13 +458,14 @@ def mlas_sgemm_columns(filters: torch.Tensor, inputs: torch.Tensor,
     return total
 
 
-def mlas_sgemm(a: torch.Tensor, b: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
+def mlas_sgemm(a: torch.Tensor, b: torch.Tensor, initial: torch.Tensor | None = None,
+               whole_reduction: bool = False) -> torch.Tensor:
     """``a @ b`` of float32 matrices (batch axes broadcast) in MLAS's SGEMM order, for products of more than one
     row (`mlas_sgemm_columns`), added onto ``initial`` (broadcast to the product) where given."""
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a = a.float().expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
     b = b.float().expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-    product = mlas_sgemm_columns(a.transpose(-1, -2), b.unsqueeze(0), initial)[0]
+    product = mlas_sgemm_columns(a.transpose(-1, -2), b.unsqueeze(0), initial, whole_reduction)[0]
     return product.reshape(*batch, *product.shape[-2:])
 
 

@@ -162,13 +162,14 @@ def _as_dequantized(args: list[torch.Tensor], grids: list[Grid]) -> list[torch.T
 def _float_linear(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
                   output: Grid) -> torch.Tensor | None:
     """A Linear whose activations the runtime has no integer kernel for: on inputs of rank > 2 exported as MatMul,
-    which ORT fuses with its 8-bit weight's DQ (MatMulNBits) and runs in float on the rows of the flattened input;
-    the sim's quantizer follows. A rank-2 input is exported as Gemm, whose float path is not modelled."""
+    which ORT fuses with its 8- or 4-bit weight's DQ (MatMulNBits) and runs in float on the rows of the flattened
+    input; the sim's quantizer follows. A rank-2 input is exported as Gemm, whose float path is not modelled."""
     weight = _weight_as_exported(module)
     if weight is None or args[0].dim() < 3:
         return None
     (x,) = _as_dequantized([args[0]], grids)
-    product = runtime.float_matmul(x.reshape(-1, x.shape[-1]), weight.t())
+    bits = module.param_quantizers["weight"].bitwidth
+    product = runtime.float_matmul(x.reshape(-1, x.shape[-1]), weight.t(), weight_bits=bits)
     return None if product is None else product.reshape(*x.shape[:-1], -1)
 
 

@@ -199,8 +199,9 @@ class _GraphIndex:
 
 def _float_gemm_unsupported(module: nn.Module, weight: Quantizer) -> str:
     """Why a Linear on grids without an integer kernel is not emulated ("" where it is): the float path is
-    modelled for ORT's fusion of an 8-bit weight's DQ into MatMulNBits, without a bias."""
-    if weight.bitwidth != 8:
+    modelled for ORT's fusion of an 8- or 4-bit weight's DQ (per channel, per block or LPBQ) into MatMulNBits,
+    without a bias."""
+    if weight.bitwidth not in (4, 8):
         return (f"a {weight.bitwidth}-bit weight under activations without an integer kernel: ORT's MatMulNBits "
                 f"kernel for it sums in an order that is not modelled")
     if module._parameters.get("bias") is not None:
@@ -345,7 +346,9 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
         if quantizer.float_format is not None:  # fp8 has a scale and 8 bits, but no integer grid
             return f"quantizer {quantizer.name} has the float format {quantizer.float_format.name}"
         granularities = (PER_TENSOR,)
-        if quantizer is weight:  # the runtime rescales its accumulator by one multiplier per output channel
+        if quantizer is weight and kind == "FloatGemm":  # dequantized for a float product, whatever the grid
+            granularities += (quantizer.granularity,)
+        elif quantizer is weight:  # the runtime rescales its accumulator by one multiplier per output channel
             granularities += (PerChannel(weight_output_axis(module, module.weight)),)
         if (quantizer.bitwidth != 8 and not kernel.float_inputs) or quantizer.granularity not in granularities:
             return (f"quantizer {quantizer.name} is not an 8-bit per-tensor activation / per-output-channel weight "
