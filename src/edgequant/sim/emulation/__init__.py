@@ -91,6 +91,12 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
     ``(dx2·dy2)·X11 + (dx1·dy2)·X21 + (dx2·dy1)·X12 + (dx1·dy1)·X22`` left to right in float32, with the scales
     the export writes (the scale factors, or ``out/in`` where it writes sizes). PyTorch lerps twice, which
     rounds some output levels otherwise.
+  - A Linear whose input is indexed with an integer after its producer's DQ (ViT's class token, BERT's pooler:
+    ``x[:, 0]``) reads a Gather's float output, so ORT runs it as a float Gemm (``cpu/math/gemm.cc``): the bias
+    broadcast into the output, then an MLAS SGEMM with beta = 1 adds each reduction slice's FMA chain (the slices
+    above) to it, the weight as its DQ gives it. Emulated as that followed by the sim's output quantizer (a single
+    row takes MLAS's M1 kernel: default). A Concat with a float constant among its inputs (ViT's class token) and
+    products by numbers the graph computes from shapes are float in ORT as in the sim: not candidates.
   - A ReLU / ReLU6 between the op and its output quantizer is removed by ORT when the output grid already
     clamps it (ReLU: zero point at the grid's lowest value; Clip: the clip range covers the grid); those are
     emulated as part of the fused op. Otherwise ORT keeps the op in float and so does the emulating sim.

@@ -8,6 +8,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -258,7 +259,7 @@ def plan_emulation(model: nn.Module, runtime: RuntimeModel, args: tuple = (), kw
             candidates.append((None, _UntracedCall(module, call.args, kwargs, call.uniform), name, module))
     for prefix, node, name, module in candidates:
         kind = op_kind(module)
-        if kind is None or _by_float_constant(module, node, kind, index, prefix):
+        if kind is None or _by_float_constant(module, node, kind, index, prefix, recorded.get(name)):
             continue
         reason = _plan_op(plan, index, prefix, node, name, module, kind)
         if reason:
@@ -271,21 +272,37 @@ def _is_tensor(arg: Any) -> bool:
 
 
 def _by_float_constant(module: nn.Module, node: fx.Node | _UntracedCall, kind: str, index: _GraphIndex,
-                       prefix: str | None) -> bool:
-    """An Add/Mul of a tensor and an unquantized constant (a number, a parameter such as ConvNeXt's layer scale)
-    or a tensor that no quantizer produced (BERT's attention mask, added to the scores; a rotary embedding's cos
-    and sin tables, inputs of a graph the recorded run called): the export has no DQ on it, so the runtime
-    computes it in float32 between DQ and Q, as the default sim does: not an integer op."""
+                       prefix: str | None, recorded: RecordedCall | None) -> bool:
+    """An Add/Mul of a tensor and an unquantized constant, or a Concat with such a constant among its inputs (ViT's
+    class token before the patch embeddings; `_constant`): the export has no DQ on it, so the runtime computes the
+    op in float32 between DQ and Q, as the default sim does: not an integer op. ``recorded``: the op's call in the
+    dummy run, which tells a graph's shape arithmetic (numbers) from its tensors."""
+    if kind == "Concat" and node.args and isinstance(node.args[0], (tuple, list)):
+        held = recorded.args[0] if recorded is not None and recorded.args else ()
+        items = list(node.args[0])
+        return any(_constant(index, prefix, item, held[i] if i < len(held) else None) for i, item in enumerate(items))
     if kind not in ("Add", "Mul") or len(node.args) != 2:
         return False
-    for position, arg in enumerate(node.args):
-        arg = index.recorded_argument(prefix, arg)
+    held = recorded.args if recorded is not None and len(recorded.args) == 2 else (None, None)
+    for position, (arg, value) in enumerate(zip(node.args, held, strict=True)):
         own = module.input_quantizers[str(position)] if str(position) in module.input_quantizers else None
-        constant = (not _is_tensor(arg) or (isinstance(arg, fx.Node) and arg.op == "get_attr")
-                    or (isinstance(arg, RecordedTensor) and arg.quantizer is None))
-        if constant and (own is None or not own.enabled):
+        if _constant(index, prefix, arg, value) and (own is None or not own.enabled):
             return True
     return False
+
+
+def _constant(index: _GraphIndex, prefix: str | None, arg: Any, recorded: Any) -> bool:
+    """Does ``arg`` hold what the export writes as a constant, or as a tensor no quantizer produced: a number (also
+    a node of shape arithmetic, ViT's ``(width // heads) ** -0.5``, a number in the recorded call ``recorded``), a
+    parameter or buffer (through data movement: ViT's class token expanded to the batch), a tensor that no
+    quantizer produced outside every graph (BERT's attention mask; a rotary embedding's cos and sin tables)."""
+    if recorded is not None and not isinstance(recorded, (RecordedTensor, torch.Tensor)):
+        return True
+    arg = index.recorded_argument(prefix, arg)
+    while isinstance(arg, fx.Node) and arg.op in ("call_function", "call_method") and is_data_movement(arg.target):
+        arg = arg.args[0] if arg.args else None
+    return (not _is_tensor(arg) or (isinstance(arg, fx.Node) and arg.op == "get_attr")
+            or (isinstance(arg, RecordedTensor) and arg.quantizer is None))
 
 
 def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: fx.Node | _UntracedCall,
@@ -310,7 +327,9 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
             _is_tensor(a) for a in args):
         return f"expects {kernel.num_inputs or 'a list of'} tensor input(s)"
     if kind in ("Conv", "Gemm") and index.gathered(args[0]):
-        return "its input is indexed with an integer after the DQ (a Gather): the runtime runs it in float"
+        if kind == "Conv":
+            return "its input is indexed with an integer after the DQ (a Gather): the runtime runs it in float"
+        kind, kernel = "GatheredGemm", KERNELS["GatheredGemm"]  # a float Gemm in the runtime
     if kind == "Conv":
         args = (index.through_fused_pad(prefix, args[0], module.weight.dim() - 2),)
     inputs = []

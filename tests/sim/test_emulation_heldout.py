@@ -1,0 +1,91 @@
+"""What the held-out architectures of the emulation table needed (a vision transformer: its class token, the
+shape arithmetic of its attention, the head on the class token): the emulating sim computes what ONNX Runtime
+computes there too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import edgequant as eq
+from edgequant.export import export_onnx
+from edgequant.export.verify import verify
+from edgequant.sim.emulation import OnnxRuntimeCPU
+from edgequant.sim.emulation.arithmetic import mlas_sgemm
+
+
+def _float_gemm_session(weight: np.ndarray, weight_scale: np.ndarray, bias: np.ndarray) -> ort.InferenceSession:
+    """Gemm(x, DQ(weight), bias, transB = 1) on a float input, as ORT runs a Linear whose input a Gather took
+    after its DQ; one thread, so that MLAS's slices are those of the whole product."""
+    initializers = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(weight_scale, "w_s"),
+                    numpy_helper.from_array(np.zeros(len(weight_scale), np.int8), "w_z"),
+                    numpy_helper.from_array(bias, "b")]
+    nodes = [helper.make_node("DequantizeLinear", ["w", "w_s", "w_z"], ["w_f"], axis=0),
+             helper.make_node("Gemm", ["x", "w_f", "b"], ["y"], transB=1)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", weight.shape[1]])]
+    graph = helper.make_graph(nodes, "g", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = 1
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(("rows", "depth", "columns", "slices"), [(16, 64, 1000, 1), (5, 300, 10, 1),
+                                                                   (8, 200, 200, 2)])
+def test_float_gemm_is_mlas_sgemm_onto_the_bias_bit_for_bit(rows: int, depth: int, columns: int, slices: int) -> None:
+    """The bias first, then each slice's FMA chain added (one slice; a long one for few columns; 128 + 72 terms):
+    correctly rounded, or with two slices summed first and the bias added last, some float32 outputs differ."""
+    rng = np.random.default_rng(depth)
+    weight = rng.integers(-127, 128, (columns, depth)).astype(np.int8)
+    weight_scale = (rng.random(columns) * 0.01 + 1e-3).astype(np.float32)
+    bias = rng.normal(size=columns).astype(np.float32)
+    x = rng.normal(size=(rows, depth)).astype(np.float32)
+    expected = _float_gemm_session(weight, weight_scale, bias).run(None, {"x": x})[0]
+    dequantized = torch.from_numpy(weight).float() * torch.from_numpy(weight_scale)[:, None]
+    got = OnnxRuntimeCPU().float_gemm(torch.from_numpy(x), dequantized, torch.from_numpy(bias))
+    assert np.array_equal(got.numpy(), expected)
+    exact = (torch.from_numpy(x).double() @ dequantized.double().t() + torch.from_numpy(bias).double()).float()
+    assert not np.array_equal(exact.numpy(), expected)  # the order matters
+    bias_last = mlas_sgemm(torch.from_numpy(x), dequantized.t()) + torch.from_numpy(bias)
+    assert np.array_equal(bias_last.numpy(), expected) == (slices == 1)
+    assert OnnxRuntimeCPU().float_gemm(torch.from_numpy(x[:1]), dequantized, None) is None  # MLAS's M1 kernel
+
+
+class _ClassTokenNet(torch.nn.Module):
+    """A vision transformer's pieces: a class token before the embedded patches, attention scaled by a number the
+    graph computes from the input's shape, a LayerNorm and a head on the class token (``x[:, 0]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = torch.nn.Linear(12, 32), torch.nn.Linear(32, 10)
+        self.token = torch.nn.Parameter(torch.randn(1, 1, 32))
+        self.norm = torch.nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.cat([self.token.expand(x.shape[0], -1, -1), self.embed(x)], dim=1)
+        scores = tokens @ tokens.transpose(1, 2) * tokens.shape[-1] ** -0.5
+        return self.head(self.norm(scores.softmax(-1) @ tokens + tokens)[:, 0])
+
+
+def test_class_token_net_is_identical_to_onnxruntime(tmp_path: Path) -> None:
+    """The concat with the (float) class token and the products by shape arithmetic are float in ORT as in the sim:
+    not candidates; the head on the class token is ORT's float Gemm, emulated."""
+    torch.manual_seed(0)
+    calibration = torch.randn(32, 7, 12)
+    sim = eq.QuantSim(_ClassTokenNet().eval(), calibration[:1], config="per_channel")
+    sim.calibrate(calibration.split(16), progress=False)
+    export_onnx(sim, tmp_path, calibration[:1])
+    plan = sim.emulate("onnxruntime")
+    assert not plan.skipped
+    assert sorted(op.kind for op in plan.ops) == ["Add", "GatheredGemm", "Gemm", "LayerNormalization", "MatMul",
+                                                  "MatMul", "Softmax"]
+    report = verify(tmp_path, sim, torch.randn(256, 7, 12), batch_size=16, progress=False)
+    assert report.float_kernels.get("Gemm") == 1  # the head; the concat and the products are float too
+    assert report.outputs[0].share_identical == 1.0 and report.first_difference is None
