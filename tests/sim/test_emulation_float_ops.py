@@ -139,13 +139,20 @@ def test_convnext_stage_is_identical_to_onnxruntime(tmp_path: Path) -> None:
 
 
 def _matmul_session(a_shape: list[int], b: torch.Tensor | None, bits: int, weight_scale: torch.Tensor | None,
-                    block: int | None = None, b_shape: list[int] | None = None) -> ort.InferenceSession:
-    """``y = a @ b``: two float inputs (``b`` None, of shape ``b_shape``), or ``b`` a ``bits``-bit integer
-    initializer behind a DQ per output column or per ``block`` of the reduction (which ORT fuses into MatMulNBits),
-    in a session with `ORT_SESSION_CONFIG`."""
+                    block: int | None = None, b_shape: list[int] | None = None,
+                    transposed: bool = False) -> ort.InferenceSession:
+    """``y = a @ b``: two float inputs (``b`` None, of shape ``b_shape``; with ``transposed`` fed as its transpose
+    and transposed back by a Transpose node), or ``b`` a ``bits``-bit integer initializer behind a DQ per output
+    column or per ``block`` of the reduction (which ORT fuses into MatMulNBits), in a session with
+    `ORT_SESSION_CONFIG`."""
     inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, a_shape)]
     nodes, initializers = [helper.make_node("MatMul", ["a", "b"], ["y"])], []
-    if b is None:
+    if b is None and transposed:
+        held = [*b_shape[:-2], b_shape[-1], b_shape[-2]]
+        inputs.append(helper.make_tensor_value_info("b_t", TensorProto.FLOAT, held))
+        perm = [*range(len(b_shape) - 2), len(b_shape) - 1, len(b_shape) - 2]
+        nodes.insert(0, helper.make_node("Transpose", ["b_t"], ["b"], perm=perm))
+    elif b is None:
         inputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, b_shape))
     else:
         axis = {"axis": 0, "block_size": block} if block else {"axis": 1}
@@ -166,19 +173,25 @@ def _matmul_session(a_shape: list[int], b: torch.Tensor | None, bits: int, weigh
 
 def test_float_matmul_is_mlas_sgemm_bit_for_bit() -> None:
     """A float MatMul (batched, as attention's q·kᵀ and probs·v) in MLAS's SGEMM order, including its reduction
-    slices of 128 to 1024 terms as the column count shrinks: every output equal to ORT's, where PyTorch's float32
-    matmul differs on most; a single row (MLAS's M1 kernel) is left to the default path."""
+    slices of 128 to 1024 terms as the column count shrinks, and a single row in MLAS's M = 1 kernels, for a plain
+    second operand and for a transposed one (a Transpose ORT fuses into the MatMul, as for q·kᵀ while decoding):
+    every output equal to ORT's, where PyTorch's float32 matmul differs on most."""
     runtime, generator = OnnxRuntimeCPU(), torch.Generator().manual_seed(0)
     torch_differs = 0
-    for a_shape, b_shape in [([2, 3, 5, 64], [2, 3, 64, 7]), ([4, 576], [576, 40]), ([3, 1024], [1024, 10]),
-                             ([6, 600], [600, 65]), ([1, 9, 32, 64], [1, 9, 64, 32])]:
+    for a_shape, b_shape, transposed in [
+            ([2, 3, 5, 64], [2, 3, 64, 7], False), ([4, 576], [576, 40], False), ([3, 1024], [1024, 10], False),
+            ([6, 600], [600, 65], False), ([1, 9, 32, 64], [1, 9, 64, 32], False),
+            ([1, 9, 1, 40], [1, 9, 40, 64], False), ([1, 577], [577, 13], False),
+            ([1, 9, 1, 64], [1, 9, 64, 40], True), ([2, 1, 60], [2, 60, 13], True)]:
         a, b = torch.randn(a_shape, generator=generator), torch.randn(b_shape, generator=generator)
-        expected = torch.from_numpy(_matmul_session(a_shape, None, 32, None, b_shape=b_shape).run(
-            None, {"a": a.numpy(), "b": b.numpy()})[0])
-        assert torch.equal(runtime.float_matmul(a, b), expected), (a_shape, b_shape)
+        if transposed:  # b held as its transpose, read through a transposed view / a Transpose node
+            b = b.transpose(-1, -2).contiguous().transpose(-1, -2)
+        session = _matmul_session(a_shape, None, 32, None, b_shape=b_shape, transposed=transposed)
+        feed = {"b_t": b.transpose(-1, -2).contiguous().numpy()} if transposed else {"b": b.numpy()}
+        expected = torch.from_numpy(session.run(None, {"a": a.numpy(), **feed})[0])
+        assert torch.equal(runtime.float_matmul(a, b), expected), (a_shape, b_shape, transposed)
         torch_differs += int(not torch.equal(a @ b, expected))
-    assert torch_differs >= 3
-    assert runtime.float_matmul(torch.randn(1, 64), torch.randn(64, 8)) is None
+    assert torch_differs >= 5
 
 
 @pytest.mark.parametrize(("bits", "block"), [(8, None), (4, None), (4, 64), (4, 32)])
@@ -187,7 +200,12 @@ def test_float_matmul_is_matmulnbits_at_accuracy_level_1(bits: int, block: int |
     MatMulNBits; at accuracy level 1 it multiplies the float input by the dequantized weight, 8-bit weights in the
     SGEMM order, 4-bit ones in one FMA chain: identical on 16-bit-grid inputs, where the other order is not."""
     runtime, generator = OnnxRuntimeCPU(), torch.Generator().manual_seed(bits + (block or 0))
-    for rows, depth, columns in [(64, 576, 192), (3, 1536, 576)]:
+    for rows, depth, columns in [(64, 576, 192), (3, 1536, 576), (1, 576, 192), (1, 577, 13)]:
+        if rows == 1 and bits == 4:  # sqnbitgemm's own M = 1 kernel: left to the default path
+            assert runtime.float_matmul(torch.ones(1, depth), torch.ones(depth, columns), weight_bits=4) is None
+            continue
+        if depth % (block or depth):
+            continue
         weight = torch.randint(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1), (depth, columns), generator=generator)
         scales = torch.rand(depth // (block or depth), columns, generator=generator) * 0.01 + 1e-3
         x = torch.randint(-32768, 32768, (rows, depth), generator=generator).float() * 1e-3
@@ -195,4 +213,5 @@ def test_float_matmul_is_matmulnbits_at_accuracy_level_1(bits: int, block: int |
         expected = torch.from_numpy(session.run(None, {"a": x.numpy()})[0])
         dequantized = weight.float() * scales.repeat_interleave(block or depth, dim=0)
         assert torch.equal(runtime.float_matmul(x, dequantized, weight_bits=bits), expected), (rows, depth)
-        assert not torch.equal(runtime.float_matmul(x, dequantized, weight_bits=12 - bits), expected)
+        if rows > 1:
+            assert not torch.equal(runtime.float_matmul(x, dequantized, weight_bits=12 - bits), expected)

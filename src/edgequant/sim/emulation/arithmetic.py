@@ -407,10 +407,16 @@ class OnnxRuntimeCPU(RuntimeModel):
         # MatMul into MatMulNBits; at accuracy level 1 (`edgequant.export.runtime_cpu.ORT_SESSION_CONFIG`; the
         # default 4 rounds the input to int8 instead) it dequantizes 8-bit weights for the SGEMM, and 4-bit weights
         # (per channel or per block) for one FMA chain over the whole reduction (sqnbitgemm's CompFp32 path). A
-        # single row takes MLAS's M1 kernels, whose order is not modelled
-        if a.shape[-2] == 1:
+        # single row takes MLAS's M1 kernels: with the second operand transposed (an 8-bit weight as MatMulNBits
+        # stores it; a transposed view in the sim, exported as a Transpose that ORT fuses into the MatMul) or not;
+        # sqnbitgemm's own M1 kernel for 4-bit weights is not modelled
+        if a.shape[-2] > 1:
+            return mlas_sgemm(a, b, whole_reduction=weight_bits == 4)
+        if weight_bits == 4:
             return None
-        return mlas_sgemm(a, b, whole_reduction=weight_bits == 4)
+        if weight_bits == 8 or (b.stride(-2) == 1 and b.stride(-1) != 1):
+            return mlas_sgemm_m1_transposed(a, b.transpose(-1, -2))
+        return mlas_sgemm_m1(a, b)
 
     def float_gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         # a float Gemm (cpu/math/gemm.cc, transB = 1, the weight a DQ node's output, so not prepacked): the bias
@@ -467,6 +473,49 @@ def mlas_sgemm(a: torch.Tensor, b: torch.Tensor, initial: torch.Tensor | None = 
     b = b.float().expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
     product = mlas_sgemm_columns(a.transpose(-1, -2), b.unsqueeze(0), initial, whole_reduction)[0]
     return product.reshape(*batch, *product.shape[-2:])
+
+
+def mlas_sgemm_m1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for one row ``a`` ``[..., 1, K]`` in the order of MLAS's M = 1 kernel (``SgemmKernelM1Avx.S``:
+    multiplies and adds, no FMA): each group of four reduction terms summed as ``((p0 + p1) + p2) + p3`` and added
+    to the running output, a tail of two and then one term likewise."""
+    products = (a.float().transpose(-1, -2) * b.float()).movedim(-2, 0)  # [K, ..., N], each product rounded
+    depth, total = products.shape[0], None
+    start = 0
+    for size in [4] * (depth // 4) + [2] * (depth % 4 // 2) + [1] * (depth % 2):
+        group = products[start]
+        for index in range(start + 1, start + size):
+            group = group + products[index]
+        total = group if total is None else group + total
+        start += size
+    return total.unsqueeze(-2)
+
+
+def mlas_sgemm_m1_transposed(a: torch.Tensor, b_transposed: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for one row ``a`` ``[..., 1, K]`` and ``b`` given transposed, ``[..., N, K]``, in the order of
+    MLAS's M = 1 kernel for a transposed B (``SgemmKernelM1TransposeBAvx.S``): eight lanes (term ``k`` in lane
+    ``k mod 8``) of multiplies and adds, then the lanes of four output columns at a time reduced as
+    ``(((l0+l1)+l2)+l3) + (((l4+l5)+l6)+l7)``, of a remaining pair as ``((l0+l2)+(l4+l6)) + ((l1+l3)+(l5+l7))``,
+    of a last column as ``((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7))``."""
+    products = a.float() * b_transposed.float()  # [..., N, K], each product rounded
+    depth = products.shape[-1]
+    products = torch.nn.functional.pad(products, (0, -depth % 8))  # a masked tail adds zeros
+    chunks = products.unflatten(-1, (-1, 8)).movedim(-2, 0)  # [K / 8, ..., N, 8]
+    lanes = chunks[0].clone()
+    for chunk in chunks[1:]:
+        lanes = lanes + chunk
+    l0, l1, l2, l3, l4, l5, l6, l7 = lanes.unbind(-1)
+    result = (((l0 + l1) + l2) + l3) + (((l4 + l5) + l6) + l7)
+    columns = result.shape[-1]
+    start = 4 * (columns // 4)
+    if columns % 4 >= 2:
+        pair = ((l0 + l2) + (l4 + l6)) + ((l1 + l3) + (l5 + l7))
+        result[..., start:start + 2] = pair[..., start:start + 2]
+        start += 2
+    if columns % 2:
+        last = ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+        result[..., start] = last[..., start]
+    return result.unsqueeze(-2)
 
 
 def _col2im(columns: torch.Tensor, module: nn.ConvTranspose2d) -> torch.Tensor:
