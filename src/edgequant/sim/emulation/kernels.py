@@ -61,6 +61,9 @@ def _weight_indices(module: nn.Module, quantizer: Quantizer) -> torch.Tensor:
 def _weight_as_exported(module: nn.Module) -> torch.Tensor | None:
     """The weight as the export's DequantizeLinear gives it to a float op (the float weight where it is not
     quantized); None where its quantizer has no encoding yet."""
+    folded = module.folded_param("weight")
+    if folded is not None:  # the same values, folded in while the sim's weights are frozen
+        return folded
     quantizer = module.param_quantizers["weight"] if "weight" in module.param_quantizers else None
     if quantizer is None or not quantizer.enabled:
         return module._parameters["weight"].detach()

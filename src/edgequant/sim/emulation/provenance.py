@@ -65,7 +65,8 @@ class _Labels:
 
 
 class _DataMovement(TorchFunctionMode):
-    """Hands the label of a data-movement call's first argument on to its outputs."""
+    """Hands the label of a data-movement call's first argument on to its outputs, and the label its non-empty
+    tensors share on to a concatenation's output (a KV cache appending keys of one grid to the past ones)."""
 
     def __init__(self, labels: _Labels) -> None:
         super().__init__()
@@ -75,6 +76,10 @@ class _DataMovement(TorchFunctionMode):
         output = func(*args, **(kwargs or {}))
         if args and is_data_movement(func):
             self.labels.label(output, self.labels.of(args[0]))
+        elif func in (torch.cat, torch.concat) and args and isinstance(args[0], (tuple, list)):
+            shared = {self.labels.of(part) for part in args[0] if part.numel()}
+            if len(shared) == 1:
+                self.labels.label(output, shared.pop())
         return output
 
 
