@@ -15,7 +15,7 @@ from onnx_models import branching_cnn, conv_batch_norm, save
 
 from edgequant import QuantSim
 from edgequant.onnx import onnxruntime_calibration_plan
-from edgequant.quantization import PerChannel, calibration_method
+from edgequant.quantization import CalibrationError, PerChannel, calibration_method
 
 
 def _batches(shape: tuple[int, ...], count: int = 3, seed: int = 0) -> list[torch.Tensor]:
@@ -178,6 +178,17 @@ def test_the_qdq_export_of_an_onnx_runtime_calibration_matches_the_emulating_sim
     finally:
         sim.emulate(None)
     np.testing.assert_array_equal(session.run(None, {"image": x.numpy()})[0], emulated)
+
+
+def test_a_batch_onnx_runtime_cannot_run_is_one_error_and_leaves_no_statistics_behind(tmp_path: Path) -> None:
+    path = save(branching_cnn(), tmp_path / "model.onnx")
+    first, second = _batches((8, 3, 8, 8), count=2, seed=60)
+    sim = QuantSim.from_onnx(path, first, config="per_channel")
+    with pytest.raises(CalibrationError, match="batch 1 does not run in ONNX Runtime.*engine='torch'"):
+        sim.calibrate([first * 10, second.double()], progress=False)
+    sim.calibrate([second], progress=False)  # the first batch's (10x wider) extremes must be gone
+    reference, _ = _calibrated(path, [second], "torch", config="per_channel")
+    _assert_same_statistics(sim, reference)
 
 
 def test_an_unknown_engine_is_refused(tmp_path: Path) -> None:

@@ -23,7 +23,8 @@ layer whose input the converted module pads first) are observed by the torch pas
 batches with the served quantizers passing through; without such quantizers it does not run at all. Everything goes
 to the torch pass where ORT's float model is not what the torch pass runs: a frozen, enabled quantizer (AdaRound's
 weights, loaded encodings) rounds during calibration, a module in training mode, a sim the original graph no longer
-maps. The session is kept with the sim and rebuilt when its weights or quantizers change.
+maps, a model too large for one protobuf. The session is kept with the sim and rebuilt when its weights or
+quantizers change.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from onnx import helper
 from torch import nn
 
 from edgequant.export.original_graph import OriginalGraphError, trace_original_graph
+from edgequant.onnx.conversion import EXTERNAL_DATA_BYTES, tensor_bytes
 from edgequant.quantization import CalibrationError, PerChannel, PerTensor, Quantizer
 from edgequant.quantization.analyzers import SENTINEL_MAGNITUDE, MinMaxAnalyzer
 from edgequant.sim.onnx_source import ONNX_NODE_ATTRIBUTE
@@ -73,6 +75,8 @@ def calibrate_in_onnxruntime(sim: QuantSim, batches: Iterable[tuple[tuple, dict]
     calibrator = _calibrator(sim)
     served = [calibrator.quantizers[name] for name in calibrator.served]
     torch_needed = bool(calibrator.reasons)
+    for reduction in calibrator.reductions.values():  # a calibration that failed half-way left its batches here
+        reduction.low = reduction.high = None
     with sim.quantizers_enabled(False, served):  # the torch pass leaves them to ORT
         for index, (args, kwargs) in enumerate(batches):
             if served:
@@ -168,8 +172,8 @@ class _Calibrator:
         if any(module.training for module in sim.model.modules()):
             return "the model is in training mode (ORT computes the inference graph)"
         source = sim.onnx_source
-        if source.external_data:
-            return "the ONNX model keeps its tensors in external files (ORT would need them written out)"
+        if tensor_bytes(source.model) > EXTERNAL_DATA_BYTES:
+            return "the ONNX model is too large for one protobuf (ORT would need its tensors written out)"
         given = len(sim.model_input.args) + len(sim.model_input.kwargs)
         if given != len(self.input_names) or not set(sim.model_input.kwargs) <= set(self.input_names):
             return "the dummy input does not give every graph input by position or graph name"
@@ -236,13 +240,11 @@ class _Calibrator:
                     self.quantizers[name].analyzer.observe(whole)
 
     def deliver(self) -> None:
-        """Hand the running extremes to the analyzers; reset for the next calibration."""
+        """Hand the running extremes to the analyzers."""
         for name, key in self.tensor_of.items():
             reduction = self.reductions[key]
             if reduction.low is not None:
                 self.quantizers[name].analyzer.observe(reduction.extremes())
-        for reduction in self.reductions.values():
-            reduction.low = reduction.high = None
 
 
 _CALIBRATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -261,7 +263,8 @@ def _calibrator(sim: QuantSim) -> _Calibrator:
 def _fingerprint(sim: QuantSim) -> tuple:
     """What the session and plan depend on: the quantizers (which observe, how; frozen ones quantize), training
     flags, the layers that compute ONNX nodes (folded BatchNorms are gone) and their parameters' storage, version
-    counter, shape and float64 sum (``.data`` edits bypass the version counter, not the sum)."""
+    counter, shape and sum (``.data`` edits bypass the version counter, not the sum; a float64 sum would take 20x
+    as long)."""
     quantizers = tuple((name, q.frozen, q.enabled, type(q.analyzer).__name__, q.granularity.describe())
                        for name, q in sim.quantizers().items())
     training = tuple(module.training for module in sim.model.modules())
@@ -271,7 +274,7 @@ def _fingerprint(sim: QuantSim) -> tuple:
             continue
         params = tuple(
             (param_name, param.data_ptr(), param._version, tuple(param.shape),
-             float(param.detach().sum(dtype=torch.float64)))
+             float(param.detach().sum()))
             for param_name, param in module.named_parameters(recurse=False)
         )
         layers.append((name, module.__dict__[ONNX_NODE_ATTRIBUTE].outputs, params))

@@ -46,7 +46,7 @@ def load_onnx(model: str | Path | onnx.ModelProto) -> fx.GraphModule:
     path = None if isinstance(model, onnx.ModelProto) else Path(model)
     original, external = (model, False) if path is None else read_onnx(path)
     work = _conversion_copy(original)
-    source = OnnxSource(original, path, external or _tensor_bytes(original) > EXTERNAL_DATA_BYTES)
+    source = OnnxSource(original, path, external or tensor_bytes(original) > EXTERNAL_DATA_BYTES)
     graph = OnnxGraph(work.graph)
     opsets = {entry.domain: entry.version for entry in work.opset_import}
     for node in graph.nodes.values():
@@ -69,7 +69,8 @@ def load_onnx(model: str | Path | onnx.ModelProto) -> fx.GraphModule:
     return converted.eval()  # an ONNX graph computes inference: BatchNorms use their running statistics
 
 
-def _tensor_bytes(model: onnx.ModelProto) -> int:
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of ``model``'s initializers held in the proto (protobuf files stop at 2 GiB)."""
     return sum(len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) for t in model.graph.initializer)
 
 
