@@ -51,10 +51,11 @@ from tiny_llm import FirstDecoderBlock  # noqa: E402
 
 TORCHVISION = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny", "googlenet")
 HELD_OUT = ("squeezenet1_1", "shufflenet_v2_x1_0", "densenet121", "mobilenet_v2", "mnasnet1_0", "efficientnet_v2_s",
-            "resnext50_32x4d", "vit_tiny")
+            "resnext50_32x4d", "vit_tiny", "vit_tiny_mha")
 """The held-out group (``--models heldout``): torchvision architectures built differently from the table's rows
 (ceil-mode pools, channel shuffle, dense concats, ReLU6, fused MBConv, grouped convolutions, a vision transformer:
-``vit_tiny`` is `small_vit`), to check the emulation on models it was not written against."""
+``vit_tiny`` is `small_vit`, ``vit_tiny_mha`` the same with PyTorch's ``nn.MultiheadAttention``, which the sim
+leaves in float), to check the emulation on models it was not written against."""
 
 
 def explicit_zero_pads(model: nn.Module) -> nn.Module:
@@ -103,11 +104,12 @@ class SelfAttention(nn.Module):
         return self.output(mixed.transpose(1, 2).reshape(batch, tokens, width)), None
 
 
-def small_vit() -> nn.Module:
-    """torchvision's ``VisionTransformer`` at 64×64 (patch 8, 2 layers, 4 heads, width 64, MLP 128) with
-    `SelfAttention` for its attention and a random head (torchvision starts it at zero: all-zero logits)."""
+def small_vit(explicit_attention: bool = True) -> nn.Module:
+    """torchvision's ``VisionTransformer`` at 64×64 (patch 8, 2 layers, 4 heads, width 64, MLP 128) with a random
+    head (torchvision starts it at zero: all-zero logits) and, with ``explicit_attention``, `SelfAttention` for
+    its ``nn.MultiheadAttention``."""
     model = VisionTransformer(image_size=64, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128)
-    for layer in model.encoder.layers:
+    for layer in model.encoder.layers if explicit_attention else ():
         layer.self_attention = SelfAttention(layer.self_attention)
     nn.init.normal_(model.heads.head.weight, std=0.05)
     return model
@@ -123,8 +125,8 @@ def load(name: str, samples: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor
                 natural_image_crops(samples, seed=0))
     if name == "unet":
         model: nn.Module = UNet(channels=16, classes=8)
-    elif name == "vit_tiny":
-        model = small_vit()
+    elif name in ("vit_tiny", "vit_tiny_mha"):
+        model = small_vit(explicit_attention=name == "vit_tiny")
     elif name == "googlenet":
         model = torchvision.models.googlenet(num_classes=1000, aux_logits=False, init_weights=True)
     else:
