@@ -151,3 +151,22 @@ def test_w8a16_block_is_identical_to_onnxruntime(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="not emulated"):
         plan = sim.emulate("onnxruntime")
     assert "3-bit weight" in plan.skipped[projection]
+
+
+def test_w4a8_block_is_identical_to_onnxruntime(tmp_path: Path) -> None:
+    """8-bit activations with 4-bit LPBQ projections: ORT has no integer kernel for the 4-bit weights and runs
+    each projection as MatMulNBits on the dequantized 8-bit input (the attention's matmuls, adds and products stay
+    integer kernels): every op emulated and every quantized tensor identical to ORT's."""
+    torch.manual_seed(1)
+    block = FirstDecoderBlock(llm.prepare_causal_lm(tiny_llama(tiny_tokenizer())), 24).eval()
+    calibration, data = torch.randn(16, 24, 64), torch.randn(48, 24, 64)
+    sim = eq.QuantSim(block, calibration[:1], config="per_channel")
+    sim.set_format("*", IntegerFormat(4, True), kinds=("param",), module_types=(nn.Linear,))
+    sim.set_granularity("*", Lpbq(32, decompressed_bw=8), module_types=(nn.Linear,))
+    sim.calibrate(calibration.split(8), progress=False)
+    sim.export(tmp_path, calibration[:1])
+    plan = sim.emulate("onnxruntime")
+    assert not plan.skipped, plan.summary()
+    assert {"FloatGemm", "MatMul", "Add"} <= {op.kind for op in plan.ops}
+    report = verify(tmp_path, sim, data, progress=False)
+    assert report.first_difference is None, report.tensor_table()

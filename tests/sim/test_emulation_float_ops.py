@@ -140,13 +140,16 @@ def test_convnext_stage_is_identical_to_onnxruntime(tmp_path: Path) -> None:
 
 def _matmul_session(a_shape: list[int], b: torch.Tensor | None, bits: int, weight_scale: torch.Tensor | None,
                     block: int | None = None, b_shape: list[int] | None = None,
-                    transposed: bool = False) -> ort.InferenceSession:
+                    transposed: bool = False, bias: torch.Tensor | None = None) -> ort.InferenceSession:
     """``y = a @ b``: two float inputs (``b`` None, of shape ``b_shape``; with ``transposed`` fed as its transpose
     and transposed back by a Transpose node), or ``b`` a ``bits``-bit integer initializer behind a DQ per output
-    column or per ``block`` of the reduction (which ORT fuses into MatMulNBits), in a session with
+    column or per ``block`` of the reduction (which ORT fuses into MatMulNBits), plus ``bias``, in a session with
     `ORT_SESSION_CONFIG`."""
     inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, a_shape)]
     nodes, initializers = [helper.make_node("MatMul", ["a", "b"], ["y"])], []
+    if bias is not None:
+        nodes = [helper.make_node("MatMul", ["a", "b"], ["m"]), helper.make_node("Add", ["m", "bias"], ["y"])]
+        initializers.append(numpy_helper.from_array(bias.numpy(), "bias"))
     if b is None and transposed:
         held = [*b_shape[:-2], b_shape[-1], b_shape[-2]]
         inputs.append(helper.make_tensor_value_info("b_t", TensorProto.FLOAT, held))
@@ -157,7 +160,7 @@ def _matmul_session(a_shape: list[int], b: torch.Tensor | None, bits: int, weigh
     else:
         axis = {"axis": 0, "block_size": block} if block else {"axis": 1}
         nodes.insert(0, helper.make_node("DequantizeLinear", ["b_q", "b_s"], ["b"], **axis))
-        initializers = [helper.make_tensor("b_q", TensorProto.INT8 if bits == 8 else TensorProto.INT4, list(b.shape),
+        initializers += [helper.make_tensor("b_q", TensorProto.INT8 if bits == 8 else TensorProto.INT4, list(b.shape),
                                            b.flatten().tolist()),
                         numpy_helper.from_array(weight_scale.float().numpy(), "b_s")]
     graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
@@ -194,24 +197,28 @@ def test_float_matmul_is_mlas_sgemm_bit_for_bit() -> None:
     assert torch_differs >= 5
 
 
-@pytest.mark.parametrize(("bits", "block"), [(8, None), (4, None), (4, 64), (4, 32)])
-def test_float_matmul_is_matmulnbits_at_accuracy_level_1(bits: int, block: int | None) -> None:
-    """ORT fuses an 8- or 4-bit weight's DQ (per output column, or per block of the reduction) and its MatMul into
-    MatMulNBits; at accuracy level 1 it multiplies the float input by the dequantized weight, 8-bit weights in the
-    SGEMM order, 4-bit ones in one FMA chain: identical on 16-bit-grid inputs, where the other order is not."""
+@pytest.mark.parametrize(("bits", "block", "with_bias"), [(8, None, False), (4, None, False), (4, 64, False),
+                                                         (4, 32, False), (8, None, True), (4, 64, True)])
+def test_float_linear_is_matmulnbits_at_accuracy_level_1(bits: int, block: int | None, with_bias: bool) -> None:
+    """ORT fuses an 8- or 4-bit weight's DQ (per output column, or per block of the reduction), its MatMul and a
+    bias Add into MatMulNBits; at accuracy level 1 it multiplies the float input by the dequantized weight: 8-bit
+    weights in the SGEMM order onto the bias, a single row in the transposed-B M1 kernel, 4-bit ones in one FMA
+    chain before the bias. Identical on 16-bit-grid inputs."""
     runtime, generator = OnnxRuntimeCPU(), torch.Generator().manual_seed(bits + (block or 0))
     for rows, depth, columns in [(64, 576, 192), (3, 1536, 576), (1, 576, 192), (1, 577, 13)]:
-        if rows == 1 and bits == 4:  # sqnbitgemm's own M = 1 kernel: left to the default path
-            assert runtime.float_matmul(torch.ones(1, depth), torch.ones(depth, columns), weight_bits=4) is None
-            continue
         if depth % (block or depth):
             continue
         weight = torch.randint(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1), (depth, columns), generator=generator)
         scales = torch.rand(depth // (block or depth), columns, generator=generator) * 0.01 + 1e-3
-        x = torch.randint(-32768, 32768, (rows, depth), generator=generator).float() * 1e-3
-        session = _matmul_session([rows, depth], weight, bits, scales if block else scales[0], block)
-        expected = torch.from_numpy(session.run(None, {"a": x.numpy()})[0])
-        dequantized = weight.float() * scales.repeat_interleave(block or depth, dim=0)
-        assert torch.equal(runtime.float_matmul(x, dequantized, weight_bits=bits), expected), (rows, depth)
-        if rows > 1:
-            assert not torch.equal(runtime.float_matmul(x, dequantized, weight_bits=12 - bits), expected)
+        bias = torch.randn(columns, generator=generator) if with_bias else None
+        x = torch.randint(-32768, 32768, (1, rows, depth), generator=generator).float() * 1e-3
+        dequantized = (weight.float() * scales.repeat_interleave(block or depth, dim=0)).t()
+        got = runtime.float_linear(x[0], dequantized, bias, bits, as_matmul=True)
+        if rows == 1 and bits == 4:  # sqnbitgemm's own M = 1 kernel: left to the default path
+            assert got is None
+            continue
+        session = _matmul_session([1, rows, depth], weight, bits, scales if block else scales[0], block, bias=bias)
+        expected = torch.from_numpy(session.run(None, {"a": x.numpy()})[0])[0]
+        assert torch.equal(got, expected), (rows, depth)
+        if rows > 1 and bias is None:
+            assert not torch.equal(runtime.float_linear(x[0], dequantized, None, 12 - bits, True), expected)

@@ -49,13 +49,16 @@ def test_float_gemm_is_mlas_sgemm_onto_the_bias_bit_for_bit(rows: int, depth: in
     x = rng.normal(size=(rows, depth)).astype(np.float32)
     expected = _float_gemm_session(weight, weight_scale, bias).run(None, {"x": x})[0]
     dequantized = torch.from_numpy(weight).float() * torch.from_numpy(weight_scale)[:, None]
-    got = OnnxRuntimeCPU().float_gemm(torch.from_numpy(x), dequantized, torch.from_numpy(bias))
+    got = OnnxRuntimeCPU().float_linear(torch.from_numpy(x), dequantized, torch.from_numpy(bias), 8, as_matmul=False)
     assert np.array_equal(got.numpy(), expected)
     exact = (torch.from_numpy(x).double() @ dequantized.double().t() + torch.from_numpy(bias).double()).float()
     assert not np.array_equal(exact.numpy(), expected)  # the order matters
     bias_last = mlas_sgemm(torch.from_numpy(x), dequantized.t()) + torch.from_numpy(bias)
     assert np.array_equal(bias_last.numpy(), expected) == (slices == 1)
-    assert OnnxRuntimeCPU().float_gemm(torch.from_numpy(x[:1]), dequantized, None) is None  # MLAS's M1 kernel
+    single_row = OnnxRuntimeCPU().float_linear(torch.from_numpy(x[:1]), dequantized, torch.from_numpy(bias), 8,
+                                               as_matmul=False)  # MLAS's M1 kernel, then the bias
+    session = _float_gemm_session(weight, weight_scale, bias)
+    assert np.array_equal(single_row.numpy(), session.run(None, {"x": x[:1]})[0])
 
 
 class _ClassTokenNet(torch.nn.Module):

@@ -161,17 +161,18 @@ class RuntimeModel(ABC):
         what PyTorch does."""
         return None
 
-    def float_matmul(self, a: torch.Tensor, b: torch.Tensor, weight_bits: int | None = None) -> torch.Tensor | None:
-        """``a @ b`` of float32 values (batch axes broadcast) where the runtime multiplies in float between DQ and Q
-        (activations on grids it has no integer kernel for), before the output's quantizer; None where the runtime
-        computes what PyTorch does. ``weight_bits``: the bits of ``b`` where it is a dequantized weight (the
-        runtime may fuse its DQ into the product)."""
+    def float_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        """``a @ b`` of two float32 activations (batch axes broadcast) where the runtime multiplies in float between
+        DQ and Q (grids it has no integer kernel for), before the output's quantizer; None where the runtime
+        computes what PyTorch does."""
         return None
 
-    def float_gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """``x @ weight.T + bias`` of float32 values (``x``: rows, ``weight``: output × input) where the runtime runs
-        a Gemm in float between DQ and Q (its input indexed after the DQ), before the output's quantizer; None where
-        the runtime computes what PyTorch does."""
+    def float_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_bits: int,
+                     as_matmul: bool) -> torch.Tensor | None:
+        """``x @ weight.T + bias`` of float32 values (``x``: rows, ``weight``: output × input, as its DQ gives it)
+        where the runtime runs a Linear in float between DQ and Q (activations or a weight it has no integer kernel
+        for, an input indexed after its DQ), before the output's quantizer; ``as_matmul``: exported as MatMul (an
+        input of rank > 2), else as Gemm. None where the runtime computes what PyTorch does."""
         return None
 
 
@@ -402,28 +403,34 @@ class OnnxRuntimeCPU(RuntimeModel):
         x = values.float()
         return x * (mlas_erf(x / _SQRT2) + 1) * 0.5
 
-    def float_matmul(self, a: torch.Tensor, b: torch.Tensor, weight_bits: int | None = None) -> torch.Tensor | None:
-        # a float MatMul (cpu/math/matmul.cc) is an MLAS SGEMM per batch item. ORT fuses a weight's DQ and its
-        # MatMul into MatMulNBits; at accuracy level 1 (`edgequant.export.runtime_cpu.ORT_SESSION_CONFIG`; the
-        # default 4 rounds the input to int8 instead) it dequantizes 8-bit weights for the SGEMM, and 4-bit weights
-        # (per channel or per block) for one FMA chain over the whole reduction (sqnbitgemm's CompFp32 path). A
-        # single row takes MLAS's M1 kernels: with the second operand transposed (an 8-bit weight as MatMulNBits
-        # stores it; a transposed view in the sim, exported as a Transpose that ORT fuses into the MatMul) or not;
-        # sqnbitgemm's own M1 kernel for 4-bit weights is not modelled
+    def float_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        # a float MatMul (cpu/math/matmul.cc): an MLAS SGEMM per batch item; a single row takes MLAS's M1 kernel,
+        # for a transposed second operand (a transposed view in the sim, exported as a Transpose that ORT fuses
+        # into the MatMul: q·kᵀ) its transposed-B variant
         if a.shape[-2] > 1:
-            return mlas_sgemm(a, b, whole_reduction=weight_bits == 4)
-        if weight_bits == 4:
-            return None
-        if weight_bits == 8 or (b.stride(-2) == 1 and b.stride(-1) != 1):
+            return mlas_sgemm(a, b)
+        if b.stride(-2) == 1 and b.stride(-1) != 1:
             return mlas_sgemm_m1_transposed(a, b.transpose(-1, -2))
         return mlas_sgemm_m1(a, b)
 
-    def float_gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        # a float Gemm (cpu/math/gemm.cc, transB = 1, the weight a DQ node's output, so not prepacked): the bias
-        # broadcast into the output (GemmBroadcastBias), then an MLAS SGEMM with beta = 1 adds each slice's FMA chain
-        # to it (sgemm.cpp: never ZeroMode). A single row takes MLAS's M1 kernel, whose order is not modelled
-        if x.shape[0] == 1:
-            return None
+    def float_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_bits: int,
+                     as_matmul: bool) -> torch.Tensor | None:
+        # ORT fuses a weight's DQ and its MatMul (and a bias Add) into MatMulNBits. At accuracy level 1
+        # (`edgequant.export.runtime_cpu.ORT_SESSION_CONFIG`; the default 4 rounds the input to int8 instead) a
+        # 4-bit weight (per channel or per block) is one FMA chain over the whole reduction, then the bias
+        # (sqnbitgemm's CompFp32 path; its single-row kernel is not modelled). Everything else is an MLAS SGEMM
+        # on the dequantized, transposed weight: MatMulNBits dequantizes 8-bit weights for one, and a Gemm is one
+        # (cpu/math/gemm.cc): the bias broadcast into the output first, each reduction slice's FMA chain added
+        # onto it (beta = 1); a single row is the transposed-B M1 kernel, then the bias
+        rows = x.shape[0]
+        if as_matmul and weight_bits == 4:
+            if rows == 1:
+                return None
+            product = mlas_sgemm(x, weight.t(), whole_reduction=True)
+            return product if bias is None else product + bias.float()
+        if rows == 1:
+            product = mlas_sgemm_m1_transposed(x, weight)
+            return product if bias is None else product + bias.float()
         return mlas_sgemm(x, weight.t(), None if bias is None else bias.float())
 
 

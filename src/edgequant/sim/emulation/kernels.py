@@ -164,15 +164,21 @@ def _as_dequantized(args: list[torch.Tensor], grids: list[Grid]) -> list[torch.T
 
 def _float_linear(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
                   output: Grid) -> torch.Tensor | None:
-    """A Linear whose activations the runtime has no integer kernel for: on inputs of rank > 2 exported as MatMul,
-    which ORT fuses with its 8- or 4-bit weight's DQ (MatMulNBits) and runs in float on the rows of the flattened
-    input; the sim's quantizer follows. A rank-2 input is exported as Gemm, whose float path is not modelled."""
-    weight = _weight_as_exported(module)
-    if weight is None or args[0].dim() < 3:
-        return None
+    """A Linear the runtime has no integer kernel for (activations not on 8-bit grids, a weight not on an 8-bit
+    per-channel one): exported as MatMul (and a bias Add) on inputs of rank > 2, which ORT fuses with the weight's
+    DQ into MatMulNBits, else as Gemm; run in float on the rows of the flattened input. The sim's quantizer
+    follows."""
     (x,) = _as_dequantized([args[0]], grids)
-    bits = module.param_quantizers["weight"].bitwidth
-    product = runtime.float_matmul(x.reshape(-1, x.shape[-1]), weight.t(), weight_bits=bits)
+    return _linear_in_float(module, runtime, x)
+
+
+def _linear_in_float(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor) -> torch.Tensor | None:
+    weight = _weight_as_exported(module)
+    if weight is None:
+        return None
+    bias = module._parameters.get("bias")
+    product = runtime.float_linear(x.reshape(-1, x.shape[-1]), weight, None if bias is None else bias.detach(),
+                                   module.param_quantizers["weight"].bitwidth, as_matmul=x.dim() > 2)
     return None if product is None else product.reshape(*x.shape[:-1], -1)
 
 
@@ -181,11 +187,7 @@ def _gathered_gemm(module: nn.Module, runtime: RuntimeModel, args: tuple, grids:
     """A Linear whose input is indexed with an integer after its producer's DQ (ViT's class token, BERT's pooler):
     the export's Gather leaves the Gemm a float input, so the runtime runs it in float, with the weight as its DQ
     gives it and the float bias; the sim's quantizer follows. An input of rank > 2 (a MatMul) takes the default."""
-    weight = _weight_as_exported(module)
-    if weight is None or args[0].dim() != 2:
-        return None
-    bias = module._parameters.get("bias")
-    return runtime.float_gemm(args[0], weight, None if bias is None else bias.detach())
+    return _linear_in_float(module, runtime, args[0]) if args[0].dim() == 2 else None
 
 
 def _float_matmul(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],

@@ -198,15 +198,18 @@ class _GraphIndex:
         return (quantizers["0"] if quantizers["0"].enabled else None), activation
 
 
-def _float_gemm_unsupported(module: nn.Module, weight: Quantizer) -> str:
-    """Why a Linear on grids without an integer kernel is not emulated ("" where it is): the float path is
-    modelled for ORT's fusion of an 8- or 4-bit weight's DQ (per channel, per block or LPBQ) into MatMulNBits,
-    without a bias."""
+def _on_integer_weight_grid(module: nn.Module, weight: Quantizer) -> bool:
+    """Can the runtime's integer Gemm read this weight: 8 bits, per tensor or per output channel?"""
+    return weight.bitwidth == 8 and weight.float_format is None and weight.granularity in (
+        PER_TENSOR, PerChannel(weight_output_axis(module, module.weight)))
+
+
+def _float_gemm_unsupported(weight: Quantizer) -> str:
+    """Why a Linear the runtime computes in float is not emulated ("" where it is): the float path is modelled
+    for 8- and 4-bit weights (per channel, per block or LPBQ), which ORT fuses with their DQ into MatMulNBits."""
     if weight.bitwidth not in (4, 8):
-        return (f"a {weight.bitwidth}-bit weight under activations without an integer kernel: ORT's MatMulNBits "
-                f"kernel for it sums in an order that is not modelled")
-    if module._parameters.get("bias") is not None:
-        return "a bias under activations without an integer kernel (MatMul and a float Add): not modelled"
+        return (f"a {weight.bitwidth}-bit weight without an integer kernel: ORT's MatMulNBits kernel for it sums "
+                f"in an order that is not modelled")
     return ""
 
 
@@ -353,9 +356,10 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
         return f"the bounds of its fused {module_op_type(activation)} are not known to the emulation"
     if kind == "Resize" and (unsupported := Interpolation.of(module, node.args, node.kwargs).unsupported()):
         return unsupported
-    if kind in FLOAT_FALLBACKS and any(q.bitwidth != 8 for q in (*inputs, output) if q.float_format is None):
+    if kind in FLOAT_FALLBACKS and (any(q.bitwidth != 8 for q in (*inputs, output) if q.float_format is None)
+                                    or (kind == "Gemm" and not _on_integer_weight_grid(module, weight))):
         kind, kernel = FLOAT_FALLBACKS[kind], KERNELS[FLOAT_FALLBACKS[kind]]
-        if kind == "FloatGemm" and (reason := _float_gemm_unsupported(module, weight)):
+        if kind == "FloatGemm" and (reason := _float_gemm_unsupported(weight)):
             return reason
     if kind == "Softmax" and softmax_dim(module, (*node.args, *node.kwargs.values())) is None:
         return "a softmax without an explicit dim"
