@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim
 
 ACTIVATION_ROLES = ("model_input", "input", "output")
+SMALL_INITIALIZER_BYTES = 4096
 TorchStep = Callable[[int, tuple, dict], None]
 """The sim's torch calibration step for one batch: ``(index, args, kwargs)``."""
 
@@ -134,7 +135,8 @@ class _Calibrator:
         self.raw: set[str] = set()  # tensors taken whole
         self.sessions: dict[frozenset[str], tuple[ort.InferenceSession, list[str]]] = {}
         self.input_names = sim.onnx_source.input_names
-        self.model: onnx.ModelProto | None = None
+        self.model_bytes = b""  # the float model serialized once: each session appends its own nodes to it
+        self.opset = 1
         self.pending: dict[str, list[torch.Tensor]] = {}
         self._plan(sim)
 
@@ -163,7 +165,8 @@ class _Calibrator:
                 tensor, axes, channel_axes = key
                 pooled = tensor in nonnegative and ranks.get(tensor) == 4 and channel_axes in ((), (1,))
                 self.reductions[key] = _Reduction(tensor, axes, channel_axes, pooled)
-        self.model = traced.float_model
+        self.model_bytes = traced.float_model.SerializeToString()
+        self.opset = next((o.version for o in traced.float_model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
     def _whole_model_reason(self, sim: QuantSim) -> str | None:
         frozen = [name for name, q in sim.quantizers().items() if q.frozen and q.enabled]
@@ -207,7 +210,8 @@ class _Calibrator:
     def _session(self) -> tuple[ort.InferenceSession, list[str]]:
         key = frozenset(self.raw)
         if key not in self.sessions:
-            self.sessions[key] = _build_session(self.model, self.reductions.values(), sorted(self.raw))
+            self.sessions[key] = _build_session(self.model_bytes, self.opset, self.reductions.values(),
+                                                sorted(self.raw))
         return self.sessions[key]
 
     def run(self, index: int, args: tuple, kwargs: dict) -> None:
@@ -265,20 +269,20 @@ def _fingerprint(sim: QuantSim) -> tuple:
     flags, the layers that compute ONNX nodes (folded BatchNorms are gone) and their parameters' storage, version
     counter, shape and sum (``.data`` edits bypass the version counter, not the sum; a float64 sum would take 20x
     as long)."""
-    quantizers = tuple((name, q.frozen, q.enabled, type(q.analyzer).__name__, q.granularity.describe())
-                       for name, q in sim.quantizers().items())
-    training = tuple(module.training for module in sim.model.modules())
-    layers = []
-    for name, module in sim.model.named_modules():
-        if ONNX_NODE_ATTRIBUTE not in module.__dict__:
-            continue
-        params = tuple(
-            (param_name, param.data_ptr(), param._version, tuple(param.shape),
-             float(param.detach().sum()))
-            for param_name, param in module.named_parameters(recurse=False)
-        )
-        layers.append((name, module.__dict__[ONNX_NODE_ATTRIBUTE].outputs, params))
-    return quantizers, training, tuple(layers), len(sim.model_input.args), tuple(sim.model_input.kwargs)
+    quantizers, training, layers = [], [], []
+    for name, module in sim.model.named_modules():  # one walk: a large model has thousands of modules
+        training.append(module.training)
+        if isinstance(module, Quantizer):
+            quantizers.append((name, module.frozen, module.enabled, type(module.analyzer).__name__,
+                               module.granularity.describe()))
+        elif ONNX_NODE_ATTRIBUTE in module.__dict__:
+            params = tuple(
+                (param_name, param.data_ptr(), param._version, tuple(param.shape), float(param.detach().sum()))
+                for param_name, param in module.named_parameters(recurse=False)
+            )
+            layers.append((name, module.__dict__[ONNX_NODE_ATTRIBUTE].outputs, params))
+    return (tuple(quantizers), tuple(training), tuple(layers), len(sim.model_input.args),
+            tuple(sim.model_input.kwargs))
 
 
 def _padded_input(sim: QuantSim, quantizer: Quantizer) -> bool:
@@ -289,8 +293,22 @@ def _padded_input(sim: QuantSim, quantizer: Quantizer) -> bool:
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of each tensor shape inference types, run on the graph with its large initializers as typed graph inputs
+    (inference copies the model it is given twice; the weights' values do not change any rank)."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.graph.node.extend(model.graph.node)
+    light.graph.input.extend(model.graph.input)
+    light.graph.output.extend(model.graph.output)
+    for initializer in model.graph.initializer:
+        if len(initializer.raw_data) > SMALL_INITIALIZER_BYTES:
+            light.graph.input.append(helper.make_tensor_value_info(initializer.name, initializer.data_type,
+                                                                   initializer.dims))
+        else:  # shapes, axes and other small constants: Reshape's output rank depends on them
+            light.graph.initializer.append(initializer)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(light)
     except Exception:  # noqa: BLE001 - then per-channel quantizers take the torch pass
         return {}
     values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
@@ -306,13 +324,14 @@ def _raw_name(tensor: str) -> str:
     return f"{tensor}__edgequant_calibration_whole"
 
 
-def _build_session(model: onnx.ModelProto, reductions: Iterable[_Reduction], raw: list[str]
+def _build_session(model_bytes: bytes, opset: int, reductions: Iterable[_Reduction], raw: list[str]
                    ) -> tuple[ort.InferenceSession, list[str]]:
-    """A session computing the reductions of the tensors not taken whole, and the whole ``raw`` tensors."""
-    calibration = onnx.ModelProto()
-    calibration.CopyFrom(model)
-    graph = calibration.graph
-    opset = next((o.version for o in calibration.opset_import if o.domain in ("", "ai.onnx")), 1)
+    """A session computing the reductions of the tensors not taken whole, and the whole ``raw`` tensors.
+
+    The nodes and outputs are a second serialized model appended to ``model_bytes``: protobuf merges the two, which
+    appends their repeated fields (nodes, outputs, initializers), so the weights are not serialized again."""
+    addition = onnx.ModelProto()
+    graph = addition.graph
     outputs = []
     for reduction in reductions:
         if reduction.tensor in raw:
@@ -329,12 +348,12 @@ def _build_session(model: onnx.ModelProto, reductions: Iterable[_Reduction], raw
     for tensor in raw:
         graph.node.append(helper.make_node("Identity", [tensor], [_raw_name(tensor)]))
         outputs.append(_raw_name(tensor))
-    del graph.output[:]
     graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3
-    session = ort.InferenceSession(calibration.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model_bytes + addition.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
     return session, outputs
 
 
