@@ -198,12 +198,13 @@ def test_float_matmul_is_mlas_sgemm_bit_for_bit() -> None:
 
 
 @pytest.mark.parametrize(("bits", "block", "with_bias"), [(8, None, False), (4, None, False), (4, 64, False),
-                                                         (4, 32, False), (8, None, True), (4, 64, True)])
+                                                         (4, 32, False), (4, 16, False), (8, None, True),
+                                                         (4, 64, True)])
 def test_float_linear_is_matmulnbits_at_accuracy_level_1(bits: int, block: int | None, with_bias: bool) -> None:
     """ORT fuses an 8- or 4-bit weight's DQ (per output column, or per block of the reduction), its MatMul and a
     bias Add into MatMulNBits; at accuracy level 1 it multiplies the float input by the dequantized weight: 8-bit
     weights in the SGEMM order onto the bias, a single row in the transposed-B M1 kernel, 4-bit ones in one FMA
-    chain before the bias. Identical on 16-bit-grid inputs."""
+    chain before the bias, a single row in sqnbitgemm's 16-lane kernel. Identical on 16-bit-grid inputs."""
     runtime, generator = OnnxRuntimeCPU(), torch.Generator().manual_seed(bits + (block or 0))
     for rows, depth, columns in [(64, 576, 192), (3, 1536, 576), (1, 576, 192), (1, 577, 13)]:
         if depth % (block or depth):
@@ -214,9 +215,6 @@ def test_float_linear_is_matmulnbits_at_accuracy_level_1(bits: int, block: int |
         x = torch.randint(-32768, 32768, (1, rows, depth), generator=generator).float() * 1e-3
         dequantized = (weight.float() * scales.repeat_interleave(block or depth, dim=0)).t()
         got = runtime.float_linear(x[0], dequantized, bias, bits, as_matmul=True)
-        if rows == 1 and bits == 4:  # sqnbitgemm's own M = 1 kernel: left to the default path
-            assert got is None
-            continue
         session = _matmul_session([1, rows, depth], weight, bits, scales if block else scales[0], block, bias=bias)
         expected = torch.from_numpy(session.run(None, {"a": x.numpy()})[0])[0]
         assert torch.equal(got, expected), (rows, depth)

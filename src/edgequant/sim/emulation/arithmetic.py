@@ -418,15 +418,13 @@ class OnnxRuntimeCPU(RuntimeModel):
         # ORT fuses a weight's DQ and its MatMul (and a bias Add) into MatMulNBits. At accuracy level 1
         # (`edgequant.export.runtime_cpu.ORT_SESSION_CONFIG`; the default 4 rounds the input to int8 instead) a
         # 4-bit weight (per channel or per block) is one FMA chain over the whole reduction, then the bias
-        # (sqnbitgemm's CompFp32 path; its single-row kernel is not modelled). Everything else is an MLAS SGEMM
+        # (sqnbitgemm's CompFp32 path; a single row: `sqnbitgemm_m1`). Everything else is an MLAS SGEMM
         # on the dequantized, transposed weight: MatMulNBits dequantizes 8-bit weights for one, and a Gemm is one
         # (cpu/math/gemm.cc): the bias broadcast into the output first, each reduction slice's FMA chain added
         # onto it (beta = 1); a single row is the transposed-B M1 kernel, then the bias
         rows = x.shape[0]
         if as_matmul and weight_bits == 4:
-            if rows == 1:
-                return None
-            product = mlas_sgemm(x, weight.t(), whole_reduction=True)
+            product = sqnbitgemm_m1(x, weight) if rows == 1 else mlas_sgemm(x, weight.t(), whole_reduction=True)
             return product if bias is None else product + bias.float()
         if rows == 1:
             product = mlas_sgemm_m1_transposed(x, weight)
@@ -523,6 +521,30 @@ def mlas_sgemm_m1_transposed(a: torch.Tensor, b_transposed: torch.Tensor) -> tor
         last = ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
         result[..., start] = last[..., start]
     return result.unsqueeze(-2)
+
+
+def sqnbitgemm_m1(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``a @ weight.T`` for one row ``a`` ``[1, K]`` and a dequantized 4-bit ``weight`` ``[N, K]`` in the order of
+    sqnbitgemm's single-row CompFp32 kernel on AVX-512 (``MlasQ4GemmKernelBlkLen*Avx512f``): sixteen FMA lanes
+    (term ``k`` in lane ``k mod 16``), reduced per group of four output columns by ``FoldAccumulators`` (within each
+    quarter ``((l0+l1)+l2)+l3``, then ``(q0+q2) + (q1+q3)``) and for the last ``N mod 4`` columns by
+    ``_mm512_reduce_add_ps`` (halves added, down to one)."""
+    depth = a.shape[-1]
+    pad = -depth % 16
+    terms = torch.nn.functional.pad(a.float().reshape(depth), (0, pad)).reshape(-1, 16, 1)
+    weights = torch.nn.functional.pad(weight.float().t(), (0, 0, 0, pad)).reshape(-1, 16, weight.shape[0])
+    lanes = torch.zeros(16, weight.shape[0], device=a.device)
+    for chunk, chunk_weights in zip(terms, weights, strict=True):
+        lanes = fma_float32(chunk, chunk_weights, lanes)
+    quarters = [((lanes[4 * q] + lanes[4 * q + 1]) + lanes[4 * q + 2]) + lanes[4 * q + 3] for q in range(4)]
+    result = (quarters[0] + quarters[2]) + (quarters[1] + quarters[3])
+    full = 4 * (weight.shape[0] // 4)
+    if full < weight.shape[0]:
+        halves = lanes[8:] + lanes[:8]
+        quarter_sums = halves[4:] + halves[:4]
+        reduced = (quarter_sums[0] + quarter_sums[2]) + (quarter_sums[1] + quarter_sums[3])
+        result[full:] = reduced[full:]
+    return result.unsqueeze(0)
 
 
 def _col2im(columns: torch.Tensor, module: nn.ConvTranspose2d) -> torch.Tensor:
