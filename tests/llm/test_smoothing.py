@@ -164,6 +164,33 @@ def test_awq_alpha_is_the_best_of_its_grid_and_lowers_the_4_bit_block_error(ids)
     assert w4_block_error(scaled, ids) < 0.8 * w4_block_error(model, ids)
 
 
+def w4_block_a8_error(model: LlamaForCausalLM, ids: torch.Tensor) -> float:
+    x, weights = qkv_inputs(model, ids), qkv_weights(model)
+    return output_error(x, weights, asymmetric_tensor(x, 8), [symmetric_blocks(w, 4, BLOCK) for w in weights])
+
+
+@pytest.mark.parametrize(("outlier", "scaled"), [(30.0, True), (1.0, False)])
+def test_smoothquant_search_keeps_the_best_of_no_scaling_and_its_alphas_for_4_bit_blocks(outlier, scaled,
+                                                                                          ids) -> None:
+    """With 4-bit block weights, smoothing can cost the weights more than it saves the activations: the search
+    then leaves the group as it is (no outlier), and scales it where an outlier makes 8-bit activations lose more."""
+    model = tiny_llama(outlier=outlier)
+    settings = SmoothingSettings(alpha=None, weight_bw=4, weight_block_size=BLOCK, progress=False)
+    brute_force = {None: w4_block_a8_error(model, ids)}
+    for alpha in settings.alpha_grid:
+        candidate = copy.deepcopy(model)
+        smooth_causal_lm(candidate, ids, SmoothingSettings(alpha=alpha, weight_bw=4, weight_block_size=BLOCK,
+                                                           progress=False))
+        brute_force[alpha] = w4_block_a8_error(candidate, ids)
+    best = min(brute_force, key=brute_force.get)
+    searched = copy.deepcopy(model)
+    first = smooth_causal_lm(searched, ids, settings).groups[0]
+    assert first.alpha == best and (best is not None) == scaled
+    assert first.error_after == pytest.approx(brute_force[best], rel=1e-3)
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(searched.get_parameter(norm), model.get_parameter(norm)) != scaled
+
+
 @pytest.mark.parametrize("method", SCALERS)
 def test_scaled_model_quantizes_with_a_block_recipe(method, ids) -> None:
     model = tiny_llama(outlier=30.0)
@@ -175,6 +202,8 @@ def test_scaled_model_quantizes_with_a_block_recipe(method, ids) -> None:
 def test_bad_settings_and_ids_are_refused() -> None:
     with pytest.raises(ValueError, match="alpha"):
         SmoothingSettings(alpha=1.5)
+    with pytest.raises(ValueError, match="weight_block_size"):
+        SmoothingSettings(weight_block_size=0)
     with pytest.raises(ValueError, match="block_size"):
         AwqSettings(block_size=0)
     with pytest.raises(ValueError, match="LongTensor"):

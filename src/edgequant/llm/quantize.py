@@ -109,7 +109,8 @@ def _rotate_online(model: nn.Module, ids: torch.Tensor, block_size: int, progres
 
 
 def _smooth(model: nn.Module, ids: torch.Tensor, block_size: int, progress: bool) -> None:
-    smooth_causal_lm(model, ids, SmoothingSettings(alpha=None, progress=progress))
+    smooth_causal_lm(model, ids, SmoothingSettings(alpha=None, weight_bw=4, weight_block_size=block_size,
+                                                   progress=progress))
 
 
 def _awq(model: nn.Module, ids: torch.Tensor, block_size: int, progress: bool) -> None:

@@ -39,14 +39,17 @@ from edgequant.quantization.encoding import grid_from_range
 class SmoothingSettings:
     """How `smooth_causal_lm` chooses its scales. ``alpha`` is the migration strength (0: weights take all the
     scaling, 1: activations become flat); None searches each group's α over ``alpha_grid`` by the output error of
-    its Linears with ``activation_bw``-bit per-tensor activations and ``weight_bw``-bit per-channel weights (min-max,
-    fake-quantized). The activations it quantizes are the Linears' inputs, on the grid the sim gives a Linear's
+    its Linears with ``activation_bw``-bit per-tensor activations and ``weight_bw``-bit weights with one scale per
+    output channel and block of ``weight_block_size`` input features (None: per channel; min-max, fake-quantized),
+    and leaves a group unscaled where no α lowers that error (4-bit weights can lose more than the activations
+    gain). The activations it quantizes are the Linears' inputs, on the grid the sim gives a Linear's
     input in the ``w4a8`` recipes (``Recipe.linear_input_bw``: asymmetric, per tensor, min-max): the norms' outputs
     into q/k/v and gate/up, and with ``attention_output`` and ``mlp_down`` also the inputs of o_proj and down_proj
     (v_proj → o_proj, up_proj → down_proj; the paper smooths only the inputs that follow a norm)."""
 
     alpha: float | None = 0.5
     alpha_grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    weight_block_size: int | None = None
     attention_output: bool = False
     mlp_down: bool = False
     activation_bw: int = 8
@@ -61,6 +64,8 @@ class SmoothingSettings:
         if self.activation_bw < 2 or self.weight_bw < 2:
             raise ValueError(f"bitwidths must be >= 2, got activation_bw={self.activation_bw}, "
                              f"weight_bw={self.weight_bw}")
+        if self.weight_block_size is not None and self.weight_block_size < 1:
+            raise ValueError(f"weight_block_size must be None or >= 1, got {self.weight_block_size}")
 
 
 @dataclass(frozen=True)
@@ -88,14 +93,14 @@ class AwqSettings:
 
 @dataclass(frozen=True)
 class ScaledGroup:
-    """One producer (an RMSNorm, v_proj or up_proj, by module name) and the Linears it feeds: the α chosen, the
-    range of the scales folded in, and the relative output error ``||Y_q - Y||² / ||Y||²`` of those Linears on the
-    calibration inputs before and after scaling (what the method minimises: W8A8 for SmoothQuant, the weight grid
-    for AWQ)."""
+    """One producer (an RMSNorm, v_proj or up_proj, by module name) and the Linears it feeds: the α chosen (None:
+    left unscaled, no α of the search lowered the error), the range of the scales folded in, and the relative
+    output error ``||Y_q - Y||² / ||Y||²`` of those Linears on the calibration inputs before and after scaling (what
+    the method minimises: the grids of its `SmoothingSettings` for SmoothQuant, the weight grid for AWQ)."""
 
     name: str
     consumers: tuple[str, ...]
-    alpha: float
+    alpha: float | None
     scale_min: float
     scale_max: float
     error_before: float
@@ -111,7 +116,8 @@ class _ScalingReport:
     def summary(self) -> str:
         lines = [f"{'group':<44} {'alpha':>6} {'scale min':>10} {'scale max':>10} {'err before':>11} {'err after':>11}"]
         for g in self.groups:
-            lines.append(f"{g.name:<44} {g.alpha:>6.2f} {g.scale_min:>10.4g} {g.scale_max:>10.4g} "
+            alpha = "none" if g.alpha is None else f"{g.alpha:.2f}"
+            lines.append(f"{g.name:<44} {alpha:>6} {g.scale_min:>10.4g} {g.scale_max:>10.4g} "
                          f"{g.error_before:>11.4g} {g.error_after:>11.4g}")
         lines.append(f"{self.tokens} calibration tokens, {self.seconds:.2f} s")
         return "\n".join(lines)
@@ -119,7 +125,7 @@ class _ScalingReport:
 
 @dataclass(frozen=True)
 class SmoothingReport(_ScalingReport):
-    """What `smooth_causal_lm` did; errors are those of W8A8 fake quantization."""
+    """What `smooth_causal_lm` did; errors are those of the fake quantization of its `SmoothingSettings`."""
 
 
 @dataclass(frozen=True)
@@ -132,16 +138,19 @@ def smooth_causal_lm(model: nn.Module, calibration_ids: torch.Tensor,
     """SmoothQuant on a Llama-family causal LM, IN PLACE (pass a copy to keep the original): per group, activation
     outliers are divided into the producer and multiplied into the Linears' weight columns, so that 8-bit per-tensor
     activations lose less. The float function is unchanged. ``calibration_ids`` is a LongTensor ``[N, T]``."""
-    alphas = settings.alpha_grid if settings.alpha is None else (settings.alpha,)
+    alphas = (None, *settings.alpha_grid) if settings.alpha is None else (settings.alpha,)
 
-    def scales(group: _Group, inputs: torch.Tensor, alpha: float) -> torch.Tensor:
+    def scales(group: _Group, inputs: torch.Tensor, alpha: float | None) -> torch.Tensor:
+        if alpha is None:  # the search's option of no scaling
+            return inputs.new_ones(group.size)
         activation = group.reduce(inputs.abs().amax(0), "amax").clamp_min(1e-5)
         weight = group.reduce(torch.cat([c.weight.detach().abs() for c in group.consumers]).amax(0).float(),
                               "amax").clamp_min(1e-5)
         return (activation.pow(alpha) / weight.pow(1.0 - alpha)).clamp_min(1e-5)
 
     def error(group: _Group, inputs: torch.Tensor, scale: torch.Tensor) -> float:
-        return _relative_error(group, inputs, scale, settings.weight_bw, None, settings.activation_bw)
+        return _relative_error(group, inputs, scale, settings.weight_bw, settings.weight_block_size,
+                               settings.activation_bw)
 
     groups, tokens, seconds = _scale_groups(model, calibration_ids, alphas, scales, error, settings.attention_output,
                                             settings.mlp_down, settings.progress, "smoothquant")
@@ -312,8 +321,8 @@ def _fake_quantize(matrix: torch.Tensor, bits: int, block_size: int | None, *, s
     return quantize_dequantize(blocks, scale, offset, bits).reshape(rows, columns)
 
 
-def _scale_groups(model: nn.Module, ids: torch.Tensor, alphas: tuple[float, ...],
-                  scales: Callable[[_Group, torch.Tensor, float], torch.Tensor],
+def _scale_groups(model: nn.Module, ids: torch.Tensor, alphas: tuple[float | None, ...],
+                  scales: Callable[[_Group, torch.Tensor, float | None], torch.Tensor],
                   error: Callable[[_Group, torch.Tensor, torch.Tensor], float], attention_output: bool,
                   mlp_down: bool, progress: bool, desc: str) -> tuple[tuple[ScaledGroup, ...], int, float]:
     """For every decoder layer and group: the inputs, ``scales`` for each α, the α of least ``error`` (the first on
