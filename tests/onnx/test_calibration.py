@@ -191,6 +191,24 @@ def test_a_batch_onnx_runtime_cannot_run_is_one_error_and_leaves_no_statistics_b
     _assert_same_statistics(sim, reference)
 
 
+def test_a_graph_onnx_runtime_cannot_load_is_calibrated_by_the_torch_pass(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A node only a converter registered with onnx2torch knows: ORT refuses the graph, the module still runs."""
+    from edgequant.onnx import calibration
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Fatal error: vendor:Op is not a registered function/op")
+
+    monkeypatch.setattr(calibration, "_build_session", refuse)
+    path = save(conv_batch_norm(), tmp_path / "model.onnx")
+    data = _batches((4, 3, 8, 8), seed=70)
+    sim, calls = _calibrated(path, data, "auto", config="per_channel")
+    plan = onnxruntime_calibration_plan(sim)
+    assert calls == 3 and not plan.served and "cannot load" in next(iter(plan.torch_reasons.values()))
+    reference, _ = _calibrated(path, data, "torch", config="per_channel")
+    for name, quantizer in reference.quantizers().items():
+        assert torch.equal(sim.quantizer(name).scale, quantizer.scale), name
+
+
 def test_an_unknown_engine_is_refused(tmp_path: Path) -> None:
     sim = QuantSim.from_onnx(save(conv_batch_norm(), tmp_path / "model.onnx"))
     with pytest.raises(ValueError, match="engine"):

@@ -23,8 +23,8 @@ layer whose input the converted module pads first) are observed by the torch pas
 batches with the served quantizers passing through; without such quantizers it does not run at all. Everything goes
 to the torch pass where ORT's float model is not what the torch pass runs: a frozen, enabled quantizer (AdaRound's
 weights, loaded encodings) rounds during calibration, a module in training mode, a sim the original graph no longer
-maps, a model too large for one protobuf. The session is kept with the sim and rebuilt when its weights or
-quantizers change.
+maps, a model too large for one protobuf, a graph ORT cannot load (an op only a converter registered with onnx2torch
+knows). The session is kept with the sim and rebuilt when its weights or quantizers change.
 """
 
 from __future__ import annotations
@@ -167,6 +167,13 @@ class _Calibrator:
                 self.reductions[key] = _Reduction(tensor, axes, channel_axes, pooled)
         self.model_bytes = traced.float_model.SerializeToString()
         self.opset = next((o.version for o in traced.float_model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        if self.served:
+            try:
+                self._session()
+            except Exception as error:  # noqa: BLE001 - ORT refuses the graph (an op only a registered converter knows)
+                reason = f"ONNX Runtime cannot load the graph ({type(error).__name__}: {str(error).strip()[:200]})"
+                self.reasons.update(dict.fromkeys(self.served, reason))
+                self.served, self.tensor_of, self.reductions = [], {}, {}
 
     def _whole_model_reason(self, sim: QuantSim) -> str | None:
         frozen = [name for name, q in sim.quantizers().items() if q.frozen and q.enabled]
