@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torchvision
 from onnx import TensorProto, helper, numpy_helper
 
 import edgequant as eq
@@ -91,4 +92,47 @@ def test_class_token_net_is_identical_to_onnxruntime(tmp_path: Path) -> None:
                                                   "MatMul", "Softmax"]
     report = verify(tmp_path, sim, torch.randn(256, 7, 12), batch_size=16, progress=False)
     assert report.float_kernels.get("Gemm") == 1  # the head; the concat and the products are float too
+    assert report.outputs[0].share_identical == 1.0 and report.first_difference is None
+
+
+def _float_mixing(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A function fx does not trace into (as torchvision's ``shifted_window_attention``): float in the sim and in
+    ORT. Its own float ops are not emulated (a product here, the same in both; Swin's attention is not)."""
+    return x * weight
+
+
+torch.fx.wrap("_float_mixing")
+
+
+class _WindowNet(torch.nn.Module):
+    """Swin's pieces: channels-last blocks between ``Permute`` modules, a residual add of a wrapped function's
+    float output through ``StochasticDepth``, a global average pool after the permute back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 2, stride=2)
+        self.to_last, self.to_first = torchvision.ops.Permute([0, 2, 3, 1]), torchvision.ops.Permute([0, 3, 1, 2])
+        self.norm, self.mixing = torch.nn.LayerNorm(16), torch.nn.Parameter(torch.randn(16))
+        self.drop = torchvision.ops.StochasticDepth(0.1, "row")
+        self.pool, self.head = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.to_last(self.conv(x))
+        x = x + self.drop(_float_mixing(self.norm(x), self.mixing))
+        return self.head(torch.flatten(self.pool(self.to_first(x)), 1))
+
+
+def test_window_net_is_identical_to_onnxruntime(tmp_path: Path) -> None:
+    """The add of the wrapped function's float output is float in ORT (no DQ on it): not a candidate; the pool
+    reads the add's grid through the permute (ORT moves the Transpose past it: QLinearGlobalAveragePool)."""
+    torch.manual_seed(0)
+    calibration = torch.randn(32, 3, 16, 16)
+    sim = eq.QuantSim(_WindowNet().eval(), calibration[:1], config="per_channel")
+    sim.calibrate(calibration.split(16), progress=False)
+    export_onnx(sim, tmp_path, calibration[:1])
+    plan = sim.emulate("onnxruntime")
+    assert not plan.skipped
+    assert sorted(op.kind for op in plan.ops) == ["Conv", "Gemm", "GlobalAveragePool", "LayerNormalization"]
+    report = verify(tmp_path, sim, torch.randn(256, 3, 16, 16), batch_size=16, progress=False)
+    assert report.integer_kernels.get("QLinearGlobalAveragePool") == 1 and report.float_kernels.get("Add") == 1
     assert report.outputs[0].share_identical == 1.0 and report.first_difference is None

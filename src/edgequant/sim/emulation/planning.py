@@ -120,7 +120,7 @@ class _GraphIndex:
                 quantizers = getattr(module, "output_quantizers", {})
                 if "0" in quantizers and quantizers["0"].enabled:
                     return quantizers["0"]
-                if is_pass_through(module):
+                if is_pass_through(module) or _qualified_name(type(module)) in DATA_MOVEMENT_MODULES:
                     node = node.args[0] if node.args else None
                     continue
                 return None
@@ -202,6 +202,25 @@ def _on_integer_weight_grid(module: nn.Module, weight: Quantizer) -> bool:
     """Can the runtime's integer Gemm read this weight: 8 bits, per tensor or per output channel?"""
     return weight.bitwidth == 8 and weight.float_format is None and weight.granularity in (
         PER_TENSOR, PerChannel(weight_output_axis(module, module.weight)))
+
+
+DATA_MOVEMENT_MODULES = ("torchvision.ops.misc.Permute",)
+"""Modules that only move their input's values (Swin's NHWC → NCHW ``Permute``, exported as a Transpose, which
+ORT moves past the next op: the QLinearGlobalAveragePool after it reads the grid before it)."""
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _unquantized_function(node: Any) -> bool:
+    """Is ``node`` a call of a Python function fx did not trace into (``torch.fx.wrap``: Swin's
+    ``shifted_window_attention``)? The sim quantizes nothing inside it and the export writes no Q after it, so the
+    runtime reads its output in float."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function") or is_data_movement(node.target):
+        return False
+    module = getattr(node.target, "__module__", None) or ""
+    return module.split(".")[0] not in ("torch", "_operator", "operator", "builtins", "math")
 
 
 def _float_gemm_unsupported(weight: Quantizer) -> str:
@@ -297,14 +316,18 @@ def _by_float_constant(module: nn.Module, node: fx.Node | _UntracedCall, kind: s
 def _constant(index: _GraphIndex, prefix: str | None, arg: Any, recorded: Any) -> bool:
     """Does ``arg`` hold what the export writes as a constant, or as a tensor no quantizer produced: a number (also
     a node of shape arithmetic, ViT's ``(width // heads) ** -0.5``, a number in the recorded call ``recorded``), a
-    parameter or buffer (through data movement: ViT's class token expanded to the batch), a tensor that no
-    quantizer produced outside every graph (BERT's attention mask; a rotary embedding's cos and sin tables)."""
+    parameter or buffer (through data movement: ViT's class token expanded to the batch), the output of a function
+    the sim leaves unquantized (`_unquantized_function`: Swin's window attention before its residual add), a
+    tensor that no quantizer produced outside every graph (BERT's attention mask; a rotary embedding's cos and
+    sin tables)."""
     if recorded is not None and not isinstance(recorded, (RecordedTensor, torch.Tensor)):
         return True
     arg = index.recorded_argument(prefix, arg)
-    while isinstance(arg, fx.Node) and arg.op in ("call_function", "call_method") and is_data_movement(arg.target):
+    while isinstance(arg, fx.Node) and (  # through data movement and pass-through modules (Swin's StochasticDepth)
+            (arg.op in ("call_function", "call_method") and is_data_movement(arg.target))
+            or (arg.op == "call_module" and prefix is not None and is_pass_through(index.module(prefix, arg)))):
         arg = arg.args[0] if arg.args else None
-    return (not _is_tensor(arg) or (isinstance(arg, fx.Node) and arg.op == "get_attr")
+    return (not _is_tensor(arg) or (isinstance(arg, fx.Node) and arg.op == "get_attr") or _unquantized_function(arg)
             or (isinstance(arg, RecordedTensor) and arg.quantizer is None))
 
 
