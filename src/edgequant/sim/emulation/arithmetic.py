@@ -460,12 +460,12 @@ def mlas_sgemm_columns(filters: torch.Tensor, inputs: torch.Tensor, initial: tor
     total = initial
     depth = filters.shape[1]
     stride = depth if whole_reduction else mlas_sgemm_stride_k(depth, inputs.shape[-1])
+    filters, inputs = filters.double(), inputs.double()  # converted once: `fma_float32`'s steps, unrolled
     for start in range(0, depth, stride):
-        chain = torch.zeros(inputs.shape[0], filters.shape[0], filters.shape[2], inputs.shape[-1],
-                            device=inputs.device)
+        chain = inputs.new_zeros(inputs.shape[0], filters.shape[0], filters.shape[2], inputs.shape[-1])
         for k in range(start, min(start + stride, depth)):
-            chain = fma_float32(filters[None, :, k, :, None], inputs[:, :, k, None, :], chain)
-        total = chain if total is None else total + chain
+            chain = torch.addcmul(chain, filters[None, :, k, :, None], inputs[:, :, k, None, :]).float().double()
+        total = chain.float() if total is None else total + chain.float()
     return total
 
 
