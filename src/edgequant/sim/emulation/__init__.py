@@ -96,10 +96,11 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
     broadcast into the output, then an MLAS SGEMM with beta = 1 adds each reduction slice's FMA chain (the slices
     above) to it, the weight as its DQ gives it. Emulated as that followed by the sim's output quantizer (a single
     row takes MLAS's M1 kernel: default). A Concat with a float constant among its inputs (ViT's class token) and
-    products by numbers the graph computes from shapes are float in ORT as in the sim: not candidates; so is an
-    Add of the output of a function fx does not trace into (Swin's window attention: float in the sim and in ORT,
-    whose float order in there is not modelled). torchvision's ``Permute`` module moves data: ORT moves its
-    Transpose past the QLinearGlobalAveragePool after it, which reads the grid before it.
+    products by numbers the graph computes from shapes are float in ORT as in the sim: not candidates. An op
+    reading the output of a function fx does not trace into (Swin's window attention: float in the sim and in
+    ORT, whose float kernels in there are not modelled) is reported as not emulated. torchvision's ``Permute``
+    module moves data: ORT moves its Transpose past the QLinearGlobalAveragePool after it, which reads the grid
+    before it.
   - A ReLU / ReLU6 between the op and its output quantizer is removed by ORT when the output grid already
     clamps it (ReLU: zero point at the grid's lowest value; Clip: the clip range covers the grid); those are
     emulated as part of the fused op. Otherwise ORT keeps the op in float and so does the emulating sim.

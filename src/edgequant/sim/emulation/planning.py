@@ -142,6 +142,14 @@ class _GraphIndex:
         call = self.recorded[prefix]
         return call.args[index] if index < len(call.args) else call.kwargs.get(node.target)
 
+    def source(self, prefix: str | None, node: Any) -> Any:
+        """``node`` followed back through data movement and pass-through modules (Swin's StochasticDepth)."""
+        while isinstance(node, fx.Node) and (
+                (node.op in ("call_function", "call_method") and is_data_movement(node.target))
+                or (node.op == "call_module" and prefix is not None and is_pass_through(self.module(prefix, node)))):
+            node = node.args[0] if node.args else None
+        return node
+
     @staticmethod
     def gathered(node: Any) -> bool:
         """Does ``node`` reach its producer through tensor indexing with an integer (``x[:, 0]``: BERT's pooler
@@ -215,8 +223,8 @@ def _qualified_name(cls: type) -> str:
 
 def _unquantized_function(node: Any) -> bool:
     """Is ``node`` a call of a Python function fx did not trace into (``torch.fx.wrap``: Swin's
-    ``shifted_window_attention``)? The sim quantizes nothing inside it and the export writes no Q after it, so the
-    runtime reads its output in float."""
+    ``shifted_window_attention``)? The sim quantizes nothing inside it and the export writes its ops in float: the
+    runtime computes them with its own float kernels, in an order the emulation does not model."""
     if not (isinstance(node, fx.Node) and node.op == "call_function") or is_data_movement(node.target):
         return False
     module = getattr(node.target, "__module__", None) or ""
@@ -316,18 +324,12 @@ def _by_float_constant(module: nn.Module, node: fx.Node | _UntracedCall, kind: s
 def _constant(index: _GraphIndex, prefix: str | None, arg: Any, recorded: Any) -> bool:
     """Does ``arg`` hold what the export writes as a constant, or as a tensor no quantizer produced: a number (also
     a node of shape arithmetic, ViT's ``(width // heads) ** -0.5``, a number in the recorded call ``recorded``), a
-    parameter or buffer (through data movement: ViT's class token expanded to the batch), the output of a function
-    the sim leaves unquantized (`_unquantized_function`: Swin's window attention before its residual add), a
-    tensor that no quantizer produced outside every graph (BERT's attention mask; a rotary embedding's cos and
-    sin tables)."""
+    parameter or buffer (through data movement: ViT's class token expanded to the batch), a tensor that no
+    quantizer produced outside every graph (BERT's attention mask; a rotary embedding's cos and sin tables)."""
     if recorded is not None and not isinstance(recorded, (RecordedTensor, torch.Tensor)):
         return True
-    arg = index.recorded_argument(prefix, arg)
-    while isinstance(arg, fx.Node) and (  # through data movement and pass-through modules (Swin's StochasticDepth)
-            (arg.op in ("call_function", "call_method") and is_data_movement(arg.target))
-            or (arg.op == "call_module" and prefix is not None and is_pass_through(index.module(prefix, arg)))):
-        arg = arg.args[0] if arg.args else None
-    return (not _is_tensor(arg) or (isinstance(arg, fx.Node) and arg.op == "get_attr") or _unquantized_function(arg)
+    arg = index.source(prefix, index.recorded_argument(prefix, arg))
+    return (not _is_tensor(arg) or (isinstance(arg, fx.Node) and arg.op == "get_attr")
             or (isinstance(arg, RecordedTensor) and arg.quantizer is None))
 
 
@@ -363,6 +365,10 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
         key = str(position) if kernel.num_inputs is not None else None  # a list's own quantizers are not per item
         own = module.input_quantizers[key] if key in module.input_quantizers else None
         quantizer = own if own is not None and own.enabled else index.producer_quantizer(prefix, arg)
+        if quantizer is None and _unquantized_function(source := index.source(prefix, arg)):
+            return (f"input {position} is the float output of {getattr(source.target, '__name__', source.target)}, "
+                    f"which the sim does not quantize: the runtime computes it with its own float kernels (not "
+                    f"modelled)")
         if quantizer is None:
             return f"input {position} does not come from a quantizer the sim can trace"
         inputs.append(quantizer)
