@@ -9,12 +9,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
 import edgequant as eq
 from edgequant.export.runtime_cpu import ORT_SESSION_CONFIG
 from edgequant.export.verify import verify
+from edgequant.quantization.number_format import IntegerFormat
 from edgequant.sim.emulation import KERNELS, Grid, OnnxRuntimeCPU
 from edgequant.sim.emulation.arithmetic import mlas_erf
 
@@ -220,3 +223,39 @@ def test_float_linear_is_matmulnbits_at_accuracy_level_1(bits: int, block: int |
         assert torch.equal(got, expected), (rows, depth)
         if rows > 1 and bias is None:
             assert not torch.equal(runtime.float_linear(x[0], dequantized, None, 12 - bits, True), expected)
+
+
+class _SmallCnn(nn.Module):
+    """A stem conv with bias and ReLU, a depthwise stride-2 conv, a pointwise conv, a grouped conv and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.depthwise = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16), nn.ReLU6())
+        self.pointwise = nn.Conv2d(16, 160, 1)
+        self.grouped = nn.Conv2d(160, 32, 3, padding=1, groups=2)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.grouped(self.pointwise(self.depthwise(self.stem(x))))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_4_bit_convolutions_are_onnxruntimes_float_conv(tmp_path: Path) -> None:
+    """4-bit weights under 8-bit activations: ORT has no integer Conv for them and runs a float Conv on the
+    dequantized input and weight (im2col and MLAS's SGEMM; a depthwise conv one single-row product per channel),
+    and a float Gemm for the head. Every op emulated and every quantized tensor identical to ORT's."""
+    torch.manual_seed(0)
+    model = _SmallCnn().eval()
+    calibration, data = torch.randn(16, 3, 20, 20), torch.randn(32, 3, 20, 20)
+    sim = eq.QuantSim(model, calibration[:1], config="per_channel")
+    sim.set_format("*", IntegerFormat(4, True), kinds=("param",), module_types=(nn.Conv2d, nn.Linear))
+    sim.calibrate(calibration.split(8), progress=False)
+    sim.export(tmp_path, calibration[:1])
+    default = verify(tmp_path, sim, data, progress=False)
+    plan = sim.emulate("onnxruntime")
+    assert not plan.skipped, plan.summary()
+    assert [op.kind for op in plan.ops].count("FloatConv") == 4 and "FloatGemm" in {op.kind for op in plan.ops}
+    report = verify(tmp_path, sim, data, progress=False)
+    assert report.first_difference is None, report.tensor_table()
+    assert default.first_difference is not None

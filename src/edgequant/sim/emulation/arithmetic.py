@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgequant.quantization import Quantizer
@@ -131,6 +132,18 @@ class RuntimeModel(ABC):
         """A ConvTranspose2d on dequantized float32 ``x`` and ``weight`` (scales ``input_scale``, ``weight_scale``
         per output channel), before the output's quantizer; None where the runtime computes what PyTorch does
         (the sim's default forward then runs)."""
+        return None
+
+    def float_bias(self, bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+        """The bias of a float Conv, ConvTranspose or Gemm whose input and weight come from DQ, as the runtime
+        adds it (by default the float bias)."""
+        return bias.float()
+
+    def float_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   input_scale: torch.Tensor, weight_scale: torch.Tensor, module: nn.Conv2d) -> torch.Tensor | None:
+        """A Conv2d on dequantized float32 ``x`` and ``weight`` where the runtime has no integer kernel for them
+        (scales ``input_scale``, ``weight_scale`` per output channel), before the output's quantizer; None where the
+        runtime computes what PyTorch does."""
         return None
 
     def resize(self, values: torch.Tensor, size: tuple[int, int], scales: tuple[float, float], mode: str,
@@ -321,12 +334,41 @@ class OnnxRuntimeCPU(RuntimeModel):
         columns = mlas_sgemm_columns(filters, inputs)  # (N, G, M, H·W)
         columns = columns.reshape(batch, module.out_channels, taps, height, width)
         output = _col2im(columns, module)
-        if bias is not None and weight_scale.numel() in (1, bias.numel()):
-            # ORT's BiasQuantization turns the float bias of DQ → ConvTranspose into DQ(int32): the int32 is the
-            # runtime's own `bias_to_int32`, dequantized as fl32(fl32(int32) · fl32(s_x·s_w)); with groups, the
-            # weight has fewer scales than the bias, and the bias stays float
-            bias = self.bias_to_int32(bias, input_scale, weight_scale).float() * (input_scale * weight_scale)
-        return output if bias is None else output + channels(bias.float(), output.dim())
+        return self._add_float_bias(output, bias, input_scale, weight_scale)
+
+    def float_bias(self, bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+        # ORT's BiasQuantization turns such a float bias into DQ(int32): the int32 is the runtime's own
+        # `bias_to_int32`, dequantized as fl32(fl32(int32) · fl32(s_x·s_w)); where the weight has fewer scales than
+        # the bias (groups, blocks) the bias stays float
+        if weight_scale.numel() in (1, bias.numel()):
+            return self.bias_to_int32(bias, input_scale, weight_scale).float() * (input_scale * weight_scale)
+        return bias.float()
+
+    def _add_float_bias(self, output: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor,
+                        weight_scale: torch.Tensor) -> torch.Tensor:
+        """The bias as ORT runs it (`float_bias`), added per channel in float32."""
+        if bias is None:
+            return output
+        return output + channels(self.float_bias(bias, input_scale, weight_scale), output.dim())
+
+    def float_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   input_scale: torch.Tensor, weight_scale: torch.Tensor, module: nn.Conv2d) -> torch.Tensor | None:
+        # a float Conv between DQ and Q (cpu/nn/conv.cc, MLAS conv.cpp): per image and group, the input unfolded
+        # into columns (im2col: taps in channel, row, column order; a 1×1 convolution reads the input as is, the
+        # same product) and an MLAS SGEMM of the filters by them; one filter per group (depthwise) is a single-row
+        # product, MLAS's M1 kernel. Then the bias
+        if isinstance(module.padding, str):
+            return None
+        groups, batch = module.groups, x.shape[0]
+        columns = F.unfold(x.float(), module.kernel_size, dilation=module.dilation, padding=module.padding,
+                           stride=module.stride)
+        size = [(length + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1 for length, pad, dilation, kernel, stride
+                in zip(x.shape[-2:], module.padding, module.dilation, module.kernel_size, module.stride, strict=True)]
+        columns = columns.reshape(batch, groups, -1, columns.shape[-1])  # (N, G, K, L)
+        filters = weight.float().reshape(1, groups, module.out_channels // groups, -1)  # (1, G, M, K)
+        product = mlas_sgemm_m1(filters, columns) if filters.shape[2] == 1 else mlas_sgemm(filters, columns)
+        output = product.reshape(batch, module.out_channels, *size)
+        return self._add_float_bias(output, bias, input_scale, weight_scale)
 
     def resize(self, values: torch.Tensor, size: tuple[int, int], scales: tuple[float, float], mode: str,
                align_corners: bool) -> torch.Tensor | None:

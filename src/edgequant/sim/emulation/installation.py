@@ -53,7 +53,7 @@ def _emulated_forward(op: EmulatedOp, runtime: RuntimeModel, default: Callable[.
         if not _ready(quantizers) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
             return default(*args, **kwargs)
         output = Grid.of(op.output)
-        if op.activation is not None and not _activation_implied(op.activation, output):
+        if op.activation is not None and not kernel.float_inputs and not _activation_implied(op.activation, output):
             return default(*args, **kwargs)  # the runtime keeps this activation in float, and the op with it
         positional = _bound(kernel, args, kwargs)
         with torch.no_grad():

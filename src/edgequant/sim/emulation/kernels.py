@@ -169,15 +169,21 @@ def _float_linear(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: 
     DQ into MatMulNBits, else as Gemm; run in float on the rows of the flattened input. The sim's quantizer
     follows."""
     (x,) = _as_dequantized([args[0]], grids)
-    return _linear_in_float(module, runtime, x)
+    return _linear_in_float(module, runtime, x, grids[0].scale)
 
 
-def _linear_in_float(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor) -> torch.Tensor | None:
+def _linear_in_float(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor,
+                     input_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """``input_scale``: where the input comes from a DQ, whose Gemm's bias ORT quantizes (`float_bias`)."""
     weight = _weight_as_exported(module)
     if weight is None:
         return None
     bias = module._parameters.get("bias")
-    product = runtime.float_linear(x.reshape(-1, x.shape[-1]), weight, None if bias is None else bias.detach(),
+    if bias is not None:
+        bias = bias.detach()
+        if x.dim() == 2 and input_scale is not None:
+            bias = runtime.float_bias(bias, input_scale, Grid.of(module.param_quantizers["weight"]).scale)
+    product = runtime.float_linear(x.reshape(-1, x.shape[-1]), weight, bias,
                                    module.param_quantizers["weight"].bitwidth, as_matmul=x.dim() > 2)
     return None if product is None else product.reshape(*x.shape[:-1], -1)
 
@@ -187,7 +193,21 @@ def _gathered_gemm(module: nn.Module, runtime: RuntimeModel, args: tuple, grids:
     """A Linear whose input is indexed with an integer after its producer's DQ (ViT's class token, BERT's pooler):
     the export's Gather leaves the Gemm a float input, so the runtime runs it in float, with the weight as its DQ
     gives it and the float bias; the sim's quantizer follows. An input of rank > 2 (a MatMul) takes the default."""
-    return _linear_in_float(module, runtime, args[0]) if args[0].dim() == 2 else None
+    return _linear_in_float(module, runtime, args[0], None) if args[0].dim() == 2 else None
+
+
+def _float_conv(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                output: Grid) -> torch.Tensor | None:
+    """A Conv the runtime has no integer kernel for (activations not on 8-bit grids, a weight not on an 8-bit
+    per-channel one): a float Conv on the dequantized input and weight; the sim's quantizer (after any fused
+    activation) follows."""
+    weight = _weight_as_exported(module)
+    if weight is None or not isinstance(module, nn.Conv2d):
+        return None
+    (x,) = _as_dequantized([args[0]], grids)
+    bias = module._parameters.get("bias")
+    return runtime.float_conv(x, weight, None if bias is None else bias.detach(), grids[0].scale,
+                              Grid.of(module.param_quantizers["weight"]).scale, module)
 
 
 def _float_matmul(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
@@ -482,6 +502,7 @@ KERNELS: dict[str, Kernel] = {
     "ConvTranspose": Kernel(1, lambda m: isinstance(m, nn.ConvTranspose2d), _conv_transpose, weighted=True),
     "Resize": Kernel(1, lambda m: isinstance(m, nn.Upsample) or _functional("Resize")(m), _resize,
                      keywords=Interpolation._fields, defaults=tuple(Interpolation())),
+    "FloatConv": Kernel(1, lambda m: False, _float_conv, float_inputs=True),
     "FloatGemm": Kernel(1, lambda m: False, _float_linear, float_inputs=True),
     "GatheredGemm": Kernel(1, lambda m: False, _gathered_gemm, float_inputs=True),
     "FloatMatMul": Kernel(2, lambda m: False, _float_matmul, float_inputs=True),
@@ -495,8 +516,8 @@ LayerNorm, RMSNorm, GELU), by ONNX op type. The ``Float*`` kinds cover no module
 integer kinds of `FLOAT_FALLBACKS` on grids without an integer kernel; nor does ``GatheredGemm``, the planner's
 kind for a Linear whose input is indexed after the DQ (a float Gemm in the runtime)."""
 
-FLOAT_FALLBACKS = {"Gemm": "FloatGemm", "MatMul": "FloatMatMul", "Add": "FloatAdd", "Mul": "FloatMul",
-                   "Concat": "FloatConcat"}
+FLOAT_FALLBACKS = {"Conv": "FloatConv", "Gemm": "FloatGemm", "MatMul": "FloatMatMul", "Add": "FloatAdd",
+                   "Mul": "FloatMul", "Concat": "FloatConcat"}
 """The kind the runtime computes instead where an op's activations are not all 8-bit per-tensor grids (ONNX
 Runtime's CPU QLinear kernels take 8-bit tensors only; a 16-bit op stays float between DQ and Q)."""
 

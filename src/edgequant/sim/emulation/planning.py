@@ -386,10 +386,12 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
     if kind == "Resize" and (unsupported := Interpolation.of(module, node.args, node.kwargs).unsupported()):
         return unsupported
     if kind in FLOAT_FALLBACKS and (any(q.bitwidth != 8 for q in (*inputs, output) if q.float_format is None)
-                                    or (kind == "Gemm" and not _on_integer_weight_grid(module, weight))):
+                                    or (kernel.weighted and not _on_integer_weight_grid(module, weight))):
         kind, kernel = FLOAT_FALLBACKS[kind], KERNELS[FLOAT_FALLBACKS[kind]]
         if kind == "FloatGemm" and (reason := _float_gemm_unsupported(weight)):
             return reason
+        if kind == "FloatConv" and not isinstance(module, nn.Conv2d):
+            return "a 1-D or 3-D convolution without an integer kernel: its float path is not modelled"
     if kind == "Softmax" and softmax_dim(module, (*node.args, *node.kwargs.values())) is None:
         return "a softmax without an explicit dim"
     if kind == "Softmax" and any(q.symmetric for q in (*inputs, output)):
@@ -398,7 +400,7 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
         if quantizer.float_format is not None:  # fp8 has a scale and 8 bits, but no integer grid
             return f"quantizer {quantizer.name} has the float format {quantizer.float_format.name}"
         granularities = (PER_TENSOR,)
-        if quantizer is weight and kind == "FloatGemm":  # dequantized for a float product, whatever the grid
+        if quantizer is weight and kind in ("FloatGemm", "FloatConv"):  # dequantized for a float product
             granularities += (quantizer.granularity,)
         elif quantizer is weight:  # the runtime rescales its accumulator by one multiplier per output channel
             granularities += (PerChannel(weight_output_axis(module, module.weight)),)
