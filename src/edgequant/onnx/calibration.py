@@ -386,6 +386,8 @@ def _nonnegative_tensors(model: onnx.ModelProto) -> set[str]:
     """Tensors no value of which is negative: outputs of ``Relu``, ``Sigmoid``, ``Softmax``, of ``Clip`` with a
     constant lower bound of at least 0 (ReLU6), and of pooling and data movement of such tensors."""
     constants = {i.name: i for i in model.graph.initializer}
+    constants.update({node.output[0]: node.attribute[0].t for node in model.graph.node  # TorchScript's bounds
+                      if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value"})
     found: set[str] = set()
     for node in model.graph.node:  # in topological order, as ONNX requires
         if node.domain not in ("", "ai.onnx") or not node.output:
