@@ -101,6 +101,21 @@ def test_graph_has_cache_inputs_outputs_and_qdq(exported: tuple) -> None:
     assert float_weights == []  # the tied embedding's float copy is gone too
 
 
+def test_rotary_tables_are_gathered_not_computed(exported: tuple, tiny_llama: LlamaForCausalLM) -> None:
+    """The graph rotates by rows of the sim's own cos and sin tables (ORT's Cos and Sin round otherwise than
+    PyTorch's on about one value in seven)."""
+    _, _, export = exported
+    graph = onnx.load(export.onnx_path).graph
+    assert not {"Cos", "Sin"} & {node.op_type for node in graph.node}
+    constants = [*graph.initializer, *(a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute)]
+    tables = [numpy_helper.to_array(t) for t in constants
+              if tuple(t.dims) == (tiny_llama.config.max_position_embeddings, 16)]
+    assert len(tables) == 2
+    positions = torch.arange(tiny_llama.config.max_position_embeddings)[None]
+    cos, sin = tiny_llama.model.rotary_emb(torch.zeros(1), positions)
+    assert {array.tobytes() for array in tables} == {cos[0].numpy().tobytes(), sin[0].numpy().tobytes()}
+
+
 def test_present_keys_and_values_are_on_the_cache_grids(exported: tuple, prompts: torch.Tensor) -> None:
     """What the runtime feeds back as the past is what the sim's cache stores: the quantized keys and values."""
     _, sim, export = exported

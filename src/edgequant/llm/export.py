@@ -79,7 +79,7 @@ def export_causal_lm(sim: QuantSim, out_dir: str | Path, *, name: str = "model",
     keys and values, P + S positions). Batch, sequence and past lengths are dynamic. The encodings are AIMET's
     ``encoding_version`` format (2.0.0, with LPBQ entries, is what Qualcomm's converter reads for blocked weights)."""
     interface = _GraphInterface.of(sim)
-    with _cache_as_tensors(sim.model, interface.num_layers):
+    with _cache_as_tensors(sim.model, interface.num_layers), _rotary_tables(sim.model):
         result = sim.export(out_dir, interface.dummy_input(), name, opset=opset, input_names=interface.input_names,
                             output_names=interface.output_names, dynamic_axes=interface.dynamic_axes(),
                             encoding_version=encoding_version)
@@ -93,7 +93,7 @@ def load_causal_lm_encodings(sim: QuantSim, path: str | Path, *, strict: bool = 
     the sim of the same causal LM: tensors are matched through the graph with the KV cache as inputs and
     outputs, as it was exported. Returns the loader's report (`edgequant.export.LoadReport`)."""
     interface = _GraphInterface.of(sim)
-    with _cache_as_tensors(sim.model, interface.num_layers):
+    with _cache_as_tensors(sim.model, interface.num_layers), _rotary_tables(sim.model):
         return sim.load_encodings(path, strict=strict, dummy_input=interface.dummy_input(),
                                   input_names=interface.input_names, output_names=interface.output_names)
 
@@ -139,6 +139,33 @@ class _GraphInterface:
             causal_mask(_TRACE_PAST, _TRACE_LENGTH, _TRACE_BATCH),
             *past,
         )
+
+
+@contextmanager
+def _rotary_tables(model: nn.Module) -> Iterator[None]:
+    """Let the rotary embeddings read their cos and sin from tables of every position the model takes
+    (``max_position_embeddings``), computed by the module itself, for a while: the graph gathers rows of
+    constants by ``position_ids`` instead of computing Cos and Sin, whose float32 results differ from PyTorch's
+    in the last bit on about one value in seven, so that the runtime rotates by the sim's very values (device
+    toolchains take the rotary tables as inputs or constants for the same reason)."""
+    rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding") and hasattr(m, "inv_freq")]
+    length = model.config.max_position_embeddings
+    for rotary in rotaries:
+        original = rotary.forward
+        probe = torch.zeros(1, dtype=torch.float32)
+        with torch.no_grad():
+            cos_table, sin_table = original(probe, torch.arange(length).unsqueeze(0))
+
+        def forward(x: torch.Tensor, position_ids: torch.Tensor, cos_table: torch.Tensor = cos_table[0],
+                    sin_table: torch.Tensor = sin_table[0]) -> tuple[torch.Tensor, torch.Tensor]:
+            return cos_table[position_ids].to(x.dtype), sin_table[position_ids].to(x.dtype)
+
+        rotary.forward = forward
+    try:
+        yield
+    finally:
+        for rotary in rotaries:
+            del rotary.forward
 
 
 @contextmanager
