@@ -40,11 +40,11 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 import edgequant as eq
-from edgequant.quantization.number_format import IntegerFormat
 from benchmarks.bench_emulation import run_model, run_ort
 from benchmarks.timing import interleaved_medians
 from edgequant.export.verify import verify
 from edgequant.ptq.batch_norm_fold import fold_batch_norms
+from edgequant.quantization.number_format import IntegerFormat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from segmentation_models import UNet  # noqa: E402 - the test models live with the tests
