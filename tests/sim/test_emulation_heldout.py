@@ -139,3 +139,33 @@ def test_window_net_is_identical_to_onnxruntime(tmp_path: Path) -> None:
     report = verify(tmp_path, sim, torch.randn(256, 3, 16, 16), batch_size=16, progress=False)
     assert report.integer_kernels.get("QLinearGlobalAveragePool") == 1 and report.float_kernels.get("Add") == 1
     assert report.outputs[0].share_identical == 1.0 and report.first_difference is None
+
+
+class _UntracedAttentionNet(torch.nn.Module):
+    """PyTorch's ``nn.MultiheadAttention`` (the sim leaves it in float) in a model fx cannot trace whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = torch.nn.Linear(12, 32), torch.nn.Linear(32, 10)
+        self.attention = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        if x.sum() > -1e9:  # data-dependent control flow: traced module by module
+            x = x + self.attention(x, x, x, need_weights=False)[0]
+        return self.head(x)
+
+
+def test_an_add_of_multihead_attentions_float_output_is_reported_not_emulated() -> None:
+    """ORT computes the attention with its own float kernels: the residual add after it cannot be emulated
+    exactly, and the plan says so instead of counting it as a float Add of a constant."""
+    torch.manual_seed(0)
+    calibration = torch.randn(16, 7, 12)
+    sim = eq.QuantSim(_UntracedAttentionNet().eval(), calibration[:1], config="per_channel")
+    sim.calibrate([calibration], progress=False)
+    with pytest.warns(UserWarning, match="2 of 3 ops emulated"):
+        plan = sim.emulate("onnxruntime")
+    assert [op.kind for op in plan.ops] == ["Gemm", "Gemm"]
+    assert list(plan.skipped.values()) == ["input 1 is the float output of attention, which the sim does not "
+                                           "quantize: the runtime computes it with its own float kernels (not "
+                                           "modelled)"]

@@ -330,7 +330,7 @@ def _constant(index: _GraphIndex, prefix: str | None, arg: Any, recorded: Any) -
         return True
     arg = index.source(prefix, index.recorded_argument(prefix, arg))
     return (not _is_tensor(arg) or (isinstance(arg, fx.Node) and arg.op == "get_attr")
-            or (isinstance(arg, RecordedTensor) and arg.quantizer is None))
+            or (isinstance(arg, RecordedTensor) and arg.quantizer is None and arg.float_source is None))
 
 
 def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: fx.Node | _UntracedCall,
@@ -365,10 +365,12 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
         key = str(position) if kernel.num_inputs is not None else None  # a list's own quantizers are not per item
         own = module.input_quantizers[key] if key in module.input_quantizers else None
         quantizer = own if own is not None and own.enabled else index.producer_quantizer(prefix, arg)
-        if quantizer is None and _unquantized_function(source := index.source(prefix, arg)):
-            return (f"input {position} is the float output of {getattr(source.target, '__name__', source.target)}, "
-                    f"which the sim does not quantize: the runtime computes it with its own float kernels (not "
-                    f"modelled)")
+        source = index.source(prefix, index.recorded_argument(prefix, arg))
+        computed = (getattr(source.target, "__name__", source.target) if _unquantized_function(source) else
+                    source.float_source if isinstance(source, RecordedTensor) else None)
+        if quantizer is None and computed is not None:
+            return (f"input {position} is the float output of {computed}, which the sim does not quantize: the "
+                    f"runtime computes it with its own float kernels (not modelled)")
         if quantizer is None:
             return f"input {position} does not come from a quantizer the sim can trace"
         inputs.append(quantizer)

@@ -27,9 +27,16 @@ from edgequant.sim.quantized_module import QuantizedModule
 
 @dataclass(frozen=True)
 class RecordedTensor:
-    """A tensor argument of a recorded call: the quantizer whose output it holds (None: no quantizer's)."""
+    """A tensor argument of a recorded call: the quantizer whose output it holds (None: no quantizer's), or the
+    name of the `FLOAT_MODULES` module whose float output it holds."""
 
     quantizer: Quantizer | None
+    float_source: str | None = None
+
+
+FLOAT_MODULES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+"""Modules the sim leaves in float that compute (PyTorch's fused attention): the export writes their ops in float,
+which the runtime computes with its own float kernels, so what reads their output is not emulated."""
 
 
 @dataclass
@@ -47,21 +54,25 @@ class _Labels:
     usual); a label whose tensor is gone belongs to no later tensor that reuses its id."""
 
     def __init__(self) -> None:
-        self.by_id: dict[int, tuple[weakref.ref, Quantizer]] = {}
+        self.by_id: dict[int, tuple[weakref.ref, Quantizer | str]] = {}
 
-    def of(self, value: Any) -> Quantizer | None:
+    def of(self, value: Any) -> Quantizer | str | None:
+        """The label of ``value``: a quantizer, or the name of the float module that computed it."""
         found = self.by_id.get(id(value)) if isinstance(value, torch.Tensor) else None
         return found[1] if found is not None and found[0]() is value else None
 
-    def label(self, output: Any, quantizer: Quantizer | None) -> None:
-        if quantizer is None:
+    def label(self, output: Any, label: Quantizer | str | None) -> None:
+        if label is None:
             return
         for leaf in tree_flatten(output)[0]:
             if isinstance(leaf, torch.Tensor):
-                self.by_id[id(leaf)] = (weakref.ref(leaf), quantizer)
+                self.by_id[id(leaf)] = (weakref.ref(leaf), label)
 
     def recorded(self, value: Any) -> Any:
-        return RecordedTensor(self.of(value)) if isinstance(value, torch.Tensor) else value
+        if not isinstance(value, torch.Tensor):
+            return value
+        label = self.of(value)
+        return RecordedTensor(label, None) if isinstance(label, Quantizer) else RecordedTensor(None, label)
 
 
 class _DataMovement(TorchFunctionMode):
@@ -104,11 +115,16 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Recor
         elif is_pass_through(module) and call_args:
             labels.label(output, labels.of(call_args[0]))
 
+    def computed_in_float(name: str):
+        return lambda module, call_args, output: labels.label(output, name)
+
     for name, module in model.named_modules():
         if name and isinstance(module, (QuantizedModule, fx.GraphModule)):
             handles.append(module.register_forward_pre_hook(before(name), with_kwargs=True))
         if isinstance(module, Quantizer) or is_pass_through(module):
             handles.append(module.register_forward_hook(after))
+        elif isinstance(module, FLOAT_MODULES):
+            handles.append(module.register_forward_hook(computed_in_float(name)))
     try:
         with torch.no_grad(), training_mode(model, False), quantizers_disabled(model), _DataMovement(labels):
             model(*args, **kwargs)
