@@ -14,6 +14,7 @@ from edgequant import QuantSim
 from edgequant.analysis import QuantAnalyzer
 from edgequant.analysis.report import _per_channel
 from edgequant.demo.digits import load_digits_tensors, load_pretrained
+from edgequant.export.verify import verify
 from edgequant.ptq.adaround import adaround
 from edgequant.ptq.batch_norm_fold import fold_batch_norms_to_scale
 from edgequant.qat import prepare_qat
@@ -93,7 +94,9 @@ def test_folding_into_a_frozen_per_block_encoding_is_refused_by_name(images: tor
         fold_batch_norms_to_scale(sim)
 
 
-def test_emulation_leaves_per_block_layers_to_the_sim_and_says_why() -> None:
+def test_emulation_runs_per_block_convolutions_as_onnxruntimes_float_conv(tmp_path) -> None:
+    """ORT has no integer Conv for per-block (or LPBQ) weights: it dequantizes them and runs a float Conv, which
+    the emulation computes in its order; the outputs equal ORT's."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 1),
                           nn.ReLU()).eval()
@@ -102,11 +105,11 @@ def test_emulation_leaves_per_block_layers_to_the_sim_and_says_why() -> None:
     sim.set_granularity("2", PerBlock(8))
     sim.set_granularity("4", Lpbq(8, decompressed_bw=12))
     sim.calibrate([x], progress=False)
+    sim.export(tmp_path, x[:1])
     plan = sim.emulate("onnxruntime")
-    assert plan.skipped["2"] == ("quantizer 2.param_quantizers.weight is not an 8-bit per-tensor activation / "
-                                 "per-output-channel weight grid (per-block(8 on axis 1, channels on axis 0))")
-    assert "LPBQ(8 on axis 1, channels on axis 0) with int12 channel grid" in plan.skipped["4"]
-    assert [op.name for op in plan.ops] == ["0"]
+    assert [(op.name, op.kind) for op in plan.ops] == [("0", "Conv"), ("2", "FloatConv"), ("4", "FloatConv")]
+    report = verify(tmp_path, sim, torch.randn(16, 8, 8, 8), progress=False)
+    assert report.first_difference is None, report.tensor_table()
 
 
 def test_the_analysis_plots_each_channel_s_widest_block_range(images: torch.Tensor, tmp_path) -> None:
