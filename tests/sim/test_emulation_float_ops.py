@@ -187,7 +187,7 @@ def test_float_matmul_is_mlas_sgemm_bit_for_bit() -> None:
     for a_shape, b_shape, transposed in [
             ([2, 3, 5, 64], [2, 3, 64, 7], False), ([4, 576], [576, 40], False), ([3, 1024], [1024, 10], False),
             ([6, 600], [600, 65], False), ([1, 9, 32, 64], [1, 9, 64, 32], False),
-            ([1, 9, 1, 40], [1, 9, 40, 64], False), ([1, 577], [577, 13], False),
+            ([1, 9, 1, 40], [1, 9, 40, 64], False), ([1, 577], [577, 13], False), ([200, 576], [576, 1], False),
             ([1, 9, 1, 64], [1, 9, 64, 40], True), ([2, 1, 60], [2, 60, 13], True)]:
         a, b = torch.randn(a_shape, generator=generator), torch.randn(b_shape, generator=generator)
         if transposed:  # b held as its transpose, read through a transposed view / a Transpose node
@@ -226,7 +226,8 @@ def test_float_linear_is_matmulnbits_at_accuracy_level_1(bits: int, block: int |
 
 
 class _SmallCnn(nn.Module):
-    """A stem conv with bias and ReLU, a depthwise stride-2 conv, a pointwise conv, a grouped conv and a head."""
+    """A stem conv with bias and ReLU, a depthwise stride-2 conv, a pointwise conv, a grouped conv, a 1×1 conv of
+    the pooled map and a head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -234,11 +235,12 @@ class _SmallCnn(nn.Module):
         self.depthwise = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16), nn.ReLU6())
         self.pointwise = nn.Conv2d(16, 160, 1)
         self.grouped = nn.Conv2d(160, 32, 3, padding=1, groups=2)
+        self.squeeze = nn.Conv2d(32, 32, 1)  # on the pooled 1×1 map, as a squeeze-excitation block's
         self.head = nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.grouped(self.pointwise(self.depthwise(self.stem(x))))
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.head(torch.flatten(self.squeeze(F.adaptive_avg_pool2d(x, 1)), 1))
 
 
 def test_4_bit_convolutions_are_onnxruntimes_float_conv(tmp_path: Path) -> None:
@@ -255,7 +257,7 @@ def test_4_bit_convolutions_are_onnxruntimes_float_conv(tmp_path: Path) -> None:
     default = verify(tmp_path, sim, data, progress=False)
     plan = sim.emulate("onnxruntime")
     assert not plan.skipped, plan.summary()
-    assert [op.kind for op in plan.ops].count("FloatConv") == 4 and "FloatGemm" in {op.kind for op in plan.ops}
+    assert [op.kind for op in plan.ops].count("FloatConv") == 5 and "FloatGemm" in {op.kind for op in plan.ops}
     report = verify(tmp_path, sim, data, progress=False)
     assert report.first_difference is None, report.tensor_table()
     assert default.first_difference is not None

@@ -514,7 +514,11 @@ def mlas_sgemm_columns(filters: torch.Tensor, inputs: torch.Tensor, initial: tor
 def mlas_sgemm(a: torch.Tensor, b: torch.Tensor, initial: torch.Tensor | None = None,
                whole_reduction: bool = False) -> torch.Tensor:
     """``a @ b`` of float32 matrices (batch axes broadcast) in MLAS's SGEMM order, for products of more than one
-    row (`mlas_sgemm_columns`), added onto ``initial`` (broadcast to the product) where given."""
+    row (`mlas_sgemm_columns`), added onto ``initial`` (broadcast to the product) where given. A single column
+    (a 1×1 convolution of a pooled tensor) is MLAS's transposed M1 kernel with the operands' roles swapped."""
+    if b.shape[-1] == 1 and not whole_reduction:
+        product = mlas_sgemm_m1_transposed(b.transpose(-1, -2), a).transpose(-1, -2)
+        return product if initial is None else product + initial
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a = a.float().expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
     b = b.float().expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
