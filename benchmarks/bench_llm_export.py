@@ -59,7 +59,8 @@ def main() -> None:
             expected = torch.cat([llm.greedy_generate(sim, prompt[None], args.new_tokens) for prompt in prompts])
         sim_seconds = time.perf_counter() - started
         step = float(sim.quantizer("lm_head.output_quantizers.0").scale)
-        session = llm.onnxruntime_session(export, "basic")
+        level = "all" if args.emulate else "basic"  # the emulation models ORT_ENABLE_ALL's fused kernels
+        session = llm.onnxruntime_session(export, level)
         steps, agree, positions = [], 0, 0
         compared = split.evaluation[: args.teacher_forced]
         for sequence in compared:  # teacher-forced: the same context for both, every position compared
@@ -71,7 +72,7 @@ def main() -> None:
             positions += sequence.numel()
         steps = torch.cat(steps)
         shape = tuple(compared.shape)
-        print(f"teacher-forced, {shape[0]} x {shape[1]} tokens (ORT basic): top-1 agreement {agree} of "
+        print(f"teacher-forced, {shape[0]} x {shape[1]} tokens (ORT {level}): top-1 agreement {agree} of "
               f"{positions}; logits differ by at most {float(steps.max()):.0f} output steps, mean "
               f"{float(steps.mean()):.2f}, {float((steps < 0.5).float().mean()):.1%} identical")
         for level in ("basic", "all"):
