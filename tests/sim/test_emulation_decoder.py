@@ -12,6 +12,7 @@ import torch
 from onnx import TensorProto, helper
 from tiny_llm import FirstDecoderBlock, tiny_llama, tiny_tokenizer
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import edgequant as eq
 import edgequant.llm as llm
@@ -168,5 +169,27 @@ def test_w4a8_block_is_identical_to_onnxruntime(tmp_path: Path) -> None:
     plan = sim.emulate("onnxruntime")
     assert not plan.skipped, plan.summary()
     assert {"FloatGemm", "MatMul", "Add"} <= {op.kind for op in plan.ops}
+    report = verify(tmp_path, sim, data, progress=False)
+    assert report.first_difference is None, report.tensor_table()
+
+
+@pytest.mark.parametrize("granularity", [Lpbq(64, decompressed_bw=8), None])
+def test_w4a16_projections_wider_than_one_sgemm_slice(tmp_path: Path, granularity: Lpbq | None) -> None:
+    """4-bit projections over 192 input features (two of MLAS's SGEMM reduction slices): a blocked weight is
+    exported as DQ then Transpose, which ORT runs as a float MatMul (the SGEMM, slice by slice), a per-channel one
+    as DQ into the MatMul, which it fuses into MatMulNBits (one FMA chain); the emulation tells them apart."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=192, intermediate_size=512, num_hidden_layers=1,
+                         num_attention_heads=3, num_key_value_heads=1, initializer_range=0.2)
+    block = FirstDecoderBlock(llm.prepare_causal_lm(LlamaForCausalLM(config).eval()), 24).eval()
+    calibration, data = torch.randn(16, 24, 192), torch.randn(16, 24, 192)
+    sim = eq.QuantSim(block, calibration[:1], config="htp", param_bw=8, output_bw=16)
+    sim.set_format("*", IntegerFormat(4, True), kinds=("param",), module_types=(nn.Linear,))
+    if granularity is not None:
+        sim.set_granularity("*", granularity, module_types=(nn.Linear,))
+    sim.calibrate(calibration.split(8), progress=False)
+    sim.export(tmp_path, calibration[:1])
+    plan = sim.emulate("onnxruntime")
+    assert not plan.skipped, plan.summary()
     report = verify(tmp_path, sim, data, progress=False)
     assert report.first_difference is None, report.tensor_table()

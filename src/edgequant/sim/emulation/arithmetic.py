@@ -181,11 +181,13 @@ class RuntimeModel(ABC):
         return None
 
     def float_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_bits: int,
-                     as_matmul: bool) -> torch.Tensor | None:
+                     as_matmul: bool, fused: bool = True) -> torch.Tensor | None:
         """``x @ weight.T + bias`` of float32 values (``x``: rows, ``weight``: output × input, as its DQ gives it)
         where the runtime runs a Linear in float between DQ and Q (activations or a weight it has no integer kernel
         for, an input indexed after its DQ), before the output's quantizer; ``as_matmul``: exported as MatMul (an
-        input of rank > 2), else as Gemm. None where the runtime computes what PyTorch does."""
+        input of rank > 2), else as Gemm; ``fused``: the weight's DQ feeds the MatMul directly (a per-channel or
+        per-tensor weight as edgequant exports it; a blocked one is DQ, then Transpose). None where the runtime
+        computes what PyTorch does."""
         return None
 
 
@@ -456,8 +458,9 @@ class OnnxRuntimeCPU(RuntimeModel):
         return mlas_sgemm_m1(a, b)
 
     def float_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_bits: int,
-                     as_matmul: bool) -> torch.Tensor | None:
-        # ORT fuses a weight's DQ and its MatMul (and a bias Add) into MatMulNBits. At accuracy level 1
+                     as_matmul: bool, fused: bool = True) -> torch.Tensor | None:
+        # ORT fuses a weight's DQ and its MatMul (and a bias Add) into MatMulNBits where the DQ feeds the MatMul;
+        # a DQ, then Transpose stays a float (Fused)MatMul, an SGEMM like the 8-bit case below. At accuracy level 1
         # (`edgequant.export.runtime_cpu.ORT_SESSION_CONFIG`; the default 4 rounds the input to int8 instead) a
         # 4-bit weight (per channel or per block) is one FMA chain over the whole reduction, then the bias
         # (sqnbitgemm's CompFp32 path; a single row: `sqnbitgemm_m1`). Everything else is an MLAS SGEMM
@@ -465,7 +468,7 @@ class OnnxRuntimeCPU(RuntimeModel):
         # (cpu/math/gemm.cc): the bias broadcast into the output first, each reduction slice's FMA chain added
         # onto it (beta = 1); a single row is the transposed-B M1 kernel, then the bias
         rows = x.shape[0]
-        if as_matmul and weight_bits == 4:
+        if as_matmul and fused and weight_bits == 4:
             product = sqnbitgemm_m1(x, weight) if rows == 1 else mlas_sgemm(x, weight.t(), whole_reduction=True)
             return product if bias is None else product + bias.float()
         if rows == 1:

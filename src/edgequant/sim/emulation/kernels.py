@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgequant.quantization import Quantizer
+from edgequant.quantization.granularity import PerBlock
 from edgequant.sim.emulation.arithmetic import INT32_MAX, INT32_MIN, Grid, RuntimeModel, channels
 from edgequant.sim.ops import masked_softmax
 from edgequant.sim.quantized_module import FunctionalOp, QuantizedModule
@@ -183,8 +184,9 @@ def _linear_in_float(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor,
         bias = bias.detach()
         if x.dim() == 2 and input_scale is not None:
             bias = runtime.float_bias(bias, input_scale, Grid.of(module.param_quantizers["weight"]).scale)
-    product = runtime.float_linear(x.reshape(-1, x.shape[-1]), weight, bias,
-                                   module.param_quantizers["weight"].bitwidth, as_matmul=x.dim() > 2)
+    quantizer = module.param_quantizers["weight"]
+    product = runtime.float_linear(x.reshape(-1, x.shape[-1]), weight, bias, quantizer.bitwidth,
+                                   as_matmul=x.dim() > 2, fused=not isinstance(quantizer.granularity, PerBlock))
     return None if product is None else product.reshape(*x.shape[:-1], -1)
 
 

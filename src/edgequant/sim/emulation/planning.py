@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgequant.quantization import PerChannel, Quantizer
-from edgequant.quantization.granularity import PER_TENSOR
+from edgequant.quantization.granularity import PER_TENSOR, PerBlock
 from edgequant.sim.emulation.arithmetic import RuntimeModel
 from edgequant.sim.emulation.kernels import (
     FLOAT_FALLBACKS,
@@ -231,12 +231,14 @@ def _unquantized_function(node: Any) -> bool:
     return module.split(".")[0] not in ("torch", "_operator", "operator", "builtins", "math")
 
 
-def _float_gemm_unsupported(weight: Quantizer) -> str:
+def _float_gemm_unsupported(module: nn.Module, weight: Quantizer) -> str:
     """Why a Linear the runtime computes in float is not emulated ("" where it is): the float path is modelled
     for 8- and 4-bit weights (per channel, per block or LPBQ), which ORT fuses with their DQ into MatMulNBits."""
     if weight.bitwidth not in (4, 8):
         return (f"a {weight.bitwidth}-bit weight without an integer kernel: ORT's MatMulNBits kernel for it sums "
                 f"in an order that is not modelled")
+    if isinstance(weight.granularity, PerBlock) and module._parameters.get("bias") is not None:
+        return "a blocked weight with a bias (a float MatMul, then the bias): not modelled"
     return ""
 
 
@@ -390,7 +392,7 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
     if kind in FLOAT_FALLBACKS and (any(q.bitwidth != 8 for q in (*inputs, output) if q.float_format is None)
                                     or (kernel.weighted and not _on_integer_weight_grid(module, weight))):
         kind, kernel = FLOAT_FALLBACKS[kind], KERNELS[FLOAT_FALLBACKS[kind]]
-        if kind == "FloatGemm" and (reason := _float_gemm_unsupported(weight)):
+        if kind == "FloatGemm" and (reason := _float_gemm_unsupported(module, weight)):
             return reason
         if kind == "FloatConv" and not isinstance(module, nn.Conv2d):
             return "a 1-D or 3-D convolution without an integer kernel: its float path is not modelled"
