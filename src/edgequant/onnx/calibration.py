@@ -32,6 +32,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -85,13 +86,12 @@ def calibrate_in_onnxruntime(sim: QuantSim, batches: Iterable[tuple[tuple, dict]
             if torch_needed:
                 torch_step(index, args, kwargs)
     calibrator.deliver()
-    return OnnxCalibrationReport(tuple(calibrator.served), dict(calibrator.reasons), tuple(sorted(calibrator.raw)))
+    return calibrator.report()
 
 
 def onnxruntime_calibration_plan(sim: QuantSim) -> OnnxCalibrationReport:
     """What `calibrate_in_onnxruntime` would do with ``sim`` now (nothing is run)."""
-    calibrator = _calibrator(sim)
-    return OnnxCalibrationReport(tuple(calibrator.served), dict(calibrator.reasons), tuple(sorted(calibrator.raw)))
+    return _calibrator(sim).report()
 
 
 @dataclass
@@ -104,6 +104,12 @@ class _Reduction:
     pooled: bool = False  # a non-negative NCHW tensor: only its maximum, through GlobalMaxPool (see `_build_session`)
     low: np.ndarray | None = None
     high: np.ndarray | None = None
+
+    @cached_property
+    def output(self) -> str:
+        """Prefix of the session outputs holding this reduction's extremes."""
+        axes = "all" if self.axes is None else "_".join(map(str, self.axes))
+        return f"{self.tensor}__edgequant_calibration_{axes}"
 
     def accumulate(self, low: np.ndarray | None, high: np.ndarray) -> None:
         """Merge one batch's extremes (``low`` None: a pooled tensor, whose grid minimum is 0)."""
@@ -137,7 +143,6 @@ class _Calibrator:
         self.input_names = sim.onnx_source.input_names
         self.model_bytes = b""  # the float model serialized once: each session appends its own nodes to it
         self.opset = 1
-        self.pending: dict[str, list[torch.Tensor]] = {}
         self._plan(sim)
 
     # -- plan ------------------------------------------------------------------------------------------
@@ -213,6 +218,9 @@ class _Calibrator:
             return f"granularity {granularity.describe()} of a rank-{rank} tensor is not reduced in ORT", None
         return None, (tensor, axes, channel_axes)
 
+    def report(self) -> OnnxCalibrationReport:
+        return OnnxCalibrationReport(tuple(self.served), dict(self.reasons), tuple(sorted(self.raw)))
+
     # -- running ---------------------------------------------------------------------------------------
     def _session(self) -> tuple[ort.InferenceSession, list[str]]:
         key = frozenset(self.raw)
@@ -234,21 +242,17 @@ class _Calibrator:
                     f"{str(error).strip()[:300]}); batches must have the graph inputs' dtypes and shapes, or "
                     "calibrate with engine='torch'"
                 ) from error
-            flagged = {r.tensor for r in self.reductions.values() if r.tensor not in self.raw
-                       and not _plain(values.get(f"{_output_name(r)}_min"), values[f"{_output_name(r)}_max"])}
+            reduced = [r for r in self.reductions.values() if r.tensor not in self.raw]
+            flagged = {r.tensor for r in reduced
+                       if not _plain(values.get(f"{r.output}_min"), values[f"{r.output}_max"])}
             if not flagged:
                 break
             self.raw |= flagged  # take these whole from now on, this batch included (run again)
-        for reduction in self.reductions.values():
-            if reduction.tensor in self.raw:
-                continue
-            name = _output_name(reduction)
-            reduction.accumulate(values.get(f"{name}_min"), values[f"{name}_max"])
-        for tensor in self.raw:
-            whole = torch.from_numpy(values[_raw_name(tensor)])
-            for name, key in self.tensor_of.items():
-                if key[0] == tensor:
-                    self.quantizers[name].analyzer.observe(whole)
+        for reduction in reduced:
+            reduction.accumulate(values.get(f"{reduction.output}_min"), values[f"{reduction.output}_max"])
+        for name, (tensor, _, _) in self.tensor_of.items():
+            if tensor in self.raw:
+                self.quantizers[name].analyzer.observe(torch.from_numpy(values[_raw_name(tensor)]))
 
     def deliver(self) -> None:
         """Hand the running extremes to the analyzers."""
@@ -322,11 +326,6 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
 
 
-def _output_name(reduction: _Reduction) -> str:
-    axes = "all" if reduction.axes is None else "_".join(map(str, reduction.axes))
-    return f"{reduction.tensor}__edgequant_calibration_{axes}"
-
-
 def _raw_name(tensor: str) -> str:
     return f"{tensor}__edgequant_calibration_whole"
 
@@ -343,7 +342,7 @@ def _build_session(model_bytes: bytes, opset: int, reductions: Iterable[_Reducti
     for reduction in reductions:
         if reduction.tensor in raw:
             continue
-        name = _output_name(reduction)
+        name = reduction.output
         if reduction.pooled:  # ORT keeps it in its blocked layout (NCHWc) and only copies out [N, C, 1, 1]
             graph.node.append(helper.make_node("GlobalMaxPool", [reduction.tensor], [name + "_pooled"]))
             graph.node.append(_reduce("ReduceMax", name + "_pooled", name + "_max", reduction.axes, opset, graph))
