@@ -35,6 +35,7 @@ from edgequant.llm.block_inputs import (
     capture_block_inputs,
     chained,
     decoder_blocks,
+    recording_blocks,
     run_block,
 )
 from edgequant.quantization import CalibrationError, Quantizer
@@ -114,36 +115,24 @@ def _run_first_batch(sim: QuantSim, blocks: list[tuple[str, nn.Module]], batch: 
     """Calibrate on ``batch`` through the whole model, watching the blocks and the quantizers outside them.
     Where the blocks can be calibrated one at a time, the quantizers outside them that ran before the stack;
     else None."""
-    calls: list[BlockCall] = []
-    order: list[int] = []
-    outputs: list[Any] = []
     ran: dict[str, set[Quantizer]] = {"before": set(), "between": set(), "after": set()}
-    phase = ["before"]
     inside = tuple(name + "." for name, _ in blocks)
-    handles = []
-    for index, (_, module) in enumerate(blocks):
-        def enter(_m: nn.Module, args: tuple, kwargs: dict, index: int = index) -> None:
-            calls.append((args, kwargs))
-            order.append(index)
-            phase[0] = "between"
+    with recording_blocks(blocks) as record:
 
-        def leave(_m: nn.Module, _args: tuple, output: Any, index: int = index) -> None:
-            outputs.append(output)
-            if index == len(blocks) - 1:
-                phase[0] = "after"
+        def phase() -> str:  # where the model is, relative to the stack (exact where every block runs once, in order)
+            if not record.calls:
+                return "before"
+            return "after" if len(record.outputs) == len(blocks) else "between"
 
-        handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
-        handles.append(module.register_forward_hook(leave))
-    for name, quantizer in sim.quantizers().items():
-        if not name.startswith(inside):
-            handles.append(quantizer.register_forward_pre_hook(lambda q, _args: ran[phase[0]].add(q)))
-    try:
-        _run(0, sim.model, *batch[0], **batch[1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    if (not blocks or order != list(range(len(blocks))) or not isinstance(outputs[-1], torch.Tensor)
-            or ran["between"] or ran["before"] & ran["after"] or not chained(calls, outputs)):
+        handles = [quantizer.register_forward_pre_hook(lambda q, _args: ran[phase()].add(q))
+                   for name, quantizer in sim.quantizers().items() if not name.startswith(inside)]
+        try:
+            _run(0, sim.model, *batch[0], **batch[1])
+        finally:
+            for handle in handles:
+                handle.remove()
+    if (not blocks or record.order != list(range(len(blocks))) or not isinstance(record.outputs[-1], torch.Tensor)
+            or ran["between"] or ran["before"] & ran["after"] or not chained(record.calls, record.outputs)):
         return None
     return list(ran["before"])
 

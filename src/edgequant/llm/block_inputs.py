@@ -16,8 +16,9 @@ on disk beyond, so that many or long calibration sequences do not have to fit in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -135,20 +136,10 @@ class BlockForwards:
 
     def _chained(self) -> bool:
         """On the first batch: block ``i + 1`` receives block ``i``'s output and block 0's other arguments."""
-        calls: list[BlockCall] = []
-        outputs: list[Any] = []
-        handles = []
-        for _, module in self.blocks:
-            handles.append(module.register_forward_pre_hook(
-                lambda _m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True))
-            handles.append(module.register_forward_hook(lambda _m, _args, output: outputs.append(output)))
-        try:
+        with recording_blocks(self.blocks) as record:
             args, kwargs = self.batches[0]
             self.sim.model(*args, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return len(calls) == len(self.blocks) and chained(calls, outputs)
+        return len(record.calls) == len(self.blocks) and chained(record.calls, record.outputs)
 
     # -- the cache -------------------------------------------------------------------------------------------
     def _inputs_of(self, block: int) -> BlockInputs:
@@ -163,6 +154,35 @@ class BlockForwards:
             run_block(self.blocks[self.cached_block][1], self.cached)
             self.cached_block += 1
         return self.cached
+
+
+@dataclass
+class BlockRecord:
+    """What the blocks did on one run of the model: their ``calls`` (``(args, kwargs)``), in the ``order`` of the
+    blocks' indices, and their ``outputs``."""
+
+    calls: list[BlockCall] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)
+    outputs: list[Any] = field(default_factory=list)
+
+
+@contextmanager
+def recording_blocks(blocks: list[tuple[str, nn.Module]]) -> Iterator[BlockRecord]:
+    """Inside the block, every call of one of ``blocks`` is recorded in the yielded `BlockRecord`."""
+    record = BlockRecord()
+    handles = []
+    for index, (_, module) in enumerate(blocks):
+        def enter(_m: nn.Module, args: tuple, kwargs: dict, index: int = index) -> None:
+            record.calls.append((args, kwargs))
+            record.order.append(index)
+
+        handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(module.register_forward_hook(lambda _m, _args, output: record.outputs.append(output)))
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def chained(calls: list[BlockCall], outputs: list[Any]) -> bool:
