@@ -234,6 +234,16 @@ def fma_float32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tens
     return (a.double() * b.double() + c.double()).float()
 
 
+def fma_chain(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Σ_k a[k]·b[k]`` (broadcast) as one chain of `fma_float32` steps from zero, in order of the first axis;
+    the operands are widened to float64 once, each step rounds to float32."""
+    a, b = a.double(), b.double()
+    chain = torch.zeros(torch.broadcast_shapes(a.shape[1:], b.shape[1:]), dtype=torch.float64, device=a.device)
+    for a_k, b_k in zip(a, b, strict=True):
+        chain = torch.addcmul(chain, a_k, b_k).float().double()
+    return chain.float()
+
+
 class OnnxRuntimeCPU(RuntimeModel):
     """ONNX Runtime's CPU execution provider (MLAS kernels on x86-64): see the module docstring."""
 
@@ -505,12 +515,10 @@ def mlas_sgemm_columns(filters: torch.Tensor, inputs: torch.Tensor, initial: tor
     total = initial
     depth = filters.shape[1]
     stride = depth if whole_reduction else mlas_sgemm_stride_k(depth, inputs.shape[-1])
-    filters, inputs = filters.double(), inputs.double()  # converted once: `fma_float32`'s steps, unrolled
     for start in range(0, depth, stride):
-        chain = inputs.new_zeros(inputs.shape[0], filters.shape[0], filters.shape[2], inputs.shape[-1])
-        for k in range(start, min(start + stride, depth)):
-            chain = torch.addcmul(chain, filters[None, :, k, :, None], inputs[:, :, k, None, :]).float().double()
-        total = chain.float() if total is None else total + chain.float()
+        chain = fma_chain(filters[None, :, start:start + stride, :, None].movedim(2, 0),
+                          inputs[:, :, start:start + stride, None, :].movedim(2, 0))
+        total = chain if total is None else total + chain
     return total
 
 
@@ -582,9 +590,7 @@ def sqnbitgemm_m1(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     pad = -depth % 16
     terms = torch.nn.functional.pad(a.float().reshape(depth), (0, pad)).reshape(-1, 16, 1)
     weights = torch.nn.functional.pad(weight.float().t(), (0, 0, 0, pad)).reshape(-1, 16, weight.shape[0])
-    lanes = torch.zeros(16, weight.shape[0], device=a.device)
-    for chunk, chunk_weights in zip(terms, weights, strict=True):
-        lanes = fma_float32(chunk, chunk_weights, lanes)
+    lanes = fma_chain(terms, weights)
     quarters = [((lanes[4 * q] + lanes[4 * q + 1]) + lanes[4 * q + 2]) + lanes[4 * q + 3] for q in range(4)]
     result = (quarters[0] + quarters[2]) + (quarters[1] + quarters[3])
     full = 4 * (weight.shape[0] // 4)

@@ -166,9 +166,8 @@ def _as_dequantized(args: list[torch.Tensor], grids: list[Grid]) -> list[torch.T
 def _float_linear(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
                   output: Grid) -> torch.Tensor | None:
     """A Linear the runtime has no integer kernel for (activations not on 8-bit grids, a weight not on an 8-bit
-    per-channel one): exported as MatMul (and a bias Add) on inputs of rank > 2, which ORT fuses with the weight's
-    DQ into MatMulNBits, else as Gemm; run in float on the rows of the flattened input. The sim's quantizer
-    follows."""
+    per-channel one): exported as MatMul (and a bias Add) on inputs of rank > 2, else as Gemm; run in float on the
+    rows of the flattened input (`RuntimeModel.float_linear` says which kernel). The sim's quantizer follows."""
     (x,) = _as_dequantized([args[0]], grids)
     return _linear_in_float(module, runtime, x, grids[0].scale)
 
@@ -179,12 +178,12 @@ def _linear_in_float(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor,
     weight = _weight_as_exported(module)
     if weight is None:
         return None
+    quantizer = module.param_quantizers["weight"]
     bias = module._parameters.get("bias")
     if bias is not None:
         bias = bias.detach()
         if x.dim() == 2 and input_scale is not None:
-            bias = runtime.float_bias(bias, input_scale, Grid.of(module.param_quantizers["weight"]).scale)
-    quantizer = module.param_quantizers["weight"]
+            bias = runtime.float_bias(bias, input_scale, Grid.of(quantizer).scale)
     product = runtime.float_linear(x.reshape(-1, x.shape[-1]), weight, bias, quantizer.bitwidth,
                                    as_matmul=x.dim() > 2, fused=not isinstance(quantizer.granularity, PerBlock))
     return None if product is None else product.reshape(*x.shape[:-1], -1)
