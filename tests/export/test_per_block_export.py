@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from references import assert_within_grid_steps
 from torch import nn
 
@@ -66,6 +66,13 @@ def test_onnx_runtime_dequantizes_blocked_weights_as_the_sim_and_runs_the_model(
     assert {a.name: a.i for a in conv2.attribute} == {"axis": 1, "block_size": 8}
     assert list(initializers[conv2.input[1]].dims) == [32, 2, 3, 3]  # ONNX: the tensor's shape, blocks on axis 1
     assert initializers["conv2.0.weight_quantized"].data_type == TensorProto.INT4
+    conv3 = next(n for n in qdq.graph.node if n.input[:1] == ["conv3.0.weight_quantized"])
+    assert len(conv3.input) == 2 and conv3.input[1] not in initializers  # LPBQ: no float block scales stored
+    conv3_scale = next(n for n in qdq.graph.node if n.output[0] == conv3.input[1])
+    multipliers, channel_scale = (numpy_helper.to_array(initializers[name]) for name in conv3_scale.input)
+    assert conv3_scale.op_type == "DequantizeLinear" and {a.name: a.i for a in conv3_scale.attribute} == {"axis": 0}
+    assert multipliers.dtype == np.uint8 and multipliers.shape == (32, 4, 3, 3) and channel_scale.shape == (32,)
+    assert multipliers.min() >= 1 and multipliers.max() == 16  # each channel's widest block is 16 x its scale
     dequantized = _dequantized_weights(result.qdq_model, [*BLOCKED, "conv1.0.weight"])
     for tensor, values in dequantized.items():  # 0 LSB: the runtime's weights are the sim's
         layer = tensor.removesuffix(".weight")

@@ -93,6 +93,7 @@ def test_graph_has_cache_inputs_outputs_and_qdq(exported: tuple) -> None:
         if recipe == "w4a16-lpbq":
             assert initializers[tensor].data_type == onnx.TensorProto.INT4
             assert attributes == {"axis": 1, "block_size": 32}
+            assert node.input[1] not in initializers  # block scales computed from uint8 multipliers, not stored
         else:
             assert initializers[tensor].data_type == onnx.TensorProto.INT8
             assert attributes == {"axis": 0}

@@ -15,8 +15,10 @@ bits) has no ONNX type of its own either: it is the signed type with zero point 
 -127 at the least, exactly the sim's clamp). Strict symmetric weights are stored as integers in ``[-127, 127]``.
 
 Per-block weights are DequantizeLinear with ``axis`` (the blocked axis) and ``block_size`` (opset 21), their scale
-and zero point laid out with the weight's shape but for the blocks; an LPBQ weight runs as the per-block grid of its
-block scales (per-channel scale x integer multiplier, the same float32 products the sim uses).
+and zero point laid out with the weight's shape but for the blocks. An LPBQ weight's block scales are not stored as
+floats: its integer multipliers (uint8) go through a per-channel DequantizeLinear on the channel scale, which gives
+the same float32 products the sim uses, and that output is the weight's scale. The weight then costs its 4 bits plus
+8 bits a block instead of 32, and ORT still receives the sim's block scales bit for bit.
 
 A float16 or bfloat16 tensor (`FloatFormat`) is ``Cast`` to that type and back to float, parameters and activations
 alike: ONNX's Cast rounds to nearest even and overflows to inf as torch's cast does, so ORT computes the sim's values
@@ -44,7 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgequant.export.encodings_io import Fp8Encoding
 from edgequant.export.graph_map import INT4_INT16_OPSET, MARKER_DOMAIN, TracedSim, marker_quantizer, node_by_output
-from edgequant.quantization import Encoding, FloatFormat, Granularity, PerBlock, PerChannel, PerTensor
+from edgequant.quantization import Encoding, FloatFormat, Granularity, Lpbq, PerBlock, PerChannel, PerTensor
 
 AnyEncoding = Encoding | FloatFormat | Fp8Encoding
 """What a quantizer or tensor is exported as: an integer grid, a 16-bit float cast, or fp8 with its scale."""
@@ -203,11 +205,37 @@ class _QdqBuilder:
         else:
             quantized = self.constant(f"{tensor}_quantized", integer_values(weight, encoding),
                                       onnx_type(encoding, self.opset))
+            scale_nodes = self.lpbq_scale_nodes(tensor, encoding, weight.shape)
+            if scale_nodes:  # symmetric: the zero point is the default 0 of the weight's type
+                return [*scale_nodes, helper.make_node(
+                    "DequantizeLinear", [quantized, scale_nodes[-1].output[0]], [output],
+                    name=self.unique(f"{tensor}_DequantizeLinear"), **axis_attributes(encoding.granularity),
+                )]
             scale, zero_point = self.scale_and_zero_point(tensor, encoding, weight.shape)
         return [helper.make_node(
             "DequantizeLinear", [quantized, scale, zero_point], [output],
             name=self.unique(f"{tensor}_DequantizeLinear"),
             **axis_attributes(encoding.granularity),
+        )]
+
+    def lpbq_scale_nodes(self, tensor: str, encoding: Encoding, shape: torch.Size) -> list[onnx.NodeProto]:
+        """An LPBQ weight's block scales computed in the graph: DequantizeLinear of its uint8 multipliers on the
+        per-channel scale (``axis``: the channel axis). Empty for other granularities, and for block scales that are
+        not exactly those products (then they are stored as floats, which is always exact)."""
+        granularity = encoding.granularity
+        if not isinstance(granularity, Lpbq):
+            return []
+        scale = encoding.scale.float()
+        channel_scale = granularity.channel_scale(scale, encoding.bitwidth)
+        multipliers = granularity.multipliers(scale, encoding.bitwidth)
+        if not torch.equal(multipliers * channel_scale, scale) or multipliers.max() > 255:
+            return []
+        multipliers_name = self.constant(f"{tensor}_block_multipliers",
+                                         onnx_parameters(multipliers, granularity, shape), TensorProto.UINT8)
+        channel_scale_name = self.constant(f"{tensor}_channel_scale", channel_scale.reshape(-1), TensorProto.FLOAT)
+        return [helper.make_node(
+            "DequantizeLinear", [multipliers_name, channel_scale_name], [self.unique(f"{tensor}_scale")],
+            name=self.unique(f"{tensor}_scale_DequantizeLinear"), axis=granularity.channel_axis,
         )]
 
     def cast_nodes(self, tensor: str, source: str, output: str, number_format: FloatFormat) -> list[onnx.NodeProto]:
