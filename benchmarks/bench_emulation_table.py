@@ -56,8 +56,8 @@ HELD_OUT = ("squeezenet1_1", "shufflenet_v2_x1_0", "densenet121", "mobilenet_v2"
 """The held-out group (``--models heldout``): torchvision architectures built differently from the table's rows
 (ceil-mode pools, channel shuffle, dense concats, ReLU6, fused MBConv, grouped convolutions, a vision transformer:
 ``vit_tiny`` is `small_vit`, ``vit_tiny_mha`` the same with PyTorch's ``nn.MultiheadAttention``, which the sim
-leaves in float, as it leaves ``swin_t``'s window attention), to check the emulation on models it was not written
-against."""
+quantizes as the same ops (`edgequant.sim.multihead_attention`)), to check the emulation on models it was not
+written against."""
 
 
 def explicit_zero_pads(model: nn.Module) -> nn.Module:
@@ -80,8 +80,8 @@ def explicit_zero_pads(model: nn.Module) -> nn.Module:
 
 class SelfAttention(nn.Module):
     """An ``nn.MultiheadAttention``'s self-attention (same weights) written as the ops the sim quantizes: query,
-    key and value Linears, ``q·kᵀ`` scaled, softmax, ``·v`` and the output Linear. The sim leaves PyTorch's fused
-    ``MultiheadAttention`` in float; as timm and Hugging Face write attention, it quantizes every matmul."""
+    key and value Linears, ``q·kᵀ`` scaled, softmax, ``·v`` and the output Linear, as timm and Hugging Face write
+    attention (and as the sim rewrites PyTorch's fused ``MultiheadAttention`` in its copy of the model)."""
 
     def __init__(self, attention: nn.MultiheadAttention) -> None:
         super().__init__()

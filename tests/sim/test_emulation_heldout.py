@@ -142,12 +142,13 @@ def test_window_net_is_identical_to_onnxruntime(tmp_path: Path) -> None:
 
 
 class _UntracedAttentionNet(torch.nn.Module):
-    """PyTorch's ``nn.MultiheadAttention`` (the sim leaves it in float) in a model fx cannot trace whole."""
+    """PyTorch's ``nn.MultiheadAttention`` with extra key/value rows (``add_bias_kv``: the sim leaves it in float) in
+    a model fx cannot trace whole."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed, self.head = torch.nn.Linear(12, 32), torch.nn.Linear(32, 10)
-        self.attention = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+        self.attention = torch.nn.MultiheadAttention(32, 4, batch_first=True, add_bias_kv=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)

@@ -270,6 +270,8 @@ def functionalize_graph(traced: fx.GraphModule, prefix: str) -> list[CoverageNot
                         by_design=True,
                     )
                 )
+            elif hasattr(node.target, "float_by_design"):  # a function that says why the hardware keeps it float
+                notes.append(CoverageNote(tensor_name, function_name(node.target), node.target.float_by_design, True))
             else:
                 notes.append(
                     CoverageNote(

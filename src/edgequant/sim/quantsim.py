@@ -47,6 +47,7 @@ from edgequant.sim.interception import intercept_functional_ops
 from edgequant.sim.model_inputs import quantize_model_inputs
 from edgequant.sim.model_outputs import model_output_producers
 from edgequant.sim.modes import quantizers_enabled
+from edgequant.sim.multihead_attention import quantizable_multihead_attention
 from edgequant.sim.onnx_source import ONNX_SOURCE_ATTRIBUTE, OnnxSource
 from edgequant.sim.ops import (
     function_name,
@@ -141,6 +142,8 @@ class QuantSim:
                 f"the model does not run on dummy_input ({type(error).__name__}: {error}); pass an input with "
                 "the shape, dtype and device the model expects (a tuple for several inputs, a dict for kwargs)"
             ) from None
+        if quantizable_multihead_attention(self.model, records):  # their own calls and outputs, recorded again
+            records = record_calls(self.model, self.model_input.args, self.model_input.kwargs)
         captured = self._capture(self.model, "", records)
         if captured is not self.model and self._in_place:  # keep the user's object: it becomes the traced graph
             self.model.__class__, self.model.__dict__ = captured.__class__, captured.__dict__

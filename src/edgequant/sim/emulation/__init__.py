@@ -97,9 +97,10 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
     above) to it, the weight as its DQ gives it. Emulated as that followed by the sim's output quantizer (a single
     row takes MLAS's M1 kernel: default). A Concat with a float constant among its inputs (ViT's class token) and
     products by numbers the graph computes from shapes are float in ORT as in the sim: not candidates. An op
-    reading the output of a function fx does not trace into (Swin's window attention) or of
-    ``nn.MultiheadAttention`` (both float in the sim and in ORT, whose float kernels in there are not modelled)
-    is reported as not emulated. torchvision's ``Permute``
+    reading the output of a function fx does not trace into (Swin's window attention) or of an
+    ``nn.MultiheadAttention`` the sim leaves in float (one with ``add_bias_kv`` or ``add_zero_attn``; others are
+    quantized ops: `edgequant.sim.multihead_attention`) is reported as not emulated: both are float in the sim and
+    in ORT, whose float kernels in there are not modelled. torchvision's ``Permute``
     module moves data: ORT moves its Transpose past the QLinearGlobalAveragePool after it, which reads the grid
     before it.
   - A ReLU / ReLU6 between the op and its output quantizer is removed by ORT when the output grid already

@@ -35,8 +35,9 @@ class RecordedTensor:
 
 
 FLOAT_MODULES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
-"""Modules the sim leaves in float that compute (PyTorch's fused attention): the export writes their ops in float,
-which the runtime computes with its own float kernels, so what reads their output is not emulated."""
+"""Modules the sim leaves in float that compute (PyTorch's fused attention where it adds key/value rows, which
+`edgequant.sim.multihead_attention` does not rewrite): the export writes their ops in float, which the runtime
+computes with its own float kernels, so what reads their output is not emulated."""
 
 
 @dataclass
