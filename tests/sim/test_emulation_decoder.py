@@ -193,3 +193,34 @@ def test_w4a16_projections_wider_than_one_sgemm_slice(tmp_path: Path, granularit
     assert not plan.skipped, plan.summary()
     report = verify(tmp_path, sim, data, progress=False)
     assert report.first_difference is None, report.tensor_table()
+
+
+
+@pytest.mark.parametrize(("input_bits", "output_bits", "bias"), [(8, 16, False), (16, 8, True)])
+def test_projection_between_grids_of_different_widths_one_row_at_a_time(tmp_path: Path, input_bits: int,
+                                                                         output_bits: int, bias: bool) -> None:
+    """A per-channel 8-bit Linear whose input and output grids differ in width (SmolLM2's v_proj: 16-bit input, the
+    8-bit KV cache as output; 8 into 16 bits flips more output levels on a float32 rounding), one row per call as
+    a decoding step. Without a bias ORT does not fuse the weight's DQ into MatMulNBits: a float MatMul reads the
+    dequantized ``[K, N]`` weight, MLAS's plain M = 1 kernel, whose order rounds some outputs otherwise than
+    MatMulNBits' transposed one; with a bias Add in between it fuses as usual. Every output identical to ORT's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(384, 128, bias=bias)).eval()
+    calibration, data = torch.randn(16, 1, 384), torch.randn(64, 1, 384)
+    sim = eq.QuantSim(model, calibration[:1], config="htp", param_bw=8, output_bw=16)
+    sim.set_format("*", IntegerFormat(input_bits, False), kinds=("input",))
+    sim.set_format("*", IntegerFormat(output_bits, False), kinds=("output",))
+    sim.calibrate(calibration.split(8), progress=False)
+    sim.export(tmp_path, calibration[:1])
+    plan = sim.emulate("onnxruntime")
+    assert [op.kind for op in plan.ops] == ["FloatGemm"]
+    report = verify(tmp_path, sim, data, batch_size=1, progress=False)  # one row per ORT call: its M = 1 kernels
+    assert report.first_difference is None, report.tensor_table()
+    if not bias:  # MatMulNBits' order would have differed
+        with torch.no_grad():
+            rows = sim.quantizer("model_input_quantizers.0")(data).reshape(-1, 384)
+            weight = sim.quantizer("0.param_quantizers.weight")(model[0].weight)
+        output = sim.quantizer("0.output_quantizers.0")
+        products = {path: torch.cat([OnnxRuntimeCPU().float_linear(row[None], weight, None, 8, True, path)
+                                     for row in rows]) for path in ("dequantized", "fused")}
+        assert not torch.equal(output(products["dequantized"]), output(products["fused"]))

@@ -91,6 +91,12 @@ accumulates them exactly and requantizes with the arithmetic of a `RuntimeModel`
     ``(dx2·dy2)·X11 + (dx1·dy2)·X21 + (dx2·dy1)·X12 + (dx1·dy1)·X22`` left to right in float32, with the scales
     the export writes (the scale factors, or ``out/in`` where it writes sizes). PyTorch lerps twice, which
     rounds some output levels otherwise.
+  - A Linear on grids without an integer kernel (16-bit activations) is exported as weight DQ, Transpose and
+    MatMul: ORT fuses a per-channel or per-tensor weight's DQ into MatMulNBits (accuracy level 1: a 4-bit weight
+    one FMA chain, an 8-bit one dequantized into an SGEMM with B transposed), and leaves a blocked weight's a
+    float MatMul with B transposed. Where the MatMul writes straight into a Q of another width than its input's
+    (a 16-bit ``v_proj`` writing an 8-bit KV cache) ORT does not fuse it: the MatMul reads the dequantized weight
+    as ``[K, N]``, and a single row (a decoding step) takes MLAS's plain M = 1 kernel (`WeightPath`).
   - A Linear whose input is indexed with an integer after its producer's DQ (ViT's class token, BERT's pooler:
     ``x[:, 0]``) reads a Gather's float output, so ORT runs it as a float Gemm (``cpu/math/gemm.cc``): the bias
     broadcast into the output, then an MLAS SGEMM with beta = 1 adds each reduction slice's FMA chain (the slices

@@ -7,6 +7,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,11 @@ class Grid:
     def of(cls, quantizer: Quantizer) -> Grid:
         return cls(quantizer.scale.detach().float(), quantizer.offset.detach().float(),
                    grid_steps(quantizer.bitwidth, quantizer.strict_grid), quantizer.symmetric)
+
+    @property
+    def bits(self) -> int:
+        """The width of the integer type the export stores the grid in (8 for 255 or 254 steps)."""
+        return self.num_steps.bit_length()
 
     @property
     def zero_point(self) -> torch.Tensor:
@@ -181,13 +187,12 @@ class RuntimeModel(ABC):
         return None
 
     def float_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_bits: int,
-                     as_matmul: bool, fused: bool = True) -> torch.Tensor | None:
+                     as_matmul: bool, weight_path: WeightPath = "fused") -> torch.Tensor | None:
         """``x @ weight.T + bias`` of float32 values (``x``: rows, ``weight``: output × input, as its DQ gives it)
         where the runtime runs a Linear in float between DQ and Q (activations or a weight it has no integer kernel
         for, an input indexed after its DQ), before the output's quantizer; ``as_matmul``: exported as MatMul (an
-        input of rank > 2), else as Gemm; ``fused``: the weight's DQ feeds the MatMul directly (a per-channel or
-        per-tensor weight as edgequant exports it; a blocked one is DQ, then Transpose). None where the runtime
-        computes what PyTorch does."""
+        input of rank > 2), else as Gemm; ``weight_path``: how the MatMul reads its weight (`WeightPath`). None
+        where the runtime computes what PyTorch does."""
         return None
 
 
@@ -242,6 +247,15 @@ def fma_chain(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     for a_k, b_k in zip(a, b, strict=True):
         chain = torch.addcmul(chain, a_k, b_k).float().double()
     return chain.float()
+
+
+WeightPath = Literal["fused", "transposed", "dequantized"]
+"""How the runtime's MatMul reads a Linear's weight, exported as DequantizeLinear then Transpose: ``fused`` into
+MatMulNBits (a per-channel or per-tensor weight), ``transposed`` (a blocked weight, whose DQ the Transpose stays
+after: a float MatMul with B transposed), ``dequantized`` (a per-channel or per-tensor weight of a MatMul without
+bias whose input and output grids differ in width, as a 16-bit layer writing an 8-bit KV cache: ORT does not fuse
+it, its transpose optimizer moves the Transpose into the DQ's initializer, and a float MatMul reads the DQ's
+``[K, N]`` output as it is; with a bias Add between them ORT fuses it as usual)."""
 
 
 class OnnxRuntimeCPU(RuntimeModel):
@@ -468,7 +482,7 @@ class OnnxRuntimeCPU(RuntimeModel):
         return mlas_sgemm_m1(a, b)
 
     def float_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_bits: int,
-                     as_matmul: bool, fused: bool = True) -> torch.Tensor | None:
+                     as_matmul: bool, weight_path: WeightPath = "fused") -> torch.Tensor | None:
         # ORT fuses a weight's DQ and its MatMul (and a bias Add) into MatMulNBits where the DQ feeds the MatMul;
         # a DQ, then Transpose stays a float (Fused)MatMul, an SGEMM like the 8-bit case below. At accuracy level 1
         # (`edgequant.export.runtime_cpu.ORT_SESSION_CONFIG`; the default 4 rounds the input to int8 instead) a
@@ -476,11 +490,14 @@ class OnnxRuntimeCPU(RuntimeModel):
         # (sqnbitgemm's CompFp32 path; a single row: `sqnbitgemm_m1`). Everything else is an MLAS SGEMM
         # on the dequantized, transposed weight: MatMulNBits dequantizes 8-bit weights for one, and a Gemm is one
         # (cpu/math/gemm.cc): the bias broadcast into the output first, each reduction slice's FMA chain added
-        # onto it (beta = 1); a single row is the transposed-B M1 kernel, then the bias
+        # onto it (beta = 1); a single row is the transposed-B M1 kernel, then the bias. A "dequantized" weight
+        # is B as it is ([K, N]): a single row is then the plain M1 kernel
         rows = x.shape[0]
-        if as_matmul and fused and weight_bits == 4:
+        if as_matmul and weight_path == "fused" and weight_bits == 4:
             product = sqnbitgemm_m1(x, weight) if rows == 1 else mlas_sgemm(x, weight.t(), whole_reduction=True)
             return product if bias is None else product + bias.float()
+        if rows == 1 and as_matmul and weight_path == "dequantized":
+            return mlas_sgemm_m1(x, weight.t())
         if rows == 1:
             product = mlas_sgemm_m1_transposed(x, weight)
             return product if bias is None else product + bias.float()

@@ -169,23 +169,29 @@ def _float_linear(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: 
     per-channel one): exported as MatMul (and a bias Add) on inputs of rank > 2, else as Gemm; run in float on the
     rows of the flattened input (`RuntimeModel.float_linear` says which kernel). The sim's quantizer follows."""
     (x,) = _as_dequantized([args[0]], grids)
-    return _linear_in_float(module, runtime, x, grids[0].scale)
+    changes_width = output.bits != grids[0].bits
+    return _linear_in_float(module, runtime, x, grids[0].scale, changes_width)
 
 
-def _linear_in_float(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor,
-                     input_scale: torch.Tensor | None) -> torch.Tensor | None:
-    """``input_scale``: where the input comes from a DQ, whose Gemm's bias ORT quantizes (`float_bias`)."""
+def _linear_in_float(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor, input_scale: torch.Tensor | None,
+                     changes_width: bool = False) -> torch.Tensor | None:
+    """``input_scale``: where the input comes from a DQ, whose Gemm's bias ORT quantizes (`float_bias`);
+    ``changes_width``: the input and output grids differ in width, so ORT leaves a MatMul writing straight into
+    the output's Q (no bias) on the dequantized weight (`WeightPath`)."""
     weight = _weight_as_exported(module)
     if weight is None:
         return None
     quantizer = module.param_quantizers["weight"]
+    as_matmul = x.dim() > 2
     bias = module._parameters.get("bias")
+    weight_path = ("transposed" if isinstance(quantizer.granularity, PerBlock)
+                   else "dequantized" if changes_width and as_matmul and bias is None else "fused")
     if bias is not None:
         bias = bias.detach()
-        if x.dim() == 2 and input_scale is not None:
+        if not as_matmul and input_scale is not None:
             bias = runtime.float_bias(bias, input_scale, Grid.of(quantizer).scale)
-    product = runtime.float_linear(x.reshape(-1, x.shape[-1]), weight, bias, quantizer.bitwidth,
-                                   as_matmul=x.dim() > 2, fused=not isinstance(quantizer.granularity, PerBlock))
+    product = runtime.float_linear(x.reshape(-1, x.shape[-1]), weight, bias, quantizer.bitwidth, as_matmul,
+                                   weight_path)
     return None if product is None else product.reshape(*x.shape[:-1], -1)
 
 
