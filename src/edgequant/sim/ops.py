@@ -240,7 +240,8 @@ def is_float_math_call(func: object, args: tuple, kwargs: dict) -> bool:
 
 
 def is_data_movement(target: object) -> bool:
-    return function_name(target).strip("_") in DATA_MOVEMENT
+    """Moves values only: a `DATA_MOVEMENT` op, or a function that declares ``holds_input_values = True``."""
+    return function_name(target).strip("_") in DATA_MOVEMENT or getattr(target, "holds_input_values", False)
 
 
 def weight_output_axis(module: nn.Module, param: torch.Tensor) -> int | None:

@@ -63,6 +63,7 @@ from edgequant.sim.quantized_module import QuantizedModule, make_quantized
 from edgequant.sim.segments import SegmentedForward, split_at_layers
 from edgequant.sim.services import service
 from edgequant.sim.state_file import SimState, read_sim_state, write_sim_state
+from edgequant.sim.window_attention import quantizable_window_attention
 
 
 @dataclass
@@ -142,7 +143,9 @@ class QuantSim:
                 f"the model does not run on dummy_input ({type(error).__name__}: {error}); pass an input with "
                 "the shape, dtype and device the model expects (a tuple for several inputs, a dict for kwargs)"
             ) from None
-        if quantizable_multihead_attention(self.model, records):  # their own calls and outputs, recorded again
+        rewritten = [*quantizable_multihead_attention(self.model, records),
+                     *quantizable_window_attention(self.model, records)]
+        if rewritten:  # their own calls and outputs, recorded again
             records = record_calls(self.model, self.model_input.args, self.model_input.kwargs)
         captured = self._capture(self.model, "", records)
         if captured is not self.model and self._in_place:  # keep the user's object: it becomes the traced graph

@@ -199,8 +199,9 @@ def _gathered_gemm(module: nn.Module, runtime: RuntimeModel, args: tuple, grids:
                    output: Grid) -> torch.Tensor | None:
     """A Linear whose input is indexed with an integer after its producer's DQ (ViT's class token, BERT's pooler):
     the export's Gather leaves the Gemm a float input, so the runtime runs it in float, with the weight as its DQ
-    gives it and the float bias; the sim's quantizer follows. An input of rank > 2 (a MatMul) takes the default."""
-    return _linear_in_float(module, runtime, args[0], None) if args[0].dim() == 2 else None
+    gives it and the float bias; an input of rank > 2 (Swin's windows, `window_partition`) makes it a MatMul on a
+    float input, which ORT fuses with the weight's DQ and the bias into MatMulNBits. The sim's quantizer follows."""
+    return _linear_in_float(module, runtime, args[0], None)
 
 
 def _float_conv(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],

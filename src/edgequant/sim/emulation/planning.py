@@ -26,7 +26,7 @@ from edgequant.sim.emulation.kernels import (
 )
 from edgequant.sim.emulation.provenance import RecordedCall, RecordedTensor, record_calls
 from edgequant.sim.graph import FUSED_ACTIVATIONS, ModelGraph
-from edgequant.sim.ops import is_data_movement, is_pass_through, module_op_type, weight_output_axis
+from edgequant.sim.ops import function_name, is_data_movement, is_pass_through, module_op_type, weight_output_axis
 from edgequant.sim.quantized_module import FunctionalOp
 
 
@@ -153,13 +153,18 @@ class _GraphIndex:
     @staticmethod
     def gathered(node: Any) -> bool:
         """Does ``node`` reach its producer through tensor indexing with an integer (``x[:, 0]``: BERT's pooler
-        takes the first token)? The export writes a Gather there, after the producer's DQ and with no Q of its
-        own, so the op reading ``node`` gets a float input and the runtime does not fuse it."""
+        takes the first token; ``qkv[0]``) or through a function that declares ``runtime_reads_float`` (Swin's
+        `window_partition`: Pad, Slice and Concat)? The export writes a Gather (those ops) there, after the
+        producer's DQ and with no Q of its own, so the op reading ``node`` gets a float input and the runtime
+        does not fuse it."""
         while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and is_data_movement(
                 node.target):
             index = node.args[1] if len(node.args) > 1 else None
-            if node.target in (operator.getitem, "__getitem__") and isinstance(index, tuple) and any(
-                    isinstance(item, int) for item in index):
+            integer = isinstance(index, int) and not _sequence(node.args[0])  # qkv[0]; not chunk(...)[0]
+            if node.target in (operator.getitem, "__getitem__") and (integer or isinstance(index, tuple) and any(
+                    isinstance(item, int) for item in index)):
+                return True
+            if getattr(node.target, "runtime_reads_float", False):
                 return True
             node = node.args[0] if node.args else None
         return False
@@ -229,6 +234,14 @@ def _unquantized_function(node: Any) -> bool:
         return False
     module = getattr(node.target, "__module__", None) or ""
     return module.split(".")[0] not in ("torch", "_operator", "operator", "builtins", "math")
+
+
+SEQUENCE_OUTPUTS = frozenset({"chunk", "split", "split_with_sizes", "tensor_split", "unbind"})
+"""Data movement returning a tuple of tensors: an integer index picks one of them (no Gather in the export)."""
+
+
+def _sequence(node: Any) -> bool:
+    return isinstance(node, fx.Node) and function_name(node.target).strip("_") in SEQUENCE_OUTPUTS
 
 
 def _float_gemm_unsupported(module: nn.Module, weight: Quantizer) -> str:
@@ -389,7 +402,8 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
         return f"the bounds of its fused {module_op_type(activation)} are not known to the emulation"
     if kind == "Resize" and (unsupported := Interpolation.of(module, node.args, node.kwargs).unsupported()):
         return unsupported
-    if kind in FLOAT_FALLBACKS and (any(q.bitwidth != 8 for q in (*inputs, output) if q.float_format is None)
+    if kind in FLOAT_FALLBACKS and (any(index.gathered(arg) for arg in args)
+                                    or any(q.bitwidth != 8 for q in (*inputs, output) if q.float_format is None)
                                     or (kernel.weighted and not _on_integer_weight_grid(module, weight))):
         kind, kernel = FLOAT_FALLBACKS[kind], KERNELS[FLOAT_FALLBACKS[kind]]
         if kind == "FloatGemm" and (reason := _float_gemm_unsupported(module, weight)):
