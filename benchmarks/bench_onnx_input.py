@@ -189,18 +189,19 @@ def run_ort(session: ort.InferenceSession, case: Case) -> list[np.ndarray]:
             for batch in case.evaluation]
 
 
-def float_forward_seconds(session: ort.InferenceSession, case: Case, repeats: int) -> float:
-    """Median wall time of the float model over the calibration batches in ONNX Runtime: the least any calibration
-    that runs the model once costs on this CPU (ORT is the fastest float engine here)."""
+def float_forward_seconds(session: ort.InferenceSession, case: Case, repeats: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of the float model over the calibration batches in ONNX Runtime: the least any
+    calibration that runs the model once costs on this CPU (ORT is the fastest float engine here)."""
     names = [i.name for i in session.get_inputs()]
     feeds = [dict(zip(names, (x.numpy() for x in batch), strict=True)) for batch in case.calibration]
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats + 1):  # the first run warms the session up and is not counted
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for feed in feeds:
             session.run(None, feed)
         times.append(time.perf_counter() - started)
-    return float(np.median(times[1:]))
+        cpu_times.append(time.process_time() - cpu_started)
+    return float(np.median(times[1:])), float(np.median(cpu_times[1:]))
 
 
 def run_torch(model: nn.Module, case: Case, onnx_module: bool) -> list[np.ndarray]:
@@ -406,7 +407,7 @@ def bench(case: Case, exporter: str, args: argparse.Namespace, torch_path: dict,
     row["nodes"] = len(graph.graph.node)
     float_session = ort_session(path, args.threads)
     reference = run_ort(float_session, case)  # FP32: the user's file in ONNX Runtime
-    row["float_forward_s"] = float_forward_seconds(float_session, case, args.repeats)
+    row["float_forward_s"], row["float_forward_cpu_s"] = float_forward_seconds(float_session, case, args.repeats)
 
     started = time.perf_counter()
     try:
@@ -490,7 +491,7 @@ def print_rows(rows: list[dict], aimet: bool) -> None:
           "| ORT QDQ vs emulating sim: identical (max diff) "
           "| accuracy: torch-path sim / ONNX-path sim / emulating / ORT QDQ "
           "| aimet-onnx accuracy | calibration s: edgequant / aimet-onnx (ratio); CPU s (ratio); torch path; "
-          "ORT float forward (× aimet-onnx) "
+          "ORT float forward, wall and CPU (× aimet-onnx's) "
           "| setup s: edgequant / aimet-onnx |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -513,16 +514,18 @@ def print_rows(rows: list[dict], aimet: bool) -> None:
             ratio = row["calibration_s"] / row["aimet_calibration_s"]
             cpu_ratio = row["calibration_cpu_s"] / row["aimet_calibration_cpu_s"]
             floor = row["float_forward_s"] / row["aimet_calibration_s"]
+            cpu_floor = row["float_forward_cpu_s"] / row["aimet_calibration_cpu_s"]
             fifth = (f"{row['calibration_s']:.2f} / {row['aimet_calibration_s']:.2f} ({ratio:.2f}×; first call "
                      f"{row['first_calibration_s']:.2f}); CPU "
                      f"{row['calibration_cpu_s']:.2f} / {row['aimet_calibration_cpu_s']:.2f} ({cpu_ratio:.2f}×); "
                      f"{row['torch_calibration_s']:.2f}; ORT float forward {row['float_forward_s']:.2f} "
-                     f"({floor:.2f}×)")
+                     f"({floor:.2f}×), CPU {row['float_forward_cpu_s']:.2f} ({cpu_floor:.2f}×)")
             sixth = f"{row['setup_s']:.2f} / {row['aimet_setup_s']:.2f}"
         else:
             fourth = f"failed: {row['aimet_error']}" if "aimet_error" in row else ("skipped" if not aimet else "—")
-            fifth = (f"{row['calibration_s']:.2f} / —; {row['torch_calibration_s']:.2f}; ORT float forward "
-                     f"{row['float_forward_s']:.2f}")
+            fifth = (f"{row['calibration_s']:.2f} / —; CPU {row['calibration_cpu_s']:.2f}; "
+                     f"{row['torch_calibration_s']:.2f}; ORT float forward {row['float_forward_s']:.2f}, CPU "
+                     f"{row['float_forward_cpu_s']:.2f}")
             sixth = f"{row['setup_s']:.2f} / —"
         print(f"| {row['model']} | {row['exporter']} | {row['opset']} | {first} | {second} | {third} | {fourth} "
               f"| {fifth} | {sixth} |")

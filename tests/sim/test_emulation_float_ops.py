@@ -22,12 +22,12 @@ from edgequant.sim.emulation import KERNELS, Grid, OnnxRuntimeCPU
 from edgequant.sim.emulation.arithmetic import mlas_erf
 
 
-def _session(nodes: list, inputs: list, initializers: list, output_type: int) -> ort.InferenceSession:
+def _session(nodes: list, inputs: list, initializers: list, output_type: int, opset: int = 17) -> ort.InferenceSession:
     graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", output_type, None)], initializers)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -258,6 +258,63 @@ def test_4_bit_convolutions_are_onnxruntimes_float_conv(tmp_path: Path) -> None:
     plan = sim.emulate("onnxruntime")
     assert not plan.skipped, plan.summary()
     assert [op.kind for op in plan.ops].count("FloatConv") == 5 and "FloatGemm" in {op.kind for op in plan.ops}
+    report = verify(tmp_path, sim, data, progress=False)
+    assert report.first_difference is None, report.tensor_table()
+    assert default.first_difference is not None
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 7, 7), (1, 32, 14, 14), (2, 24, 5, 5), (3, 5, 13, 11), (2, 8, 1, 3)])
+def test_float_global_average_pool_is_onnxruntimes(shape: tuple[int, ...]) -> None:
+    """ORT's float GlobalAveragePool on a 16-bit DQ's output, as in a QDQ model (MlasPool's four-lane kernel);
+    PyTorch's mean rounds otherwise on most channels of these shapes."""
+    rng = np.random.default_rng(sum(shape))
+    levels = rng.integers(-32768, 32768, shape).astype(np.int16)
+    scale = np.float32(10 ** rng.uniform(-4, -1))
+    session = _session([helper.make_node("DequantizeLinear", ["x", "s"], ["d"]),
+                        helper.make_node("GlobalAveragePool", ["d"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.INT16, list(shape))],
+                       [numpy_helper.from_array(np.array(scale), "s")], TensorProto.FLOAT, opset=21)
+    expected = session.run(None, {"x": levels})[0]
+    values = torch.from_numpy(levels.astype(np.float32)) * torch.tensor(scale)
+    emulated = OnnxRuntimeCPU().float_global_average(values).numpy()
+    assert emulated.shape == expected.shape
+    assert np.array_equal(emulated.view(np.int32), expected.view(np.int32))
+    assert shape[2] * shape[3] < 8 or not np.array_equal(values.mean((2, 3), keepdim=True).numpy(), expected)
+
+
+class _HardSwishSqueezeNet(nn.Module):
+    """Conv+HardSwish (an htp supergroup: the Conv's output is not quantized), a squeeze-excitation block and a
+    global average pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.Hardswish())
+        self.reduce, self.expand = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+        self.body = nn.Sequential(nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        scale = F.hardsigmoid(self.expand(F.relu(self.reduce(F.adaptive_avg_pool2d(x, 1)))))
+        x = self.body(x * scale)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_16_bit_cnn_ops_are_onnxruntimes_float_ops(tmp_path: Path) -> None:
+    """W8A16 (``htp``): ORT runs every op in float between DQ and Q, the Conv feeding its supergroup's HardSwish
+    without a Q at all. Every op emulated and every quantized tensor identical to ORT's."""
+    torch.manual_seed(0)
+    model = _HardSwishSqueezeNet().eval()
+    calibration, data = torch.randn(16, 3, 20, 20), torch.randn(32, 3, 20, 20)
+    sim = eq.QuantSim(model, calibration[:1], config="htp", param_bw=8, output_bw=16)
+    sim.calibrate(calibration.split(8), progress=False)
+    sim.export(tmp_path, calibration[:1])
+    default = verify(tmp_path, sim, data, progress=False)
+    plan = sim.emulate("onnxruntime")
+    assert not plan.skipped, plan.summary()
+    kinds = [op.kind for op in plan.ops]
+    assert kinds.count("FloatGlobalAveragePool") == 2 and {"HardSwish", "HardSigmoid", "FloatMul"} <= set(kinds)
+    assert next(op for op in plan.ops if op.name == "stem.0").output is None  # the supergroup's float Conv
     report = verify(tmp_path, sim, data, progress=False)
     assert report.first_difference is None, report.tensor_table()
     assert default.first_difference is not None

@@ -146,10 +146,12 @@ class RuntimeModel(ABC):
         return bias.float()
 
     def float_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   input_scale: torch.Tensor, weight_scale: torch.Tensor, module: nn.Conv2d) -> torch.Tensor | None:
+                   input_scale: torch.Tensor | None, weight_scale: torch.Tensor,
+                   module: nn.Conv2d) -> torch.Tensor | None:
         """A Conv2d on dequantized float32 ``x`` and ``weight`` where the runtime has no integer kernel for them
-        (scales ``input_scale``, ``weight_scale`` per output channel), before the output's quantizer; None where the
-        runtime computes what PyTorch does."""
+        (scales ``input_scale``, ``weight_scale`` per output channel; no ``input_scale``: a Conv with no Q after it,
+        whose bias the runtime leaves float), before the output's quantizer; None where the runtime computes what
+        PyTorch does."""
         return None
 
     def resize(self, values: torch.Tensor, size: tuple[int, int], scales: tuple[float, float], mode: str,
@@ -178,6 +180,12 @@ class RuntimeModel(ABC):
     def gelu(self, values: torch.Tensor) -> torch.Tensor | None:
         """The exact (erf) GELU of float32 values, before the output's quantizer; None where the runtime computes
         what PyTorch does."""
+        return None
+
+    def float_global_average(self, values: torch.Tensor) -> torch.Tensor | None:
+        """GlobalAveragePool of float32 ``values`` (N, C, spatial...) where the runtime pools in float between DQ
+        and Q, keeping the spatial axes as 1, before the output's quantizer; None where the runtime computes what
+        PyTorch does."""
         return None
 
     def float_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
@@ -370,15 +378,17 @@ class OnnxRuntimeCPU(RuntimeModel):
             return self.bias_to_int32(bias, input_scale, weight_scale).float() * (input_scale * weight_scale)
         return bias.float()
 
-    def _add_float_bias(self, output: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor,
+    def _add_float_bias(self, output: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor | None,
                         weight_scale: torch.Tensor) -> torch.Tensor:
-        """The bias as ORT runs it (`float_bias`), added per channel in float32."""
+        """The bias as ORT runs it (`float_bias`; as given without ``input_scale``), added per channel in float32."""
         if bias is None:
             return output
-        return output + channels(self.float_bias(bias, input_scale, weight_scale), output.dim())
+        added = bias.float() if input_scale is None else self.float_bias(bias, input_scale, weight_scale)
+        return output + channels(added, output.dim())
 
     def float_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   input_scale: torch.Tensor, weight_scale: torch.Tensor, module: nn.Conv2d) -> torch.Tensor | None:
+                   input_scale: torch.Tensor | None, weight_scale: torch.Tensor,
+                   module: nn.Conv2d) -> torch.Tensor | None:
         # a float Conv between DQ and Q (cpu/nn/conv.cc, MLAS conv.cpp): per image and group, the input unfolded
         # into columns (im2col: taps in channel, row, column order; a 1×1 convolution reads the input as is, the
         # same product) and an MLAS SGEMM of the filters by them; one filter per group (depthwise) is a single-row
@@ -470,6 +480,22 @@ class OnnxRuntimeCPU(RuntimeModel):
         # MLAS's erf (`mlas_erf`); PyTorch's erf rounds otherwise on about one value in eight
         x = values.float()
         return x * (mlas_erf(x / _SQRT2) + 1) * 0.5
+
+    def float_global_average(self, values: torch.Tensor) -> torch.Tensor | None:
+        # MlasPool's global kernel (ORT's NchwcTransformer leaves a global pool whose input comes from a DQ alone):
+        # four lanes (position p into lane p mod 4) summed in order, reduced as (l0 + l2) + (l1 + l3), the
+        # positions past the last full vector added one by one, then a float32 division by the count (checked
+        # against ORT 1.32)
+        x = values.float().flatten(2)
+        full = x.shape[-1] - x.shape[-1] % 4
+        lanes = torch.zeros(*x.shape[:-1], 4, device=x.device)
+        for start in range(0, full, 4):
+            lanes += x[..., start:start + 4]
+        total = (lanes[..., 0] + lanes[..., 2]) + (lanes[..., 1] + lanes[..., 3])
+        for position in range(full, x.shape[-1]):
+            total += x[..., position]
+        average = total / torch.tensor(float(x.shape[-1]), device=x.device)
+        return average.reshape(*values.shape[:2], *(1,) * (values.dim() - 2))
 
     def float_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         # a float MatMul (cpu/math/matmul.cc): an MLAS SGEMM per batch item; a single row takes MLAS's M1 kernel,

@@ -46,13 +46,13 @@ def _bound(kernel: Kernel, args: tuple, kwargs: dict[str, Any]) -> tuple:
 def _emulated_forward(op: EmulatedOp, runtime: RuntimeModel, default: Callable[..., Any]) -> Callable[..., Any]:
     kernel = KERNELS[op.kind]
     weight = op.module.param_quantizers["weight"] if kernel.weighted else None
-    quantizers = [*op.inputs, op.output, *([weight] if weight is not None else [])]
+    quantizers = [q for q in (*op.inputs, op.output, weight) if q is not None]
     own_output = op.module.output_quantizers["0"] if "0" in op.module.output_quantizers else None
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not _ready(quantizers) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
             return default(*args, **kwargs)
-        output = Grid.of(op.output)
+        output = Grid.of(op.output) if op.output is not None else None
         if op.activation is not None and not kernel.float_inputs and not _activation_implied(op.activation, output):
             return default(*args, **kwargs)  # the runtime keeps this activation in float, and the op with it
         positional = _bound(kernel, args, kwargs)
