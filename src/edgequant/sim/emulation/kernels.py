@@ -169,8 +169,8 @@ def _float_linear(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: 
     per-channel one): exported as MatMul (and a bias Add) on inputs of rank > 2, else as Gemm; run in float on the
     rows of the flattened input (`RuntimeModel.float_linear` says which kernel). The sim's quantizer follows."""
     (x,) = _as_dequantized([args[0]], grids)
-    changes_width = output.bits != grids[0].bits
-    return _linear_in_float(module, runtime, x, grids[0].scale, changes_width)
+    changes_width = output is not None and output.bits != grids[0].bits
+    return _linear_in_float(module, runtime, x, None if output is None else grids[0].scale, changes_width)
 
 
 def _linear_in_float(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor, input_scale: torch.Tensor | None,
@@ -207,14 +207,16 @@ def _gathered_gemm(module: nn.Module, runtime: RuntimeModel, args: tuple, grids:
 def _float_conv(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
                 output: Grid) -> torch.Tensor | None:
     """A Conv the runtime has no integer kernel for (activations not on 8-bit grids, a weight not on an 8-bit
-    per-channel one): a float Conv on the dequantized input and weight; the sim's quantizer (after any fused
-    activation) follows."""
+    per-channel one, no Q after it): a float Conv on the dequantized input and weight; the sim's quantizer (after
+    any fused activation) follows. Without an output grid (a supergroup's Conv, read by a float op) neither the
+    export nor ORT's BiasQuantization quantizes the bias."""
     weight = _weight_as_exported(module)
     if weight is None or not isinstance(module, nn.Conv2d):
         return None
     (x,) = _as_dequantized([args[0]], grids)
     bias = module._parameters.get("bias")
-    return runtime.float_conv(x, weight, None if bias is None else bias.detach(), grids[0].scale,
+    return runtime.float_conv(x, weight, None if bias is None else bias.detach(),
+                              None if output is None else grids[0].scale,
                               Grid.of(module.param_quantizers["weight"]).scale, module)
 
 
@@ -383,6 +385,13 @@ def _global_average_pool(module: nn.Module, runtime: RuntimeModel, args: tuple, 
     return output.values(runtime.average(sums, count, grids[0], output))
 
 
+def _float_global_average_pool(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                               output: Grid) -> torch.Tensor | None:
+    """A GlobalAveragePool the runtime computes in float between DQ and Q (grids it has no integer kernel for);
+    the sim's quantizer follows."""
+    return runtime.float_global_average(*_as_dequantized([args[0]], grids))
+
+
 def _pool(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid], output: Grid) -> torch.Tensor:
     return output.values(_average_pool(module, runtime, args[0], grids[0], output))
 
@@ -491,16 +500,18 @@ KERNELS: dict[str, Kernel] = {
         isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d))
         and is_global_pool_size(m.output_size)), _global_average_pool),
     "AveragePool": Kernel(1, lambda m: isinstance(m, nn.AvgPool2d) and m.divisor_override is None, _pool),
-    "Sigmoid": Kernel(1, lambda m: isinstance(m, nn.Sigmoid) or _functional("Sigmoid")(m), _sigmoid),
+    "Sigmoid": Kernel(1, lambda m: isinstance(m, nn.Sigmoid) or _functional("Sigmoid")(m), _sigmoid,
+                      float_inputs=True),
     "LeakyRelu": Kernel(1, lambda m: isinstance(m, nn.LeakyReLU) or _functional("LeakyRelu")(m), _leaky_relu,
-                        keywords=("negative_slope",)),
+                        keywords=("negative_slope",), float_inputs=True),
     "Concat": Kernel(None, _functional("Concat"), _concat, keywords=("dim",)),
     "Softmax": Kernel(1, lambda m: isinstance(m, nn.Softmax) or (_functional("Softmax")(m) and not
                       _is_masked_softmax(m)), _softmax, keywords=("dim",)),
     "MaskedSoftmax": Kernel(2, _is_masked_softmax, _masked_softmax, float_inputs=True),
     "HardSigmoid": Kernel(1, lambda m: isinstance(m, nn.Hardsigmoid) or _functional("HardSigmoid")(m),
-                          _hard_sigmoid),
-    "HardSwish": Kernel(1, lambda m: isinstance(m, nn.Hardswish) or _functional("HardSwish")(m), _hard_swish),
+                          _hard_sigmoid, keywords=("inplace",), float_inputs=True),
+    "HardSwish": Kernel(1, lambda m: isinstance(m, nn.Hardswish) or _functional("HardSwish")(m), _hard_swish,
+                        keywords=("inplace",), float_inputs=True),
     "Silu": Kernel(1, lambda m: isinstance(m, nn.SiLU) or getattr(m, "onnx_op_type", None) == "Silu", _silu,
                    float_inputs=True),
     "LayerNormalization": Kernel(1, _is_layer_norm, _layer_norm, float_inputs=True),
@@ -517,6 +528,7 @@ KERNELS: dict[str, Kernel] = {
     "FloatAdd": Kernel(2, lambda m: False, _float_elementwise, float_inputs=True),
     "FloatMul": Kernel(2, lambda m: False, _float_elementwise, float_inputs=True),
     "FloatConcat": Kernel(None, lambda m: False, _float_concat, keywords=("dim",), float_inputs=True),
+    "FloatGlobalAveragePool": Kernel(1, lambda m: False, _float_global_average_pool, float_inputs=True),
 }
 """The ops an integer runtime fuses into one kernel, and the float ops between Q/DQ it computes with another
 formula than PyTorch (HardSigmoid, HardSwish, SiLU, ConvTranspose, bilinear Resize, LayerNorm, channels-first
@@ -525,7 +537,7 @@ integer kinds of `FLOAT_FALLBACKS` on grids without an integer kernel; nor does 
 kind for a Linear whose input is indexed after the DQ (a float Gemm in the runtime)."""
 
 FLOAT_FALLBACKS = {"Conv": "FloatConv", "Gemm": "FloatGemm", "MatMul": "FloatMatMul", "Add": "FloatAdd",
-                   "Mul": "FloatMul", "Concat": "FloatConcat"}
+                   "Mul": "FloatMul", "Concat": "FloatConcat", "GlobalAveragePool": "FloatGlobalAveragePool"}
 """The kind the runtime computes instead where an op's activations are not all 8-bit per-tensor grids (ONNX
 Runtime's CPU QLinear kernels take 8-bit tensors only; a 16-bit op stays float between DQ and Q)."""
 

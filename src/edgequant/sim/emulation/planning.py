@@ -38,7 +38,7 @@ class EmulatedOp:
     kind: str  # a key of `KERNELS`: Conv, Gemm, MatMul, Add, Mul, GlobalAveragePool, AveragePool, Sigmoid, ...
     module: nn.Module
     inputs: list[Quantizer]
-    output: Quantizer
+    output: Quantizer | None  # None: a float op whose float output the runtime passes on (see `_float_readers`)
     activation: nn.Module | None = None  # the ReLU/ReLU6 fused between the op and its output quantizer
 
 
@@ -255,6 +255,24 @@ def _float_gemm_unsupported(module: nn.Module, weight: Quantizer) -> str:
     return ""
 
 
+def _float_readers(index: _GraphIndex, prefix: str | None, node: Any) -> bool:
+    """Is ``node``'s unquantized output read only by ops the emulation computes on float inputs? Then the runtime
+    runs the op in float and hands its float output on (DQ → Conv → HardSwish → Q: a supergroup that leaves the
+    Conv's output unquantized), which the emulation follows exactly."""
+    if prefix is None or not isinstance(node, fx.Node) or not node.users:
+        return False
+    for user in node.users:
+        module = index.module(prefix, user) if user.op == "call_module" else None
+        if module is not None and is_pass_through(module):  # a folded BatchNorm's Identity
+            if not _float_readers(index, prefix, user):
+                return False
+            continue
+        kind = op_kind(module) if module is not None else None
+        if kind is None or not KERNELS[kind].float_inputs:
+            return False
+    return True
+
+
 def clip_bounds(module: nn.Module) -> tuple[float, float] | None:
     """What a ReLU/ReLU6/Hardtanh fused after an op clamps to; None for an activation whose bounds are unknown."""
     if module_op_type(module) == "Relu":
@@ -396,13 +414,14 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
         if kind == "Conv" and module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (the runtime pads in a separate op)"
     output, activation = index.fused_output(prefix, node)
-    if output is None:
+    if output is None and not (kind in FLOAT_FALLBACKS and activation is None and _float_readers(index, prefix, node)):
         return "its output is not quantized by one fused group (op → [ReLU/ReLU6] → quantizer)"
     if activation is not None and clip_bounds(activation) is None:
         return f"the bounds of its fused {module_op_type(activation)} are not known to the emulation"
     if kind == "Resize" and (unsupported := Interpolation.of(module, node.args, node.kwargs).unsupported()):
         return unsupported
-    if kind in FLOAT_FALLBACKS and (any(index.gathered(arg) for arg in args)
+    if kind in FLOAT_FALLBACKS and (output is None
+                                    or any(index.gathered(arg) for arg in args)
                                     or any(q.bitwidth != 8 for q in (*inputs, output) if q.float_format is None)
                                     or (kernel.weighted and not _on_integer_weight_grid(module, weight))):
         kind, kernel = FLOAT_FALLBACKS[kind], KERNELS[FLOAT_FALLBACKS[kind]]
@@ -414,7 +433,7 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
         return "a softmax without an explicit dim"
     if kind == "Softmax" and any(q.symmetric for q in (*inputs, output)):
         return "a signed grid (the runtime's int8 QLinearSoftmax wraps around above 127; not emulated)"
-    for quantizer in (*inputs, output, *([weight] if weight is not None else [])):
+    for quantizer in (*inputs, *([output] if output is not None else []), *([weight] if weight is not None else [])):
         if quantizer.float_format is not None:  # fp8 has a scale and 8 bits, but no integer grid
             return f"quantizer {quantizer.name} has the float format {quantizer.float_format.name}"
         granularities = (PER_TENSOR,)
