@@ -4,6 +4,8 @@ htp config does not keep at 16."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -92,3 +94,16 @@ def test_smoothquant_searches_alpha_on_the_grid_of_the_8_bit_linear_inputs(ids) 
             assert quantizer.owner == group.name
             assert (quantizer.bitwidth, quantizer.symmetric) == (settings.activation_bw, False)
             assert type(quantizer.granularity) is PerTensor
+
+
+def test_w4a8_recipes_smooth_down_projs_input_and_the_field_alone_decides(ids, monkeypatch) -> None:
+    assert all(llm.RECIPES[r].smooth_down_proj for r in ("w4a8", "w4a8-r4", "w4a8-r4-seqmse-gptq"))
+    smoothed = dataclasses.replace(llm.RECIPES["w4a8-r4"], name="smoothed", techniques=())
+    for recipe in (smoothed, dataclasses.replace(smoothed, name="unsmoothed", smooth_down_proj=False)):
+        monkeypatch.setitem(llm.RECIPES, recipe.name, recipe)
+    mlps = [llm.quantize(tiny_llama(), ids, recipe=name, block_size=16, progress=False).model.model.layers[0].mlp
+            for name in ("smoothed", "unsmoothed")]
+    assert torch.equal(mlps[0].gate_proj.weight, mlps[1].gate_proj.weight)
+    ratios = mlps[0].up_proj.weight / mlps[1].up_proj.weight  # each row divided by its channel's scale
+    assert torch.allclose(ratios, ratios[:, :1].expand_as(ratios), rtol=1e-4)
+    assert (ratios[:, 0] - 1).abs().max() > 0.05

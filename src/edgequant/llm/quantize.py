@@ -71,7 +71,7 @@ def quantize(model: nn.Module, calibration_ids: torch.Tensor | Iterable[torch.Te
         raise ValueError("calibration_ids holds no token sequence: pass a LongTensor [N, T] with N >= 1")
     prepared = prepare_causal_lm(model, in_place=memory.in_place)
     for transform in chosen.transforms:
-        TRANSFORMS[transform](prepared, torch.cat(batches[:technique_batches]), block_size, progress)
+        TRANSFORMS[transform](prepared, torch.cat(batches[:technique_batches]), chosen, block_size, progress)
     sim = QuantSim(prepared, (batches[0],), config=config, param_bw=8, output_bw=chosen.activation_bw,
                    in_place=True)
     apply_recipe(sim, chosen, block_size=block_size, kv_cache_bw=kv_cache_bw)
@@ -100,20 +100,20 @@ TECHNIQUES = {"seqmse": _sequential_mse, "gptq": _gptq}
 """A recipe's technique names and what they run on the calibrated sim."""
 
 
-def _rotate(model: nn.Module, ids: torch.Tensor, block_size: int, progress: bool) -> None:
+def _rotate(model: nn.Module, ids: torch.Tensor, recipe: Recipe, block_size: int, progress: bool) -> None:
     rotate_causal_lm(model, RotationSettings())
 
 
-def _rotate_online(model: nn.Module, ids: torch.Tensor, block_size: int, progress: bool) -> None:
+def _rotate_online(model: nn.Module, ids: torch.Tensor, recipe: Recipe, block_size: int, progress: bool) -> None:
     rotate_causal_lm(model, RotationSettings(mlp_online=True))
 
 
-def _smooth(model: nn.Module, ids: torch.Tensor, block_size: int, progress: bool) -> None:
+def _smooth(model: nn.Module, ids: torch.Tensor, recipe: Recipe, block_size: int, progress: bool) -> None:
     smooth_causal_lm(model, ids, SmoothingSettings(alpha=None, weight_bw=4, weight_block_size=block_size,
-                                                   progress=progress))
+                                                   mlp_down=recipe.smooth_down_proj, progress=progress))
 
 
-def _awq(model: nn.Module, ids: torch.Tensor, block_size: int, progress: bool) -> None:
+def _awq(model: nn.Module, ids: torch.Tensor, recipe: Recipe, block_size: int, progress: bool) -> None:
     awq_causal_lm(model, ids, AwqSettings(bits=4, block_size=block_size, progress=progress))
 
 

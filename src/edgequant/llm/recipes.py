@@ -16,8 +16,10 @@ class Recipe:
     inputs, a 16-bit residual stream, Linear outputs, element-wise ops and attention). ``transforms`` change the
     float model (the sim's copy) before it is quantized, keeping its function (``"rotate"``: QuaRot's Hadamard
     rotations R1 and R2, ``"rotate-online"``: those and R4, an online rotation of down_proj's input, ``"smooth"``:
-    SmoothQuant, ``"awq"``: AWQ's weight scaling); ``techniques`` then refine the weight encodings
-    or the weights of the calibrated sim, in order."""
+    SmoothQuant, ``"awq"``: AWQ's weight scaling); ``smooth_down_proj``: SmoothQuant also scales down_proj's input
+    (up_proj's rows into down_proj's columns, before R4's rotation), where an attention sink's product puts
+    thousands in a few channels against tens elsewhere and sets the static 8-bit grid; ``techniques`` then refine
+    the weight encodings or the weights of the calibrated sim, in order."""
 
     name: str
     linear_bw: int
@@ -26,6 +28,7 @@ class Recipe:
     linear_input_bw: int | None = None
     techniques: tuple[str, ...] = ()
     transforms: tuple[str, ...] = ()
+    smooth_down_proj: bool = False
     summary: str = ""
 
 
@@ -58,12 +61,14 @@ RECIPES: dict[str, Recipe] = {
         Recipe("w4a16-lpbq-awq-gptq", 4, "lpbq", transforms=("awq",), techniques=("gptq",),
                summary="w4a16-lpbq after AWQ's scaling, weights rounded by GPTQ"),
         Recipe("w4a8", 4, "lpbq", linear_input_bw=8, transforms=("rotate", "smooth"), techniques=("gptq",),
+               smooth_down_proj=True,
                summary="4-bit LPBQ weights, 8-bit Linear inputs (QuaRot's A8; the rest 16-bit): rotation, "
-                       "SmoothQuant, then GPTQ"),
+                       "SmoothQuant (down_proj's input too), then GPTQ"),
         Recipe("w4a8-r4", 4, "lpbq", linear_input_bw=8, transforms=("rotate-online", "smooth"),
-               techniques=("gptq",), summary="w4a8 with QuaRot's online Hadamard rotation of down_proj's input (R4)"),
+               techniques=("gptq",), smooth_down_proj=True,
+               summary="w4a8 with QuaRot's online Hadamard rotation of down_proj's input (R4)"),
         Recipe("w4a8-r4-seqmse-gptq", 4, "lpbq", linear_input_bw=8, transforms=("rotate-online", "smooth"),
-               techniques=("seqmse", "gptq"),
+               techniques=("seqmse", "gptq"), smooth_down_proj=True,
                summary="w4a8-r4, block scales by sequential MSE, then weights rounded by GPTQ"),
         Recipe("w4a8-strict", 4, "lpbq", activation_bw=8, transforms=("rotate", "smooth"), techniques=("gptq",),
                summary="4-bit LPBQ weights, 8-bit outputs of every op the htp config does not keep at 16 bits "

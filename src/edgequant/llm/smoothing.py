@@ -5,7 +5,12 @@ before q/k/v (``input_layernorm``) and before gate/up (``post_attention_layernor
 weight, so dividing that weight by ``s`` and multiplying the following Linears' weight columns by ``s`` leaves the
 float function unchanged; so does dividing the output rows of ``v_proj`` (the attention output is a weighted sum of
 values) or of ``up_proj`` (the SiLU gate multiplies it elementwise) and multiplying the input columns of ``o_proj``
-or ``down_proj``. Under grouped-query attention ``o_proj``'s input channel ``h * head_dim + d`` holds query head
+or ``down_proj``. Where QuaRot's R4 rotates down_proj's input online (``(x·H)·(W·H)ᵀ``), the scale acts before the
+rotation: up_proj's rows are divided by ``s`` and down_proj's weight becomes ``W·diag(s)·H``, so that a channel
+outlier of the product (an attention sink's, thousands against tens) is divided away before H spreads it over
+every channel of the token.
+
+Under grouped-query attention ``o_proj``'s input channel ``h * head_dim + d`` holds query head
 ``h``, which reads key/value head ``h // groups``: its scale is that of ``v_proj`` row ``(h // groups) * head_dim +
 d``.
 
@@ -144,8 +149,7 @@ def smooth_causal_lm(model: nn.Module, calibration_ids: torch.Tensor,
         if alpha is None:  # the search's option of no scaling
             return inputs.new_ones(group.size)
         activation = group.reduce(inputs.abs().amax(0), "amax").clamp_min(1e-5)
-        weight = group.reduce(torch.cat([c.weight.detach().abs() for c in group.consumers]).amax(0).float(),
-                              "amax").clamp_min(1e-5)
+        weight = group.reduce(torch.cat(group.consumer_weights()).abs().amax(0), "amax").clamp_min(1e-5)
         return (activation.pow(alpha) / weight.pow(1.0 - alpha)).clamp_min(1e-5)
 
     def error(group: _Group, inputs: torch.Tensor, scale: torch.Tensor) -> float:
@@ -181,7 +185,8 @@ def awq_causal_lm(model: nn.Module, calibration_ids: torch.Tensor, settings: Awq
 @dataclass(frozen=True)
 class _Group:
     """A producer of ``size`` channels and the Linears reading them; ``channels`` maps each consumer input channel
-    to its producer channel (None: the same index)."""
+    to its producer channel (None: the same index); ``rotation``: the orthogonal H of an online rotation between
+    them (R4: the consumers read ``x·H`` and their weights are stored as ``W·H``), None where there is none."""
 
     name: str
     producer: nn.Module
@@ -189,6 +194,7 @@ class _Group:
     consumer_names: tuple[str, ...]
     size: int
     channels: torch.Tensor | None = None
+    rotation: torch.Tensor | None = None
 
     def reduce(self, values: torch.Tensor, how: str) -> torch.Tensor:
         """Per-consumer-input-channel ``values`` reduced (``"amax"`` or ``"mean"``) to the producer's channels."""
@@ -201,12 +207,26 @@ class _Group:
         """A producer-channel ``scale`` laid out on the consumers' input channels."""
         return scale if self.channels is None else scale[self.channels.to(scale.device)]
 
+    def rotated(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``matrix`` (rows on the producer's channels) as the consumers read it: ``matrix·H`` under a rotation."""
+        return matrix if self.rotation is None else matrix @ self.rotation.to(matrix)
+
+    def consumer_weights(self, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """The consumers' weights on the producer's channels (``W``, the rotation ``W·H`` undone), in ``dtype``."""
+        weights = [consumer.weight.detach().to(dtype) for consumer in self.consumers]
+        return weights if self.rotation is None else [w @ self.rotation.to(w).T for w in weights]
+
     def fold(self, scale: torch.Tensor) -> None:
-        """Divide the producer's output channels by ``scale`` and multiply the consumers' input columns by it."""
+        """Divide the producer's output channels by ``scale`` and multiply the consumers' input columns by it (under
+        a rotation, before it: ``W·diag(s)·H``)."""
         with torch.no_grad():
             expanded = self.expand(scale)
-            for consumer in self.consumers:
-                consumer.weight.mul_(expanded.to(consumer.weight.dtype))
+            if self.rotation is None:
+                for consumer in self.consumers:
+                    consumer.weight.mul_(expanded.to(consumer.weight.dtype))
+            else:
+                for consumer, weight in zip(self.consumers, self.consumer_weights(torch.float64), strict=True):
+                    consumer.weight.copy_(self.rotated(weight * expanded.double()).to(consumer.weight.dtype))
             weight = self.producer.weight
             if isinstance(self.producer, nn.Linear):
                 weight.div_(scale.to(weight.dtype)[:, None])
@@ -231,10 +251,10 @@ def _layer_groups(name: str, layer: nn.Module, attention_output: bool, mlp_down:
     attention, mlp = layer.self_attn, layer.mlp
 
     def group(producer: str, owner: str, consumers: tuple[str, ...], size: int,
-              channels: torch.Tensor | None = None) -> _Group:
+              channels: torch.Tensor | None = None, rotation: torch.Tensor | None = None) -> _Group:
         return _Group(f"{name}.{producer}", layer.get_submodule(producer),
                       tuple(layer.get_submodule(f"{owner}.{c}") for c in consumers),
-                      tuple(f"{name}.{owner}.{c}" for c in consumers), size, channels)
+                      tuple(f"{name}.{owner}.{c}" for c in consumers), size, channels, rotation)
 
     hidden = layer.input_layernorm.weight.numel()
     groups = [group("input_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj"), hidden)]
@@ -248,11 +268,8 @@ def _layer_groups(name: str, layer: nn.Module, attention_output: bool, mlp_down:
                             None if per_kv_head == 1 else kv_channel))
     groups.append(group("post_attention_layernorm", "mlp", ("gate_proj", "up_proj"), hidden))
     if mlp_down:
-        if isinstance(mlp, RotatedInputMlp):  # down_proj reads (act · up)·H: a per-channel scale of up_proj's
-            raise ValueError(  # output does not pass through H, so folding 1/s into down_proj would change the model
-                f"{name}.mlp has R4's online rotation before down_proj: scale up_proj -> down_proj before rotating, "
-                "or pass mlp_down=False")
-        groups.append(group("mlp.up_proj", "mlp", ("down_proj",), mlp.up_proj.out_features))
+        rotation = mlp.down_rotation.matrix if isinstance(mlp, RotatedInputMlp) else None
+        groups.append(group("mlp.up_proj", "mlp", ("down_proj",), mlp.up_proj.out_features, rotation=rotation))
     return groups
 
 
@@ -262,7 +279,8 @@ class _LayerDone(Exception):
 
 
 def _layer_inputs(model: nn.Module, layer: nn.Module, groups: list[_Group], ids: torch.Tensor) -> list[torch.Tensor]:
-    """For each group, the float32 inputs ``[tokens, in_features]`` of its consumers over all calibration ids."""
+    """For each group, the float32 inputs ``[tokens, in_features]`` of its consumers over all calibration ids, on
+    the producer's channels (an online rotation undone)."""
     captured: list[list[torch.Tensor]] = [[] for _ in groups]
 
     def keep(index: int):  # noqa: ANN202 - a hook factory
@@ -285,7 +303,8 @@ def _layer_inputs(model: nn.Module, layer: nn.Module, groups: list[_Group], ids:
     finally:
         for handle in handles:
             handle.remove()
-    return [torch.cat(inputs) for inputs in captured]
+    inputs = [torch.cat(tensors) for tensors in captured]
+    return [x if g.rotation is None else x @ g.rotation.to(x).T for x, g in zip(inputs, groups, strict=True)]
 
 
 def _relative_error(group: _Group, inputs: torch.Tensor, scale: torch.Tensor, weight_bw: int,
@@ -293,16 +312,16 @@ def _relative_error(group: _Group, inputs: torch.Tensor, scale: torch.Tensor, we
     """``||Q_a(X / s) Q_w(W diag(s))ᵀ - X Wᵀ||² / ||X Wᵀ||²`` summed over the group's consumers: symmetric min-max
     ``weight_bw``-bit weights per block of ``block_size`` input features (None: per output channel), asymmetric
     min-max per-tensor ``activation_bw``-bit activations (None: float). With float activations this is AWQ's
-    ``Q(W diag(s)) diag(s)⁻¹ X``."""
+    ``Q(W diag(s)) diag(s)⁻¹ X``. Under a rotation H both are what the consumers read: ``Q_a((X / s)·H)`` and
+    ``Q_w(W diag(s)·H)``."""
     expanded = group.expand(scale)
-    scaled = inputs / expanded
+    scaled = group.rotated(inputs / expanded)
     if activation_bw is not None:
         scaled = _fake_quantize(scaled.reshape(1, -1), activation_bw, None, symmetric=False).reshape(scaled.shape)
     error, total = 0.0, 0.0
-    for consumer in group.consumers:
-        weight = consumer.weight.detach().float()
+    for weight in group.consumer_weights():
         reference = inputs @ weight.T
-        quantized = scaled @ _fake_quantize(weight * expanded, weight_bw, block_size, symmetric=True).T
+        quantized = scaled @ _fake_quantize(group.rotated(weight * expanded), weight_bw, block_size, symmetric=True).T
         error += float((quantized - reference).square().sum())
         total += float(reference.square().sum())
     return error / max(total, 1e-30)
