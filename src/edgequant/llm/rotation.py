@@ -19,7 +19,8 @@ that `edgequant.llm.quantize` takes as it is:
    runs before down_proj, whose weight becomes ``W·H``. Nothing upstream can absorb ``H`` (the product is
    element-wise), so it is an op of the graph: the sim quantizes its output, down_proj's input, at the activation
    bits, its constant gets no weight quantizer, and the export writes it as a MatMul that ONNX Runtime runs.
-   Scale up_proj → down_proj (AWQ's ``mlp_down``) before R4, never after: the scaling does not commute with ``H``.
+   A scale of up_proj → down_proj (``mlp_down``) acts before ``H`` (the scaling does not commute with it):
+   `smooth_causal_lm` and `awq_causal_lm` fold it as ``W·diag(s)·H`` on a rotated model.
 
 Qwen3's per-head ``q_norm``/``k_norm`` are untouched and stay exact: R1 acts on the projections' inputs and R2 on
 the values, and neither changes a query or a key.
