@@ -318,3 +318,28 @@ def test_16_bit_cnn_ops_are_onnxruntimes_float_ops(tmp_path: Path) -> None:
     report = verify(tmp_path, sim, data, progress=False)
     assert report.first_difference is None, report.tensor_table()
     assert default.first_difference is not None
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride", "padding"), [
+    ((8, 8), 2, 2, 0), ((7, 9), 3, 2, 1), ((10, 10), 3, 1, 1), ((14, 14), 3, 3, 0), ((9, 11), 5, 2, 2)])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize("count_include_pad", [False, True])
+def test_float_average_pool_is_onnxruntimes(size: tuple[int, int], kernel: int, stride: int, padding: int,
+                                            ceil_mode: bool, count_include_pad: bool) -> None:
+    """ORT's float AveragePool on a 16-bit DQ's output: row-major window sums; with ``count_include_pad`` a ceil-mode
+    window past the padding counts only what lies inside the padded input (its integer kernel counts the kernel)."""
+    rng = np.random.default_rng(kernel * 100 + stride * 10 + padding)
+    levels = rng.integers(-32768, 32768, (2, 5, *size)).astype(np.int16)
+    scale = np.float32(0.00731)
+    node = helper.make_node("AveragePool", ["d"], ["y"], kernel_shape=[kernel] * 2, strides=[stride] * 2,
+                            pads=[padding] * 4, ceil_mode=int(ceil_mode), count_include_pad=int(count_include_pad))
+    session = _session([helper.make_node("DequantizeLinear", ["x", "s"], ["d"]), node],
+                       [helper.make_tensor_value_info("x", TensorProto.INT16, list(levels.shape))],
+                       [numpy_helper.from_array(np.array(scale), "s")], TensorProto.FLOAT, opset=21)
+    expected = session.run(None, {"x": levels})[0]
+    grid = Grid(torch.tensor(scale), torch.tensor(-32768.0), 65535, True)
+    module = nn.AvgPool2d(kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+    values = torch.from_numpy(levels.astype(np.float32)) * torch.tensor(scale)
+    emulated = KERNELS["FloatAveragePool"].compute(module, OnnxRuntimeCPU(), (values,), [grid], None)
+    assert emulated.shape == expected.shape
+    assert np.array_equal(emulated.numpy().view(np.int32), expected.view(np.int32))

@@ -182,6 +182,12 @@ class RuntimeModel(ABC):
         what PyTorch does."""
         return None
 
+    def float_average_pool(self, windows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+        """AveragePool where the runtime pools in float between DQ and Q: ``windows`` (..., K, L) holds each of the
+        L output positions' K window values (zeros where a window leaves the input), ``counts`` (L,) the divisors;
+        before the output's quantizer. None where the runtime computes what PyTorch does."""
+        return None
+
     def float_global_average(self, values: torch.Tensor) -> torch.Tensor | None:
         """GlobalAveragePool of float32 ``values`` (N, C, spatial...) where the runtime pools in float between DQ
         and Q, keeping the spatial axes as 1, before the output's quantizer; None where the runtime computes what
@@ -320,11 +326,17 @@ class OnnxRuntimeCPU(RuntimeModel):
     def average_pool(self, windows: torch.Tensor, counts: torch.Tensor, source: Grid, output: Grid) -> torch.Tensor:
         # contrib QLinearAveragePool: float32 sum in window order, divided by the count, then
         # nearbyint(y / s_y + z_y)
+        quotient = self.float_average_pool(windows, counts).div_(output.scale).add_(output.zero_point)
+        return output.clamp(quotient.round_() - output.zero_point)
+
+    def float_average_pool(self, windows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # cpu/nn/pool_functors.h: a float32 sum in window order (row-major; the padding skipped, which adding its
+        # zeros matches), divided by the count (checked against ORT 1.32 with and without padding, ceil mode and
+        # count_include_pad, strides 1 to 7)
         total = windows[..., 0, :].clone()
         for index in range(1, windows.shape[-2]):
             total += windows[..., index, :]
-        quotient = (total / counts).div_(output.scale).add_(output.zero_point)
-        return output.clamp(quotient.round_() - output.zero_point)
+        return total / counts
 
     def sigmoid(self, values: torch.Tensor) -> torch.Tensor:
         return mlas_logistic(values)

@@ -404,32 +404,53 @@ def _pooled_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: b
     return count - 1 if ceil_mode and (count - 1) * stride >= size + padding else count
 
 
-def _average_pool(module: nn.AvgPool2d, runtime: RuntimeModel, x: torch.Tensor, source: Grid,
-                  output: Grid) -> torch.Tensor:
-    """Windows of ``x`` in the runtime's order (row-major), the divisor of each output position, pooled.
+def _pool_windows(module: nn.AvgPool2d, x: torch.Tensor, whole_kernel: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Windows of ``x`` in the runtime's order (row-major; zeros where a window leaves the input), the divisor of
+    each output position, and the output size.
 
-    The divisors are ONNX Runtime's: with ``count_include_pad`` every window counts the whole kernel, also a
-    last window of ``ceil_mode`` that runs past the padding (PyTorch counts only the part inside the padded
-    input there, so the runtime's output differs from the PyTorch model's on those positions); without it, the
-    input elements the window covers.
+    The divisors are ONNX Runtime's. With ``count_include_pad`` they count the padding: the whole kernel in every
+    window for its integer kernel (``whole_kernel``), also a last window of ``ceil_mode`` that runs past the
+    padding, where its float kernel counts only the part inside the padded input (as PyTorch does); without it,
+    the input elements the window covers.
     """
     kernel, stride, padding = (torch.nn.modules.utils._pair(v) for v in (module.kernel_size,
                                                                           module.stride or module.kernel_size,
                                                                           module.padding))
     sizes = [_pooled_size(x.shape[-2 + axis], kernel[axis], stride[axis], padding[axis], module.ceil_mode)
              for axis in range(2)]
-    beyond = [(sizes[axis] - 1) * stride[axis] + kernel[axis] - x.shape[-2 + axis] - 2 * padding[axis]
+    beyond = [max((sizes[axis] - 1) * stride[axis] + kernel[axis] - x.shape[-2 + axis] - 2 * padding[axis], 0)
               for axis in range(2)]  # how far the last window runs past the padded input (ceil mode)
-    pads = (padding[1], padding[1] + max(beyond[1], 0), padding[0], padding[0] + max(beyond[0], 0))
+    pads = (padding[1], padding[1] + beyond[1], padding[0], padding[0] + beyond[0])
     windows = F.unfold(F.pad(x.float(), pads), kernel, stride=stride)  # (N, C·K, L)
     windows = windows.view(x.shape[0], x.shape[1], kernel[0] * kernel[1], -1)
-    if module.count_include_pad:
+    if module.count_include_pad and whole_kernel:
         counts = torch.full((windows.shape[-1],), float(kernel[0] * kernel[1]), device=x.device)
     else:
-        ones = F.pad(torch.ones(1, 1, *x.shape[-2:], device=x.device), pads)
-        counts = F.unfold(ones, kernel, stride=stride).sum(dim=1)[0]
+        counted = torch.ones(1, 1, *(x.shape[-2 + axis] + (2 * padding[axis] if module.count_include_pad else 0)
+                                     for axis in range(2)), device=x.device)
+        unpadded = (0, beyond[1], 0, beyond[0]) if module.count_include_pad else pads
+        counts = F.unfold(F.pad(counted, unpadded), kernel, stride=stride).sum(dim=1)[0]
+    return windows, counts, sizes
+
+
+def _average_pool(module: nn.AvgPool2d, runtime: RuntimeModel, x: torch.Tensor, source: Grid,
+                  output: Grid) -> torch.Tensor:
+    """ORT's QLinearAveragePool on the windows and divisors of `_pool_windows` (the PyTorch model's output differs
+    where a ``ceil_mode`` window runs past the padding)."""
+    windows, counts, sizes = _pool_windows(module, x, whole_kernel=True)
     pooled = runtime.average_pool(windows, counts, source, output)
     return pooled.view(x.shape[0], x.shape[1], *sizes)
+
+
+def _float_pool(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                output: Grid) -> torch.Tensor | None:
+    """An AveragePool the runtime computes in float between DQ and Q (grids it has no integer kernel for), on the
+    windows and divisors of `_pool_windows`; the sim's quantizer follows."""
+    (x,) = _as_dequantized([args[0]], grids)
+    windows, counts, sizes = _pool_windows(module, x, whole_kernel=False)
+    pooled = runtime.float_average_pool(windows, counts)
+    return None if pooled is None else pooled.view(x.shape[0], x.shape[1], *sizes)
 
 
 def _conv_transpose(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
@@ -529,6 +550,7 @@ KERNELS: dict[str, Kernel] = {
     "FloatMul": Kernel(2, lambda m: False, _float_elementwise, float_inputs=True),
     "FloatConcat": Kernel(None, lambda m: False, _float_concat, keywords=("dim",), float_inputs=True),
     "FloatGlobalAveragePool": Kernel(1, lambda m: False, _float_global_average_pool, float_inputs=True),
+    "FloatAveragePool": Kernel(1, lambda m: False, _float_pool, float_inputs=True),
 }
 """The ops an integer runtime fuses into one kernel, and the float ops between Q/DQ it computes with another
 formula than PyTorch (HardSigmoid, HardSwish, SiLU, ConvTranspose, bilinear Resize, LayerNorm, channels-first
@@ -537,7 +559,8 @@ integer kinds of `FLOAT_FALLBACKS` on grids without an integer kernel; nor does 
 kind for a Linear whose input is indexed after the DQ (a float Gemm in the runtime)."""
 
 FLOAT_FALLBACKS = {"Conv": "FloatConv", "Gemm": "FloatGemm", "MatMul": "FloatMatMul", "Add": "FloatAdd",
-                   "Mul": "FloatMul", "Concat": "FloatConcat", "GlobalAveragePool": "FloatGlobalAveragePool"}
+                   "Mul": "FloatMul", "Concat": "FloatConcat", "GlobalAveragePool": "FloatGlobalAveragePool",
+                   "AveragePool": "FloatAveragePool"}
 """The kind the runtime computes instead where an op's activations are not all 8-bit per-tensor grids (ONNX
 Runtime's CPU QLinear kernels take 8-bit tensors only; a 16-bit op stays float between DQ and Q)."""
 
