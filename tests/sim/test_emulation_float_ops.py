@@ -343,3 +343,21 @@ def test_float_average_pool_is_onnxruntimes(size: tuple[int, int], kernel: int, 
     emulated = KERNELS["FloatAveragePool"].compute(module, OnnxRuntimeCPU(), (values,), [grid], None)
     assert emulated.shape == expected.shape
     assert np.array_equal(emulated.numpy().view(np.int32), expected.view(np.int32))
+
+
+def test_float_softmax_is_onnxruntimes_at_16_bits() -> None:
+    """A softmax over the last axis of a 16-bit DQ's output: a float Softmax in ORT (QLinearSoftmax takes 8-bit
+    grids only), MLAS's kernel; PyTorch's softmax rounds otherwise on some rows."""
+    rng = np.random.default_rng(7)
+    levels = rng.integers(-32768, 32768, (4, 3, 37, 50)).astype(np.int16)
+    scale = np.float32(0.000417)
+    session = _session([helper.make_node("DequantizeLinear", ["x", "s"], ["d"]),
+                        helper.make_node("Softmax", ["d"], ["y"], axis=-1)],
+                       [helper.make_tensor_value_info("x", TensorProto.INT16, list(levels.shape))],
+                       [numpy_helper.from_array(np.array(scale), "s")], TensorProto.FLOAT, opset=21)
+    expected = session.run(None, {"x": levels})[0]
+    grid = Grid(torch.tensor(scale), torch.tensor(-32768.0), 65535, True)
+    values = torch.from_numpy(levels.astype(np.float32)) * torch.tensor(scale)
+    emulated = KERNELS["FloatSoftmax"].compute(nn.Softmax(-1), OnnxRuntimeCPU(), (values, -1), [grid], None)
+    assert np.array_equal(emulated.numpy().view(np.int32), expected.view(np.int32))
+    assert not np.array_equal(torch.softmax(values, -1).numpy(), expected)

@@ -266,6 +266,13 @@ def _softmax(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[
     return output.values(runtime.softmax(args[0], grids[0], output, softmax_dim(module, args)))
 
 
+def _float_softmax(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                   output: Grid) -> torch.Tensor | None:
+    """A softmax over the last axis the runtime computes in float between DQ and Q (grids its QLinearSoftmax does
+    not take); the sim's quantizer follows."""
+    return runtime.float_softmax(*_as_dequantized([args[0]], grids))
+
+
 def _is_masked_softmax(module: nn.Module) -> bool:
     """``softmax(scores + mask)`` over the last axis as one op (`edgequant.sim.ops.masked_softmax`):
     the export adds the float mask between DQ and Softmax, so the runtime runs a float Softmax, not QLinearSoftmax."""
@@ -551,6 +558,7 @@ KERNELS: dict[str, Kernel] = {
     "FloatConcat": Kernel(None, lambda m: False, _float_concat, keywords=("dim",), float_inputs=True),
     "FloatGlobalAveragePool": Kernel(1, lambda m: False, _float_global_average_pool, float_inputs=True),
     "FloatAveragePool": Kernel(1, lambda m: False, _float_pool, float_inputs=True),
+    "FloatSoftmax": Kernel(1, lambda m: False, _float_softmax, keywords=("dim",), float_inputs=True),
 }
 """The ops an integer runtime fuses into one kernel, and the float ops between Q/DQ it computes with another
 formula than PyTorch (HardSigmoid, HardSwish, SiLU, ConvTranspose, bilinear Resize, LayerNorm, channels-first
@@ -560,7 +568,7 @@ kind for a Linear whose input is indexed after the DQ (a float Gemm in the runti
 
 FLOAT_FALLBACKS = {"Conv": "FloatConv", "Gemm": "FloatGemm", "MatMul": "FloatMatMul", "Add": "FloatAdd",
                    "Mul": "FloatMul", "Concat": "FloatConcat", "GlobalAveragePool": "FloatGlobalAveragePool",
-                   "AveragePool": "FloatAveragePool"}
+                   "AveragePool": "FloatAveragePool", "Softmax": "FloatSoftmax"}
 """The kind the runtime computes instead where an op's activations are not all 8-bit per-tensor grids (ONNX
 Runtime's CPU QLinear kernels take 8-bit tensors only; a 16-bit op stays float between DQ and Q)."""
 

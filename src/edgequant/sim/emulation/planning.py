@@ -429,6 +429,8 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
             return reason
         if kind == "FloatConv" and not isinstance(module, nn.Conv2d):
             return "a 1-D or 3-D convolution without an integer kernel: its float path is not modelled"
+    if kind == "FloatSoftmax" and softmax_dim(module, (*node.args, *node.kwargs.values())) != -1:
+        return "a float softmax over another axis than the last (named -1): not modelled"
     if kind == "Softmax" and softmax_dim(module, (*node.args, *node.kwargs.values())) is None:
         return "a softmax without an explicit dim"
     if kind == "Softmax" and any(q.symmetric for q in (*inputs, output)):
