@@ -23,6 +23,31 @@ _BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.I
          onnx.TensorProto.INT16: 16, onnx.TensorProto.UINT16: 16, onnx.TensorProto.FLOAT: 32}
 
 
+def _initializer_bits(initializer: onnx.TensorProto) -> int:
+    return _BITS.get(initializer.data_type, 32) * max(1, int(torch.tensor(list(initializer.dims)).prod()))
+
+
+def four_bit_weight_bits(graph: onnx.ModelProto) -> tuple[int, int]:
+    """How many 4-bit weights the graph stores, and the bits they take with everything their DequantizeLinear reads
+    (block scales, or LPBQ's multipliers and channel scales through the DequantizeLinear that computes them)."""
+    initializers = {i.name: i for i in graph.graph.initializer}
+    producers = {output: node for node in graph.graph.node for output in node.output}
+    weights = storage = 0
+    for node in graph.graph.node:
+        values = initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if values is None or values.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            continue
+        weights += int(torch.tensor(list(values.dims)).prod())
+        read = list(node.input)
+        while read:
+            name = read.pop()
+            if name in initializers:
+                storage += _initializer_bits(initializers[name])
+            elif name in producers:
+                read += producers[name].input
+    return weights, storage
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="w4a16-lpbq")
@@ -50,9 +75,9 @@ def main() -> None:
         exported = time.perf_counter() - started
         graph = onnx.load(export.onnx_path)
         size = export.onnx_path.stat().st_size
-        weight_bits = sum(_BITS.get(i.data_type, 32) * max(1, int(torch.tensor(list(i.dims)).prod()))
-                          for i in graph.graph.initializer)
+        weight_bits = sum(_initializer_bits(i) for i in graph.graph.initializer)
         parameters = sum(p.numel() for p in model.parameters())
+        four_bit_weights, four_bit_storage = four_bit_weight_bits(graph)
         prompts = split.evaluation[:, : args.prompt_length]
         started = time.perf_counter()
         with torch.no_grad():
@@ -89,7 +114,8 @@ def main() -> None:
                   f"{prefix.tolist()}), {seconds:.0f} s (sim {sim_seconds:.0f} s)")
     print(f"{args.recipe}, KV cache {args.kv_cache_bits} bit: export {exported:.0f} s, QDQ file {size / 2**20:.1f} MiB "
           f"= {8 * size / parameters:.2f} bits per parameter ({parameters / 1e6:.1f} M); initializers "
-          f"{weight_bits / parameters:.2f} bits per parameter")
+          f"{weight_bits / parameters:.2f} bits per parameter; the {four_bit_weights / 1e6:.1f} M 4-bit weights "
+          f"{four_bit_storage / max(four_bit_weights, 1):.3f} bits each with their scales")
 
 
 if __name__ == "__main__":
