@@ -116,3 +116,23 @@ def test_multihead_attention_exports_and_the_emulating_sim_equals_onnxruntime(tm
          softmax])
     report = verify(tmp_path, sim, batches(data, padding[32:]), batch_size=16, progress=False)
     assert report.outputs[0].share_identical == 1.0 and report.first_difference is None
+
+
+class _UnbatchedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention, self.head = nn.MultiheadAttention(16, 4), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(x, x, x, need_weights=False)[0])
+
+
+def test_an_unbatched_call_keeps_pytorchs_module_in_float() -> None:
+    """A 2-D query (PyTorch's unbatched call) is not rewritten, which computes batched calls only: the module stays
+    PyTorch's, in float, and the sim builds and runs."""
+    torch.manual_seed(0)
+    model, x = _UnbatchedAttention().eval(), torch.randn(5, 16)
+    sim = eq.QuantSim(model, x)
+    sim.calibrate([x], progress=False)
+    assert type(sim.model.get_submodule("attention")) is nn.MultiheadAttention
+    assert sim.model(x).shape == (5, 4)

@@ -124,6 +124,14 @@ def _called_with_mask(attention: nn.MultiheadAttention, record: CallRecord) -> b
     return any(arguments.get(name) is not None for name in _MASKS)
 
 
+def _called_unbatched(attention: nn.MultiheadAttention, record: CallRecord) -> bool:
+    """Was the query 2-D (PyTorch's unbatched call)? The rewrite computes batched calls only: such a module stays
+    PyTorch's, in float, and the plan reports it."""
+    query = inspect.signature(attention.forward).bind(*record.args, **record.kwargs).arguments.get("query")
+    rank = query.dim() if isinstance(query, torch.Tensor) else len(query) if isinstance(query, torch.Size) else None
+    return rank == 2
+
+
 def quantizable_multihead_attention(model: nn.Module, records: dict[str, CallRecord]) -> list[str]:
     """Put a `QuantizableMultiheadAttention` in place of every ``nn.MultiheadAttention`` inside ``model`` that ran
     in ``records`` (the model's calls on the dummy input, by module name); returns their names."""
@@ -131,7 +139,7 @@ def quantizable_multihead_attention(model: nn.Module, records: dict[str, CallRec
     for name, module in list(model.named_modules()):
         record = records.get(name)
         if not name or type(module) is not nn.MultiheadAttention or record is None or module.bias_k is not None or (
-                module.add_zero_attn):
+                module.add_zero_attn) or _called_unbatched(module, record):
             continue
         replacement = QuantizableMultiheadAttention(module, _called_with_mask(module, record))
         replacement.train(module.training)
