@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from emulation_parity import export_then_emulate
 from onnx import TensorProto, helper
 from tiny_llm import FirstDecoderBlock, tiny_llama, tiny_tokenizer
 from torch import nn
@@ -106,11 +107,7 @@ def test_llama_decoder_block_is_identical_to_onnxruntime(tmp_path: Path, seed: i
     block = FirstDecoderBlock(llm.prepare_causal_lm(tiny_llama(tiny_tokenizer())), 24).eval()
     calibration, data = torch.randn(16, 24, 64), torch.randn(48, 24, 64)
     sim = eq.QuantSim(block, calibration[:1], config="per_channel")
-    sim.calibrate(calibration.split(8), progress=False)
-    sim.export(tmp_path, calibration[:1])
-    default = verify(tmp_path, sim, data, progress=False)
-    plan = sim.emulate("onnxruntime")
-    assert not plan.skipped, plan.summary()
+    default, plan = export_then_emulate(sim, calibration, data, tmp_path)
     assert {"RMSNormalization", "MaskedSoftmax", "MatMul", "Silu"} <= {op.kind for op in plan.ops}
     report = verify(tmp_path, sim, data, progress=False)
     assert report.first_difference is None, report.tensor_table()
@@ -127,11 +124,7 @@ def test_w8a16_block_is_identical_to_onnxruntime(tmp_path: Path) -> None:
     block = FirstDecoderBlock(llm.prepare_causal_lm(tiny_llama(tiny_tokenizer())), 24).eval()
     calibration, data = torch.randn(16, 24, 64), torch.randn(48, 24, 64)
     sim = eq.QuantSim(block, calibration[:1], config="htp", param_bw=8, output_bw=16)
-    sim.calibrate(calibration.split(8), progress=False)
-    sim.export(tmp_path, calibration[:1])
-    default = verify(tmp_path, sim, data, progress=False)
-    plan = sim.emulate("onnxruntime")
-    assert not plan.skipped, plan.summary()
+    default, plan = export_then_emulate(sim, calibration, data, tmp_path)
     assert {"FloatGemm", "FloatMatMul", "FloatAdd", "FloatMul", "RMSNormalization", "MaskedSoftmax"} <= {
         op.kind for op in plan.ops}
     report = verify(tmp_path, sim, data, progress=False)

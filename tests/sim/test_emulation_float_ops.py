@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from emulation_parity import export_then_emulate
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -252,11 +253,7 @@ def test_4_bit_convolutions_are_onnxruntimes_float_conv(tmp_path: Path) -> None:
     calibration, data = torch.randn(16, 3, 20, 20), torch.randn(32, 3, 20, 20)
     sim = eq.QuantSim(model, calibration[:1], config="per_channel")
     sim.set_format("*", IntegerFormat(4, True), kinds=("param",), module_types=(nn.Conv2d, nn.Linear))
-    sim.calibrate(calibration.split(8), progress=False)
-    sim.export(tmp_path, calibration[:1])
-    default = verify(tmp_path, sim, data, progress=False)
-    plan = sim.emulate("onnxruntime")
-    assert not plan.skipped, plan.summary()
+    default, plan = export_then_emulate(sim, calibration, data, tmp_path)
     assert [op.kind for op in plan.ops].count("FloatConv") == 5 and "FloatGemm" in {op.kind for op in plan.ops}
     report = verify(tmp_path, sim, data, progress=False)
     assert report.first_difference is None, report.tensor_table()
@@ -307,11 +304,7 @@ def test_16_bit_cnn_ops_are_onnxruntimes_float_ops(tmp_path: Path) -> None:
     model = _HardSwishSqueezeNet().eval()
     calibration, data = torch.randn(16, 3, 20, 20), torch.randn(32, 3, 20, 20)
     sim = eq.QuantSim(model, calibration[:1], config="htp", param_bw=8, output_bw=16)
-    sim.calibrate(calibration.split(8), progress=False)
-    sim.export(tmp_path, calibration[:1])
-    default = verify(tmp_path, sim, data, progress=False)
-    plan = sim.emulate("onnxruntime")
-    assert not plan.skipped, plan.summary()
+    default, plan = export_then_emulate(sim, calibration, data, tmp_path)
     kinds = [op.kind for op in plan.ops]
     assert kinds.count("FloatGlobalAveragePool") == 2 and {"HardSwish", "HardSigmoid", "FloatMul"} <= set(kinds)
     assert next(op for op in plan.ops if op.name == "stem.0").output is None  # the supergroup's float Conv
