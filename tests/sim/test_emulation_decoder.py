@@ -217,3 +217,17 @@ def test_projection_between_grids_of_different_widths_one_row_at_a_time(tmp_path
         products = {path: torch.cat([OnnxRuntimeCPU().float_linear(row[None], weight, None, 8, True, path)
                                      for row in rows]) for path in ("dequantized", "fused")}
         assert not torch.equal(output(products["dequantized"]), output(products["fused"]))
+
+
+def test_an_8_bit_projection_with_a_bias_into_a_wider_grid_is_reported() -> None:
+    """8-bit input and weight, a bias and a 16-bit output: ORT runs MatMulIntegerToFloat and a float Add, whose
+    order is not modelled, so the plan says so instead of claiming the float MatMul."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(384, 256)).eval()
+    calibration = torch.randn(16, 1, 384)
+    sim = eq.QuantSim(model, calibration[:1], config="htp", param_bw=8, output_bw=16)
+    sim.set_format("*", IntegerFormat(8, False), kinds=("input",))
+    sim.calibrate(calibration.split(8), progress=False)
+    with pytest.warns(UserWarning, match="not emulated"):
+        plan = sim.emulate("onnxruntime")
+    assert "MatMulIntegerToFloat" in plan.skipped["0"]

@@ -244,14 +244,19 @@ def _sequence(node: Any) -> bool:
     return isinstance(node, fx.Node) and function_name(node.target).strip("_") in SEQUENCE_OUTPUTS
 
 
-def _float_gemm_unsupported(module: nn.Module, weight: Quantizer) -> str:
+def _float_gemm_unsupported(module: nn.Module, weight: Quantizer, source: Quantizer, output: Quantizer | None) -> str:
     """Why a Linear the runtime computes in float is not emulated ("" where it is): the float path is modelled
     for 8- and 4-bit weights (per channel, per block or LPBQ), which ORT fuses with their DQ into MatMulNBits."""
     if weight.bitwidth not in (4, 8):
         return (f"a {weight.bitwidth}-bit weight without an integer kernel: ORT's MatMulNBits kernel for it sums "
                 f"in an order that is not modelled")
-    if isinstance(weight.granularity, PerBlock) and module._parameters.get("bias") is not None:
+    has_bias = module._parameters.get("bias") is not None
+    if isinstance(weight.granularity, PerBlock) and has_bias:
         return "a blocked weight with a bias (a float MatMul, then the bias): not modelled"
+    if (has_bias and source.bitwidth == 8 and output is not None and output.bitwidth != 8
+            and _on_integer_weight_grid(module, weight)):
+        return ("an 8-bit input and weight into a wider output with a bias: ORT's MatMulIntegerToFloat and a float "
+                "Add, not modelled")
     return ""
 
 
@@ -425,7 +430,7 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
                                     or any(q.bitwidth != 8 for q in (*inputs, output) if q.float_format is None)
                                     or (kernel.weighted and not _on_integer_weight_grid(module, weight))):
         kind, kernel = FLOAT_FALLBACKS[kind], KERNELS[FLOAT_FALLBACKS[kind]]
-        if kind == "FloatGemm" and (reason := _float_gemm_unsupported(module, weight)):
+        if kind == "FloatGemm" and (reason := _float_gemm_unsupported(module, weight, inputs[0], output)):
             return reason
         if kind == "FloatConv" and not isinstance(module, nn.Conv2d):
             return "a 1-D or 3-D convolution without an integer kernel: its float path is not modelled"
