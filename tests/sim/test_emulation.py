@@ -12,6 +12,7 @@ import torchvision
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 from segmentation_models import UNet
+from torch import nn
 
 import edgequant as eq
 from edgequant.cli.export_commands import verify as verify_command
@@ -19,6 +20,8 @@ from edgequant.demo.digits import load_digits_tensors, load_pretrained
 from edgequant.export import export_onnx
 from edgequant.export.verify import verify
 from edgequant.ptq.batch_norm_fold import fold_batch_norms
+from edgequant.quantization.number_format import IntegerFormat
+from edgequant.quantization.sealing import SealedTensorError
 from edgequant.sim.emulation import (
     KERNELS,
     FixedPointRequantization,
@@ -89,6 +92,25 @@ def test_export_and_calibration_ignore_emulation(tmp_path: Path) -> None:
     assert (tmp_path / "default/model_qdq.onnx").read_bytes() == (tmp_path / "emulating/model_qdq.onnx").read_bytes()
     sim.calibrate(images[:64].split(32), progress=False)  # observes float values while calibrating
     assert verify(tmp_path / "emulating", sim, images[:64], progress=False).outputs[0].share_identical == 1.0
+
+
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_emulation_reads_frozen_weights(weight_bits: int) -> None:
+    """Inside ``sim.frozen_weights()`` the float weights and their encodings are sealed; the emulated integer kernels
+    (8-bit weights) and float convolutions (4-bit) read them all the same and compute what they compute unfrozen,
+    and the weights stay sealed after the forward."""
+    images, _ = load_digits_tensors("test")
+    sim = _folded_sim(load_pretrained("digits_cnn"), images[:64])
+    sim.set_format("*", IntegerFormat(weight_bits, True), kinds=("param",), module_types=(nn.Conv2d, nn.Linear))
+    sim.calibrate(images[:64].split(32), progress=False)
+    sim.emulate("onnxruntime")
+    with torch.no_grad():
+        unfrozen = sim.model(images[:32])
+        with sim.frozen_weights():
+            frozen = sim.model(images[:32])
+            with pytest.raises(SealedTensorError):
+                sim.model.get_submodule("fc").weight  # noqa: B018 - the access is what is checked
+    assert torch.equal(frozen, unfrozen)
 
 
 def test_unknown_runtime_is_one_clear_error() -> None:

@@ -70,6 +70,15 @@ class Sealable(nn.Module):
         """The values of the sealed tensor ``name`` (for the owner of the seal)."""
         return self.__dict__["_sealed"][name][2]
 
+    def tensor_values(self, name: str) -> torch.Tensor | None:
+        """Parameter or buffer ``name`` (None where the module has none), sealed or not: for code that reads what a
+        derived copy was made from without changing it (the emulation reads a frozen layer's weight and its
+        encoding); a write goes through unsealing."""
+        sealed = self.__dict__.get("_sealed")
+        if sealed and name in sealed:
+            return sealed[name][2]
+        return self._parameters.get(name, self._buffers.get(name))
+
     @property
     def tensors_sealed(self) -> bool:
         return bool(self.__dict__.get("_sealed"))

@@ -155,12 +155,6 @@ class QuantizedModule(Sealable):
         self._frozen_params = None
         self._freeze_pending = False
 
-    def folded_param(self, name: str) -> torch.Tensor | None:
-        """The fake-quantized values of parameter ``name`` that `freeze_quantized_params` folded in; None while
-        it is not folded in (its float values and encoding are then readable)."""
-        frozen = (self._frozen_params or {}).get(name)
-        return None if frozen is None else frozen.quantized
-
     @property
     def params_frozen(self) -> bool:
         """Frozen now, or to be frozen again at the next forward (after a load or a device move)."""

@@ -34,8 +34,9 @@ class Grid:
 
     @classmethod
     def of(cls, quantizer: Quantizer) -> Grid:
-        return cls(quantizer.scale.detach().float(), quantizer.offset.detach().float(),
-                   grid_steps(quantizer.bitwidth, quantizer.strict_grid), quantizer.symmetric)
+        """The quantizer's grid, also while the sim's frozen weights seal its encoding."""
+        scale, offset = (quantizer.tensor_values(name).detach().float() for name in ("scale", "offset"))
+        return cls(scale, offset, grid_steps(quantizer.bitwidth, quantizer.strict_grid), quantizer.symmetric)
 
     @property
     def bits(self) -> int:

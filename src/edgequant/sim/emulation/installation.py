@@ -19,7 +19,8 @@ from edgequant.sim.emulation.planning import EmulatedOp, EmulationPlan, clip_bou
 
 def _ready(quantizers: list[Quantizer]) -> bool:
     """Enabled, calibrated integer grids only: a float format (fp8 has a scale too) is left to the sim."""
-    return all(q.enabled and not q.calibrating and q.scale is not None and q.float_format is None for q in quantizers)
+    return all(q.enabled and not q.calibrating and q.tensor_values("scale") is not None and q.float_format is None
+               for q in quantizers)
 
 
 def _activation_implied(module: nn.Module, grid: Grid) -> bool:

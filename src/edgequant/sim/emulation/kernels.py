@@ -51,8 +51,9 @@ def is_global_pool_size(size: Any) -> bool:
 
 
 def _weight_indices(module: nn.Module, quantizer: Quantizer) -> torch.Tensor:
-    """The weight's integer grid indices, rounded exactly as the sim's quantizer rounds them."""
-    weight = module._parameters["weight"].detach()
+    """The weight's integer grid indices, rounded exactly as the sim's quantizer rounds them (read also while the
+    sim's frozen weights seal the float weight and its encoding)."""
+    weight = module.tensor_values("weight").detach()
     grid = Grid.of(quantizer)
     scale = quantizer.granularity.broadcast(grid.scale, weight.shape)
     low = quantizer.granularity.broadcast(grid.offset, weight.shape)
@@ -62,15 +63,12 @@ def _weight_indices(module: nn.Module, quantizer: Quantizer) -> torch.Tensor:
 def _weight_as_exported(module: nn.Module) -> torch.Tensor | None:
     """The weight as the export's DequantizeLinear gives it to a float op (the float weight where it is not
     quantized); None where its quantizer has no encoding yet."""
-    folded = module.folded_param("weight")
-    if folded is not None:  # the same values, folded in while the sim's weights are frozen
-        return folded
     quantizer = module.param_quantizers["weight"] if "weight" in module.param_quantizers else None
+    weight = module.tensor_values("weight").detach()
     if quantizer is None or not quantizer.enabled:
-        return module._parameters["weight"].detach()
-    if quantizer.scale is None:
+        return weight
+    if quantizer.tensor_values("scale") is None:
         return None
-    weight = module._parameters["weight"]
     return _weight_indices(module, quantizer) * quantizer.granularity.broadcast(Grid.of(quantizer).scale, weight.shape)
 
 
@@ -83,13 +81,12 @@ def _float_forward(module: nn.Module, indices: torch.Tensor, weights: torch.Tens
     """The layer's own (unquantized) forward on integer indices, with integer weights and no bias: keeps what a
     subclass adds around the convolution (e.g. the static "same" padding of EfficientNet's convs)."""
     layer_class = _layer_class(module)
-    saved = dict(module._parameters)
-    module._parameters["weight"] = weights
-    if "bias" in saved:
-        module._parameters["bias"] = None
+    saved = dict(module._parameters)  # without the weight while frozen weights seal it
+    module._parameters["weight"], module._parameters["bias"] = weights, None
     try:
         return layer_class.forward(module, indices)
     finally:
+        module._parameters.clear()
         module._parameters.update(saved)
 
 
@@ -121,7 +118,7 @@ def _accumulate(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor, sourc
         accumulator += _float_forward(module, low, weights)
     else:
         accumulator = _float_forward(module, indices.double(), weights.double())
-    bias = module._parameters.get("bias")
+    bias = module.tensor_values("bias")
     if bias is None or not with_bias:
         return accumulator
     bias_int = runtime.bias_to_int32(bias, source.scale, Grid.of(weight_quantizer).scale)
@@ -142,7 +139,7 @@ def _weighted(channel_axis: int) -> Compute:
         weight_scale = Grid.of(module.param_quantizers["weight"]).scale
         if channel_axis == -1 and args[0].dim() > 2:
             accumulator = _accumulate(module, runtime, args[0], grids[0], channel_axis, with_bias=False)
-            bias = module._parameters.get("bias")
+            bias = module.tensor_values("bias")
             return output.values(runtime.matmul_add(accumulator, grids[0].scale, weight_scale,
                                                     None if bias is None else bias.detach(), output))
         accumulator = _accumulate(module, runtime, args[0], grids[0], channel_axis)
@@ -183,7 +180,7 @@ def _linear_in_float(module: nn.Module, runtime: RuntimeModel, x: torch.Tensor, 
         return None
     quantizer = module.param_quantizers["weight"]
     as_matmul = x.dim() > 2
-    bias = module._parameters.get("bias")
+    bias = module.tensor_values("bias")
     weight_path = ("transposed" if isinstance(quantizer.granularity, PerBlock)
                    else "dequantized" if changes_width and as_matmul and bias is None else "fused")
     if bias is not None:
@@ -214,7 +211,7 @@ def _float_conv(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: li
     if weight is None or not isinstance(module, nn.Conv2d):
         return None
     (x,) = _as_dequantized([args[0]], grids)
-    bias = module._parameters.get("bias")
+    bias = module.tensor_values("bias")
     return runtime.float_conv(x, weight, None if bias is None else bias.detach(),
                               None if output is None else grids[0].scale,
                               Grid.of(module.param_quantizers["weight"]).scale, module)
@@ -312,8 +309,8 @@ def _layer_norm(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: li
                 output: Grid) -> torch.Tensor | None:
     """A float op between DQ and Q in the runtime, with its own order of operations, on the scale as the export's
     DQ gives it; the sim's quantizer follows. Other shapes and a quantized bias take the default path."""
-    bias, quantizers = module._parameters.get("bias"), module.param_quantizers
-    if module._parameters.get("weight") is None or tuple(module.normalized_shape) != (args[0].shape[-1],) or (
+    bias, quantizers = module.tensor_values("bias"), module.param_quantizers
+    if module.tensor_values("weight") is None or tuple(module.normalized_shape) != (args[0].shape[-1],) or (
             "bias" in quantizers and quantizers["bias"].enabled):
         return None
     weight = _weight_as_exported(module)
@@ -464,7 +461,7 @@ def _conv_transpose(module: nn.Module, runtime: RuntimeModel, args: tuple, grids
                     output: Grid) -> torch.Tensor | None:
     """A float op in the runtime, between DQ and Q, on the dequantized input and weight; the sim's quantizer
     follows."""
-    bias = module._parameters.get("bias")
+    bias = module.tensor_values("bias")
     return runtime.conv_transpose(args[0], _weight_as_exported(module), None if bias is None else bias.detach(),
                                   grids[0].scale, Grid.of(module.param_quantizers["weight"]).scale, module)
 
