@@ -9,6 +9,7 @@ Runtime next to the sim: how many of the generated tokens are identical, the fil
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import time
@@ -24,7 +25,7 @@ _BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.I
 
 
 def _initializer_bits(initializer: onnx.TensorProto) -> int:
-    return _BITS.get(initializer.data_type, 32) * max(1, int(torch.tensor(list(initializer.dims)).prod()))
+    return _BITS.get(initializer.data_type, 32) * math.prod(initializer.dims)
 
 
 def four_bit_weight_bits(graph: onnx.ModelProto) -> tuple[int, int]:
@@ -37,7 +38,7 @@ def four_bit_weight_bits(graph: onnx.ModelProto) -> tuple[int, int]:
         values = initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
         if values is None or values.data_type not in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
             continue
-        weights += int(torch.tensor(list(values.dims)).prod())
+        weights += math.prod(values.dims)
         read = list(node.input)
         while read:
             name = read.pop()

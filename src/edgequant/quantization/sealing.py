@@ -66,10 +66,6 @@ class Sealable(nn.Module):
                 tensor.data = data
             (self._parameters if is_parameter else self._buffers)[name] = tensor
 
-    def sealed_data(self, name: str) -> torch.Tensor:
-        """The values of the sealed tensor ``name`` (for the owner of the seal)."""
-        return self.__dict__["_sealed"][name][2]
-
     def tensor_values(self, name: str) -> torch.Tensor | None:
         """Parameter or buffer ``name`` (None where the module has none), sealed or not: for code that reads what a
         derived copy was made from without changing it (the emulation reads a frozen layer's weight and its

@@ -119,15 +119,14 @@ class QuantizableMultiheadAttention(nn.Module):
 _MASKS = ("key_padding_mask", "attn_mask")
 
 
-def _called_with_mask(attention: nn.MultiheadAttention, record: CallRecord) -> bool:
-    arguments = inspect.signature(attention.forward).bind(*record.args, **record.kwargs).arguments
+def _called_with_mask(arguments: dict) -> bool:
     return any(arguments.get(name) is not None for name in _MASKS)
 
 
-def _called_unbatched(attention: nn.MultiheadAttention, record: CallRecord) -> bool:
+def _called_unbatched(arguments: dict) -> bool:
     """Was the query 2-D (PyTorch's unbatched call)? The rewrite computes batched calls only: such a module stays
-    PyTorch's, in float, and the plan reports it."""
-    query = inspect.signature(attention.forward).bind(*record.args, **record.kwargs).arguments.get("query")
+    PyTorch's, in float."""
+    query = arguments.get("query")
     rank = query.dim() if isinstance(query, torch.Tensor) else len(query) if isinstance(query, torch.Size) else None
     return rank == 2
 
@@ -139,11 +138,13 @@ def quantizable_multihead_attention(model: nn.Module, records: dict[str, CallRec
     for name, module in list(model.named_modules()):
         record = records.get(name)
         if not name or type(module) is not nn.MultiheadAttention or record is None or module.bias_k is not None or (
-                module.add_zero_attn) or _called_unbatched(module, record):
+                module.add_zero_attn):
             continue
-        replacement = QuantizableMultiheadAttention(module, _called_with_mask(module, record))
+        arguments = inspect.signature(module.forward).bind(*record.args, **record.kwargs).arguments
+        if _called_unbatched(arguments):
+            continue
+        replacement = QuantizableMultiheadAttention(module, _called_with_mask(arguments))
         replacement.train(module.training)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+        model.set_submodule(name, replacement)
         replaced.append(name)
     return replaced

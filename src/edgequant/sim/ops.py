@@ -203,6 +203,11 @@ def module_op_type(module: nn.Module) -> str | None:
     return MODULE_NAME_OP_TYPES.get(type(module).__name__)
 
 
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class: how classes of packages edgequant does not import are recognised."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def function_name(target: object) -> str:
     """Readable name of an FX call target (function, tensor method name, or ATen op without its overload)."""
     if isinstance(target, str):

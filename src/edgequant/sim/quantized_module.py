@@ -104,7 +104,7 @@ class QuantizedModule(Sealable):
             if frozen is not None:
                 original[name] = None
                 quantizing = quantizer.enabled and not quantizer.calibrating
-                self._parameters[name] = frozen.quantized if quantizing else self.sealed_data(name)
+                self._parameters[name] = frozen.quantized if quantizing else self.tensor_values(name)
             elif quantizer.enabled and not quantizer.calibrating:
                 original[name] = self._parameters[name]
                 self._parameters[name] = quantizer(original[name])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgequant.sim.capture import CallRecord
-from edgequant.sim.ops import masked_softmax
+from edgequant.sim.ops import masked_softmax, qualified_name
 from edgequant.sim.quantized_module import FunctionalOp
 
 WINDOW_ATTENTION_CLASS = "torchvision.models.swin_transformer.ShiftedWindowAttention"
@@ -154,10 +154,6 @@ class QuantizableWindowAttention(nn.Module):
         return merge(self.dropout(self.proj(context)), x, window, shift)
 
 
-def _qualified_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def quantizable_window_attention(model: nn.Module, records: dict[str, CallRecord]) -> list[str]:
     """Put a `QuantizableWindowAttention` in place of every torchvision ``ShiftedWindowAttention`` inside ``model``
     that ran in ``records`` (the model's calls on the dummy input, by module name: the map's size there says
@@ -165,13 +161,12 @@ def quantizable_window_attention(model: nn.Module, records: dict[str, CallRecord
     replaced = []
     for name, module in list(model.named_modules()):
         record = records.get(name)
-        if not name or _qualified_name(type(module)) != WINDOW_ATTENTION_CLASS or record is None or not record.args:
+        if not name or qualified_name(type(module)) != WINDOW_ATTENTION_CLASS or record is None or not record.args:
             continue
         height, width = record.args[0].shape[1:3]
         shifted = sum(_effective_shift(height, width, module.window_size, module.shift_size)) > 0
         replacement = QuantizableWindowAttention(module, shifted)
         replacement.train(module.training)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+        model.set_submodule(name, replacement)
         replaced.append(name)
     return replaced

@@ -230,7 +230,23 @@ def eigen_sum_float32(values: torch.Tensor) -> torch.Tensor | None:
         first += second
         if (length // 4) % 2:
             first += packets[..., -1, :]
-    return (first[..., 0] + first[..., 2]) + (first[..., 1] + first[..., 3])
+    return reduce_four_lanes(first)
+
+
+def reduce_four_lanes(lanes: torch.Tensor) -> torch.Tensor:
+    """A 4-lane float32 vector (last axis) summed as SSE reductions do (``MlasReduceAddFloat32x4``, Eigen's
+    ``predux``): ``(l0 + l2) + (l1 + l3)``."""
+    return (lanes[..., 0] + lanes[..., 2]) + (lanes[..., 1] + lanes[..., 3])
+
+
+def lane_sums(values: torch.Tensor, width: int) -> torch.Tensor:
+    """``width`` float32 accumulators over the last axis, element ``i`` added into lane ``i mod width`` in order (a
+    vector kernel's loop); the length must be a multiple of ``width``."""
+    blocks = values.float().unflatten(-1, (-1, width))
+    lanes = blocks[..., 0, :].clone()
+    for block in range(1, blocks.shape[-2]):
+        lanes += blocks[..., block, :]
+    return lanes
 
 
 def scalar_operand(a: torch.Size, b: torch.Size) -> int | None:
@@ -501,10 +517,7 @@ class OnnxRuntimeCPU(RuntimeModel):
         # against ORT 1.32)
         x = values.float().flatten(2)
         full = x.shape[-1] - x.shape[-1] % 4
-        lanes = torch.zeros(*x.shape[:-1], 4, device=x.device)
-        for start in range(0, full, 4):
-            lanes += x[..., start:start + 4]
-        total = (lanes[..., 0] + lanes[..., 2]) + (lanes[..., 1] + lanes[..., 3])
+        total = reduce_four_lanes(lane_sums(x[..., :full], 4)) if full else torch.zeros(x.shape[:-1], device=x.device)
         for position in range(full, x.shape[-1]):
             total += x[..., position]
         average = total / torch.tensor(float(x.shape[-1]), device=x.device)
@@ -644,8 +657,8 @@ def sqnbitgemm_m1(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     ``_mm512_reduce_add_ps`` (halves added, down to one)."""
     depth = a.shape[-1]
     pad = -depth % 16
-    terms = torch.nn.functional.pad(a.float().reshape(depth), (0, pad)).reshape(-1, 16, 1)
-    weights = torch.nn.functional.pad(weight.float().t(), (0, 0, 0, pad)).reshape(-1, 16, weight.shape[0])
+    terms = F.pad(a.float().reshape(depth), (0, pad)).reshape(-1, 16, 1)
+    weights = F.pad(weight.float().t(), (0, 0, 0, pad)).reshape(-1, 16, weight.shape[0])
     lanes = fma_chain(terms, weights)
     quarters = [((lanes[4 * q] + lanes[4 * q + 1]) + lanes[4 * q + 2]) + lanes[4 * q + 3] for q in range(4)]
     result = (quarters[0] + quarters[2]) + (quarters[1] + quarters[3])
@@ -849,11 +862,7 @@ def _mlas_lane_sum(values: torch.Tensor) -> torch.Tensor:
     """The float32 sum over the last axis as MLAS's AVX-512F sum-of-exp kernel accumulates it: element i into
     lane i mod 16 in order, then the lanes as ``((s0+s1)+(s2+s3)) + ((s4+s5)+(s6+s7))`` with
     ``s_l = l_{l+8} + l_l``."""
-    padded = torch.nn.functional.pad(values.float(), (0, -values.shape[-1] % 16))
-    blocks = padded.unflatten(-1, (-1, 16))
-    lanes = torch.zeros_like(blocks[..., 0, :])
-    for block in range(blocks.shape[-2]):
-        lanes += blocks[..., block, :]
+    lanes = lane_sums(F.pad(values.float(), (0, -values.shape[-1] % 16)), 16)
     halves = lanes[..., 8:] + lanes[..., :8]
     pairs = halves[..., 0::2] + halves[..., 1::2]
     quads = pairs[..., 0::2] + pairs[..., 1::2]

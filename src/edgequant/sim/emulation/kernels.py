@@ -16,7 +16,7 @@ from torch import nn
 from edgequant.quantization import Quantizer
 from edgequant.quantization.granularity import PerBlock
 from edgequant.sim.emulation.arithmetic import INT32_MAX, INT32_MIN, Grid, RuntimeModel, channels
-from edgequant.sim.ops import masked_softmax
+from edgequant.sim.ops import masked_softmax, qualified_name
 from edgequant.sim.quantized_module import FunctionalOp, QuantizedModule
 
 Compute = Callable[[nn.Module, RuntimeModel, tuple, list[Grid], Grid], "torch.Tensor | None"]
@@ -217,11 +217,15 @@ def _float_conv(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: li
                               Grid.of(module.param_quantizers["weight"]).scale, module)
 
 
-def _float_matmul(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
-                  output: Grid) -> torch.Tensor | None:
-    """A MatMul of two activations the runtime has no integer kernel for, in float between DQ and Q; the sim's
-    quantizer follows."""
-    return runtime.float_matmul(*_as_dequantized(list(args), grids))
+def _on_dequantized(name: str) -> Compute:
+    """An op the runtime computes in float between DQ and Q (grids it has no integer kernel for): its
+    `RuntimeModel` method ``name`` on the dequantized tensor inputs (a MatMul of two activations, a global average
+    pool, a softmax over the last axis); the sim's quantizer follows."""
+    def compute(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
+                output: Grid) -> torch.Tensor | None:
+        return getattr(runtime, name)(*_as_dequantized(list(args[:len(grids)]), grids))
+
+    return compute
 
 
 def _float_elementwise(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
@@ -261,13 +265,6 @@ def softmax_dim(module: nn.Module, args: tuple) -> int | None:
 def _softmax(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
              output: Grid) -> torch.Tensor:
     return output.values(runtime.softmax(args[0], grids[0], output, softmax_dim(module, args)))
-
-
-def _float_softmax(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
-                   output: Grid) -> torch.Tensor | None:
-    """A softmax over the last axis the runtime computes in float between DQ and Q (grids its QLinearSoftmax does
-    not take); the sim's quantizer follows."""
-    return runtime.float_softmax(*_as_dequantized([args[0]], grids))
 
 
 def _is_masked_softmax(module: nn.Module) -> bool:
@@ -329,7 +326,7 @@ def _is_channels_first_layer_norm(module: nn.Module) -> bool:
     if not isinstance(module, nn.LayerNorm):
         return False
     layer_class = _layer_class(module)
-    return f"{layer_class.__module__}.{layer_class.__qualname__}" in CHANNELS_FIRST_LAYER_NORMS
+    return qualified_name(layer_class) in CHANNELS_FIRST_LAYER_NORMS
 
 
 def _channels_first_layer_norm(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
@@ -387,13 +384,6 @@ def _global_average_pool(module: nn.Module, runtime: RuntimeModel, args: tuple, 
     sums = grids[0].indices(args[0]).double().sum(dim=spatial, keepdim=True)
     count = math.prod(args[0].shape[2:])
     return output.values(runtime.average(sums, count, grids[0], output))
-
-
-def _float_global_average_pool(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid],
-                               output: Grid) -> torch.Tensor | None:
-    """A GlobalAveragePool the runtime computes in float between DQ and Q (grids it has no integer kernel for);
-    the sim's quantizer follows."""
-    return runtime.float_global_average(*_as_dequantized([args[0]], grids))
 
 
 def _pool(module: nn.Module, runtime: RuntimeModel, args: tuple, grids: list[Grid], output: Grid) -> torch.Tensor:
@@ -549,13 +539,14 @@ KERNELS: dict[str, Kernel] = {
     "FloatConv": Kernel(1, lambda m: False, _float_conv, float_inputs=True),
     "FloatGemm": Kernel(1, lambda m: False, _float_linear, float_inputs=True),
     "GatheredGemm": Kernel(1, lambda m: False, _gathered_gemm, float_inputs=True),
-    "FloatMatMul": Kernel(2, lambda m: False, _float_matmul, float_inputs=True),
+    "FloatMatMul": Kernel(2, lambda m: False, _on_dequantized("float_matmul"), float_inputs=True),
     "FloatAdd": Kernel(2, lambda m: False, _float_elementwise, float_inputs=True),
     "FloatMul": Kernel(2, lambda m: False, _float_elementwise, float_inputs=True),
     "FloatConcat": Kernel(None, lambda m: False, _float_concat, keywords=("dim",), float_inputs=True),
-    "FloatGlobalAveragePool": Kernel(1, lambda m: False, _float_global_average_pool, float_inputs=True),
+    "FloatGlobalAveragePool": Kernel(1, lambda m: False, _on_dequantized("float_global_average"), float_inputs=True),
     "FloatAveragePool": Kernel(1, lambda m: False, _float_pool, float_inputs=True),
-    "FloatSoftmax": Kernel(1, lambda m: False, _float_softmax, keywords=("dim",), float_inputs=True),
+    "FloatSoftmax": Kernel(1, lambda m: False, _on_dequantized("float_softmax"), keywords=("dim",),
+                           float_inputs=True),
 }
 """The ops an integer runtime fuses into one kernel, and the float ops between Q/DQ it computes with another
 formula than PyTorch (HardSigmoid, HardSwish, SiLU, ConvTranspose, bilinear Resize, LayerNorm, channels-first

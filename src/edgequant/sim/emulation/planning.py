@@ -26,7 +26,14 @@ from edgequant.sim.emulation.kernels import (
 )
 from edgequant.sim.emulation.provenance import RecordedCall, RecordedTensor, record_calls
 from edgequant.sim.graph import FUSED_ACTIVATIONS, ModelGraph
-from edgequant.sim.ops import function_name, is_data_movement, is_pass_through, module_op_type, weight_output_axis
+from edgequant.sim.ops import (
+    function_name,
+    is_data_movement,
+    is_pass_through,
+    module_op_type,
+    qualified_name,
+    weight_output_axis,
+)
 from edgequant.sim.quantized_module import FunctionalOp
 
 
@@ -120,7 +127,7 @@ class _GraphIndex:
                 quantizers = getattr(module, "output_quantizers", {})
                 if "0" in quantizers and quantizers["0"].enabled:
                     return quantizers["0"]
-                if is_pass_through(module) or _qualified_name(type(module)) in DATA_MOVEMENT_MODULES:
+                if is_pass_through(module) or qualified_name(type(module)) in DATA_MOVEMENT_MODULES:
                     node = node.args[0] if node.args else None
                     continue
                 return None
@@ -222,10 +229,6 @@ DATA_MOVEMENT_MODULES = ("torchvision.ops.misc.Permute",)
 ORT moves past the next op: the QLinearGlobalAveragePool after it reads the grid before it)."""
 
 
-def _qualified_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _unquantized_function(node: Any) -> bool:
     """Is ``node`` a call of a Python function fx did not trace into (``torch.fx.wrap``: Swin's
     ``shifted_window_attention``)? The sim quantizes nothing inside it and the export writes its ops in float: the
@@ -250,7 +253,7 @@ def _float_gemm_unsupported(module: nn.Module, weight: Quantizer, source: Quanti
     if weight.bitwidth not in (4, 8):
         return (f"a {weight.bitwidth}-bit weight without an integer kernel: ORT's MatMulNBits kernel for it sums "
                 f"in an order that is not modelled")
-    has_bias = module._parameters.get("bias") is not None
+    has_bias = module.tensor_values("bias") is not None
     if isinstance(weight.granularity, PerBlock) and has_bias:
         return "a blocked weight with a bias (a float MatMul, then the bias): not modelled"
     if (has_bias and source.bitwidth == 8 and output is not None and output.bitwidth != 8
@@ -440,7 +443,7 @@ def _plan_op(plan: EmulationPlan, index: _GraphIndex, prefix: str | None, node: 
         return "a softmax without an explicit dim"
     if kind == "Softmax" and any(q.symmetric for q in (*inputs, output)):
         return "a signed grid (the runtime's int8 QLinearSoftmax wraps around above 127; not emulated)"
-    for quantizer in (*inputs, *([output] if output is not None else []), *([weight] if weight is not None else [])):
+    for quantizer in (q for q in (*inputs, output, weight) if q is not None):
         if quantizer.float_format is not None:  # fp8 has a scale and 8 bits, but no integer grid
             return f"quantizer {quantizer.name} has the float format {quantizer.float_format.name}"
         granularities = (PER_TENSOR,)
