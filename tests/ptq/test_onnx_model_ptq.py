@@ -13,6 +13,7 @@ from onnx_models import branching_cnn, conv_batch_norm, save
 
 from edgequant import QuantSim, load_onnx
 from edgequant.mixed_precision import choose_mixed_precision
+from edgequant.onnx.calibration import onnxruntime_calibration_plan
 from edgequant.ptq import adaround, equalize, fold_batch_norms
 
 
@@ -42,6 +43,15 @@ def test_cross_layer_equalization_and_adaround_write_their_weights_into_the_grap
     original = {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
     assert not np.array_equal(written["conv2.weight"], original["conv2.weight"])  # equalized
     _ort_equals_emulation(sim, result.qdq_model, data)
+
+
+def test_a_model_folded_in_eval_mode_stays_in_eval_mode_and_calibrates_in_onnxruntime(tmp_path: Path) -> None:
+    data = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    model = load_onnx(save(conv_batch_norm(), tmp_path / "model.onnx"))
+    assert len(fold_batch_norms(model, data[:1])) == 1
+    assert not any(module.training for module in model.modules())
+    plan = onnxruntime_calibration_plan(QuantSim(model, data[:1], config="per_channel"))
+    assert plan.served and not plan.torch_pass  # a training-mode Identity sent every quantizer to the torch pass
 
 
 def test_mixed_precision_on_an_onnx_model_exports_its_choice(tmp_path: Path) -> None:

@@ -67,6 +67,12 @@ def fold_into_following(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -
     add_to_bias(layer, bias_shift)
 
 
+def _folded_away(bn: nn.Module) -> nn.Identity:
+    """What replaces a folded BatchNorm: an ``nn.Identity`` in the BN's mode, so an eval model stays in eval mode
+    (a fresh module is in training mode, which would send an ONNX sim's calibration to the torch pass)."""
+    return nn.Identity().train(bn.training)
+
+
 def fold_batch_norm_records(
     model: nn.Module, dummy_input: Any, graph: ModelGraph | None = None
 ) -> list[FoldedBatchNorm]:
@@ -83,7 +89,7 @@ def fold_batch_norm_records(
                 fold_into_preceding(layer, bn)
             else:
                 fold_into_following(layer, bn)
-            set_submodule(model, fold.bn, nn.Identity())
+            set_submodule(model, fold.bn, _folded_away(bn))
             for node in graph.module_nodes():
                 if node.name == fold.bn:
                     node.module = model.get_submodule(fold.bn)
@@ -139,6 +145,6 @@ def fold_batch_norms_to_scale(sim: QuantSim) -> list[tuple[str, str]]:
                 layer.output_quantizers = bn.output_quantizers
                 for moved in layer.output_quantizers.values():
                     moved.owner = fold.layer
-            set_submodule(sim.model, fold.bn, nn.Identity())
+            set_submodule(sim.model, fold.bn, _folded_away(bn))
     sim.compute_param_encodings()
     return [(fold.layer, fold.bn) for fold in folds]
