@@ -74,6 +74,36 @@ def conv_batch_norm() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
+def hard_swish_cnn() -> onnx.ModelProto:
+    """MobileNetV3's blocks as paddle2onnx writes them: Conv -> hard-swish spelled ``x * Clip(x + 3, 0, 6) / 6``, and a
+    squeeze-excite gate ``HardSigmoid(Conv(GlobalAveragePool(.)))`` multiplied in: image ``[N, 3, 8, 8]`` ->
+    ``output [N, 8, 8, 8]``."""
+    nodes = [
+        helper.make_node("Conv", ["image", "conv.weight", "conv.bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", "three"], ["shifted"], name="add3"),
+        helper.make_node("Clip", ["shifted", "zero", "six"], ["clipped"], name="relu6"),
+        helper.make_node("Div", ["clipped", "six"], ["gate"], name="div6"),
+        helper.make_node("Mul", ["c", "gate"], ["swished"], name="hard_swish"),
+        helper.make_node("GlobalAveragePool", ["swished"], ["squeezed"], name="squeeze"),
+        helper.make_node("Conv", ["squeezed", "excite.weight"], ["excited"], name="excite"),
+        helper.make_node("HardSigmoid", ["excited"], ["scales"], name="excite_gate"),
+        helper.make_node("Mul", ["swished", "scales"], ["output"], name="scale"),
+    ]
+    initializers = [
+        _weight("conv.weight", (8, 3, 3, 3), 11), _weight("conv.bias", (8,), 12, 0.1),
+        _weight("excite.weight", (8, 8, 1, 1), 13),
+        *(numpy_helper.from_array(np.array(value, np.float32), name)
+          for name, value in (("three", 3.0), ("zero", 0.0), ("six", 6.0))),
+    ]
+    graph = helper.make_graph(
+        nodes, "hard_swish_cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 8, 8, 8])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.save(model, path)
     return path

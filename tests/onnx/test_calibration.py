@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from onnx_models import branching_cnn, conv_batch_norm, save
+from onnx_models import branching_cnn, conv_batch_norm, hard_swish_cnn, save
 
 from edgequant import QuantSim
 from edgequant.onnx import onnxruntime_calibration_plan
@@ -58,6 +58,21 @@ def test_onnx_runtime_computes_the_torch_passes_statistics_without_running_the_m
     assert (ort_calls, torch_calls) == (0, 3)
     plan = onnxruntime_calibration_plan(ort_sim)
     assert not plan.torch_pass and len(plan.served) == 6  # model input, relu_a, conv_b, add, concat, head
+    _assert_same_statistics(ort_sim, torch_sim)
+
+
+def test_hard_swish_and_gates_are_known_non_negative_and_keep_the_torch_passes_statistics(tmp_path: Path) -> None:
+    from edgequant.onnx.calibration import _nonnegative_tensors
+
+    model = hard_swish_cnn()
+    # Clip(x + 3, 0, 6) / 6 and HardSigmoid cannot be negative: ORT takes only their maximum; x * gate can
+    assert {"clipped", "gate", "scales"} <= _nonnegative_tensors(model)
+    assert not {"c", "shifted", "swished", "output"} & _nonnegative_tensors(model)
+    path = save(model, tmp_path / "model.onnx")
+    data = [batch * 3 for batch in _batches((8, 3, 8, 8), seed=20)]  # wide enough for every clip to bite
+    ort_sim, ort_calls = _calibrated(path, data, "auto", config="per_channel")
+    torch_sim, _ = _calibrated(path, data, "torch", config="per_channel")
+    assert ort_calls == 0
     _assert_same_statistics(ort_sim, torch_sim)
 
 
