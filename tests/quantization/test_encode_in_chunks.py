@@ -61,3 +61,17 @@ def test_a_tensor_without_finite_values_in_a_chunk_is_still_an_error_naming_the_
     weight[6] = float("nan")
     with pytest.raises(RuntimeError, match="quantizer 'w.param_quantizers.weight': no finite data"):
         Quantizer(4, True, PerBlock(8, 0, 1), Sqnr(), role="param", owner="w", key="weight").encode_from(weight)
+
+
+@pytest.mark.parametrize("chunk_values", [16, 2**16])
+def test_non_finite_values_left_out_are_counted_chunk_or_not(monkeypatch: pytest.MonkeyPatch,
+                                                             chunk_values: int) -> None:
+    """The sim refuses NaN/inf weights by this count, not by a pass of its own over every weight."""
+    monkeypatch.setattr(quantizer, "ENCODE_CHUNK_VALUES", chunk_values)
+    weight = _weight()
+    weight[1, 3], weight[6, 0] = float("nan"), float("inf")
+    chunked = Quantizer(4, True, PerBlock(8, 0, 1), Sqnr(), role="param")
+    chunked.encode_from(weight)
+    assert chunked.analyzer.num_nonfinite == 2
+    assert _whole(lambda: Quantizer(4, True, PerBlock(8, 0, 1), Sqnr(), role="param"), weight).equals(
+        chunked.encoding)

@@ -257,12 +257,16 @@ def test_all_zero_weights_get_a_valid_encoding():
         assert torch.isfinite(sim.model(torch.randn(3, 4))).all()
 
 
-def test_nan_weights_are_named():
-    model = nn.Sequential(nn.Linear(4, 2))
+@pytest.mark.parametrize(("config", "row"), [
+    ("default", [float("nan"), 1.0, 2.0, 3.0]),  # per tensor: one NaN among data
+    ("per_channel", [float("nan")] * 4),  # a channel with no finite value
+])
+def test_nan_weights_are_named(config: str, row: list[float]) -> None:
+    model = nn.Sequential(nn.Linear(4, 3))
+    sim = eq.QuantSim(model, torch.randn(2, 4), config=config)
     with torch.no_grad():
-        model[0].weight[0, 0] = float("nan")
-    sim = eq.QuantSim(model, torch.randn(2, 4))
-    with pytest.raises(CalibrationError, match="'0.weight' contains NaN"):
+        sim.model.get_submodule("0").weight[0] = torch.tensor(row)
+    with pytest.raises(CalibrationError, match="'0.weight' contains NaN/inf"):
         sim.calibrate([torch.randn(2, 4)], progress=False)
 
 

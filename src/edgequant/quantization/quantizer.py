@@ -337,6 +337,7 @@ class Quantizer(Sealable):
         for start, end in zip(starts, [*starts[1:], num_rows], strict=True):
             analyzer.reset()
             analyzer.observe(rows[start:end])
+            self.analyzer.num_nonfinite += analyzer.num_nonfinite  # the counts stay, as `observe` keeps them
             ranges.append(self._analyzer_range(analyzer))
         low, high = (torch.cat(bounds) for bounds in zip(*ranges, strict=True))
         return low, high

@@ -494,12 +494,13 @@ class QuantSim:
             if quantizer.frozen:
                 continue
             param = getattr(self.layer_of(quantizer), quantizer.key)
-            if param.numel() and not torch.isfinite(torch.stack(torch.aminmax(param.detach()))).all():  # NaN spreads
-                raise CalibrationError(
-                    f"parameter '{quantizer.owner}.{quantizer.key}' contains NaN/inf values; "
-                    "fix the model's weights before quantizing"
-                )
-            quantizer.encode_from(param)
+            try:
+                quantizer.encode_from(param)  # its analyzer counts the non-finite values it leaves out
+            except CalibrationError:
+                _require_finite_param(quantizer, param)  # the clearer error where NaN/inf left no data
+                raise
+            if quantizer.analyzer.num_nonfinite:
+                _require_finite_param(quantizer, param)
 
     # -- editing ---------------------------------------------------------------------------------------
     def select(self, pattern: str = "*", kinds: Iterable[str] = ("input", "param", "output"),
@@ -750,6 +751,12 @@ def _param_granularity(requested: Granularity, module: nn.Module, param: torch.T
     granularity = requested.bind(weight_output_axis(module, param), weight_input_axis(module, param))
     granularity.scale_shape(param.shape, what)
     return granularity
+
+
+def _require_finite_param(quantizer: Quantizer, param: torch.Tensor) -> None:
+    if not bool(torch.isfinite(param.detach()).all()):
+        raise CalibrationError(f"parameter '{quantizer.owner}.{quantizer.key}' contains NaN/inf values; "
+                               "fix the model's weights before quantizing")
 
 
 def _roles(role: str | Iterable[str] | None) -> tuple[str, ...]:
