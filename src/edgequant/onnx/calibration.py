@@ -29,6 +29,7 @@ knows). The session is kept with the sim and rebuilt when its weights or quantiz
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim
 
 ACTIVATION_ROLES = ("model_input", "input", "output")
-SMALL_INITIALIZER_BYTES = 4096
+SMALL_INITIALIZER_VALUES = 512
 TorchStep = Callable[[int, tuple, dict], None]
 """The sim's torch calibration step for one batch: ``(index, args, kwargs)``."""
 
@@ -313,7 +314,7 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     light.graph.input.extend(model.graph.input)
     light.graph.output.extend(model.graph.output)
     for initializer in model.graph.initializer:
-        if len(initializer.raw_data) > SMALL_INITIALIZER_BYTES:
+        if not _small(initializer):
             light.graph.input.append(helper.make_tensor_value_info(initializer.name, initializer.data_type,
                                                                    initializer.dims))
         else:  # shapes, axes and other small constants: Reshape's output rank depends on them
@@ -324,6 +325,12 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
         return {}
     values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
     return {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
+
+
+def _small(initializer: onnx.TensorProto) -> bool:
+    """A shape, axes, bound or other small constant, not a weight (by element count: a file may hold the values in
+    ``raw_data`` or in a typed field)."""
+    return math.prod(initializer.dims) <= SMALL_INITIALIZER_VALUES
 
 
 def _raw_name(tensor: str) -> str:
@@ -390,7 +397,7 @@ def _nonnegative_tensors(model: onnx.ModelProto) -> set[str]:
     tensors or non-negative constants (a divisor positive: hard-swish's ``Clip(x + 3, 0, 6) / 6``), and of pooling
     and data movement of such tensors."""
     constants = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer
-                 if len(i.raw_data) <= SMALL_INITIALIZER_BYTES}
+                 if _small(i)}
     constants.update({node.output[0]: onnx.numpy_helper.to_array(node.attribute[0].t)  # TorchScript's constants
                       for node in model.graph.node
                       if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value"})
