@@ -65,13 +65,7 @@ def conv_batch_norm() -> onnx.ModelProto:
         numpy_helper.from_array(rng.normal(0, 0.3, channels).astype(np.float32), "bn.mean"),
         numpy_helper.from_array(rng.uniform(0.2, 1.5, channels).astype(np.float32), "bn.var"),
     ]
-    graph = helper.make_graph(
-        nodes, "conv_batch_norm",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 4, 8, 8])],
-        initializers,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return _image_model("conv_batch_norm", nodes, initializers, output_channels=4)
 
 
 def hard_swish_cnn() -> onnx.ModelProto:
@@ -95,10 +89,16 @@ def hard_swish_cnn() -> onnx.ModelProto:
         *(numpy_helper.from_array(np.array(value, np.float32), name)
           for name, value in (("three", 3.0), ("zero", 0.0), ("six", 6.0))),
     ]
+    return _image_model("hard_swish_cnn", nodes, initializers, output_channels=8)
+
+
+def _image_model(name: str, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], output_channels: int
+                 ) -> onnx.ModelProto:
+    """A model of ``nodes`` from ``image [batch, 3, 8, 8]`` to ``output [batch, output_channels, 8, 8]``."""
     graph = helper.make_graph(
-        nodes, "hard_swish_cnn",
+        nodes, name,
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 8, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", output_channels, 8, 8])],
         initializers,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
