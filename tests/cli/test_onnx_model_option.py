@@ -10,6 +10,8 @@ from click.testing import CliRunner
 from onnx_models import conv_batch_norm, save
 
 from edgequant.cli import main
+from edgequant.onnx import OnnxCalibrationReport, calibrate_in_onnxruntime
+from edgequant.sim.services import register_service
 
 
 def _ok(*args: str | Path) -> str:
@@ -23,8 +25,14 @@ def test_onnx_file_through_quantize_export_and_verify(tmp_path: Path) -> None:
     data = tmp_path / "images.npy"
     np.save(data, np.random.default_rng(0).normal(size=(64, 3, 8, 8)).astype(np.float32))
     out = tmp_path / "out"
-    quantized = _ok("quantize", "--model", model, "--data", data, "--quiet", "--device", "cpu", "--out", out)
+    reports: list[OnnxCalibrationReport] = []
+    register_service("calibrate_in_onnxruntime", lambda *args: reports.append(calibrate_in_onnxruntime(*args)))
+    try:
+        quantized = _ok("quantize", "--model", model, "--data", data, "--quiet", "--device", "cpu", "--out", out)
+    finally:
+        register_service("calibrate_in_onnxruntime", calibrate_in_onnxruntime)
     assert "folded 1 BatchNorm" in quantized
+    assert reports and reports[0].served and not reports[0].torch_pass  # the folded sim calibrates in ORT
     _ok("export", "--model", model, "--sim-state", out / "sim_state.pt", "--quiet")
     qdq = onnx.load(out / "model_qdq.onnx")
     assert {n.name: n.op_type for n in qdq.graph.node if "Linear" not in n.op_type} == {

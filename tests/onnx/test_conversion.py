@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 
@@ -39,6 +40,15 @@ def test_every_layer_knows_its_node_and_constant_weights_become_layers(tmp_path:
     assert refs["conv_a"].__dict__[ONNX_NODE_ATTRIBUTE].inputs == ("image",)
     assert refs["add"].__dict__[ONNX_NODE_ATTRIBUTE].outputs == ("sum",)
     assert refs["flatten"].holds_input_values  # data movement: shares its input's encoding
+
+
+def test_a_copy_of_the_converted_model_is_still_a_model_of_the_file(tmp_path: Path) -> None:
+    """fx's deepcopy rebuilds a GraphModule from its graph: the copy (edgequant quantize folds BatchNorms in one)
+    must still export into the user's graph and calibrate in ONNX Runtime."""
+    model = load_onnx(save(branching_cnn(), tmp_path / "model.onnx"))
+    copied = copy.deepcopy(model)
+    assert copied.onnx_source is model.onnx_source  # shared, not copied: the graph can be large
+    assert QuantSim(copied, torch.randn(1, 3, 8, 8)).onnx_source is model.onnx_source
 
 
 def test_node_without_converter_runs_in_onnx_runtime_and_is_reported_float(tmp_path: Path) -> None:

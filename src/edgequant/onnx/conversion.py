@@ -25,6 +25,7 @@ from onnx2torch.node_converters import get_converter
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.utils.safe_shape_inference import safe_shape_inference
 from torch import nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from edgequant.onnx.converters import TORCH_DOMAIN  # importing it registers the op versions onnx2torch lacks
 from edgequant.onnx.modules import FlattenToMatrix
@@ -66,6 +67,9 @@ def load_onnx(model: str | Path | onnx.ModelProto) -> fx.GraphModule:
             raise OnnxModelError(_where(path) + f"cannot be converted to torch ({_first_line(error)})") from None
     _annotate(converted, OnnxGraph(work.graph), _TensorTypes.of(work))
     setattr(converted, ONNX_SOURCE_ATTRIBUTE, source)
+    # fx's deepcopy rebuilds a GraphModule from its graph and sets again only the attributes its meta lists: so a
+    # copy (edgequant quantize's folded model, AutoQuant's stages, a user's own) stays a model of the ONNX file
+    converted.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[ONNX_SOURCE_ATTRIBUTE] = source
     return converted.eval()  # an ONNX graph computes inference: BatchNorms use their running statistics
 
 
