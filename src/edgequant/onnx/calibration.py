@@ -396,11 +396,10 @@ def _nonnegative_tensors(model: onnx.ModelProto) -> set[str]:
     ``Clip`` with a constant lower bound of at least 0 (ReLU6), of ``Mul``/``Add``/``Div`` whose inputs are such
     tensors or non-negative constants (a divisor positive: hard-swish's ``Clip(x + 3, 0, 6) / 6``), and of pooling
     and data movement of such tensors."""
-    constants = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer
-                 if _small(i)}
-    constants.update({node.output[0]: onnx.numpy_helper.to_array(node.attribute[0].t)  # TorchScript's constants
-                      for node in model.graph.node
-                      if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value"})
+    tensors = [(i.name, i) for i in model.graph.initializer]
+    tensors += [(node.output[0], node.attribute[0].t) for node in model.graph.node  # TorchScript's, paddle2onnx's
+                if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value"]
+    constants = {name: onnx.numpy_helper.to_array(tensor) for name, tensor in tensors if _small(tensor)}
     found: set[str] = set()
 
     def nonnegative(tensor: str, positive: bool = False) -> bool:
