@@ -140,6 +140,7 @@ class _Calibrator:
         self.reductions: dict[tuple, _Reduction] = {}
         self.tensor_of: dict[str, tuple] = {}  # served quantizer -> its reduction's key
         self.raw: set[str] = set()  # tensors taken whole
+        self.depth: dict[str, int] = {}  # tensor -> index of its producer in the float graph's topological order
         self.sessions: dict[frozenset[str], tuple[ort.InferenceSession, list[str]]] = {}
         self.input_names = sim.onnx_source.input_names
         self.model_bytes = b""  # the float model serialized once: each session appends its own nodes to it
@@ -171,6 +172,14 @@ class _Calibrator:
                 tensor, axes, channel_axes = key
                 pooled = tensor in nonnegative and ranks.get(tensor) == 4 and channel_axes in ((), (1,))
                 self.reductions[key] = _Reduction(tensor, axes, channel_axes, pooled)
+        # deepest tensor first: ORT's default order is a depth-first walk back from the graph's leaves that starts
+        # at the leaf appended last, so in this order each reduction runs right after its tensor is computed and
+        # the tensor is freed (appended shallowest first, they all ran after the whole network: every observed
+        # tensor stayed alive, 2.4 GB instead of 0.7 GB on resnet50 at 16 images, and ORT's first runs page-faulted)
+        self.depth = {output: index for index, node in enumerate(traced.float_model.graph.node)
+                      for output in node.output}
+        self.reductions = dict(sorted(self.reductions.items(), key=lambda item: self.depth.get(item[1].tensor, -1),
+                                      reverse=True))
         self.model_bytes = traced.float_model.SerializeToString()
         self.opset = next((o.version for o in traced.float_model.opset_import if o.domain in ("", "ai.onnx")), 1)
         if self.served:
@@ -227,7 +236,8 @@ class _Calibrator:
         key = frozenset(self.raw)
         if key not in self.sessions:
             self.sessions[key] = _build_session(self.model_bytes, self.opset, self.reductions.values(),
-                                                sorted(self.raw))
+                                                sorted(self.raw, key=lambda tensor: self.depth.get(tensor, -1),
+                                                       reverse=True))
         return self.sessions[key]
 
     def run(self, index: int, args: tuple, kwargs: dict) -> None:
@@ -339,7 +349,8 @@ def _raw_name(tensor: str) -> str:
 
 def _build_session(model_bytes: bytes, opset: int, reductions: Iterable[_Reduction], raw: list[str]
                    ) -> tuple[ort.InferenceSession, list[str]]:
-    """A session computing the reductions of the tensors not taken whole, and the whole ``raw`` tensors.
+    """A session computing the reductions of the tensors not taken whole, and the whole ``raw`` tensors, in the order
+    given (deepest tensor first, see `_Calibrator._plan`).
 
     The nodes and outputs are a second serialized model appended to ``model_bytes``: protobuf merges the two, which
     appends their repeated fields (nodes, outputs, initializers), so the weights are not serialized again."""
@@ -365,9 +376,6 @@ def _build_session(model_bytes: bytes, opset: int, reductions: Iterable[_Reducti
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3
-    # each reduction as soon as its tensor exists: in ORT's default order many run late, keeping their tensors alive
-    # and out of cache (2.4x the float forward's time on a small CNN, 1.6x in this order)
-    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     session = ort.InferenceSession(model_bytes + addition.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     return session, outputs
