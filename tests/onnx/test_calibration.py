@@ -76,6 +76,26 @@ def test_hard_swish_and_gates_are_known_non_negative_and_keep_the_torch_passes_s
     _assert_same_statistics(ort_sim, torch_sim)
 
 
+def test_sub_batches_keep_the_torch_passes_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgequant.onnx import calibration
+
+    monkeypatch.setattr(calibration, "SUB_BATCH_BYTES", 1)  # one sample per ORT run
+    runs = []
+    original_run = calibration._Calibrator._run
+
+    def counted_run(self, index: int, feeds: dict) -> None:  # noqa: ANN001
+        runs.append(len(feeds["image"]))
+        original_run(self, index, feeds)
+
+    monkeypatch.setattr(calibration._Calibrator, "_run", counted_run)
+    path = save(hard_swish_cnn(), tmp_path / "model.onnx")
+    data = [batch * 3 for batch in _batches((4, 3, 8, 8), seed=30)]
+    ort_sim, _ = _calibrated(path, data, "auto", config="per_channel")
+    torch_sim, _ = _calibrated(path, data, "torch", config="per_channel")
+    assert runs == [1] * 12  # 3 batches of 4 samples
+    _assert_same_statistics(ort_sim, torch_sim)
+
+
 def test_a_per_channel_activation_is_reduced_per_channel_in_onnx_runtime(tmp_path: Path) -> None:
     path = save(conv_batch_norm(), tmp_path / "model.onnx")
     data = _batches((4, 3, 8, 8), seed=10)

@@ -29,7 +29,6 @@ knows). The session is kept with the sim and rebuilt when its weights or quantiz
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,6 +44,13 @@ from torch import nn
 
 from edgequant.export.original_graph import OriginalGraphError, trace_original_graph
 from edgequant.onnx.conversion import EXTERNAL_DATA_BYTES, tensor_bytes
+from edgequant.onnx.sub_batches import (
+    SUB_BATCH_BYTES,
+    largest_activation_bytes,
+    light_model,
+    samples_independent,
+    small_constant,
+)
 from edgequant.quantization import CalibrationError, PerChannel, PerTensor, Quantizer
 from edgequant.quantization.analyzers import SENTINEL_MAGNITUDE, MinMaxAnalyzer
 from edgequant.sim.onnx_source import ONNX_NODE_ATTRIBUTE
@@ -53,7 +59,6 @@ if TYPE_CHECKING:
     from edgequant.sim.quantsim import QuantSim
 
 ACTIVATION_ROLES = ("model_input", "input", "output")
-SMALL_INITIALIZER_VALUES = 512
 TorchStep = Callable[[int, tuple, dict], None]
 """The sim's torch calibration step for one batch: ``(index, args, kwargs)``."""
 
@@ -141,6 +146,9 @@ class _Calibrator:
         self.tensor_of: dict[str, tuple] = {}  # served quantizer -> its reduction's key
         self.raw: set[str] = set()  # tensors taken whole
         self.depth: dict[str, int] = {}  # tensor -> index of its producer in the float graph's topological order
+        self.light = onnx.ModelProto()  # the float graph without its weights, for shape inference
+        self.independent = False  # whether a batch may run in sub-batches (see edgequant.onnx.sub_batches)
+        self.sample_bytes: float | None = None  # the largest activation per sample, from the first batch
         self.sessions: dict[frozenset[str], tuple[ort.InferenceSession, list[str]]] = {}
         self.input_names = sim.onnx_source.input_names
         self.model_bytes = b""  # the float model serialized once: each session appends its own nodes to it
@@ -159,7 +167,9 @@ class _Calibrator:
             self.reasons = dict.fromkeys(self.quantizers, f"the original graph does not map the sim ({error})")
             return
         tensors = {site.quantizer: site.tensor for site in traced.sites}
-        ranks = _ranks(traced.float_model)
+        self.light = light_model(traced.float_model)
+        ranks = _ranks(self.light)
+        self.independent = samples_independent(traced.float_model, ranks)
         nonnegative = _nonnegative_tensors(traced.float_model)
         for name, quantizer in self.quantizers.items():
             reason, key = self._reduction_key(sim, quantizer, tensors.get(name), ranks)
@@ -243,6 +253,28 @@ class _Calibrator:
     def run(self, index: int, args: tuple, kwargs: dict) -> None:
         feeds = {name: _numpy(value) for name, value in zip(self.input_names, args, strict=False)}
         feeds.update({name: _numpy(value) for name, value in kwargs.items()})
+        step = self._samples_per_run(feeds)
+        if step is None:
+            self._run(index, feeds)
+            return
+        size = next(iter(feeds.values())).shape[0]
+        for start in range(0, size, step):
+            self._run(index, {name: value[start:start + step] for name, value in feeds.items()})
+
+    def _samples_per_run(self, feeds: dict[str, Any]) -> int | None:
+        """How many samples one ORT run takes so that its largest activation stays under `SUB_BATCH_BYTES`; None:
+        the whole batch (samples not independent, inputs without one common leading axis, or small activations)."""
+        sizes = {value.shape[0] if isinstance(value, np.ndarray) and value.ndim else None for value in feeds.values()}
+        if not self.independent or len(sizes) != 1 or None in sizes:
+            return None
+        size = sizes.pop()
+        if self.sample_bytes is None and size > 0:
+            largest = largest_activation_bytes(self.light, {name: value.shape for name, value in feeds.items()})
+            self.sample_bytes = largest / size if largest else 0.0
+        step = max(1, int(SUB_BATCH_BYTES // self.sample_bytes)) if self.sample_bytes else size
+        return step if step < size else None
+
+    def _run(self, index: int, feeds: dict[str, Any]) -> None:
         while True:
             session, outputs = self._session()
             try:
@@ -314,33 +346,15 @@ def _padded_input(sim: QuantSim, quantizer: Quantizer) -> bool:
     return isinstance(parent, nn.Sequential)
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Rank of each tensor shape inference types, run on the graph with its large initializers as typed graph inputs
-    (inference copies the model it is given twice; the weights' values do not change any rank)."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.graph.node.extend(model.graph.node)
-    light.graph.input.extend(model.graph.input)
-    light.graph.output.extend(model.graph.output)
-    for initializer in model.graph.initializer:
-        if not _small(initializer):
-            light.graph.input.append(helper.make_tensor_value_info(initializer.name, initializer.data_type,
-                                                                   initializer.dims))
-        else:  # shapes, axes and other small constants: Reshape's output rank depends on them
-            light.graph.initializer.append(initializer)
+def _ranks(light: onnx.ModelProto) -> dict[str, int]:
+    """Rank of each tensor shape inference types, run on the graph `light_model` made (the weights' values do not
+    change any rank)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(light)
     except Exception:  # noqa: BLE001 - then per-channel quantizers take the torch pass
         return {}
     values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
     return {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
-
-
-def _small(initializer: onnx.TensorProto) -> bool:
-    """A shape, axes, bound or other small constant, not a weight (by element count: a file may hold the values in
-    ``raw_data`` or in a typed field)."""
-    return math.prod(initializer.dims) <= SMALL_INITIALIZER_VALUES
 
 
 def _raw_name(tensor: str) -> str:
@@ -407,7 +421,7 @@ def _nonnegative_tensors(model: onnx.ModelProto) -> set[str]:
     tensors = [(i.name, i) for i in model.graph.initializer]
     tensors += [(node.output[0], node.attribute[0].t) for node in model.graph.node  # TorchScript's, paddle2onnx's
                 if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value"]
-    constants = {name: onnx.numpy_helper.to_array(tensor) for name, tensor in tensors if _small(tensor)}
+    constants = {name: onnx.numpy_helper.to_array(tensor) for name, tensor in tensors if small_constant(tensor)}
     found: set[str] = set()
 
     def nonnegative(tensor: str, positive: bool = False) -> bool:
