@@ -7,7 +7,9 @@ computes that tensor too, faster than the converted torch module: one session ov
 per observed tensor as graph outputs (over the channel axes kept where a quantizer is per channel), so ORT reduces
 and no activation is copied out. The running extremes go into each quantizer's analyzer through
 `EncodingAnalyzer.observe` of a tensor holding just the extremes, which leaves the min-max statistics observing the
-tensor would leave.
+tensor would leave. Each reduction runs right after its tensor is computed (the nodes are appended deepest tensor
+first, see `_Calibrator._plan`), and a batch whose activations outgrow the CPU's cache runs a few samples at a time
+where no op mixes samples (`edgequant.onnx.sub_batches`).
 
 A tensor no value of which can be negative (a ReLU's output, pooled or reshaped) in NCHW layout only gets its
 maximum, by ``GlobalMaxPool``, which ORT computes in its blocked layout (a ``ReduceMin`` would make it copy the
