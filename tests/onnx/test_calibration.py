@@ -63,11 +63,12 @@ def test_onnx_runtime_computes_the_torch_passes_statistics_without_running_the_m
 
 def test_hard_swish_and_gates_are_known_non_negative_and_keep_the_torch_passes_statistics(tmp_path: Path) -> None:
     from edgequant.onnx.calibration import _nonnegative_tensors
+    from edgequant.onnx.graph_constants import GraphConstants
 
     model = hard_swish_cnn()
     # Clip(x + 3, 0, 6) / 6 and HardSigmoid cannot be negative: ORT takes only their maximum; x * gate can
-    assert {"clipped", "gate", "scales"} <= _nonnegative_tensors(model)
-    assert not {"c", "shifted", "swished", "output"} & _nonnegative_tensors(model)
+    assert {"clipped", "gate", "scales"} <= _nonnegative_tensors(model, GraphConstants.of(model).values)
+    assert not {"c", "shifted", "swished", "output"} & _nonnegative_tensors(model, GraphConstants.of(model).values)
     path = save(model, tmp_path / "model.onnx")
     data = [batch * 3 for batch in _batches((8, 3, 8, 8), seed=20)]  # wide enough for every clip to bite
     ort_sim, ort_calls = _calibrated(path, data, "auto", config="per_channel")

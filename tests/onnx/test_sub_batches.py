@@ -9,11 +9,12 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_models import branching_cnn, conv_batch_norm, hard_swish_cnn
 
 from edgequant.onnx.calibration import _ranks
-from edgequant.onnx.sub_batches import largest_activation_bytes, light_model, samples_independent
+from edgequant.onnx.graph_constants import GraphConstants, light_model
+from edgequant.onnx.sub_batches import largest_activation_bytes, samples_independent
 
 
 def _independent(model: onnx.ModelProto) -> bool:
-    return samples_independent(model, _ranks(light_model(model)))
+    return samples_independent(model, _ranks(light_model(model)), GraphConstants.of(model))
 
 
 def _after_conv(node: onnx.NodeProto, *initializers: onnx.TensorProto) -> onnx.ModelProto:

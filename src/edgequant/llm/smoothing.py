@@ -211,10 +211,13 @@ class _Group:
         """``matrix`` (rows on the producer's channels) as the consumers read it: ``matrix·H`` under a rotation."""
         return matrix if self.rotation is None else matrix @ self.rotation.to(matrix)
 
+    def unrotated(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``matrix`` as the consumers read it (``M·H``) back on the producer's channels: ``M·H·Hᵀ``."""
+        return matrix if self.rotation is None else matrix @ self.rotation.to(matrix).T
+
     def consumer_weights(self, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         """The consumers' weights on the producer's channels (``W``, the rotation ``W·H`` undone), in ``dtype``."""
-        weights = [consumer.weight.detach().to(dtype) for consumer in self.consumers]
-        return weights if self.rotation is None else [w @ self.rotation.to(w).T for w in weights]
+        return [self.unrotated(consumer.weight.detach().to(dtype)) for consumer in self.consumers]
 
     def fold(self, scale: torch.Tensor) -> None:
         """Divide the producer's output channels by ``scale`` and multiply the consumers' input columns by it (under
@@ -303,8 +306,7 @@ def _layer_inputs(model: nn.Module, layer: nn.Module, groups: list[_Group], ids:
     finally:
         for handle in handles:
             handle.remove()
-    inputs = [torch.cat(tensors) for tensors in captured]
-    return [x if g.rotation is None else x @ g.rotation.to(x).T for x, g in zip(inputs, groups, strict=True)]
+    return [group.unrotated(torch.cat(tensors)) for tensors, group in zip(captured, groups, strict=True)]
 
 
 def _relative_error(group: _Group, inputs: torch.Tensor, scale: torch.Tensor, weight_bw: int,

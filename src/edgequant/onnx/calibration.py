@@ -46,13 +46,8 @@ from torch import nn
 
 from edgequant.export.original_graph import OriginalGraphError, trace_original_graph
 from edgequant.onnx.conversion import EXTERNAL_DATA_BYTES, tensor_bytes
-from edgequant.onnx.sub_batches import (
-    SUB_BATCH_BYTES,
-    largest_activation_bytes,
-    light_model,
-    samples_independent,
-    small_constant,
-)
+from edgequant.onnx.graph_constants import GraphConstants, light_model
+from edgequant.onnx.sub_batches import SUB_BATCH_BYTES, largest_activation_bytes, samples_independent
 from edgequant.quantization import CalibrationError, PerChannel, PerTensor, Quantizer
 from edgequant.quantization.analyzers import SENTINEL_MAGNITUDE, MinMaxAnalyzer
 from edgequant.sim.onnx_source import ONNX_NODE_ATTRIBUTE
@@ -171,8 +166,9 @@ class _Calibrator:
         tensors = {site.quantizer: site.tensor for site in traced.sites}
         self.light = light_model(traced.float_model)
         ranks = _ranks(self.light)
-        self.independent = samples_independent(traced.float_model, ranks)
-        nonnegative = _nonnegative_tensors(traced.float_model)
+        constants = GraphConstants.of(traced.float_model)
+        self.independent = samples_independent(traced.float_model, ranks, constants)
+        nonnegative = _nonnegative_tensors(traced.float_model, constants.values)
         for name, quantizer in self.quantizers.items():
             reason, key = self._reduction_key(sim, quantizer, tensors.get(name), ranks)
             if reason is not None:
@@ -255,26 +251,24 @@ class _Calibrator:
     def run(self, index: int, args: tuple, kwargs: dict) -> None:
         feeds = {name: _numpy(value) for name, value in zip(self.input_names, args, strict=False)}
         feeds.update({name: _numpy(value) for name, value in kwargs.items()})
-        step = self._samples_per_run(feeds)
-        if step is None:
-            self._run(index, feeds)
-            return
-        size = next(iter(feeds.values())).shape[0]
-        for start in range(0, size, step):
-            self._run(index, {name: value[start:start + step] for name, value in feeds.items()})
+        for part in self._sub_batches(feeds):
+            self._run(index, part)
 
-    def _samples_per_run(self, feeds: dict[str, Any]) -> int | None:
-        """How many samples one ORT run takes so that its largest activation stays under `SUB_BATCH_BYTES`; None:
-        the whole batch (samples not independent, inputs without one common leading axis, or small activations)."""
+    def _sub_batches(self, feeds: dict[str, Any]) -> list[dict[str, Any]]:
+        """``feeds`` split along their common leading axis so that one ORT run's largest activation stays under
+        `SUB_BATCH_BYTES`; ``[feeds]`` where the samples are not independent, the inputs have no common leading
+        axis or the activations are small."""
         sizes = {value.shape[0] if isinstance(value, np.ndarray) and value.ndim else None for value in feeds.values()}
         if not self.independent or len(sizes) != 1 or None in sizes:
-            return None
+            return [feeds]
         size = sizes.pop()
         if self.sample_bytes is None and size > 0:
             largest = largest_activation_bytes(self.light, {name: value.shape for name, value in feeds.items()})
             self.sample_bytes = largest / size if largest else 0.0
         step = max(1, int(SUB_BATCH_BYTES // self.sample_bytes)) if self.sample_bytes else size
-        return step if step < size else None
+        if step >= size:
+            return [feeds]
+        return [{name: value[start:start + step] for name, value in feeds.items()} for start in range(0, size, step)]
 
     def _run(self, index: int, feeds: dict[str, Any]) -> None:
         while True:
@@ -415,15 +409,11 @@ def _plain(low: np.ndarray | None, high: np.ndarray) -> bool:
     return bool((low is None or (low > -SENTINEL_MAGNITUDE).all()) and (high < SENTINEL_MAGNITUDE).all())
 
 
-def _nonnegative_tensors(model: onnx.ModelProto) -> set[str]:
+def _nonnegative_tensors(model: onnx.ModelProto, constants: dict[str, np.ndarray]) -> set[str]:
     """Tensors no value of which is negative: outputs of ``Relu``, ``Sigmoid``, ``HardSigmoid``, ``Softmax``, of
     ``Clip`` with a constant lower bound of at least 0 (ReLU6), of ``Mul``/``Add``/``Div`` whose inputs are such
     tensors or non-negative constants (a divisor positive: hard-swish's ``Clip(x + 3, 0, 6) / 6``), and of pooling
-    and data movement of such tensors."""
-    tensors = [(i.name, i) for i in model.graph.initializer]
-    tensors += [(node.output[0], node.attribute[0].t) for node in model.graph.node  # TorchScript's, paddle2onnx's
-                if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value"]
-    constants = {name: onnx.numpy_helper.to_array(tensor) for name, tensor in tensors if small_constant(tensor)}
+    and data movement of such tensors. ``constants``: the values of the model's small constants."""
     found: set[str] = set()
 
     def nonnegative(tensor: str, positive: bool = False) -> bool:

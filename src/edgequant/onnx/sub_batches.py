@@ -20,11 +20,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from edgequant.onnx.graph_constants import GraphConstants
+
 SUB_BATCH_BYTES = 8 * 2**20
 """The largest activation one run should compute; a batch whose largest activation is bigger runs in sub-batches."""
-
-SMALL_INITIALIZER_VALUES = 512
-"""Initializers up to this many values are shapes, axes, bounds and the like (kept as constants), not weights."""
 
 _PER_SAMPLE_OPS = {
     "Abs", "Cast", "Ceil", "Clip", "Conv", "ConvTranspose", "DepthToSpace", "Dropout", "Elu", "Erf", "Exp", "Floor",
@@ -40,30 +39,6 @@ _ELEMENT_WISE_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Me
 
 _REDUCTIONS = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceProd",
                "ReduceLogSumExp", "ReduceSumSquare"}
-
-
-def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with its large initializers as typed graph inputs: shape inference copies the model it is given
-    twice, and weights' values change no shape."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.graph.node.extend(model.graph.node)
-    light.graph.input.extend(model.graph.input)
-    light.graph.output.extend(model.graph.output)
-    for initializer in model.graph.initializer:
-        if small_constant(initializer):  # shapes, axes and other small constants: Reshape's output depends on them
-            light.graph.initializer.append(initializer)
-        else:
-            light.graph.input.append(helper.make_tensor_value_info(initializer.name, initializer.data_type,
-                                                                   initializer.dims))
-    return light
-
-
-def small_constant(tensor: onnx.TensorProto) -> bool:
-    """A shape, axes, bound or other small constant, not a weight (by element count: a file may hold the values in
-    ``raw_data`` or in a typed field)."""
-    return math.prod(tensor.dims) <= SMALL_INITIALIZER_VALUES
 
 
 def largest_activation_bytes(light: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
@@ -90,41 +65,26 @@ def largest_activation_bytes(light: onnx.ModelProto, shapes: dict[str, tuple[int
     return max(sizes, default=None)
 
 
-def samples_independent(model: onnx.ModelProto, ranks: dict[str, int]) -> bool:
+def samples_independent(model: onnx.ModelProto, ranks: dict[str, int], constants: GraphConstants) -> bool:
     """Whether every node of ``model`` computes each sample (index of axis 0 of the graph's inputs) on its own, so
     that a batch split along axis 0 gives the same per-sample results. ``ranks``: tensor ranks from shape
-    inference."""
-    constants = _Constants()
-    for initializer in model.graph.initializer:
-        constants.add(initializer.name, initializer)
+    inference; ``constants``: the model's."""
     for node in model.graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            constants.add(node.output[0], node.attribute[0].t)
-        elif node.domain not in ("", "ai.onnx") or not _per_sample(node, constants, ranks):
+        if node.op_type == "Constant" and node.output[0] in constants.shapes:
+            continue
+        if node.domain not in ("", "ai.onnx") or not _per_sample(node, constants, ranks):
             return False
     return True
 
 
-class _Constants:
-    """The graph's constant tensors: every one's shape, and the values of the small ones (axes, shapes)."""
-
-    def __init__(self) -> None:
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.values: dict[str, np.ndarray] = {}
-
-    def add(self, name: str, tensor: onnx.TensorProto) -> None:
-        self.shapes[name] = tuple(tensor.dims)
-        if small_constant(tensor):
-            self.values[name] = onnx.numpy_helper.to_array(tensor)
-
-    def per_sample(self, tensor: str, rank: int) -> bool:
-        """Whether input ``tensor`` of a broadcasting op with an output of ``rank`` is per sample: an activation, or
-        a constant that does not span the batch axis (fewer axes than the output, or a leading axis of 1)."""
-        shape = self.shapes.get(tensor)
-        return shape is None or len(shape) < rank or shape[0] == 1
+def _broadcasts_per_sample(constants: GraphConstants, tensor: str, rank: int) -> bool:
+    """Whether input ``tensor`` of a broadcasting op with an output of ``rank`` is per sample: an activation, or a
+    constant that does not span the batch axis (fewer axes than the output, or a leading axis of 1)."""
+    shape = constants.shapes.get(tensor)
+    return shape is None or len(shape) < rank or shape[0] == 1
 
 
-def _per_sample(node: onnx.NodeProto, constants: _Constants, ranks: dict[str, int]) -> bool:
+def _per_sample(node: onnx.NodeProto, constants: GraphConstants, ranks: dict[str, int]) -> bool:
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     rank = ranks.get(node.output[0]) if node.output else None
     inputs = [i for i in node.input if i]
@@ -132,10 +92,10 @@ def _per_sample(node: onnx.NodeProto, constants: _Constants, ranks: dict[str, in
     if op in _PER_SAMPLE_OPS:
         return not attributes.get("training_mode", 0)  # a training-mode BatchNormalization uses batch statistics
     if op in _ELEMENT_WISE_OPS:
-        return rank is not None and all(constants.per_sample(i, rank) for i in inputs)
+        return rank is not None and all(_broadcasts_per_sample(constants, i, rank) for i in inputs)
     if op == "Gemm":  # A is [batch, K] unless transposed; B and C are constants, C broadcast over the rows
         return (not attributes.get("transA", 0) and all(i in constants.shapes for i in inputs[1:])
-                and (len(inputs) < 3 or constants.per_sample(inputs[2], 2)))
+                and (len(inputs) < 3 or _broadcasts_per_sample(constants, inputs[2], 2)))
     if op == "MatMul":
         return inputs[1] in constants.shapes
     if op == "Flatten":
